@@ -1,0 +1,1 @@
+"""The fastkd command line (thin: parses arguments, calls the library)."""

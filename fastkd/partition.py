@@ -1,0 +1,111 @@
+"""The partition rule: per sample, who teaches whom. One home for it.
+
+Confidence is the log-probability of the true class at temperature 1, ``log p_m(y) = z_m[y] -
+logsumexp(z_m)``. Comparing log-probabilities is the same as comparing probabilities, and it is
+exact for stored targets (the store keeps the true-class logit and the log-sum-exp of the full
+logits, so p_m(y) is exact even when y is outside the stored top-k). The partition is always taken
+at T = 1, whatever temperature the KL term uses, as in Bi-KD and KL+DP (both use T = 1).
+
+The Triton kernels re-implement these comparisons in-register; their torch references call the
+functions below, and the kernel tests hold the two to the same answers.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+NO_TEACHER = -1
+
+
+class PartitionMode(str, Enum):
+    """How a sample's target is chosen (see docs and method.md)."""
+
+    LIVE = "live"  # Bi-KD: the best pool member teaches only where it beats the current student.
+    FIXED = (
+        "fixed"  # KL+DP: best of {student's stored initial outputs, teachers}; self keeps itself.
+    )
+    ALL = "all"  # Plain KD, the control: the best teacher teaches on every sample.
+
+
+def true_class_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(y) at T = 1 of dense logits [..., C] for labels [...] (fp32 math)."""
+    z = logits.float()
+    safe = labels.clamp_min(0).unsqueeze(-1)
+    return z.gather(-1, safe).squeeze(-1) - torch.logsumexp(z, dim=-1)
+
+
+def best_member(
+    scores: torch.Tensor, exclude: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the highest score per row of ``scores`` [B, M], ignoring column ``exclude``.
+
+    Returns ``(index [B] int64, unique [B] bool)``: the first index among equal best scores, and
+    whether the best was unique. With one candidate left the best is unique by definition.
+    """
+    s = scores.float().clone()
+    if exclude is not None:
+        s[:, exclude] = float("-inf")
+    best_score, index = s.max(dim=1)
+    ties = (s == best_score.unsqueeze(1)).sum(dim=1)
+    return index, ties == 1
+
+
+def select_teacher(
+    pool_logprob: torch.Tensor,
+    mode: PartitionMode | str,
+    *,
+    student_logprob: torch.Tensor | None = None,
+    self_index: int | None = None,
+) -> torch.Tensor:
+    """Which pool member is the target of each row, or ``NO_TEACHER``.
+
+    pool_logprob: [B, M] true-class log-probabilities of the stored pool members.
+    student_logprob: [B] the current student's (needed by ``live``).
+    self_index: the student's own column in the pool, if it is a member. It never teaches in
+        ``live`` and ``all``; in ``fixed`` it is the fallback target (the student's initial
+        outputs), chosen where no teacher is strictly more confident (KL+DP: m = [p_t(y) > p_s(y)]).
+
+    Among teachers, the first of equal best scores wins. ``live`` teaches only where the teacher is
+    strictly more confident than the current student (Bi-KD: ties go to the student).
+    """
+    mode = PartitionMode(mode)
+    if pool_logprob.dim() != 2:
+        raise ValueError(f"pool_logprob must be [B, M], got shape {tuple(pool_logprob.shape)}")
+    num_members = pool_logprob.shape[1]
+    if self_index is not None and not 0 <= self_index < num_members:
+        raise ValueError(f"self_index {self_index} is outside the pool of {num_members} members")
+    if mode is PartitionMode.FIXED and self_index is None:
+        raise ValueError("partition mode 'fixed' needs the student in the pool (self_index)")
+    if num_members - (self_index is not None) < 1:
+        raise ValueError("the pool has no teacher besides the student")
+
+    teacher, _ = best_member(pool_logprob, exclude=self_index)
+    teacher_logprob = pool_logprob.float().gather(1, teacher.unsqueeze(1)).squeeze(1)
+    if mode is PartitionMode.ALL:
+        return teacher
+    if mode is PartitionMode.FIXED:
+        own = pool_logprob[:, self_index].float()
+        return torch.where(teacher_logprob > own, teacher, torch.full_like(teacher, self_index))
+    if student_logprob is None:
+        raise ValueError("partition mode 'live' needs the current student's log p(y)")
+    teaches = teacher_logprob > student_logprob.float()
+    return torch.where(teaches, teacher, torch.full_like(teacher, NO_TEACHER))
+
+
+def select_pool_teacher(member_logprob: torch.Tensor) -> torch.Tensor:
+    """Bidirectional rule for N models trained together: per row the most confident member
+    teaches all others.
+
+    Two models follow Bi-KD exactly: m_A = [p_A(y) > p_B(y)], m_B = [p_A(y) <= p_B(y)], so an
+    exact tie goes to B. For N > 2 (method.md), a tie for the best gives the row no KD term
+    (``NO_TEACHER``).
+    """
+    if member_logprob.dim() != 2 or member_logprob.shape[1] < 2:
+        raise ValueError(f"need [B, N>=2] log-probabilities, got {tuple(member_logprob.shape)}")
+    if member_logprob.shape[1] == 2:
+        a, b = member_logprob.float().unbind(1)
+        return (a <= b).long()
+    index, unique = best_member(member_logprob)
+    return torch.where(unique, index, torch.full_like(index, NO_TEACHER))

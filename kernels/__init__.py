@@ -1,0 +1,1 @@
+"""Fused Triton kernels for knowledge distillation, each beside its torch reference."""
