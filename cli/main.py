@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fastkd.cli import bench_cmd, demo_cmd, dump_cmd, train_cmd
+from fastkd.cli import bench_cmd, demo_cmd, dump_cmd, inspect_cmd, train_cmd
 
 app = typer.Typer(
     name="fastkd",
@@ -17,7 +17,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
-for _module in (dump_cmd, train_cmd, demo_cmd, bench_cmd):
+for _module in (dump_cmd, inspect_cmd, train_cmd, demo_cmd, bench_cmd):
     _module.register(app)
 
 if __name__ == "__main__":
