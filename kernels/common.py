@@ -1,0 +1,137 @@
+"""What the KD kernels share: statistics, reductions, dispatch and the gradient-in-forward rule.
+
+Dispatch (checked at call time): the Triton kernel on CUDA tensors; the same kernel under the Triton
+interpreter on CPU when ``TRITON_INTERPRET=1`` (it must already be set when ``fastkd.kernels`` is
+imported, since ``triton.jit`` reads it at decoration time); otherwise the torch reference, which is
+plain autograd math.
+
+On the Triton path the forward writes d(loss)/d(logits) into a buffer in the logits' dtype (or into
+the logits themselves with ``inplace_grad=True``), already divided by the number of counted rows
+for ``reduction="mean"``; autograd's backward only scales it by ``grad_output`` in place. So
+backward through the same graph twice (``retain_graph=True``) is not supported on that path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # pragma: no cover - triton is a Linux-only dependency
+    triton = None
+    InterpretedFunction = None
+
+MAX_TILE = 16384
+"""Widest tile along C on the GPU; two distributions in registers spill beyond about this."""
+
+
+class Reduction(str, Enum):
+    NONE = "none"
+    MEAN = "mean"  # over the rows whose label is not ignore_index; 0 when every row is ignored
+    SUM = "sum"
+
+
+@dataclass
+class KDStats:
+    """Per-row diagnostics of a KD loss call, detached. Ignored rows: chosen -1, zeros elsewhere.
+
+    chosen: the pool member (or model) whose distribution was the target, NO_TEACHER (-1) if none.
+    kl: KL(p_target || p_student) at the loss temperature, before T^2 and weights (0 if none).
+    p_student: the learner's p(y) at T = 1.
+    p_teacher: the best teacher's p(y) at T = 1, the probability the partition compared.
+    """
+
+    chosen: Tensor
+    kl: Tensor
+    p_student: Tensor
+    p_teacher: Tensor
+
+
+def triton_backend(tensor: Tensor, kernel: object) -> bool:
+    """Whether ``kernel`` runs on ``tensor``: CUDA, or CPU under the Triton interpreter."""
+    if triton is None:
+        return False
+    if tensor.is_cuda:
+        return True
+    if os.environ.get("TRITON_INTERPRET") != "1" or tensor.device.type != "cpu":
+        return False
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after fastkd.kernels was imported; set it before the "
+            "import to run the Triton kernels on CPU, or unset it to use the torch reference"
+        )
+    return True
+
+
+def tile_width(num_classes: int, max_block: int | None) -> int:
+    """Power-of-two tile along C: the whole row if it fits, at most ``max_block`` (or MAX_TILE)."""
+    cap = MAX_TILE if max_block is None else max_block
+    if cap < 16 or cap & (cap - 1):
+        raise ValueError(f"max_block must be a power of two >= 16, got {cap}")
+    return min(triton.next_power_of_2(num_classes), cap)
+
+
+def num_warps_for(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+
+
+def check_labels(labels: Tensor, num_rows: int, num_classes: int, ignore_index: int) -> None:
+    if labels.shape != (num_rows,):
+        raise ValueError(f"labels must be [{num_rows}], got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    counted = labels[labels != ignore_index]
+    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
+        )
+
+
+def check_logits(logits: Tensor, name: str) -> Tensor:
+    """A [B, C] floating tensor with unit stride along C (copied only if it is not)."""
+    if logits.dim() != 2:
+        raise ValueError(f"{name} must be [B, C], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise ValueError(f"{name} must be fp32, bf16 or fp16, got {logits.dtype}")
+    return logits if logits.stride(-1) == 1 else logits.contiguous()
+
+
+def reduce_rows(
+    row_loss: Tensor, labels: Tensor, ignore_index: int, reduction: Reduction
+) -> Tensor:
+    """Apply ``reduction`` to per-row losses (ignored rows already hold 0)."""
+    if reduction is Reduction.NONE:
+        return row_loss
+    if reduction is Reduction.SUM:
+        return row_loss.sum()
+    return row_loss.sum() / counted_rows(labels, ignore_index)
+
+
+def counted_rows(labels: Tensor, ignore_index: int) -> Tensor:
+    """Number of non-ignored rows as an fp32 scalar tensor, at least 1 (no host sync)."""
+    return (labels != ignore_index).sum().clamp_min(1).float()
+
+
+def row_scale(labels: Tensor, ignore_index: int, reduction: Reduction) -> Tensor:
+    """[1] fp32 factor the kernels bake into the gradient: 1 / counted rows for mean, else 1."""
+    if reduction is Reduction.MEAN:
+        return counted_rows(labels, ignore_index).reciprocal().reshape(1)
+    return torch.ones(1, device=labels.device)
+
+
+def scale_grad_(grad: Tensor, grad_output: Tensor, reduction: Reduction) -> Tensor:
+    """Backward of a loss whose gradient was written in the forward: scale it by grad_output.
+
+    A scalar grad_output of exactly 1 (the usual ``loss.backward()``) skips the B x C pass.
+    """
+    if reduction is Reduction.NONE:
+        return grad.mul_(grad_output.unsqueeze(1))
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grad
+    return grad.mul_(grad_output)
