@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from fastkd import __version__
 from fastkd.views import AugmentConfig, view_params
@@ -50,6 +50,7 @@ STATUS_ATTR = "fastkd_status"  # group attribute written once every block is don
 DENSE_MAX_CLASSES = 128  # at or below this many classes dense storage is the default
 DENSE_SLACK = 1.25  # dense also wins when its raw bytes are within 25% of sparse's
 TARGET_VIEWS_PER_SHARD = 8192  # default block: about this many (sample, view) rows
+CHUNK_SAMPLES = 256  # inner chunk of the sharding codec: plain zarr reads a quarter shard or less
 DEFAULT_CACHE_BYTES = 4 << 30  # reader: decoded blocks kept in memory, all models together
 
 HEARTBEAT_S = 30.0  # a writer refreshes its claim this often
@@ -185,7 +186,7 @@ class StoreLayout:
         samples_per_shard = min(samples_per_shard, num_samples)
         return cls(
             samples_per_shard=samples_per_shard,
-            chunk_samples=samples_per_shard,
+            chunk_samples=min(samples_per_shard, CHUNK_SAMPLES),
             num_blocks=-(-num_samples // samples_per_shard),
         )
 
@@ -348,9 +349,32 @@ class ModelTargets:
 # Array creation (one place for shapes, chunks and codecs)
 
 
-def _compressors(dtype: np.dtype) -> list:
-    """Blosc-zstd with byte shuffle: groups the bytes of like-typed values before zstd."""
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=max(1, dtype.itemsize))]
+BLOSC_LEVEL = 9  # zstd level inside blosc; decoding speed hardly depends on it
+
+
+def _codecs(dtype: Any, views_innermost: bool) -> dict[str, Any]:
+    """Codec chain of one array, spec codecs only (see docs/store-format.md for the numbers).
+
+    Numbers: blosc-zstd with byte shuffle groups the bytes of like-typed values (the sign/exponent
+    bytes of fp16/fp32, the high bytes of ids) before zstd. ``views_innermost`` transposes a
+    [sample, view, rank] chunk to [sample, rank, view] before that, so the ids and logits of the
+    views of one sample, which mostly agree, sit side by side. Strings: vlen-utf8 then zstd.
+    """
+    if dtype is str:
+        return {"compressors": [ZstdCodec(level=BLOSC_LEVEL)]}
+    codecs: dict[str, Any] = {
+        "compressors": [
+            BloscCodec(
+                cname="zstd",
+                clevel=BLOSC_LEVEL,
+                shuffle="shuffle",
+                typesize=np.dtype(dtype).itemsize,
+            )
+        ]
+    }
+    if views_innermost:
+        codecs["filters"] = [TransposeCodec(order=(0, 2, 1))]
+    return codecs
 
 
 def _create_sharded(
@@ -361,16 +385,18 @@ def _create_sharded(
     layout: StoreLayout,
     fill_value: Any = 0,
 ) -> zarr.Array:
-    """An array sharded along the sample axis: one shard (file) per block."""
-    dt = np.dtype(dtype) if dtype is not str else np.dtype("O")
+    """An array sharded along the sample axis: one shard (file) per block.
+
+    Model arrays of shape [sample, view, rank] are stored views-innermost (``_codecs``).
+    """
     return group.create_array(
         name,
         shape=shape,
         dtype=dtype,
         shards=(layout.samples_per_shard, *shape[1:]),
         chunks=(layout.chunk_samples, *shape[1:]),
-        compressors=None if dtype is str else _compressors(dt),
         fill_value=fill_value,
+        **_codecs(dtype, views_innermost=len(shape) == 3 and name != "boxes"),
     )
 
 

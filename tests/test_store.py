@@ -1,0 +1,446 @@
+"""The soft-target store: encoding, plain-zarr readability, resume, claims, validation, reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastkd.store import (
+    Expectation,
+    Manifest,
+    ModelEntry,
+    StoreBusyError,
+    StoreError,
+    StoreMismatchError,
+    StoreReader,
+    StoreWriter,
+    encode_logits,
+    resolve_shard,
+    resolve_topk,
+    summarize,
+)
+from fastkd.views import AugmentConfig, view_params
+
+NUM_CLASSES = 300
+VIEWS = 3
+NUM_SAMPLES = 40
+PER_SHARD = 8  # 5 blocks
+
+
+def manifest(**changes) -> Manifest:
+    config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875}
+    models = [
+        ModelEntry("small", "resnet18", "ab" * 32, config, NUM_CLASSES, 7),
+        ModelEntry("wide", "vit_tiny_patch16_224", None, config, NUM_CLASSES, 0),
+    ]
+    values = {
+        "models": models,
+        "num_samples": NUM_SAMPLES,
+        "views": VIEWS,
+        "seed": 11,
+        "augment": asdict(AugmentConfig()),
+        "fingerprint": "f" * 64,
+        "classes": [f"c{i}" for i in range(NUM_CLASSES)],
+        "num_classes": NUM_CLASSES,
+    }
+    return Manifest(**{**values, **changes})
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, NUM_CLASSES, NUM_SAMPLES)
+    logits = {
+        name: rng.normal(0, 3, (NUM_SAMPLES, VIEWS, NUM_CLASSES)).astype(np.float32)
+        for name in ("small", "wide")
+    }
+    # Push a few labels far below the top-k, so their true logit is not stored among the top-k.
+    logits["small"][:5, :, :][np.arange(5)[:, None], :, labels[:5, None]] = -20.0
+    return {
+        "keys": [f"class{y}/img{i:03d}.png" for i, y in enumerate(labels)],
+        "labels": labels,
+        "sizes": rng.integers(16, 400, (NUM_SAMPLES, 2)),
+        "logits": logits,
+    }
+
+
+def create(path: Path, data: dict, m: Manifest | None = None, **kwargs) -> StoreWriter:
+    return StoreWriter.create_or_resume(
+        path, m or manifest(), data["keys"], data["labels"], data["sizes"],
+        samples_per_shard=PER_SHARD, **kwargs,
+    )  # fmt: skip
+
+
+def write(writer: StoreWriter, data: dict, blocks: list[int] | None = None) -> None:
+    for block in writer.pending_blocks() if blocks is None else blocks:
+        start, stop = writer.block_range(block)
+        writer.write_block(block, {k: v[start:stop] for k, v in data["logits"].items()})
+
+
+def reference(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Independent fp64 torch reference of what a model stores."""
+    z = torch.from_numpy(logits).double()
+    values, ids = z.topk(k, dim=-1)
+    y = torch.from_numpy(labels)[:, None, None].expand(-1, z.shape[1], 1)
+    return {
+        "topk_logits": values.half().numpy(),
+        "topk_ids": ids.numpy(),
+        "lse": torch.logsumexp(z, -1).numpy(),
+        "true_logit": z.gather(-1, y).squeeze(-1).numpy(),
+        "logits": z.half().numpy(),
+    }
+
+
+def test_resolve_topk_rule() -> None:
+    assert resolve_topk(10, 10) == 0 and resolve_topk(100, 10) == 0  # small: dense
+    assert resolve_topk(1000, 10) == 10 and resolve_topk(1000, 5) == 5
+    assert resolve_topk(1000, 0) == 0  # dense when asked
+    assert resolve_topk(129, 100) == 0  # 2*129 = 258 <= 1.25 * 100 * 4 = 500
+    assert resolve_topk(200, 40) == 40  # 400 > 1.25 * 40 * 4 = 200
+    assert resolve_topk(70000, 20000) == 0  # uint32 ids: 140000 <= 1.25 * 20000 * 6
+    assert resolve_topk(70000, 100) == 100
+
+
+def test_encode_matches_fp64_torch(data: dict) -> None:
+    logits, labels = data["logits"]["small"], data["labels"]
+    ref = reference(logits, labels, 7)
+    sparse = encode_logits(logits, labels, 7)
+    assert sparse["topk_ids"].dtype == np.uint16 and sparse["topk_logits"].dtype == np.float16
+    np.testing.assert_array_equal(sparse["topk_logits"], ref["topk_logits"])  # exact to fp16
+    np.testing.assert_array_equal(sparse["topk_ids"], ref["topk_ids"])
+    np.testing.assert_allclose(sparse["lse"], ref["lse"], rtol=2e-7)  # fp32 rounding
+    np.testing.assert_array_equal(sparse["true_logit"], ref["true_logit"].astype(np.float32))
+    # The labels pushed to -20 are outside the top-k, yet p(y) is exact from the stored pair.
+    assert not (sparse["topk_ids"][:5] == labels[:5, None, None]).any()
+    np.testing.assert_allclose(
+        sparse["true_logit"][:5] - sparse["lse"][:5], (-20.0 - ref["lse"][:5]), rtol=1e-6
+    )
+    dense = encode_logits(torch.from_numpy(logits).to(torch.bfloat16), labels, 0)
+    bf16 = torch.from_numpy(logits).to(torch.bfloat16).float().numpy()
+    dense_ref = reference(bf16, labels, 1)
+    assert set(dense) == {"logits", "lse", "true_logit"}
+    np.testing.assert_array_equal(dense["logits"], dense_ref["logits"])
+    np.testing.assert_allclose(dense["lse"], dense_ref["lse"], rtol=2e-7)
+
+
+def test_encode_rejects_bad_input(data: dict) -> None:
+    logits = data["logits"]["small"][:2].copy()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 300\)"):
+        encode_logits(logits, np.array([0, 300]), 5)
+    logits[1, 0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        encode_logits(logits, np.array([0, 1]), 5)
+
+
+def read_with_plain_zarr(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Everything in a store through zarr alone, as docs/store-format.md describes."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    manifest = group.attrs["fastkd"]
+    arrays = {name: group[name][:] for name in ("keys", "labels", "sizes", "boxes", "flips")}
+    for model in manifest["models"]:
+        member = group[f"models/{model['name']}"]
+        for name in member.array_keys():
+            arrays[f"{model['name']}/{name}"] = member[name][:]
+    arrays["blocks_done"] = group["blocks_done"][:]
+    return manifest, arrays
+
+
+def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "s", data) as writer:
+        write(writer, data)
+    meta, arrays = read_with_plain_zarr(tmp_path / "s")
+
+    assert meta["format_version"] == 1 and meta["fingerprint"] == "f" * 64
+    assert [m["topk"] for m in meta["models"]] == [7, 0]
+    assert arrays["keys"].tolist() == data["keys"]
+    np.testing.assert_array_equal(arrays["labels"], data["labels"])
+    np.testing.assert_array_equal(arrays["sizes"], data["sizes"])
+    boxes, flips = view_params(11, np.arange(NUM_SAMPLES), VIEWS, data["sizes"], AugmentConfig())
+    np.testing.assert_array_equal(arrays["boxes"], boxes)
+    np.testing.assert_array_equal(arrays["flips"], flips)
+    assert arrays["blocks_done"].tolist() == [1] * 5
+
+    ref = reference(data["logits"]["small"], data["labels"], 7)
+    np.testing.assert_array_equal(arrays["small/topk_logits"], ref["topk_logits"])
+    np.testing.assert_array_equal(arrays["small/topk_ids"], ref["topk_ids"])
+    np.testing.assert_allclose(arrays["small/lse"], ref["lse"], rtol=2e-7)
+    np.testing.assert_array_equal(arrays["small/true_logit"], ref["true_logit"].astype(np.float32))
+    dense = reference(data["logits"]["wide"], data["labels"], 1)
+    np.testing.assert_array_equal(arrays["wide/logits"], dense["logits"])
+    assert "wide/topk_ids" not in arrays
+
+    files = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and ".fastkd" not in p.parts]
+    shards_per_array = sum(p.is_file() for p in (tmp_path / "s/models/small/lse/c").rglob("*"))
+    assert shards_per_array == 5  # one file per block, not per chunk or sample
+    assert len(files) < 100
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and ".fastkd" not in p.parts
+    }
+
+
+def test_resume_writes_only_pending_blocks_and_ends_bit_identical(
+    tmp_path: Path, data: dict
+) -> None:
+    with create(tmp_path / "whole", data) as writer:
+        write(writer, data)
+
+    with create(tmp_path / "resumed", data) as writer:
+        assert writer.pending_blocks() == [0, 1, 2, 3, 4]
+        write(writer, data, [0, 2])
+        # A crash half-way through block 3: its model arrays are written, its marker is not.
+        start, stop = writer.block_range(3)
+        torn = {k: -v[start:stop] for k, v in data["logits"].items()}
+        writer.write_block(3, torn)
+        writer._done[3] = 0
+    with create(tmp_path / "resumed", data) as writer:
+        assert writer.pending_blocks() == [1, 3, 4]
+        assert writer.pending_blocks(shard=(1, 2)) == [1, 3]
+        write(writer, data)
+        assert writer.pending_blocks() == []
+    assert store_bytes(tmp_path / "resumed") == store_bytes(tmp_path / "whole")
+
+
+def test_another_configuration_is_refused_unless_overwrite(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "s", data) as writer:
+        write(writer, data, [0])
+    entry = replace(manifest().models[0], checkpoint_sha256="cd" * 32)
+    other = manifest(models=[entry, manifest().models[1]], seed=12)
+    with pytest.raises(StoreMismatchError) as err:
+        create(tmp_path / "s", data, other)
+    message = str(err.value)
+    assert (
+        "models[small].checkpoint_sha256: store has 'abab" in message
+        and "expected 'cdcd" in message
+    )
+    assert "seed: store has 11, expected 12" in message and "--overwrite" in message
+    with create(tmp_path / "s", data) as writer:  # nothing was lost
+        assert writer.pending_blocks() == [1, 2, 3, 4]
+
+    shuffled = {**data, "labels": np.roll(data["labels"], 1)}
+    with pytest.raises(StoreMismatchError, match=r"labels: .* differ"):
+        create(tmp_path / "s", shuffled)
+
+    with create(tmp_path / "s", data, other, overwrite=True) as writer:
+        assert writer.pending_blocks() == [0, 1, 2, 3, 4]
+        assert writer.manifest.seed == 12
+
+
+def test_foreign_directory_is_never_touched(tmp_path: Path, data: dict) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(StoreError, match="is not a fastkd store"):
+        create(tmp_path / "mine", data, overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.tex"]
+
+
+def test_bad_labels_are_named(tmp_path: Path, data: dict) -> None:
+    bad = {**data, "labels": data["labels"].copy()}
+    bad["labels"][6] = NUM_CLASSES
+    with pytest.raises(ValueError, match=r"sample 6 \(class\d+/img006.png\) has label 300"):
+        create(tmp_path / "s", bad)
+
+
+def test_uncoordinated_writers_refused_coordinated_shards_accepted(
+    tmp_path: Path, data: dict
+) -> None:
+    path = tmp_path / "s"
+    first = create(path, data)
+    with pytest.raises(StoreBusyError, match=r"shard 1/2 overlaps the live claim .* shard 0/1"):
+        create(path, data, shard=(1, 2))
+    first.close()
+
+    even, odd = create(path, data, shard=(0, 2)), create(path, data, shard=(1, 2))
+    assert even.pending_blocks() == [0, 2, 4] and odd.pending_blocks() == [1, 3]
+    with pytest.raises(StoreBusyError, match=r"delete .*claims"):
+        create(path, data, shard=(0, 4))  # blocks 0 and 4 belong to the live 0/2
+    with pytest.raises(ValueError, match="belongs to shard 1/2"):
+        even.write_block(1, {})
+    write(even, data)
+    write(odd, data)
+    even.close()
+    odd.close()
+    assert StoreReader(path).pending_blocks() == []
+
+
+def test_dead_or_forced_claims_are_freed(tmp_path: Path, data: dict) -> None:
+    path = tmp_path / "s"
+    create(path, data).close()
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(finished.stdout)
+    claim = next(iter((path / ".fastkd" / "claims").glob("*.json")), None)
+    assert claim is None  # closing released the claim
+    live = create(path, data)
+    record = json.loads(next((path / ".fastkd" / "claims").glob("*.json")).read_text())
+    record.update(pid=dead_pid, run_id="dead")
+    (path / ".fastkd" / "claims" / "dead.json").write_text(json.dumps(record))
+    live.close()
+    create(path, data).close()  # the dead pid's claim does not block
+    assert not (path / ".fastkd" / "claims" / "dead.json").exists()
+
+    holder = create(path, data)
+    forced = create(path, data, force_claim=True)
+    with pytest.raises(StoreBusyError, match="was removed"):
+        write(holder, data, [0])
+    forced.close()
+    holder.close()
+
+
+def test_ranks_creating_at_once_share_one_store(tmp_path: Path, data: dict) -> None:
+    np.save(tmp_path / "labels.npy", data["labels"])
+    np.save(tmp_path / "sizes.npy", data["sizes"])
+    (tmp_path / "keys.json").write_text(json.dumps(data["keys"]))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest().to_dict()))
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np
+        from pathlib import Path
+        from fastkd.store import Manifest, StoreWriter
+        d = Path({str(tmp_path)!r})
+        rank = int(sys.argv[1])
+        writer = StoreWriter.create_or_resume(
+            d / "s", Manifest.from_dict(json.loads((d / "manifest.json").read_text())),
+            json.loads((d / "keys.json").read_text()), np.load(d / "labels.npy"),
+            np.load(d / "sizes.npy"), samples_per_shard={PER_SHARD}, shard=(rank, 2))
+        print(writer.pending_blocks())
+        writer.close()
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(r)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [r.returncode for r in ranks] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == ["[0, 2, 4]", "[1, 3]"]
+    _, arrays = read_with_plain_zarr(tmp_path / "s")
+    assert arrays["keys"].tolist() == data["keys"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, data: dict) -> Path:
+    path = tmp_path_factory.mktemp("finished") / "s"
+    with create(path, data) as writer:
+        write(writer, data)
+    return path
+
+
+def test_expectation_mismatch_names_the_field(finished: Path) -> None:
+    StoreReader(
+        finished, Expectation(fingerprint="f" * 64, num_classes=NUM_CLASSES, models=["small"])
+    )
+    expect = Expectation(
+        fingerprint="0" * 64,
+        num_classes=1000,
+        models=["small", "teacher"],
+        data_configs={"small": {"mean": [0.485, 0.456, 0.406], "crop_pct": 0.875}},
+    )
+    with pytest.raises(StoreMismatchError) as err:
+        StoreReader(finished, expect)
+    message = str(err.value)
+    assert f"fingerprint: store has '{'f' * 64}', expected '{'0' * 64}'" in message
+    assert "num_classes: store has 300, expected 1000" in message
+    assert "expected it to contain ['teacher']" in message
+    assert "models[small].data_config.mean: store has [0.5, 0.5, 0.5]" in message
+    assert "crop_pct" not in message  # equal fields are not reported
+
+
+def test_incomplete_store_refused_for_reading(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "s", data) as writer:
+        write(writer, data, [0, 1])
+    with pytest.raises(StoreError, match="incomplete: 3 of 5 blocks"):
+        StoreReader(tmp_path / "s")
+    reader = StoreReader(tmp_path / "s", allow_incomplete=True)
+    assert reader.read("small", np.array([3, 15]), np.array([0, 2])).lse.shape == (2,)
+    with pytest.raises(StoreError, match=r"sample 16 .* block 2, not written"):
+        reader.read("small", np.array([3, 16]), np.array([0, 2]))
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 1 << 30], ids=["one-block-cache", "all-cached"])
+def test_random_access_reads_match_written(finished: Path, data: dict, cache_bytes: int) -> None:
+    reader = StoreReader(finished, cache_bytes=cache_bytes)
+    rng = np.random.default_rng(5)
+    for _ in range(3):
+        samples = rng.integers(0, NUM_SAMPLES, 50)
+        views = rng.integers(0, VIEWS, 50)
+        small = reader.read("small", samples, views)
+        ref = reference(
+            data["logits"]["small"][samples, views][:, None], data["labels"][samples], 7
+        )
+        np.testing.assert_array_equal(small.topk_logits, ref["topk_logits"][:, 0])
+        np.testing.assert_array_equal(small.topk_ids, ref["topk_ids"][:, 0])
+        np.testing.assert_array_equal(small.true_logit, ref["true_logit"][:, 0].astype(np.float32))
+        np.testing.assert_allclose(small.lse, ref["lse"][:, 0], rtol=2e-7)
+        wide = reader.read("wide", samples, views)
+        np.testing.assert_array_equal(
+            wide.logits, data["logits"]["wide"][samples, views].astype(np.float16)
+        )
+        boxes, flips = reader.view_params(samples, views)
+        full_boxes, full_flips = view_params(
+            11, samples, VIEWS, data["sizes"][samples], AugmentConfig()
+        )
+        np.testing.assert_array_equal(boxes, full_boxes[np.arange(50), views])
+        np.testing.assert_array_equal(flips, full_flips[np.arange(50), views])
+    np.testing.assert_array_equal(reader.labels, data["labels"])
+    assert reader.keys == data["keys"]
+    with pytest.raises(IndexError, match="sample 40 is outside"):
+        reader.read("small", np.array([40]), np.array([0]))
+    with pytest.raises(KeyError, match="model 'nope' is not in the store"):
+        reader.read("nope", np.array([0]), np.array([0]))
+
+
+def test_read_pool_stacks_models(finished: Path, data: dict) -> None:
+    pytest.importorskip("fastkd.kernels.targets")
+    reader = StoreReader(finished)
+    samples, views = np.array([0, 39, 17]), np.array([2, 0, 1])
+    with pytest.raises(ValueError, match="one storage mode"):
+        reader.read_pool(None, samples, views)
+    pool = reader.read_pool(["small"], samples, views)
+    assert pool.topk_ids.dtype == torch.int64 and pool.topk_logits.shape == (3, 1, 7)
+    one = reader.read("small", samples, views)
+    np.testing.assert_array_equal(pool.lse[:, 0].numpy(), one.lse)
+
+
+def test_summary_counts_bytes(finished: Path) -> None:
+    summary = summarize(finished)
+    assert summary.blocks_done == 5 and summary.skipped == []
+    lse = next(a for a in summary.arrays if a.path == "models/small/lse")
+    assert lse.shape == (NUM_SAMPLES, VIEWS) and lse.nbytes == NUM_SAMPLES * VIEWS * 4
+    per_view = sum(a.nbytes_stored for a in summary.arrays if a.path.startswith("models/small/"))
+    assert summary.bytes_per_view("small") == per_view / (NUM_SAMPLES * VIEWS)
+
+
+def test_resolve_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    assert resolve_shard(None) == (0, 1)
+    assert resolve_shard("3/8") == (3, 8)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_shard(None) == (2, 4)
+    with pytest.raises(ValueError, match="i/n"):
+        resolve_shard("3-8")
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        resolve_shard("8/8")
