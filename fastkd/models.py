@@ -1,0 +1,310 @@
+"""Pool members: ``[alias:]NAME[=CKPT]`` specs, timm models, fastkd checkpoint files.
+
+A model is a timm architecture plus weights: timm's pretrained weights (the user is online), a
+fastkd checkpoint (``save_checkpoint``: arch, constructor kwargs, weights and the timm data config
+it was trained with) or a plain timm/torch state dict. Every loaded model carries the sha256 of
+its weights and its preprocessing as a JSON-able timm data config, so a store built from it can
+later refuse a training run that would pair its targets with other weights or other pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import resolve_model_data_config
+
+CHECKPOINT_FORMAT = "fastkd-checkpoint"
+CHECKPOINT_VERSION = 1
+_HASH_CHUNK = 1 << 20
+_TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm's own "source:" name prefixes
+_SHOWN_KEYS = 5  # mismatched state-dict keys named in an error
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used for the requested model (the message names it)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One pool member as given on the command line: ``[alias:]NAME[=CKPT]``.
+
+    ``arch`` is a timm model name (``hf-hub:`` and ``local-dir:`` names included), ``checkpoint``
+    an optional weights file, ``name`` the member's key in the store: the alias if given, else
+    the checkpoint's stem, else the architecture.
+    """
+
+    arch: str
+    checkpoint: Path | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.arch:
+            raise ValueError("model spec has an empty architecture name")
+        if not self.name:
+            default = self.checkpoint.stem if self.checkpoint else self.arch.rsplit("/", 1)[-1]
+            object.__setattr__(self, "name", default)
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        """``resnet18``, ``resnet18=ckpt.pt``, ``teacher:resnet18=ckpt.pt``, ``hf-hub:timm/x``."""
+        alias, arch, checkpoint = _split_spec(text)
+        return cls(arch=arch, checkpoint=checkpoint, name=alias)
+
+
+def _split_spec(text: str) -> tuple[str, str, Path | None]:
+    """``[alias:]NAME[=CKPT]`` -> (alias or "", NAME, CKPT or None); timm's ``hf-hub:`` stays."""
+    text = text.strip()
+    arch, sep, checkpoint = text.partition("=")
+    if sep and not checkpoint:
+        raise ValueError(f"model spec {text!r}: empty checkpoint path after '='")
+    alias = ""
+    prefix, colon, rest = arch.partition(":")
+    if colon and prefix.lower() not in _TIMM_SOURCES:
+        alias, arch = prefix, rest
+        if not alias:
+            raise ValueError(f"model spec {text!r}: empty alias before ':'")
+    if not arch:
+        raise ValueError(f"model spec {text!r}: no model name (expected [alias:]NAME[=CKPT])")
+    return alias, arch, Path(checkpoint) if sep else None
+
+
+def parse_pool(texts: Iterable[str]) -> list[ModelSpec]:
+    """Parse the pool's specs and give every member a unique store name.
+
+    Derived names (checkpoint stem or architecture) that collide get ``-2``, ``-3``, ... in order;
+    an alias is kept as given, so an alias used twice, or equal to an earlier name, is an error.
+    """
+    specs: list[ModelSpec] = []
+    taken: set[str] = set()
+    for text in texts:
+        alias, arch, checkpoint = _split_spec(text)
+        spec = ModelSpec(arch=arch, checkpoint=checkpoint, name=alias)
+        name = spec.name
+        if name in taken:
+            if alias:
+                raise ValueError(f"model alias {alias!r} names two members of the pool")
+            suffix = 2
+            while f"{name}-{suffix}" in taken:
+                suffix += 1
+            name = f"{name}-{suffix}"
+        taken.add(name)
+        specs.append(ModelSpec(arch=arch, checkpoint=checkpoint, name=name))
+    if not specs:
+        raise ValueError("the pool is empty: give at least one model")
+    return specs
+
+
+@dataclass
+class LoadedModel:
+    """A pool member ready for inference (eval mode, on CPU)."""
+
+    spec: ModelSpec
+    model: torch.nn.Module
+    data_config: dict[str, Any]  # timm's resolved data config, JSON-able (lists, not tuples)
+    sha256: str  # of the checkpoint file; of the state dict for timm's pretrained weights
+    num_classes: int
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, streamed in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict's names, dtypes, shapes and bytes, in key order."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def json_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A timm data config as plain JSON types (tuples become lists), as stored in a manifest."""
+    return json.loads(json.dumps(dict(config)))
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    arch: str,
+    model_kwargs: Mapping[str, Any],
+    data_config: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a fastkd checkpoint atomically (temp file in the same folder, then ``os.replace``).
+
+    ``model_kwargs`` are the ``timm.create_model`` keyword arguments that rebuild the architecture
+    (``num_classes``, ``img_size``, ...); ``extra`` holds anything else the caller wants back
+    (optimizer state, epoch) under the key ``"extra"``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "arch": arch,
+        "model_kwargs": dict(model_kwargs),
+        "data_config": json_data_config(data_config),
+        "state_dict": model.state_dict(),
+        "extra": dict(extra or {}),
+    }
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint file on CPU (``weights_only``): a fastkd checkpoint dict or a state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+
+
+def is_fastkd_checkpoint(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
+
+
+def _plain_state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of a timm training checkpoint (EMA first, as timm does) or a bare state dict."""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        if isinstance(payload.get(key), Mapping):
+            return timm.models.clean_state_dict(payload[key])
+    return timm.models.clean_state_dict(dict(payload))
+
+
+def _classifier_rows(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count of a plain state dict, read from the weight of timm's classifier."""
+    classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "fc"
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    for name in names:
+        weight = state_dict.get(f"{name}.weight")
+        if weight is not None and weight.dim() >= 1:
+            return int(weight.shape[0])
+    return None
+
+
+def _check_fits(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str, path: Path
+) -> None:
+    """Refuse a state dict that does not fit the architecture, naming the first mismatches."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    reshaped = [
+        f"{key} {tuple(state_dict[key].shape)} vs {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(tensor.shape)
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:_SHOWN_KEYS])}"
+        + (", ..." if len(keys) > _SHOWN_KEYS else "")
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (checkpoint vs model)", reshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit architecture {arch!r}: " + "; ".join(problems)
+        )
+
+
+def load_model(
+    spec: ModelSpec,
+    *,
+    num_classes: int | None = None,
+    pretrained: bool = True,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> LoadedModel:
+    """Build the spec's timm model with its weights, in eval mode on CPU.
+
+    With a checkpoint file, its weights; a fastkd checkpoint also brings its constructor kwargs and
+    data config. Without one, timm's pretrained weights (this needs the network or timm's cache)
+    or, with ``pretrained=False``, a random init. ``num_classes`` left at None keeps the weights'
+    classifier; a different count replaces the classifier with a fresh one (fine-tuning to a new
+    label set).
+    """
+    if ":" not in spec.arch and not timm.is_model(spec.arch):
+        raise ValueError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
+    kwargs: dict[str, Any] = dict(model_kwargs or {})
+    if spec.checkpoint is None:
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        try:
+            model = timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
+        except (OSError, RuntimeError) as error:
+            raise RuntimeError(
+                f"model {spec.name!r}: cannot create {spec.arch!r} with pretrained weights "
+                f"(offline? give a checkpoint file: {spec.arch}=CKPT): {error}"
+            ) from error
+        data_config = resolve_model_data_config(model)
+        sha256 = state_dict_sha256(model)
+    else:
+        path = spec.checkpoint
+        payload = read_checkpoint(path)
+        if is_fastkd_checkpoint(payload):
+            if payload["arch"] != spec.arch:
+                raise CheckpointError(
+                    f"checkpoint {path} holds a {payload['arch']!r} model, not {spec.arch!r}"
+                )
+            kwargs = {**payload["model_kwargs"], **kwargs}
+            state_dict = payload["state_dict"]
+            saved_config = payload["data_config"]
+        else:
+            state_dict = _plain_state_dict(payload)
+            saved_config = None
+            if "num_classes" not in kwargs:
+                rows = _classifier_rows(spec.arch, state_dict)
+                if rows is not None:
+                    kwargs["num_classes"] = rows
+        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        _check_fits(model, state_dict, spec.arch, path)
+        model.load_state_dict(state_dict)
+        data_config = saved_config or resolve_model_data_config(model)
+        sha256 = file_sha256(path)
+        if num_classes is not None and num_classes != model.num_classes:
+            model.reset_classifier(num_classes)
+            kwargs["num_classes"] = num_classes
+    model.eval()
+    return LoadedModel(
+        spec=spec,
+        model=model,
+        data_config=json_data_config(data_config),
+        sha256=sha256,
+        num_classes=int(model.num_classes),
+        model_kwargs=kwargs,
+    )
