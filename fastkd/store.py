@@ -1063,7 +1063,7 @@ class StoreReader:
         self.skipped: np.ndarray = self._group["skipped"][:]
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
-        self._caches: dict[str, _BlockCache] = {}
+        self._caches: dict[str | None, _BlockCache] = {}
 
     # -- manifest shortcuts --------------------------------------------------------------------
 
@@ -1091,11 +1091,21 @@ class StoreReader:
 
     # -- random access -------------------------------------------------------------------------
 
-    def _cache(self, name: str, arrays: Mapping[str, zarr.Array]) -> _BlockCache:
-        if name not in self._caches:
+    def _cache(self, model: str | None) -> _BlockCache:
+        """The block cache of one model's arrays (None: the view parameters), made on first use;
+        zarr lookups cost milliseconds, so they happen only here."""
+        cache = self._caches.get(model)
+        if cache is None:
+            if model is None:
+                arrays = {name: self._group[name] for name in ("boxes", "flips")}
+            else:
+                entry = self.manifest.model(model)
+                member = self._group[f"models/{model}"]
+                arrays = {name: member[name] for name in _model_arrays(entry, self.num_views)}
             share = self._cache_bytes // (len(self.manifest.models) + 1)
-            self._caches[name] = _BlockCache(arrays, self.layout.samples_per_shard, share)
-        return self._caches[name]
+            cache = _BlockCache(arrays, self.layout.samples_per_shard, share)
+            self._caches[model] = cache
+        return cache
 
     def _rows(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         samples = np.asarray(samples, dtype=np.int64).reshape(-1)
@@ -1122,19 +1132,13 @@ class StoreReader:
 
     def view_params(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stored crop boxes [b, 4] (y0, x0, h, w fractions) and flips [b] of the given rows."""
-        samples, views = self._rows(samples, views)
-        cache = self._cache("", {"boxes": self._group["boxes"], "flips": self._group["flips"]})
-        rows = cache.gather(samples, views)
+        rows = self._cache(None).gather(*self._rows(samples, views))
         return rows["boxes"], rows["flips"]
 
     def read(self, model: str, samples: np.ndarray, views: np.ndarray) -> ModelTargets:
         """Stored targets of one model for rows (samples[i], views[i])."""
-        entry = self.manifest.model(model)
-        samples, views = self._rows(samples, views)
-        member = self._group["models"][entry.name]
-        names = _model_arrays(entry, self.num_views)
-        cache = self._cache(entry.name, {name: member[name] for name in names})
-        return ModelTargets(**cache.gather(samples, views))
+        cache = self._cache(model)
+        return ModelTargets(**cache.gather(*self._rows(samples, views)))
 
     def read_pool(
         self,

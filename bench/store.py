@@ -1,0 +1,227 @@
+"""Store benchmark: bytes per stored view, and random-access read throughput on one core.
+
+The logits are SYNTHETIC (no 1000-class model can be downloaded here), generated to look like a
+classifier's: per sample, base logits ~ N(0, 1.5^2) over all classes, the true class raised by
+U(4, 12) and four confusable classes by U(2, 8); per view, independent N(0, noise^2) perturbation of
+every logit (noise 0.7 by default: crops of one image mostly agree on the top classes). Real
+digits logits (10 classes, dense) are measured by the dump benchmark.
+
+Run: ``python -m fastkd.bench.store`` (or ``main([...])``); results go to
+``bench/results/store-cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.store import Manifest, ModelEntry, StoreReader, StoreWriter, summarize
+from fastkd.views import AugmentConfig, epoch_order, epoch_views
+
+RESULTS = Path(__file__).resolve().parent / "results" / "store-cpu.json"
+SYNTHETIC_NOTE = (
+    "SYNTHETIC logits: per sample N(0, 1.5^2) base logits, true class +U(4, 12), 4 confusable "
+    "classes +U(2, 8); per view N(0, noise^2) on every logit"
+)
+DATA_CONFIG = {
+    "input_size": [3, 224, 224],
+    "interpolation": "bicubic",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "crop_pct": 0.875,
+}
+
+
+def synthetic_logits(
+    rng: np.random.Generator, labels: np.ndarray, views: int, num_classes: int, noise: float
+) -> np.ndarray:
+    """[n, views, C] float32 logits of a confident classifier with a few confusable classes."""
+    n = labels.shape[0]
+    rows = np.arange(n)
+    base = rng.normal(0.0, 1.5, size=(n, num_classes)).astype(np.float32)
+    base[rows, labels] += rng.uniform(4.0, 12.0, n).astype(np.float32)
+    confusable = rng.integers(0, num_classes, size=(n, 4))
+    base[rows[:, None], confusable] += rng.uniform(2.0, 8.0, size=(n, 4)).astype(np.float32)
+    perturbation = rng.normal(0.0, noise, size=(n, views, num_classes)).astype(np.float32)
+    return base[:, None, :] + perturbation
+
+
+def build_store(
+    path: Path,
+    samples: int,
+    views: int,
+    num_classes: int,
+    topks: list[int],
+    noise: float,
+    seed: int,
+) -> float:
+    """Write a store with one model per top-k (same logits); returns the seconds spent writing."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, samples)
+    sizes = np.stack([rng.integers(200, 600, samples), rng.integers(200, 600, samples)], axis=1)
+    manifest = Manifest(
+        models=[
+            ModelEntry(f"top{k}" if k else "dense", "synthetic", None, DATA_CONFIG, num_classes, k)
+            for k in topks
+        ],
+        num_samples=samples,
+        views=views,
+        seed=seed,
+        augment=asdict(AugmentConfig()),
+        fingerprint="synthetic",
+        classes=[],
+        num_classes=num_classes,
+    )
+    keys = [f"n{y:05d}/{i:08d}.JPEG" for i, y in enumerate(labels)]
+    start = time.perf_counter()
+    with StoreWriter.create_or_resume(
+        path, manifest, keys, labels, sizes, overwrite=True
+    ) as writer:
+        for block in writer.pending_blocks():
+            lo, hi = writer.block_range(block)
+            logits = torch.from_numpy(
+                synthetic_logits(rng, labels[lo:hi], views, num_classes, noise)
+            )
+            writer.write_block(block, {m.name: logits for m in manifest.models})
+    return time.perf_counter() - start
+
+
+def bytes_per_view(path: Path) -> dict:
+    """Stored bytes per (sample, view), per model and array, plus the shared arrays."""
+    summary = summarize(path)
+    rows = summary.manifest.num_samples * summary.manifest.views
+    out: dict = {"shared": {}, "models": {}}
+    for array in summary.arrays:
+        parts = array.path.split("/")
+        per_view = round(array.nbytes_stored / rows, 3)
+        raw = round(array.nbytes / rows, 3)
+        entry = {"stored": per_view, "raw": raw}
+        if parts[0] == "models":
+            out["models"].setdefault(parts[1], {})[parts[2]] = entry
+        else:
+            out["shared"][parts[0]] = entry
+    for name, arrays in out["models"].items():
+        arrays["total"] = {
+            "stored": round(summary.bytes_per_view(name), 3),
+            "raw": round(sum(a["raw"] for a in arrays.values()), 3),
+        }
+    out["shared"]["total"] = {"stored": round(summary.bytes_per_view(None), 3)}
+    out["files"] = summary.num_files
+    out["compression_ratio"] = round(summary.compression_ratio, 3)
+    return out
+
+
+def read_throughput(path: Path, model: str, batch: int, seed: int) -> dict:
+    """Views/s of random (sample, view) batches, as training reads them: a shuffled epoch.
+
+    cold: a fresh reader's first epoch (every block decoded once on first touch); warm: the next
+    epoch, all blocks cached.
+    """
+    out = {}
+    reader = StoreReader(path)
+    n = reader.num_samples
+    for phase, epoch in (("cold", 0), ("warm", 1)):
+        order = epoch_order(seed, epoch, n)
+        views = epoch_views(seed, epoch, order, reader.num_views)
+        start = time.perf_counter()
+        for lo in range(0, n, batch):
+            reader.read(model, order[lo : lo + batch], views[lo : lo + batch])
+        seconds = time.perf_counter() - start
+        out[phase] = {"views_per_s": round(n / seconds), "seconds": round(seconds, 3)}
+    # Fully random rows (any sample, any view) from the warm cache.
+    rng = np.random.default_rng(seed)
+    rows = 200 * batch
+    samples, views = rng.integers(0, n, rows), rng.integers(0, reader.num_views, rows)
+    start = time.perf_counter()
+    for lo in range(0, rows, batch):
+        reader.read(model, samples[lo : lo + batch], views[lo : lo + batch])
+    out["warm_any_view"] = {"views_per_s": round(rows / (time.perf_counter() - start))}
+    out["block_loads"] = sum(cache.loads for cache in reader._caches.values())
+    return out
+
+
+def pin_one_core() -> str:
+    """Run on one core (and tell torch so), so the read figures are per core."""
+    torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity"):
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        return f"pinned to core {core}"
+    return "not pinned (no sched_setaffinity)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=16384)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--noise", type=float, default=0.7, help="per-view logit perturbation std")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where to build the store (local disk)"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    pinning = pin_one_core()
+    workdir = Path(tempfile.mkdtemp(prefix="fastkd-bench-store-", dir=args.dir))
+    try:
+        path = workdir / "store"
+        write_s = build_store(
+            path, args.samples, args.views, args.classes, [5, 10], args.noise, args.seed
+        )
+        sizes = bytes_per_view(path)
+        reads = {
+            name: read_throughput(path, name, args.batch, args.seed) for name in ("top5", "top10")
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    result = {
+        "machine": f"CPU, {os.cpu_count()} cores, no GPU"
+        if not torch.cuda.is_available()
+        else "GPU host",
+        "platform": platform.platform(),
+        "cpu_pinning": pinning,
+        "data": SYNTHETIC_NOTE + f" (noise={args.noise})",
+        "samples": args.samples,
+        "views": args.views,
+        "classes": args.classes,
+        "write_seconds": round(write_s, 2),
+        "bytes_per_view": sizes,
+        "targets": {
+            "top10_max_bytes_per_view": 48,
+            "top5_max_bytes_per_view": 24,
+            "reads_min_views_per_s": 100_000,
+        },
+        "read_batch": args.batch,
+        "reads": reads,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name, arrays in sizes["models"].items():
+        detail = ", ".join(f"{a} {v['stored']}" for a, v in arrays.items() if a != "total")
+        print(
+            f"{name}: {arrays['total']['stored']} B/view stored ({arrays['total']['raw']} raw): {detail}"
+        )
+    for name, r in reads.items():
+        print(
+            f"{name} reads (batch {args.batch}, one core): cold epoch {r['cold']['views_per_s']:,} views/s, "
+            f"warm epoch {r['warm']['views_per_s']:,}, warm any view {r['warm_any_view']['views_per_s']:,}"
+        )
+    print(f"({SYNTHETIC_NOTE}) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
