@@ -1,9 +1,101 @@
-"""`fastkd inspect`."""
+"""`fastkd inspect STORE`: the manifest, array sizes, bytes per stored view, compression ratio."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fastkd.store import StoreError, StoreSummary, summarize
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _render(summary: StoreSummary, console: Console) -> None:
+    m, layout = summary.manifest, summary.layout
+    state = "complete" if summary.blocks_done == layout.num_blocks else "INCOMPLETE"
+    console.print(
+        f"[bold]fastkd store[/bold] format {m.format_version} (written by fastkd {m.fastkd_version}): "
+        f"{m.num_samples:,} samples x {m.views} views, {m.num_classes} classes, seed {m.seed}\n"
+        f"fingerprint {m.fingerprint}\n"
+        f"blocks {summary.blocks_done}/{layout.num_blocks} done ({state}), "
+        f"{layout.samples_per_shard} samples per shard, {summary.num_files} files; "
+        f"augment {m.augment}"
+    )
+    models = Table(title="Pool")
+    for column in ("model", "arch", "checkpoint sha256", "classes", "stored", "input", "B/view"):
+        models.add_column(column, justify="right" if column in {"classes", "B/view"} else "left")
+    for entry in m.models:
+        config = entry.data_config
+        models.add_row(
+            entry.name,
+            entry.arch,
+            (entry.checkpoint_sha256 or "-")[:16],
+            str(entry.num_classes),
+            f"top-{entry.topk}" if entry.topk else "dense",
+            f"{config.get('input_size')} {config.get('interpolation', '')} crop {config.get('crop_pct', '-')}",
+            f"{summary.bytes_per_view(entry.name):.2f}",
+        )
+    console.print(models)
+
+    arrays = Table(title="Arrays")
+    for column in ("array", "shape", "dtype", "decoded", "stored", "B/view", "ratio"):
+        arrays.add_column(column, justify="left" if column in {"array", "dtype"} else "right")
+    rows = m.num_samples * m.views
+    for a in summary.arrays:
+        arrays.add_row(
+            a.path,
+            " x ".join(map(str, a.shape)),
+            a.dtype,
+            _size(a.nbytes) if a.nbytes else "-",
+            _size(a.nbytes_stored),
+            f"{a.nbytes_stored / rows:.2f}",
+            f"{a.nbytes / a.nbytes_stored:.2f}" if a.nbytes and a.nbytes_stored else "-",
+        )
+    console.print(arrays)
+    console.print(
+        f"shared arrays {summary.bytes_per_view(None):.2f} B/view; overall compression ratio "
+        f"{summary.compression_ratio:.2f} (fixed-size arrays)"
+    )
+    if summary.skipped:
+        shown = ", ".join(summary.skipped[:10])
+        more = f" and {len(summary.skipped) - 10} more" if len(summary.skipped) > 10 else ""
+        console.print(
+            f"[yellow]{len(summary.skipped)} skipped (unreadable) samples:[/yellow] {shown}{more}"
+        )
+
+
+def inspect(
+    store: Annotated[Path, typer.Argument(help="A fastkd store directory (from `fastkd dump`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
+    try:
+        summary = summarize(store)
+    except StoreError as err:
+        raise typer.BadParameter(str(err), param_hint="STORE") from None
+    if as_json:
+        payload = asdict(summary)
+        payload["bytes_per_view"] = {
+            m.name: summary.bytes_per_view(m.name) for m in summary.manifest.models
+        }
+        payload["compression_ratio"] = summary.compression_ratio
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        _render(summary, Console())
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("inspect")(inspect)

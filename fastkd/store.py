@@ -38,7 +38,7 @@ import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from fastkd import __version__
-from fastkd.views import AugmentConfig, view_params
+from fastkd.views import AugmentConfig, box_fractions, view_boxes
 
 if TYPE_CHECKING:
     from fastkd.kernels.targets import PoolTargets
@@ -179,16 +179,22 @@ class StoreLayout:
 
     @classmethod
     def for_store(cls, num_samples: int, views: int, samples_per_shard: int | None) -> StoreLayout:
+        """Shards of ``samples_per_shard`` samples (default: ``default_samples_per_shard``), inner
+        chunks of ``CHUNK_SAMPLES`` when that divides the shard, else one chunk per shard."""
         if samples_per_shard is None:
-            samples_per_shard = default_samples_per_shard(views)
+            samples_per_shard = min(default_samples_per_shard(views), _round_up_pow2(num_samples))
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        samples_per_shard = min(samples_per_shard, num_samples)
+        divides = samples_per_shard % CHUNK_SAMPLES == 0
         return cls(
             samples_per_shard=samples_per_shard,
-            chunk_samples=min(samples_per_shard, CHUNK_SAMPLES),
+            chunk_samples=CHUNK_SAMPLES if divides else samples_per_shard,
             num_blocks=-(-num_samples // samples_per_shard),
         )
+
+
+def _round_up_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def default_samples_per_shard(views: int) -> int:
@@ -430,10 +436,12 @@ def _create_store(
     )
     _create_sharded(group, "labels", (n,), np.int64, layout)[:] = labels
     _create_sharded(group, "sizes", (n, 2), np.int32, layout)[:] = sizes
-    boxes, flips = view_params(
+    boxes, flips = view_boxes(
         manifest.seed, np.arange(n), v, sizes, AugmentConfig.from_dict(manifest.augment)
     )
-    _create_sharded(group, "boxes", (n, v, 4), np.float32, layout)[:] = boxes
+    # Integer pixel boxes: exact, and 3x smaller stored than float32 fractions (4.4 vs 13 B/view).
+    box_dtype = np.uint16 if sizes.max() <= np.iinfo(np.uint16).max else np.uint32
+    _create_sharded(group, "boxes", (n, v, 4), box_dtype, layout)[:] = boxes
     _create_sharded(group, "flips", (n, v), bool, layout, fill_value=False)[:] = flips
     _create_sharded(group, "skipped", (n,), bool, layout, fill_value=False)
     models = group.create_group("models")
@@ -1131,9 +1139,11 @@ class StoreReader:
         return samples, views
 
     def view_params(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Stored crop boxes [b, 4] (y0, x0, h, w fractions) and flips [b] of the given rows."""
-        rows = self._cache(None).gather(*self._rows(samples, views))
-        return rows["boxes"], rows["flips"]
+        """Crop boxes [b, 4] (y0, x0, h, w fractions, as ``views.view_params``) and flips [b] of
+        the given rows, from the stored pixel boxes."""
+        samples, views = self._rows(samples, views)
+        rows = self._cache(None).gather(samples, views)
+        return box_fractions(rows["boxes"], self.sizes[samples]), rows["flips"]
 
     def read(self, model: str, samples: np.ndarray, views: np.ndarray) -> ModelTargets:
         """Stored targets of one model for rows (samples[i], views[i])."""

@@ -13,8 +13,9 @@ the aspect ratio clamped); flips are horizontal with probability ``hflip``. View
 when ``eval_view`` is set: the centre square of side ``eval_crop_pct`` x the short side, unflipped
 (timm's eval transform: resize the short side to ``size / crop_pct``, centre-crop ``size``).
 
-Boxes are ``(y0, x0, h, w)`` as float32 fractions of the image height and width. They are integer
-pixel boxes divided by the image size, so ``round(fraction * size)`` gives the pixels back exactly.
+``view_boxes`` gives integer pixel boxes ``(top, left, h, w)`` (what the store keeps);
+``view_params`` gives them as float32 fractions ``(y0, x0, h, w)`` of the image height and width
+(what the loaders take), and ``round(fraction * size)`` gives the pixels back exactly.
 """
 
 from __future__ import annotations
@@ -176,14 +177,14 @@ def _eval_crops(height: np.ndarray, width: np.ndarray, crop_pct: float) -> np.nd
     return np.stack([(height - side) // 2, (width - side) // 2, side, side], axis=1)
 
 
-def view_params(
+def view_boxes(
     seed: int, indices: np.ndarray, num_views: int, sizes: np.ndarray, cfg: AugmentConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop boxes and flips of every view of the given samples.
+    """Integer pixel crop boxes and flips of every view of the given samples.
 
     indices: int [n] sample indices in the data set (the counter, so any subset or order gives
         the same rows as the full computation). sizes: int [n, 2] image (height, width).
-    Returns boxes float32 [n, V, 4] = (y0, x0, h, w) as fractions of height/width, flips bool [n, V].
+    Returns boxes int64 [n, V, 4] = (top, left, height, width) in pixels, flips bool [n, V].
     """
     indices = _check_indices(indices)
     sizes = np.asarray(sizes)
@@ -203,17 +204,35 @@ def view_params(
     height = np.repeat(sizes[:, 0].astype(np.int64), num_views)
     width = np.repeat(sizes[:, 1].astype(np.int64), num_views)
 
-    pixel_boxes = _random_resized_crops(seed, samples, views, height, width, cfg)
+    boxes = _random_resized_crops(seed, samples, views, height, width, cfg)
     # One more draw past the crop attempts decides the flip.
     flips = _uniforms(seed, _STREAM_VIEW, samples, views, _CROP_ATTEMPTS)[:, 0] < cfg.hflip
     if cfg.eval_view:
         first = views == 0
-        pixel_boxes[first] = _eval_crops(height[first], width[first], cfg.eval_crop_pct)
+        boxes[first] = _eval_crops(height[first], width[first], cfg.eval_crop_pct)
         flips[first] = False
-
-    scale = np.stack([height, width, height, width], axis=1).astype(np.float64)
-    boxes = (pixel_boxes / scale).astype(np.float32)
     return boxes.reshape(n, num_views, 4), flips.reshape(n, num_views)
+
+
+def box_fractions(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Pixel boxes [n, ..., 4] (top, left, h, w) of images sized [n, 2] (height, width) ->
+    float32 fractions (y0, x0, h, w) of the height and width."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    scale = np.concatenate([sizes, sizes], axis=-1).reshape(
+        sizes.shape[0], *[1] * (boxes.ndim - 2), 4
+    )
+    return (boxes / scale).astype(np.float32)
+
+
+def view_params(
+    seed: int, indices: np.ndarray, num_views: int, sizes: np.ndarray, cfg: AugmentConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes and flips of every view of the given samples (``view_boxes`` as fractions).
+
+    Returns boxes float32 [n, V, 4] = (y0, x0, h, w) as fractions of height/width, flips bool [n, V].
+    """
+    boxes, flips = view_boxes(seed, indices, num_views, sizes, cfg)
+    return box_fractions(boxes, sizes), flips
 
 
 def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:

@@ -28,7 +28,7 @@ from fastkd.store import (
     resolve_topk,
     summarize,
 )
-from fastkd.views import AugmentConfig, view_params
+from fastkd.views import AugmentConfig, view_boxes, view_params
 
 NUM_CLASSES = 300
 VIEWS = 3
@@ -166,7 +166,8 @@ def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
     assert arrays["keys"].tolist() == data["keys"]
     np.testing.assert_array_equal(arrays["labels"], data["labels"])
     np.testing.assert_array_equal(arrays["sizes"], data["sizes"])
-    boxes, flips = view_params(11, np.arange(NUM_SAMPLES), VIEWS, data["sizes"], AugmentConfig())
+    boxes, flips = view_boxes(11, np.arange(NUM_SAMPLES), VIEWS, data["sizes"], AugmentConfig())
+    assert arrays["boxes"].dtype == np.uint16  # integer pixels (top, left, height, width)
     np.testing.assert_array_equal(arrays["boxes"], boxes)
     np.testing.assert_array_equal(arrays["flips"], flips)
     assert arrays["blocks_done"].tolist() == [1] * 5
