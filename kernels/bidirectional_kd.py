@@ -339,7 +339,7 @@ else:
 
         # KL(p_teacher || p_m) at T for every model m from the pass-1 sums.
         teacher_cross = tl.sum(tl.where(pair_teacher == teacher, cross, 0.0), axis=0)
-        teacher_sum_exp_t = _pick(sum_exp_t, teacher, models)
+        teacher_sum_exp_t = tl.where(teacher >= 0, _pick(sum_exp_t, teacher, models), 1.0)
         teacher_lse_t = _pick(lse_t, teacher, models)
         kl = teacher_cross * inv_temperature / teacher_sum_exp_t - teacher_lse_t + lse_t
         kl = tl.where(learner, kl, 0.0)

@@ -388,13 +388,14 @@ else:
                 mask=known,
                 other=-1,
             ).to(tl.int64)
-            values = tl.load(target_row + ks, mask=known, other=float("-inf")).to(tl.float32)
+            values = tl.load(target_row + ks, mask=known, other=0.0).to(tl.float32)
+            known_values = tl.where(known, values, float("-inf"))
             member_offset = row * pool_row_stride + candidate * pool_member_stride
             member_lse = tl.load(lse_ptr + member_offset)
             member_label_logit = tl.load(true_logit_ptr + member_offset)
             label_is_extra = tl.sum((known & (ids == label)).to(tl.int32), axis=0) == 0
             extra = label_is_extra.to(tl.float32)
-            known_mass = tl.sum(tl.exp(values - member_lse), axis=0) + extra * tl.exp(
+            known_mass = tl.sum(tl.exp(known_values - member_lse), axis=0) + extra * tl.exp(
                 member_label_logit - member_lse
             )
             tail_count = (num_classes - topk - label_is_extra.to(tl.int32)).to(tl.float32)
@@ -403,7 +404,7 @@ else:
             )
             has_tail = tail_count > 0
             target_max = tl.maximum(
-                tl.max(values, axis=0),
+                tl.max(known_values, axis=0),
                 tl.maximum(
                     tl.where(label_is_extra, member_label_logit, float("-inf")),
                     tl.where(has_tail, tail_logit, float("-inf")),
@@ -411,7 +412,7 @@ else:
             )
             tail_exp = tl.where(has_tail, tl.exp((tail_logit - target_max) * inv_temperature), 0.0)
             target_lse_t = target_max * inv_temperature + tl.log(
-                tl.sum(tl.exp((values - target_max) * inv_temperature), axis=0)
+                tl.sum(tl.exp((known_values - target_max) * inv_temperature), axis=0)
                 + extra * tl.exp((member_label_logit - target_max) * inv_temperature)
                 + tail_count * tail_exp
             )

@@ -1,0 +1,293 @@
+"""The fused partitioned KD kernel, run for real under the Triton interpreter, against fp64 torch.
+
+The reference (``partitioned_kd_reference``) is plain autograd math; it is itself checked against
+``torch.nn.functional`` and against hand-computed tail probabilities below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd.kernels import (
+    PartitionedKDConfig,
+    PartitionedKDLoss,
+    PoolTargets,
+    partitioned_kd_loss,
+    partitioned_kd_reference,
+)
+from fastkd.partition import NO_TEACHER
+
+IGNORE = -100
+# (rtol, atol as a fraction of the largest reference gradient) of what the kernel writes.
+GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def make_case(
+    rows: int,
+    classes: int,
+    *,
+    members: int = 3,
+    topk: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, PoolTargets]:
+    """Student logits, labels (row 1 ignored when rows > 2) and pool targets of spread confidence."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=gen)
+    pool = torch.randn(rows, members, classes, generator=gen) * 3
+    # Members and the student lean on the label by different amounts, so every partition
+    # outcome occurs.
+    boost = torch.rand(rows, members, generator=gen) * 8
+    pool[torch.arange(rows), :, labels] += boost
+    student = torch.randn(rows, classes, generator=gen) * 2
+    student[torch.arange(rows), labels] += torch.rand(rows, generator=gen) * 8
+    if rows > 2:
+        labels[1] = IGNORE
+    targets = PoolTargets.from_logits(pool, labels, topk)
+    if targets.is_sparse:
+        targets.topk_logits = targets.topk_logits.half()  # as the store keeps them
+    return student.to(dtype), labels, targets
+
+
+def run_kernel(student, labels, targets, grad_output=None, **options):
+    """Loss, gradient and stats through autograd; the student tensor is left untouched."""
+    logits = student.clone().requires_grad_()
+    loss, stats = partitioned_kd_loss(logits, labels, targets, **options)
+    loss.backward(grad_output)
+    return loss.detach(), logits.grad, stats
+
+
+def run_reference(student, labels, targets, grad_output=None, **options):
+    options.pop("max_block", None)
+    logits = student.double().requires_grad_()
+    loss, stats = partitioned_kd_reference(logits, labels, targets, PartitionedKDConfig(**options))
+    loss.backward(None if grad_output is None else grad_output.double())
+    return loss.detach(), logits.grad, stats
+
+
+def assert_matches_reference(student, labels, targets, grad_output=None, **options):
+    loss, grad, stats = run_kernel(student, labels, targets, grad_output, **options)
+    ref_loss, ref_grad, ref_stats = run_reference(student, labels, targets, grad_output, **options)
+    assert grad.dtype == student.dtype
+    rtol, atol = GRAD_TOL[student.dtype]
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(
+        grad.double(), ref_grad, rtol=rtol, atol=atol * ref_grad.abs().max().item()
+    )
+    assert torch.equal(stats.chosen, ref_stats.chosen)
+    torch.testing.assert_close(stats.kl.double(), ref_stats.kl.double(), rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(
+        stats.p_student.double(), ref_stats.p_student.double(), rtol=1e-5, atol=1e-7
+    )
+    torch.testing.assert_close(
+        stats.p_teacher.double(), ref_stats.p_teacher.double(), rtol=1e-5, atol=1e-7
+    )
+    return stats
+
+
+@pytest.mark.parametrize("mode", ["live", "fixed", "all"])
+@pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_every_mode_and_dtype_matches_fp64_reference(mode, topk, dtype):
+    student, labels, targets = make_case(6, 1000, topk=topk, dtype=dtype)
+    self_index = 1 if mode == "fixed" else None
+    stats = assert_matches_reference(
+        student, labels, targets, mode=mode, self_index=self_index, temperature=2.5, max_block=256
+    )
+    assert stats.chosen[1] == NO_TEACHER  # the ignored row
+
+
+@pytest.mark.parametrize(
+    ("rows", "classes", "max_block"),
+    [(5, 10, None), (4, 1001, None), (4, 1001, 64), (2, 32003, None)],
+    ids=["C10", "C1001-one-tile", "C1001-16-tiles", "C32003-two-tiles"],
+)
+@pytest.mark.parametrize("topk", [0, 5], ids=["dense", "top5"])
+def test_class_counts_and_tiling(rows, classes, max_block, topk):
+    student, labels, targets = make_case(rows, classes, topk=topk, seed=classes)
+    assert_matches_reference(
+        student, labels, targets, mode="all", kd_weight=0.7, ce_weight=0.3, max_block=max_block
+    )
+
+
+def test_per_row_grad_output_with_reduction_none():
+    student, labels, targets = make_case(5, 300, topk=4)
+    grad_output = torch.tensor([0.5, 3.0, -2.0, 0.0, 1.25])
+    loss, _, _ = run_kernel(student, labels, targets, grad_output, reduction="none")
+    assert loss.shape == (5,) and loss[1] == 0  # row 1 is ignored
+    assert_matches_reference(student, labels, targets, grad_output, reduction="none", temperature=3)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_scalar_grad_output_and_reductions(reduction):
+    student, labels, targets = make_case(4, 100)
+    assert_matches_reference(
+        student, labels, targets, torch.tensor(-1.5), reduction=reduction, mode="all"
+    )
+
+
+def test_all_rows_ignored_give_zero_loss_and_gradient():
+    student, _, targets = make_case(3, 50, topk=3)
+    labels = torch.full((3,), IGNORE)
+    loss, grad, stats = run_kernel(student, labels, targets, mode="all")
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+    assert stats.chosen.tolist() == [NO_TEACHER] * 3
+    assert torch.count_nonzero(stats.kl) == 0
+
+
+def test_labels_outside_topk_use_the_exact_true_class_logit():
+    student, labels, _ = make_case(4, 200, seed=3)
+    pool = torch.randn(4, 2, 200, generator=torch.Generator().manual_seed(5))
+    labels = pool[:, 0].argmin(dim=1)  # the label is the least likely class of member 0
+    targets = PoolTargets.from_logits(pool, labels, topk=6)
+    assert not (targets.topk_ids == labels.view(-1, 1, 1)).any(dim=-1).all()
+    stats = assert_matches_reference(student, labels, targets, mode="all", temperature=1.5)
+    expected = torch.softmax(pool, dim=-1)[torch.arange(4), :, labels].max(dim=1).values
+    torch.testing.assert_close(stats.p_teacher, expected)
+
+
+def test_ties_pick_the_first_best_teacher_and_fixed_keeps_self_on_equal_confidence():
+    student, labels, targets = make_case(3, 40, members=3)
+    # Row 0: members 1 and 2 tie as best teacher. Row 2: the teacher ties with self (member 0).
+    targets.lse[0, 1:] = targets.lse[0, 0] - 50
+    targets.true_logit[0, 1:] = targets.true_logit[0, 0]
+    targets.lse[2, 0] = targets.lse[2, 1] = 0.0
+    targets.true_logit[2, 0] = targets.true_logit[2, 1] = -0.1
+    targets.true_logit[2, 2] = -5.0
+    stats = assert_matches_reference(student, labels, targets, mode="all", self_index=0)
+    assert stats.chosen[0] == 1
+    stats = assert_matches_reference(student, labels, targets, mode="fixed", self_index=0)
+    assert stats.chosen[2] == 0
+
+
+def test_live_mode_teaches_only_rows_where_the_teacher_beats_the_student():
+    student, labels, targets = make_case(8, 64, seed=11)
+    stats = assert_matches_reference(student, labels, targets, mode="live", temperature=2.0)
+    taught = stats.chosen != NO_TEACHER
+    assert taught.any() and (~taught[labels != IGNORE]).any()
+    assert torch.all(stats.p_teacher[taught] > stats.p_student[taught])
+    assert torch.all(stats.kl[~taught] == 0)
+
+
+def test_sparse_targets_with_k_equal_to_c_equal_dense_targets():
+    student, labels, _ = make_case(4, 50)
+    pool = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(2)) * 2
+    dense = PoolTargets.from_logits(pool, labels)
+    sparse = PoolTargets.from_logits(pool, labels, topk=50)
+    for options in ({"mode": "all", "temperature": 3.0}, {"mode": "fixed", "self_index": 2}):
+        loss_dense, grad_dense, stats_dense = run_kernel(student, labels, dense, **options)
+        loss_sparse, grad_sparse, stats_sparse = run_kernel(student, labels, sparse, **options)
+        torch.testing.assert_close(loss_sparse, loss_dense)
+        torch.testing.assert_close(grad_sparse, grad_dense)
+        torch.testing.assert_close(stats_sparse.kl, stats_dense.kl, rtol=1e-4, atol=1e-6)
+
+
+def test_uniform_tail_on_a_hand_computed_case():
+    # C = 5, log-sum-exp 0; stored top-2 logits log 0.5 and log 0.2 (ids 3, 0); label 4 with
+    # p = 0.1 outside the top-k. The two unknown classes share 1 - 0.8 = 0.2 equally.
+    targets = PoolTargets(
+        lse=torch.zeros(1, 1),
+        true_logit=torch.tensor([[math.log(0.1)]]),
+        topk_logits=torch.tensor([[[math.log(0.5), math.log(0.2)]]]),
+        topk_ids=torch.tensor([[[3, 0]]]),
+    )
+    logits = targets.full_vocab_logits(torch.zeros(1, dtype=torch.long), torch.tensor([4]), 5)
+    torch.testing.assert_close(logits.exp(), torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1]]))
+    student = torch.tensor([[0.3, -1.0, 2.0, 0.5, 1.0]])
+    # At T = 2 the target is softmax(log p / 2), i.e. proportional to sqrt(p).
+    target = torch.tensor([0.2, 0.1, 0.1, 0.5, 0.1]).sqrt()
+    target /= target.sum()
+    log_q = F.log_softmax(student / 2, dim=-1)
+    expected_kl = (target * (target.log() - log_q)).sum()
+    _, _, stats = run_kernel(student, torch.tensor([4]), targets, mode="all", temperature=2.0)
+    torch.testing.assert_close(stats.kl, expected_kl.view(1), rtol=1e-5, atol=1e-7)
+
+
+def test_reference_equals_torch_functional_cross_entropy_plus_kl():
+    student, labels, targets = make_case(5, 30, members=2)
+    temperature = 2.0
+    loss, stats = partitioned_kd_reference(
+        student, labels, targets, PartitionedKDConfig(mode="all", temperature=temperature)
+    )
+    teacher = targets.logits[torch.arange(5), stats.chosen.clamp_min(0)]
+    counted = labels != IGNORE
+    kl = F.kl_div(
+        F.log_softmax(student[counted] / temperature, dim=-1),
+        F.log_softmax(teacher[counted] / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
+    expected = F.cross_entropy(student, labels, ignore_index=IGNORE) + temperature**2 * kl
+    torch.testing.assert_close(loss, expected)
+
+
+def test_inplace_grad_overwrites_the_logits_with_the_gradient():
+    student, labels, targets = make_case(4, 120, topk=5, dtype=torch.bfloat16)
+    _, grad, _ = run_kernel(student, labels, targets, mode="all")
+    logits = student.clone().requires_grad_()
+    loss, _ = partitioned_kd_loss(logits, labels, targets, mode="all", inplace_grad=True)
+    loss.backward()
+    assert torch.equal(logits.detach(), grad)
+    assert torch.equal(logits.grad, grad)
+
+
+def test_cpu_fallback_without_interpreter_equals_the_kernel(monkeypatch):
+    student, labels, targets = make_case(4, 90, topk=6)
+    options = {"mode": "live", "temperature": 1.7}
+    loss, grad, stats = run_kernel(student, labels, targets, **options)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_loss, torch_grad, torch_stats = run_kernel(student, labels, targets, **options)
+    assert torch_loss.dtype == torch.float32 and torch_grad.dtype == torch.float32
+    torch.testing.assert_close(loss, torch_loss)
+    torch.testing.assert_close(grad, torch_grad)
+    assert torch.equal(stats.chosen, torch_stats.chosen)
+
+
+def test_module_wraps_the_function():
+    student, labels, targets = make_case(3, 20, topk=2)
+    criterion = PartitionedKDLoss(mode="fixed", self_index=0, temperature=2.0)
+    assert "mode=PartitionMode.FIXED" in repr(criterion)
+    loss, stats = criterion(student, labels, targets)
+    expected, expected_stats = partitioned_kd_loss(
+        student, labels, targets, mode="fixed", self_index=0, temperature=2.0
+    )
+    torch.testing.assert_close(loss, expected)
+    assert torch.equal(stats.chosen, expected_stats.chosen)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"labels": torch.tensor([0, 25, 1])}, "labels must lie in"),
+        ({"labels": torch.tensor([0, 1])}, r"labels must be \[3\]"),
+        ({"mode": "fixed"}, "needs the student's pool column"),
+        ({"temperature": 0.0}, "temperature must be positive"),
+        ({"max_block": 100}, "max_block must be a power of two"),
+        ({"student": torch.zeros(3, 20, 1)}, r"student_logits must be \[B, C\]"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_error(change, message):
+    student, labels, targets = make_case(3, 20)
+    arguments = {"student": student, "labels": labels, "mode": "all"} | change
+    with pytest.raises(ValueError, match=message):
+        partitioned_kd_loss(arguments.pop("student"), arguments.pop("labels"), targets, **arguments)
+
+
+def test_pool_targets_refuse_mismatched_tensors():
+    with pytest.raises(ValueError, match="either topk_logits"):
+        PoolTargets(lse=torch.zeros(2, 3), true_logit=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"logits must be \[B, M, C\]"):
+        PoolTargets(
+            lse=torch.zeros(2, 3), true_logit=torch.zeros(2, 3), logits=torch.zeros(2, 4, 5)
+        )
+    sparse = PoolTargets.from_logits(torch.randn(2, 3, 10), torch.tensor([1, 2]), topk=4)
+    with pytest.raises(ValueError, match="has 2 rows"):
+        sparse.check(num_rows=5, num_classes=10)
+    sparse.topk_ids[0, 0, 0] = 10
+    with pytest.raises(ValueError, match="ids outside"):
+        sparse.check(num_rows=2, num_classes=10)
