@@ -185,6 +185,13 @@ def main(argv: list[str] | None = None) -> None:
         reads = {
             name: read_throughput(path, name, args.batch, args.seed) for name in ("top5", "top10")
         }
+        # How much the sizes depend on the synthetic model: views that disagree twice as much.
+        noisier = workdir / "noisier"
+        build_store(
+            noisier, min(args.samples, 4096), args.views, args.classes, [5, 10], 2 * args.noise,
+            args.seed,
+        )  # fmt: skip
+        sizes_noisier = {n: a["total"] for n, a in bytes_per_view(noisier)["models"].items()}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         "classes": args.classes,
         "write_seconds": round(write_s, 2),
         "bytes_per_view": sizes,
+        "bytes_per_view_noise_x2": sizes_noisier,
         "targets": {
             "top10_max_bytes_per_view": 48,
             "top5_max_bytes_per_view": 24,
@@ -215,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{name}: {arrays['total']['stored']} B/view stored ({arrays['total']['raw']} raw): {detail}"
         )
+    print(f"per-view noise x2: {sizes_noisier}")
     for name, r in reads.items():
         print(
             f"{name} reads (batch {args.batch}, one core): cold epoch {r['cold']['views_per_s']:,} views/s, "

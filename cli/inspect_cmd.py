@@ -66,7 +66,7 @@ def _render(summary: StoreSummary, console: Console) -> None:
     console.print(arrays)
     console.print(
         f"shared arrays {summary.bytes_per_view(None):.2f} B/view; overall compression ratio "
-        f"{summary.compression_ratio:.2f} (fixed-size arrays)"
+        f"{summary.compression_ratio:.2f}"
     )
     if summary.skipped:
         shown = ", ".join(summary.skipped[:10])

@@ -585,6 +585,31 @@ def _read_config(path: Path) -> dict | None:
     return group.attrs.get(MANIFEST_ATTR)
 
 
+def _parse_config(path: Path, config: Mapping[str, Any]) -> tuple[Manifest, StoreLayout]:
+    config = dict(config)
+    if config.get("format_version") != FORMAT_VERSION:
+        raise StoreMismatchError(
+            path,
+            [
+                f"format_version: store has {config.get('format_version')!r}, expected {FORMAT_VERSION}"
+            ],
+            "this fastkd version cannot use it",
+        )
+    layout = StoreLayout(**config.pop("layout"))
+    return Manifest.from_dict(config), layout
+
+
+def open_manifest(path: Path | str) -> tuple[Manifest, StoreLayout]:
+    """The manifest and layout of the store at ``path`` (any fastkd store, finished or not)."""
+    path = Path(path)
+    config = _read_config(path)
+    if config is None:
+        raise StoreError(
+            f"{path} is not a fastkd store (no zarr group with a {MANIFEST_ATTR!r} manifest)"
+        )
+    return _parse_config(path, config)
+
+
 def _clear_store(path: Path) -> None:
     """Delete a store's data, keeping its lock and claims."""
     for entry in path.iterdir():
@@ -606,10 +631,8 @@ class StoreWriter:
         self.path = path
         self.shard = shard
         self.run_id = run_id
+        self.manifest, self.layout = open_manifest(path)
         self._group = zarr.open_group(path, mode="r+", zarr_format=3)
-        config = dict(self._group.attrs[MANIFEST_ATTR])
-        self.layout = StoreLayout(**config.pop("layout"))
-        self.manifest = Manifest.from_dict(config)
         self._labels = self._group["labels"][:]
         self._done = self._group[_DONE_ARRAY]
         self._claim = path / _META_DIR / "claims" / f"{run_id}.json"
@@ -800,14 +823,18 @@ def _create_or_check(
                 f"{path} holds a zarr group that is not a fastkd store; choose another output path"
             )
     else:
-        stored_layout = StoreLayout(**stored["layout"])
-        problems = manifest_differences(Manifest.from_dict(stored), manifest)
-        if explicit_layout and stored_layout != layout:
-            problems += _differences(asdict(stored_layout), asdict(layout), "layout")
-        if not problems:
-            problems = _sample_differences(path, labels)
-        if not problems:
-            return stored_layout
+        try:
+            stored_manifest, stored_layout = _parse_config(path, stored)
+        except StoreMismatchError as err:  # another format version: only overwrite helps
+            problems = err.differences
+        else:
+            problems = manifest_differences(stored_manifest, manifest)
+            if explicit_layout and stored_layout != layout:
+                problems += _differences(asdict(stored_layout), asdict(layout), "layout")
+            if not problems:
+                problems = _sample_differences(path, labels)
+            if not problems:
+                return stored_layout
         if not overwrite:
             raise StoreMismatchError(
                 path,
@@ -1035,22 +1062,7 @@ class StoreReader:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.path = Path(path)
-        config = _read_config(self.path)
-        if config is None:
-            raise StoreError(
-                f"{self.path} is not a fastkd store (no zarr group with a {MANIFEST_ATTR!r} manifest)"
-            )
-        config = dict(config)
-        if config.get("format_version") != FORMAT_VERSION:
-            raise StoreMismatchError(
-                self.path,
-                [
-                    f"format_version: store has {config.get('format_version')!r}, expected {FORMAT_VERSION}"
-                ],
-                "this fastkd version cannot read it",
-            )
-        self.layout = StoreLayout(**config.pop("layout"))
-        self.manifest = Manifest.from_dict(config)
+        self.manifest, self.layout = open_manifest(self.path)
         if expect is not None:
             problems = expect.differences(self.manifest)
             if problems:
@@ -1228,28 +1240,23 @@ class StoreSummary:
 def summarize(path: Path | str) -> StoreSummary:
     """Manifest, array sizes and stored bytes of a store (finished or not)."""
     path = Path(path)
-    config = _read_config(path)
-    if config is None:
-        raise StoreError(
-            f"{path} is not a fastkd store (no zarr group with a {MANIFEST_ATTR!r} manifest)"
-        )
-    config = dict(config)
-    layout = StoreLayout(**config.pop("layout"))
-    manifest = Manifest.from_dict(config)
+    manifest, layout = open_manifest(path)
     group = zarr.open_group(path, mode="r", zarr_format=3)
     names = [*SHARED_ARRAYS] + [
         f"models/{m.name}/{a}" for m in manifest.models for a in _model_arrays(m, manifest.views)
     ]
     arrays = []
+    keys = group["keys"][:]
     for name in names:
         array = group[name]
-        itemsize = array.dtype.itemsize if name != "keys" else 0
-        nbytes = math.prod(array.shape) * itemsize
+        if name == "keys":  # variable length: the UTF-8 bytes of all keys
+            nbytes = sum(len(str(k).encode()) for k in keys)
+        else:
+            nbytes = math.prod(array.shape) * array.dtype.itemsize
         arrays.append(
             ArraySummary(name, tuple(array.shape), str(array.dtype), nbytes, array.nbytes_stored())
         )
     skipped_mask = group["skipped"][:]
-    keys = group["keys"]
     return StoreSummary(
         manifest=manifest,
         layout=layout,
