@@ -51,6 +51,7 @@ DENSE_MAX_CLASSES = 128  # at or below this many classes dense storage is the de
 DENSE_SLACK = 1.25  # dense also wins when its raw bytes are within 25% of sparse's
 TARGET_VIEWS_PER_SHARD = 8192  # default block: about this many (sample, view) rows
 CHUNK_SAMPLES = 256  # inner chunk of the sharding codec: plain zarr reads a quarter shard or less
+ZSTD_LEVEL = 9  # inside blosc and for keys; decoding speed hardly depends on it
 DEFAULT_CACHE_BYTES = 4 << 30  # reader: decoded blocks kept in memory, all models together
 
 HEARTBEAT_S = 30.0  # a writer refreshes its claim this often
@@ -63,8 +64,6 @@ _DONE_ARRAY = "blocks_done"
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 SHARED_ARRAYS = ("keys", "labels", "sizes", "boxes", "flips", "skipped")
-SPARSE_ARRAYS = ("topk_logits", "topk_ids", "lse", "true_logit")
-DENSE_ARRAYS = ("logits", "lse", "true_logit")
 
 
 class StoreError(RuntimeError):
@@ -98,9 +97,8 @@ class ModelEntry:
     name: str  # pool key, unique in the store; also its group name under models/
     arch: str  # timm name
     checkpoint_sha256: str | None
-    data_config: (
-        dict  # timm's resolved data config (input_size, interpolation, mean, std, crop_pct)
-    )
+    # timm's resolved data config (input_size, interpolation, mean, std, crop_pct)
+    data_config: dict
     num_classes: int
     topk: int  # stored top-k; 0 = dense (all logits in fp16)
 
@@ -113,7 +111,7 @@ class Manifest:
     num_samples: int
     views: int
     seed: int
-    augment: dict  # dataclasses.asdict(AugmentConfig)
+    augment: dict  # dataclasses.asdict(AugmentConfig); an AugmentConfig is converted
     fingerprint: str  # data set fingerprint: sha256 of sorted (key, file size)
     classes: list[str]
     num_classes: int
@@ -122,6 +120,8 @@ class Manifest:
 
     def __post_init__(self) -> None:
         self.models = [m if isinstance(m, ModelEntry) else ModelEntry(**m) for m in self.models]
+        if isinstance(self.augment, AugmentConfig):
+            self.augment = asdict(self.augment)
         self.augment = _plain(self.augment)
         problems = []
         if not self.models:
@@ -198,7 +198,7 @@ def _round_up_pow2(n: int) -> int:
 
 
 def default_samples_per_shard(views: int) -> int:
-    """A power of two near ``TARGET_VIEWS_PER_SHARD / views`` samples (at least 1)."""
+    """The largest power of two at most ``TARGET_VIEWS_PER_SHARD / views`` samples (at least 1)."""
     return 1 << max(0, int(math.log2(max(1, TARGET_VIEWS_PER_SHARD // max(1, views)))))
 
 
@@ -355,24 +355,21 @@ class ModelTargets:
 # Array creation (one place for shapes, chunks and codecs)
 
 
-BLOSC_LEVEL = 9  # zstd level inside blosc; decoding speed hardly depends on it
-
-
 def _codecs(dtype: Any, views_innermost: bool) -> dict[str, Any]:
-    """Codec chain of one array, spec codecs only (see docs/store-format.md for the numbers).
+    """Codec chain of one array, spec codecs only (docs/store-format.md compares the options).
 
-    Numbers: blosc-zstd with byte shuffle groups the bytes of like-typed values (the sign/exponent
-    bytes of fp16/fp32, the high bytes of ids) before zstd. ``views_innermost`` transposes a
-    [sample, view, rank] chunk to [sample, rank, view] before that, so the ids and logits of the
-    views of one sample, which mostly agree, sit side by side. Strings: vlen-utf8 then zstd.
+    Blosc-zstd with byte shuffle groups the bytes of like-typed values (the sign/exponent bytes of
+    fp16/fp32, the high bytes of ids) before zstd. ``views_innermost`` first transposes a
+    [sample, view, rank] chunk to [sample, rank, view], so the ids and logits of the views of one
+    sample, which mostly agree, sit side by side. Strings: vlen-utf8 then zstd.
     """
     if dtype is str:
-        return {"compressors": [ZstdCodec(level=BLOSC_LEVEL)]}
+        return {"compressors": [ZstdCodec(level=ZSTD_LEVEL)]}
     codecs: dict[str, Any] = {
         "compressors": [
             BloscCodec(
                 cname="zstd",
-                clevel=BLOSC_LEVEL,
+                clevel=ZSTD_LEVEL,
                 shuffle="shuffle",
                 typesize=np.dtype(dtype).itemsize,
             )
@@ -390,11 +387,9 @@ def _create_sharded(
     dtype: Any,
     layout: StoreLayout,
     fill_value: Any = 0,
+    views_innermost: bool = False,
 ) -> zarr.Array:
-    """An array sharded along the sample axis: one shard (file) per block.
-
-    Model arrays of shape [sample, view, rank] are stored views-innermost (``_codecs``).
-    """
+    """An array sharded along the sample axis: one shard (file) per block."""
     return group.create_array(
         name,
         shape=shape,
@@ -402,7 +397,7 @@ def _create_sharded(
         shards=(layout.samples_per_shard, *shape[1:]),
         chunks=(layout.chunk_samples, *shape[1:]),
         fill_value=fill_value,
-        **_codecs(dtype, views_innermost=len(shape) == 3 and name != "boxes"),
+        **_codecs(dtype, views_innermost),
     )
 
 
@@ -448,7 +443,8 @@ def _create_store(
     for entry in manifest.models:
         member = models.create_group(entry.name)
         for name, (shape, dtype) in _model_arrays(entry, v).items():
-            _create_sharded(member, name, (n, *shape), dtype, layout)
+            ranked = len(shape) == 2  # [view, rank]: topk_logits, topk_ids, dense logits
+            _create_sharded(member, name, (n, *shape), dtype, layout, views_innermost=ranked)
     group.create_array(
         _DONE_ARRAY,
         shape=(layout.num_blocks,),
