@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -445,3 +446,27 @@ def test_resolve_shard(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_shard("3-8")
     with pytest.raises(ValueError, match="0 <= i < n"):
         resolve_shard("8/8")
+
+
+def test_inspect_command(finished: Path, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from fastkd.cli import inspect_cmd
+
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a command group, as in the real app
+    inspect_cmd.register(app)
+    runner = CliRunner()
+    shown = runner.invoke(app, ["inspect", str(finished)], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    summary = summarize(finished)
+    assert "blocks 5/5 done (complete)" in shown.output
+    assert f"{summary.bytes_per_view('small'):.2f}" in shown.output and "top-7" in shown.output
+    assert "models/wide/logits" in shown.output and "dense" in shown.output
+    as_json = json.loads(runner.invoke(app, ["inspect", str(finished), "--json"]).output)
+    assert as_json["bytes_per_view"]["small"] == summary.bytes_per_view("small")
+    assert as_json["manifest"]["models"][0]["topk"] == 7
+    missing = runner.invoke(app, ["inspect", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2
+    assert "is not a fastkd store" in re.sub(r"[\s│]+", " ", missing.output)  # unwrap rich's panel
