@@ -10,9 +10,12 @@ Per row (one sample view), with student logits z, label y and M stored pool memb
 * Loss = ce_weight * CE(z, y) + kd_weight * T^2 * KL(p_target,T || softmax(z / T)) on rows with a
   target (CE only elsewhere). Rows labelled ``ignore_index`` count for nothing and get zero
   gradient; ``mean`` divides by the number of the other rows.
-* Sparse targets use the uniform-tail full-vocabulary distribution of ``kernels.targets``.
-  Measured against the dense teacher it replaces, the tail rule's KL error is reported by
-  ``python -m fastkd.bench.kernels --tail-error`` (the tests hold sparse == dense when k = C).
+* Sparse targets use the uniform-tail full-vocabulary distribution of ``kernels.targets`` (the
+  tests hold sparse == dense when k = C). Its error against the dense teacher it summarises
+  (``fastkd.bench.kernels.tail_error``; synthetic C = 1000 Gaussian logits, std 2.5, a pessimistic
+  case since their tails are far from uniform; measured on CPU): at T = 1 the mean relative error
+  of the KL is 118% at k = 10 and 20% at k = 100, of the KD gradient (L2) 21% and 3%; at T = 2,
+  k = 100: 102% and 36%. The tail matters more as T grows: store a large k when training at T > 1.
 
 The Triton kernel runs one program per row. Pass 1 reads the student row (and, for a dense target,
 the candidate member's row: the best teacher, or in ``fixed`` mode teacher-or-self, both known

@@ -1,0 +1,445 @@
+"""Benchmark of the fused KD kernels: forward + backward time, bandwidth, peak memory.
+
+``python -m fastkd.bench.kernels [--shapes 256x1000,...] [--out PATH]``. For each shape B x C and
+teacher kind (dense, top-k) it times, in one run: fastkd's kernel (Triton on a GPU, the torch
+reference on CPU unless TRITON_INTERPRET=1), the torch reference in eager mode, torch.compile of
+the reference, and Liger-Kernel's KL path (log_softmax + LigerKLDIVLoss, dense teachers, KL only)
+when liger-kernel is importable. GB/s counts ideal bytes: the student read, the teacher read (one
+pool member's row, or its K ids and logits) and the gradient write. Peak memory is what a step
+allocates beyond its inputs. It also measures the uniform-tail error of sparse targets against
+the dense teacher they come from. Results go to JSON with the device name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fastkd.kernels import (
+    BidirectionalKDConfig,
+    PartitionedKDConfig,
+    PoolTargets,
+    bidirectional_kd_loss,
+    bidirectional_kd_reference,
+    partitioned_kd_loss,
+    partitioned_kd_reference,
+)
+
+DEFAULT_SHAPES = "256x1000,1024x21841,4096x32000,8192x128256"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Peak memory bandwidth in bytes/s by device name, most specific pattern first.
+PEAK_BANDWIDTH = [
+    (r"H100.*PCIe", 2.0e12),
+    (r"H100.*NVL", 3.9e12),
+    (r"H100", 3.35e12),  # SXM, "NVIDIA H100 80GB HBM3"
+    (r"GH200", 4.0e12),
+    (r"H200", 4.8e12),
+    (r"B200", 8.0e12),
+    (r"A100.*PCIE.*40GB|A100-PCIE-40GB", 1.555e12),
+    (r"A100.*80GB PCIe", 1.935e12),
+    (r"A100.*SXM4-40GB", 1.555e12),
+    (r"A100", 2.039e12),
+    (r"L40S|L40", 0.864e12),
+    (r"A10G|A10\b", 0.6e12),
+    (r"RTX 4090", 1.008e12),
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    kernel: str  # "partitioned" or "bidirectional"
+    rows: int
+    classes: int
+    teacher: str  # "dense", "topk" (partitioned) or "live" (bidirectional)
+    dtype: str
+
+
+@dataclass
+class Measurement:
+    method: str
+    time_ms: float | None = None
+    gbps: float | None = None
+    pct_peak: float | None = None
+    peak_extra_mib: float | None = None
+    extra_vs_grad: float | None = None  # peak extra memory / bytes of one B x C gradient
+    speedup_vs_eager: float | None = None
+    note: str = ""
+
+
+def peak_bandwidth(device_name: str) -> float | None:
+    for pattern, bandwidth in PEAK_BANDWIDTH:
+        if re.search(pattern, device_name):
+            return bandwidth
+    return None
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(n) for n in item.lower().split("x", 1)) for item in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--shapes: expected BxC[,BxC...], got {text!r}") from None
+
+
+def make_inputs(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
+    """Student logits (leaf), labels and targets; teachers lean on the label like real models."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = getattr(torch, case.dtype)
+    rows, classes = case.rows, case.classes
+    labels = torch.randint(0, classes, (rows,), device=device, generator=gen)
+    row_index = torch.arange(rows, device=device)
+
+    def logits(*shape: int) -> torch.Tensor:
+        z = torch.randn(*shape, classes, device=device, generator=gen, dtype=dtype)
+        z[row_index, ..., labels] += 4.0
+        return z
+
+    if case.kernel == "bidirectional":
+        return {"logits": [logits(rows) for _ in range(2)], "labels": labels}
+    pool = logits(rows, args.members)
+    targets = PoolTargets.from_logits(pool, labels, args.topk if case.teacher == "topk" else 0)
+    if targets.is_sparse:  # as the store keeps them
+        targets.topk_logits = targets.topk_logits.half()
+        targets.topk_ids = targets.topk_ids.int()
+    del pool
+    return {"student": logits(rows), "labels": labels, "targets": targets}
+
+
+def ideal_bytes(case: Case, inputs: dict) -> int:
+    """Bytes a perfect kernel moves: logits read, one teacher row read, gradient written."""
+    if case.kernel == "bidirectional":
+        return sum(2 * z.numel() * z.element_size() for z in inputs["logits"])
+    student, targets = inputs["student"], inputs["targets"]
+    logits_bytes = student.numel() * student.element_size()
+    if targets.is_sparse:
+        per_row = targets.topk * (
+            targets.topk_logits.element_size() + targets.topk_ids.element_size()
+        )
+        teacher_bytes = case.rows * per_row
+    else:
+        teacher_bytes = case.rows * case.classes * targets.logits.element_size()
+    return 2 * logits_bytes + teacher_bytes
+
+
+def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Callable | str]:
+    """Name -> a forward + backward step, or the reason the method is unavailable."""
+    temperature = args.temperature
+    labels = inputs["labels"]
+    if case.kernel == "bidirectional":
+        leaves = [z.requires_grad_() for z in inputs["logits"]]
+        config = BidirectionalKDConfig(temperature=temperature)
+
+        def fastkd() -> None:
+            bidirectional_kd_loss(leaves, labels, temperature=temperature)[0].backward()
+
+        def reference(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return bidirectional_kd_reference([za, zb], y, config)[0]
+
+        tensors = (*leaves, labels)
+        liger = "dense partitioned teachers only"
+    else:
+        student, targets = inputs["student"].requires_grad_(), inputs["targets"]
+        options = {"mode": "live", "temperature": temperature, "self_index": 0}
+        config = PartitionedKDConfig(**options)
+        leaves = [student]
+
+        def fastkd() -> None:
+            partitioned_kd_loss(student, labels, targets, **options)[0].backward()
+
+        def reference(z: torch.Tensor, y: torch.Tensor, *target_tensors) -> torch.Tensor:
+            pool = PoolTargets(*target_tensors)
+            return partitioned_kd_reference(z, y, pool, config)[0]
+
+        tensors = (
+            student,
+            labels,
+            targets.lse,
+            targets.true_logit,
+            targets.topk_logits,
+            targets.topk_ids,
+            targets.logits,
+        )
+        liger = liger_step(student, targets, temperature) if not targets.is_sparse else ""
+        if not liger:
+            liger = "dense teachers only"
+
+    def eager() -> None:
+        reference(*tensors).backward()
+
+    found: dict[str, Callable | str] = {"fastkd": fastkd, "torch_eager": eager}
+    if args.no_compile:
+        found["torch_compile"] = "disabled (--no-compile)"
+    else:
+        compiled = torch.compile(reference)
+        found["torch_compile"] = lambda: compiled(*tensors).backward()
+    found["liger_kl"] = liger
+    for name, step in list(found.items()):
+        if callable(step):
+            found[name] = _clearing_grads(step, leaves)
+    return found
+
+
+def liger_step(student: torch.Tensor, targets: PoolTargets, temperature: float) -> Callable | str:
+    """Liger's KL path on the best teacher's dense logits, or why it is unavailable."""
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss
+    except ImportError:
+        return "liger-kernel not installed"
+    if not student.is_cuda:
+        return "needs CUDA"
+    teacher = targets.logits[:, 1]
+    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+    def step() -> None:
+        log_q = torch.log_softmax(student.float() / temperature, dim=-1)
+        log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
+        (kl(log_q, log_p) * temperature**2).backward()
+
+    return step
+
+
+def _clearing_grads(step: Callable, leaves: list[torch.Tensor]) -> Callable:
+    def run() -> None:
+        step()
+        for leaf in leaves:
+            leaf.grad = None
+
+    return run
+
+
+def measure(step: Callable, device: torch.device, reps: int) -> tuple[float, float | None]:
+    """Median milliseconds of ``step`` and, on CUDA, its peak memory beyond what exists before."""
+    if device.type == "cuda":
+        import triton.testing
+
+        step()  # compile / autotune outside the measured region
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        ms = triton.testing.do_bench(step, warmup=10, rep=max(reps, 20), return_mode="median")
+        return ms, peak
+    step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), None
+
+
+def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: float | None):
+    inputs = make_inputs(case, args, device)
+    nbytes = ideal_bytes(case, inputs)
+    grad_bytes = (
+        case.rows * case.classes * torch.tensor([], dtype=getattr(torch, case.dtype)).element_size()
+    )
+    results: list[Measurement] = []
+    for name, step in methods(case, inputs, args).items():
+        if isinstance(step, str):
+            results.append(Measurement(name, note=step))
+            continue
+        try:
+            ms, extra = measure(step, device, args.reps)
+        except torch.OutOfMemoryError:
+            results.append(Measurement(name, note="out of memory"))
+            torch.cuda.empty_cache()
+            continue
+        except Exception as error:  # a comparison method failing must not end the run
+            results.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
+            continue
+        gbps = nbytes / ms / 1e6
+        results.append(
+            Measurement(
+                name,
+                time_ms=ms,
+                gbps=gbps,
+                pct_peak=None if peak is None else 100 * gbps * 1e9 / peak,
+                peak_extra_mib=None if extra is None else extra / 2**20,
+                extra_vs_grad=None if extra is None else extra / grad_bytes,
+            )
+        )
+    eager = next(m.time_ms for m in results if m.method == "torch_eager")
+    for m in results:
+        if m.time_ms is not None and eager is not None:
+            m.speedup_vs_eager = eager / m.time_ms
+    del inputs
+    return {"case": asdict(case), "ideal_bytes": nbytes, "results": [asdict(m) for m in results]}
+
+
+def tail_error(device: torch.device, rows: int = 512, classes: int = 1000) -> list[dict]:
+    """Error of the uniform-tail sparse target vs the dense teacher it summarises (fp64 math).
+
+    Synthetic logits: a teacher of Gaussian logits (std 2.5) leaning on the label, a student equal
+    to it plus Gaussian noise (std 1.5). Reported per (k, T): the mean dense KL(teacher || student),
+    the mean absolute and relative error of the sparse target's KL, and the mean relative L2 error
+    of the KD gradient q - p. Gaussian tails are far from uniform, so this is a pessimistic case.
+    """
+    gen = torch.Generator(device=device).manual_seed(0)
+    labels = torch.randint(0, classes, (rows,), device=device, generator=gen)
+    teacher = 2.5 * torch.randn(rows, 1, classes, device=device, generator=gen, dtype=torch.float64)
+    teacher[torch.arange(rows), 0, labels] += 4.0
+    student = teacher[:, 0] + 1.5 * torch.randn(
+        rows, classes, device=device, generator=gen, dtype=torch.float64
+    )
+    member = torch.zeros(rows, dtype=torch.long, device=device)
+    out = []
+    for temperature in (1.0, 2.0, 4.0):
+        log_q = torch.log_softmax(student / temperature, dim=-1)
+        dense_log_p = torch.log_softmax(teacher[:, 0] / temperature, dim=-1)
+        dense_kl = (dense_log_p.exp() * (dense_log_p - log_q)).sum(-1)
+        dense_grad = log_q.exp() - dense_log_p.exp()
+        for topk in (1, 5, 10, 20, 50, 100):
+            sparse = PoolTargets.from_logits(teacher, labels, topk)
+            logits = sparse.full_vocab_logits(member, labels, classes).double()
+            log_p = torch.log_softmax(logits / temperature, dim=-1)
+            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+            grad = log_q.exp() - log_p.exp()
+            out.append(
+                {
+                    "topk": topk,
+                    "temperature": temperature,
+                    "dense_kl": dense_kl.mean().item(),
+                    "kl_abs_error": (kl - dense_kl).abs().mean().item(),
+                    "kl_rel_error": ((kl - dense_kl).abs() / dense_kl).mean().item(),
+                    "grad_rel_l2_error": (
+                        (grad - dense_grad).norm(dim=-1) / dense_grad.norm(dim=-1)
+                    )
+                    .mean()
+                    .item(),
+                }
+            )
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m fastkd.bench.kernels", description=__doc__)
+    parser.add_argument(
+        "--shapes", default=DEFAULT_SHAPES, help="B x C list, e.g. 256x1000,4096x32000"
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--teachers", default="dense,topk", help="dense, topk (partitioned)")
+    parser.add_argument("--kernels", default="partitioned,bidirectional")
+    parser.add_argument("--topk", type=int, default=100, help="K of the top-k teacher")
+    parser.add_argument("--members", type=int, default=2, help="pool members (the student is 0)")
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions (CPU)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = device_name(device)
+    peak = peak_bandwidth(name) if device.type == "cuda" else None
+    cases = [
+        Case(kernel, rows, classes, teacher, args.dtype)
+        for kernel in args.kernels.split(",")
+        for rows, classes in parse_shapes(args.shapes)
+        for teacher in (args.teachers.split(",") if kernel == "partitioned" else ["live"])
+    ]
+    console = Console(width=160)
+    table = Table(title=f"KD kernels, forward + backward, {args.dtype}, {name}")
+    for column in (
+        "kernel",
+        "BxC",
+        "teacher",
+        "method",
+        "ms",
+        "GB/s",
+        "% peak",
+        "extra MiB",
+        "x eager",
+        "note",
+    ):
+        table.add_column(column)
+    report = []
+    for case in cases:
+        entry = run_case(case, args, device, peak)
+        report.append(entry)
+        for m in entry["results"]:
+            table.add_row(
+                case.kernel,
+                f"{case.rows}x{case.classes}",
+                case.teacher,
+                m["method"],
+                *(
+                    _fmt(m[key])
+                    for key in ("time_ms", "gbps", "pct_peak", "peak_extra_mib", "speedup_vs_eager")
+                ),
+                m["note"],
+            )
+    console.print(table)
+    tail = tail_error(device)
+    tail_table = Table(title="uniform tail vs dense teacher (synthetic, C=1000)")
+    for column in ("k", "T", "dense KL", "KL abs. error", "KL rel. error", "grad rel. L2 error"):
+        tail_table.add_column(column)
+    for row in tail:
+        tail_table.add_row(
+            str(row["topk"]),
+            str(row["temperature"]),
+            *(
+                f"{row[key]:.3g}"
+                for key in ("dense_kl", "kl_abs_error", "kl_rel_error", "grad_rel_l2_error")
+            ),
+        )
+    console.print(tail_table)
+
+    out = (
+        args.out
+        or RESULTS / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "device": name,
+                "peak_bandwidth_bytes_per_s": peak,
+                "torch": torch.__version__,
+                "triton": _version("triton"),
+                "liger_kernel": _version("liger_kernel"),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "cases": report,
+                "tail_error": tail,
+            },
+            indent=2,
+        )
+    )
+    console.print(f"wrote {out}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    main()
