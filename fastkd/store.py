@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from fastkd import __version__
 from fastkd.views import AugmentConfig, box_fractions, view_boxes
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where it is used: inspecting or reading needs only numpy
+    import torch
+
     from fastkd.kernels.targets import PoolTargets
 
 FORMAT_VERSION = 1
@@ -305,6 +306,8 @@ def encode_logits(
     (``topk > 0``): ``topk_logits`` [n, V, K] fp16 sorted descending and ``topk_ids`` [n, V, K];
     dense (``topk == 0``): ``logits`` [n, V, C] fp16. Runs on the logits' device.
     """
+    import torch
+
     z = torch.as_tensor(logits)
     if z.dim() != 3:
         raise ValueError(f"logits must be [samples, views, classes], got {tuple(z.shape)}")
@@ -1168,6 +1171,8 @@ class StoreReader:
         """Targets of several models (default: all, in manifest order) stacked as ``PoolTargets``:
         lse/true_logit [B, M] fp32, topk_logits [B, M, K] fp16 and topk_ids [B, M, K] int64, or
         logits [B, M, C] fp16."""
+        import torch
+
         from fastkd.kernels.targets import PoolTargets
 
         names = list(models) if models is not None else self.model_names

@@ -306,40 +306,70 @@ def test_dead_or_forced_claims_are_freed(tmp_path: Path, data: dict) -> None:
     holder.close()
 
 
-def test_ranks_creating_at_once_share_one_store(tmp_path: Path, data: dict) -> None:
-    np.save(tmp_path / "labels.npy", data["labels"])
-    np.save(tmp_path / "sizes.npy", data["sizes"])
-    (tmp_path / "keys.json").write_text(json.dumps(data["keys"]))
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest().to_dict()))
+def spawn_writer(tmp_path: Path, data: dict, shard: tuple[int, int], then: str) -> subprocess.Popen:
+    """Another process that opens ``tmp_path / "s"`` as shard ``i/n``, then runs ``then``."""
+    if not (tmp_path / "inputs.npz").exists():
+        logits = {f"logits_{name}": v for name, v in data["logits"].items()}
+        np.savez(tmp_path / "inputs.npz", labels=data["labels"], sizes=data["sizes"], **logits)
+        meta = {"keys": data["keys"], "manifest": manifest().to_dict()}
+        (tmp_path / "meta.json").write_text(json.dumps(meta))
     script = textwrap.dedent(f"""
-        import json, sys, numpy as np
+        import json, time
+        import numpy as np, zarr
         from pathlib import Path
         from fastkd.store import Manifest, StoreWriter
         d = Path({str(tmp_path)!r})
-        rank = int(sys.argv[1])
+        inputs, meta = np.load(d / "inputs.npz"), json.loads((d / "meta.json").read_text())
         writer = StoreWriter.create_or_resume(
-            d / "s", Manifest.from_dict(json.loads((d / "manifest.json").read_text())),
-            json.loads((d / "keys.json").read_text()), np.load(d / "labels.npy"),
-            np.load(d / "sizes.npy"), samples_per_shard={PER_SHARD}, shard=(rank, 2))
-        print(writer.pending_blocks())
-        writer.close()
+            d / "s", Manifest.from_dict(meta["manifest"]), meta["keys"], inputs["labels"],
+            inputs["sizes"], samples_per_shard={PER_SHARD}, shard={shard})
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    ranks = [
-        subprocess.Popen(
-            [sys.executable, "-c", script, str(r)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for r in (0, 1)
-    ]
+    return subprocess.Popen(
+        [sys.executable, "-c", script + textwrap.dedent(then)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+
+
+def test_ranks_creating_at_once_share_one_store(tmp_path: Path, data: dict) -> None:
+    then = "print(writer.pending_blocks())\nwriter.close()"
+    ranks = [spawn_writer(tmp_path, data, (r, 2), then) for r in (0, 1)]
     outputs = [rank.communicate(timeout=120) for rank in ranks]
     assert [r.returncode for r in ranks] == [0, 0], outputs
     assert [out.strip() for out, _ in outputs] == ["[0, 2, 4]", "[1, 3]"]
     _, arrays = read_with_plain_zarr(tmp_path / "s")
     assert arrays["keys"].tolist() == data["keys"]
+
+
+def test_sigkilled_writer_resumes_bit_identical(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "whole", data) as writer:
+        write(writer, data)
+    # Blocks 0 and 1 complete; block 2 killed after its first array, before its marker.
+    then = """
+        def write(block):
+            start, stop = writer.block_range(block)
+            models = writer.manifest.models
+            writer.write_block(block, {m.name: inputs[f"logits_{m.name}"][start:stop] for m in models})
+        write(0)
+        write(1)
+        plain_setitem = zarr.Array.__setitem__
+        def setitem_then_hang(self, key, value):
+            plain_setitem(self, key, value)
+            print("torn", flush=True)
+            time.sleep(120)
+        zarr.Array.__setitem__ = setitem_then_hang
+        write(2)
+    """
+    child = spawn_writer(tmp_path, data, (0, 1), then)
+    assert child.stdout.readline().strip() == "torn", child.stderr.read()
+    child.kill()  # SIGKILL: no cleanup, its claim stays behind
+    child.wait(timeout=30)
+    assert list((tmp_path / "s" / ".fastkd" / "claims").glob("*.json"))
+
+    with create(tmp_path / "s", data) as writer:  # the dead writer's claim does not block
+        assert writer.pending_blocks() == [2, 3, 4]
+        write(writer, data)
+    assert store_bytes(tmp_path / "s") == store_bytes(tmp_path / "whole")
 
 
 @pytest.fixture(scope="module")
