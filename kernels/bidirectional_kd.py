@@ -144,8 +144,7 @@ def bidirectional_kd_loss(
                 f"logits[{m}] is {tuple(z.shape)} on {z.device}, "
                 f"logits[0] is {tuple(logits[0].shape)} on {logits[0].device}"
             )
-    num_rows, num_classes = logits[0].shape
-    check_labels(labels, num_rows, num_classes, ignore_index)
+    check_labels(labels, logits[0], ignore_index)
     if all(z.dtype != torch.float64 for z in logits) and triton_backend(
         logits[0], _bidirectional_kd_kernel
     ):

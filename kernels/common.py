@@ -81,7 +81,11 @@ def num_warps_for(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
-def check_labels(labels: Tensor, num_rows: int, num_classes: int, ignore_index: int) -> None:
+def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
+    """Labels [B] of integers on the logits' device, in [0, C) or ignore_index."""
+    num_rows, num_classes = logits.shape
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device}, the logits on {logits.device}")
     if labels.shape != (num_rows,):
         raise ValueError(f"labels must be [{num_rows}], got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:

@@ -154,9 +154,8 @@ def partitioned_kd_loss(
         max_block=max_block,
     )
     student_logits = check_logits(student_logits, "student_logits")
-    num_rows, num_classes = student_logits.shape
-    check_labels(labels, num_rows, num_classes, ignore_index)
-    targets.check(num_rows, num_classes)
+    check_labels(labels, student_logits, ignore_index)
+    targets.check(*student_logits.shape, device=student_logits.device)
     if student_logits.dtype != torch.float64 and triton_backend(
         student_logits, _partitioned_kd_kernel
     ):

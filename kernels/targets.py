@@ -114,8 +114,14 @@ class PoolTargets:
         }
         return PoolTargets(**moved)
 
-    def check(self, num_rows: int, num_classes: int) -> None:
-        """Raise ValueError unless these targets fit ``num_rows`` rows of ``num_classes`` logits."""
+    def check(self, num_rows: int, num_classes: int, device: torch.device | None = None) -> None:
+        """Raise ValueError unless these targets fit ``num_rows`` rows of ``num_classes`` logits
+        (on ``device``, when given)."""
+        if device is not None:
+            for f in fields(self):
+                value = getattr(self, f.name)
+                if value is not None and value.device != device:
+                    raise ValueError(f"PoolTargets.{f.name} is on {value.device}, not {device}")
         if self.num_rows != num_rows:
             raise ValueError(f"PoolTargets has {self.num_rows} rows, the logits have {num_rows}")
         if self.logits is not None and self.logits.shape[-1] != num_classes:
