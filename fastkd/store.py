@@ -1016,23 +1016,19 @@ class _BlockCache:
             self._block_in[slot] = block
             self.loads += 1
 
-    def gather(self, samples: np.ndarray, views: np.ndarray | None) -> dict[str, np.ndarray]:
-        """Rows ``(samples[i], views[i])`` of every array (``views=None``: per-sample arrays)."""
+    def gather(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``(samples[i], views[i])`` of every array."""
         blocks = samples // self._block
         needed = np.unique(blocks)
         if needed.size > self.slots:  # more blocks than fit: split the batch by blocks
-            parts = [
-                (mask, self.gather(samples[mask], None if views is None else views[mask]))
-                for group in np.array_split(needed, -(-needed.size // self.slots))
-                for mask in [np.isin(blocks, group)]
-            ]
-            out = {}
-            for name, a in self._arena.items():
-                out[name] = np.empty(
-                    (samples.size, *a.shape[2 + (views is not None) :]), dtype=a.dtype
-                )
-                for mask, part in parts:
-                    out[name][mask] = part[name]
+            out = {
+                name: np.empty((samples.size, *a.shape[3:]), dtype=a.dtype)
+                for name, a in self._arena.items()
+            }
+            for group in np.array_split(needed, -(-needed.size // self.slots)):
+                mask = np.isin(blocks, group)
+                for name, rows in self.gather(samples[mask], views[mask]).items():
+                    out[name][mask] = rows
             return out
         missing = needed[self._slot_of[needed] < 0]
         if missing.size:
@@ -1041,8 +1037,7 @@ class _BlockCache:
         slot = self._slot_of[blocks]
         self._last_used[slot] = self._clock
         offset = samples - blocks * self._block
-        index = (slot, offset) if views is None else (slot, offset, views)
-        return {name: a[index] for name, a in self._arena.items()}
+        return {name: a[slot, offset, views] for name, a in self._arena.items()}
 
 
 class StoreReader:
