@@ -748,7 +748,13 @@ class StoreWriter:
                 )
         flags = np.zeros(stop - start, dtype=bool)
         if skipped is not None:
-            flags[np.asarray(skipped, dtype=np.int64)] = True
+            offsets = np.asarray(skipped, dtype=np.int64).reshape(-1)
+            if offsets.size and (offsets.min() < 0 or offsets.max() >= stop - start):
+                raise ValueError(
+                    f"block {block}: skipped offsets must be in [0, {stop - start}) (offsets "
+                    f"within the block, not sample indices), got {offsets.tolist()}"
+                )
+            flags[offsets] = True
 
         models = self._group["models"]
         for entry in self.manifest.models:
@@ -781,8 +787,7 @@ class StoreWriter:
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join()
-        if not self._lost_claim:
-            self._claim.unlink(missing_ok=True)
+        self._claim.unlink(missing_ok=True)
         done = self._done[:]
         if done.all() and STATUS_ATTR not in self._group.attrs:
             skipped = np.flatnonzero(self._group["skipped"][:])

@@ -148,7 +148,9 @@ def read_with_plain_zarr(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
     group = zarr.open_group(path, mode="r")
     manifest = group.attrs["fastkd"]
-    arrays = {name: group[name][:] for name in ("keys", "labels", "sizes", "boxes", "flips")}
+    shared = ("keys", "labels", "sizes", "boxes", "flips", "skipped")
+    arrays = {name: group[name][:] for name in shared}
+    arrays["status"] = group.attrs.get("fastkd_status")
     for model in manifest["models"]:
         member = group[f"models/{model['name']}"]
         for name in member.array_keys():
@@ -476,6 +478,20 @@ def test_resolve_shard(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_shard("3-8")
     with pytest.raises(ValueError, match="0 <= i < n"):
         resolve_shard("8/8")
+
+
+def test_skipped_images_are_recorded(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "s", data) as writer:
+        with pytest.raises(ValueError, match=r"skipped offsets must be in \[0, 8\)"):
+            writer.write_block(1, {k: v[8:16] for k, v in data["logits"].items()}, skipped=[9])
+        start, stop = writer.block_range(1)
+        writer.write_block(1, {k: v[start:stop] for k, v in data["logits"].items()}, skipped=[1, 3])
+        write(writer, data, [0, 2, 3, 4])
+    assert StoreReader(tmp_path / "s").skipped.nonzero()[0].tolist() == [9, 11]
+    assert summarize(tmp_path / "s").skipped == [data["keys"][9], data["keys"][11]]
+    _, arrays = read_with_plain_zarr(tmp_path / "s")
+    assert arrays["skipped"].nonzero()[0].tolist() == [9, 11]
+    assert arrays["status"] == {"complete": True, "skipped": [data["keys"][9], data["keys"][11]]}
 
 
 def test_inspect_command(finished: Path, tmp_path: Path) -> None:
