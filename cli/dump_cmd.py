@@ -1,9 +1,164 @@
-"""`fastkd dump` commands."""
+"""`fastkd dump`: parse the options into a ``DumpConfig`` and call ``fastkd.dump.run_dump``."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.text import Text
+
+from fastkd.data import Backend, OnBadImage
+from fastkd.dump import DumpConfig, run_dump
+from fastkd.store import StoreError
+
+
+def dump(
+    data: Annotated[
+        Path,
+        typer.Option(
+            help="Image folder (one subfolder per class) or a file list with a "
+            "'relative/path label' line per image.",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        list[str],
+        typer.Option(
+            metavar="[ALIAS:]NAME[=CKPT]",
+            help="A pool member: a timm model name (pretrained weights, needs the network), or "
+            "with =CKPT a local checkpoint (fastkd, timm or plain state dict). ALIAS: names it in "
+            "the store (default: the checkpoint's stem, else the model name). Repeat per model.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="The store directory to create, or to resume.", show_default=False),
+    ],
+    views: Annotated[
+        int, typer.Option(min=1, help="Views per sample; view 0 is the eval (centre) view.")
+    ] = 8,
+    topk: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Logits stored per view, with their class ids, the log-sum-exp and the "
+            "true-class logit. 0, or few classes (<= 128), stores all logits.",
+        ),
+    ] = 10,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the view replay (crops, flips).")] = 0,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Views per forward pass of each model.")
+    ] = 256,
+    backend: Annotated[
+        Backend,
+        typer.Option(
+            help="Image pipeline: NVIDIA DALI, or torch DataLoader + PIL; auto = DALI "
+            "when installed."
+        ),
+    ] = "auto",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Torch device of the models, e.g. cuda:1 or cpu (default: this rank's GPU if "
+            "there is one, else the CPU).",
+            show_default=False,
+        ),
+    ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="I/N",
+            help="Write only blocks b with b % N == I, so N ranks fill one store together "
+            "(default: torchrun's RANK/WORLD_SIZE, else 0/1).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing store made with another configuration (it is refused "
+            "otherwise; a store with the same configuration is always resumed)."
+        ),
+    ] = False,
+    on_bad_image: Annotated[
+        OnBadImage,
+        typer.Option(
+            help="An image that cannot be read: fail (stop, naming it; all written blocks are "
+            "kept) or skip (flag it in the store and carry on)."
+        ),
+    ] = "fail",
+    samples_per_shard: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Samples per store shard, the unit of writing and of resume (default: about "
+            "8192 views).",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Loader workers: DALI threads or DataLoader processes (default: cores, at most 8).",
+            show_default=False,
+        ),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder the paths of a file list are relative to (default: the list's folder).",
+            show_default=False,
+        ),
+    ] = None,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar with images/s (on a terminal).")
+    ] = True,
+) -> None:
+    """Run every model of the pool over every (sample, view) of a data set, once, and store its
+    soft targets (top-k logits, log-sum-exp, true-class logit) in a compressed Zarr store.
+
+    A killed dump resumes where it stopped when run again with the same options.
+    """
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
+    )
+    try:
+        config = DumpConfig(
+            data=data,
+            models=model,
+            out=out,
+            views=views,
+            topk=topk,
+            seed=seed,
+            batch_size=batch_size,
+            backend=backend,
+            device=device,
+            shard=shard,
+            overwrite=overwrite,
+            on_bad_image=on_bad_image,
+            samples_per_shard=samples_per_shard,
+            num_workers=workers,
+            data_root=root,
+            progress=progress,
+        )
+        run_dump(config)
+    except (ValueError, StoreError, FileNotFoundError) as error:
+        # Bad input of any kind (data set, image, model spec, checkpoint, classes, store): the
+        # message names the file or option; a traceback would only bury it.
+        message = Text("error: ", style="bold red")
+        message.append(str(error))
+        Console(stderr=True).print(message)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("dump")(dump)

@@ -1,0 +1,359 @@
+"""``fastkd dump``: every pool member's outputs on every stored view, once, into the store.
+
+The work is cut into the store's blocks (a run of samples, all their views, all models). A block
+is fed to the models as a fixed sequence of batches (``data.plan_batches`` never lets a batch
+straddle a block) and written whole, then marked done, by ``StoreWriter.write_block``. So a dump
+killed at any point resumes with the blocks that carry no marker, feeds them the very batches an
+uninterrupted run would have, and the finished store is bit for bit the same. Ranks (``--shard
+i/n``, or torchrun's RANK/WORLD_SIZE) take disjoint blocks of one store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from fastkd.data import Backend, BadImageError, ImageDataset, OnBadImage, open_dataset, view_loader
+from fastkd.models import LoadedModel, load_model, parse_pool
+from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_shard, resolve_topk
+from fastkd.views import AugmentConfig, view_params
+
+log = logging.getLogger(__name__)
+
+
+class DumpError(ValueError):
+    """A dump that cannot run as configured (the message names the argument or file)."""
+
+
+@dataclass
+class DumpConfig:
+    """Everything a dump needs; the CLI only fills this in."""
+
+    data: Path  # image folder, or a file list ("relative/path label" per line)
+    models: Sequence[str]  # "[alias:]NAME[=CKPT]" per pool member
+    out: Path  # the store
+    views: int = 8  # stored views per sample; view 0 is the eval view
+    topk: int = 10  # stored top-k logits per view (dense when that is about as small)
+    seed: int = 0  # view replay seed
+    batch_size: int = 256  # (sample, view) items per forward
+    backend: Backend = "auto"  # "dali", "torch", or DALI when installed
+    device: str | None = None  # default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu
+    shard: str | None = None  # "i/n"; default torchrun's RANK/WORLD_SIZE, else 0/1
+    overwrite: bool = False  # replace a store made with another configuration
+    on_bad_image: OnBadImage = "fail"  # or "skip": flag the sample in the store and carry on
+    samples_per_shard: int | None = None  # samples per block (the unit of writing and resume)
+    num_workers: int | None = None  # loader workers (DALI threads or DataLoader processes)
+    data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    amp: bool = True  # bf16 autocast on a GPU (CPU always runs fp32)
+    progress: bool = True  # rich progress bar (on a terminal; a log line per block otherwise)
+
+    def __post_init__(self) -> None:
+        self.data, self.out = Path(self.data), Path(self.out)
+        for name in ("views", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DumpError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.topk < 0:
+            raise DumpError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
+        if self.on_bad_image not in ("fail", "skip"):
+            raise DumpError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
+
+
+def default_device() -> torch.device:
+    """The GPU of this rank (torchrun's LOCAL_RANK) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path) -> None:
+    """Every model must predict exactly the data set's classes."""
+    for member in pool:
+        if member.num_classes != dataset.num_classes:
+            raise DumpError(
+                f"model {member.spec.name!r} ({member.spec.arch}) predicts {member.num_classes} "
+                f"classes, but the data set {data} has {dataset.num_classes} "
+                f"({', '.join(dataset.classes[:5])}{', ...' if dataset.num_classes > 5 else ''}); "
+                "a pool member must be trained on the data set's label set"
+            )
+
+
+def build_manifest(cfg: DumpConfig, dataset: ImageDataset, pool: Sequence[LoadedModel]) -> Manifest:
+    return Manifest(
+        models=[
+            ModelEntry(
+                name=member.spec.name,
+                arch=member.spec.arch,
+                checkpoint_sha256=member.sha256,
+                data_config=member.data_config,
+                num_classes=member.num_classes,
+                topk=resolve_topk(member.num_classes, cfg.topk),
+            )
+            for member in pool
+        ],
+        num_samples=len(dataset),
+        views=cfg.views,
+        seed=cfg.seed,
+        augment=asdict(cfg.augment),
+        fingerprint=dataset.fingerprint(),
+        classes=dataset.classes,
+        num_classes=dataset.num_classes,
+    )
+
+
+@dataclass
+class _BlockPlan:
+    """The (sample, view) items of the pending blocks, flattened in block, sample, view order."""
+
+    blocks: list[int]
+    samples: np.ndarray
+    views: np.ndarray
+    boxes: np.ndarray  # float32 [n, 4]
+    flips: np.ndarray  # bool [n]
+    breaks: list[int]  # item offsets where a block ends
+    unreadable: dict[int, list[int]]  # block -> samples whose header could not be read
+
+
+def plan_blocks(
+    writer: StoreWriter,
+    blocks: Sequence[int],
+    sizes: np.ndarray,
+    unreadable: Sequence[int],
+    cfg: DumpConfig,
+) -> _BlockPlan:
+    """All views of every readable sample of ``blocks``; their crops come from ``view_params``."""
+    bad = np.zeros(len(sizes), dtype=bool)
+    bad[list(unreadable)] = True
+    parts, breaks, skipped = [], [], {}
+    total = 0
+    for block in blocks:
+        start, stop = writer.block_range(block)
+        samples = np.arange(start, stop)
+        skipped[block] = samples[bad[start:stop]].tolist()
+        samples = samples[~bad[start:stop]]
+        boxes, flips = view_params(cfg.seed, samples, cfg.views, sizes[samples], cfg.augment)
+        parts.append((samples, boxes, flips))
+        total += samples.size * cfg.views
+        breaks.append(total)
+    views = np.arange(cfg.views, dtype=np.int64)
+    return _BlockPlan(
+        blocks=list(blocks),
+        samples=np.concatenate([np.repeat(samples, cfg.views) for samples, _, _ in parts]),
+        views=np.concatenate([np.tile(views, samples.size) for samples, _, _ in parts]),
+        boxes=np.concatenate([boxes.reshape(-1, 4) for _, boxes, _ in parts]),
+        flips=np.concatenate([flips.reshape(-1) for _, _, flips in parts]),
+        breaks=breaks,
+        unreadable=skipped,
+    )
+
+
+class _RateColumn(ProgressColumn):
+    """Images (decoded views, each fed to every model) per second."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int, description: str) -> Iterator[Progress | None]:
+    console = Console(stderr=True)
+    if not (enabled and console.is_terminal):
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        progress.add_task(description, total=total)
+        yield progress
+
+
+class _BlockBuffer:
+    """One block's full logits per model, filled batch by batch, then written and marked done."""
+
+    def __init__(
+        self,
+        writer: StoreWriter,
+        block: int,
+        pool: Sequence[LoadedModel],
+        views: int,
+        device: torch.device,
+    ):
+        self.block = block
+        self.start, self.stop = writer.block_range(block)
+        self.logits = {
+            member.spec.name: torch.zeros(
+                self.stop - self.start, views, member.num_classes, device=device
+            )
+            for member in pool
+        }
+        self.skipped: set[int] = set()
+
+    def write(self, writer: StoreWriter) -> None:
+        offsets = sorted(s - self.start for s in self.skipped)
+        writer.write_block(self.block, self.logits, skipped=offsets)
+
+
+def run_dump(cfg: DumpConfig) -> Path:
+    """Dump the pool's outputs on every (sample, view) of the data set into ``cfg.out``.
+
+    Resumes an existing store with the same configuration; refuses one with another (unless
+    ``overwrite``); checks everything it can (data set, models, classes) before touching it.
+    """
+    shard = resolve_shard(cfg.shard)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    dataset = open_dataset(cfg.data, root=cfg.data_root)
+    sizes, unreadable = dataset.read_sizes()
+    if unreadable and cfg.on_bad_image == "fail":
+        sample, reason = next(iter(unreadable.items()))
+        raise BadImageError(dataset.path(sample), sample, reason)
+    pool = [load_model(spec) for spec in parse_pool(cfg.models)]
+    check_classes(dataset, pool, cfg.data)
+    manifest = build_manifest(cfg, dataset, pool)
+
+    with StoreWriter.create_or_resume(
+        cfg.out,
+        manifest,
+        dataset.keys,
+        dataset.labels,
+        sizes,
+        overwrite=cfg.overwrite,
+        samples_per_shard=cfg.samples_per_shard,
+        shard=shard,
+    ) as writer:
+        pending = writer.pending_blocks()
+        done = len(range(shard[0], writer.num_blocks, shard[1])) - len(pending)
+        log.info(
+            "dump %s -> %s: %d samples x %d views, %d models, shard %d/%d: %d blocks to write, "
+            "%d already done",
+            cfg.data,
+            cfg.out,
+            len(dataset),
+            cfg.views,
+            len(pool),
+            *shard,
+            len(pending),
+            done,
+        )
+        if pending:
+            plan = plan_blocks(writer, pending, sizes, list(unreadable), cfg)
+            for samples in plan.unreadable.values():
+                for sample in samples:
+                    log.warning(
+                        "skipping unreadable image %s: %s", dataset.path(sample), unreadable[sample]
+                    )
+            _infer_blocks(cfg, writer, dataset, pool, plan, device, unreadable)
+    log.info("dump finished: %s", cfg.out)
+    return cfg.out
+
+
+def _infer_blocks(
+    cfg: DumpConfig,
+    writer: StoreWriter,
+    dataset: ImageDataset,
+    pool: Sequence[LoadedModel],
+    plan: _BlockPlan,
+    device: torch.device,
+    unreadable: dict[int, str],
+) -> None:
+    """Run the loader over the plan, the models over each batch, and write blocks as they fill."""
+    for member in pool:
+        member.model.to(device)
+        if device.type == "cuda":
+            member.model.to(memory_format=torch.channels_last)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.amp and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    batches = view_loader(
+        dataset,
+        plan.samples,
+        plan.views,
+        plan.boxes,
+        plan.flips,
+        [member.data_config for member in pool],
+        batch_size=cfg.batch_size,
+        breaks=plan.breaks,
+        backend=cfg.backend,
+        num_workers=cfg.num_workers,
+        device=device,
+        on_bad_image=cfg.on_bad_image,
+    )
+    samples_per_block = writer.layout.samples_per_shard
+    queue = list(plan.blocks)  # pending blocks, in the order the loader covers them
+    buffer: _BlockBuffer | None = None
+    started = time.perf_counter()
+    written_views = 0
+
+    def flush_until(block: int | None) -> None:
+        """Write the buffered block and every (empty) block queued before ``block``."""
+        nonlocal buffer, written_views
+        while queue and (block is None or queue[0] != block):
+            current = queue.pop(0)
+            if buffer is None or buffer.block != current:
+                buffer = _BlockBuffer(writer, current, pool, cfg.views, device)
+            buffer.skipped.update(plan.unreadable[current])
+            buffer.write(writer)
+            written_views += (buffer.stop - buffer.start) * cfg.views
+            rate = written_views / max(time.perf_counter() - started, 1e-9)
+            log.info(
+                "block %d written (samples %d-%d), %.0f img/s",
+                current,
+                buffer.start,
+                buffer.stop - 1,
+                rate,
+            )
+            buffer = None
+
+    description = "dump shard {}/{}".format(*writer.shard)
+    with (
+        _progress(cfg.progress, len(plan.samples), description) as bar,
+        torch.inference_mode(),
+        autocast,
+    ):
+        for batch in batches:
+            batch_samples = batch.samples.tolist() or list(batch.skipped)
+            block = batch_samples[0] // samples_per_block
+            flush_until(block)
+            if buffer is None:
+                buffer = _BlockBuffer(writer, block, pool, cfg.views, device)
+            buffer.skipped.update(batch.skipped)
+            if len(batch.samples):
+                rows = (batch.samples - buffer.start).to(device)
+                cols = batch.views.to(device)
+                for member, images in zip(pool, batch.images, strict=True):
+                    if device.type == "cuda":
+                        images = images.contiguous(memory_format=torch.channels_last)
+                    buffer.logits[member.spec.name][rows, cols] = member.model(images).float()
+            if bar is not None:
+                bar.advance(bar.task_ids[0], len(batch.samples))
+        flush_until(None)
