@@ -1,9 +1,258 @@
-"""`fastkd train` commands."""
+"""`fastkd train` and `fastkd eval`: parse the options, call ``fastkd.training`` / ``fastkd.metrics``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fastkd.data import DatasetError, open_dataset
+from fastkd.metrics import predict_checkpoints, transfer_from_checkpoints, write_json
+from fastkd.models import CheckpointError, parse_pool
+from fastkd.partition import PartitionMode
+from fastkd.store import StoreError
+from fastkd.training import (
+    DEFAULT_LR,
+    NonFiniteError,
+    Teachers,
+    TrainConfig,
+    TrainResult,
+    train,
+    train_all,
+)
+
+# Bad input the library names precisely: shown as one clear message, not a traceback.
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    StoreError,
+    CheckpointError,
+    DatasetError,
+    NonFiniteError,
+)
+
+_MODEL_HELP = (
+    "A pool member with its weights, \\[alias:]ARCH=CKPT (repeat). The name (alias, else the "
+    "checkpoint's stem) is its key in the store, whose sha256 it must match. Needed by --all, "
+    "--teachers live and --joint; with offline teachers they add the pool to the final report."
+)
+
+
+def train_command(
+    data: Annotated[Path, typer.Option(help="Training images: an image folder or a file list.")],
+    store: Annotated[
+        Path | None, typer.Option(help="Stored targets from `fastkd dump` (offline teachers).")
+    ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="The model to train, \\[alias:]ARCH[=CKPT]. Without CKPT: timm's pretrained "
+            "weights, or a random init with --from-scratch."
+        ),
+    ] = None,
+    train_every_member: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help="Train every pool member in turn, each taught by the others (role-agnostic).",
+        ),
+    ] = False,
+    mode: Annotated[
+        PartitionMode,
+        typer.Option(
+            help="Who teaches each sample. live: the most confident teacher, where it beats the "
+            "current student (Bi-KD); fixed: the best of the teachers and the student's stored "
+            "initial self (KL+DP); all: the most confident teacher everywhere (plain KD)."
+        ),
+    ] = PartitionMode.LIVE,
+    teachers: Annotated[
+        Teachers,
+        typer.Option(
+            help="offline: the store's targets, no teacher runs; live: the pool runs forward "
+            "every step (the baseline); none: cross-entropy only (the control)."
+        ),
+    ] = Teachers.OFFLINE,
+    joint: Annotated[
+        bool,
+        typer.Option(help="Bi-KD: train all --model members at once with the bidirectional loss."),
+    ] = False,
+    model: Annotated[list[str] | None, typer.Option(help=_MODEL_HELP)] = None,
+    member: Annotated[
+        list[str] | None,
+        typer.Option(help="Only these pool members teach (repeat; default: the whole pool)."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch, split over ranks.")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Learning rate; default {DEFAULT_LR['adam']:g} for adam (Bi-KD), "
+            f"{DEFAULT_LR['sgd']:g} for sgd (KL+DP): for pretrained models. From scratch: ~1e-3."
+        ),
+    ] = None,
+    weight_decay: float = 1e-5,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    lr_schedule: Annotated[str, typer.Option(help="constant or cosine (per step).")] = "constant",
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    stop_grad: Annotated[
+        bool, typer.Option(help="--joint: no KD gradient into the teaching model.")
+    ] = True,
+    seed: int = 0,
+    views: Annotated[
+        int, typer.Option(min=1, help="Without a store: views per sample (view 0 = eval view).")
+    ] = 1,
+    from_scratch: Annotated[
+        bool, typer.Option(help="A student without CKPT starts from a random init.")
+    ] = False,
+    input_size: Annotated[
+        int | None, typer.Option(help="Override the student's input size (pixels, square).")
+    ] = None,
+    val_data: Annotated[
+        Path | None,
+        typer.Option(help="Held-out split of the training data: model selection (never test)."),
+    ] = None,
+    eval_data: Annotated[
+        Path | None, typer.Option(help="Data of the final transfer report (default: --val-data).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, report.")] = Path(
+        "runs/train"
+    ),
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
+    backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Image loader workers.")] = None,
+) -> None:
+    """Train a pool member from the stored targets of the others. Each step rebuilds the images of the epoch's (sample, view) rows from the stored crops and
+    flips and reads the stored targets of exactly those rows; the partitioned KD loss runs in one
+    fused kernel. Checkpoints every epoch; --resume continues bit-exactly. Multi-GPU / multi-node:
+    launch with torchrun (one process per GPU).
+    """
+    console = Console()
+    try:
+        if train_every_member and (student is not None or joint):
+            raise ValueError("--all trains every pool member in turn: leave out --student/--joint")
+        cfg = TrainConfig(
+            data=data,
+            student=student,
+            store=store,
+            models=tuple(model or ()),
+            members=tuple(member or ()),
+            teachers=teachers,
+            mode=mode,
+            joint=joint,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr_schedule=lr_schedule,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            stop_grad=stop_grad,
+            seed=seed,
+            views=views,
+            pretrained=not from_scratch,
+            input_size=input_size,
+            val_data=val_data,
+            eval_data=eval_data,
+            out_dir=out,
+            resume=resume,
+            device=device,
+            amp=amp,
+            backend=backend,
+            num_workers=workers,
+        )
+        if train_every_member:
+            pool = train_all(cfg)
+            runs, report = pool.runs, pool.report
+        else:
+            run = train(cfg)
+            runs, report = {name: run for name in run.checkpoints}, run.report
+    except _USER_ERRORS as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    _print_runs(console, runs)
+    if report is not None:
+        console.print(report.table())
+        console.print(f"report: {out / 'report.json'}, {out / 'report.png'}")
+
+
+def _print_runs(console: Console, runs: dict[str, TrainResult]) -> None:
+    for name, run in runs.items():
+        console.print(f"[bold]{name}[/bold]: selected weights {run.checkpoints[name]}")
+
+
+def eval_command(
+    data: Annotated[Path, typer.Option(help="Evaluation images (e.g. the test split).")],
+    model: Annotated[
+        list[str],
+        typer.Option(help="A model to evaluate, \\[alias:]ARCH=CKPT (repeat): the trained ones."),
+    ],
+    before: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="The pool before training, \\[alias:]ARCH=CKPT (repeat), matched to --model by "
+            "name: adds the transfer delta, knowledge gain/loss, flips and transfer rates."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write OUT.json and OUT.png (the plot) here.")
+    ] = None,
+    batch_size: int = 256,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
+) -> None:
+    """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
+    loss, positive flips against each other member, transfer rate, the pool's success rate."""
+    console = Console()
+    try:
+        after = parse_pool(model)
+        if before:
+            report = transfer_from_checkpoints(
+                data,
+                parse_pool(before),
+                after,
+                batch_size=batch_size,
+                device=device,
+                backend=backend,
+            )
+            console.print(report.table())
+            if out is not None:
+                paths = report.save(out)
+                console.print(f"report: {paths[0]}, {paths[1]}")
+            return
+        dataset = open_dataset(data)
+        predictions = predict_checkpoints(
+            dataset, after, batch_size=batch_size, device=device, backend=backend
+        )
+    except _USER_ERRORS as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(1) from None
+    top1 = {name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()}
+    table = Table(title=f"Top-1 on {len(dataset)} samples of {data}")
+    table.add_column("model")
+    table.add_column("checkpoint")
+    table.add_column("top-1 (%)", justify="right")
+    for spec in after:
+        table.add_row(spec.name, str(spec.checkpoint or spec.arch), f"{top1[spec.name]:.2f}")
+    console.print(table)
+    if out is not None:
+        write_json(out.with_suffix(".json"), {"num_samples": len(dataset), "top1": top1})
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)

@@ -18,16 +18,22 @@ correctness, so they are exact and need no model to test:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+from fastkd.data import ImageDataset, open_dataset, view_loader
+from fastkd.models import ModelSpec, load_model
+from fastkd.views import AugmentConfig, view_params
 
 
 def _percent(mask: np.ndarray) -> float:
@@ -73,20 +79,15 @@ class TransferReport:
             num_samples=values["num_samples"],
         )
 
+    def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``<stem>.json`` and ``<stem>.png``; returns both paths."""
+        stem = Path(stem)
+        return self.save_json(stem.with_suffix(".json")), self.plot(stem.with_suffix(".png"))
+
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write the report as JSON (NaN, where a rate is undefined, is written as null)."""
         path = Path(path)
-
-        def clean(value):
-            if isinstance(value, float) and math.isnan(value):
-                return None
-            if isinstance(value, dict):
-                return {k: clean(v) for k, v in value.items()}
-            if isinstance(value, list):
-                return [clean(v) for v in value]
-            return value
-
-        _atomic_write(path, json.dumps(clean(self.to_dict()), indent=2).encode())
+        write_json(path, self.to_dict())
         return path
 
     def table(self):
@@ -208,11 +209,26 @@ def _format_rate(rate: float) -> str:
     return "n/a" if math.isnan(rate) else f"{rate:.0f}%"
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write JSON atomically (temp file, then ``os.replace``); NaN becomes null."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+    payload = json.dumps(_nan_to_none(value), indent=2, default=str)
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+    ) as tmp:
         tmp.write(payload)
     os.replace(tmp.name, path)
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _correct(predictions: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:
@@ -269,31 +285,36 @@ def transfer_report(
     return TransferReport(models=models, success_rate=success, num_samples=int(labels.size))
 
 
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; a no-op elsewhere (CPU runs fp32 for exact, portable results)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @torch.no_grad()
 def evaluate(
     models: Mapping[str, torch.nn.Module],
     data_configs: Mapping[str, dict],
-    dataset,
+    dataset: ImageDataset,
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    amp: bool = True,
 ) -> dict[str, np.ndarray]:
     """Top-1 predictions [n] of each model on the eval view of every sample of ``dataset``.
 
     The eval view is view 0 of ``fastkd.views`` (centre square of ``crop_pct`` x the short side,
-    no flip), resized and normalised with each model's own timm data config. Models sharing a
-    ``crop_pct`` share one decoding pass.
+    no flip), resized and normalised with each model's own timm data config: timm's eval
+    transform. Models sharing a ``crop_pct`` share one decoding pass. Models are left in eval mode.
     """
-    from fastkd.data import view_loader
-    from fastkd.views import AugmentConfig, view_params
-
     device = torch.device(device)
-    samples = np.arange(len(dataset.keys), dtype=np.int64)
-    views = np.zeros_like(samples)
+    samples = np.arange(len(dataset), dtype=np.int64)
     by_crop: dict[float, list[str]] = {}
     for name in models:
-        by_crop.setdefault(float(data_configs[name].get("crop_pct", 0.875)), []).append(name)
+        crop_pct = float(data_configs[name].get("crop_pct") or AugmentConfig.eval_crop_pct)
+        by_crop.setdefault(crop_pct, []).append(name)
     predictions: dict[str, np.ndarray] = {}
     for crop_pct, names in by_crop.items():
         boxes, flips = view_params(
@@ -302,20 +323,77 @@ def evaluate(
         out = {name: np.empty(len(samples), dtype=np.int64) for name in names}
         for name in names:
             models[name].eval()
-        for batch in view_loader(
+        batches = view_loader(
             dataset,
             samples,
-            views,
-            boxes,
-            flips,
+            np.zeros_like(samples),
+            boxes[:, 0],
+            flips[:, 0],
             [data_configs[name] for name in names],
             batch_size=batch_size,
             backend=backend,
             device=device,
-        ):
-            rows = np.asarray(batch.samples)
+        )
+        for batch in batches:
+            rows = batch.samples.numpy()
             for name, images in zip(names, batch.images, strict=True):
-                logits = models[name](images.to(device, non_blocking=True))
+                with autocast(device, amp):
+                    logits = models[name](images)
                 out[name][rows] = logits.argmax(dim=1).cpu().numpy()
         predictions.update(out)
     return predictions
+
+
+def predict_checkpoints(
+    dataset: ImageDataset,
+    specs: Sequence[ModelSpec],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> dict[str, np.ndarray]:
+    """``evaluate`` of models given as specs (``NAME=CKPT``), loaded one at a time."""
+    names = [spec.name for spec in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"model name(s) {twice} given twice; name them apart (alias:ARCH=CKPT)")
+    predictions = {}
+    for spec in specs:
+        loaded = load_model(spec)
+        if loaded.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
+                f"classes, the data set {dataset.root} has {dataset.num_classes}"
+            )
+        predictions.update(
+            evaluate(
+                {spec.name: loaded.model.to(device)},
+                {spec.name: loaded.data_config},
+                dataset,
+                batch_size=batch_size,
+                device=device,
+                backend=backend,
+            )
+        )
+        del loaded
+    return predictions
+
+
+def transfer_from_checkpoints(
+    data: str | os.PathLike,
+    before: Sequence[ModelSpec],
+    after: Sequence[ModelSpec],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> TransferReport:
+    """The transfer report of trained checkpoints (``after``) against the pool before training
+    (``before``: every member, matched to ``after`` by name), evaluated on ``data``."""
+    dataset = open_dataset(data)
+    kwargs = {"batch_size": batch_size, "device": device, "backend": backend}
+    return transfer_report(
+        dataset.labels,
+        predict_checkpoints(dataset, before, **kwargs),
+        predict_checkpoints(dataset, after, **kwargs),
+    )
