@@ -1108,6 +1108,11 @@ class StoreReader:
     def pending_blocks(self) -> list[int]:
         return np.flatnonzero(~self._done).tolist()
 
+    @property
+    def blocks_decoded(self) -> int:
+        """Shards decoded so far by the block caches (each decoded once while it stays cached)."""
+        return sum(cache.loads for cache in self._caches.values())
+
     # -- random access -------------------------------------------------------------------------
 
     def _cache(self, model: str | None) -> _BlockCache:
