@@ -65,7 +65,7 @@ from rich.text import Text
 from torch import Tensor, nn
 
 from fastkd.data import open_dataset, view_loader
-from fastkd.kernels import PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
+from fastkd.kernels import KDStats, PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
 from fastkd.metrics import (
     TransferReport,
     autocast,
@@ -680,9 +680,9 @@ class Trainer:
             logits = [t.model(batch.images[t.stream]) for t in self.teachers]
         return PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-        """The loss summed over the batch's rows, how many rows had a KD target (None without
-        KD), and the learners' logits."""
+    def loss(self, batch: Batch) -> tuple[Tensor, KDStats | None, list[Tensor]]:
+        """The loss summed over the batch's rows, the kernel's per-row statistics (None without
+        KD) and the learners' logits."""
         cfg = self.cfg
         with autocast(self.device, cfg.amp):
             logits = [learner.forward(batch.images[learner.stream]) for learner in self.learners]
@@ -707,13 +707,13 @@ class Trainer:
                 reduction="sum",
                 **weights,
             )
-        return loss, (stats.chosen != NO_TEACHER).sum(), logits
+        return loss, stats, logits
 
     def train_step(self, batch: Batch) -> tuple[float, float]:
         """One optimiser step on the global batch: its mean loss and the share of rows taught."""
         for learner in self.learners:
             learner.optimizer.zero_grad(set_to_none=True)
-        loss_sum, taught, logits = self.loss(batch)
+        loss_sum, stats, logits = self.loss(batch)
         # This rank's sum / the global batch size, times the world size DDP averages over: the
         # gradient of the global batch's mean loss, the same for one process or many.
         (loss_sum * (self.dist.world_size / batch.global_rows)).backward()
@@ -721,7 +721,9 @@ class Trainer:
         totals = torch.stack(
             [
                 loss_sum,
-                torch.zeros_like(loss_sum) if taught is None else taught.float(),
+                torch.zeros_like(loss_sum)
+                if stats is None
+                else (stats.chosen != NO_TEACHER).sum().float(),
                 (~torch.isfinite(loss_sum)).float(),
             ]
         )
@@ -735,7 +737,7 @@ class Trainer:
             if learner.scheduler is not None:
                 learner.scheduler.step()
         self.step += 1
-        share = math.nan if taught is None else taught_total / batch.global_rows
+        share = math.nan if stats is None else taught_total / batch.global_rows
         return loss_total / batch.global_rows, share
 
     def _raise_non_finite(self, batch: Batch, logits: Sequence[Tensor]) -> None:

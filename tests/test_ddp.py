@@ -1,0 +1,79 @@
+"""DistributedDataParallel: two CPU processes (torchrun, gloo) take the steps one process takes.
+
+Both runs train the same student on the same global batches of 16 stored (sample, view) rows;
+each rank gets a disjoint half of every batch (the last batch of 15 rows is split 8 + 7, so a
+per-rank mean would weigh the rows wrongly) and the loss is normalised by the global batch, so the
+gradients agree up to the order of fp32 sums in gloo's all-reduce. The student is a ViT (LayerNorm: no batch statistics that differ per rank);
+SGD keeps those rounding differences from being rescaled as Adam's first steps would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_training import make_pool
+
+from fastkd.training import TrainConfig, train
+
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # fp32 all-reduce order, 6 steps of SGD
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    return make_pool(tmp_path_factory.mktemp("ddp-pool"))
+
+
+def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
+    options = {
+        "--data": pool.train,
+        "--store": pool.store,
+        "--student": pool.specs["s"],
+        "--epochs": 2,
+        "--batch-size": 16,
+        "--optimizer": "sgd",
+        "--lr": 0.05,
+        "--device": "cpu",
+        "--backend": "torch",
+        "--workers": 0,
+        "--out": tmp_path / "ddp",
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc-per-node", "2", "-m", "fastkd.cli.main", "train"]
+    command += [str(part) for item in options.items() for part in item]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    single = train(
+        TrainConfig(
+            data=pool.train,
+            store=pool.store,
+            student=pool.specs["s"],
+            epochs=2,
+            batch_size=16,
+            optimizer="sgd",
+            lr=0.05,
+            device="cpu",
+            backend="torch",
+            num_workers=0,
+            out_dir=tmp_path / "single",
+            progress=False,
+        )
+    )
+    two = torch.load(tmp_path / "ddp" / "state.pt", weights_only=False)
+    one = torch.load(single.state, weights_only=False)
+    assert (two["epoch"], two["step"]) == (one["epoch"], one["step"]) == (2, 6)
+    assert len(two["rng"]) == 2  # each rank's random state, for resuming on two ranks
+    initial = torch.load(pool.root / "s.pt", weights_only=True)["state_dict"]
+    moved = 0
+    for key, expected in one["learners"]["s"]["model"].items():
+        torch.testing.assert_close(two["learners"]["s"]["model"][key], expected, **TOLERANCE)
+        moved += not torch.equal(expected, initial[key])
+    assert moved > 10  # the runs really trained
+    for a, b in zip(two["history"], one["history"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)

@@ -1,0 +1,388 @@
+"""Training from stored targets: the rows it reads, the loss it takes, resume, bad input.
+
+One tiny pool for the module: real digits at 32 px (47 training, 40 validation images), two random
+"pretrained" members with different preprocessing (a ViT at 32 px, a ResNet at 24 px) and an
+outside student, dumped with ``fastkd.dump.run_dump`` (2 views, dense fp16 logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from PIL import Image
+from typer.testing import CliRunner
+
+from fastkd.cli.main import app
+from fastkd.digits import write_digits_folder
+from fastkd.dump import DumpConfig, run_dump
+from fastkd.models import CheckpointError, ModelSpec, load_model, save_checkpoint
+from fastkd.partition import select_teacher, true_class_logprob
+from fastkd.store import StoreMismatchError
+from fastkd.training import (
+    NonFiniteError,
+    TrainConfig,
+    Trainer,
+    ViewsRepeatWarning,
+    train,
+    train_all,
+)
+from fastkd.views import AugmentConfig, epoch_order, epoch_views, view_boxes, view_params
+
+VIT = {
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "crop_pct": 0.9,
+}
+RESNET = {
+    "input_size": [3, 24, 24],
+    "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "crop_pct": 1.0,
+}
+
+
+def _subset(folder: Path, per_class: int, drop: int = 0) -> Path:
+    """A file list of the first images of each class, less the last ``drop``."""
+    lines = [
+        f"{c}/{png.name} {c}"
+        for c in range(10)
+        for png in sorted((folder / str(c)).glob("*.png"))[:per_class]
+    ]
+    lines = lines[: len(lines) - drop]
+    path = folder / "subset.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_pool(root: Path) -> SimpleNamespace:
+    """Digits subsets, three tiny checkpoints (members a, b; outside student s), a store of a, b."""
+    digits = write_digits_folder(root / "digits", image_size=32)
+    specs = {}
+    for seed, (name, arch, kwargs, config) in enumerate(
+        [
+            ("a", "test_vit", {"img_size": 32}, VIT),
+            ("b", "test_resnet", {}, RESNET),
+            ("s", "test_vit", {"img_size": 32}, VIT),
+        ]
+    ):
+        torch.manual_seed(seed)
+        model = timm.create_model(arch, num_classes=10, **kwargs)
+        path = save_checkpoint(
+            root / f"{name}.pt", model, arch, {"num_classes": 10, **kwargs}, config
+        )
+        specs[name] = f"{name}:{arch}={path}"
+    train_list = _subset(digits / "train", 5, drop=3)  # 47: batches of 16 end with 15 rows
+    store = run_dump(
+        DumpConfig(
+            data=train_list,
+            models=[specs["a"], specs["b"]],
+            out=root / "store.zarr",
+            views=2,
+            batch_size=50,
+            backend="torch",
+            num_workers=0,
+            progress=False,
+        )
+    )
+    return SimpleNamespace(
+        root=root,
+        specs=specs,
+        train=train_list,
+        val=_subset(digits / "val", 4),
+        store=store,
+    )
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> SimpleNamespace:
+    return make_pool(tmp_path_factory.mktemp("pool"))
+
+
+def config(pool: SimpleNamespace, tmp_path: Path, **overrides) -> TrainConfig:
+    values = {
+        "data": pool.train,
+        "student": pool.specs["s"],
+        "store": pool.store,
+        "models": (pool.specs["a"], pool.specs["b"]),
+        "epochs": 1,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "out_dir": tmp_path / "run",
+        "backend": "torch",
+        "num_workers": 0,
+        "progress": False,
+        "report": False,
+    }
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _pil_view(path: Path, box, flip: bool, data_config: dict) -> torch.Tensor:
+    """The independent image reference: PIL crop, resize, flip, then timm's normalisation."""
+    top, left, h, w = (int(v) for v in box)
+    _, height, width = data_config["input_size"]
+    resample = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+    with Image.open(path) as image:
+        crop = image.convert("RGB").crop((left, top, left + w, top + h))
+    crop = crop.resize((width, height), resample[data_config["interpolation"]])
+    if flip:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(crop, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean = torch.tensor(data_config["mean"]).view(3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(3, 1, 1)
+    return (pixels - mean) / std
+
+
+def test_offline_step_reads_the_replayed_views_and_their_stored_rows(pool, tmp_path):
+    trainer = Trainer(config(pool, tmp_path, student=pool.specs["a"], models=()))
+    plan = trainer.plan(0)
+    order = epoch_order(0, 0, 47)
+    assert np.array_equal(plan.samples, order)
+    assert np.array_equal(plan.views, epoch_views(0, 0, order, 2))
+    assert plan.rows_per_step == [16, 16, 15] == plan.global_rows
+
+    batch = next(trainer.batches(plan))
+    samples, views = order[:16], plan.views[:16]
+    assert np.array_equal(batch.samples, samples)
+
+    group = zarr.open_group(pool.store, mode="r")
+    sizes = group["sizes"][:]
+    boxes, flips = view_boxes(0, samples, 2, sizes[samples], AugmentConfig())
+    rows = np.arange(16)
+    for row in (0, 7, 15):  # images: the stored view of that sample, rebuilt independently
+        path = pool.train.parent / trainer.dataset.keys[samples[row]]
+        expected = _pil_view(path, boxes[row, views[row]], flips[row, views[row]], VIT)
+        torch.testing.assert_close(batch.images[0][row], expected, atol=1e-5, rtol=0)
+    assert np.array_equal(group["boxes"][:][samples, views], boxes[rows, views])
+
+    # Targets: exactly the store's rows of those (sample, view) pairs, member by member.
+    assert trainer.members == ["a", "b"] and trainer.self_index == 0
+    for column, name in enumerate(trainer.members):
+        stored = group[f"models/{name}"]
+        logits = np.stack([stored["logits"][s, v] for s, v in zip(samples, views, strict=True)])
+        assert np.array_equal(batch.targets.logits[:, column].numpy(), logits)
+        assert np.array_equal(
+            batch.targets.lse[:, column].numpy(), stored["lse"][:][samples, views]
+        )
+    assert torch.equal(batch.labels, torch.as_tensor(group["labels"][:][samples]))
+
+
+@pytest.mark.parametrize(
+    ("mode", "student", "self_index"), [("live", "s", None), ("all", "a", 0), ("fixed", "b", 1)]
+)
+def test_each_partition_mode_chooses_as_the_partition_rule(
+    pool, tmp_path, mode, student, self_index
+):
+    trainer = Trainer(config(pool, tmp_path, student=pool.specs[student], models=(), mode=mode))
+    assert trainer.self_index == self_index
+    batch = next(trainer.batches(trainer.plan(0)))
+    _, stats, (logits,) = trainer.loss(batch)
+    expected = select_teacher(
+        batch.targets.logprob(),
+        mode,
+        student_logprob=true_class_logprob(logits.detach(), batch.labels),
+        self_index=self_index,
+    )
+    assert torch.equal(stats.chosen, expected)
+    if mode == "fixed":  # the student's own stored outputs are a target somewhere
+        assert set(expected.tolist()) <= {0, 1}
+
+
+def test_loss_decreases_over_a_few_steps(pool, tmp_path):
+    trainer = Trainer(config(pool, tmp_path))
+    batch = next(trainer.batches(trainer.plan(0)))
+    losses = [trainer.train_step(batch)[0] for _ in range(6)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert trainer.step == 6
+
+
+def test_resume_is_bit_exact(pool, tmp_path):
+    straight = train(config(pool, tmp_path / "straight", epochs=2))
+    first = config(pool, tmp_path / "broken", epochs=1)
+    train(first)
+    resumed = train(dataclasses.replace(first, epochs=2, resume=True))
+    a = torch.load(straight.state, weights_only=False)
+    b = torch.load(resumed.state, weights_only=False)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 6)
+    for key, tensor in a["learners"]["s"]["model"].items():
+        assert torch.equal(tensor, b["learners"]["s"]["model"][key]), key
+    moments = a["learners"]["s"]["optimizer"]["state"], b["learners"]["s"]["optimizer"]["state"]
+    for index, state in moments[0].items():
+        assert torch.equal(state["exp_avg_sq"], moments[1][index]["exp_avg_sq"])
+    assert [r.loss for r in straight.history] == [r.loss for r in resumed.history]
+
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.01"):
+        train(dataclasses.replace(first, epochs=2, resume=True, lr=1e-2))
+    with pytest.raises(FileExistsError, match="resume"):
+        train(first)
+
+
+def test_live_teachers_match_the_stored_targets(pool, tmp_path):
+    offline = Trainer(config(pool, tmp_path))
+    live = Trainer(config(pool, tmp_path, teachers="live"))
+    assert live.members == offline.members == ["a", "b"]
+    assert len(live._data_configs) == 2  # the ResNet reads its own 24 px stream of the same view
+    batch = next(offline.batches(offline.plan(0)))
+    loss_offline = offline.loss(batch)[0]
+    live_batch = next(live.batches(live.plan(0)))
+    loss_live = live.loss(live_batch)[0]
+    torch.testing.assert_close(loss_live, loss_offline, rtol=2e-3, atol=0)  # fp16 storage
+    torch.testing.assert_close(
+        live.live_targets(live_batch).logits.half(), batch.targets.logits, rtol=0, atol=2e-3
+    )
+
+
+def test_joint_bidirectional_step_matches_the_formula(pool, tmp_path):
+    trainer = Trainer(config(pool, tmp_path, joint=True, student=None, store=None, views=2))
+    batch = next(trainer.batches(trainer.plan(0)))
+    loss, _, logits = trainer.loss(batch)
+    # Bi-KD (method.md) in fp64: CE of both + per row KL(p_teacher || p_learner), A teaches on
+    # p_A(y) > p_B(y), B otherwise.
+    za, zb = (z.detach().double() for z in logits)
+    y = batch.labels
+    la, lb = za.log_softmax(1), zb.log_softmax(1)
+    pa, pb = la.gather(1, y[:, None])[:, 0], lb.gather(1, y[:, None])[:, 0]
+    kl_ab = (la.exp() * (la - lb)).sum(1)
+    kl_ba = (lb.exp() * (lb - la)).sum(1)
+    expected = -(pa + pb) + torch.where(pa > pb, kl_ab, kl_ba)
+    torch.testing.assert_close(loss.double(), expected.sum(), rtol=1e-5, atol=1e-5)
+
+    before = [p.detach().clone() for p in trainer.learners[1].model.parameters()]
+    trainer.train_step(batch)
+    after = list(trainer.learners[1].model.parameters())
+    assert any(not torch.equal(x, y) for x, y in zip(before, after, strict=True))
+
+
+def test_cross_entropy_from_scratch_writes_a_loadable_checkpoint(pool, tmp_path):
+    cfg = config(
+        pool,
+        tmp_path,
+        student="tiny:test_vit",
+        store=None,
+        models=(),
+        teachers="none",
+        pretrained=False,
+        model_kwargs={"img_size": 32},
+        input_size=32,
+        views=2,
+        epochs=2,
+        val_data=pool.val,
+        report=True,
+    )
+    trainer = Trainer(cfg)
+    plan = trainer.plan(1)
+    boxes, flips = trainer.view_boxes(plan.samples, plan.views)
+    all_boxes, all_flips = view_params(
+        0, plan.samples, 2, trainer.dataset.sizes[plan.samples], cfg.augment
+    )
+    rows = np.arange(len(plan.samples))
+    assert np.array_equal(boxes, all_boxes[rows, plan.views])
+    assert np.array_equal(flips, all_flips[rows, plan.views])
+
+    result = trainer.fit()
+    assert [r.epoch for r in result.history] == [1, 2]
+    assert all(np.isnan(r.taught) for r in result.history)
+    best = max(result.history, key=lambda r: r.val_top1["tiny"])
+    loaded = load_model(ModelSpec("test_vit", result.checkpoints["tiny"], "tiny"))
+    assert loaded.data_config["input_size"] == [3, 32, 32]
+    payload = torch.load(result.checkpoints["tiny"], weights_only=True)
+    assert payload["extra"]["epoch"] == best.epoch  # selected on val, never on test
+    # The report's "before" is the saved random init; the numbers are the JSON's.
+    assert (cfg.out_dir / "tiny.init.pt").is_file()
+    report = json.loads((cfg.out_dir / "report.json").read_text())
+    assert report["models"][0]["top1_after"] == pytest.approx(best.val_top1["tiny"])
+    assert (cfg.out_dir / "report.png").stat().st_size > 10_000
+
+
+def test_train_all_makes_every_member_a_student(pool, tmp_path):
+    cfg = config(pool, tmp_path, student=None, mode="fixed", val_data=pool.val, report=True)
+    result = train_all(cfg)
+    assert sorted(result.runs) == ["a", "b"]
+    names = [m.name for m in result.report.models]
+    assert names == ["a", "b"]
+    assert set(result.report.models[0].positive_flips) == {"b"}
+    assert (cfg.out_dir / "a" / "a.pt").is_file() and (cfg.out_dir / "report.png").is_file()
+
+
+def test_mismatched_stores_and_models_are_refused(pool, tmp_path):
+    other_data = pool.root / "digits" / "val" / "subset.txt"
+    with pytest.raises(StoreMismatchError, match="fingerprint"):
+        Trainer(config(pool, tmp_path, data=other_data))
+    with pytest.raises(ValueError, match="'fixed' needs the student's initial outputs"):
+        Trainer(config(pool, tmp_path, mode="fixed"))
+    with pytest.raises(CheckpointError, match="holds a 'test_vit' model, not 'test_resnet'"):
+        Trainer(config(pool, tmp_path, student=f"s:test_resnet={pool.root / 's.pt'}"))
+    # A pool checkpoint other than the one the store was made from.
+    with pytest.raises(StoreMismatchError, match=r"models\[a\].checkpoint_sha256"):
+        Trainer(config(pool, tmp_path, models=(f"a:test_vit={pool.root / 's.pt'}",)))
+    # The student calls itself a pool member but has other weights.
+    with pytest.raises(StoreMismatchError, match="another model than the student"):
+        Trainer(config(pool, tmp_path, student=f"a:test_vit={pool.root / 's.pt'}", models=()))
+    with pytest.warns(ViewsRepeatWarning, match="3 epochs over 2 view"):
+        Trainer(config(pool, tmp_path, epochs=3))
+
+
+class _NaNRow(torch.nn.Module):
+    """The wrapped model's logits with one row set to NaN."""
+
+    def __init__(self, model: torch.nn.Module, row: int) -> None:
+        super().__init__()
+        self.model, self.row = model, row
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images).index_fill(0, torch.tensor([self.row]), float("nan"))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN inside the kernel
+def test_non_finite_logits_stop_with_the_step_and_samples_named(pool, tmp_path):
+    cfg = config(pool, tmp_path)
+    train(cfg)
+    state = (cfg.out_dir / "state.pt").read_bytes()
+    trainer = Trainer(dataclasses.replace(cfg, epochs=2, resume=True))
+    trainer.learners[0].forward = _NaNRow(trainer.learners[0].model, row=3)
+    culprit = trainer.dataset.keys[trainer.plan(1).samples[3]]
+    with pytest.raises(NonFiniteError) as error:
+        trainer.fit()
+    message = str(error.value)
+    assert f"step 4 (epoch 2): NaN/inf logits of 's' on samples ['{culprit}']" in message
+    assert "state.pt is kept" in message
+    assert (cfg.out_dir / "state.pt").read_bytes() == state  # the last checkpoint is untouched
+
+
+def test_cli_train_and_eval(pool, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
+    args += ["--student", pool.specs["s"], "--mode", "fixed", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "'fixed' needs the student's initial outputs" in result.output
+
+    ok = [*args[:-4], "--epochs", "1", "--batch-size", "25", "--lr", "1e-3", "--out", str(out)]
+    ok += ["--backend", "torch", "--workers", "0", "--val-data", str(pool.val)]
+    result = runner.invoke(app, ok)
+    assert result.exit_code == 0, result.output
+    trained = out / "s.pt"
+    result = runner.invoke(
+        app,
+        [
+            *("eval", "--data", str(pool.val), "--model", f"s:test_vit={trained}"),
+            *("--before", pool.specs["s"], "--before", pool.specs["a"]),
+            *("--backend", "torch", "--out", str(tmp_path / "eval")),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["s"]
+    assert set(report["models"][0]["positive_flips"]) == {"a"}
