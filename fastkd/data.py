@@ -467,6 +467,11 @@ class _BatchSource(torch.utils.data.Dataset):
         return np.asarray(kept, dtype=np.int64), images, failed
 
 
+def _as_loaded(batch: Any) -> Any:
+    """The DataLoader's collate: keep a loaded batch as it is (numpy positions stay numpy)."""
+    return batch
+
+
 def _torch_batches(
     items: _Items,
     preps: list[Preprocess],
@@ -478,6 +483,7 @@ def _torch_batches(
     loader = torch.utils.data.DataLoader(
         _BatchSource(items, preps, batches),
         batch_size=None,
+        collate_fn=_as_loaded,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",

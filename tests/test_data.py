@@ -1,0 +1,306 @@
+"""Data sets (image folder, file list, fingerprint, header sizes) and the two view loaders, checked
+against torchvision (ImageFolder order; resized_crop + flip + normalise) and against each other."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from reference_views import reference_inputs
+
+from fastkd.data import (
+    BadImageError,
+    DatasetError,
+    ImageDataset,
+    open_dataset,
+    plan_batches,
+    view_loader,
+)
+from fastkd.models import ModelSpec, load_model
+from fastkd.views import AugmentConfig, pixel_box, view_params
+
+if TYPE_CHECKING:
+    from digits_pool import PoolMember
+
+pytest_plugins = ("digits_pool",)
+
+VIEWS = 3
+# DALI's resampling differs from PIL's at the image border (PIL renormalises the clipped filter,
+# DALI clamps), by up to ~15 grey levels on the outermost row/column after a strong downscale;
+# inside, to a few levels (4 measured: bicubic upscaling of sharp digit strokes), and on average
+# to a fraction of one (0.13-0.25 measured).
+INTERIOR_MAX_GREY = 4.0
+MEAN_GREY = 0.5
+# Model outputs on the two backends' images (trained digit models, logits of magnitude ~5-15).
+LOGIT_ATOL = 0.5
+TOP1_AGREEMENT = 0.95
+
+
+def _items(dataset: ImageDataset, views: int = VIEWS, seed: int = 0) -> dict[str, np.ndarray]:
+    """All views of every sample, sample-major, with their replayed crops and flips."""
+    samples = np.arange(len(dataset))
+    boxes, flips = view_params(seed, samples, views, dataset.sizes, AugmentConfig())
+    return {
+        "samples": np.repeat(samples, views),
+        "views": np.tile(np.arange(views), len(dataset)),
+        "boxes": boxes.reshape(-1, 4),
+        "flips": flips.reshape(-1),
+    }
+
+
+def _load(dataset: ImageDataset, items: dict, configs: list[dict], **kwargs) -> list:
+    return list(
+        view_loader(
+            dataset,
+            items["samples"],
+            items["views"],
+            items["boxes"],
+            items["flips"],
+            configs,
+            **{"batch_size": 16, "num_workers": 0, **kwargs},
+        )
+    )
+
+
+def _stack(batches: list, config: int) -> torch.Tensor:
+    return torch.cat([b.images[config] for b in batches])
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Smooth random images of several sizes and aspect ratios, PNG and JPEG, in two classes."""
+    root = tmp_path_factory.mktemp("varied")
+    rng = np.random.default_rng(0)
+    for index, (height, width) in enumerate([(37, 53), (64, 48), (120, 90), (33, 33), (90, 160)]):
+        folder = root / f"class{index % 2}"
+        folder.mkdir(exist_ok=True)
+        coarse = (rng.random((height // 4 + 2, width // 4 + 2, 3)) * 255).astype(np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        image.save(folder / f"img{index}.{'jpg' if index % 2 else 'png'}", quality=90)
+    return root
+
+
+# -- data sets ---------------------------------------------------------------------------------
+
+
+def test_image_folder_matches_torchvision(digits_small: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    (root / "3" / "nested").mkdir()
+    shutil.copy(next((root / "3").glob("*.png")), root / "3" / "nested" / "a.png")
+    (root / "3" / "notes.txt").write_text("not an image")
+    dataset = open_dataset(root)
+    reference = torchvision.datasets.ImageFolder(root)
+    assert dataset.classes == reference.classes
+    assert [str(root / key) for key in dataset.keys] == [path for path, _ in reference.samples]
+    assert dataset.labels.tolist() == reference.targets
+    assert "3/nested/a.png" in dataset.keys
+
+
+def test_file_list(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    (images / "a b").mkdir(parents=True)
+    for name, size in [("a b/x 1.png", (20, 10)), ("y.png", (8, 30))]:
+        Image.new("RGB", size).save(images / name)
+    listing = tmp_path / "lists" / "train.txt"
+    listing.parent.mkdir()
+    listing.write_text("# path label\n\na b/x 1.png 2\n  y.png\t0\n")
+    dataset = open_dataset(listing, root=images)
+    assert dataset.keys == ["a b/x 1.png", "y.png"]
+    assert dataset.labels.tolist() == [2, 0]
+    assert dataset.classes == ["0", "1", "2"]
+    assert dataset.sizes.tolist() == [[10, 20], [30, 8]]  # (height, width)
+    # Relative to the list's own folder by default.
+    (tmp_path / "here.txt").write_text("images/y.png 1\n")
+    assert open_dataset(tmp_path / "here.txt").keys == ["images/y.png"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("y.png cat\n", r"list.txt:1: label 'cat' is not a class index"),
+        ("y.png 0\nmissing.png 1\n", r"list.txt:2: image .*missing.png does not exist"),
+        (
+            "y.png 0\n# again\ny.png 0\n",
+            r"list.txt:3: y.png is listed twice \(first at .*list.txt:1\)",
+        ),
+        ("y.png\n", r"list.txt:1: expected 'relative/path label'"),
+        ("../y.png 0\n", r"list.txt:1: path '../y.png' must be relative"),
+        ("# nothing\n", r"lists no images"),
+    ],
+)
+def test_file_list_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "y.png")
+    (tmp_path / "list.txt").write_text(content)
+    with pytest.raises(DatasetError, match=message):
+        open_dataset(tmp_path / "list.txt")
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nope")
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DatasetError, match="no class subfolders"):
+        open_dataset(tmp_path / "flat")
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="has no images in its 1 class folders"):
+        open_dataset(tmp_path / "empty")
+
+
+def test_fingerprint_tracks_files_not_listing(digits_small: Path, tmp_path: Path) -> None:
+    root = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    folder = open_dataset(root)
+    # The same files through a shuffled file list: the same fingerprint.
+    lines = [f"{k} {y}" for k, y in zip(folder.keys, folder.labels, strict=True)]
+    np.random.default_rng(0).shuffle(lines)
+    (root / "list.txt").write_text("\n".join(lines))
+    assert open_dataset(root / "list.txt").fingerprint() == folder.fingerprint()
+
+    first = root / folder.keys[0]
+    changes = {
+        "added": lambda: shutil.copy(first, root / "0" / "new.png"),
+        "rewritten": lambda: first.write_bytes(first.read_bytes() + b"\0"),
+        "renamed": lambda: first.rename(first.with_name("renamed.png")),
+    }
+    seen = {folder.fingerprint()}
+    for name, change in changes.items():
+        change()
+        fingerprint = open_dataset(root).fingerprint()
+        assert fingerprint not in seen, name
+        seen.add(fingerprint)
+
+
+def test_sizes_come_from_headers(varied: Path, tmp_path: Path) -> None:
+    dataset = open_dataset(varied)
+    decoded = [Image.open(dataset.path(i)).convert("RGB") for i in range(len(dataset))]
+    assert dataset.sizes.tolist() == [[image.height, image.width] for image in decoded]
+
+    root = Path(shutil.copytree(varied, tmp_path / "data"))
+    (root / "class0" / "garbage.png").write_bytes(b"definitely not a png")
+    broken = open_dataset(root)
+    sizes, unreadable = broken.read_sizes()
+    bad = broken.keys.index("class0/garbage.png")
+    assert list(unreadable) == [bad] and "UnidentifiedImageError" in unreadable[bad]
+    assert sizes[bad].tolist() == [1, 1]
+    with pytest.raises(BadImageError, match=rf"garbage\.png \(sample {bad}\)"):
+        _ = broken.sizes
+
+
+# -- loaders -----------------------------------------------------------------------------------
+
+
+def test_plan_batches_never_straddle_a_break() -> None:
+    plan = [b.tolist() for b in plan_batches(10, 4, breaks=[6, 0, 10, 42])]
+    assert plan == [[0, 1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    assert [b.tolist() for b in plan_batches(5, 2)] == [[0, 1], [2, 3], [4]]
+    assert plan_batches(0, 3) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_batches(4, 0)
+
+
+def test_torch_backend_equals_torchvision(varied: Path, digit_pool: list[PoolMember]) -> None:
+    dataset = open_dataset(varied)
+    items = _items(dataset)
+    configs = [m.data_config for m in digit_pool]
+    batches = _load(dataset, items, configs, backend="torch", batch_size=4, breaks=[7])
+    assert [len(b.samples) for b in batches] == [4, 3, 4, 4]
+    assert torch.cat([b.samples for b in batches]).tolist() == items["samples"].tolist()
+    assert torch.cat([b.views for b in batches]).tolist() == items["views"].tolist()
+    assert (
+        torch.cat([b.labels for b in batches]).tolist() == dataset.labels[items["samples"]].tolist()
+    )
+    sizes = dataset.sizes
+    for index, config in enumerate(configs):
+        ours = _stack(batches, index)
+        assert ours.shape == (len(items["samples"]), *config["input_size"])
+        reference = torch.stack(
+            [
+                reference_inputs(dataset.path(s), pixel_box(box, *sizes[s]), flip, config)
+                for s, box, flip in zip(
+                    items["samples"], items["boxes"], items["flips"], strict=True
+                )
+            ]
+        )
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+
+
+def _grey_levels(a: torch.Tensor, b: torch.Tensor, config: dict) -> torch.Tensor:
+    """|a - b| of normalised images, in 0-255 grey levels."""
+    return (a - b).abs() * torch.tensor(config["std"]).view(1, 3, 1, 1) * 255
+
+
+def test_dali_matches_torch(varied: Path, digits_small: Path, digit_pool: list[PoolMember]) -> None:
+    pytest.importorskip("nvidia.dali")
+    configs = [m.data_config for m in digit_pool]
+    for root in (varied, digits_small):
+        dataset = open_dataset(root)
+        items = _items(dataset)
+        dali = _load(dataset, items, configs, backend="dali", num_workers=2)
+        torch_ = _load(dataset, items, configs, backend="torch")
+        assert [b.samples.tolist() for b in dali] == [b.samples.tolist() for b in torch_]
+        assert [b.views.tolist() for b in dali] == [b.views.tolist() for b in torch_]
+        for index, config in enumerate(configs):
+            grey = _grey_levels(_stack(dali, index), _stack(torch_, index), config)
+            assert grey.mean() < MEAN_GREY, root
+            assert grey[..., 1:-1, 1:-1].max() <= INTERIOR_MAX_GREY + 1e-3, root
+
+    # What matters downstream: the models' outputs on the digits views.
+    for index, member in enumerate(digit_pool):
+        model = load_model(ModelSpec.parse(member.spec)).model
+        with torch.inference_mode():
+            a, b = model(_stack(dali, index)), model(_stack(torch_, index))
+        torch.testing.assert_close(a, b, atol=LOGIT_ATOL, rtol=0)
+        assert (a.argmax(1) == b.argmax(1)).float().mean() >= TOP1_AGREEMENT
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_images_do_not_depend_on_batching(varied: Path, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    dataset = open_dataset(varied)
+    items = _items(dataset)
+    config = [
+        {"input_size": [3, 24, 24], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    ]
+    whole = _stack(_load(dataset, items, config, backend=backend, batch_size=64), 0)
+    pieces = _stack(_load(dataset, items, config, backend=backend, batch_size=3, breaks=[5]), 0)
+    assert torch.equal(whole, pieces)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_bad_image_fails_or_is_skipped(digits_small: Path, tmp_path: Path, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    config = [
+        {
+            "input_size": [3, 16, 16],
+            "interpolation": "bilinear",
+            "mean": [0.5] * 3,
+            "std": [0.5] * 3,
+        }
+    ]
+    clean = open_dataset(digits_small)
+    items = _items(clean)
+    expected = _load(clean, items, config, backend=backend)
+
+    root = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    broken = open_dataset(root)
+    bad = 13
+    path = broken.path(bad)
+    path.write_bytes(path.read_bytes()[:80])  # header intact, pixels cut off
+    with pytest.raises(BadImageError, match=rf"{path.name} \(sample {bad}\)"):
+        _load(broken, items, config, backend=backend)
+
+    batches = _load(broken, items, config, backend=backend, on_bad_image="skip")
+    skipped = {s: why for b in batches for s, why in b.skipped.items()}
+    assert list(skipped) == [bad] and "truncated" in skipped[bad]
+    got = torch.cat([b.samples for b in batches])
+    keep = items["samples"] != bad
+    assert got.tolist() == items["samples"][keep].tolist()
+    assert torch.equal(_stack(batches, 0), _stack(expected, 0)[torch.from_numpy(keep)])
