@@ -155,7 +155,7 @@ def dump(
         # message names the file or option; a traceback would only bury it.
         message = Text("error: ", style="bold red")
         message.append(str(error))
-        Console(stderr=True).print(message)
+        Console(stderr=True, soft_wrap=True).print(message)
         raise typer.Exit(2) from None
 
 
