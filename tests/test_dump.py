@@ -1,0 +1,321 @@
+"""``fastkd dump`` end to end on the digits with real timm models: the store read back by plain
+zarr against direct torch inference, DALI against torch, kill-and-resume and shards bit for bit,
+and bad input refused without losing what was written."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import timm
+import torch
+import zarr
+from reference_views import reference_inputs
+from typer.testing import CliRunner
+
+from fastkd.cli.main import app
+from fastkd.models import save_checkpoint
+
+if TYPE_CHECKING:
+    from digits_pool import PoolMember
+
+pytest_plugins = ("digits_pool",)
+
+SAMPLES_PER_SHARD = 8  # 60 digits -> 8 blocks, the last one short
+LOGIT_ATOL = 0.5  # DALI vs torch images (tolerance stated and measured in test_data.py)
+TOP1_AGREEMENT = 0.95
+
+
+def dump_args(data: Path, pool: list[PoolMember], out: Path, *extra: str) -> list[str]:
+    models = [arg for member in pool for arg in ("--model", member.spec)]
+    return [
+        "dump",
+        "--data", str(data),
+        *models,
+        "--out", str(out),
+        "--views", "2",
+        "--seed", "3",
+        "--batch-size", "8",
+        "--samples-per-shard", str(SAMPLES_PER_SHARD),
+        "--workers", "1",
+        *extra,
+    ]  # fmt: skip
+
+
+def run_cli(args: list[str], expect_code: int = 0) -> str:
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # no line wrapping
+    assert result.exit_code == expect_code, result.output + repr(result.exception)
+    return result.output
+
+
+def plain_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a store, read by zarr alone."""
+    group = zarr.open_group(path, mode="r")
+    with warnings.catch_warnings():  # zarr notes that .fastkd/ (locks, claims) is not zarr
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        members = list(group.members(max_depth=None))
+    return {name: node[:] for name, node in members if isinstance(node, zarr.Array)}
+
+
+def blocks_done(path: Path) -> np.ndarray:
+    return zarr.open_group(path, mode="r")["blocks_done"][:]
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    arrays_a, arrays_b = plain_arrays(a), plain_arrays(b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    for name, values in arrays_a.items():
+        np.testing.assert_array_equal(values, arrays_b[name], err_msg=name, strict=True)
+    group_a, group_b = zarr.open_group(a, mode="r"), zarr.open_group(b, mode="r")
+    assert group_a.attrs.asdict() == group_b.attrs.asdict()
+
+
+@pytest.fixture(scope="module")
+def torch_store(digits_small: Path, digit_pool: list[PoolMember], tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dump") / "torch.zarr"
+    run_cli(dump_args(digits_small, digit_pool, out, "--backend", "torch"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def dali_store(digits_small: Path, digit_pool: list[PoolMember], tmp_path_factory) -> Path:
+    pytest.importorskip("nvidia.dali")
+    out = tmp_path_factory.mktemp("dump") / "dali.zarr"
+    run_cli(dump_args(digits_small, digit_pool, out, "--backend", "dali"))
+    return out
+
+
+def _reference_model(member: PoolMember) -> torch.nn.Module:
+    """The checkpoint's model rebuilt with timm and torch alone."""
+    payload = torch.load(member.checkpoint, weights_only=True)
+    model = timm.create_model(member.arch, **payload["model_kwargs"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def test_store_matches_direct_torch_inference(
+    torch_store: Path, digits_small: Path, digit_pool: list[PoolMember]
+) -> None:
+    group = zarr.open_group(torch_store, mode="r")
+    manifest, status = group.attrs["fastkd"], group.attrs["fastkd_status"]
+    assert status == {"complete": True, "skipped": []}
+    assert manifest["views"] == 2 and manifest["seed"] == 3 and manifest["num_classes"] == 10
+    keys = group["keys"][:].tolist()
+    files = sorted(p.relative_to(digits_small).as_posix() for p in digits_small.rglob("*.png"))
+    assert keys == files  # class folders in order, files sorted within each
+    labels = group["labels"][:]
+    np.testing.assert_array_equal(labels, [int(Path(k).parent.name) for k in keys])
+    boxes, flips = group["boxes"][:], group["flips"][:]
+    assert flips[:, 0].sum() == 0 and 0 < flips[:, 1].sum() < len(keys)  # view 0: the eval view
+
+    for member, entry in zip(digit_pool, manifest["models"], strict=True):
+        assert entry["name"] == member.name and entry["topk"] == 0  # 10 classes: dense
+        assert (
+            entry["checkpoint_sha256"] == hashlib.sha256(member.checkpoint.read_bytes()).hexdigest()
+        )
+        assert entry["data_config"] == member.data_config
+        model = _reference_model(member)
+        inputs = torch.stack(
+            [
+                reference_inputs(
+                    digits_small / keys[s], tuple(boxes[s, v]), flips[s, v], member.data_config
+                )
+                for s in range(len(keys))
+                for v in range(2)
+            ]
+        )
+        with torch.inference_mode():
+            logits = model(inputs).double().view(len(keys), 2, 10)
+        stored = group[f"models/{member.name}/logits"][:]
+        assert stored.dtype == np.float16
+        torch.testing.assert_close(torch.from_numpy(stored).double(), logits, atol=2e-3, rtol=1e-3)
+        lse = torch.from_numpy(group[f"models/{member.name}/lse"][:]).double()
+        torch.testing.assert_close(lse, torch.logsumexp(logits, -1), atol=1e-4, rtol=1e-5)
+        true_logit = torch.from_numpy(group[f"models/{member.name}/true_logit"][:]).double()
+        expected = logits.gather(-1, torch.from_numpy(labels).view(-1, 1, 1).expand(-1, 2, 1))
+        torch.testing.assert_close(true_logit, expected.squeeze(-1), atol=1e-4, rtol=1e-5)
+
+
+def test_dali_and_torch_dumps_agree(torch_store: Path, dali_store: Path) -> None:
+    a, b = plain_arrays(torch_store), plain_arrays(dali_store)
+    for name in ("keys", "labels", "sizes", "boxes", "flips", "skipped"):
+        np.testing.assert_array_equal(a[name], b[name])
+    for name in [n for n in a if n.endswith("/logits")]:
+        x, y = torch.from_numpy(a[name]).float(), torch.from_numpy(b[name]).float()
+        torch.testing.assert_close(x, y, atol=LOGIT_ATOL, rtol=0)
+        assert (x.argmax(-1) == y.argmax(-1)).float().mean() >= TOP1_AGREEMENT
+
+
+def _done_blocks_files(store: Path, done: np.ndarray) -> dict[str, int]:
+    """mtime of every shard file of the finished blocks (block b is shard c/b/...)."""
+    return {
+        str(p): p.stat().st_mtime_ns
+        for block in np.flatnonzero(done)
+        for p in (store / "models").glob(f"*/*/c/{block}/**/*")
+        if p.is_file()
+    }
+
+
+def test_killed_dump_resumes_bit_identical_and_refuses_a_second_writer(
+    digits_small: Path, digit_pool: list[PoolMember], dali_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed.zarr"
+    command = [sys.executable, "-m", "fastkd.cli.main", *dump_args(digits_small, digit_pool, out)]
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and child.poll() is None:
+            try:
+                if blocks_done(out).sum() >= 1:
+                    break
+            except (FileNotFoundError, KeyError, ValueError):
+                pass  # not created yet
+            time.sleep(0.01)
+        child.send_signal(signal.SIGSTOP)  # alive, holding its claim: a second writer must wait
+        assert child.poll() is None, (
+            f"the dump ended before it could be stopped: {child.stderr.read()}"
+        )
+        done = blocks_done(out)
+        assert 0 < done.sum() < len(done)
+
+        refused = run_cli(dump_args(digits_small, digit_pool, out), expect_code=2)
+        assert "overlaps the live claim" in refused and f"pid {child.pid}" in refused
+    finally:
+        child.kill()  # SIGKILL: no cleanup; its claim stays behind, its pid is gone
+        child.wait(timeout=30)
+
+    done = blocks_done(out)
+    assert 0 < done.sum() < len(done)
+    finished_files = _done_blocks_files(out, done)
+    run_cli(dump_args(digits_small, digit_pool, out))
+    assert _done_blocks_files(out, done) == finished_files  # blocks already done were not rewritten
+    assert_same_store(out, dali_store)  # backend auto = DALI here
+
+
+def test_shards_fill_one_store(
+    digits_small: Path, digit_pool: list[PoolMember], dali_store: Path, tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "sharded.zarr"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    run_cli(dump_args(digits_small, digit_pool, out))  # rank 1 of 2, from torchrun's variables
+    assert blocks_done(out).tolist() == [0, 1] * 4
+    run_cli(dump_args(digits_small, digit_pool, out, "--shard", "0/2"))  # the flag wins
+    assert_same_store(out, dali_store)
+
+
+def test_changed_data_set_is_refused_until_overwrite(
+    digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    data = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    out = tmp_path / "store.zarr"
+    pool = digit_pool[:1]
+    run_cli(dump_args(data, pool, out, "--views", "1"))
+    before = plain_arrays(out)
+    shutil.copy(next((data / "4").glob("*.png")), data / "4" / "extra.png")
+
+    refused = run_cli(dump_args(data, pool, out, "--views", "1"), expect_code=2)
+    assert (
+        "fingerprint: store has" in refused and "num_samples: store has 60, expected 61" in refused
+    )
+    after = plain_arrays(out)
+    assert all(np.array_equal(before[name], after[name]) for name in before)  # nothing lost
+
+    run_cli(dump_args(data, pool, out, "--views", "1", "--overwrite"))
+    assert zarr.open_group(out, mode="r")["labels"].shape == (61,)
+
+
+def test_class_count_mismatch_is_refused(digits_small: Path, tmp_path: Path) -> None:
+    model = timm.create_model("test_efficientnet", num_classes=7)
+    checkpoint = save_checkpoint(
+        tmp_path / "seven.pt", model, "test_efficientnet", {"num_classes": 7}, {}
+    )
+    out = tmp_path / "store.zarr"
+    args = [
+        "dump",
+        "--data",
+        str(digits_small),
+        "--model",
+        f"test_efficientnet={checkpoint}",
+        "--out",
+        str(out),
+    ]
+    refused = run_cli(args, expect_code=2)
+    assert "model 'seven' (test_efficientnet) predicts 7 classes" in refused
+    assert f"data set {digits_small} has 10" in refused
+    assert not out.exists()
+
+
+def test_bad_images_fail_keeping_written_blocks_or_are_skipped(
+    digits_small: Path, digit_pool: list[PoolMember], torch_store: Path, tmp_path: Path
+) -> None:
+    data = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    keys = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    truncated = 29  # in block 3 (8 samples per block)
+    path = data / keys[truncated]
+    path.write_bytes(path.read_bytes()[:80])  # its header still reads; its pixels do not
+    out = tmp_path / "store.zarr"
+    args = dump_args(data, digit_pool, out, "--backend", "torch")
+
+    failed = run_cli(args, expect_code=2)
+    assert f"{path.name} (sample {truncated})" in failed
+    assert blocks_done(out).tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # written before the bad block
+
+    run_cli([*args, "--on-bad-image", "skip"])  # resumes at block 3 and skips the image
+    group, clean = zarr.open_group(out, mode="r"), zarr.open_group(torch_store, mode="r")
+    assert np.flatnonzero(group["skipped"][:]).tolist() == [truncated]
+    assert group.attrs["fastkd_status"] == {"complete": True, "skipped": [keys[truncated]]}
+    keep = np.arange(len(keys)) != truncated
+    for member in digit_pool:
+        stored = group[f"models/{member.name}/logits"][:]
+        np.testing.assert_allclose(
+            stored[keep], clean[f"models/{member.name}/logits"][:][keep], atol=1e-3
+        )
+        assert not stored[truncated].any()  # no targets for it
+
+    garbage = data / "0" / "garbage.png"
+    garbage.write_bytes(b"not an image at all")
+    new_out = tmp_path / "other.zarr"
+    failed = run_cli(dump_args(data, digit_pool, new_out), expect_code=2)
+    assert "garbage.png" in failed and not new_out.exists()  # found before anything is written
+
+
+def test_bad_arguments_are_named(
+    digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    out = tmp_path / "s.zarr"
+    assert "--shard must look like i/n" in run_cli(
+        dump_args(digits_small, digit_pool, out, "--shard", "two"), expect_code=2
+    )
+    assert "does not exist" in run_cli(dump_args(tmp_path / "nope", digit_pool, out), expect_code=2)
+    missing = run_cli(
+        [
+            "dump",
+            "--data",
+            str(digits_small),
+            "--model",
+            f"test_vit={tmp_path}/no.pt",
+            "--out",
+            str(out),
+        ],
+        expect_code=2,
+    )
+    assert "no.pt does not exist" in missing
+    assert not out.exists()
+
+
+def test_cli_help_explains_every_option() -> None:
+    text = run_cli(["dump", "--help"])
+    for option in ("--data", "--model", "--out", "--views", "--topk", "--seed", "--batch-size",
+                   "--backend", "--device", "--shard", "--overwrite", "--on-bad-image"):  # fmt: skip
+        assert option in text
+    assert "torchrun's RANK/WORLD_SIZE" in text
