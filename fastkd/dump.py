@@ -11,6 +11,7 @@ i/n``, or torchrun's RANK/WORLD_SIZE) take disjoint blocks of one store.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -33,7 +34,15 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from fastkd.data import Backend, BadImageError, ImageDataset, OnBadImage, open_dataset, view_loader
+from fastkd.data import (
+    Backend,
+    BadImageError,
+    ImageDataset,
+    OnBadImage,
+    ViewBatch,
+    open_dataset,
+    view_loader,
+)
 from fastkd.models import LoadedModel, load_model, parse_pool
 from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_shard, resolve_topk
 from fastkd.views import AugmentConfig, view_params
@@ -217,6 +226,18 @@ class _BlockBuffer:
         }
         self.skipped: set[int] = set()
 
+    def add(self, batch: ViewBatch, pool: Sequence[LoadedModel]) -> None:
+        """Forward every model on its own preprocessing of the batch; keep fp32 logits."""
+        self.skipped.update(batch.skipped)
+        if not len(batch.samples):
+            return
+        device = next(iter(self.logits.values())).device
+        rows, views = (batch.samples - self.start).to(device), batch.views.to(device)
+        for member, images in zip(pool, batch.images, strict=True):
+            if device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            self.logits[member.spec.name][rows, views] = member.model(images).float()
+
     def write(self, writer: StoreWriter) -> None:
         offsets = sorted(s - self.start for s in self.skipped)
         writer.write_block(self.block, self.logits, skipped=offsets)
@@ -270,9 +291,15 @@ def run_dump(cfg: DumpConfig) -> Path:
                     log.warning(
                         "skipping unreadable image %s: %s", dataset.path(sample), unreadable[sample]
                     )
-            _infer_blocks(cfg, writer, dataset, pool, plan, device, unreadable)
+            _infer_blocks(cfg, writer, dataset, pool, plan, device)
     log.info("dump finished: %s", cfg.out)
     return cfg.out
+
+
+def _block_of(batch: ViewBatch, samples_per_block: int) -> int:
+    """The block a batch belongs to (batches never straddle blocks; an empty one names skips)."""
+    first = int(batch.samples[0]) if len(batch.samples) else min(batch.skipped)
+    return first // samples_per_block
 
 
 def _infer_blocks(
@@ -282,16 +309,17 @@ def _infer_blocks(
     pool: Sequence[LoadedModel],
     plan: _BlockPlan,
     device: torch.device,
-    unreadable: dict[int, str],
 ) -> None:
-    """Run the loader over the plan, the models over each batch, and write blocks as they fill."""
+    """Run the loader over the plan and the models over each batch; write each block once the
+    loader has moved past it (blocks with no readable image are written empty, all skipped)."""
+    on_gpu = device.type == "cuda"
     for member in pool:
-        member.model.to(device)
-        if device.type == "cuda":
-            member.model.to(memory_format=torch.channels_last)
+        member.model.to(
+            device, memory_format=torch.channels_last if on_gpu else torch.preserve_format
+        )
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.amp and device.type == "cuda"
+        if cfg.amp and on_gpu
         else contextlib.nullcontext()
     )
     batches = view_loader(
@@ -308,52 +336,32 @@ def _infer_blocks(
         device=device,
         on_bad_image=cfg.on_bad_image,
     )
-    samples_per_block = writer.layout.samples_per_shard
-    queue = list(plan.blocks)  # pending blocks, in the order the loader covers them
-    buffer: _BlockBuffer | None = None
-    started = time.perf_counter()
-    written_views = 0
-
-    def flush_until(block: int | None) -> None:
-        """Write the buffered block and every (empty) block queued before ``block``."""
-        nonlocal buffer, written_views
-        while queue and (block is None or queue[0] != block):
-            current = queue.pop(0)
-            if buffer is None or buffer.block != current:
-                buffer = _BlockBuffer(writer, current, pool, cfg.views, device)
-            buffer.skipped.update(plan.unreadable[current])
-            buffer.write(writer)
-            written_views += (buffer.stop - buffer.start) * cfg.views
-            rate = written_views / max(time.perf_counter() - started, 1e-9)
-            log.info(
-                "block %d written (samples %d-%d), %.0f img/s",
-                current,
-                buffer.start,
-                buffer.stop - 1,
-                rate,
-            )
-            buffer = None
-
+    by_block = itertools.groupby(
+        batches, key=lambda b: _block_of(b, writer.layout.samples_per_shard)
+    )
+    started, written = time.perf_counter(), 0
     description = "dump shard {}/{}".format(*writer.shard)
     with (
         _progress(cfg.progress, len(plan.samples), description) as bar,
         torch.inference_mode(),
         autocast,
     ):
-        for batch in batches:
-            batch_samples = batch.samples.tolist() or list(batch.skipped)
-            block = batch_samples[0] // samples_per_block
-            flush_until(block)
-            if buffer is None:
-                buffer = _BlockBuffer(writer, block, pool, cfg.views, device)
-            buffer.skipped.update(batch.skipped)
-            if len(batch.samples):
-                rows = (batch.samples - buffer.start).to(device)
-                cols = batch.views.to(device)
-                for member, images in zip(pool, batch.images, strict=True):
-                    if device.type == "cuda":
-                        images = images.contiguous(memory_format=torch.channels_last)
-                    buffer.logits[member.spec.name][rows, cols] = member.model(images).float()
-            if bar is not None:
-                bar.advance(bar.task_ids[0], len(batch.samples))
-        flush_until(None)
+        group = next(by_block, None)
+        for block in plan.blocks:
+            buffer = _BlockBuffer(writer, block, pool, cfg.views, device)
+            buffer.skipped.update(plan.unreadable[block])
+            if group is not None and group[0] == block:
+                for batch in group[1]:
+                    buffer.add(batch, pool)
+                    if bar is not None:
+                        bar.advance(bar.task_ids[0], len(batch.samples))
+                group = next(by_block, None)
+            buffer.write(writer)
+            written += (buffer.stop - buffer.start) * cfg.views
+            log.info(
+                "block %d written (samples %d-%d), %.0f img/s",
+                block,
+                buffer.start,
+                buffer.stop - 1,
+                written / (time.perf_counter() - started),
+            )
