@@ -567,7 +567,7 @@ def _build_dali_pipeline(
     @pipeline_def(
         batch_size=batch_size,
         num_threads=num_threads,
-        device_id=(device.index or 0) if on_gpu else None,
+        device_id=_cuda_index(device) if on_gpu else None,
         prefetch_queue_depth=2,
     )
     def pipeline() -> tuple[Any, ...]:
@@ -604,6 +604,10 @@ def _build_dali_pipeline(
     pipe = pipeline()
     pipe.build()
     return pipe
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _to_torch(output: Any, device: torch.device) -> torch.Tensor:
