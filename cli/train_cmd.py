@@ -44,6 +44,9 @@ _MODEL_HELP = (
 
 def train_command(
     data: Annotated[Path, typer.Option(help="Training images: an image folder or a file list.")],
+    data_root: Annotated[
+        Path | None, typer.Option(help="Root of a file list's paths (default: its folder).")
+    ] = None,
     store: Annotated[
         Path | None, typer.Option(help="Stored targets from `fastkd dump` (offline teachers).")
     ] = None,
@@ -143,6 +146,7 @@ def train_command(
             raise ValueError("--all trains every pool member in turn: leave out --student/--joint")
         cfg = TrainConfig(
             data=data,
+            data_root=data_root,
             student=student,
             store=store,
             models=tuple(model or ()),

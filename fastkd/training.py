@@ -123,6 +123,7 @@ class TrainConfig:
     """
 
     data: Path  # training images: image folder or file list (fastkd.data.open_dataset)
+    data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     student: str | None = (
         None  # [alias:]ARCH[=CKPT], its name its key in the store (train_all: None)
     )
@@ -161,7 +162,7 @@ class TrainConfig:
     report: bool = True  # transfer report at the end (needs eval_data or val_data)
 
     def __post_init__(self) -> None:
-        for name in ("data", "store", "val_data", "eval_data", "out_dir"):
+        for name in ("data", "data_root", "store", "val_data", "eval_data", "out_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
@@ -354,7 +355,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out_dir = cfg.out_dir
-        self.dataset = open_dataset(cfg.data)
+        self.dataset = open_dataset(cfg.data, root=cfg.data_root)
         self.pool_specs = {spec.name: spec for spec in parse_pool(cfg.models)} if cfg.models else {}
         self.reader: StoreReader | None = None
         self.members: list[str] = []  # the PoolTargets columns, in order

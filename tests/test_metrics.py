@@ -5,10 +5,13 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from rich.console import Console
 
-from fastkd.metrics import TransferReport, transfer_report
+from fastkd.data import open_dataset
+from fastkd.digits import write_digits_folder
+from fastkd.metrics import TransferReport, evaluate, transfer_report
 
 
 def _predictions(right: set[int], n: int = 10) -> np.ndarray:
@@ -79,3 +82,40 @@ def test_json_round_trip_table_and_plot(report, tmp_path):
         assert image.format == "PNG" and image.width > 600
         # Not a blank canvas: the bars and heatmap give many distinct colours.
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 16) or []) > 50
+
+
+def test_evaluate_predicts_on_each_models_eval_view(tmp_path):
+    """Exact reference: 32 px images, so the eval view of crop_pct 1.0 at 32 px is the image
+    itself and that of crop_pct 0.5 at 16 px is its centre 16 x 16, both without resampling."""
+    root = write_digits_folder(tmp_path / "digits", image_size=32) / "val"
+    listing = root / "some.txt"
+    listing.write_text(
+        "".join(f"{c}/{next((root / str(c)).glob('*.png')).name} {c}\n" for c in range(10))
+    )
+    dataset = open_dataset(listing)
+    config = {"interpolation": "bilinear", "mean": [0.2, 0.3, 0.4], "std": [0.5, 0.6, 0.7]}
+    configs = {
+        "whole": {**config, "input_size": [3, 32, 32], "crop_pct": 1.0},
+        "centre": {**config, "input_size": [3, 16, 16], "crop_pct": 0.5},
+    }
+    torch.manual_seed(0)
+    models = {  # a random linear map of the pixels: the prediction depends on every one
+        name: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 10))
+        for name, size in (("whole", 32), ("centre", 16))
+    }
+    predictions = evaluate(models, configs, dataset, batch_size=4, backend="torch")
+
+    mean, std = (
+        torch.tensor(config["mean"]).view(3, 1, 1),
+        torch.tensor(config["std"]).view(3, 1, 1),
+    )
+    for name, box in (("whole", (0, 0, 32, 32)), ("centre", (8, 8, 24, 24))):
+        images = []
+        for key in dataset.keys:
+            with Image.open(dataset.root / key) as image:
+                pixels = np.asarray(image.convert("RGB").crop(box), dtype=np.float32) / 255.0
+            images.append((torch.from_numpy(pixels).permute(2, 0, 1) - mean) / std)
+        with torch.no_grad():
+            expected = models[name](torch.stack(images)).argmax(1).numpy()
+        assert np.array_equal(predictions[name], expected), name
+    assert len(set(predictions["whole"].tolist())) > 1  # not a constant model
