@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
             "machine": machine(),
             "platform": platform.platform(),
             "torch": torch.__version__,
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # a shared machine?
             "settings": {
                 "views": args.views,
                 "batch_size": args.batch_size,
