@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 pytest_plugins = ("digits_pool",)
 
 SAMPLES_PER_SHARD = 8  # 60 digits -> 8 blocks, the last one short
-LOGIT_ATOL = 0.5  # DALI vs torch images (tolerance stated and measured in test_data.py)
+LOGIT_ATOL = 0.25  # DALI vs torch images (tolerance stated and measured in test_data.py)
 TOP1_AGREEMENT = 0.95
 
 
