@@ -43,6 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from rich.progress import (
 from rich.text import Text
 from torch import Tensor, nn
 
-from fastkd.data import open_dataset, view_loader
+from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.kernels import KDStats, PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
 from fastkd.metrics import (
     TransferReport,
@@ -363,9 +364,9 @@ class Trainer:
         self.teachers: list[LiveTeacher] = []
         self._data_configs: list[dict[str, Any]] = []  # one view-loader image stream each
 
-        torch.manual_seed(cfg.seed)  # initialisation from scratch: the same on every rank
         if cfg.student is None and not cfg.joint:
             raise ValueError("no student: give --student NAME[=CKPT] (or --joint, or --all)")
+        torch.manual_seed(cfg.seed)  # initialisation from scratch: the same on every rank
         if cfg.joint:
             loaded = [self._load(spec) for spec in self.pool_specs.values()]
         else:
@@ -453,20 +454,20 @@ class Trainer:
                 f"it was made from other data than {cfg.data}",
             )
         self.reader = reader
-        self.members = list(cfg.members) or reader.model_names
-        if student is None:
-            return
+        if student is None or cfg.teachers is not Teachers.OFFLINE:
+            return  # the store gives the views; the targets come from elsewhere
         if student.spec.name in reader.model_names:
-            self._place_student_in_store(student)
-        elif cfg.mode is PartitionMode.FIXED and cfg.teachers is Teachers.OFFLINE:
+            self._check_student_in_store(student)
+        elif cfg.mode is PartitionMode.FIXED:
             raise ValueError(
                 f"partition mode 'fixed' needs the student's initial outputs in the store, but "
                 f"{student.spec.name!r} is not in its pool {reader.model_names}; dump the student "
                 "with the pool (or name it as its pool member), or use --mode live|all"
             )
+        self._set_columns(list(cfg.members) or reader.model_names, student.spec.name)
 
-    def _place_student_in_store(self, student: LoadedModel) -> None:
-        """The student is a pool member: its stored outputs must be its own (weights, pixels)."""
+    def _check_student_in_store(self, student: LoadedModel) -> None:
+        """A student that is a pool member: its stored outputs must be its own (weights, pixels)."""
         name = student.spec.name
         manifest = self.reader.manifest
         own = Expectation(
@@ -486,37 +487,30 @@ class Trainer:
                 f"the store's {name!r} is another model than the student; name the student "
                 "differently (alias:ARCH=CKPT) to train it as an outsider",
             )
-        if name not in self.members:
-            self.members.append(name)
-        self.self_index = self.members.index(name)
-        if len(self.members) < 2:
-            raise ValueError(f"the store has no teacher besides the student {name!r}")
+
+    def _set_columns(self, pool: list[str], student: str) -> None:
+        """The ``PoolTargets`` columns: the pool's teachers (never the student itself), and in
+        ``fixed`` mode, last, the student's own initial outputs (``self_index``)."""
+        teachers = [name for name in pool if name != student]
+        if not teachers:
+            raise ValueError(f"the pool {pool} has no teacher besides the student {student!r}")
+        fixed = self.cfg.mode is PartitionMode.FIXED
+        self.members = [*teachers, student] if fixed else teachers
+        self.self_index = len(teachers) if fixed else None
 
     def _build_live_teachers(self, student: LoadedModel) -> None:
-        """The pool's models, frozen. The student's own column (its initial weights, frozen) is
-        kept where it is a pool member, and added in ``fixed`` mode, which needs it."""
+        """The pool's models, frozen, run forward every step. In ``fixed`` mode a frozen copy of
+        the student's initial weights is the last column (what offline reads from the store)."""
         name = student.spec.name
-        chosen = set(self.cfg.members) | {name} if self.cfg.members else None
         unknown = sorted(set(self.cfg.members) - set(self.pool_specs))
         if unknown:
             raise ValueError(f"--member {unknown} is not in the pool {list(self.pool_specs)}")
-        columns: list[tuple[str, LoadedModel]] = []
-        for spec in self.pool_specs.values():
-            if chosen is None or spec.name in chosen:
-                columns.append((spec.name, student if spec.name == name else self._load(spec)))
-        if name in self.pool_specs and file_sha256_or_none(self.pool_specs[name]) not in (
-            None,
-            student.sha256,
-        ):
+        own = self.pool_specs.get(name)
+        if own is not None and own.checkpoint and file_sha256(own.checkpoint) != student.sha256:
             raise ValueError(f"--model {name} has other weights than the student {name!r}")
-        if self.cfg.mode is PartitionMode.FIXED and name not in self.pool_specs:
-            columns.append((name, student))
-        self.members = [column for column, _ in columns]
-        if name in self.members:
-            self.self_index = self.members.index(name)
-        if len(self.members) - (self.self_index is not None) < 1:
-            raise ValueError(f"no live teacher besides the student {name!r}")
-        for column, loaded in columns:
+        self._set_columns(list(self.cfg.members) or list(self.pool_specs), name)
+        for column in self.members:
+            loaded = student if column == name else self._load(self.pool_specs[column])
             # The student's column is a frozen copy of its initial weights, never the learner.
             model = copy.deepcopy(loaded.model) if column == name else loaded.model
             self.teachers.append(
@@ -596,17 +590,15 @@ class Trainer:
         order = self._usable_order(epoch)
         view_of = np.empty(len(self.dataset), dtype=np.int64)
         view_of[order] = epoch_views(self.cfg.seed, epoch, order, self.num_views)
-        parts = [
-            np.array_split(batch, self.dist.world_size)[self.dist.rank]
-            for batch in self._global_batches(order)
-        ]
+        batches = self._global_batches(order)
+        parts = [np.array_split(batch, self.dist.world_size)[self.dist.rank] for batch in batches]
         samples = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         return EpochPlan(
             epoch=epoch,
             samples=samples,
             views=view_of[samples],
             rows_per_step=[len(part) for part in parts],
-            global_rows=[len(batch) for batch in self._global_batches(order)],
+            global_rows=[len(batch) for batch in batches],
         )
 
     def view_boxes(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -687,8 +679,11 @@ class Trainer:
         cfg = self.cfg
         with autocast(self.device, cfg.amp):
             logits = [learner.forward(batch.images[learner.stream]) for learner in self.learners]
-        weights = {"temperature": cfg.temperature, "kd_weight": cfg.kd_weight}
-        weights["ce_weight"] = cfg.ce_weight
+        weights = {
+            "temperature": cfg.temperature,
+            "kd_weight": cfg.kd_weight,
+            "ce_weight": cfg.ce_weight,
+        }
         if cfg.joint:
             loss, stats = bidirectional_kd_loss(
                 logits, batch.labels, stop_grad=cfg.stop_grad, reduction="sum", **weights
@@ -827,11 +822,15 @@ class Trainer:
     def _title(self) -> str:
         return "+".join(learner.name for learner in self.learners)
 
+    @cached_property
+    def val_dataset(self) -> ImageDataset:
+        return open_dataset(self.cfg.val_data)
+
     def validate(self) -> dict[str, float]:
         """Top-1 (%) of each trained model on the held-out ``val_data`` (main rank only)."""
         if self.cfg.val_data is None or not self.dist.is_main:
             return {}
-        dataset = open_dataset(self.cfg.val_data)
+        dataset = self.val_dataset
         predictions = evaluate(
             {learner.name: learner.model for learner in self.learners},
             {learner.name: learner.data_config for learner in self.learners},
@@ -877,9 +876,10 @@ class Trainer:
     # -- checkpoint -------------------------------------------------------------------------------
 
     def _rng_state(self) -> dict[str, Any]:
-        state = {
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        state = {  # tensors and plain types only: the state file loads with weights_only=True
             "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
+            "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
             "python": random.getstate(),
         }
         if self.device.type == "cuda":
@@ -918,7 +918,7 @@ class Trainer:
 
     def load_state(self, path: Path) -> None:
         """Continue the run in ``path``: refuse another configuration, restore every state."""
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
         saved, now = payload["config"], self.cfg.to_dict()
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if changed:
@@ -944,7 +944,8 @@ class Trainer:
             return
         mine = rng[self.dist.rank]
         torch.set_rng_state(mine["torch"])
-        np.random.set_state(mine["numpy"])
+        kind, keys, position, has_gauss, gauss = mine["numpy"]
+        np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
         random.setstate(mine["python"])
         if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
@@ -1018,10 +1019,6 @@ def atomic_torch_save(path: Path, payload: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def file_sha256_or_none(spec: ModelSpec) -> str | None:
-    return file_sha256(spec.checkpoint) if spec.checkpoint is not None else None
 
 
 # ----------------------------------------------------------------------------------------------

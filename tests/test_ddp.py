@@ -65,8 +65,8 @@ def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
             progress=False,
         )
     )
-    two = torch.load(tmp_path / "ddp" / "state.pt", weights_only=False)
-    one = torch.load(single.state, weights_only=False)
+    two = torch.load(tmp_path / "ddp" / "state.pt", weights_only=True)
+    one = torch.load(single.state, weights_only=True)
     assert (two["epoch"], two["step"]) == (one["epoch"], one["step"]) == (2, 6)
     assert len(two["rng"]) == 2  # each rank's random state, for resuming on two ranks
     initial = torch.load(pool.root / "s.pt", weights_only=True)["state_dict"]
