@@ -879,7 +879,7 @@ class Trainer:
         kind, keys, position, has_gauss, gauss = np.random.get_state()
         state = {  # tensors and plain types only: the state file loads with weights_only=True
             "torch": torch.get_rng_state(),
-            "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, gauss),
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
             "python": random.getstate(),
         }
         if self.device.type == "cuda":
@@ -945,7 +945,7 @@ class Trainer:
         mine = rng[self.dist.rank]
         torch.set_rng_state(mine["torch"])
         kind, keys, position, has_gauss, gauss = mine["numpy"]
-        np.random.set_state((kind, keys.numpy(), position, has_gauss, gauss))
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         random.setstate(mine["python"])
         if "cuda" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda"], self.device)
