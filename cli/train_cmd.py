@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fastkd.data import DatasetError, open_dataset
-from fastkd.metrics import predict_checkpoints, transfer_from_checkpoints, write_json
+from fastkd.files import write_json
+from fastkd.metrics import predict_checkpoints, transfer_from_checkpoints
 from fastkd.models import CheckpointError, parse_pool
 from fastkd.partition import PartitionMode
 from fastkd.store import StoreError
@@ -135,7 +136,9 @@ def train_command(
     backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Image loader workers.")] = None,
 ) -> None:
-    """Train a pool member from the stored targets of the others. Each step rebuilds the images of the epoch's (sample, view) rows from the stored crops and
+    """Train a pool member (or, with --all, every member in turn) from the others' stored targets.
+
+    Each step rebuilds the images of the epoch's (sample, view) rows from the stored crops and
     flips and reads the stored targets of exactly those rows; the partitioned KD loss runs in one
     fused kernel. Checkpoints every epoch; --resume continues bit-exactly. Multi-GPU / multi-node:
     launch with torchrun (one process per GPU).

@@ -12,7 +12,6 @@ Importing this module registers ``fastkd_mlp_mixer`` with timm (see there).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import numpy as np
 from timm.models import build_model_with_cfg, register_model
 from timm.models.mlp_mixer import MlpMixer
+
+from fastkd.files import atomic_write_text
 
 # Public names; timm's ``register_model`` appends the model it registers here.
 __all__ = [
@@ -76,9 +77,7 @@ def write_digits_folder(root: str | os.PathLike, image_size: int = 32) -> Path:
                 (image_size, image_size), Image.Resampling.BICUBIC
             )
             image.convert("RGB").save(folder / f"{index:04d}.png")
-    with tempfile.NamedTemporaryFile("w", dir=root, delete=False) as tmp:
-        tmp.write(expected)
-    os.replace(tmp.name, marker)
+    atomic_write_text(marker, expected)
     return root
 
 

@@ -19,19 +19,17 @@ correctness, so they are exact and need no model to test:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
+from fastkd.files import write_json
 from fastkd.models import ModelSpec, load_model
 from fastkd.views import AugmentConfig, view_params
 
@@ -207,28 +205,6 @@ class TransferReport:
 
 def _format_rate(rate: float) -> str:
     return "n/a" if math.isnan(rate) else f"{rate:.0f}%"
-
-
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write JSON atomically (temp file, then ``os.replace``); NaN becomes null."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = json.dumps(_nan_to_none(value), indent=2, default=str)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, prefix=f".{path.name}.", delete=False
-    ) as tmp:
-        tmp.write(payload)
-    os.replace(tmp.name, path)
-
-
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_nan_to_none(v) for v in value]
-    return value
 
 
 def _correct(predictions: np.ndarray, labels: np.ndarray, name: str) -> np.ndarray:

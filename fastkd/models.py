@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 import timm
 import torch
 from timm.data import resolve_model_data_config
+
+from fastkd.files import atomic_torch_save
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -164,17 +165,7 @@ def save_checkpoint(
         "state_dict": model.state_dict(),
         "extra": dict(extra or {}),
     }
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_torch_save(path, payload)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -37,6 +37,7 @@ import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from fastkd import __version__
+from fastkd.files import write_json
 from fastkd.views import AugmentConfig, box_fractions, view_boxes
 
 if TYPE_CHECKING:  # torch is imported where it is used: inspecting or reading needs only numpy
@@ -512,9 +513,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(value, default=_json_default))
-    os.replace(tmp, path)
+    write_json(path, value, default=_json_default, indent=None)
 
 
 @contextlib.contextmanager

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from collections import deque
@@ -66,13 +65,13 @@ from rich.text import Text
 from torch import Tensor, nn
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
+from fastkd.files import atomic_torch_save, write_json
 from fastkd.kernels import KDStats, PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
 from fastkd.metrics import (
     TransferReport,
     autocast,
     evaluate,
     transfer_from_checkpoints,
-    write_json,
 )
 from fastkd.models import (
     LoadedModel,
@@ -1004,21 +1003,6 @@ def describe_epoch(record: EpochRecord, epochs: int) -> str:
     parts += [f"val top-1 {name} {top1:.2f}%" for name, top1 in record.val_top1.items()]
     parts.append(f"{record.steps_per_second:.2f} steps/s")
     return ", ".join(parts)
-
-
-def atomic_torch_save(path: Path, payload: Any) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace``: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------
