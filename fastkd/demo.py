@@ -53,7 +53,8 @@ from rich.table import Table
 import fastkd
 from fastkd.digits import DIGITS_POOL, PoolMember, write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.metrics import TransferReport, write_json
+from fastkd.files import write_json
+from fastkd.metrics import TransferReport
 from fastkd.partition import PartitionMode
 from fastkd.training import REPORT_STEM as TRAIN_REPORT_STEM
 from fastkd.training import Teachers, TrainConfig, train, train_all
@@ -246,10 +247,9 @@ class Comparison:
 
     @classmethod
     def of(cls, arm: str, control: str, differences: Sequence[float]) -> Comparison:
-        values = np.asarray(differences, dtype=np.float64)
-        mean = float(values.mean())
-        std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-        sem = std / math.sqrt(values.size) if values.size > 1 else math.nan
+        stat = _mean_std(differences)
+        mean, std = stat["mean"], stat["std"]
+        sem = std / math.sqrt(len(differences))  # NaN for a single pair
         margin = 2.0 * sem
         if math.isnan(margin):
             verdict = "too few pairs to tell"
@@ -259,7 +259,7 @@ class Comparison:
             verdict = "worse"
         else:
             verdict = "no clear difference"
-        return cls(arm, control, mean, std, sem, int(values.size), verdict)
+        return cls(arm, control, mean, std, sem, len(differences), verdict)
 
 
 @dataclass
@@ -357,19 +357,27 @@ class DemoReport:
                 f"(+/- {_fmt(2 * c.sem)}, 2 s.e. over {c.pairs} seed x member pairs): {c.verdict}."
             )
         against_ce = [c for c in comparisons if c.control == "ce"]
+        if not against_ce:
+            return lines
         better = [c.arm for c in against_ce if c.verdict == "better"]
         if better:
-            lines.append(
+            verdict = (
                 f"Verdict: transfer helps on this data: {', '.join(better)} beat"
-                f"{'s' if len(better) == 1 else ''} cross-entropy fine-tuning for the same steps."
+                f"{'s' if len(better) == 1 else ''} cross-entropy fine-tuning for the same steps"
             )
-        elif against_ce:
+        else:
             worse = [c.arm for c in against_ce if c.verdict == "worse"]
             how = f"{', '.join(worse)} did worse" if worse else "no clear difference"
-            lines.append(
+            verdict = (
                 "Verdict: transfer does not help on this data: no transfer arm beats "
-                f"cross-entropy fine-tuning for the same steps ({how})."
+                f"cross-entropy fine-tuning for the same steps ({how})"
             )
+        against_kd = [c for c in comparisons if c.control == "all"]
+        if against_kd:
+            verdict += "; against plain KD, the partition gives: " + ", ".join(
+                f"{c.arm} {c.verdict}" for c in against_kd
+            )
+        lines.append(verdict + ".")
         return lines
 
     # -- output -------------------------------------------------------------------------------
@@ -427,7 +435,7 @@ class DemoReport:
         )
 
         compared = Table(title="Transfer arms against the controls, paired by seed and member")
-        for column in ("arm", "control", "after - after", "2 s.e.", "pairs", "verdict"):
+        for column in ("arm", "control", "arm - control", "2 s.e.", "pairs", "verdict"):
             compared.add_column(
                 column, justify="left" if column in ("arm", "control", "verdict") else "right"
             )

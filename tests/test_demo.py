@@ -212,7 +212,8 @@ def test_the_verdict_is_computed_from_the_numbers():
     assert all(c.mean == 0.0 and c.verdict == "no clear difference" for c in report.comparisons())
     assert report.conclusion()[-1] == (
         "Verdict: transfer does not help on this data: no transfer arm beats cross-entropy "
-        "fine-tuning for the same steps (no clear difference)."
+        "fine-tuning for the same steps (no clear difference); against plain KD, the partition "
+        "gives: live no clear difference, fixed no clear difference."
     )
 
     report = _report({"live": IMPROVED, "fixed": DEGRADED, "all": UNCHANGED, "ce": UNCHANGED})
@@ -221,9 +222,12 @@ def test_the_verdict_is_computed_from_the_numbers():
     assert verdicts[("fixed", "ce")] == (-25.0, "worse")
     assert report.summary()["live"]["pool_delta"] == {"mean": 25.0, "std": 0.0}
     assert report.conclusion()[-1].startswith("Verdict: transfer helps on this data: live beats")
+    assert report.conclusion()[-1].endswith(
+        "plain KD, the partition gives: live better, fixed worse."
+    )
 
     report = _report({"live": DEGRADED, "fixed": UNCHANGED, "all": UNCHANGED, "ce": UNCHANGED})
-    assert report.conclusion()[-1].endswith("(live did worse).")
+    assert "(live did worse); against plain KD" in report.conclusion()[-1]
 
 
 def test_config_refuses_more_transfer_epochs_than_views(tmp_path):
