@@ -151,8 +151,8 @@ def dump_rate(cfg: DumpConfig, num_views: int) -> dict[str, float]:
     return {"seconds": round(seconds, 3), "images_per_s": round(num_views / seconds, 1)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--views", type=int, default=4, help="views per sample")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument(

@@ -331,8 +331,10 @@ def device_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m fastkd.bench.kernels", description=__doc__)
+def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m fastkd.bench.kernels", description=__doc__
+    )
     parser.add_argument(
         "--shapes", default=DEFAULT_SHAPES, help="B x C list, e.g. 256x1000,4096x32000"
     )
@@ -349,8 +351,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = device_name(device)
     peak = peak_bandwidth(name) if device.type == "cuda" else None

@@ -165,8 +165,8 @@ def pin_one_core() -> str:
     return "not pinned (no sched_setaffinity)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=65536)
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--classes", type=int, default=1000)

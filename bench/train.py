@@ -136,8 +136,8 @@ def step_function(trainer: Trainer, batch: Batch) -> Callable[[], None]:
     return offline_step
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18", help="timm name of student and teachers")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=32)

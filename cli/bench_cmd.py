@@ -1,9 +1,50 @@
-"""`fastkd bench` commands."""
+"""`fastkd bench kernels|store|dump|train`: the benchmarks in ``fastkd.bench``.
+
+Each benchmark keeps its own argument parser (so ``python -m fastkd.bench.<name>`` and the CLI
+take the same options); this module only forwards the arguments after the benchmark's name.
+``fastkd bench <name> --help`` prints that benchmark's options.
+"""
 
 from __future__ import annotations
 
+import importlib
+
 import typer
+
+BENCHMARKS: dict[str, str] = {
+    "kernels": "Fused KD kernels vs torch eager, torch.compile and Liger: forward + backward "
+    "time, GB/s, % of peak bandwidth, peak memory; the uniform-tail error of top-k targets.",
+    "store": "Store: bytes per stored view (synthetic 1000-class logits) and random-access "
+    "read throughput in views/s on one core.",
+    "dump": "Dump: images/s of the DALI and torch paths in one run (loader alone and whole "
+    "dump), bytes per stored view.",
+    "train": "Training step: plain cross-entropy vs offline stored targets vs live teachers "
+    "(1, 2, 4), as ratios to cross-entropy.",
+}
+
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _command(name: str, summary: str):
+    def run(ctx: typer.Context) -> None:
+        module = importlib.import_module(f"fastkd.bench.{name}")
+        try:
+            module.main(list(ctx.args), prog=f"fastkd bench {name}")
+        except SystemExit as stop:  # argparse's --help and usage errors
+            raise typer.Exit(stop.code if isinstance(stop.code, int) else 2) from None
+
+    run.__doc__ = f"{summary} Options: fastkd bench {name} --help."
+    return run
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add ``fastkd bench`` and its sub-commands to the app."""
+    bench = typer.Typer(
+        help="Benchmarks; JSON results go to bench/results/ with the device name.",
+        no_args_is_help=True,
+    )
+    for name, summary in BENCHMARKS.items():
+        bench.command(name, context_settings=_FORWARD, add_help_option=False)(
+            _command(name, summary)
+        )
+    app.add_typer(bench, name="bench")
