@@ -135,6 +135,9 @@ def train_command(
     amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
     backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Image loader workers.")] = None,
+    progress: Annotated[
+        bool, typer.Option(help="Progress bars and per-epoch lines (off: the epoch lines only).")
+    ] = True,
 ) -> None:
     """Train a pool member (or, with --all, every member in turn) from the others' stored targets.
 
@@ -180,6 +183,7 @@ def train_command(
             amp=amp,
             backend=backend,
             num_workers=workers,
+            progress=progress,
         )
         if train_every_member:
             pool = train_all(cfg)
