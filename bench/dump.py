@@ -38,7 +38,7 @@ from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, default_device, run_dump
 from fastkd.models import ModelSpec, load_model, save_checkpoint
 from fastkd.store import summarize
-from fastkd.views import AugmentConfig, view_params
+from fastkd.views import AugmentConfig, all_views
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("dali", "torch")
@@ -98,15 +98,8 @@ def write_photos(root: Path, count: int, seed: int = 0) -> Path:
     return root
 
 
-def all_views(dataset: ImageDataset, views: int, seed: int) -> dict[str, np.ndarray]:
-    samples = np.arange(len(dataset))
-    boxes, flips = view_params(seed, samples, views, dataset.sizes, AugmentConfig())
-    return {
-        "samples": np.repeat(samples, views),
-        "views": np.tile(np.arange(views), len(dataset)),
-        "boxes": boxes.reshape(-1, 4),
-        "flips": flips.reshape(-1),
-    }
+def dataset_views(dataset: ImageDataset, views: int, seed: int) -> dict[str, np.ndarray]:
+    return all_views(seed, np.arange(len(dataset)), views, dataset.sizes, AugmentConfig())
 
 
 def loader_rate(
@@ -178,7 +171,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         dataset = open_dataset(digits)
         specs = args.model or write_pool(tmp, dataset.num_classes)
         configs = [load_model(ModelSpec.parse(spec)).data_config for spec in specs]
-        items = all_views(dataset, args.views, seed=0)
+        items = dataset_views(dataset, args.views, seed=0)
         result: dict[str, Any] = {
             "machine": machine(),
             "platform": platform.platform(),
@@ -231,7 +224,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 
         if args.photos:
             photos = open_dataset(write_photos(tmp / "photos", args.photos))
-            photo_items = all_views(photos, args.views, seed=0)
+            photo_items = dataset_views(photos, args.views, seed=0)
             result["photos_224"] = {
                 "note": "SYNTHETIC JPEGs (random colour fields), sizes " + str(PHOTO_SIZES),
                 "samples": len(photos),

@@ -45,7 +45,7 @@ from fastkd.data import (
 )
 from fastkd.models import LoadedModel, load_model, parse_pool
 from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_shard, resolve_topk
-from fastkd.views import AugmentConfig, view_params
+from fastkd.views import AugmentConfig, all_views
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def plan_blocks(
     unreadable: Sequence[int],
     cfg: DumpConfig,
 ) -> _BlockPlan:
-    """All views of every readable sample of ``blocks``; their crops come from ``view_params``."""
+    """All views of every readable sample of ``blocks`` (``views.all_views``); ``blocks`` not empty."""
     bad = np.zeros(len(sizes), dtype=bool)
     bad[list(unreadable)] = True
     parts, breaks, skipped = [], [], {}
@@ -162,17 +162,12 @@ def plan_blocks(
         samples = np.arange(start, stop)
         skipped[block] = samples[bad[start:stop]].tolist()
         samples = samples[~bad[start:stop]]
-        boxes, flips = view_params(cfg.seed, samples, cfg.views, sizes[samples], cfg.augment)
-        parts.append((samples, boxes, flips))
+        parts.append(all_views(cfg.seed, samples, cfg.views, sizes[samples], cfg.augment))
         total += samples.size * cfg.views
         breaks.append(total)
-    views = np.arange(cfg.views, dtype=np.int64)
     return _BlockPlan(
         blocks=list(blocks),
-        samples=np.concatenate([np.repeat(samples, cfg.views) for samples, _, _ in parts]),
-        views=np.concatenate([np.tile(views, samples.size) for samples, _, _ in parts]),
-        boxes=np.concatenate([boxes.reshape(-1, 4) for _, boxes, _ in parts]),
-        flips=np.concatenate([flips.reshape(-1) for _, _, flips in parts]),
+        **{key: np.concatenate([part[key] for part in parts]) for key in parts[0]},
         breaks=breaks,
         unreadable=skipped,
     )

@@ -235,6 +235,21 @@ def view_params(
     return box_fractions(boxes, sizes), flips
 
 
+def all_views(
+    seed: int, indices: np.ndarray, num_views: int, sizes: np.ndarray, cfg: AugmentConfig
+) -> dict[str, np.ndarray]:
+    """Every view of the given samples as flat rows, sample-major: the ``samples``, ``views``,
+    ``boxes`` [n V, 4] (fractions) and ``flips`` arguments of ``fastkd.data.view_loader``."""
+    indices = _check_indices(indices)
+    boxes, flips = view_params(seed, indices, num_views, sizes, cfg)
+    return {
+        "samples": np.repeat(indices, num_views),
+        "views": np.tile(np.arange(num_views, dtype=np.int64), indices.shape[0]),
+        "boxes": boxes.reshape(-1, 4),
+        "flips": flips.reshape(-1),
+    }
+
+
 def pixel_box(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
     """Integer (top, left, h, w) of a fractional box on an image of the given size."""
     y0, x0, h, w = (float(v) for v in box)

@@ -23,7 +23,7 @@ from fastkd.data import (
     view_loader,
 )
 from fastkd.models import ModelSpec, load_model
-from fastkd.views import AugmentConfig, pixel_box, view_params
+from fastkd.views import AugmentConfig, all_views, pixel_box
 
 if TYPE_CHECKING:
     from digits_pool import PoolMember
@@ -45,14 +45,7 @@ TOP1_AGREEMENT = 0.95
 
 def _items(dataset: ImageDataset, views: int = VIEWS, seed: int = 0) -> dict[str, np.ndarray]:
     """All views of every sample, sample-major, with their replayed crops and flips."""
-    samples = np.arange(len(dataset))
-    boxes, flips = view_params(seed, samples, views, dataset.sizes, AugmentConfig())
-    return {
-        "samples": np.repeat(samples, views),
-        "views": np.tile(np.arange(views), len(dataset)),
-        "boxes": boxes.reshape(-1, 4),
-        "flips": flips.reshape(-1),
-    }
+    return all_views(seed, np.arange(len(dataset)), views, dataset.sizes, AugmentConfig())
 
 
 def _load(dataset: ImageDataset, items: dict, configs: list[dict], **kwargs) -> list:
