@@ -11,6 +11,19 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.text import Text
 
+from fastkd.cli.augment_options import (
+    DEFAULT_EVAL_CROP_PCT,
+    DEFAULT_EVAL_VIEW,
+    DEFAULT_HFLIP,
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    CropRatio,
+    CropScale,
+    EvalCropPct,
+    EvalView,
+    HFlip,
+    augment_config,
+)
 from fastkd.data import Backend, OnBadImage
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.store import StoreError
@@ -119,6 +132,11 @@ def dump(
     progress: Annotated[
         bool, typer.Option(help="Show a progress bar with images/s (on a terminal).")
     ] = True,
+    crop_scale: CropScale = DEFAULT_SCALE,
+    crop_ratio: CropRatio = DEFAULT_RATIO,
+    hflip: HFlip = DEFAULT_HFLIP,
+    eval_view: EvalView = DEFAULT_EVAL_VIEW,
+    eval_crop_pct: EvalCropPct = DEFAULT_EVAL_CROP_PCT,
 ) -> None:
     """Run every model of the pool over every (sample, view) of a data set, once, and store its
     soft targets (top-k logits, log-sum-exp, true-class logit) in a compressed Zarr store.
@@ -130,6 +148,7 @@ def dump(
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
+    augment = augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct)
     try:
         config = DumpConfig(
             data=data,
@@ -138,6 +157,7 @@ def dump(
             views=views,
             topk=topk,
             seed=seed,
+            augment=augment,
             batch_size=batch_size,
             backend=backend,
             device=device,

@@ -9,6 +9,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.cli.augment_options import (
+    DEFAULT_EVAL_CROP_PCT,
+    DEFAULT_EVAL_VIEW,
+    DEFAULT_HFLIP,
+    DEFAULT_RATIO,
+    DEFAULT_SCALE,
+    CropRatio,
+    CropScale,
+    EvalCropPct,
+    EvalView,
+    HFlip,
+    augment_config,
+)
 from fastkd.data import DatasetError, open_dataset
 from fastkd.files import write_json
 from fastkd.metrics import predict_checkpoints, transfer_from_checkpoints
@@ -24,6 +37,7 @@ from fastkd.training import (
     train,
     train_all,
 )
+from fastkd.views import AugmentConfig
 
 # Bad input the library names precisely: shown as one clear message, not a traceback.
 _USER_ERRORS = (
@@ -138,15 +152,27 @@ def train_command(
     progress: Annotated[
         bool, typer.Option(help="Progress bars and per-epoch lines (off: the epoch lines only).")
     ] = True,
+    crop_scale: CropScale = DEFAULT_SCALE,
+    crop_ratio: CropRatio = DEFAULT_RATIO,
+    hflip: HFlip = DEFAULT_HFLIP,
+    eval_view: EvalView = DEFAULT_EVAL_VIEW,
+    eval_crop_pct: EvalCropPct = DEFAULT_EVAL_CROP_PCT,
 ) -> None:
     """Train a pool member (or, with --all, every member in turn) from the others' stored targets.
 
     Each step rebuilds the images of the epoch's (sample, view) rows from the stored crops and
     flips and reads the stored targets of exactly those rows; the partitioned KD loss runs in one
     fused kernel. Checkpoints every epoch; --resume continues bit-exactly. Multi-GPU / multi-node:
-    launch with torchrun (one process per GPU).
+    launch with torchrun (one process per GPU). Without --store, views are drawn from --seed
+    with the view-augmentation options; with one, they are the store's.
     """
     console = Console()
+    augment = augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct)
+    if store is not None and augment != AugmentConfig():
+        raise typer.BadParameter(
+            "the views of a store are the ones it was dumped with: leave out the view "
+            "augmentation options with --store (set them on `fastkd dump`)"
+        )
     try:
         if train_every_member and (student is not None or joint):
             raise ValueError("--all trains every pool member in turn: leave out --student/--joint")
@@ -173,6 +199,7 @@ def train_command(
             stop_grad=stop_grad,
             seed=seed,
             views=views,
+            augment=augment,
             pretrained=not from_scratch,
             input_size=input_size,
             val_data=val_data,

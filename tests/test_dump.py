@@ -313,9 +313,34 @@ def test_bad_arguments_are_named(
     assert not out.exists()
 
 
+def test_augmentation_options_reach_the_manifest_and_the_views(
+    digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    out = tmp_path / "aug.zarr"
+    options = ["--crop-scale", "0.5", "1", "--hflip", "0", "--eval-crop-pct", "1", "--views", "4"]
+    run_cli(dump_args(digits_small, digit_pool[:1], out, "--backend", "torch", *options))
+    group = zarr.open_group(out, mode="r")
+    augment = group.attrs["fastkd"]["augment"]
+    assert augment["scale"] == [0.5, 1.0] and augment["hflip"] == 0.0
+    assert augment["eval_crop_pct"] == 1.0 and augment["eval_view"] is True
+    boxes, sizes = group["boxes"][:].astype(np.int64), group["sizes"][:]
+    assert not group["flips"][:].any()  # --hflip 0: no view is flipped
+    # View 0 is the whole (square) image; every view covers about half of it or more (pixel
+    # rounding of a 32 px side takes off a little; the default --crop-scale gives 0.09 here).
+    np.testing.assert_array_equal(boxes[:, 0, 2:], sizes)
+    area = boxes[..., 2] * boxes[..., 3] / (sizes[:, None, 0] * sizes[:, None, 1])
+    assert area.min() >= 0.45 and area[:, 1:].max() <= 1.0
+    assert "--crop-scale" in run_cli(
+        dump_args(digits_small, digit_pool[:1], tmp_path / "bad.zarr", "--crop-scale", "0.9", "0.2"),
+        expect_code=2,
+    )
+    assert not (tmp_path / "bad.zarr").exists()
+
+
 def test_cli_help_explains_every_option() -> None:
     text = run_cli(["dump", "--help"])
     for option in ("--data", "--model", "--out", "--views", "--topk", "--seed", "--batch-size",
-                   "--backend", "--device", "--shard", "--overwrite", "--on-bad-image"):  # fmt: skip
+                   "--backend", "--device", "--shard", "--overwrite", "--on-bad-image",
+                   "--crop-scale", "--crop-ratio", "--hflip", "--eval-crop-pct"):  # fmt: skip
         assert option in text
     assert "torchrun's RANK/WORLD_SIZE" in text

@@ -389,3 +389,26 @@ def test_cli_train_and_eval(pool, tmp_path):
     report = json.loads((tmp_path / "eval.json").read_text())
     assert [m["name"] for m in report["models"]] == ["s"]
     assert set(report["models"][0]["positive_flips"]) == {"a"}
+
+
+def test_cli_view_augmentation_without_a_store_and_refused_with_one(pool, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "ce"
+    args = ["train", "--data", str(pool.train), "--student", pool.specs["s"]]
+    args += ["--teachers", "none", "--views", "2", "--epochs", "1", "--batch-size", "25"]
+    args += ["--backend", "torch", "--workers", "0", "--out", str(out), "--no-progress"]
+    augment = ["--crop-scale", "0.6", "1", "--hflip", "0", "--eval-crop-pct", "1"]
+    result = runner.invoke(app, [*args, *augment])
+    assert result.exit_code == 0, result.output
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["config"]["augment"] == {
+        "scale": [0.6, 1.0],
+        "ratio": [3 / 4, 4 / 3],
+        "hflip": 0.0,
+        "eval_view": True,
+        "eval_crop_pct": 1.0,
+    }
+    with_store = [*args, "--store", str(pool.store), "--hflip", "0"]
+    result = runner.invoke(app, with_store, env={"COLUMNS": "400"})
+    assert result.exit_code == 2
+    assert "the views of a store are the ones it was dumped with" in result.output
