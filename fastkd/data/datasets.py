@@ -1,0 +1,217 @@
+"""Data sets: an image folder or a file list, its samples' keys, labels, file and image sizes.
+
+A data set is an image folder (class subfolders, sorted, as torchvision's ``ImageFolder``) or a
+file list (``relative/path label`` per line). Samples are identified by their key, the path
+relative to the data root; the fingerprint hashes the sorted (key, file size) pairs, so a store
+can refuse a data set that gained, lost, renamed or rewrote a file.
+
+Its own module because it knows nothing of views or loaders: a store, a dump and a training run
+open data sets, and only the loaders (``fastkd.data.loader``) read their pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+_IO_THREADS = 16  # header reads and stats are I/O bound: more threads than cores
+
+
+class DatasetError(ValueError):
+    """A data set that cannot be used (the message names the file or line)."""
+
+
+class BadImageError(DatasetError):
+    """An image that cannot be read or decoded."""
+
+    def __init__(self, path: Path, sample: int, reason: str) -> None:
+        super().__init__(
+            f"cannot read image {path} (sample {sample}): {reason}. "
+            "Fix or remove the file, or skip unreadable images (--on-bad-image skip)."
+        )
+        self.path = path
+        self.sample = sample
+        self.reason = reason
+
+
+@dataclass
+class ImageDataset:
+    """Samples of an image folder or a file list; ``keys`` are paths relative to ``root``."""
+
+    root: Path
+    keys: list[str]
+    labels: np.ndarray  # int64 [n]
+    classes: list[str]
+    file_sizes: np.ndarray = field(repr=False)  # int64 [n] bytes
+    _sizes: np.ndarray | None = field(default=None, repr=False)
+    _unreadable: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def path(self, sample: int) -> Path:
+        return self.root / self.keys[sample]
+
+    def fingerprint(self) -> str:
+        """sha256 over the sorted (key, file size) pairs."""
+        digest = hashlib.sha256()
+        for key, size in sorted(zip(self.keys, self.file_sizes.tolist(), strict=True)):
+            digest.update(f"{key}\t{size}\n".encode())
+        return digest.hexdigest()
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 [n, 2] image (height, width) from the file headers; any unreadable one fails."""
+        sizes, unreadable = self.read_sizes()
+        if unreadable:
+            sample, reason = next(iter(unreadable.items()))
+            raise BadImageError(self.path(sample), sample, reason)
+        return sizes
+
+    def read_sizes(self) -> tuple[np.ndarray, dict[int, str]]:
+        """(sizes int64 [n, 2], {sample: error} of headers that cannot be read).
+
+        Headers only (PIL opens lazily), in threads; read once and cached. Unreadable images get
+        the placeholder size (1, 1): they have no pixels to crop and are never fed to a model.
+        """
+        if self._sizes is None:
+            with ThreadPoolExecutor(_IO_THREADS) as pool:
+                results = list(pool.map(_header_size, map(self.path, range(len(self)))))
+            sizes = np.ones((len(self), 2), dtype=np.int64)
+            for sample, (size, error) in enumerate(results):
+                if error is None:
+                    sizes[sample] = size
+                else:
+                    self._unreadable[sample] = error
+            self._sizes = sizes
+        return self._sizes, dict(self._unreadable)
+
+
+def _header_size(path: Path) -> tuple[tuple[int, int], str | None]:
+    """((height, width), None) from the image header, or ((1, 1), error)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as error:  # PIL raises many types for bad files
+        return (1, 1), f"{type(error).__name__}: {error}"
+    if width < 1 or height < 1:
+        return (1, 1), f"empty image ({width}x{height})"
+    return (height, width), None
+
+
+def _file_sizes(paths: Sequence[Path], where: Sequence[str]) -> np.ndarray:
+    """Byte sizes of files (threads); a missing file is an error naming ``where`` it was listed."""
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        results = list(pool.map(_stat_size, paths))
+    for size, path, origin in zip(results, paths, where, strict=True):
+        if size < 0:
+            raise DatasetError(f"{origin}: image {path} does not exist or is not a file")
+    return np.asarray(results, dtype=np.int64)
+
+
+def _stat_size(path: Path) -> int:
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1
+    return stat.st_size if os.path.isfile(path) else -1
+
+
+def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> ImageDataset:
+    """An image folder (``path/<class>/**/<image>``) or a file list (``path`` is a text file).
+
+    A file list holds ``relative/path label`` per line (the path may contain spaces; blank lines
+    and ``#`` comments are skipped), relative to ``root`` or else to the list's folder; labels are
+    class indices ``0..C-1`` and the classes are named by their index.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if root is not None:
+            raise DatasetError(f"--root is only for file lists; {path} is an image folder")
+        return _open_image_folder(path)
+    if path.is_file():
+        return _open_file_list(path, Path(root) if root is not None else path.parent)
+    raise DatasetError(f"data set {path} does not exist (expected an image folder or a file list)")
+
+
+def _open_image_folder(root: Path) -> ImageDataset:
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise DatasetError(f"image folder {root} has no class subfolders (expected root/<class>/)")
+    keys: list[str] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        for folder, subfolders, files in os.walk(root / name, followlinks=True):
+            subfolders.sort()
+            relative = Path(folder).relative_to(root).as_posix()
+            for file in sorted(files):
+                if file.lower().endswith(IMAGE_EXTENSIONS):
+                    keys.append(f"{relative}/{file}")
+                    labels.append(label)
+    if not keys:
+        raise DatasetError(
+            f"image folder {root} has no images in its {len(classes)} class folders "
+            f"(extensions: {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    empty = sorted(set(classes) - {classes[label] for label in labels})
+    if empty:
+        log.warning("image folder %s: class folders without images: %s", root, empty[:10])
+    paths = [root / key for key in keys]
+    return ImageDataset(
+        root=root,
+        keys=keys,
+        labels=np.asarray(labels, dtype=np.int64),
+        classes=classes,
+        file_sizes=_file_sizes(paths, [str(root)] * len(paths)),
+    )
+
+
+def _open_file_list(list_file: Path, root: Path) -> ImageDataset:
+    keys: list[str] = []
+    labels: list[int] = []
+    origins: list[str] = []
+    seen: dict[str, str] = {}
+    for number, raw in enumerate(list_file.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_file}:{number}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise DatasetError(f"{where}: expected 'relative/path label', got {raw!r}")
+        key, label = Path(parts[0]).as_posix(), parts[1]
+        if not label.isdigit():
+            raise DatasetError(f"{where}: label {label!r} is not a class index (0, 1, 2, ...)")
+        if Path(key).is_absolute() or ".." in Path(key).parts:
+            raise DatasetError(f"{where}: path {key!r} must be relative to {root}, inside it")
+        if key in seen:
+            raise DatasetError(f"{where}: {key} is listed twice (first at {seen[key]})")
+        seen[key] = where
+        keys.append(key)
+        labels.append(int(label))
+        origins.append(where)
+    if not keys:
+        raise DatasetError(f"file list {list_file} lists no images")
+    return ImageDataset(
+        root=root,
+        keys=keys,
+        labels=np.asarray(labels, dtype=np.int64),
+        classes=[str(c) for c in range(max(labels) + 1)],
+        file_sizes=_file_sizes([root / key for key in keys], origins),
+    )
