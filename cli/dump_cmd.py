@@ -82,12 +82,15 @@ def dump(
             show_default=False,
         ),
     ] = None,
-    shard: Annotated[
+    part: Annotated[
         str | None,
         typer.Option(
+            "--part",
+            "--shard",
             metavar="I/N",
-            help="Write only blocks b with b % N == I, so N ranks fill one store together "
-            "(default: torchrun's RANK/WORLD_SIZE, else 0/1).",
+            help="This process's part I/N of the store's blocks: it writes only blocks b with "
+            "b % N == I, so N ranks fill one store together (default: torchrun's "
+            "RANK/WORLD_SIZE, else 0/1). --shard is the old name.",
             show_default=False,
         ),
     ] = None,
@@ -161,7 +164,7 @@ def dump(
             batch_size=batch_size,
             backend=backend,
             device=device,
-            shard=shard,
+            part=part,
             overwrite=overwrite,
             on_bad_image=on_bad_image,
             samples_per_shard=samples_per_shard,

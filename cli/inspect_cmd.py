@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fastkd.store import StoreError, StoreSummary, summarize
+from fastkd.errors import StoreError
+from fastkd.store import StoreSummary, summarize
 
 
 def _size(nbytes: float) -> str:

@@ -4,8 +4,8 @@ The work is cut into the store's blocks (a run of samples, all their views, all 
 is fed to the models as a fixed sequence of batches (``data.plan_batches`` never lets a batch
 straddle a block) and written whole, then marked done, by ``StoreWriter.write_block``. So a dump
 killed at any point resumes with the blocks that carry no marker, feeds them the very batches an
-uninterrupted run would have, and the finished store is bit for bit the same. Ranks (``--shard
-i/n``, or torchrun's RANK/WORLD_SIZE) take disjoint blocks of one store.
+uninterrupted run would have, and the finished store is bit for bit the same. Ranks (``--part
+i/n``, or torchrun's RANK/WORLD_SIZE) each write their part, disjoint blocks of one store.
 """
 
 from __future__ import annotations
@@ -43,15 +43,12 @@ from fastkd.data import (
     open_dataset,
     view_loader,
 )
+from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel, load_model, parse_pool
-from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_shard, resolve_topk
+from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_part, resolve_topk
 from fastkd.views import AugmentConfig, all_views
 
 log = logging.getLogger(__name__)
-
-
-class DumpError(ValueError):
-    """A dump that cannot run as configured (the message names the argument or file)."""
 
 
 @dataclass
@@ -67,7 +64,7 @@ class DumpConfig:
     batch_size: int = 256  # (sample, view) items per forward
     backend: Backend = "auto"  # "dali", "torch", or DALI when installed
     device: str | None = None  # default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu
-    shard: str | None = None  # "i/n"; default torchrun's RANK/WORLD_SIZE, else 0/1
+    part: str | None = None  # "i/n", this process's blocks; default torchrun's RANK/WORLD_SIZE
     overwrite: bool = False  # replace a store made with another configuration
     on_bad_image: OnBadImage = "fail"  # or "skip": flag the sample in the store and carry on
     samples_per_shard: int | None = None  # samples per block (the unit of writing and resume)
@@ -81,13 +78,13 @@ class DumpConfig:
         self.data, self.out = Path(self.data), Path(self.out)
         for name in ("views", "batch_size"):
             if getattr(self, name) < 1:
-                raise DumpError(
+                raise ConfigError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
         if self.topk < 0:
-            raise DumpError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
+            raise ConfigError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
         if self.on_bad_image not in ("fail", "skip"):
-            raise DumpError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
+            raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
 
 def default_device() -> torch.device:
@@ -101,7 +98,7 @@ def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path
     """Every model must predict exactly the data set's classes."""
     for member in pool:
         if member.num_classes != dataset.num_classes:
-            raise DumpError(
+            raise ConfigError(
                 f"model {member.spec.name!r} ({member.spec.arch}) predicts {member.num_classes} "
                 f"classes, but the data set {data} has {dataset.num_classes} "
                 f"({', '.join(dataset.classes[:5])}{', ...' if dataset.num_classes > 5 else ''}); "
@@ -155,19 +152,19 @@ def plan_blocks(
     """All views of every readable sample of ``blocks`` (``views.all_views``); ``blocks`` not empty."""
     bad = np.zeros(len(sizes), dtype=bool)
     bad[list(unreadable)] = True
-    parts, breaks, skipped = [], [], {}
+    per_block, breaks, skipped = [], [], {}
     total = 0
     for block in blocks:
         start, stop = writer.block_range(block)
         samples = np.arange(start, stop)
         skipped[block] = samples[bad[start:stop]].tolist()
         samples = samples[~bad[start:stop]]
-        parts.append(all_views(cfg.seed, samples, cfg.views, sizes[samples], cfg.augment))
+        per_block.append(all_views(cfg.seed, samples, cfg.views, sizes[samples], cfg.augment))
         total += samples.size * cfg.views
         breaks.append(total)
     return _BlockPlan(
         blocks=list(blocks),
-        **{key: np.concatenate([part[key] for part in parts]) for key in parts[0]},
+        **{key: np.concatenate([rows[key] for rows in per_block]) for key in per_block[0]},
         breaks=breaks,
         unreadable=skipped,
     )
@@ -244,7 +241,7 @@ def run_dump(cfg: DumpConfig) -> Path:
     Resumes an existing store with the same configuration; refuses one with another (unless
     ``overwrite``); checks everything it can (data set, models, classes) before touching it.
     """
-    shard = resolve_shard(cfg.shard)
+    part = resolve_part(cfg.part)
     device = torch.device(cfg.device) if cfg.device else default_device()
     dataset = open_dataset(cfg.data, root=cfg.data_root)
     sizes, unreadable = dataset.read_sizes()
@@ -263,19 +260,19 @@ def run_dump(cfg: DumpConfig) -> Path:
         sizes,
         overwrite=cfg.overwrite,
         samples_per_shard=cfg.samples_per_shard,
-        shard=shard,
+        part=part,
     ) as writer:
         pending = writer.pending_blocks()
-        done = len(range(shard[0], writer.num_blocks, shard[1])) - len(pending)
+        done = len(range(part[0], writer.num_blocks, part[1])) - len(pending)
         log.info(
-            "dump %s -> %s: %d samples x %d views, %d models, shard %d/%d: %d blocks to write, "
+            "dump %s -> %s: %d samples x %d views, %d models, part %d/%d: %d blocks to write, "
             "%d already done",
             cfg.data,
             cfg.out,
             len(dataset),
             cfg.views,
             len(pool),
-            *shard,
+            *part,
             len(pending),
             done,
         )
@@ -335,7 +332,7 @@ def _infer_blocks(
         batches, key=lambda b: _block_of(b, writer.layout.samples_per_shard)
     )
     started, written = time.perf_counter(), 0
-    description = "dump shard {}/{}".format(*writer.shard)
+    description = "dump part {}/{}".format(*writer.part)
     with (
         _progress(cfg.progress, len(plan.samples), description) as bar,
         torch.inference_mode(),

@@ -1,5 +1,5 @@
 """``fastkd dump`` end to end on the digits with real timm models: the store read back by plain
-zarr against direct torch inference, DALI against torch, kill-and-resume and shards bit for bit,
+zarr against direct torch inference, DALI against torch, kill-and-resume and parts bit for bit,
 and bad input refused without losing what was written."""
 
 from __future__ import annotations
@@ -201,15 +201,15 @@ def test_killed_dump_resumes_bit_identical_and_refuses_a_second_writer(
     assert_same_store(out, dali_store)  # backend auto = DALI here
 
 
-def test_shards_fill_one_store(
+def test_parts_fill_one_store(
     digits_small: Path, digit_pool: list[PoolMember], dali_store: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    out = tmp_path / "sharded.zarr"
+    out = tmp_path / "parts.zarr"
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     run_cli(dump_args(digits_small, digit_pool, out))  # rank 1 of 2, from torchrun's variables
     assert blocks_done(out).tolist() == [0, 1] * 4
-    run_cli(dump_args(digits_small, digit_pool, out, "--shard", "0/2"))  # the flag wins
+    run_cli(dump_args(digits_small, digit_pool, out, "--part", "0/2"))  # the flag wins
     assert_same_store(out, dali_store)
 
 
@@ -293,7 +293,7 @@ def test_bad_arguments_are_named(
     digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
 ) -> None:
     out = tmp_path / "s.zarr"
-    assert "--shard must look like i/n" in run_cli(
+    assert "--part must look like i/n" in run_cli(  # --shard: the old name of --part
         dump_args(digits_small, digit_pool, out, "--shard", "two"), expect_code=2
     )
     assert "does not exist" in run_cli(dump_args(tmp_path / "nope", digit_pool, out), expect_code=2)
@@ -331,7 +331,9 @@ def test_augmentation_options_reach_the_manifest_and_the_views(
     area = boxes[..., 2] * boxes[..., 3] / (sizes[:, None, 0] * sizes[:, None, 1])
     assert area.min() >= 0.45 and area[:, 1:].max() <= 1.0
     assert "--crop-scale" in run_cli(
-        dump_args(digits_small, digit_pool[:1], tmp_path / "bad.zarr", "--crop-scale", "0.9", "0.2"),
+        dump_args(
+            digits_small, digit_pool[:1], tmp_path / "bad.zarr", "--crop-scale", "0.9", "0.2"
+        ),
         expect_code=2,
     )
     assert not (tmp_path / "bad.zarr").exists()
@@ -340,7 +342,7 @@ def test_augmentation_options_reach_the_manifest_and_the_views(
 def test_cli_help_explains_every_option() -> None:
     text = run_cli(["dump", "--help"])
     for option in ("--data", "--model", "--out", "--views", "--topk", "--seed", "--batch-size",
-                   "--backend", "--device", "--shard", "--overwrite", "--on-bad-image",
+                   "--backend", "--device", "--part", "--shard", "--overwrite", "--on-bad-image",
                    "--crop-scale", "--crop-ratio", "--hflip", "--eval-crop-pct"):  # fmt: skip
         assert option in text
     assert "torchrun's RANK/WORLD_SIZE" in text

@@ -25,7 +25,7 @@ from fastkd.store import (
     StoreReader,
     StoreWriter,
     encode_logits,
-    resolve_shard,
+    resolve_part,
     resolve_topk,
     summarize,
 )
@@ -214,7 +214,7 @@ def test_resume_writes_only_pending_blocks_and_ends_bit_identical(
         writer._done[3] = 0
     with create(tmp_path / "resumed", data) as writer:
         assert writer.pending_blocks() == [1, 3, 4]
-        assert writer.pending_blocks(shard=(1, 2)) == [1, 3]
+        assert writer.pending_blocks(part=(1, 2)) == [1, 3]
         write(writer, data)
         assert writer.pending_blocks() == []
     assert store_bytes(tmp_path / "resumed") == store_bytes(tmp_path / "whole")
@@ -261,20 +261,20 @@ def test_bad_labels_are_named(tmp_path: Path, data: dict) -> None:
         create(tmp_path / "s", bad)
 
 
-def test_uncoordinated_writers_refused_coordinated_shards_accepted(
+def test_uncoordinated_writers_refused_coordinated_parts_accepted(
     tmp_path: Path, data: dict
 ) -> None:
     path = tmp_path / "s"
     first = create(path, data)
-    with pytest.raises(StoreBusyError, match=r"shard 1/2 overlaps the live claim .* shard 0/1"):
-        create(path, data, shard=(1, 2))
+    with pytest.raises(StoreBusyError, match=r"part 1/2 overlaps the live claim .* part 0/1"):
+        create(path, data, part=(1, 2))
     first.close()
 
-    even, odd = create(path, data, shard=(0, 2)), create(path, data, shard=(1, 2))
+    even, odd = create(path, data, part=(0, 2)), create(path, data, part=(1, 2))
     assert even.pending_blocks() == [0, 2, 4] and odd.pending_blocks() == [1, 3]
     with pytest.raises(StoreBusyError, match=r"delete .*claims"):
-        create(path, data, shard=(0, 4))  # blocks 0 and 4 belong to the live 0/2
-    with pytest.raises(ValueError, match="belongs to shard 1/2"):
+        create(path, data, part=(0, 4))  # blocks 0 and 4 belong to the live 0/2
+    with pytest.raises(ValueError, match="belongs to part 1/2"):
         even.write_block(1, {})
     write(even, data)
     write(odd, data)
@@ -308,8 +308,8 @@ def test_dead_or_forced_claims_are_freed(tmp_path: Path, data: dict) -> None:
     holder.close()
 
 
-def spawn_writer(tmp_path: Path, data: dict, shard: tuple[int, int], then: str) -> subprocess.Popen:
-    """Another process that opens ``tmp_path / "s"`` as shard ``i/n``, then runs ``then``."""
+def spawn_writer(tmp_path: Path, data: dict, part: tuple[int, int], then: str) -> subprocess.Popen:
+    """Another process that opens ``tmp_path / "s"`` as part ``i/n``, then runs ``then``."""
     if not (tmp_path / "inputs.npz").exists():
         logits = {f"logits_{name}": v for name, v in data["logits"].items()}
         np.savez(tmp_path / "inputs.npz", labels=data["labels"], sizes=data["sizes"], **logits)
@@ -324,7 +324,7 @@ def spawn_writer(tmp_path: Path, data: dict, shard: tuple[int, int], then: str) 
         inputs, meta = np.load(d / "inputs.npz"), json.loads((d / "meta.json").read_text())
         writer = StoreWriter.create_or_resume(
             d / "s", Manifest.from_dict(meta["manifest"]), meta["keys"], inputs["labels"],
-            inputs["sizes"], samples_per_shard={PER_SHARD}, shard={shard})
+            inputs["sizes"], samples_per_shard={PER_SHARD}, part={part})
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.Popen(
@@ -447,15 +447,26 @@ def test_random_access_reads_match_written(finished: Path, data: dict, cache_byt
 
 
 def test_read_pool_stacks_models(finished: Path, data: dict) -> None:
-    pytest.importorskip("fastkd.kernels.targets")
     reader = StoreReader(finished)
     samples, views = np.array([0, 39, 17]), np.array([2, 0, 1])
     with pytest.raises(ValueError, match="one storage mode"):
         reader.read_pool(None, samples, views)
-    pool = reader.read_pool(["small"], samples, views)
-    assert pool.topk_ids.dtype == torch.int64 and pool.topk_logits.shape == (3, 1, 7)
+    sparse = reader.read_pool(["small", "small"], samples, views)  # M = 2 (one model twice)
+    assert sparse.lse.shape == sparse.true_logit.shape == (3, 2)
+    assert sparse.lse.dtype == sparse.true_logit.dtype == np.float32
+    assert sparse.topk_logits.shape == sparse.topk_ids.shape == (3, 2, 7)
+    assert sparse.topk_logits.dtype == np.float16 and sparse.topk_ids.dtype == np.uint16
+    assert sparse.logits is None
     one = reader.read("small", samples, views)
-    np.testing.assert_array_equal(pool.lse[:, 0].numpy(), one.lse)
+    for member in range(2):
+        for name in ("lse", "true_logit", "topk_logits", "topk_ids"):
+            np.testing.assert_array_equal(getattr(sparse, name)[:, member], getattr(one, name))
+    dense = reader.read_pool(["wide"], samples, views)
+    wide = reader.read("wide", samples, views)
+    assert dense.logits.shape == (3, 1, NUM_CLASSES) and dense.logits.dtype == np.float16
+    assert dense.topk_logits is None and dense.topk_ids is None
+    for name in ("lse", "true_logit", "logits"):
+        np.testing.assert_array_equal(getattr(dense, name)[:, 0], getattr(wide, name))
 
 
 def test_summary_counts_bytes(finished: Path) -> None:
@@ -467,17 +478,17 @@ def test_summary_counts_bytes(finished: Path) -> None:
     assert summary.bytes_per_view("small") == per_view / (NUM_SAMPLES * VIEWS)
 
 
-def test_resolve_shard(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_part(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
-    assert resolve_shard(None) == (0, 1)
-    assert resolve_shard("3/8") == (3, 8)
+    assert resolve_part(None) == (0, 1)
+    assert resolve_part("3/8") == (3, 8)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resolve_shard(None) == (2, 4)
+    assert resolve_part(None) == (2, 4)
     with pytest.raises(ValueError, match="i/n"):
-        resolve_shard("3-8")
+        resolve_part("3-8")
     with pytest.raises(ValueError, match="0 <= i < n"):
-        resolve_shard("8/8")
+        resolve_part("8/8")
 
 
 def test_skipped_images_are_recorded(tmp_path: Path, data: dict) -> None:

@@ -1,0 +1,95 @@
+"""The soft-target store: a sharded, compressed Zarr v3 group of per-(sample, view) pool outputs.
+
+One home for the on-disk format (``docs/store-format.md`` describes it for plain-zarr readers).
+Its modules, one idea each; the public names are re-exported here (``from fastkd.store import
+StoreReader``), the modules' other names are the package's own business:
+
+- ``manifest``: what a store holds (``Manifest``, ``ModelEntry``, ``StoreLayout``), comparing
+  manifests and checking a store against an ``Expectation``, reading a store's manifest.
+- ``encoding``: full logits -> top-k logits + ids + log-sum-exp + true-class logit, or dense
+  fp16 logits (``encode_logits``, ``resolve_topk``), and the arrays of a model.
+- ``arrays``: the store's array names, shards, chunks and codecs; creating a new store.
+- ``claims``: a rank's part ``i/n`` of the blocks, the creation lock and the writers' claims.
+- ``writer``: ``StoreWriter``: create or resume a store, write blocks and their markers.
+- ``reader``: ``StoreReader``: validated, random access through a cache of decoded blocks.
+- ``summary``: ``summarize``: sizes and stored bytes (``fastkd inspect``).
+
+Imports run one way, so there is no cycle (a module imports only those listed for it):
+
+    manifest  <- (none of the others)
+    encoding  <- manifest
+    arrays    <- manifest, encoding
+    claims    <- manifest
+    writer    <- manifest, encoding, arrays, claims
+    reader    <- manifest, encoding, arrays
+    summary   <- manifest, encoding, arrays
+
+Vocabulary: a *shard* is zarr's (the sharding codec's file, ``samples_per_shard`` samples of one
+array) and a *block* is one shard of every array, the unit of writing and resume; a *part* is a
+rank's slice ``i/n`` of the blocks (``--part``). The store's errors live in ``fastkd.errors``.
+"""
+
+from fastkd.errors import StoreBusyError, StoreError, StoreMismatchError
+from fastkd.store.arrays import SHARED_ARRAYS, ZSTD_LEVEL
+from fastkd.store.claims import CLAIM_STALE_S, HEARTBEAT_S, LOCK_WAIT_S, resolve_part
+from fastkd.store.encoding import (
+    DENSE_MAX_CLASSES,
+    DENSE_SLACK,
+    encode_logits,
+    id_dtype,
+    resolve_topk,
+)
+from fastkd.store.manifest import (
+    CHUNK_SAMPLES,
+    FORMAT_VERSION,
+    MANIFEST_ATTR,
+    STATUS_ATTR,
+    TARGET_VIEWS_PER_SHARD,
+    Expectation,
+    Manifest,
+    ModelEntry,
+    StoreLayout,
+    default_samples_per_shard,
+    manifest_differences,
+    open_manifest,
+)
+from fastkd.store.reader import DEFAULT_CACHE_BYTES, ModelTargets, PoolArrays, StoreReader
+from fastkd.store.summary import ArraySummary, StoreSummary, summarize
+from fastkd.store.writer import StoreWriter
+
+__all__ = [
+    "CHUNK_SAMPLES",
+    "CLAIM_STALE_S",
+    "DEFAULT_CACHE_BYTES",
+    "DENSE_MAX_CLASSES",
+    "DENSE_SLACK",
+    "FORMAT_VERSION",
+    "HEARTBEAT_S",
+    "LOCK_WAIT_S",
+    "MANIFEST_ATTR",
+    "SHARED_ARRAYS",
+    "STATUS_ATTR",
+    "TARGET_VIEWS_PER_SHARD",
+    "ZSTD_LEVEL",
+    "ArraySummary",
+    "Expectation",
+    "Manifest",
+    "ModelEntry",
+    "ModelTargets",
+    "PoolArrays",
+    "StoreBusyError",
+    "StoreError",
+    "StoreLayout",
+    "StoreMismatchError",
+    "StoreReader",
+    "StoreSummary",
+    "StoreWriter",
+    "default_samples_per_shard",
+    "encode_logits",
+    "id_dtype",
+    "manifest_differences",
+    "open_manifest",
+    "resolve_part",
+    "resolve_topk",
+    "summarize",
+]

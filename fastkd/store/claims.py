@@ -1,0 +1,177 @@
+"""Who writes what: the creation lock, the writers' part claims, and a rank's part ``i/n``.
+
+Ranks fill one store together, each its part ``i/n`` of the blocks (block ``b`` belongs to part
+``b % n``). Two dumps that do not know of each other must not write one block, and one that died
+must not lock the store for good; so each writer records itself (host, pid, run id, part,
+heartbeat) in ``STORE/.fastkd/``: a lock file while it creates or checks the store, and a claim
+while it writes. A live overlapping claim refuses a new writer; a dead one (stale heartbeat, or a
+pid gone on this host) is removed. Files and processes, no arrays: the writer is its only user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastkd.errors import ConfigError, StoreBusyError
+from fastkd.files import write_json
+from fastkd.store.manifest import json_default
+
+HEARTBEAT_S = 30.0  # a writer refreshes its claim this often
+CLAIM_STALE_S = 300.0  # a claim (or the creation lock) not refreshed for this long is dead
+LOCK_WAIT_S = 900.0  # how long a rank waits for another to finish creating the store
+
+
+def resolve_part(spec: str | None = None) -> tuple[int, int]:
+    """``"i/n"``, else torchrun's ``RANK``/``WORLD_SIZE``, else ``(0, 1)``."""
+    if spec:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if not match:
+            raise ConfigError(f"--part must look like i/n (e.g. 0/4), got {spec!r}")
+        part = int(match[1]), int(match[2])
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        part = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    else:
+        part = (0, 1)
+    check_part(part)
+    return part
+
+
+def check_part(part: tuple[int, int]) -> None:
+    """Refuse a part ``i/n`` that is not one of ``n`` parts."""
+    i, n = part
+    if not 0 <= i < n:
+        raise ConfigError(f"part {i}/{n}: need 0 <= i < n")
+
+
+def parts_overlap(a: tuple[int, int], b: tuple[int, int], num_blocks: int) -> bool:
+    """Whether parts ``i/n`` and ``j/m`` share a block (block b belongs to i/n when b % n == i)."""
+    (i, n), (j, m) = a, b
+    return any(block % m == j for block in range(i, num_blocks, n))
+
+
+@dataclass
+class Holder:
+    """A writer process, as recorded in the creation lock and in part claims."""
+
+    host: str
+    pid: int
+    run_id: str
+    part: tuple[int, int]
+    started: float
+    heartbeat: float
+
+    @classmethod
+    def me(cls, run_id: str, part: tuple[int, int]) -> Holder:
+        now = time.time()
+        return cls(socket.gethostname(), os.getpid(), run_id, part, now, now)
+
+    @classmethod
+    def load(cls, path: Path) -> Holder | None:
+        """The holder in a lock or claim file; None when it vanished or is still being written.
+
+        Files written before the rename of ``shard`` to ``part`` are read too."""
+        try:
+            values = json.loads(path.read_text())
+            values["part"] = tuple(values.pop("part") if "part" in values else values.pop("shard"))
+            return cls(**values)
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+
+    def is_live(self) -> bool:
+        """Dead when its heartbeat is stale, or when it ran on this host and its pid is gone."""
+        if time.time() - self.heartbeat > CLAIM_STALE_S:
+            return False
+        return self.host != socket.gethostname() or _pid_alive(self.pid)
+
+    def describe(self) -> str:
+        i, n = self.part
+        age = time.time() - self.heartbeat
+        return f"run {self.run_id} (host {self.host}, pid {self.pid}, part {i}/{n}, heartbeat {age:.0f} s ago)"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    write_json(path, value, default=json_default, indent=None)
+
+
+@contextlib.contextmanager
+def creation_lock(meta: Path, holder: Holder) -> Iterator[None]:
+    """Exclusive lock file while a store is created or checked; others wait, a dead holder's lock
+    is broken."""
+    lock = meta / "lock"
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            other = Holder.load(lock)
+            if other is not None and not other.is_live():
+                lock.unlink(missing_ok=True)
+                continue
+            if time.monotonic() > deadline:
+                who = other.describe() if other else "a writer"
+                raise StoreBusyError(
+                    f"store {meta.parent} stayed locked by {who} for {LOCK_WAIT_S:.0f} s; "
+                    f"if no fastkd process is creating it, delete {lock}"
+                ) from None
+            time.sleep(0.2)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(holder), f)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def claim_file(meta: Path, run_id: str) -> Path:
+    """The claim of the writer ``run_id``."""
+    return meta / "claims" / f"{run_id}.json"
+
+
+def claims(meta: Path) -> list[Holder]:
+    """The writers holding claims (live or not) on the store of ``meta``."""
+    holders = []
+    for file in sorted((meta / "claims").glob("*.json")):
+        holder = Holder.load(file)
+        if holder is not None:
+            holders.append(holder)
+    return holders
+
+
+def claim_part(meta: Path, me: Holder, num_blocks: int, force: bool) -> None:
+    """Record this writer's claim; refuse when a live writer holds an overlapping part."""
+    for holder in claims(meta):
+        file = claim_file(meta, holder.run_id)
+        if not holder.is_live():
+            file.unlink(missing_ok=True)
+        elif parts_overlap(holder.part, me.part, num_blocks):
+            if not force:
+                i, n = me.part
+                raise StoreBusyError(
+                    f"store {meta.parent}: part {i}/{n} overlaps the live claim of "
+                    f"{holder.describe()}. Two uncoordinated dumps into one store are refused: give "
+                    f"each rank its own --part i/n. If that dump is dead, wait {CLAIM_STALE_S:.0f} s "
+                    f"after its last heartbeat, delete {file}, or force it (force_claim=True)."
+                )
+            file.unlink(missing_ok=True)
+    write_json_atomic(claim_file(meta, me.run_id), asdict(me))

@@ -1,0 +1,278 @@
+"""Reading a finished store: validated against what training expects, O(1) random access.
+
+Training asks for any batch of (sample, view) rows, in random order. A zarr lookup costs
+milliseconds, so the reader decodes whole shards (one block of an array) into a cache of decoded
+blocks and gathers rows from it with numpy: a shuffled epoch decodes every shard about once. What
+it returns is numpy (``ModelTargets``, ``PoolArrays``): the loss's tensor types are training's
+business, not the store's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from fastkd.errors import ConfigError, StoreError, StoreMismatchError
+from fastkd.store.arrays import DONE_ARRAY
+from fastkd.store.encoding import model_arrays
+from fastkd.store.manifest import Expectation, open_manifest
+from fastkd.views import box_fractions
+
+DEFAULT_CACHE_BYTES = 4 << 30  # reader: decoded blocks kept in memory, all models together
+
+
+@dataclass
+class ModelTargets:
+    """Stored targets of one model for a batch of (sample, view) rows (numpy)."""
+
+    lse: np.ndarray  # [b] fp32
+    true_logit: np.ndarray  # [b] fp32
+    topk_logits: np.ndarray | None = None  # [b, K] fp16, descending
+    topk_ids: np.ndarray | None = None  # [b, K] uint16 / uint32
+    logits: np.ndarray | None = None  # [b, C] fp16 (dense)
+
+    @property
+    def true_logprob(self) -> np.ndarray:
+        """log p(y) at T = 1, exact whatever the top-k."""
+        return self.true_logit - self.lse
+
+
+@dataclass
+class PoolArrays:
+    """Stored targets of several models for a batch of rows, stacked along a member axis (numpy).
+
+    Either ``topk_logits`` and ``topk_ids`` (sparse) or ``logits`` (dense) are set.
+    """
+
+    lse: np.ndarray  # [B, M] fp32
+    true_logit: np.ndarray  # [B, M] fp32
+    topk_logits: np.ndarray | None = None  # [B, M, K] fp16, descending
+    topk_ids: np.ndarray | None = None  # [B, M, K] the stored id dtype (uint16 / uint32)
+    logits: np.ndarray | None = None  # [B, M, C] fp16 (dense)
+
+
+class _BlockCache:
+    """Decoded blocks of a few arrays in a fixed arena of slots, evicted least recently used.
+
+    ``gather`` is vectorised: rows map to (slot, offset in block, view) by array lookups, so a
+    batch costs a handful of numpy calls once its blocks are resident, whatever its size.
+    """
+
+    def __init__(
+        self, arrays: Mapping[str, zarr.Array], samples_per_block: int, max_bytes: int
+    ) -> None:
+        self._arrays = dict(arrays)
+        self._block = samples_per_block
+        first = next(iter(self._arrays.values()))
+        self._num_samples = first.shape[0]
+        num_blocks = -(-self._num_samples // samples_per_block)
+        block_bytes = sum(
+            samples_per_block * math.prod(a.shape[1:]) * a.dtype.itemsize
+            for a in self._arrays.values()
+        )
+        self.slots = max(1, min(num_blocks, max_bytes // max(1, block_bytes)))
+        self._arena = {
+            name: np.empty((self.slots, samples_per_block, *a.shape[1:]), dtype=a.dtype)
+            for name, a in self._arrays.items()
+        }
+        self._slot_of = np.full(num_blocks, -1, dtype=np.int64)
+        self._block_in = np.full(self.slots, -1, dtype=np.int64)
+        self._last_used = np.zeros(self.slots, dtype=np.int64)
+        self._clock = 0
+        self.loads = 0
+
+    def _load(self, blocks: np.ndarray, keep: np.ndarray) -> None:
+        """Decode ``blocks`` into the least recently used slots, never evicting ``keep``'s."""
+        used = self._last_used.copy()
+        used[self._slot_of[keep][self._slot_of[keep] >= 0]] = np.iinfo(np.int64).max
+        victims = np.argsort(used, kind="stable")[: blocks.size]
+        for block, slot in zip(blocks.tolist(), victims.tolist(), strict=True):
+            old = self._block_in[slot]
+            if old >= 0:
+                self._slot_of[old] = -1
+            start = block * self._block
+            stop = min(start + self._block, self._num_samples)
+            for name, array in self._arrays.items():
+                self._arena[name][slot, : stop - start] = array[start:stop]
+            self._slot_of[block] = slot
+            self._block_in[slot] = block
+            self.loads += 1
+
+    def gather(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``(samples[i], views[i])`` of every array."""
+        blocks = samples // self._block
+        needed = np.unique(blocks)
+        if needed.size > self.slots:  # more blocks than fit: split the batch by blocks
+            out = {
+                name: np.empty((samples.size, *a.shape[3:]), dtype=a.dtype)
+                for name, a in self._arena.items()
+            }
+            for group in np.array_split(needed, -(-needed.size // self.slots)):
+                mask = np.isin(blocks, group)
+                for name, rows in self.gather(samples[mask], views[mask]).items():
+                    out[name][mask] = rows
+            return out
+        missing = needed[self._slot_of[needed] < 0]
+        if missing.size:
+            self._load(missing, needed)
+        self._clock += 1
+        slot = self._slot_of[blocks]
+        self._last_used[slot] = self._clock
+        offset = samples - blocks * self._block
+        return {name: a[slot, offset, views] for name, a in self._arena.items()}
+
+
+class StoreReader:
+    """Random access to a finished store, validated against what training expects.
+
+    ``read`` and ``read_pool`` take any batch of (sample, view) rows; shards are decoded whole
+    through zarr into a block cache (``cache_bytes`` in all) and indexed with numpy.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        expect: Expectation | None = None,
+        *,
+        allow_incomplete: bool = False,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> None:
+        self.path = Path(path)
+        self.manifest, self.layout = open_manifest(self.path)
+        if expect is not None:
+            problems = expect.differences(self.manifest)
+            if problems:
+                raise StoreMismatchError(
+                    self.path, problems, "refusing targets made for other data or models"
+                )
+        self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
+        self._done = self._group[DONE_ARRAY][:].astype(bool)
+        if not self._done.all() and not allow_incomplete:
+            pending = np.flatnonzero(~self._done)
+            raise StoreError(
+                f"store {self.path} is incomplete: {pending.size} of {self.layout.num_blocks} blocks "
+                f"not written (first {pending[:5].tolist()}); finish the dump (it resumes) or pass "
+                "allow_incomplete=True"
+            )
+        self.labels: np.ndarray = self._group["labels"][:]
+        self.sizes: np.ndarray = self._group["sizes"][:]
+        self.skipped: np.ndarray = self._group["skipped"][:]
+        self._keys: list[str] | None = None
+        self._cache_bytes = cache_bytes
+        self._caches: dict[str | None, _BlockCache] = {}
+
+    # -- manifest shortcuts --------------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def num_views(self) -> int:
+        return self.manifest.views
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.manifest.models]
+
+    @property
+    def keys(self) -> list[str]:
+        """Sample keys (paths relative to the data root), loaded on first use."""
+        if self._keys is None:
+            self._keys = [str(k) for k in self._group["keys"][:]]
+        return self._keys
+
+    def pending_blocks(self) -> list[int]:
+        return np.flatnonzero(~self._done).tolist()
+
+    @property
+    def blocks_decoded(self) -> int:
+        """Shards decoded so far by the block caches (each decoded once while it stays cached)."""
+        return sum(cache.loads for cache in self._caches.values())
+
+    # -- random access -------------------------------------------------------------------------
+
+    def _cache(self, model: str | None) -> _BlockCache:
+        """The block cache of one model's arrays (None: the view parameters), made on first use;
+        zarr lookups cost milliseconds, so they happen only here."""
+        cache = self._caches.get(model)
+        if cache is None:
+            if model is None:
+                arrays = {name: self._group[name] for name in ("boxes", "flips")}
+            else:
+                entry = self.manifest.model(model)
+                member = self._group[f"models/{model}"]
+                arrays = {name: member[name] for name in model_arrays(entry, self.num_views)}
+            share = self._cache_bytes // (len(self.manifest.models) + 1)
+            cache = _BlockCache(arrays, self.layout.samples_per_shard, share)
+            self._caches[model] = cache
+        return cache
+
+    def _rows(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        views = np.asarray(views, dtype=np.int64).reshape(-1)
+        if views.size == 1 and samples.size != 1:
+            views = np.broadcast_to(views, samples.shape)
+        if samples.shape != views.shape:
+            raise ConfigError(
+                f"samples {samples.shape} and views {views.shape} must have one entry per row"
+            )
+        if samples.size and not (samples.min() >= 0 and samples.max() < self.num_samples):
+            bad = samples[(samples < 0) | (samples >= self.num_samples)][0]
+            raise IndexError(f"sample {bad} is outside the store's {self.num_samples} samples")
+        if views.size and not (views.min() >= 0 and views.max() < self.num_views):
+            bad = views[(views < 0) | (views >= self.num_views)][0]
+            raise IndexError(f"view {bad} is outside the store's {self.num_views} views")
+        blocks = samples // self.layout.samples_per_shard
+        if not self._done[blocks].all():
+            s = samples[~self._done[blocks]][0]
+            raise StoreError(
+                f"sample {s} of {self.path} is in block {s // self.layout.samples_per_shard}, not written yet"
+            )
+        return samples, views
+
+    def view_params(self, samples: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crop boxes [b, 4] (y0, x0, h, w fractions, as ``views.view_params``) and flips [b] of
+        the given rows, from the stored pixel boxes."""
+        samples, views = self._rows(samples, views)
+        rows = self._cache(None).gather(samples, views)
+        return box_fractions(rows["boxes"], self.sizes[samples]), rows["flips"]
+
+    def read(self, model: str, samples: np.ndarray, views: np.ndarray) -> ModelTargets:
+        """Stored targets of one model for rows (samples[i], views[i])."""
+        cache = self._cache(model)
+        return ModelTargets(**cache.gather(*self._rows(samples, views)))
+
+    def read_pool(
+        self, models: Sequence[str] | None, samples: np.ndarray, views: np.ndarray
+    ) -> PoolArrays:
+        """Targets of several models (default: all, in manifest order) stacked along axis 1, as
+        stored: lse/true_logit [B, M] fp32, topk_logits [B, M, K] fp16 and topk_ids [B, M, K]
+        (uint16 / uint32), or logits [B, M, C] fp16. All models must share one storage mode."""
+        names = list(models) if models is not None else self.model_names
+        entries = [self.manifest.model(n) for n in names]
+        if len({e.topk for e in entries}) != 1:
+            raise ConfigError(
+                "read_pool needs one storage mode for all models, got topk "
+                + ", ".join(f"{e.name}={e.topk}" for e in entries)
+            )
+        members = [self.read(n, samples, views) for n in names]
+
+        def stack(field_name: str) -> np.ndarray:
+            return np.stack([getattr(m, field_name) for m in members], axis=1)
+
+        if entries[0].topk == 0:
+            return PoolArrays(
+                lse=stack("lse"), true_logit=stack("true_logit"), logits=stack("logits")
+            )
+        return PoolArrays(
+            lse=stack("lse"),
+            true_logit=stack("true_logit"),
+            topk_logits=stack("topk_logits"),
+            topk_ids=stack("topk_ids"),
+        )

@@ -1,0 +1,83 @@
+"""What a store holds and what it costs on disk, for ``fastkd inspect`` and the benchmarks.
+
+Reads the manifest and zarr's metadata of every array (shapes, stored bytes), never the data
+itself beyond the keys and the skipped flags, so it works on a finished store or one still being
+written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from fastkd.store.arrays import DONE_ARRAY, META_DIR, SHARED_ARRAYS
+from fastkd.store.encoding import model_arrays
+from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
+
+
+@dataclass
+class ArraySummary:
+    path: str  # inside the store, e.g. models/resnet18/topk_logits
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int  # decoded
+    nbytes_stored: int  # on disk, compressed, sharding index included
+
+
+@dataclass
+class StoreSummary:
+    manifest: Manifest
+    layout: StoreLayout
+    blocks_done: int
+    arrays: list[ArraySummary] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    num_files: int = 0
+
+    def bytes_per_view(self, model: str | None = None) -> float:
+        """Stored bytes per (sample, view) of one model's arrays (None: the shared arrays)."""
+        prefix = f"models/{model}/" if model else None
+        total = sum(
+            a.nbytes_stored
+            for a in self.arrays
+            if (a.path.startswith(prefix) if prefix else not a.path.startswith("models/"))
+        )
+        return total / (self.manifest.num_samples * self.manifest.views)
+
+    @property
+    def compression_ratio(self) -> float:
+        stored = sum(a.nbytes_stored for a in self.arrays)
+        return sum(a.nbytes for a in self.arrays) / max(1, stored)
+
+
+def summarize(path: Path | str) -> StoreSummary:
+    """Manifest, array sizes and stored bytes of a store (finished or not)."""
+    path = Path(path)
+    manifest, layout = open_manifest(path)
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    names = [*SHARED_ARRAYS] + [
+        f"models/{m.name}/{a}" for m in manifest.models for a in model_arrays(m, manifest.views)
+    ]
+    arrays = []
+    keys = group["keys"][:]
+    for name in names:
+        array = group[name]
+        if name == "keys":  # variable length: the UTF-8 bytes of all keys
+            nbytes = sum(len(str(k).encode()) for k in keys)
+        else:
+            nbytes = math.prod(array.shape) * array.dtype.itemsize
+        arrays.append(
+            ArraySummary(name, tuple(array.shape), str(array.dtype), nbytes, array.nbytes_stored())
+        )
+    skipped_mask = group["skipped"][:]
+    return StoreSummary(
+        manifest=manifest,
+        layout=layout,
+        blocks_done=int(group[DONE_ARRAY][:].sum()),
+        arrays=arrays,
+        skipped=[str(keys[int(s)]) for s in np.flatnonzero(skipped_mask)],
+        num_files=sum(1 for p in path.rglob("*") if p.is_file() and META_DIR not in p.parts),
+    )

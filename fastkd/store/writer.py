@@ -1,0 +1,338 @@
+"""Writing a store: create it or resume it, then write whole blocks, each followed by its marker.
+
+The unit of writing is a block: one shard along the sample axis, all views, all models. Ranks
+write disjoint blocks (their parts, ``claims``); a block's arrays are written in full, then its
+marker in ``blocks_done`` (one unsharded chunk per block, so markers of different ranks never
+share a file). Resume rewrites the blocks without a marker, so a block torn by a crash is simply
+written again. A store is only reused when its manifest and labels equal the ones asked for, and
+a directory that is not a fastkd store is never touched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
+from fastkd.store.arrays import DONE_ARRAY, META_DIR, create_store
+from fastkd.store.claims import (
+    HEARTBEAT_S,
+    Holder,
+    check_part,
+    claim_file,
+    claim_part,
+    claims,
+    creation_lock,
+    write_json_atomic,
+)
+from fastkd.store.encoding import encode_logits
+from fastkd.store.manifest import (
+    STATUS_ATTR,
+    Manifest,
+    StoreLayout,
+    json_differences,
+    manifest_differences,
+    open_manifest,
+    parse_config,
+    read_config,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+_CREATING = "creating"  # marker file in META_DIR: creation started and has not finished
+
+
+class StoreWriter:
+    """Writes blocks of a store; one per process, holding a claim on its part ``i/n``.
+
+    Use ``create_or_resume`` and close it (or use it as a context manager) to release the claim.
+    """
+
+    def __init__(self, path: Path, part: tuple[int, int], run_id: str) -> None:
+        self.path = path
+        self.part = part
+        self.run_id = run_id
+        self.manifest, self.layout = open_manifest(path)
+        self._group = zarr.open_group(path, mode="r+", zarr_format=3)
+        self._labels = self._group["labels"][:]
+        self._done = self._group[DONE_ARRAY]
+        self._claim = claim_file(path / META_DIR, run_id)
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="fastkd-claim", daemon=True)
+        self._lost_claim = False
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: Path | str,
+        manifest: Manifest,
+        keys: Sequence[str],
+        labels: np.ndarray,
+        sizes: np.ndarray,
+        *,
+        overwrite: bool = False,
+        samples_per_shard: int | None = None,
+        part: tuple[int, int] = (0, 1),
+        force_claim: bool = False,
+    ) -> StoreWriter:
+        """Create the store, or reopen it when its manifest equals ``manifest`` (resume).
+
+        A store with another configuration is refused (``StoreMismatchError``, naming what
+        differs) unless ``overwrite``; a path holding anything that is not a fastkd store is never
+        touched. Ranks may call this at once: one creates under a lock, the others wait and
+        validate. The writer then claims ``part``; a live writer whose part overlaps is refused
+        (``StoreBusyError``) unless ``force_claim``.
+        """
+        path = Path(path)
+        labels, sizes = _check_samples(manifest, keys, labels, sizes)
+        layout = StoreLayout.for_store(manifest.num_samples, manifest.views, samples_per_shard)
+        check_part(part)
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is a file, not a store directory")
+        if path.is_dir() and any(path.iterdir()) and not (path / META_DIR).is_dir():
+            raise StoreError(f"{path} exists and is not a fastkd store; choose another output path")
+        meta = path / META_DIR
+        (meta / "claims").mkdir(parents=True, exist_ok=True)
+
+        run_id = uuid.uuid4().hex[:12]
+        me = Holder.me(run_id, tuple(part))
+        with creation_lock(meta, me):
+            layout = _create_or_check(
+                path,
+                manifest,
+                keys,
+                labels,
+                sizes,
+                layout,
+                samples_per_shard is not None,
+                overwrite,
+            )
+            claim_part(meta, me, layout.num_blocks, force_claim)
+        writer = cls(path, me.part, run_id)
+        writer._heartbeat.start()
+        return writer
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layout.num_blocks
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Samples ``[start, stop)`` of a block."""
+        if not 0 <= block < self.num_blocks:
+            raise IndexError(f"block {block} is outside [0, {self.num_blocks})")
+        start = block * self.layout.samples_per_shard
+        return start, min(start + self.layout.samples_per_shard, self.manifest.num_samples)
+
+    def pending_blocks(self, part: tuple[int, int] | None = None) -> list[int]:
+        """Blocks of ``part`` (default: this writer's) without a completion marker."""
+        i, n = part or self.part
+        done = self._done[:]
+        return [b for b in range(i, self.num_blocks, n) if not done[b]]
+
+    def write_block(
+        self,
+        block: int,
+        logits: Mapping[str, np.ndarray | torch.Tensor],
+        skipped: np.ndarray | Sequence[int] | None = None,
+    ) -> None:
+        """Encode and write one block, then mark it done.
+
+        logits: every model's full logits [n, V, C] for the block's samples (``block_range``), in
+        sample order. skipped: offsets within the block of samples whose image could not be read
+        (their rows are written as given, e.g. zeros, and flagged in ``skipped``).
+        """
+        if self._lost_claim or not self._claim.exists():
+            raise StoreBusyError(
+                f"the claim {self._claim} of this writer was removed (forced by another dump?); "
+                "stopping so two writers never write one block"
+            )
+        i, n = self.part
+        if block % n != i:
+            raise ConfigError(
+                f"block {block} belongs to part {block % n}/{n}, this writer holds {i}/{n}"
+            )
+        start, stop = self.block_range(block)
+        expected = [m.name for m in self.manifest.models]
+        if sorted(logits) != sorted(expected):
+            raise ConfigError(
+                f"block {block}: logits for models {sorted(logits)}, the store has {sorted(expected)}"
+            )
+        for entry in self.manifest.models:
+            shape = tuple(logits[entry.name].shape)
+            want = (stop - start, self.manifest.views, entry.num_classes)
+            if shape != want:
+                raise ConfigError(
+                    f"block {block}, model {entry.name!r}: logits of shape {shape}, expected {want}"
+                )
+        flags = np.zeros(stop - start, dtype=bool)
+        if skipped is not None:
+            offsets = np.asarray(skipped, dtype=np.int64).reshape(-1)
+            if offsets.size and (offsets.min() < 0 or offsets.max() >= stop - start):
+                raise ConfigError(
+                    f"block {block}: skipped offsets must be in [0, {stop - start}) (offsets "
+                    f"within the block, not sample indices), got {offsets.tolist()}"
+                )
+            flags[offsets] = True
+
+        models = self._group["models"]
+        for entry in self.manifest.models:
+            try:
+                encoded = encode_logits(logits[entry.name], self._labels[start:stop], entry.topk)
+            except ValueError as err:
+                raise ConfigError(
+                    f"block {block} (samples {start}-{stop - 1}), model {entry.name!r}: {err}"
+                ) from None
+            member = models[entry.name]
+            for name, values in encoded.items():
+                member[name][start:stop] = values
+        self._group["skipped"][start:stop] = flags
+        self._done[block] = 1
+
+    # -- claims --------------------------------------------------------------------------------
+
+    def _beat(self) -> None:
+        holder = Holder.load(self._claim)
+        while not self._stop.wait(HEARTBEAT_S):
+            if not self._claim.exists():
+                self._lost_claim = True
+                return
+            if holder is not None:
+                holder.heartbeat = time.time()
+                write_json_atomic(self._claim, asdict(holder))
+
+    def close(self) -> None:
+        """Release the claim; if every block is done, record the store as complete."""
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join()
+        self._claim.unlink(missing_ok=True)
+        done = self._done[:]
+        if done.all() and STATUS_ATTR not in self._group.attrs:
+            skipped = np.flatnonzero(self._group["skipped"][:])
+            keys = self._group["keys"]
+            self._group.attrs[STATUS_ATTR] = {
+                "complete": True,
+                "skipped": [str(keys[int(s)]) for s in skipped],
+            }
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _create_or_check(
+    path: Path,
+    manifest: Manifest,
+    keys: Sequence[str],
+    labels: np.ndarray,
+    sizes: np.ndarray,
+    layout: StoreLayout,
+    explicit_layout: bool,
+    overwrite: bool,
+) -> StoreLayout:
+    """Under the creation lock: create the store, or check that the existing one matches.
+
+    Returns the layout in force (an existing store keeps its own unless one was asked for).
+    """
+    meta = path / META_DIR
+    stored = read_config(path)
+    if stored is None:
+        torn = (meta / _CREATING).exists()  # a creation that crashed before its manifest
+        if not torn and any(p.name != META_DIR for p in path.iterdir()):
+            raise StoreError(
+                f"{path} holds a zarr group that is not a fastkd store; choose another output path"
+            )
+    else:
+        try:
+            stored_manifest, stored_layout = parse_config(path, stored)
+        except StoreMismatchError as err:  # another format version: only overwrite helps
+            problems = err.differences
+        else:
+            problems = manifest_differences(stored_manifest, manifest)
+            if explicit_layout and stored_layout != layout:
+                problems += json_differences(asdict(stored_layout), asdict(layout), "layout")
+            if not problems:
+                problems = _sample_differences(path, labels)
+            if not problems:
+                return stored_layout
+        if not overwrite:
+            raise StoreMismatchError(
+                path,
+                problems,
+                "refusing to resume into it; pass overwrite=True (--overwrite) to replace it, "
+                "or write to another path",
+            )
+        live = [h for h in claims(meta) if h.is_live()]
+        if live:
+            raise StoreBusyError(
+                f"cannot overwrite {path}: live writers hold it: "
+                + "; ".join(h.describe() for h in live)
+            )
+    (meta / _CREATING).touch()
+    _clear_store(path)
+    create_store(path, manifest, layout, keys, labels, sizes)
+    (meta / _CREATING).unlink()
+    return layout
+
+
+def _clear_store(path: Path) -> None:
+    """Delete a store's data, keeping its lock and claims."""
+    for entry in path.iterdir():
+        if entry.name == META_DIR:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _check_samples(
+    manifest: Manifest, keys: Sequence[str], labels: np.ndarray, sizes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    n = manifest.num_samples
+    labels = np.asarray(labels)
+    sizes = np.asarray(sizes)
+    if len(keys) != n or labels.shape != (n,) or sizes.shape != (n, 2):
+        raise ConfigError(
+            f"the manifest has {n} samples but got {len(keys)} keys, labels of shape "
+            f"{labels.shape} and sizes of shape {sizes.shape} (need [{n}] and [{n}, 2])"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ConfigError(f"labels must be integers, got {labels.dtype}")
+    bad = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
+    if bad.size:
+        s = int(bad[0])
+        raise ConfigError(
+            f"sample {s} ({keys[s]}) has label {labels[s]}, outside the {manifest.num_classes} "
+            f"classes of the pool ({bad.size} such samples)"
+        )
+    if (sizes < 1).any():
+        s = int(np.flatnonzero((sizes < 1).any(axis=1))[0])
+        raise ConfigError(f"sample {s} ({keys[s]}) has an empty image size {tuple(sizes[s])}")
+    return labels.astype(np.int64), sizes.astype(np.int32)
+
+
+def _sample_differences(path: Path, labels: np.ndarray) -> list[str]:
+    """Labels that differ from the store's (the fingerprint already covers keys and files)."""
+    stored = zarr.open_group(path, mode="r", zarr_format=3)["labels"][:]
+    diff = np.flatnonzero(stored != labels)
+    if not diff.size:
+        return []
+    s = int(diff[0])
+    return [
+        f"labels: {diff.size} differ, first sample {s}: store has {stored[s]}, expected {labels[s]}"
+    ]
