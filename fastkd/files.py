@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from fastkd.runtime import json_default
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write`` on a temp file in ``path``'s folder, fsync it, then ``os.replace`` it onto
@@ -41,9 +43,10 @@ def atomic_torch_save(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def write_json(
-    path: str | os.PathLike, value: Any, *, default: Callable[[Any], Any] = str, indent: int = 2
+    path: str | os.PathLike, value: Any, *, default: Callable[[Any], Any] = json_default, indent: int = 2
 ) -> Path:
-    """JSON, atomically; NaN becomes null (strict JSON has no NaN)."""
+    """JSON, atomically; NaN becomes null (strict JSON has no NaN); paths, enums and numpy
+    values in their JSON form (``runtime.json_default``)."""
     text = json.dumps(_nan_to_none(value), indent=indent, default=default)
     return atomic_write_text(path, text)
 

@@ -1,0 +1,154 @@
+"""Where a process runs and how it reports: device, ranks, autocast, progress bars, JSON form.
+
+One home for each; dump, training, evaluation and the benchmarks use these. torch is imported
+inside the functions that need it, so the torch-free parts (the store, ``fastkd inspect``) can
+use the JSON form without loading torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+if TYPE_CHECKING:
+    import torch
+
+# ----------------------------------------------------------------------------------------------
+# Ranks and devices
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def local_rank() -> int:
+    """torchrun's LOCAL_RANK (0 outside torchrun): which of the node's GPUs is this process's."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device_kind: str) -> DistContext:
+    """Join the torchrun job named by RANK / WORLD_SIZE / LOCAL_RANK (nccl on GPU, gloo on CPU)."""
+    import torch.distributed as dist
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistContext()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank())
+
+
+def resolve_device(name: str | None = "auto") -> torch.device:
+    """``auto`` (or None): this rank's GPU (cuda:LOCAL_RANK) when there is one, else the CPU.
+    ``cuda`` without an index also means this rank's GPU."""
+    import torch
+
+    if name is None or name == "auto":
+        return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank())
+    return device
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU; a no-op elsewhere (CPU runs fp32 for exact, portable results)."""
+    import torch
+
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or ``cpu``: what benchmark results are labelled with."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class RateColumn(ProgressColumn):
+    """Completed units per second (``unit``: steps, img)."""
+
+    def __init__(self, unit: str) -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        text = f"{speed:,.2f} {self.unit}/s" if speed else f"- {self.unit}/s"
+        return Text(text, style="progress.data.speed")
+
+
+def progress_bar(unit: str, *fields: ProgressColumn, enabled: bool = True) -> Progress:
+    """A rich progress bar on stderr: description, bar, done/total, rate, ``fields``, elapsed and
+    remaining time. Off (a no-op whose ``console.log`` still prints) when not ``enabled`` or not
+    on a terminal, where a redrawn bar would only fill a log file."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        *fields,
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON form
+
+
+def json_default(value: Any) -> Any:
+    """JSON form of the non-JSON values fastkd records: paths, enums, numpy scalars and arrays."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    if type(value).__module__ == "numpy":
+        return value.tolist()  # numpy scalars and arrays (numpy imported only where they exist)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+def plain(value: Any) -> Any:
+    """JSON-normal form (tuples become lists, paths strings, numpy values Python numbers), so
+    configs compare equal whether they were built here or read back from a file."""
+    return json.loads(json.dumps(value, default=json_default))
