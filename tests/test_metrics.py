@@ -11,7 +11,8 @@ from rich.console import Console
 
 from fastkd.data import open_dataset
 from fastkd.digits import write_digits_folder
-from fastkd.metrics import TransferReport, evaluate, transfer_report
+from fastkd.evaluation import evaluate
+from fastkd.metrics import TransferReport, transfer_report
 
 
 def _predictions(right: set[int], n: int = 10) -> np.ndarray:

@@ -1,0 +1,129 @@
+"""Running models over a data set to get the predictions the transfer metrics are made of.
+
+The eval view is view 0 of ``fastkd.views`` (centre square of ``crop_pct`` x the short side, no
+flip), resized and normalised with each model's own timm data config: timm's eval transform.
+``fastkd.metrics`` turns the predictions into figures; training calls ``evaluate`` for model
+selection on held-out data.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fastkd.data import ImageDataset, open_dataset, view_loader
+from fastkd.errors import ConfigError
+from fastkd.metrics import TransferReport, transfer_report
+from fastkd.models import ModelSpec, load_model
+from fastkd.runtime import autocast
+from fastkd.views import AugmentConfig, view_params
+
+
+@torch.no_grad()
+def evaluate(
+    models: Mapping[str, torch.nn.Module],
+    data_configs: Mapping[str, dict],
+    dataset: ImageDataset,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    amp: bool = True,
+) -> dict[str, np.ndarray]:
+    """Top-1 predictions [n] of each model on the eval view of every sample of ``dataset``.
+
+    The eval view is view 0 of ``fastkd.views`` (centre square of ``crop_pct`` x the short side,
+    no flip), resized and normalised with each model's own timm data config: timm's eval
+    transform. Models sharing a ``crop_pct`` share one decoding pass. Models are left in eval mode.
+    """
+    device = torch.device(device)
+    samples = np.arange(len(dataset), dtype=np.int64)
+    by_crop: dict[float, list[str]] = {}
+    for name in models:
+        crop_pct = float(data_configs[name].get("crop_pct") or AugmentConfig.eval_crop_pct)
+        by_crop.setdefault(crop_pct, []).append(name)
+    predictions: dict[str, np.ndarray] = {}
+    for crop_pct, names in by_crop.items():
+        boxes, flips = view_params(
+            0, samples, 1, dataset.sizes, AugmentConfig(eval_crop_pct=crop_pct)
+        )
+        out = {name: np.empty(len(samples), dtype=np.int64) for name in names}
+        for name in names:
+            models[name].eval()
+        batches = view_loader(
+            dataset,
+            samples,
+            np.zeros_like(samples),
+            boxes[:, 0],
+            flips[:, 0],
+            [data_configs[name] for name in names],
+            batch_size=batch_size,
+            backend=backend,
+            device=device,
+        )
+        for batch in batches:
+            rows = batch.samples.numpy()
+            for name, images in zip(names, batch.images, strict=True):
+                with autocast(device, amp):
+                    logits = models[name](images)
+                out[name][rows] = logits.argmax(dim=1).cpu().numpy()
+        predictions.update(out)
+    return predictions
+
+
+def predict_checkpoints(
+    dataset: ImageDataset,
+    specs: Sequence[ModelSpec],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> dict[str, np.ndarray]:
+    """``evaluate`` of models given as specs (``NAME=CKPT``), loaded one at a time."""
+    names = [spec.name for spec in specs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"model name(s) {twice} given twice; name them apart (alias:ARCH=CKPT)")
+    predictions = {}
+    for spec in specs:
+        loaded = load_model(spec)
+        if loaded.num_classes != dataset.num_classes:
+            raise ConfigError(
+                f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
+                f"classes, the data set {dataset.root} has {dataset.num_classes}"
+            )
+        predictions.update(
+            evaluate(
+                {spec.name: loaded.model.to(device)},
+                {spec.name: loaded.data_config},
+                dataset,
+                batch_size=batch_size,
+                device=device,
+                backend=backend,
+            )
+        )
+        del loaded
+    return predictions
+
+
+def transfer_from_checkpoints(
+    data: str | os.PathLike,
+    before: Sequence[ModelSpec],
+    after: Sequence[ModelSpec],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> TransferReport:
+    """The transfer report of trained checkpoints (``after``) against the pool before training
+    (``before``: every member, matched to ``after`` by name), evaluated on ``data``."""
+    dataset = open_dataset(data)
+    kwargs = {"batch_size": batch_size, "device": device, "backend": backend}
+    return transfer_report(
+        dataset.labels,
+        predict_checkpoints(dataset, before, **kwargs),
+        predict_checkpoints(dataset, after, **kwargs),
+    )
