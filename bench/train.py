@@ -40,7 +40,7 @@ from rich.table import Table
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import save_checkpoint
-from fastkd.training import Batch, Teachers, TrainConfig, Trainer
+from fastkd.training import Batch, StoredTargets, TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POOL_SIZES = (1, 2, 4)
@@ -126,11 +126,12 @@ def configurations(pool: dict, batch: int, device: str, workdir: Path) -> dict[s
 
 def step_function(trainer: Trainer, batch: Batch) -> Callable[[], None]:
     """One full training step as the loop takes it; offline steps also read their targets."""
-    if trainer.cfg.teachers is not Teachers.OFFLINE:
+    teaching = trainer.teaching
+    if not isinstance(teaching, StoredTargets):
         return lambda: trainer.train_step(batch)
 
     def offline_step() -> None:
-        batch.targets = trainer.stored_targets(batch.samples, batch.views).to(trainer.device)
+        batch.targets = teaching.read(batch.samples, batch.views).to(trainer.device)
         trainer.train_step(batch)
 
     return offline_step

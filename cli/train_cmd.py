@@ -22,33 +22,14 @@ from fastkd.cli.augment_options import (
     HFlip,
     augment_config,
 )
-from fastkd.data import DatasetError, open_dataset
+from fastkd.cli.guard import guarded
+from fastkd.data import open_dataset
+from fastkd.errors import ConfigError
+from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
 from fastkd.files import write_json
-from fastkd.metrics import predict_checkpoints, transfer_from_checkpoints
-from fastkd.models import CheckpointError, parse_pool
+from fastkd.models import parse_pool
 from fastkd.partition import PartitionMode
-from fastkd.store import StoreError
-from fastkd.training import (
-    DEFAULT_LR,
-    NonFiniteError,
-    Teachers,
-    TrainConfig,
-    TrainResult,
-    train,
-    train_all,
-)
-from fastkd.views import AugmentConfig
-
-# Bad input the library names precisely: shown as one clear message, not a traceback.
-_USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    StoreError,
-    CheckpointError,
-    DatasetError,
-    NonFiniteError,
-)
+from fastkd.training import DEFAULT_LR, Teachers, TrainConfig, TrainResult, train, train_all
 
 _MODEL_HELP = (
     "A pool member with its weights, \\[alias:]ARCH=CKPT (repeat). The name (alias, else the "
@@ -167,60 +148,50 @@ def train_command(
     with the view-augmentation options; with one, they are the store's.
     """
     console = Console()
-    augment = augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct)
-    if store is not None and augment != AugmentConfig():
-        raise typer.BadParameter(
-            "the views of a store are the ones it was dumped with: leave out the view "
-            "augmentation options with --store (set them on `fastkd dump`)"
-        )
-    try:
-        if train_every_member and (student is not None or joint):
-            raise ValueError("--all trains every pool member in turn: leave out --student/--joint")
-        cfg = TrainConfig(
-            data=data,
-            data_root=data_root,
-            student=student,
-            store=store,
-            models=tuple(model or ()),
-            members=tuple(member or ()),
-            teachers=teachers,
-            mode=mode,
-            joint=joint,
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            lr_schedule=lr_schedule,
-            temperature=temperature,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            stop_grad=stop_grad,
-            seed=seed,
-            views=views,
-            augment=augment,
-            pretrained=not from_scratch,
-            input_size=input_size,
-            val_data=val_data,
-            eval_data=eval_data,
-            out_dir=out,
-            resume=resume,
-            device=device,
-            amp=amp,
-            backend=backend,
-            num_workers=workers,
-            progress=progress,
-        )
-        if train_every_member:
-            pool = train_all(cfg)
-            runs, report = pool.runs, pool.report
-        else:
-            run = train(cfg)
-            runs, report = {name: run for name in run.checkpoints}, run.report
-    except _USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+    if train_every_member and (student is not None or joint):
+        raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
+    cfg = TrainConfig(
+        data=data,
+        data_root=data_root,
+        student=student,
+        store=store,
+        models=tuple(model or ()),
+        members=tuple(member or ()),
+        teachers=teachers,
+        mode=mode,
+        joint=joint,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr_schedule=lr_schedule,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        stop_grad=stop_grad,
+        seed=seed,
+        views=views,
+        augment=augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct),
+        pretrained=not from_scratch,
+        input_size=input_size,
+        val_data=val_data,
+        eval_data=eval_data,
+        out_dir=out,
+        resume=resume,
+        device=device,
+        amp=amp,
+        backend=backend,
+        num_workers=workers,
+        progress=progress,
+    )
+    if train_every_member:
+        pool = train_all(cfg)
+        runs, report = pool.runs, pool.report
+    else:
+        run = train(cfg)
+        runs, report = {name: run for name in run.checkpoints}, run.report
     _print_runs(console, runs)
     if report is not None:
         console.print(report.table())
@@ -255,29 +226,25 @@ def eval_command(
     """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
     loss, positive flips against each other member, transfer rate, the pool's success rate."""
     console = Console()
-    try:
-        after = parse_pool(model)
-        if before:
-            report = transfer_from_checkpoints(
-                data,
-                parse_pool(before),
-                after,
-                batch_size=batch_size,
-                device=device,
-                backend=backend,
-            )
-            console.print(report.table())
-            if out is not None:
-                paths = report.save(out)
-                console.print(f"report: {paths[0]}, {paths[1]}")
-            return
-        dataset = open_dataset(data)
-        predictions = predict_checkpoints(
-            dataset, after, batch_size=batch_size, device=device, backend=backend
+    after = parse_pool(model)
+    if before:
+        report = transfer_from_checkpoints(
+            data,
+            parse_pool(before),
+            after,
+            batch_size=batch_size,
+            device=device,
+            backend=backend,
         )
-    except _USER_ERRORS as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+        console.print(report.table())
+        if out is not None:
+            paths = report.save(out)
+            console.print(f"report: {paths[0]}, {paths[1]}")
+        return
+    dataset = open_dataset(data)
+    predictions = predict_checkpoints(
+        dataset, after, batch_size=batch_size, device=device, backend=backend
+    )
     top1 = {name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()}
     table = Table(title=f"Top-1 on {len(dataset)} samples of {data}")
     table.add_column("model")
@@ -292,5 +259,5 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("train")(train_command)
-    app.command("eval")(eval_command)
+    app.command("train")(guarded(train_command))
+    app.command("eval")(guarded(eval_command))

@@ -167,8 +167,10 @@ def test_offline_step_reads_the_replayed_views_and_their_stored_rows(pool, tmp_p
     assert np.array_equal(group["boxes"][:][samples, views], boxes[rows, views])
 
     # Targets: exactly the store's rows of those (sample, view) pairs, member by member.
-    assert trainer.members == ["b"] and trainer.self_index is None  # a never teaches itself
-    for column, name in enumerate(trainer.members):
+    assert (
+        trainer.teaching.members == ["b"] and trainer.teaching.self_index is None
+    )  # a never teaches itself
+    for column, name in enumerate(trainer.teaching.members):
         stored = group[f"models/{name}"]
         logits = np.stack([stored["logits"][s, v] for s, v in zip(samples, views, strict=True)])
         assert np.array_equal(batch.targets.logits[:, column].numpy(), logits)
@@ -186,7 +188,7 @@ def test_each_partition_mode_chooses_as_the_partition_rule(
     pool, tmp_path, mode, student, members, self_index
 ):
     trainer = Trainer(config(pool, tmp_path, student=pool.specs[student], models=(), mode=mode))
-    assert (trainer.members, trainer.self_index) == (members, self_index)
+    assert (trainer.teaching.members, trainer.teaching.self_index) == (members, self_index)
     batch = next(trainer.batches(trainer.plan(0)))
     _, stats, (logits,) = trainer.loss(batch)
     expected = select_teacher(
@@ -234,15 +236,18 @@ def test_resume_is_bit_exact(pool, tmp_path):
 def test_live_teachers_match_the_stored_targets(pool, tmp_path):
     offline = Trainer(config(pool, tmp_path))
     live = Trainer(config(pool, tmp_path, teachers="live"))
-    assert live.members == offline.members == ["a", "b"]
-    assert len(live._data_configs) == 2  # the ResNet reads its own 24 px stream of the same view
+    assert live.teaching.members == offline.teaching.members == ["a", "b"]
+    assert len(live.streams.configs) == 2  # the ResNet reads its own 24 px stream of the same view
     batch = next(offline.batches(offline.plan(0)))
     loss_offline = offline.loss(batch)[0]
     live_batch = next(live.batches(live.plan(0)))
     loss_live = live.loss(live_batch)[0]
     torch.testing.assert_close(loss_live, loss_offline, rtol=2e-3, atol=0)  # fp16 storage
     torch.testing.assert_close(
-        live.live_targets(live_batch).logits.half(), batch.targets.logits, rtol=0, atol=2e-3
+        live.teaching.live_targets(live_batch).logits.half(),
+        batch.targets.logits,
+        rtol=0,
+        atol=2e-3,
     )
 
 
@@ -250,7 +255,7 @@ def test_joint_bidirectional_step_matches_the_formula(pool, tmp_path):
     trainer = Trainer(config(pool, tmp_path, joint=True, student=None, store=None, views=2))
     batch = next(trainer.batches(trainer.plan(0)))
     loss, _, logits = trainer.loss(batch)
-    # Bi-KD (method.md) in fp64: CE of both + per row KL(p_teacher || p_learner), A teaches on
+    # Bi-KD (docs/method.md) in fp64: CE of both + per row KL(p_teacher || p_learner), A teaches on
     # p_A(y) > p_B(y), B otherwise.
     za, zb = (z.detach().double() for z in logits)
     y = batch.labels
@@ -285,7 +290,7 @@ def test_cross_entropy_from_scratch_writes_a_loadable_checkpoint(pool, tmp_path)
     )
     trainer = Trainer(cfg)
     plan = trainer.plan(1)
-    boxes, flips = trainer.view_boxes(plan.samples, plan.views)
+    boxes, flips = trainer.planner.view_boxes(plan.samples, plan.views)
     all_boxes, all_flips = view_params(
         0, plan.samples, 2, trainer.dataset.sizes[plan.samples], cfg.augment
     )
@@ -369,7 +374,7 @@ def test_cli_train_and_eval(pool, tmp_path):
     args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
     args += ["--student", pool.specs["s"], "--mode", "fixed", "--out", str(out)]
     result = runner.invoke(app, args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # bad input: one exit code for every command (USER_ERROR_EXIT)
     assert "'fixed' needs the student's initial outputs" in result.output
 
     ok = [*args[:-4], "--epochs", "1", "--batch-size", "25", "--lr", "1e-3", "--out", str(out)]

@@ -1,0 +1,60 @@
+"""``fastkd train``: one training loop for every way a pool member learns.
+
+Modules, each importing only those before it: ``config`` (TrainConfig), ``plan`` (which rows each
+step trains on), ``learners`` (the models trained), ``strategy`` (ways of teaching: stored
+targets, live teachers, none, joint Bi-KD), ``state`` (the resumable run state), ``trainer`` (the
+loop: plan, step, checkpoints, selection), ``run`` (train, train_all).
+"""
+
+from fastkd.errors import NonFiniteError
+from fastkd.training.config import DEFAULT_LR, Teachers, TrainConfig
+from fastkd.training.learners import Learner, spec_text
+from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
+from fastkd.training.run import PoolResult, train, train_all
+from fastkd.training.state import STATE_FILE
+from fastkd.training.strategy import (
+    CrossEntropyOnly,
+    JointBiKD,
+    LiveTeachers,
+    StoredTargets,
+    TeachingStrategy,
+    build_strategy,
+)
+from fastkd.training.trainer import (
+    HISTORY_FILE,
+    REPORT_STEM,
+    EpochRecord,
+    Trainer,
+    TrainResult,
+    ViewsRepeatWarning,
+    describe_epoch,
+)
+
+__all__ = [
+    "DEFAULT_LR",
+    "HISTORY_FILE",
+    "REPORT_STEM",
+    "STATE_FILE",
+    "Batch",
+    "CrossEntropyOnly",
+    "EpochPlan",
+    "EpochPlanner",
+    "EpochRecord",
+    "JointBiKD",
+    "Learner",
+    "LiveTeachers",
+    "NonFiniteError",
+    "PoolResult",
+    "StoredTargets",
+    "Teachers",
+    "TeachingStrategy",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "ViewsRepeatWarning",
+    "build_strategy",
+    "describe_epoch",
+    "spec_text",
+    "train",
+    "train_all",
+]

@@ -1,0 +1,137 @@
+"""``TrainConfig``: everything a training run depends on, checked once, stored with its state.
+
+Every problem of a configuration is collected into one ``ConfigError`` naming each field, so a
+library user gets the same guards as the CLI (e.g. view options that a store would ignore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from fastkd.errors import ConfigError
+from fastkd.partition import PartitionMode
+from fastkd.runtime import plain
+from fastkd.views import AugmentConfig
+
+DEFAULT_LR = {"adam": 1e-6, "sgd": 1e-4}  # Bi-KD (Adam) and KL+DP (SGD) on pretrained models
+
+
+class Teachers(str, Enum):
+    """Where the KD targets come from."""
+
+    OFFLINE = "offline"  # the store
+    LIVE = "live"  # the pool's models, run forward every step
+    NONE = "none"  # no KD: cross-entropy only
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; JSON-able, stored with the run's checkpoint.
+
+    Optimiser defaults follow the references for fine-tuning pretrained models: Adam lr 1e-6, wd
+    1e-5 (Bi-KD); with ``optimizer="sgd"`` lr 1e-4, momentum 0.9 (KL+DP). Short runs on small data
+    usually want a larger lr; training from scratch needs one (e.g. Adam 1e-3).
+    """
+
+    data: Path  # training images: image folder or file list (fastkd.data.open_dataset)
+    data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
+    student: str | None = None  # [alias:]ARCH[=CKPT], its name its key in the store (all: None)
+    store: Path | None = None  # stored targets (teachers="offline"); optional for the others
+    models: tuple[str, ...] = ()  # pool member specs with checkpoints: live / joint / train_all
+    members: tuple[str, ...] = ()  # store members that teach (default: all of them)
+    teachers: Teachers = Teachers.OFFLINE
+    mode: PartitionMode = PartitionMode.LIVE
+    joint: bool = False  # Bi-KD of all ``models`` at once (live, bidirectional kernel)
+    epochs: int = 10
+    batch_size: int = 128  # global: split across DDP ranks
+    optimizer: str = "adam"  # adam | sgd
+    lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    weight_decay: float = 1e-5
+    momentum: float = 0.9  # SGD only
+    lr_schedule: str = "constant"  # constant | cosine (per step, to 0 at the last epoch)
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    stop_grad: bool = True  # joint: the teaching side gets no KD gradient (standard KD)
+    seed: int = 0  # sample order, view choice, torch init; views without a store
+    views: int = 1  # without a store: views per sample (view 0 is the eval view)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # without a store
+    pretrained: bool = True  # student without checkpoint: timm's weights; False: from scratch
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
+    input_size: int | None = None  # override the student's data-config image size
+    val_data: Path | None = None  # held out from the training data: model selection
+    eval_data: Path | None = None  # the final report's data (default: val_data)
+    out_dir: Path = Path("runs/train")
+    resume: bool = False
+    device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
+    amp: bool = True  # bf16 autocast on GPU
+    backend: str = "auto"  # view_loader backend: auto | dali | torch
+    num_workers: int | None = None
+    progress: bool = True
+    report: bool = True  # transfer report at the end (needs eval_data or val_data)
+
+    def __post_init__(self) -> None:
+        for name in ("data", "data_root", "store", "val_data", "eval_data", "out_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(self, name, Path(value))
+        self.models = tuple(self.models)
+        self.members = tuple(self.members)
+        if isinstance(self.augment, Mapping):
+            self.augment = AugmentConfig.from_dict(self.augment)
+        problems = []
+        for name, kind in (("teachers", Teachers), ("mode", PartitionMode)):
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except ValueError:
+                choices = [member.value for member in kind]
+                problems.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.views < 1:
+            problems.append(
+                f"epochs, batch_size and views must be >= 1, got "
+                f"{self.epochs}, {self.batch_size}, {self.views}"
+            )
+        if self.optimizer not in DEFAULT_LR:
+            problems.append(
+                f"optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}"
+            )
+        if self.lr_schedule not in ("constant", "cosine"):
+            problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr is not None and not self.lr > 0:
+            problems.append(f"lr must be positive, got {self.lr}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be positive, got {self.temperature}")
+        if self.joint and len(self.models) < 2:
+            problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
+        if self.teachers == Teachers.OFFLINE and not self.joint and self.store is None:
+            problems.append("offline teachers need a store (--store), or use --teachers live|none")
+        if self.teachers == Teachers.LIVE and not self.joint and not self.models:
+            problems.append("live teachers need the pool's checkpoints (--model NAME=CKPT)")
+        if self.store is not None and self.augment != AugmentConfig():
+            problems.append(
+                "augment: the views of a store are the ones it was dumped with: leave out the "
+                "view augmentation options with a store (set them on `fastkd dump`)"
+            )
+        if self.store is not None and self.views != 1:
+            problems.append(
+                f"views: a store has its own views (its manifest's), got views={self.views}"
+            )
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    @property
+    def report_data(self) -> Path | None:
+        """The data of the final transfer report: ``eval_data``, else ``val_data``."""
+        return self.eval_data or self.val_data
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: paths as strings, enums as values."""
+        return plain(asdict(self))

@@ -1,0 +1,139 @@
+"""The models a run trains: loaded and checked against the data, wrapped for DDP, optimised.
+
+Models with the same preprocessing share an image stream: the view loader decodes each view once
+per distinct data config (``ImageStreams``), and each model reads its own stream.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastkd.data import ImageDataset
+from fastkd.errors import ConfigError
+from fastkd.models import LoadedModel, ModelSpec, json_data_config, load_model
+from fastkd.runtime import DistContext
+from fastkd.training.config import TrainConfig
+
+
+@dataclass
+class Learner:
+    """A model being trained, with its optimiser and the image stream it reads."""
+
+    name: str
+    arch: str
+    model: nn.Module  # unwrapped
+    forward: nn.Module  # ``model`` or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    data_config: dict[str, Any]
+    model_kwargs: dict[str, Any]
+    stream: int  # which of the view loader's image streams it reads
+    before: ModelSpec  # its weights before training, for the report
+
+
+class ImageStreams:
+    """The distinct data configs a run's models read, in order of first use."""
+
+    def __init__(self) -> None:
+        self.configs: list[dict[str, Any]] = []
+
+    def index(self, data_config: Mapping[str, Any]) -> int:
+        """The stream of ``data_config``, added on first use."""
+        config = json_data_config(data_config)
+        if config not in self.configs:
+            self.configs.append(config)
+        return self.configs.index(config)
+
+
+def spec_text(spec: ModelSpec) -> str:
+    """The ``alias:ARCH[=CKPT]`` text that parses back to ``spec`` (name kept)."""
+    text = f"{spec.name}:{spec.arch}"
+    return f"{text}={spec.checkpoint}" if spec.checkpoint is not None else text
+
+
+def load_for(dataset: ImageDataset, data: Path, spec: ModelSpec, **kwargs: Any) -> LoadedModel:
+    """Load ``spec``, refusing a model whose classes are not the data set's."""
+    loaded = load_model(spec, **kwargs)
+    if loaded.num_classes != dataset.num_classes:
+        raise ConfigError(
+            f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
+            f"classes, the data set {data} has {dataset.num_classes}"
+        )
+    return loaded
+
+
+def load_student(cfg: TrainConfig, dataset: ImageDataset) -> LoadedModel:
+    """The student: a checkpoint, timm's pretrained weights, or a random init (from scratch)."""
+    student = load_for(
+        dataset,
+        cfg.data,
+        ModelSpec.parse(cfg.student),
+        num_classes=dataset.num_classes,
+        pretrained=cfg.pretrained,
+        model_kwargs=cfg.model_kwargs,
+    )
+    if cfg.input_size is not None:
+        size = cfg.input_size
+        student.data_config = {**student.data_config, "input_size": [3, size, size]}
+    return student
+
+
+def initial_weights_path(out_dir: Path, name: str) -> Path:
+    """Where a student trained from scratch keeps its random init: the report's 'before'."""
+    return out_dir / f"{name}.init.pt"
+
+
+def make_learner(
+    loaded: LoadedModel,
+    cfg: TrainConfig,
+    device: torch.device,
+    dist: DistContext,
+    streams: ImageStreams,
+) -> Learner:
+    """The model on ``device`` in train mode, its DDP wrapper on several ranks, its optimiser."""
+    model = loaded.model.to(device).train()
+    forward: nn.Module = model
+    if dist.enabled:
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    spec = loaded.spec
+    from_scratch = spec.checkpoint is None and not cfg.pretrained
+    before = spec
+    if from_scratch:
+        before = ModelSpec(spec.arch, initial_weights_path(cfg.out_dir, spec.name), spec.name)
+    return Learner(
+        name=spec.name,
+        arch=spec.arch,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scheduler=None,
+        data_config=json_data_config(loaded.data_config),
+        model_kwargs=dict(loaded.model_kwargs),
+        stream=streams.index(loaded.data_config),
+        before=before,
+    )
+
+
+def add_cosine_schedules(learners: list[Learner], total_steps: int) -> None:
+    """Cosine decay of every learner's lr to 0 over the run's steps, per step."""
+    total = max(1, total_steps)
+    for learner in learners:
+        learner.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            learner.optimizer,
+            lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)),
+        )

@@ -1,0 +1,65 @@
+"""Entry points: train one student (or a joint pool), or every pool member in turn."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from fastkd.errors import ConfigError
+from fastkd.metrics import TransferReport
+from fastkd.models import ModelSpec, parse_pool
+from fastkd.runtime import resolve_device
+from fastkd.store import StoreReader
+from fastkd.training.config import TrainConfig
+from fastkd.training.learners import spec_text
+from fastkd.training.trainer import Trainer, TrainResult, pool_report
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train ``cfg.student`` (or, with ``joint``, all ``cfg.models`` together)."""
+    return Trainer(cfg).fit()
+
+
+@dataclass
+class PoolResult:
+    """``train_all``: each member's run, and the pool's transfer report."""
+
+    runs: dict[str, TrainResult]
+    report: TransferReport | None
+
+
+def train_all(cfg: TrainConfig) -> PoolResult:
+    """Every pool member in turn is the student of the others: role-agnostic transfer.
+
+    The members are the store's (or ``cfg.members``); each needs its checkpoint in ``cfg.models``
+    (``NAME=CKPT``, verified against the store's sha256). Member ``m`` trains in
+    ``out_dir/m``; the pool's report (every member before and after) goes to ``out_dir``.
+    """
+    if cfg.joint:
+        raise ConfigError("train_all trains the members one at a time; joint trains them together")
+    pool = {spec.name: spec for spec in parse_pool(cfg.models)} if cfg.models else {}
+    if cfg.store is not None:
+        names = list(cfg.members) or StoreReader(cfg.store).model_names
+    else:
+        names = list(cfg.members) or list(pool)
+    missing = [name for name in names if name not in pool]
+    if missing:
+        raise ConfigError(
+            f"training every member needs each one's checkpoint: give --model NAME=CKPT for "
+            f"{missing} (the pool is {names})"
+        )
+    runs = {}
+    for name in names:
+        member = replace(
+            cfg, student=spec_text(pool[name]), out_dir=cfg.out_dir / name, report=False
+        )
+        runs[name] = train(member)
+    report = None
+    if cfg.report and cfg.report_data is not None and int(os.environ.get("RANK", "0")) == 0:
+        after = [
+            ModelSpec(pool[name].arch, run.checkpoints[name], name) for name, run in runs.items()
+        ]
+        report = pool_report(
+            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device)
+        )
+    return PoolResult(runs, report)

@@ -1,0 +1,81 @@
+"""A run's resumable state: models, optimisers, schedulers, RNG states, epoch, step, best score.
+
+Written atomically every epoch by rank 0 with every rank's RNG state; loads with
+``weights_only=True`` (tensors and plain types only). ``resume`` refuses a state written with
+another configuration, except for the fields that do not change what is computed.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastkd.errors import ConfigError
+from fastkd.files import atomic_torch_save
+from fastkd.training.learners import Learner
+
+STATE_FILE = "state.pt"
+# Fields that may change between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = frozenset(
+    {"epochs", "resume", "device", "progress", "num_workers", "backend", "report", "eval_data"}
+)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's torch, numpy, Python (and CUDA) random states."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        # int64: uint32 tensors do not survive all_gather_object
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_run_state(
+    path: Path, learners: list[Learner], progress: dict[str, Any], rng: list[dict[str, Any]]
+) -> None:
+    """Atomically write ``progress`` (config, epoch, step, best, history), the learners' states
+    and every rank's RNG state."""
+    learner_states = {
+        learner.name: {
+            "model": learner.model.state_dict(),
+            "optimizer": learner.optimizer.state_dict(),
+            "scheduler": None if learner.scheduler is None else learner.scheduler.state_dict(),
+        }
+        for learner in learners
+    }
+    atomic_torch_save(path, {**progress, "rng": rng, "learners": learner_states})
+
+
+def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) -> dict[str, Any]:
+    """Restore the learners from ``path`` and return its payload; refuse another configuration."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    saved = payload["config"]
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k]]
+    if changed:
+        details = "; ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed)
+        raise ConfigError(f"cannot resume {path} with another configuration: {details}")
+    for learner in learners:
+        state = payload["learners"][learner.name]
+        learner.model.load_state_dict(state["model"])
+        learner.optimizer.load_state_dict(state["optimizer"])
+        if learner.scheduler is not None:
+            learner.scheduler.load_state_dict(state["scheduler"])
+    return payload

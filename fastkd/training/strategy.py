@@ -1,0 +1,287 @@
+"""Ways of teaching: one class each, built once from a ``TrainConfig`` by ``build_strategy``.
+
+A strategy owns what differs between the ways a pool member learns: who the students are, the
+target columns (``members``; ``self_index`` where the student's own initial outputs are one),
+the targets of each step (read ahead from the store, or none) and the loss. The trainer runs the
+same plan, step, checkpoints and selection for all of them:
+
+- ``StoredTargets`` (``teachers="offline"``): the pool's stored targets, partitioned KD loss.
+- ``LiveTeachers`` (``teachers="live"``): the baseline that pays for teachers: the pool runs
+  forward on the same views every step; its logits become dense targets for the same loss.
+- ``CrossEntropyOnly`` (``teachers="none"``): the control with the same steps, and training from
+  scratch (as the demo does for its pool).
+- ``JointBiKD`` (``joint=True``): Bi-KD of N >= 2 models trained at once, bidirectional kernel.
+
+A new way of teaching (plain KD, label-free partitions) is one more class here.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastkd.data import ImageDataset
+from fastkd.errors import ConfigError, StoreMismatchError
+from fastkd.kernels import KDStats, PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
+from fastkd.models import LoadedModel, ModelSpec, file_sha256
+from fastkd.partition import PartitionMode
+from fastkd.runtime import autocast
+from fastkd.store import Expectation, StoreReader
+from fastkd.training.config import Teachers, TrainConfig
+from fastkd.training.learners import ImageStreams, load_for, load_student
+from fastkd.training.plan import Batch, EpochPlan
+
+PREFETCH_STEPS = 2  # stored-target reads in flight ahead of the step that needs them
+
+
+@dataclass
+class RunContext:
+    """What a strategy is built from: the run's configuration, data, store and pool."""
+
+    cfg: TrainConfig
+    device: torch.device
+    dataset: ImageDataset
+    reader: StoreReader | None  # the store, when the run has one (its views, maybe its targets)
+    pool: dict[str, ModelSpec]  # --model specs by name
+    streams: ImageStreams
+
+    def load(self, spec: ModelSpec, **kwargs: Any) -> LoadedModel:
+        return load_for(self.dataset, self.cfg.data, spec, **kwargs)
+
+
+class TeachingStrategy:
+    """One way of teaching; subclasses set ``members`` / ``self_index`` and the loss."""
+
+    distils: ClassVar[bool] = True  # whether rows are taught (KD) at all
+    members: list[str]  # the target columns, in order
+    self_index: int | None = None  # the student's own column (``fixed`` mode), if any
+
+    def __init__(self, run: RunContext, students: Sequence[LoadedModel]) -> None:
+        self.run = run
+        self.cfg = run.cfg
+        self.members = []
+
+    @classmethod
+    def students(cls, run: RunContext) -> list[LoadedModel]:
+        """The models this way of teaching trains: the configured student."""
+        return [load_student(run.cfg, run.dataset)]
+
+    def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets | None]:
+        """The targets of each step of ``plan``, in step order, on the device (None: none)."""
+        return itertools.repeat(None)
+
+    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats | None]:
+        """The loss summed over the batch's rows and the kernel's per-row statistics."""
+        raise NotImplementedError
+
+    def _kd_weights(self) -> dict[str, float]:
+        cfg = self.cfg
+        return {
+            "temperature": cfg.temperature,
+            "kd_weight": cfg.kd_weight,
+            "ce_weight": cfg.ce_weight,
+        }
+
+
+class _PartitionedTeaching(TeachingStrategy):
+    """A student taught per row by the pool member the partition rule chooses."""
+
+    def _set_columns(self, pool: Sequence[str], student: str) -> None:
+        """The teachers (never the student itself), and in ``fixed`` mode, last, the student's
+        own initial outputs."""
+        teachers = [name for name in pool if name != student]
+        if not teachers:
+            raise ConfigError(
+                f"the pool {list(pool)} has no teacher besides the student {student!r}"
+            )
+        fixed = self.cfg.mode is PartitionMode.FIXED
+        self.members = [*teachers, student] if fixed else teachers
+        self.self_index = len(teachers) if fixed else None
+
+    def _partitioned(
+        self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets
+    ) -> tuple[Tensor, KDStats]:
+        return partitioned_kd_loss(
+            logits[0],
+            batch.labels,
+            targets,
+            mode=self.cfg.mode,
+            self_index=self.self_index,
+            reduction="sum",
+            **self._kd_weights(),
+        )
+
+
+def pool_targets(arrays: Any) -> PoolTargets:
+    """The store's stacked numpy rows (``StoreReader.read_pool``) as the kernels' tensors."""
+
+    def tensor(name: str, dtype: torch.dtype | None = None) -> Tensor | None:
+        values = getattr(arrays, name)
+        if values is None:
+            return None
+        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype)
+
+    return PoolTargets(
+        lse=tensor("lse"),
+        true_logit=tensor("true_logit"),
+        topk_logits=tensor("topk_logits"),
+        topk_ids=tensor("topk_ids", torch.int64),
+        logits=tensor("logits"),
+    )
+
+
+class StoredTargets(_PartitionedTeaching):
+    """The pool's stored targets (``fastkd dump``); no teacher runs."""
+
+    def __init__(self, run: RunContext, students: Sequence[LoadedModel]) -> None:
+        super().__init__(run, students)
+        reader, (student,) = run.reader, students
+        name = student.spec.name
+        if name in reader.model_names:
+            self._check_student_in_store(student)
+        elif self.cfg.mode is PartitionMode.FIXED:
+            raise ConfigError(
+                f"partition mode 'fixed' needs the student's initial outputs in the store, but "
+                f"{name!r} is not in its pool {reader.model_names}; dump the student with the "
+                "pool (or name it as its pool member), or use --mode live|all"
+            )
+        self._set_columns(list(self.cfg.members) or reader.model_names, name)
+
+    def _check_student_in_store(self, student: LoadedModel) -> None:
+        """A student that is a pool member: its stored outputs must be its own (weights, pixels)."""
+        name, reader = student.spec.name, self.run.reader
+        manifest = reader.manifest
+        own = Expectation(
+            checkpoints={name: student.sha256}, data_configs={name: student.data_config}
+        )
+        problems = own.differences(manifest)
+        if manifest.model(name).arch != student.spec.arch:
+            problems.insert(
+                0,
+                f"models[{name}].arch: store has {manifest.model(name).arch!r}, "
+                f"the student is {student.spec.arch!r}",
+            )
+        if problems:
+            raise StoreMismatchError(
+                reader.path,
+                problems,
+                f"the store's {name!r} is another model than the student; name the student "
+                "differently (alias:ARCH=CKPT) to train it as an outsider",
+            )
+
+    def read(self, samples: np.ndarray, views: np.ndarray) -> PoolTargets:
+        """The store's targets of the columns for rows (samples[i], views[i]), on the host."""
+        return pool_targets(self.run.reader.read_pool(self.members, samples, views))
+
+    def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
+        """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread."""
+        rows = plan.step_rows()
+        device = self.run.device
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-targets") as reads:
+            ahead: deque[Future[PoolTargets]] = deque()
+            for step in range(len(rows) + PREFETCH_STEPS):
+                if step < len(rows):
+                    part = rows[step]
+                    ahead.append(reads.submit(self.read, plan.samples[part], plan.views[part]))
+                if step >= PREFETCH_STEPS:
+                    yield ahead.popleft().result().to(device, non_blocking=True)
+
+    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
+        return self._partitioned(logits, batch, batch.targets)
+
+
+@dataclass
+class LiveTeacher:
+    """A frozen pool member run forward on every batch."""
+
+    name: str
+    model: torch.nn.Module
+    stream: int
+
+
+class LiveTeachers(_PartitionedTeaching):
+    """The pool's models, frozen, run forward every step. In ``fixed`` mode a frozen copy of the
+    student's initial weights is the last column (what offline reads from the store)."""
+
+    def __init__(self, run: RunContext, students: Sequence[LoadedModel]) -> None:
+        super().__init__(run, students)
+        (student,) = students
+        name, pool = student.spec.name, run.pool
+        unknown = sorted(set(self.cfg.members) - set(pool))
+        if unknown:
+            raise ConfigError(f"--member {unknown} is not in the pool {list(pool)}")
+        own = pool.get(name)
+        if own is not None and own.checkpoint and file_sha256(own.checkpoint) != student.sha256:
+            raise ConfigError(f"--model {name} has other weights than the student {name!r}")
+        self._set_columns(list(self.cfg.members) or list(pool), name)
+        self.teachers: list[LiveTeacher] = []
+        for column in self.members:
+            loaded = student if column == name else run.load(pool[column])
+            # The student's column is a frozen copy of its initial weights, never the learner.
+            model = copy.deepcopy(loaded.model) if column == name else loaded.model
+            model = model.to(run.device).eval().requires_grad_(False)
+            self.teachers.append(LiveTeacher(column, model, run.streams.index(loaded.data_config)))
+
+    def live_targets(self, batch: Batch) -> PoolTargets:
+        """Dense targets from the live teachers' logits on the batch's views."""
+        with torch.no_grad(), autocast(self.run.device, self.cfg.amp):
+            logits = [t.model(batch.images[t.stream]) for t in self.teachers]
+        return PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
+
+    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
+        return self._partitioned(logits, batch, self.live_targets(batch))
+
+
+class CrossEntropyOnly(TeachingStrategy):
+    """No teacher: cross-entropy on the labels (the control, and training from scratch)."""
+
+    distils = False
+
+    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, None]:
+        return F.cross_entropy(logits[0].float(), batch.labels, reduction="sum"), None
+
+
+class JointBiKD(TeachingStrategy):
+    """Bi-KD: every ``--model`` trains at once; per row the model more confident on the true
+    class teaches the other(s) through the bidirectional kernel."""
+
+    @classmethod
+    def students(cls, run: RunContext) -> list[LoadedModel]:
+        return [run.load(spec) for spec in run.pool.values()]
+
+    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
+        return bidirectional_kd_loss(
+            list(logits),
+            batch.labels,
+            stop_grad=self.cfg.stop_grad,
+            reduction="sum",
+            **self._kd_weights(),
+        )
+
+
+def strategy_class(cfg: TrainConfig) -> type[TeachingStrategy]:
+    """The way of teaching ``cfg`` asks for."""
+    if cfg.joint:
+        return JointBiKD
+    return {
+        Teachers.OFFLINE: StoredTargets,
+        Teachers.LIVE: LiveTeachers,
+        Teachers.NONE: CrossEntropyOnly,
+    }[cfg.teachers]
+
+
+def build_strategy(run: RunContext) -> tuple[TeachingStrategy, list[LoadedModel]]:
+    """The run's strategy and the students it trains (loaded, not yet on the device)."""
+    kind = strategy_class(run.cfg)
+    students = kind.students(run)
+    return kind(run, students), students

@@ -1,0 +1,472 @@
+"""The trainer: one loop for every way of teaching (``fastkd.training.strategy``).
+
+It plans each epoch's rows (``plan``), feeds their images and the strategy's targets to the step
+(``batches``), takes the step, and ends every epoch with model selection on held-out data
+(``val_data``; never the test split) and an atomic checkpoint from which ``resume`` continues
+bit-exactly. The loss is reduced as a sum over the global batch divided by its size, so one
+process and N DistributedDataParallel ranks (torchrun; each rank a disjoint slice of every global
+batch) take the same gradient steps. The selected weights of each trained model go to
+``<out_dir>/<name>.pt`` as a fastkd checkpoint; the transfer report to ``report.json`` / ``.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rich.progress import Progress, TaskID, TextColumn
+from torch import Tensor
+
+from fastkd.data import ImageDataset, open_dataset, view_loader
+from fastkd.errors import ConfigError, NonFiniteError, RunExistsError, StoreMismatchError
+from fastkd.evaluation import evaluate, transfer_from_checkpoints
+from fastkd.files import write_json
+from fastkd.kernels import KDStats
+from fastkd.metrics import TransferReport
+from fastkd.models import ModelSpec, file_sha256, parse_pool, save_checkpoint
+from fastkd.partition import NO_TEACHER
+from fastkd.runtime import (
+    DistContext,
+    autocast,
+    init_distributed,
+    progress_bar,
+    resolve_device,
+)
+from fastkd.store import Expectation, StoreReader
+from fastkd.training.config import TrainConfig
+from fastkd.training.learners import (
+    ImageStreams,
+    Learner,
+    add_cosine_schedules,
+    initial_weights_path,
+    make_learner,
+    spec_text,
+)
+from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
+from fastkd.training.state import (
+    STATE_FILE,
+    load_run_state,
+    restore_rng,
+    rng_state,
+    save_run_state,
+)
+from fastkd.training.strategy import RunContext, build_strategy
+
+HISTORY_FILE = "history.json"
+REPORT_STEM = "report"
+
+
+class ViewsRepeatWarning(UserWarning):
+    """More epochs than stored views: a sample meets the same target again."""
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based: epochs completed
+    steps: int  # global steps completed
+    loss: float  # mean training loss over the epoch's rows
+    taught: float  # share of rows that had a KD target (nan without KD)
+    val_top1: dict[str, float]  # per trained model; empty without val_data
+    seconds: float
+    steps_per_second: float
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    checkpoints: dict[str, Path]  # trained model name -> selected weights (fastkd checkpoint)
+    state: Path  # resumable run state
+    history: list[EpochRecord]
+    report: TransferReport | None = None  # with eval_data or val_data
+
+
+class Trainer:
+    """Builds a run from a ``TrainConfig`` and trains it; ``fit`` is the whole run.
+
+    The pieces are public for tests and benchmarks: ``plan(epoch)`` (which rows, in which order),
+    ``batches(plan)`` (images and targets of each step), ``loss``, ``train_step``, and
+    ``teaching``, the strategy (its target columns, its targets, its loss).
+    """
+
+    def __init__(self, cfg: TrainConfig, dist_context: DistContext | None = None) -> None:
+        if cfg.student is None and not cfg.joint:
+            raise ConfigError("no student: give --student NAME[=CKPT] (or --joint, or --all)")
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.dist = dist_context or init_distributed(self.device.type)
+        if cfg.batch_size % self.dist.world_size:
+            raise ConfigError(
+                f"batch_size {cfg.batch_size} must be a multiple of the world size "
+                f"{self.dist.world_size} (it is the global batch)"
+            )
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.out_dir = cfg.out_dir
+        self.dataset = open_dataset(cfg.data, root=cfg.data_root)
+        self.pool_specs = {spec.name: spec for spec in parse_pool(cfg.models)} if cfg.models else {}
+        self.reader = self._open_store() if cfg.store is not None else None
+        self.streams = ImageStreams()
+        torch.manual_seed(cfg.seed)  # initialisation from scratch: the same on every rank
+        run = RunContext(cfg, self.device, self.dataset, self.reader, self.pool_specs, self.streams)
+        self.teaching, students = build_strategy(run)
+        self.learners = [
+            make_learner(s, cfg, self.device, self.dist, self.streams) for s in students
+        ]
+        num_views = self.reader.num_views if self.reader is not None else cfg.views
+        self.planner = EpochPlanner(
+            cfg.seed,
+            cfg.batch_size,
+            self.dist,
+            self.dataset.sizes,
+            num_views,
+            cfg.augment,
+            self.reader,
+        )
+        self.steps_per_epoch = self.planner.steps_per_epoch
+        if cfg.lr_schedule == "cosine":
+            add_cosine_schedules(self.learners, cfg.epochs * self.steps_per_epoch)
+        if self.teaching.distils and cfg.epochs > num_views:
+            warnings.warn(
+                f"{cfg.epochs} epochs over {num_views} view(s) per sample: views and their "
+                f"targets repeat from epoch {num_views + 1}, and a student overfits repeated "
+                "fixed targets (Beyer et al., CVPR 2022); dump more views or train fewer epochs",
+                ViewsRepeatWarning,
+                stacklevel=2,
+            )
+        self.epoch = 0  # epochs completed
+        self.step = 0  # global steps completed
+        self.best: dict[str, float] = {}  # best val top-1 per trained model
+        self.history: list[EpochRecord] = []
+
+    def _open_store(self) -> StoreReader:
+        """Open the store, refusing one made for other data, classes or pool weights."""
+        cfg = self.cfg
+        reader = StoreReader(
+            cfg.store,
+            Expectation(
+                fingerprint=self.dataset.fingerprint(),
+                num_classes=self.dataset.num_classes,
+                classes=list(self.dataset.classes),
+                models=list(cfg.members) or None,
+                # each given pool checkpoint must be the one its stored outputs were made with
+                checkpoints={
+                    name: file_sha256(spec.checkpoint)
+                    for name, spec in self.pool_specs.items()
+                    if spec.checkpoint is not None
+                }
+                or None,
+            ),
+        )
+        if reader.keys != list(self.dataset.keys):
+            raise StoreMismatchError(
+                reader.path,
+                ["keys: the store's samples are not the data set's, in the same order"],
+                f"it was made from other data than {cfg.data}",
+            )
+        return reader
+
+    # -- the steps --------------------------------------------------------------------------------
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This rank's rows of ``epoch`` (``EpochPlanner.plan``)."""
+        return self.planner.plan(epoch)
+
+    def batches(self, plan: EpochPlan) -> Iterator[Batch]:
+        """The plan's steps: images rebuilt from the views, with the strategy's targets."""
+        local_batch = self.cfg.batch_size // self.dist.world_size
+        boxes, flips = self.planner.view_boxes(plan.samples, plan.views)
+        workers = {} if self.cfg.num_workers is None else {"num_workers": self.cfg.num_workers}
+        loader = view_loader(
+            self.dataset,
+            plan.samples,
+            plan.views,
+            boxes,
+            flips,
+            self.streams.configs,
+            batch_size=local_batch,
+            backend=self.cfg.backend,
+            device=self.device,
+            **workers,
+        )
+        rows = plan.step_rows()
+        targets = self.teaching.step_targets(plan)
+        for step, (view_batch, step_targets) in enumerate(zip(loader, targets, strict=False)):
+            samples = plan.samples[rows[step]]
+            if not np.array_equal(view_batch.samples.numpy(), samples):
+                raise RuntimeError(
+                    f"the view loader returned other rows than planned at step {step} of "
+                    f"epoch {plan.epoch + 1} (expected samples {samples[:4].tolist()}...)"
+                )
+            yield Batch(
+                samples=samples,
+                views=plan.views[rows[step]],
+                labels=view_batch.labels.to(self.device, non_blocking=True),
+                images=view_batch.images,
+                global_rows=plan.global_rows[step],
+                targets=step_targets,
+            )
+
+    def loss(self, batch: Batch) -> tuple[Tensor, KDStats | None, list[Tensor]]:
+        """The loss summed over the batch's rows, the kernel's per-row statistics (None without
+        KD) and the learners' logits."""
+        with autocast(self.device, self.cfg.amp):
+            logits = [learner.forward(batch.images[learner.stream]) for learner in self.learners]
+        loss, stats = self.teaching.loss(logits, batch)
+        return loss, stats, logits
+
+    def train_step(self, batch: Batch) -> tuple[float, float]:
+        """One optimiser step on the global batch: its mean loss and the share of rows taught."""
+        for learner in self.learners:
+            learner.optimizer.zero_grad(set_to_none=True)
+        loss_sum, stats, logits = self.loss(batch)
+        # This rank's sum / the global batch size, times the world size DDP averages over: the
+        # gradient of the global batch's mean loss, the same for one process or many.
+        (loss_sum * (self.dist.world_size / batch.global_rows)).backward()
+        loss_sum = loss_sum.detach().float()
+        taught = torch.zeros_like(loss_sum)
+        if stats is not None:
+            taught = (stats.chosen != NO_TEACHER).sum().float()
+        totals = torch.stack([loss_sum, taught, (~torch.isfinite(loss_sum)).float()])
+        if self.dist.enabled:
+            dist.all_reduce(totals)
+        loss_total, taught_total, non_finite = totals.tolist()
+        if non_finite:
+            self._raise_non_finite(batch, logits)
+        for learner in self.learners:
+            learner.optimizer.step()
+            if learner.scheduler is not None:
+                learner.scheduler.step()
+        self.step += 1
+        share = math.nan if stats is None else taught_total / batch.global_rows
+        return loss_total / batch.global_rows, share
+
+    def _raise_non_finite(self, batch: Batch, logits: Sequence[Tensor]) -> None:
+        """Stop before the optimiser step, naming the step, the samples and the culprit."""
+        found = []
+        for learner, z in zip(self.learners, logits, strict=True):
+            bad = (~torch.isfinite(z.detach()).all(dim=1)).nonzero().flatten().tolist()
+            if bad:
+                keys = [self.dataset.keys[batch.samples[row]] for row in bad[:8]]
+                found.append(f"NaN/inf logits of {learner.name!r} on samples {keys}")
+        if not found:
+            keys = [self.dataset.keys[sample] for sample in batch.samples[:8]]
+            found.append(f"NaN/inf targets (the logits are finite) among samples {keys}")
+        if self.dist.enabled:
+            everywhere: list[list[str] | None] = [None] * self.dist.world_size
+            dist.all_gather_object(everywhere, found)
+            found = [
+                f"rank {rank}: {line}" for rank, lines in enumerate(everywhere) for line in lines
+            ]
+        state = self.out_dir / STATE_FILE
+        kept = f"the last checkpoint {state} is kept" if state.exists() else "no checkpoint yet"
+        raise NonFiniteError(
+            f"non-finite loss at step {self.step + 1} (epoch {self.epoch + 1}): "
+            + "; ".join(found)
+            + f". Stopped before the optimiser step; {kept}."
+        )
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report."""
+        cfg = self.cfg
+        state_path = self.out_dir / STATE_FILE
+        if state_path.exists() and not cfg.resume:
+            raise RunExistsError(
+                f"{state_path} exists: resume that run (--resume) or choose another out_dir"
+            )
+        if state_path.exists():
+            self.load_state(state_path)
+        else:
+            if self.dist.is_main:
+                self._save_initial_weights()
+            torch.manual_seed(cfg.seed + self.dist.rank)  # dropout noise: its own on every rank
+        loss_field = TextColumn("loss {task.fields[loss]:.4f}")
+        enabled = cfg.progress and self.dist.is_main
+        with progress_bar("steps", loss_field, enabled=enabled) as progress:
+            task = progress.add_task(
+                self._title(),
+                total=cfg.epochs * self.steps_per_epoch,
+                completed=self.step,
+                loss=0.0,
+            )
+            while self.epoch < cfg.epochs:
+                record = self._run_epoch(progress, task)
+                self.history.append(record)
+                self._select_and_checkpoint(record)
+                if self.dist.is_main:
+                    progress.console.log(describe_epoch(record, cfg.epochs))
+        checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
+        report = self.transfer_report(checkpoints) if cfg.report and self.dist.is_main else None
+        self._barrier()
+        return TrainResult(self.out_dir, checkpoints, state_path, self.history, report)
+
+    def _run_epoch(self, progress: Progress, task: TaskID) -> EpochRecord:
+        start = time.perf_counter()
+        loss_sum = taught_sum = 0.0
+        rows = steps = 0
+        description = f"{self._title()} epoch {self.epoch + 1}/{self.cfg.epochs}"
+        for batch in self.batches(self.plan(self.epoch)):
+            loss, taught = self.train_step(batch)
+            loss_sum += loss * batch.global_rows
+            taught_sum += taught * batch.global_rows
+            rows += batch.global_rows
+            steps += 1
+            progress.update(task, advance=1, loss=loss, description=description)
+        self.epoch += 1
+        seconds = time.perf_counter() - start
+        return EpochRecord(
+            epoch=self.epoch,
+            steps=self.step,
+            loss=loss_sum / max(rows, 1),
+            taught=taught_sum / max(rows, 1),
+            val_top1=self.validate(),
+            seconds=seconds,
+            steps_per_second=steps / seconds,
+        )
+
+    def _title(self) -> str:
+        return "+".join(learner.name for learner in self.learners)
+
+    @cached_property
+    def val_dataset(self) -> ImageDataset:
+        return open_dataset(self.cfg.val_data)
+
+    def validate(self) -> dict[str, float]:
+        """Top-1 (%) of each trained model on the held-out ``val_data`` (main rank only)."""
+        if self.cfg.val_data is None or not self.dist.is_main:
+            return {}
+        dataset = self.val_dataset
+        predictions = evaluate(
+            {learner.name: learner.model for learner in self.learners},
+            {learner.name: learner.data_config for learner in self.learners},
+            dataset,
+            batch_size=self.cfg.batch_size,
+            device=self.device,
+            backend=self.cfg.backend,
+            amp=self.cfg.amp,
+        )
+        for learner in self.learners:
+            learner.model.train()
+        return {
+            name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()
+        }
+
+    def _select_and_checkpoint(self, record: EpochRecord) -> None:
+        """Keep each model's best weights on val (the latest without val data), then the state."""
+        if self.dist.is_main:
+            for learner in self.learners:
+                score = record.val_top1.get(learner.name)
+                if score is not None and score <= self.best.get(learner.name, -math.inf):
+                    continue
+                if score is not None:
+                    self.best[learner.name] = score
+                self._save_weights(learner, self.out_dir / f"{learner.name}.pt", record)
+            write_json(self.out_dir / HISTORY_FILE, [asdict(r) for r in self.history])
+        self.save_state(self.out_dir / STATE_FILE)
+
+    def _save_weights(self, learner: Learner, path: Path, record: EpochRecord | None) -> None:
+        extra: dict[str, Any] = {"trained_from": spec_text(learner.before)}
+        if record is not None:
+            extra.update(epoch=record.epoch, step=record.steps, val_top1=record.val_top1)
+        save_checkpoint(
+            path, learner.model, learner.arch, learner.model_kwargs, learner.data_config, extra
+        )
+
+    def _save_initial_weights(self) -> None:
+        """A student trained from scratch keeps its random init: the report's 'before'."""
+        for learner in self.learners:
+            if learner.before.checkpoint == initial_weights_path(self.out_dir, learner.name):
+                self._save_weights(learner, learner.before.checkpoint, None)
+
+    # -- checkpoint -------------------------------------------------------------------------------
+
+    def save_state(self, path: Path) -> None:
+        """Atomically write all ``resume`` needs: rank 0 writes, with every rank's RNG state."""
+        rng = [rng_state(self.device)]
+        if self.dist.enabled:
+            rng = [None] * self.dist.world_size
+            dist.all_gather_object(rng, rng_state(self.device))
+        if self.dist.is_main:
+            progress = {
+                "config": self.cfg.to_dict(),
+                "epoch": self.epoch,
+                "step": self.step,
+                "best": dict(self.best),
+                "history": [asdict(r) for r in self.history],
+            }
+            save_run_state(path, self.learners, progress, rng)
+        self._barrier()
+
+    def load_state(self, path: Path) -> None:
+        """Continue the run in ``path``: refuse another configuration, restore every state."""
+        payload = load_run_state(path, self.cfg.to_dict(), self.learners)
+        self.epoch, self.step = payload["epoch"], payload["step"]
+        self.best = dict(payload["best"])
+        self.history = [EpochRecord(**record) for record in payload["history"]]
+        rng = payload["rng"]
+        if len(rng) != self.dist.world_size:
+            warnings.warn(
+                f"{path} was written by {len(rng)} rank(s), this run has {self.dist.world_size}: "
+                "random states are re-seeded, so dropout noise differs from an unbroken run",
+                stacklevel=2,
+            )
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 1000 * self.epoch)
+            return
+        restore_rng(rng[self.dist.rank], self.device)
+
+    # -- report -----------------------------------------------------------------------------------
+
+    def transfer_report(self, checkpoints: Mapping[str, Path]) -> TransferReport | None:
+        """Before/after figures of the trained models against the pool, on the report data."""
+        if self.cfg.report_data is None:
+            return None
+        before = {learner.name: learner.before for learner in self.learners}
+        for name, spec in self.pool_specs.items():
+            before.setdefault(name, spec)
+        after = [ModelSpec(m.arch, checkpoints[m.name], m.name) for m in self.learners]
+        return pool_report(self.cfg, list(before.values()), after, self.out_dir, self.device)
+
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            dist.barrier()
+
+
+def describe_epoch(record: EpochRecord, epochs: int) -> str:
+    """One log line per epoch."""
+    parts = [f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}"]
+    if not math.isnan(record.taught):
+        parts.append(f"{100 * record.taught:.0f}% of rows taught")
+    parts += [f"val top-1 {name} {top1:.2f}%" for name, top1 in record.val_top1.items()]
+    parts.append(f"{record.steps_per_second:.2f} steps/s")
+    return ", ".join(parts)
+
+
+def pool_report(
+    cfg: TrainConfig,
+    before: Sequence[ModelSpec],
+    after: Sequence[ModelSpec],
+    out_dir: Path,
+    device: torch.device,
+) -> TransferReport:
+    """The transfer report of ``after`` against ``before`` on the report data, saved in
+    ``out_dir``."""
+    report = transfer_from_checkpoints(
+        cfg.report_data,
+        before,
+        after,
+        batch_size=cfg.batch_size,
+        device=device,
+        backend=cfg.backend,
+    )
+    report.save(out_dir / REPORT_STEM)
+    return report
