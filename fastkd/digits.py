@@ -21,6 +21,7 @@ import numpy as np
 from timm.models import build_model_with_cfg, register_model
 from timm.models.mlp_mixer import MlpMixer
 
+from fastkd.errors import ConfigError
 from fastkd.files import atomic_write_text
 
 # Public names; timm's ``register_model`` appends the model it registers here.
@@ -91,7 +92,7 @@ def fastkd_mlp_mixer(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
     (every ``fastkd`` command does).
     """
     if pretrained:
-        raise ValueError("fastkd_mlp_mixer has no pretrained weights: train it from scratch")
+        raise ConfigError("fastkd_mlp_mixer has no pretrained weights: train it from scratch")
     size = int(kwargs.get("img_size", 224))
     kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {
         "input_size": (3, size, size),

@@ -21,6 +21,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
+from fastkd.errors import CheckpointError, ConfigError
 from fastkd.files import atomic_torch_save
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
@@ -28,10 +29,6 @@ CHECKPOINT_VERSION = 1
 _HASH_CHUNK = 1 << 20
 _TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm's own "source:" name prefixes
 _SHOWN_KEYS = 5  # mismatched state-dict keys named in an error
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used for the requested model (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not self.arch:
-            raise ValueError("model spec has an empty architecture name")
+            raise ConfigError("model spec has an empty architecture name")
         if not self.name:
             default = self.checkpoint.stem if self.checkpoint else self.arch.rsplit("/", 1)[-1]
             object.__setattr__(self, "name", default)
@@ -66,15 +63,15 @@ def _split_spec(text: str) -> tuple[str, str, Path | None]:
     text = text.strip()
     arch, sep, checkpoint = text.partition("=")
     if sep and not checkpoint:
-        raise ValueError(f"model spec {text!r}: empty checkpoint path after '='")
+        raise ConfigError(f"model spec {text!r}: empty checkpoint path after '='")
     alias = ""
     prefix, colon, rest = arch.partition(":")
     if colon and prefix.lower() not in _TIMM_SOURCES:
         alias, arch = prefix, rest
         if not alias:
-            raise ValueError(f"model spec {text!r}: empty alias before ':'")
+            raise ConfigError(f"model spec {text!r}: empty alias before ':'")
     if not arch:
-        raise ValueError(f"model spec {text!r}: no model name (expected [alias:]NAME[=CKPT])")
+        raise ConfigError(f"model spec {text!r}: no model name (expected [alias:]NAME[=CKPT])")
     return alias, arch, Path(checkpoint) if sep else None
 
 
@@ -92,7 +89,7 @@ def parse_pool(texts: Iterable[str]) -> list[ModelSpec]:
         name = spec.name
         if name in taken:
             if alias:
-                raise ValueError(f"model alias {alias!r} names two members of the pool")
+                raise ConfigError(f"model alias {alias!r} names two members of the pool")
             suffix = 2
             while f"{name}-{suffix}" in taken:
                 suffix += 1
@@ -100,7 +97,7 @@ def parse_pool(texts: Iterable[str]) -> list[ModelSpec]:
         taken.add(name)
         specs.append(ModelSpec(arch=arch, checkpoint=checkpoint, name=name))
     if not specs:
-        raise ValueError("the pool is empty: give at least one model")
+        raise ConfigError("the pool is empty: give at least one model")
     return specs
 
 
@@ -250,7 +247,7 @@ def load_model(
     label set).
     """
     if ":" not in spec.arch and not timm.is_model(spec.arch):
-        raise ValueError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
+        raise ConfigError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
     kwargs: dict[str, Any] = dict(model_kwargs or {})
     if spec.checkpoint is None:
         if num_classes is not None:

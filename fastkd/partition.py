@@ -16,6 +16,8 @@ from enum import Enum
 
 import torch
 
+from fastkd.errors import ConfigError
+
 NO_TEACHER = -1
 
 
@@ -72,14 +74,14 @@ def select_teacher(
     """
     mode = PartitionMode(mode)
     if pool_logprob.dim() != 2:
-        raise ValueError(f"pool_logprob must be [B, M], got shape {tuple(pool_logprob.shape)}")
+        raise ConfigError(f"pool_logprob must be [B, M], got shape {tuple(pool_logprob.shape)}")
     num_members = pool_logprob.shape[1]
     if self_index is not None and not 0 <= self_index < num_members:
-        raise ValueError(f"self_index {self_index} is outside the pool of {num_members} members")
+        raise ConfigError(f"self_index {self_index} is outside the pool of {num_members} members")
     if mode is PartitionMode.FIXED and self_index is None:
-        raise ValueError("partition mode 'fixed' needs the student in the pool (self_index)")
+        raise ConfigError("partition mode 'fixed' needs the student in the pool (self_index)")
     if num_members - (self_index is not None) < 1:
-        raise ValueError("the pool has no teacher besides the student")
+        raise ConfigError("the pool has no teacher besides the student")
 
     teacher, _ = best_member(pool_logprob, exclude=self_index)
     teacher_logprob = pool_logprob.float().gather(1, teacher.unsqueeze(1)).squeeze(1)
@@ -89,7 +91,7 @@ def select_teacher(
         own = pool_logprob[:, self_index].float()
         return torch.where(teacher_logprob > own, teacher, torch.full_like(teacher, self_index))
     if student_logprob is None:
-        raise ValueError("partition mode 'live' needs the current student's log p(y)")
+        raise ConfigError("partition mode 'live' needs the current student's log p(y)")
     teaches = teacher_logprob > student_logprob.float()
     return torch.where(teaches, teacher, torch.full_like(teacher, NO_TEACHER))
 
@@ -103,7 +105,7 @@ def select_pool_teacher(member_logprob: torch.Tensor) -> torch.Tensor:
     (``NO_TEACHER``).
     """
     if member_logprob.dim() != 2 or member_logprob.shape[1] < 2:
-        raise ValueError(f"need [B, N>=2] log-probabilities, got {tuple(member_logprob.shape)}")
+        raise ConfigError(f"need [B, N>=2] log-probabilities, got {tuple(member_logprob.shape)}")
     if member_logprob.shape[1] == 2:
         a, b = member_logprob.float().unbind(1)
         return (a <= b).long()

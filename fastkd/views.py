@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastkd.errors import ConfigError, DatasetError
+
 # Philox4x64-10 constants (Random123, as in numpy's Philox).
 _PHILOX_M = (np.uint64(0xD2E7470EE14C6C93), np.uint64(0xCA5A826395121157))
 _PHILOX_W = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBB67AE8584CAA73B))
@@ -54,14 +56,14 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"augment scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(f"augment scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         lo, hi = self.ratio
         if not 0 < lo <= hi:
-            raise ValueError(f"augment ratio must satisfy 0 < min <= max, got {self.ratio}")
+            raise ConfigError(f"augment ratio must satisfy 0 < min <= max, got {self.ratio}")
         if not 0 <= self.hflip <= 1:
-            raise ValueError(f"augment hflip is a probability in [0, 1], got {self.hflip}")
+            raise ConfigError(f"augment hflip is a probability in [0, 1], got {self.hflip}")
         if not 0 < self.eval_crop_pct <= 1:
-            raise ValueError(f"augment eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+            raise ConfigError(f"augment eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
 
     @classmethod
     def from_dict(cls, values: dict) -> AugmentConfig:
@@ -113,7 +115,7 @@ def _uniforms(
 ) -> np.ndarray:
     """Four float64 uniforms in [0, 1) per row: [n, 4], from the counter (row, column, draw, 0)."""
     if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        raise ConfigError(f"seed must be in [0, 2**64), got {seed}")
     rows = np.asarray(rows, dtype=np.uint64)
     counter = np.zeros((rows.shape[0], 4), dtype=np.uint64)
     counter[:, 0] = rows
@@ -126,9 +128,11 @@ def _uniforms(
 def _check_indices(indices: np.ndarray, name: str = "indices") -> np.ndarray:
     indices = np.asarray(indices)
     if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+        raise ConfigError(
+            f"{name} must be a 1-D integer array, got {indices.dtype} {indices.shape}"
+        )
     if indices.size and indices.min() < 0:
-        raise ValueError(f"{name} must be non-negative, got {indices.min()}")
+        raise ConfigError(f"{name} must be non-negative, got {indices.min()}")
     return indices.astype(np.int64)
 
 
@@ -190,14 +194,14 @@ def view_boxes(
     sizes = np.asarray(sizes)
     n = indices.shape[0]
     if sizes.shape != (n, 2):
-        raise ValueError(
+        raise ConfigError(
             f"sizes must be [n, 2] = (height, width) for {n} samples, got {sizes.shape}"
         )
     if n and sizes.min() < 1:
         bad = int(indices[np.flatnonzero((sizes < 1).any(axis=1))[0]])
-        raise ValueError(f"sample {bad} has an empty image size (height, width must be >= 1)")
+        raise DatasetError(f"sample {bad} has an empty image size (height, width must be >= 1)")
     if num_views < 1:
-        raise ValueError(f"num_views must be >= 1, got {num_views}")
+        raise ConfigError(f"num_views must be >= 1, got {num_views}")
 
     samples = np.repeat(indices, num_views)
     views = np.tile(np.arange(num_views, dtype=np.int64), n)
@@ -265,9 +269,9 @@ def epoch_views(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> n
     """
     indices = _check_indices(indices)
     if num_views < 1:
-        raise ValueError(f"num_views must be >= 1, got {num_views}")
+        raise ConfigError(f"num_views must be >= 1, got {num_views}")
     if epoch < 0:
-        raise ValueError(f"epoch must be >= 0, got {epoch}")
+        raise ConfigError(f"epoch must be >= 0, got {epoch}")
     cycle, position = divmod(epoch, num_views)
     keys = np.concatenate(
         [
@@ -283,6 +287,6 @@ def epoch_views(seed: int, epoch: int, indices: np.ndarray, num_views: int) -> n
 def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
     """The epoch's sample order: a permutation of ``range(num_samples)`` (int64)."""
     if num_samples < 0 or epoch < 0:
-        raise ValueError(f"need num_samples >= 0 and epoch >= 0, got {num_samples}, {epoch}")
+        raise ConfigError(f"need num_samples >= 0 and epoch >= 0, got {num_samples}, {epoch}")
     keys = _uniforms(seed, _STREAM_ORDER, np.arange(num_samples), epoch, 0)[:, 0]
     return np.argsort(keys, kind="stable")

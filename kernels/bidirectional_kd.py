@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastkd.errors import ConfigError
 from fastkd.kernels.common import (
     MAX_TILE,
     KDStats,
@@ -65,7 +66,7 @@ class BidirectionalKDConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "reduction", Reduction(self.reduction))
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
 
 
 def bidirectional_kd_reference(
@@ -136,11 +137,11 @@ def bidirectional_kd_loss(
         max_block=max_block,
     )
     if len(logits) < 2:
-        raise ValueError(f"bidirectional KD needs at least 2 models, got {len(logits)}")
+        raise ConfigError(f"bidirectional KD needs at least 2 models, got {len(logits)}")
     logits = [check_logits(z, f"logits[{m}]") for m, z in enumerate(logits)]
     for m, z in enumerate(logits[1:], start=1):
         if z.shape != logits[0].shape or z.device != logits[0].device:
-            raise ValueError(
+            raise ConfigError(
                 f"logits[{m}] is {tuple(z.shape)} on {z.device}, "
                 f"logits[0] is {tuple(logits[0].shape)} on {logits[0].device}"
             )

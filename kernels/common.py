@@ -20,6 +20,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from fastkd.errors import ConfigError
+
 try:
     import triton
     from triton.runtime.interpreter import InterpretedFunction
@@ -73,7 +75,7 @@ def tile_width(num_classes: int, max_block: int | None) -> int:
     """Power-of-two tile along C: the whole row if it fits, at most ``max_block`` (or MAX_TILE)."""
     cap = MAX_TILE if max_block is None else max_block
     if cap < 16 or cap & (cap - 1):
-        raise ValueError(f"max_block must be a power of two >= 16, got {cap}")
+        raise ConfigError(f"max_block must be a power of two >= 16, got {cap}")
     return min(triton.next_power_of_2(num_classes), cap)
 
 
@@ -85,14 +87,14 @@ def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
     """Labels [B] of integers on the logits' device, in [0, C) or ignore_index."""
     num_rows, num_classes = logits.shape
     if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device}, the logits on {logits.device}")
+        raise ConfigError(f"labels are on {labels.device}, the logits on {logits.device}")
     if labels.shape != (num_rows,):
-        raise ValueError(f"labels must be [{num_rows}], got {tuple(labels.shape)}")
+        raise ConfigError(f"labels must be [{num_rows}], got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integers, got {labels.dtype}")
+        raise ConfigError(f"labels must be integers, got {labels.dtype}")
     counted = labels[labels != ignore_index]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= num_classes):
-        raise ValueError(
+        raise ConfigError(
             f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
         )
 
@@ -100,9 +102,9 @@ def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
 def check_logits(logits: Tensor, name: str) -> Tensor:
     """A [B, C] floating tensor with unit stride along C (copied only if it is not)."""
     if logits.dim() != 2:
-        raise ValueError(f"{name} must be [B, C], got shape {tuple(logits.shape)}")
+        raise ConfigError(f"{name} must be [B, C], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        raise ValueError(f"{name} must be fp32, bf16 or fp16, got {logits.dtype}")
+        raise ConfigError(f"{name} must be fp32, bf16 or fp16, got {logits.dtype}")
     return logits if logits.stride(-1) == 1 else logits.contiguous()
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastkd.errors import ConfigError
 from fastkd.kernels.common import (
     KDStats,
     Reduction,
@@ -77,9 +78,9 @@ class PartitionedKDConfig:
         object.__setattr__(self, "mode", PartitionMode(self.mode))
         object.__setattr__(self, "reduction", Reduction(self.reduction))
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.mode is PartitionMode.FIXED and self.self_index is None:
-            raise ValueError("partition mode 'fixed' needs the student's pool column self_index")
+            raise ConfigError("partition mode 'fixed' needs the student's pool column self_index")
 
 
 def partitioned_kd_reference(

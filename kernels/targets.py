@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from fastkd.errors import ConfigError
+
 TAIL_MASS_FLOOR = 1e-12
 """Smallest tail mass at T = 1: fp16 top-k logits can sum to slightly more than 1."""
 
@@ -37,32 +39,32 @@ class PoolTargets:
 
     def __post_init__(self) -> None:
         if self.lse.dim() != 2 or self.true_logit.shape != self.lse.shape:
-            raise ValueError(
+            raise ConfigError(
                 "PoolTargets.lse and .true_logit must both be [B, M], got "
                 f"{tuple(self.lse.shape)} and {tuple(self.true_logit.shape)}"
             )
         sparse = self.topk_logits is not None or self.topk_ids is not None
         if sparse == (self.logits is not None):
-            raise ValueError("PoolTargets needs either topk_logits + topk_ids or logits, not both")
+            raise ConfigError("PoolTargets needs either topk_logits + topk_ids or logits, not both")
         rows_members = tuple(self.lse.shape)
         if sparse:
             if self.topk_logits is None or self.topk_ids is None:
-                raise ValueError("sparse PoolTargets needs both topk_logits and topk_ids")
+                raise ConfigError("sparse PoolTargets needs both topk_logits and topk_ids")
             if self.topk_logits.shape != self.topk_ids.shape or self.topk_ids.dim() != 3:
-                raise ValueError(
+                raise ConfigError(
                     "PoolTargets.topk_logits and .topk_ids must both be [B, M, K], got "
                     f"{tuple(self.topk_logits.shape)} and {tuple(self.topk_ids.shape)}"
                 )
             if tuple(self.topk_ids.shape[:2]) != rows_members:
-                raise ValueError(
+                raise ConfigError(
                     f"PoolTargets.topk_ids is {tuple(self.topk_ids.shape)}, lse is {rows_members}"
                 )
             if self.topk_ids.dtype.is_floating_point or self.topk_ids.dtype == torch.bool:
-                raise ValueError(
+                raise ConfigError(
                     f"PoolTargets.topk_ids must be integers, got {self.topk_ids.dtype}"
                 )
         elif self.logits.dim() != 3 or tuple(self.logits.shape[:2]) != rows_members:
-            raise ValueError(
+            raise ConfigError(
                 f"PoolTargets.logits must be [B, M, C] with [B, M] = {rows_members}, "
                 f"got {tuple(self.logits.shape)}"
             )
@@ -74,7 +76,7 @@ class PoolTargets:
         Labels outside [0, C) (ignore_index rows) get the logit of class 0 as a placeholder.
         """
         if logits.dim() != 3:
-            raise ValueError(f"logits must be [B, M, C], got {tuple(logits.shape)}")
+            raise ConfigError(f"logits must be [B, M, C], got {tuple(logits.shape)}")
         z = logits.detach().float()
         index = labels.clamp(0, z.shape[-1] - 1).view(-1, 1, 1).expand(-1, z.shape[1], 1)
         lse = torch.logsumexp(z, dim=-1)
@@ -115,26 +117,26 @@ class PoolTargets:
         return PoolTargets(**moved)
 
     def check(self, num_rows: int, num_classes: int, device: torch.device | None = None) -> None:
-        """Raise ValueError unless these targets fit ``num_rows`` rows of ``num_classes`` logits
+        """Raise ConfigError unless these targets fit ``num_rows`` rows of ``num_classes`` logits
         (on ``device``, when given)."""
         if device is not None:
             for f in fields(self):
                 value = getattr(self, f.name)
                 if value is not None and value.device != device:
-                    raise ValueError(f"PoolTargets.{f.name} is on {value.device}, not {device}")
+                    raise ConfigError(f"PoolTargets.{f.name} is on {value.device}, not {device}")
         if self.num_rows != num_rows:
-            raise ValueError(f"PoolTargets has {self.num_rows} rows, the logits have {num_rows}")
+            raise ConfigError(f"PoolTargets has {self.num_rows} rows, the logits have {num_rows}")
         if self.logits is not None and self.logits.shape[-1] != num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"PoolTargets.logits has {self.logits.shape[-1]} classes, the logits {num_classes}"
             )
         if self.topk_ids is not None:
             if self.topk > num_classes:
-                raise ValueError(f"PoolTargets top-k {self.topk} exceeds {num_classes} classes")
+                raise ConfigError(f"PoolTargets top-k {self.topk} exceeds {num_classes} classes")
             if self.topk_ids.numel() and (
                 int(self.topk_ids.min()) < 0 or int(self.topk_ids.max()) >= num_classes
             ):
-                raise ValueError(f"PoolTargets.topk_ids holds ids outside [0, {num_classes})")
+                raise ConfigError(f"PoolTargets.topk_ids holds ids outside [0, {num_classes})")
 
     def full_vocab_logits(self, member: Tensor, labels: Tensor, num_classes: int) -> Tensor:
         """[B, C] fp32 logits (T = 1) of member ``member[b]`` on each row; sparse: uniform tail.

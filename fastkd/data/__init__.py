@@ -10,19 +10,15 @@
 
 Imports go one way, no cycles: ``datasets`` imports no other module of the package; ``batches``
 imports ``datasets``; ``dali`` imports ``batches``; ``loader`` imports ``batches``, ``dali`` and
-``datasets``; this ``__init__`` re-exports the public names of all four. Outside the package,
-``datasets`` and ``batches`` import ``fastkd.views`` (``pixel_box``), nothing else of fastkd.
+``datasets``; this ``__init__`` re-exports the public names of all four. Outside the package
+they import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported
+here too) and, in ``batches``, ``fastkd.views`` (``pixel_box``); neither imports fastkd.data.
 """
 
 from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, plan_batches
-from fastkd.data.datasets import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    DatasetError,
-    ImageDataset,
-    open_dataset,
-)
+from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset
 from fastkd.data.loader import Backend, load_view, resolve_backend, view_loader
+from fastkd.errors import BadImageError, DatasetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

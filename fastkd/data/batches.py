@@ -21,7 +21,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from fastkd.data.datasets import BadImageError, ImageDataset
+from fastkd.data.datasets import ImageDataset
+from fastkd.errors import BadImageError, ConfigError
 from fastkd.views import pixel_box
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,9 @@ class Preprocess:
         channels, height, width = (int(v) for v in config["input_size"])
         interpolation = str(config.get("interpolation", "bilinear"))
         if channels != 3:
-            raise ValueError(f"data config input_size {config['input_size']}: need 3 channels")
+            raise ConfigError(f"data config input_size {config['input_size']}: need 3 channels")
         if interpolation not in PIL_RESAMPLE:
-            raise ValueError(
+            raise ConfigError(
                 f"data config interpolation {interpolation!r} is not supported for stored views; "
                 f"use one of {sorted(PIL_RESAMPLE)}"
             )
@@ -122,7 +123,7 @@ def plan_batches(num_items: int, batch_size: int, breaks: Sequence[int] = ()) ->
     else the run covers: a resumed dump feeds the models the very batches of an uninterrupted one.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     edges = sorted({0, num_items, *(b for b in breaks if 0 < b < num_items)})
     return [
         np.arange(start, min(start + batch_size, stop))

@@ -21,27 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fastkd.errors import BadImageError, DatasetError
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 _IO_THREADS = 16  # header reads and stats are I/O bound: more threads than cores
-
-
-class DatasetError(ValueError):
-    """A data set that cannot be used (the message names the file or line)."""
-
-
-class BadImageError(DatasetError):
-    """An image that cannot be read or decoded."""
-
-    def __init__(self, path: Path, sample: int, reason: str) -> None:
-        super().__init__(
-            f"cannot read image {path} (sample {sample}): {reason}. "
-            "Fix or remove the file, or skip unreadable images (--on-bad-image skip)."
-        )
-        self.path = path
-        self.sample = sample
-        self.reason = reason
 
 
 @dataclass

@@ -37,6 +37,7 @@ from fastkd.data.batches import (
 )
 from fastkd.data.dali import dali_batches
 from fastkd.data.datasets import ImageDataset
+from fastkd.errors import ConfigError
 
 Backend = Literal["auto", "dali", "torch"]
 
@@ -44,12 +45,12 @@ Backend = Literal["auto", "dali", "torch"]
 def resolve_backend(backend: Backend) -> Literal["dali", "torch"]:
     """``auto``: DALI when it can be imported, else torch."""
     if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
+        raise ConfigError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
     if backend == "torch":
         return "torch"
     has_dali = importlib.util.find_spec("nvidia.dali") is not None
     if backend == "dali" and not has_dali:
-        raise ValueError(
+        raise ConfigError(
             "backend 'dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130); use torch"
         )
     return "dali" if has_dali else "torch"
@@ -83,16 +84,16 @@ def view_loader(
     views, flips = np.asarray(views, dtype=np.int64), np.asarray(flips, dtype=bool)
     boxes = np.asarray(boxes, dtype=np.float32)
     if views.shape != (num_items,) or flips.shape != (num_items,) or boxes.shape != (num_items, 4):
-        raise ValueError(
+        raise ConfigError(
             f"need samples, views, flips [n] and boxes [n, 4] for n={num_items} items, got "
             f"views {views.shape}, flips {flips.shape}, boxes {boxes.shape}"
         )
     if num_items and (samples.min() < 0 or samples.max() >= len(dataset)):
-        raise ValueError(f"sample indices must be in [0, {len(dataset)}), got {samples.max()}")
+        raise ConfigError(f"sample indices must be in [0, {len(dataset)}), got {samples.max()}")
     if on_bad_image not in ("fail", "skip"):
-        raise ValueError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
+        raise ConfigError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
     if not data_configs:
-        raise ValueError("need at least one data config")
+        raise ConfigError("need at least one data config")
     plan = LoadPlan(
         items=Items(dataset, samples, views, boxes, flips),
         preps=[Preprocess.from_data_config(config) for config in data_configs],
