@@ -19,7 +19,7 @@ Imports run one way, so there is no cycle (a module imports only those listed fo
     manifest  <- (none of the others)
     encoding  <- manifest
     arrays    <- manifest, encoding
-    claims    <- manifest
+    claims    <- (none of the others)
     writer    <- manifest, encoding, arrays, claims
     reader    <- manifest, encoding, arrays
     summary   <- manifest, encoding, arrays

@@ -19,11 +19,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from fastkd.errors import ConfigError, StoreBusyError
 from fastkd.files import write_json
-from fastkd.store.manifest import json_default
 
 HEARTBEAT_S = 30.0  # a writer refreshes its claim this often
 CLAIM_STALE_S = 300.0  # a claim (or the creation lock) not refreshed for this long is dead
@@ -108,10 +106,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    write_json(path, value, default=json_default, indent=None)
-
-
 @contextlib.contextmanager
 def creation_lock(meta: Path, holder: Holder) -> Iterator[None]:
     """Exclusive lock file while a store is created or checked; others wait, a dead holder's lock
@@ -174,4 +168,4 @@ def claim_part(meta: Path, me: Holder, num_blocks: int, force: bool) -> None:
                     f"after its last heartbeat, delete {file}, or force it (force_claim=True)."
                 )
             file.unlink(missing_ok=True)
-    write_json_atomic(claim_file(meta, me.run_id), asdict(me))
+    write_json(claim_file(meta, me.run_id), asdict(me), indent=None)

@@ -10,7 +10,6 @@ package: every other module starts from a manifest.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -18,11 +17,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
 from fastkd import __version__
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
+from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
 
 FORMAT_VERSION = 1
@@ -149,20 +148,6 @@ def default_samples_per_shard(views: int) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # JSON-normal values and their differences
-
-
-def plain(value: Any) -> Any:
-    """JSON-normal form (tuples become lists, numpy scalars Python numbers) for comparisons."""
-    return json.loads(json.dumps(value, default=json_default))
-
-
-def json_default(value: Any) -> Any:
-    """``json.dumps``'s ``default`` for manifests and claims: numpy scalars and paths."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"cannot store {type(value).__name__} in the manifest: {value!r}")
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
+from fastkd.files import write_json
 from fastkd.store.arrays import DONE_ARRAY, META_DIR, create_store
 from fastkd.store.claims import (
     HEARTBEAT_S,
@@ -32,7 +33,6 @@ from fastkd.store.claims import (
     claim_part,
     claims,
     creation_lock,
-    write_json_atomic,
 )
 from fastkd.store.encoding import encode_logits
 from fastkd.store.manifest import (
@@ -210,7 +210,7 @@ class StoreWriter:
                 return
             if holder is not None:
                 holder.heartbeat = time.time()
-                write_json_atomic(self._claim, asdict(holder))
+                write_json(self._claim, asdict(holder), indent=None)
 
     def close(self) -> None:
         """Release the claim; if every block is done, record the store as complete."""
