@@ -35,8 +35,9 @@ from PIL import Image
 
 from fastkd.data import ImageDataset, open_dataset, resolve_backend, view_loader
 from fastkd.digits import write_digits_folder
-from fastkd.dump import DumpConfig, default_device, run_dump
+from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import ModelSpec, load_model, save_checkpoint
+from fastkd.runtime import machine_name, resolve_device
 from fastkd.store import summarize
 from fastkd.views import AugmentConfig, all_views
 
@@ -55,13 +56,6 @@ PHOTO_CONFIG = {
     "std": [0.229, 0.224, 0.225],
     "crop_pct": 0.875,
 }
-
-
-def machine() -> str:
-    cores = os.cpu_count()
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, {cores} CPU cores"
-    return f"CPU, {cores} cores, no GPU"
 
 
 def write_pool(folder: Path, num_classes: int) -> list[str]:
@@ -161,7 +155,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
-    device = default_device()
+    device = resolve_device()
     backends = [b for b in BACKENDS if b == "torch" or resolve_backend("auto") == "dali"]
     out = args.out or RESULTS / f"dump-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
 
@@ -173,7 +167,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         configs = [load_model(ModelSpec.parse(spec)).data_config for spec in specs]
         items = dataset_views(dataset, args.views, seed=0)
         result: dict[str, Any] = {
-            "machine": machine(),
+            "machine": machine_name(device),
             "platform": platform.platform(),
             "torch": torch.__version__,
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # a shared machine?

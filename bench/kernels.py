@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import statistics
 import time
@@ -35,6 +34,7 @@ from fastkd.kernels import (
     partitioned_kd_loss,
     partitioned_kd_reference,
 )
+from fastkd.runtime import machine_name, resolve_device
 
 DEFAULT_SHAPES = "256x1000,1024x21841,4096x32000,8192x128256"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -325,12 +325,6 @@ def tail_error(device: torch.device, rows: int = 512, classes: int = 1000) -> li
     return out
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fastkd.bench.kernels", description=__doc__
@@ -353,8 +347,8 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    name = device_name(device)
+    device = resolve_device(args.device)
+    name = machine_name(device)
     peak = peak_bandwidth(name) if device.type == "cuda" else None
     cases = [
         Case(kernel, rows, classes, teacher, args.dtype)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.runtime import machine_name
 from fastkd.store import Manifest, ModelEntry, StoreReader, StoreWriter, summarize
 from fastkd.views import AugmentConfig, epoch_order, epoch_views
 
@@ -201,9 +202,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
     result = {
-        "machine": f"CPU, {os.cpu_count()} cores, no GPU"
-        if not torch.cuda.is_available()
-        else "GPU host",
+        "machine": machine_name("cpu"),  # the store is read on the CPU
         "platform": platform.platform(),
         "cpu_pinning": pinning,
         "data": SYNTHETIC_NOTE + f" (noise={args.noise})",

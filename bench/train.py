@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import platform
 import statistics
 import tempfile
@@ -40,6 +39,7 @@ from rich.table import Table
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import save_checkpoint
+from fastkd.runtime import machine_name
 from fastkd.training import Batch, StoredTargets, TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -181,11 +181,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     median_ratio = {name: ms / median_ms["ce"] for name, ms in median_ms.items()}
     offline = [ratio[f"offline-{k}"] for k in POOL_SIZES]
     live = [ratio[f"live-{k}"] for k in POOL_SIZES]
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {os.cpu_count()} cores, no GPU"
-    )
+    device_name = machine_name(device)
     result = {
         "benchmark": "train step: plain CE vs offline stored targets vs live teachers",
         "machine": device_name,

@@ -10,29 +10,15 @@ i/n``, or torchrun's RANK/WORLD_SIZE) each write their part, disjoint blocks of 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from fastkd.data import (
     Backend,
@@ -45,6 +31,7 @@ from fastkd.data import (
 )
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel, load_model, parse_pool
+from fastkd.runtime import autocast, progress_bar, resolve_device
 from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_part, resolve_topk
 from fastkd.views import AugmentConfig, all_views
 
@@ -85,13 +72,6 @@ class DumpConfig:
             raise ConfigError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
-
-
-def default_device() -> torch.device:
-    """The GPU of this rank (torchrun's LOCAL_RANK) when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path) -> None:
@@ -170,33 +150,6 @@ def plan_blocks(
     )
 
 
-class _RateColumn(ProgressColumn):
-    """Images (decoded views, each fed to every model) per second."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
-
-
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, description: str) -> Iterator[Progress | None]:
-    console = Console(stderr=True)
-    if not (enabled and console.is_terminal):
-        yield None
-        return
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as progress:
-        progress.add_task(description, total=total)
-        yield progress
-
-
 class _BlockBuffer:
     """One block's full logits per model, filled batch by batch, then written and marked done."""
 
@@ -242,7 +195,7 @@ def run_dump(cfg: DumpConfig) -> Path:
     ``overwrite``); checks everything it can (data set, models, classes) before touching it.
     """
     part = resolve_part(cfg.part)
-    device = torch.device(cfg.device) if cfg.device else default_device()
+    device = resolve_device(cfg.device)
     dataset = open_dataset(cfg.data, root=cfg.data_root)
     sizes, unreadable = dataset.read_sizes()
     if unreadable and cfg.on_bad_image == "fail":
@@ -309,11 +262,6 @@ def _infer_blocks(
         member.model.to(
             device, memory_format=torch.channels_last if on_gpu else torch.preserve_format
         )
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.amp and on_gpu
-        else contextlib.nullcontext()
-    )
     batches = view_loader(
         dataset,
         plan.samples,
@@ -334,10 +282,11 @@ def _infer_blocks(
     started, written = time.perf_counter(), 0
     description = "dump part {}/{}".format(*writer.part)
     with (
-        _progress(cfg.progress, len(plan.samples), description) as bar,
+        progress_bar("img", enabled=cfg.progress) as bar,
         torch.inference_mode(),
-        autocast,
+        autocast(device, cfg.amp),
     ):
+        task = bar.add_task(description, total=len(plan.samples))
         group = next(by_block, None)
         for block in plan.blocks:
             buffer = _BlockBuffer(writer, block, pool, cfg.views, device)
@@ -345,8 +294,7 @@ def _infer_blocks(
             if group is not None and group[0] == block:
                 for batch in group[1]:
                     buffer.add(batch, pool)
-                    if bar is not None:
-                        bar.advance(bar.task_ids[0], len(batch.samples))
+                    bar.advance(task, len(batch.samples))
                 group = next(by_block, None)
             buffer.write(writer)
             written += (buffer.stop - buffer.start) * cfg.views

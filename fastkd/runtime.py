@@ -91,11 +91,16 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu``: what benchmark results are labelled with."""
+def machine_name(device: torch.device | str | None = None) -> str:
+    """What results measured on ``device`` (default: ``resolve_device()``) are labelled with: the
+    GPU's name and the host's cores, or the CPU's cores (and whether the host has a GPU)."""
     import torch
 
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cores = os.cpu_count()
+    device = resolve_device() if device is None else torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {cores} CPU cores"
+    return f"CPU, {cores} cores, " + ("GPU unused" if torch.cuda.is_available() else "no GPU")
 
 
 # ----------------------------------------------------------------------------------------------
