@@ -11,6 +11,8 @@ import importlib
 
 import typer
 
+from fastkd.cli.guard import guarded
+
 BENCHMARKS: dict[str, str] = {
     "kernels": "Fused KD kernels vs torch eager, torch.compile and Liger: forward + backward "
     "time, GB/s, % of peak bandwidth, peak memory; the uniform-tail error of top-k targets.",
@@ -45,6 +47,6 @@ def register(app: typer.Typer) -> None:
     )
     for name, summary in BENCHMARKS.items():
         bench.command(name, context_settings=_FORWARD, add_help_option=False)(
-            _command(name, summary)
+            guarded(_command(name, summary))
         )
     app.add_typer(bench, name="bench")

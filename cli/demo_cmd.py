@@ -10,6 +10,7 @@ from rich.console import Console
 
 # Registers the demo pool's timm architectures, so every command loads the demo's checkpoints.
 import fastkd.digits  # noqa: F401
+from fastkd.cli.guard import guarded
 
 
 def demo_command(
@@ -61,4 +62,4 @@ def demo_command(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("demo")(demo_command)
+    app.command("demo")(guarded(demo_command))

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.text import Text
 
 from fastkd.cli.augment_options import (
     DEFAULT_EVAL_CROP_PCT,
@@ -24,9 +23,9 @@ from fastkd.cli.augment_options import (
     HFlip,
     augment_config,
 )
+from fastkd.cli.guard import guarded
 from fastkd.data import Backend, OnBadImage
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.store import StoreError
 
 
 def dump(
@@ -152,36 +151,28 @@ def dump(
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
     augment = augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct)
-    try:
-        config = DumpConfig(
-            data=data,
-            models=model,
-            out=out,
-            views=views,
-            topk=topk,
-            seed=seed,
-            augment=augment,
-            batch_size=batch_size,
-            backend=backend,
-            device=device,
-            part=part,
-            overwrite=overwrite,
-            on_bad_image=on_bad_image,
-            samples_per_shard=samples_per_shard,
-            num_workers=workers,
-            data_root=root,
-            progress=progress,
-        )
-        run_dump(config)
-    except (ValueError, StoreError, FileNotFoundError) as error:
-        # Bad input of any kind (data set, image, model spec, checkpoint, classes, store): the
-        # message names the file or option; a traceback would only bury it.
-        message = Text("error: ", style="bold red")
-        message.append(str(error))
-        Console(stderr=True, soft_wrap=True).print(message)
-        raise typer.Exit(2) from None
+    config = DumpConfig(
+        data=data,
+        models=model,
+        out=out,
+        views=views,
+        topk=topk,
+        seed=seed,
+        augment=augment,
+        batch_size=batch_size,
+        backend=backend,
+        device=device,
+        part=part,
+        overwrite=overwrite,
+        on_bad_image=on_bad_image,
+        samples_per_shard=samples_per_shard,
+        num_workers=workers,
+        data_root=root,
+        progress=progress,
+    )
+    run_dump(config)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("dump")(dump)
+    app.command("dump")(guarded(dump))

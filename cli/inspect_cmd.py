@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fastkd.errors import StoreError
+from fastkd.cli.guard import guarded
 from fastkd.store import StoreSummary, summarize
 
 
@@ -82,10 +82,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
-    try:
-        summary = summarize(store)
-    except StoreError as err:
-        raise typer.BadParameter(str(err), param_hint="STORE") from None
+    summary = summarize(store)
     if as_json:
         payload = asdict(summary)
         payload["bytes_per_view"] = {
@@ -99,4 +96,4 @@ def inspect(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("inspect")(inspect)
+    app.command("inspect")(guarded(inspect))
