@@ -22,7 +22,7 @@ NO_TEACHER = -1
 
 
 class PartitionMode(str, Enum):
-    """How a sample's target is chosen (see docs and method.md)."""
+    """How a sample's target is chosen (docs/method.md)."""
 
     LIVE = "live"  # Bi-KD: the best pool member teaches only where it beats the current student.
     FIXED = (
@@ -101,7 +101,7 @@ def select_pool_teacher(member_logprob: torch.Tensor) -> torch.Tensor:
     teaches all others.
 
     Two models follow Bi-KD exactly: m_A = [p_A(y) > p_B(y)], m_B = [p_A(y) <= p_B(y)], so an
-    exact tie goes to B. For N > 2 (method.md), a tie for the best gives the row no KD term
+    exact tie goes to B. For N > 2 (docs/method.md), a tie for the best gives the row no KD term
     (``NO_TEACHER``).
     """
     if member_logprob.dim() != 2 or member_logprob.shape[1] < 2:

@@ -1,0 +1,93 @@
+"""The import rules of docs/design.md hold: each module imports only what its row allows.
+
+The table under "Modules" in docs/design.md is the contract; this test reads it and every import
+statement of the code (functions included), so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {
+    "fastkd": "fastkd",
+    "kernels": "fastkd.kernels",
+    "cli": "fastkd.cli",
+    "bench": "fastkd.bench",
+}
+NAME = re.compile(r"`(fastkd(?:\.\w+)*)`")
+
+
+def contract() -> dict[str, set[str]]:
+    """Module (or package) -> the fastkd modules it may import, from the design's table."""
+    rules = {}
+    for line in (ROOT / "docs" / "design.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and NAME.fullmatch(cells[0]):
+            rules[cells[0].strip("`")] = set(NAME.findall(cells[2]))
+    return rules
+
+
+def unit_of(module: str, units: set[str]) -> str | None:
+    """The table row that covers ``module``: itself, or the package it lies in."""
+    while module:
+        if module in units:
+            return module
+        module = module.rpartition(".")[0]
+    return None
+
+
+def imports() -> dict[str, set[str]]:
+    """Module name -> the fastkd modules its code imports (``fastkd`` itself left out)."""
+    found = {}
+    for folder, package in FOLDERS.items():
+        for file in (ROOT / folder).rglob("*.py"):
+            parts = file.relative_to(ROOT / folder).with_suffix("").parts
+            name = ".".join((package, *parts)).removesuffix(".__init__")
+            names = set()
+            for node in ast.walk(ast.parse(file.read_text(), str(file))):
+                if isinstance(node, ast.Import):
+                    names.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names.add(node.module)
+            found[name] = {n for n in names if n.startswith("fastkd.")}
+    del found["fastkd"]  # the package root: its version only
+    return found
+
+
+def test_the_design_table_covers_every_module():
+    units = set(contract())
+    missing = sorted(m for m in imports() if unit_of(m, units) is None)
+    assert not missing, f"modules without a row in docs/design.md: {missing}"
+
+
+def test_every_import_is_allowed_by_the_design():
+    rules = contract()
+    units = set(rules)
+    broken = []
+    for module, targets in sorted(imports().items()):
+        source = unit_of(module, units)
+        for target in sorted(targets):
+            goal = unit_of(target, units)
+            if goal not in (source, None) and goal not in rules[source]:
+                broken.append(f"{module} imports {target} ({source} may not import {goal})")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_allowed_imports_have_no_cycle():
+    rules = contract()
+    state: dict[str, str] = {}
+
+    def visit(unit: str, path: list[str]) -> None:
+        state[unit] = "open"
+        for goal in sorted(rules.get(unit, ())):
+            assert state.get(goal) != "open", f"cycle: {' -> '.join([*path, unit, goal])}"
+            if goal not in state:
+                visit(goal, [*path, unit])
+        state[unit] = "done"
+
+    for unit in sorted(rules):
+        if unit not in state:
+            visit(unit, [])
