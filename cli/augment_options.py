@@ -1,13 +1,17 @@
-"""The view-augmentation options, shared by `fastkd dump` and `fastkd train` (``AugmentConfig``)."""
+"""The view-augmentation options (``AugmentConfig``), defined once for `fastkd dump` and `fastkd train`."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from fastkd.views import AugmentConfig
 
+R = TypeVar("R")
 _DEFAULT = AugmentConfig()
 _PANEL = "View augmentation (RandomResizedCrop + flip, replayed from the seed)"
 
@@ -47,11 +51,34 @@ EvalCropPct = Annotated[
     ),
 ]
 
-DEFAULT_SCALE = _DEFAULT.scale
-DEFAULT_RATIO = _DEFAULT.ratio
-DEFAULT_HFLIP = _DEFAULT.hflip
-DEFAULT_EVAL_VIEW = _DEFAULT.eval_view
-DEFAULT_EVAL_CROP_PCT = _DEFAULT.eval_crop_pct
+_OPTIONS = {  # parameter -> (its option, its default), in augment_config's order
+    "crop_scale": (CropScale, _DEFAULT.scale),
+    "crop_ratio": (CropRatio, _DEFAULT.ratio),
+    "hflip": (HFlip, _DEFAULT.hflip),
+    "eval_view": (EvalView, _DEFAULT.eval_view),
+    "eval_crop_pct": (EvalCropPct, _DEFAULT.eval_crop_pct),
+}
+
+
+def with_view_options(command: Callable[..., R]) -> Callable[..., R]:
+    """``command``, which takes ``augment: AugmentConfig``, with the view options in its place:
+    typer lists the five options (one definition for every command), the command gets one
+    ``AugmentConfig``; a bad value is a usage error naming the options."""
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "augment"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+        for name, (option, default) in _OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> R:
+        augment = augment_config(*(kwargs.pop(name) for name in _OPTIONS))
+        return command(*args, augment=augment, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=[*kept, *added])
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
 
 
 def augment_config(

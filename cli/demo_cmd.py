@@ -10,6 +10,7 @@ from rich.console import Console
 
 # Registers the demo pool's timm architectures, so every command loads the demo's checkpoints.
 import fastkd.digits  # noqa: F401
+from fastkd.cli import options
 from fastkd.cli.guard import guarded
 
 
@@ -27,9 +28,9 @@ def demo_command(
     seeds: Annotated[
         int, typer.Option(min=1, help="Seeds of the transfer stage (0, 1, ...): mean and spread.")
     ] = 3,
-    device: Annotated[str, typer.Option(help="auto (a GPU when present), cpu, cuda.")] = "auto",
-    backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Progress bars and per-epoch lines.")] = True,
+    device: options.Device = "auto",
+    backend: options.LoaderBackend = "auto",
+    progress: options.ShowProgress = True,
 ) -> None:
     """Real knowledge transfer on real data, end to end, on a CPU in at most 10 minutes.
 

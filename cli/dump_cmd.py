@@ -10,22 +10,12 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from fastkd.cli.augment_options import (
-    DEFAULT_EVAL_CROP_PCT,
-    DEFAULT_EVAL_VIEW,
-    DEFAULT_HFLIP,
-    DEFAULT_RATIO,
-    DEFAULT_SCALE,
-    CropRatio,
-    CropScale,
-    EvalCropPct,
-    EvalView,
-    HFlip,
-    augment_config,
-)
+from fastkd.cli import options
+from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
-from fastkd.data import Backend, OnBadImage
+from fastkd.data import OnBadImage
 from fastkd.dump import DumpConfig, run_dump
+from fastkd.views import AugmentConfig
 
 
 def dump(
@@ -66,21 +56,8 @@ def dump(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Views per forward pass of each model.")
     ] = 256,
-    backend: Annotated[
-        Backend,
-        typer.Option(
-            help="Image pipeline: NVIDIA DALI, or torch DataLoader + PIL; auto = DALI "
-            "when installed."
-        ),
-    ] = "auto",
-    device: Annotated[
-        str | None,
-        typer.Option(
-            help="Torch device of the models, e.g. cuda:1 or cpu (default: this rank's GPU if "
-            "there is one, else the CPU).",
-            show_default=False,
-        ),
-    ] = None,
+    backend: options.LoaderBackend = "auto",
+    device: options.Device = "auto",
     part: Annotated[
         str | None,
         typer.Option(
@@ -116,29 +93,11 @@ def dump(
             show_default=False,
         ),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            help="Loader workers: DALI threads or DataLoader processes (default: cores, at most 8).",
-            show_default=False,
-        ),
-    ] = None,
-    root: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder the paths of a file list are relative to (default: the list's folder).",
-            show_default=False,
-        ),
-    ] = None,
-    progress: Annotated[
-        bool, typer.Option(help="Show a progress bar with images/s (on a terminal).")
-    ] = True,
-    crop_scale: CropScale = DEFAULT_SCALE,
-    crop_ratio: CropRatio = DEFAULT_RATIO,
-    hflip: HFlip = DEFAULT_HFLIP,
-    eval_view: EvalView = DEFAULT_EVAL_VIEW,
-    eval_crop_pct: EvalCropPct = DEFAULT_EVAL_CROP_PCT,
+    workers: options.Workers = None,
+    root: options.DataRoot = None,
+    progress: options.ShowProgress = True,
+    *,
+    augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
     """Run every model of the pool over every (sample, view) of a data set, once, and store its
     soft targets (top-k logits, log-sum-exp, true-class logit) in a compressed Zarr store.
@@ -150,7 +109,6 @@ def dump(
         format="%(message)s",
         handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
     )
-    augment = augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct)
     config = DumpConfig(
         data=data,
         models=model,
@@ -175,4 +133,4 @@ def dump(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("dump")(guarded(dump))
+    app.command("dump")(guarded(with_view_options(dump)))

@@ -9,19 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fastkd.cli.augment_options import (
-    DEFAULT_EVAL_CROP_PCT,
-    DEFAULT_EVAL_VIEW,
-    DEFAULT_HFLIP,
-    DEFAULT_RATIO,
-    DEFAULT_SCALE,
-    CropRatio,
-    CropScale,
-    EvalCropPct,
-    EvalView,
-    HFlip,
-    augment_config,
-)
+from fastkd.cli import options
+from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
 from fastkd.data import open_dataset
 from fastkd.errors import ConfigError
@@ -30,6 +19,7 @@ from fastkd.files import write_json
 from fastkd.models import parse_pool
 from fastkd.partition import PartitionMode
 from fastkd.training import DEFAULT_LR, Teachers, TrainConfig, TrainResult, train, train_all
+from fastkd.views import AugmentConfig
 
 _MODEL_HELP = (
     "A pool member with its weights, \\[alias:]ARCH=CKPT (repeat). The name (alias, else the "
@@ -40,9 +30,7 @@ _MODEL_HELP = (
 
 def train_command(
     data: Annotated[Path, typer.Option(help="Training images: an image folder or a file list.")],
-    data_root: Annotated[
-        Path | None, typer.Option(help="Root of a file list's paths (default: its folder).")
-    ] = None,
+    data_root: options.DataRoot = None,
     store: Annotated[
         Path | None, typer.Option(help="Stored targets from `fastkd dump` (offline teachers).")
     ] = None,
@@ -126,18 +114,13 @@ def train_command(
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
     ] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: options.Device = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
-    backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="Image loader workers.")] = None,
-    progress: Annotated[
-        bool, typer.Option(help="Progress bars and per-epoch lines (off: the epoch lines only).")
-    ] = True,
-    crop_scale: CropScale = DEFAULT_SCALE,
-    crop_ratio: CropRatio = DEFAULT_RATIO,
-    hflip: HFlip = DEFAULT_HFLIP,
-    eval_view: EvalView = DEFAULT_EVAL_VIEW,
-    eval_crop_pct: EvalCropPct = DEFAULT_EVAL_CROP_PCT,
+    backend: options.LoaderBackend = "auto",
+    workers: options.Workers = None,
+    progress: options.ShowProgress = True,
+    *,
+    augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
     """Train a pool member (or, with --all, every member in turn) from the others' stored targets.
 
@@ -173,7 +156,7 @@ def train_command(
         stop_grad=stop_grad,
         seed=seed,
         views=views,
-        augment=augment_config(crop_scale, crop_ratio, hflip, eval_view, eval_crop_pct),
+        augment=augment,
         pretrained=not from_scratch,
         input_size=input_size,
         val_data=val_data,
@@ -220,8 +203,8 @@ def eval_command(
         Path | None, typer.Option(help="Write OUT.json and OUT.png (the plot) here.")
     ] = None,
     batch_size: int = 256,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
-    backend: Annotated[str, typer.Option(help="Image pipeline: auto, dali or torch.")] = "auto",
+    device: options.Device = "cpu",
+    backend: options.LoaderBackend = "auto",
 ) -> None:
     """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
     loss, positive flips against each other member, transfer rate, the pool's success rate."""
@@ -259,5 +242,5 @@ def eval_command(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("train")(guarded(train_command))
+    app.command("train")(guarded(with_view_options(train_command)))
     app.command("eval")(guarded(eval_command))

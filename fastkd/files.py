@@ -43,7 +43,11 @@ def atomic_torch_save(path: str | os.PathLike, payload: Any) -> Path:
 
 
 def write_json(
-    path: str | os.PathLike, value: Any, *, default: Callable[[Any], Any] = json_default, indent: int = 2
+    path: str | os.PathLike,
+    value: Any,
+    *,
+    default: Callable[[Any], Any] = json_default,
+    indent: int = 2,
 ) -> Path:
     """JSON, atomically; NaN becomes null (strict JSON has no NaN); paths, enums and numpy
     values in their JSON form (``runtime.json_default``)."""

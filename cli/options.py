@@ -1,0 +1,45 @@
+"""The options several commands share (where and how they run), defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fastkd.data import Backend
+
+Device = Annotated[
+    str,
+    typer.Option(
+        help="Torch device: auto (this rank's GPU when there is one, else the CPU), cpu, cuda "
+        "or cuda:N."
+    ),
+]
+LoaderBackend = Annotated[
+    Backend,
+    typer.Option(
+        help="Image pipeline: NVIDIA DALI, or torch DataLoader + PIL; auto = DALI when installed."
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Loader workers: DALI threads or DataLoader processes (default: cores, at most 8).",
+        show_default=False,
+    ),
+]
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        "--root",
+        help="Folder the paths of a file list are relative to (default: the list's folder).",
+        show_default=False,
+    ),
+]
+ShowProgress = Annotated[
+    bool,
+    typer.Option(help="Progress bars, on a terminal (the log lines are written either way)."),
+]
