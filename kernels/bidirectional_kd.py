@@ -23,24 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastkd.errors import ConfigError
-from fastkd.kernels.common import (
-    MAX_TILE,
-    KDStats,
-    Reduction,
-    check_labels,
-    check_logits,
-    num_warps_for,
-    reduce_rows,
-    row_scale,
-    scale_grad_,
-    tile_width,
-    triton_backend,
-)
+from fastkd.kernels import common
+from fastkd.kernels.common import KDStats
 from fastkd.partition import NO_TEACHER, select_pool_teacher
 
 try:
@@ -51,22 +41,10 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
 
 
 @dataclass(frozen=True)
-class BidirectionalKDConfig:
-    """Everything about a bidirectional KD loss except its tensors."""
+class BidirectionalKDConfig(common.KDLossConfig):
+    """A joint KD loss of N models: whether the teaching model gets the KL's gradient."""
 
-    temperature: float = 1.0
     stop_grad: bool = True
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    ignore_index: int = -100
-    reduction: Reduction = Reduction.MEAN
-    inplace_grad: bool = False  # Triton path: write each gradient over its model's logits
-    max_block: int | None = None  # widest tile along C; None: by C and the number of models
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "reduction", Reduction(self.reduction))
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
 
 
 def bidirectional_kd_reference(
@@ -104,70 +82,43 @@ def bidirectional_kd_reference(
         p_student=torch.where(valid, best_two[:, 1], 0.0),
         p_teacher=torch.where(valid, best_two[:, 0], 0.0),
     )
-    return reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
+    return common.reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
 
 
 def bidirectional_kd_loss(
-    logits: Sequence[Tensor],
-    labels: Tensor,
-    *,
-    temperature: float = 1.0,
-    stop_grad: bool = True,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    ignore_index: int = -100,
-    reduction: Reduction | str = "mean",
-    inplace_grad: bool = False,
-    max_block: int | None = None,
+    logits: Sequence[Tensor], labels: Tensor, **options: Any
 ) -> tuple[Tensor, KDStats]:
     """Joint KD loss of N >= 2 models' ``logits`` (each [B, C]) on the same rows.
 
-    Returns the loss summed over the models (reduced over rows, or [B] for ``"none"``) and
-    ``KDStats``: chosen = the teaching model (-1: none), kl = the row's summed KL, p_teacher = the
-    best p(y), p_student = the most confident learner's p(y).
+    ``options``: the fields of ``BidirectionalKDConfig`` (temperature, stop_grad, kd_weight,
+    ce_weight, ignore_index, reduction, inplace_grad, max_block). Returns the loss summed over the
+    models (reduced over rows, or [B] for ``"none"``) and ``KDStats``: chosen = the teaching
+    model (-1: none), kl = the row's summed KL, p_teacher = the best p(y), p_student = the most
+    confident learner's p(y).
     """
-    config = BidirectionalKDConfig(
-        temperature=temperature,
-        stop_grad=stop_grad,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        inplace_grad=inplace_grad,
-        max_block=max_block,
-    )
+    config = BidirectionalKDConfig(**options)
     if len(logits) < 2:
         raise ConfigError(f"bidirectional KD needs at least 2 models, got {len(logits)}")
-    logits = [check_logits(z, f"logits[{m}]") for m, z in enumerate(logits)]
+    logits = [common.check_logits(z, f"logits[{m}]") for m, z in enumerate(logits)]
     for m, z in enumerate(logits[1:], start=1):
         if z.shape != logits[0].shape or z.device != logits[0].device:
             raise ConfigError(
                 f"logits[{m}] is {tuple(z.shape)} on {z.device}, "
                 f"logits[0] is {tuple(logits[0].shape)} on {logits[0].device}"
             )
-    check_labels(labels, logits[0], ignore_index)
-    if all(z.dtype != torch.float64 for z in logits) and triton_backend(
-        logits[0], _bidirectional_kd_kernel
-    ):
-        loss, chosen, kl, p_student, p_teacher = _BidirectionalKDFunction.apply(
-            labels, config, *logits
-        )
-        return loss, KDStats(chosen=chosen, kl=kl, p_student=p_student, p_teacher=p_teacher)
+    common.check_labels(labels, logits[0], config.ignore_index)
+    if common.triton_backend(_bidirectional_kd_kernel, logits):
+        return common.run_function(_BidirectionalKDFunction, labels, config, *logits)
     return bidirectional_kd_reference(logits, labels, config)
 
 
-class BidirectionalKDLoss(nn.Module):
+class BidirectionalKDLoss(common.KDLossModule):
     """``bidirectional_kd_loss`` as a module: ``loss, stats = criterion([za, zb], labels)``."""
 
-    def __init__(self, **config: object) -> None:
-        super().__init__()
-        self.config = BidirectionalKDConfig(**config)
+    config_class = BidirectionalKDConfig
 
     def forward(self, logits: Sequence[Tensor], labels: Tensor) -> tuple[Tensor, KDStats]:
         return bidirectional_kd_loss(logits, labels, **vars(self.config))
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
 
 
 class _BidirectionalKDFunction(torch.autograd.Function):
@@ -176,19 +127,12 @@ class _BidirectionalKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, labels, config, *logits):
         grads = tuple(z if config.inplace_grad else torch.empty_like(z) for z in logits)
-        row_loss, chosen, kl, p_student, p_teacher = _launch_bidirectional_kd(
-            logits, grads, labels, config
-        )
-        ctx.save_for_backward(*(g.detach() for g in grads))
-        ctx.reduction = config.reduction
-        ctx.mark_non_differentiable(chosen, kl, p_student, p_teacher)
-        loss = reduce_rows(row_loss, labels, config.ignore_index, config.reduction)
-        return loss, chosen, kl, p_student, p_teacher
+        outputs = _launch_bidirectional_kd(logits, grads, labels, config)
+        return common.forward_with_gradients(ctx, grads, outputs, labels, config)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_stat_grads):
-        grads = tuple(scale_grad_(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
-        return None, None, *grads
+        return None, None, *common.scaled_gradients(ctx, grad_loss)
 
 
 def _launch_bidirectional_kd(
@@ -200,35 +144,29 @@ def _launch_bidirectional_kd(
     num_rows, num_classes = logits[0].shape
     num_models = len(logits)
     padded_models = triton.next_power_of_2(num_models)
-    cap = config.max_block or max(16, 2 * MAX_TILE // padded_models)
-    block = tile_width(num_classes, cap)
+    cap = config.max_block or max(16, 2 * common.MAX_TILE // padded_models)
+    block = common.tile_width(num_classes, cap)
     device = logits[0].device
-    row_loss = torch.empty(num_rows, device=device, dtype=torch.float32)
-    chosen = torch.empty(num_rows, device=device, dtype=torch.int64)
-    kl, p_student, p_teacher = (torch.empty_like(row_loss) for _ in range(3))
+    row_loss, chosen, kl, p_student, p_teacher = common.stat_buffers(num_rows, device)
     _bidirectional_kd_kernel[(num_rows,)](
         tuple(logits),
         tuple(z.stride(0) for z in logits),
         tuple(grads),
         tuple(g.stride(0) for g in grads),
         labels,
-        row_scale(labels, config.ignore_index, config.reduction),
+        common.row_scale(labels, config.ignore_index, config.reduction),
         row_loss,
         chosen,
         kl,
         p_student,
         p_teacher,
         num_classes,
-        config.ignore_index,
-        1.0 / config.temperature,
-        float(config.temperature),
-        float(config.kd_weight),
-        float(config.ce_weight),
+        *common.kernel_scalars(config),
         NUM_MODELS=num_models,
         STOP_GRAD=config.stop_grad,
         BLOCK_C=block,
         BLOCK_N=max(2, padded_models),
-        num_warps=num_warps_for(block * padded_models // 2),
+        num_warps=common.num_warps_for(block * padded_models // 2),
     )
     return row_loss, chosen, kl, p_student, p_teacher
 

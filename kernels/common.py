@@ -14,11 +14,13 @@ backward through the same graph twice (``retain_graph=True``) is not supported o
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastkd.errors import ConfigError
 
@@ -55,10 +57,90 @@ class KDStats:
     p_teacher: Tensor
 
 
-def triton_backend(tensor: Tensor, kernel: object) -> bool:
-    """Whether ``kernel`` runs on ``tensor``: CUDA, or CPU under the Triton interpreter."""
-    if triton is None:
+@dataclass(frozen=True)
+class KDLossConfig:
+    """What every KD loss takes besides its tensors (each loss's config adds its own fields)."""
+
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 1.0
+    ignore_index: int = -100
+    reduction: Reduction = Reduction.MEAN
+    inplace_grad: bool = False  # Triton path: write the gradient over the logits
+    max_block: int | None = None  # widest tile along C; None: the kernel's own choice
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reduction", Reduction(self.reduction))
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+
+
+class KDLossModule(nn.Module):
+    """A KD loss as a module: the config is fixed at construction, the tensors per call."""
+
+    config_class: ClassVar[type[KDLossConfig]]
+
+    def __init__(self, **config: Any) -> None:
+        super().__init__()
+        self.config = self.config_class(**config)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
+
+
+def stat_buffers(num_rows: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Empty per-row outputs of a kernel: row loss, chosen, kl, p_student, p_teacher."""
+    row_loss = torch.empty(num_rows, device=device, dtype=torch.float32)
+    chosen = torch.empty(num_rows, device=device, dtype=torch.int64)
+    return row_loss, chosen, *(torch.empty_like(row_loss) for _ in range(3))
+
+
+def forward_with_gradients(
+    ctx: Any,
+    grads: tuple[Tensor, ...],
+    outputs: tuple[Tensor, ...],
+    labels: Tensor,
+    config: KDLossConfig,
+) -> tuple[Tensor, ...]:
+    """An autograd forward whose kernel wrote ``grads``: keep them for ``scaled_gradients`` and
+    return the reduced loss and the four stats (not differentiable)."""
+    row_loss, *stats = outputs
+    ctx.save_for_backward(*(g.detach() for g in grads))
+    ctx.reduction = config.reduction
+    ctx.mark_non_differentiable(*stats)
+    return reduce_rows(row_loss, labels, config.ignore_index, config.reduction), *stats
+
+
+def run_function(function: type[torch.autograd.Function], *args: Any) -> tuple[Tensor, KDStats]:
+    """``function.apply(*args)`` (loss, chosen, kl, p_student, p_teacher) as (loss, KDStats)."""
+    loss, *stats = function.apply(*args)
+    return loss, KDStats(*stats)
+
+
+def kernel_scalars(config: KDLossConfig) -> tuple[int, float, float, float, float]:
+    """The scalar arguments every KD kernel takes, in its order: ignore_index, 1 / T, T,
+    kd_weight, ce_weight."""
+    temperature = float(config.temperature)
+    return (
+        config.ignore_index,
+        1.0 / temperature,
+        temperature,
+        float(config.kd_weight),
+        float(config.ce_weight),
+    )
+
+
+def scaled_gradients(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, ...]:
+    """The backward of ``forward_with_gradients``: the saved gradients times ``grad_loss``."""
+    return tuple(scale_grad_(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
+
+
+def triton_backend(kernel: object, tensors: Sequence[Tensor]) -> bool:
+    """Whether ``kernel`` runs on ``tensors``: CUDA, or CPU under the Triton interpreter; fp64
+    inputs always take the torch reference (the exact check)."""
+    if triton is None or any(t.dtype == torch.float64 for t in tensors):
         return False
+    tensor = tensors[0]
     if tensor.is_cuda:
         return True
     if os.environ.get("TRITON_INTERPRET") != "1" or tensor.device.type != "cpu":

@@ -31,23 +31,14 @@ B x C fp32 temporary is made; offsets are int64.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fastkd.errors import ConfigError
-from fastkd.kernels.common import (
-    KDStats,
-    Reduction,
-    check_labels,
-    check_logits,
-    num_warps_for,
-    reduce_rows,
-    row_scale,
-    scale_grad_,
-    tile_width,
-    triton_backend,
-)
+from fastkd.kernels import common
+from fastkd.kernels.common import KDStats
 from fastkd.kernels.targets import TAIL_MASS_FLOOR, PoolTargets
 from fastkd.partition import NO_TEACHER, PartitionMode, best_member, select_teacher
 
@@ -61,24 +52,15 @@ _MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.ALL: 
 
 
 @dataclass(frozen=True)
-class PartitionedKDConfig:
-    """Everything about a partitioned KD loss except its tensors."""
+class PartitionedKDConfig(common.KDLossConfig):
+    """A partitioned KD loss: the partition mode and the student's own pool column, if any."""
 
     mode: PartitionMode = PartitionMode.LIVE
     self_index: int | None = None
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    ignore_index: int = -100
-    reduction: Reduction = Reduction.MEAN
-    inplace_grad: bool = False  # Triton path: write the gradient over the student logits
-    max_block: int | None = None  # widest tile along C; None: whole row up to MAX_TILE
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "mode", PartitionMode(self.mode))
-        object.__setattr__(self, "reduction", Reduction(self.reduction))
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.mode is PartitionMode.FIXED and self.self_index is None:
             raise ConfigError("partition mode 'fixed' needs the student's pool column self_index")
 
@@ -118,69 +100,38 @@ def partitioned_kd_reference(
         p_student=torch.where(valid, student_logprob.detach().exp(), 0.0),
         p_teacher=torch.where(valid, teacher_logprob.exp(), 0.0),
     )
-    return reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
+    return common.reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
 
 
 def partitioned_kd_loss(
-    student_logits: Tensor,
-    labels: Tensor,
-    targets: PoolTargets,
-    *,
-    mode: PartitionMode | str = "live",
-    self_index: int | None = None,
-    temperature: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
-    ignore_index: int = -100,
-    reduction: Reduction | str = "mean",
-    inplace_grad: bool = False,
-    max_block: int | None = None,
+    student_logits: Tensor, labels: Tensor, targets: PoolTargets, **options: Any
 ) -> tuple[Tensor, KDStats]:
     """Partitioned KD loss of ``student_logits`` [B, C] against stored pool ``targets``.
 
-    Returns the loss (reduced, or [B] for ``reduction="none"``) and per-row ``KDStats``.
-    ``inplace_grad`` (Triton path) writes the gradient over the logits: saves B x C memory when the
-    caller does not reuse them. ``max_block`` caps the tile width along C (tests force the
-    multi-tile path with it).
+    ``options``: the fields of ``PartitionedKDConfig`` (mode, self_index, temperature, kd_weight,
+    ce_weight, ignore_index, reduction, inplace_grad, max_block). Returns the loss (reduced, or
+    [B] for ``reduction="none"``) and per-row ``KDStats``. ``inplace_grad`` (Triton path) writes
+    the gradient over the logits: saves B x C memory when the caller does not reuse them.
+    ``max_block`` caps the tile width along C (tests force the multi-tile path with it).
     """
-    config = PartitionedKDConfig(
-        mode=mode,
-        self_index=self_index,
-        temperature=temperature,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        ignore_index=ignore_index,
-        reduction=reduction,
-        inplace_grad=inplace_grad,
-        max_block=max_block,
-    )
-    student_logits = check_logits(student_logits, "student_logits")
-    check_labels(labels, student_logits, ignore_index)
+    config = PartitionedKDConfig(**options)
+    student_logits = common.check_logits(student_logits, "student_logits")
+    common.check_labels(labels, student_logits, config.ignore_index)
     targets.check(*student_logits.shape, device=student_logits.device)
-    if student_logits.dtype != torch.float64 and triton_backend(
-        student_logits, _partitioned_kd_kernel
-    ):
-        loss, chosen, kl, p_student, p_teacher = _PartitionedKDFunction.apply(
-            student_logits, labels, targets, config
-        )
-        return loss, KDStats(chosen=chosen, kl=kl, p_student=p_student, p_teacher=p_teacher)
+    if common.triton_backend(_partitioned_kd_kernel, [student_logits]):
+        return common.run_function(_PartitionedKDFunction, student_logits, labels, targets, config)
     return partitioned_kd_reference(student_logits, labels, targets, config)
 
 
-class PartitionedKDLoss(nn.Module):
+class PartitionedKDLoss(common.KDLossModule):
     """``partitioned_kd_loss`` as a module: ``loss, stats = criterion(logits, labels, targets)``."""
 
-    def __init__(self, **config: object) -> None:
-        super().__init__()
-        self.config = PartitionedKDConfig(**config)
+    config_class = PartitionedKDConfig
 
     def forward(
         self, student_logits: Tensor, labels: Tensor, targets: PoolTargets
     ) -> tuple[Tensor, KDStats]:
         return partitioned_kd_loss(student_logits, labels, targets, **vars(self.config))
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
 
 
 class _PartitionedKDFunction(torch.autograd.Function):
@@ -189,19 +140,12 @@ class _PartitionedKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, labels, targets, config):
         grad = student_logits if config.inplace_grad else torch.empty_like(student_logits)
-        row_loss, chosen, kl, p_student, p_teacher = _launch_partitioned_kd(
-            student_logits, grad, labels, targets, config
-        )
-        ctx.save_for_backward(grad.detach())
-        ctx.reduction = config.reduction
-        ctx.mark_non_differentiable(chosen, kl, p_student, p_teacher)
-        loss = reduce_rows(row_loss, labels, config.ignore_index, config.reduction)
-        return loss, chosen, kl, p_student, p_teacher
+        outputs = _launch_partitioned_kd(student_logits, grad, labels, targets, config)
+        return common.forward_with_gradients(ctx, (grad,), outputs, labels, config)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused_stat_grads):
-        (grad,) = ctx.saved_tensors
-        return scale_grad_(grad, grad_loss, ctx.reduction), None, None, None
+        return *common.scaled_gradients(ctx, grad_loss), None, None, None
 
 
 def _launch_partitioned_kd(
@@ -224,10 +168,8 @@ def _launch_partitioned_kd(
         target_values = _unit_last_stride(targets.logits)
         target_ids = lse  # unused by the dense kernel, any valid pointer
         ids_strides = (0, 0)
-    row_loss = torch.empty(num_rows, device=device, dtype=torch.float32)
-    chosen = torch.empty(num_rows, device=device, dtype=torch.int64)
-    kl, p_student, p_teacher = (torch.empty_like(row_loss) for _ in range(3))
-    block = tile_width(num_classes, config.max_block)
+    row_loss, chosen, kl, p_student, p_teacher = common.stat_buffers(num_rows, device)
+    block = common.tile_width(num_classes, config.max_block)
     _partitioned_kd_kernel[(num_rows,)](
         student_logits,
         student_logits.stride(0),
@@ -244,7 +186,7 @@ def _launch_partitioned_kd(
         target_ids,
         ids_strides[0],
         ids_strides[1],
-        row_scale(labels, config.ignore_index, config.reduction),
+        common.row_scale(labels, config.ignore_index, config.reduction),
         row_loss,
         chosen,
         kl,
@@ -254,18 +196,14 @@ def _launch_partitioned_kd(
         targets.num_members,
         targets.topk,
         -1 if config.self_index is None else config.self_index,
-        config.ignore_index,
-        1.0 / config.temperature,
-        float(config.temperature),
-        float(config.kd_weight),
-        float(config.ce_weight),
+        *common.kernel_scalars(config),
         TAIL_MASS_FLOOR,
         MODE=_MODE_CODE[config.mode],
         SPARSE=targets.is_sparse,
         BLOCK_C=block,
         BLOCK_M=max(2, triton.next_power_of_2(targets.num_members)),
         BLOCK_K=max(2, triton.next_power_of_2(targets.topk)),
-        num_warps=num_warps_for(block),
+        num_warps=common.num_warps_for(block),
     )
     return row_loss, chosen, kl, p_student, p_teacher
 
