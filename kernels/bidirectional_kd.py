@@ -82,7 +82,7 @@ def bidirectional_kd_reference(
         p_student=torch.where(valid, best_two[:, 1], 0.0),
         p_teacher=torch.where(valid, best_two[:, 0], 0.0),
     )
-    return common.reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
+    return common.reduce_loss(row_loss, labels, config), stats
 
 
 def bidirectional_kd_loss(
@@ -154,7 +154,7 @@ def _launch_bidirectional_kd(
         tuple(grads),
         tuple(g.stride(0) for g in grads),
         labels,
-        common.row_scale(labels, config.ignore_index, config.reduction),
+        common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
         row_loss,
         chosen,
         kl,

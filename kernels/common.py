@@ -7,12 +7,19 @@ plain autograd math.
 
 On the Triton path the forward writes d(loss)/d(logits) into a buffer in the logits' dtype (or into
 the logits themselves with ``inplace_grad=True``), already divided by the number of counted rows
-for ``reduction="mean"``; autograd's backward only scales it by ``grad_output`` in place. So
-backward through the same graph twice (``retain_graph=True``) is not supported on that path.
+for ``reduction="mean"`` and multiplied by the config's ``scale``; autograd's backward only
+scales it by ``grad_output`` in place, or, with ``grad_output_is_one=True`` (the caller runs
+``loss.backward()`` on this loss alone), returns it as written: no B x C pass and no host sync.
+So backward through the same graph twice (``retain_graph=True``) is not supported on that path.
+
+Input checks never wait on the device: a value check (labels, top-k ids in range) is one
+``torch._assert_async`` on CUDA tensors, which fails the stream if it does not hold; on CPU
+tensors it raises ``ConfigError`` at once (``assert_all``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,11 +75,22 @@ class KDLossConfig:
     reduction: Reduction = Reduction.MEAN
     inplace_grad: bool = False  # Triton path: write the gradient over the logits
     max_block: int | None = None  # widest tile along C; None: the kernel's own choice
+    scale: float = 1.0  # multiplies the (reduced) loss and the gradient the kernel writes
+    # The caller back-propagates this loss alone with loss.backward(), so its grad_output is
+    # exactly 1: backward returns the kernel's gradient without the B x C rescale.
+    grad_output_is_one: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reduction", Reduction(self.reduction))
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"scale must be finite, got {self.scale}")
+        if self.grad_output_is_one and self.reduction is Reduction.NONE:
+            raise ConfigError(
+                "grad_output_is_one needs a reduced loss (reduction 'mean' or 'sum'): "
+                "loss.backward() takes a scalar"
+            )
 
 
 class KDLossModule(nn.Module):
@@ -107,8 +125,9 @@ def forward_with_gradients(
     row_loss, *stats = outputs
     ctx.save_for_backward(*(g.detach() for g in grads))
     ctx.reduction = config.reduction
+    ctx.grad_output_is_one = config.grad_output_is_one
     ctx.mark_non_differentiable(*stats)
-    return reduce_rows(row_loss, labels, config.ignore_index, config.reduction), *stats
+    return reduce_loss(row_loss, labels, config), *stats
 
 
 def run_function(function: type[torch.autograd.Function], *args: Any) -> tuple[Tensor, KDStats]:
@@ -132,7 +151,9 @@ def kernel_scalars(config: KDLossConfig) -> tuple[int, float, float, float, floa
 
 def scaled_gradients(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, ...]:
     """The backward of ``forward_with_gradients``: the saved gradients times ``grad_loss``."""
-    return tuple(scale_grad_(g, grad_loss, ctx.reduction) for g in ctx.saved_tensors)
+    return tuple(
+        scale_grad_(g, grad_loss, ctx.reduction, ctx.grad_output_is_one) for g in ctx.saved_tensors
+    )
 
 
 def triton_backend(kernel: object, tensors: Sequence[Tensor]) -> bool:
@@ -174,11 +195,26 @@ def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
         raise ConfigError(f"labels must be [{num_rows}], got {tuple(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ConfigError(f"labels must be integers, got {labels.dtype}")
-    counted = labels[labels != ignore_index]
-    if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= num_classes):
-        raise ConfigError(
-            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}"
-        )
+    in_range = (labels >= 0) & (labels < num_classes)
+    assert_all(
+        in_range | (labels == ignore_index),
+        f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}",
+    )
+
+
+def assert_all(ok: Tensor, message: str) -> None:
+    """Every entry of the bool tensor ``ok`` holds, else ``message``, without a host sync on
+    CUDA: there, one ``torch._assert_async`` fails the stream (a device-side assert: the CUDA
+    context is then unusable, as after any device assert). On CPU: ``ConfigError(message)`` at
+    once (the check runs in C++, where reading a CPU tensor waits on nothing)."""
+    holds = ok.all()
+    if holds.is_cuda:
+        torch._assert_async(holds, message)  # queued: nothing waits for it
+        return
+    try:
+        torch._assert_async(holds, message)
+    except RuntimeError:
+        raise ConfigError(message) from None
 
 
 def check_logits(logits: Tensor, name: str) -> Tensor:
@@ -201,25 +237,39 @@ def reduce_rows(
     return row_loss.sum() / counted_rows(labels, ignore_index)
 
 
+def reduce_loss(row_loss: Tensor, labels: Tensor, config: KDLossConfig) -> Tensor:
+    """The loss a KD function returns: the config's reduction of the row losses, times its
+    ``scale`` (the kernel path and the torch reference alike)."""
+    loss = reduce_rows(row_loss, labels, config.ignore_index, config.reduction)
+    return loss if config.scale == 1.0 else loss * config.scale
+
+
 def counted_rows(labels: Tensor, ignore_index: int) -> Tensor:
     """Number of non-ignored rows as an fp32 scalar tensor, at least 1 (no host sync)."""
     return (labels != ignore_index).sum().clamp_min(1).float()
 
 
-def row_scale(labels: Tensor, ignore_index: int, reduction: Reduction) -> Tensor:
-    """[1] fp32 factor the kernels bake into the gradient: 1 / counted rows for mean, else 1."""
+def row_scale(
+    labels: Tensor, ignore_index: int, reduction: Reduction, scale: float = 1.0
+) -> Tensor:
+    """[1] fp32 factor the kernels bake into the gradient: ``scale`` / counted rows for mean,
+    else ``scale`` (the config's ``scale``; made on the device, no host sync)."""
     if reduction is Reduction.MEAN:
-        return counted_rows(labels, ignore_index).reciprocal().reshape(1)
-    return torch.ones(1, device=labels.device)
+        factor = counted_rows(labels, ignore_index).reciprocal().reshape(1)
+        return factor if scale == 1.0 else factor * scale
+    return torch.full((1,), float(scale), device=labels.device)
 
 
-def scale_grad_(grad: Tensor, grad_output: Tensor, reduction: Reduction) -> Tensor:
+def scale_grad_(
+    grad: Tensor, grad_output: Tensor, reduction: Reduction, grad_output_is_one: bool = False
+) -> Tensor:
     """Backward of a loss whose gradient was written in the forward: scale it by grad_output.
 
-    A scalar grad_output of exactly 1 (the usual ``loss.backward()``) skips the B x C pass.
+    ``grad_output_is_one`` (the caller's promise that it runs ``loss.backward()`` on this loss
+    alone) returns the gradient as written: no B x C pass, and no look at grad_output's value.
     """
     if reduction is Reduction.NONE:
         return grad.mul_(grad_output.unsqueeze(1))
-    if torch.equal(grad_output, torch.ones_like(grad_output)):
+    if grad_output_is_one:
         return grad
     return grad.mul_(grad_output)

@@ -100,7 +100,7 @@ def partitioned_kd_reference(
         p_student=torch.where(valid, student_logprob.detach().exp(), 0.0),
         p_teacher=torch.where(valid, teacher_logprob.exp(), 0.0),
     )
-    return common.reduce_rows(row_loss, labels, config.ignore_index, config.reduction), stats
+    return common.reduce_loss(row_loss, labels, config), stats
 
 
 def partitioned_kd_loss(
@@ -186,7 +186,7 @@ def _launch_partitioned_kd(
         target_ids,
         ids_strides[0],
         ids_strides[1],
-        common.row_scale(labels, config.ignore_index, config.reduction),
+        common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
         row_loss,
         chosen,
         kl,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastkd.errors import ConfigError
+from fastkd.kernels.common import assert_all
 
 TAIL_MASS_FLOOR = 1e-12
 """Smallest tail mass at T = 1: fp16 top-k logits can sum to slightly more than 1."""
@@ -118,7 +119,9 @@ class PoolTargets:
 
     def check(self, num_rows: int, num_classes: int, device: torch.device | None = None) -> None:
         """Raise ConfigError unless these targets fit ``num_rows`` rows of ``num_classes`` logits
-        (on ``device``, when given)."""
+        (on ``device``, when given). The id range is checked without a host sync on CUDA
+        (``assert_all``); training checks stored ids once per block as the store reader loads
+        them."""
         if device is not None:
             for f in fields(self):
                 value = getattr(self, f.name)
@@ -133,10 +136,11 @@ class PoolTargets:
         if self.topk_ids is not None:
             if self.topk > num_classes:
                 raise ConfigError(f"PoolTargets top-k {self.topk} exceeds {num_classes} classes")
-            if self.topk_ids.numel() and (
-                int(self.topk_ids.min()) < 0 or int(self.topk_ids.max()) >= num_classes
-            ):
-                raise ConfigError(f"PoolTargets.topk_ids holds ids outside [0, {num_classes})")
+            ids = self.topk_ids
+            assert_all(
+                (ids >= 0) & (ids < num_classes),
+                f"PoolTargets.topk_ids holds ids outside [0, {num_classes})",
+            )
 
     def full_vocab_logits(self, member: Tensor, labels: Tensor, num_classes: int) -> Tensor:
         """[B, C] fp32 logits (T = 1) of member ``member[b]`` on each row; sparse: uniform tail.
