@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from fastkd.store import (
     Expectation,
@@ -444,6 +446,21 @@ def test_random_access_reads_match_written(finished: Path, data: dict, cache_byt
         reader.read("small", np.array([40]), np.array([0]))
     with pytest.raises(KeyError, match="model 'nope' is not in the store"):
         reader.read("nope", np.array([0]), np.array([0]))
+
+
+def test_damaged_topk_ids_are_found_as_their_block_is_decoded(
+    tmp_path: Path, finished: Path
+) -> None:
+    path = tmp_path / "damaged"
+    shutil.copytree(finished, path)
+    ids = zarr.open_group(path, mode="r+", zarr_format=3)["models/small/topk_ids"]
+    ids[19, 1, 3] = NUM_CLASSES  # one id past the classes, in block 2 (samples 16..23)
+    reader = StoreReader(path)
+    assert reader.read("small", np.array([0, 39]), np.array([1, 2])).topk_ids.shape == (2, 7)
+    with pytest.raises(
+        StoreError, match=rf"model 'small'.*topk_ids of sample 19 holds {NUM_CLASSES}"
+    ):
+        reader.read("small", np.array([16]), np.array([0]))  # any row of the damaged block
 
 
 def test_read_pool_stacks_models(finished: Path, data: dict) -> None:

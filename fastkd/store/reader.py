@@ -5,6 +5,10 @@ milliseconds, so the reader decodes whole shards (one block of an array) into a 
 blocks and gathers rows from it with numpy: a shuffled epoch decodes every shard about once. What
 it returns is numpy (``ModelTargets``, ``PoolArrays``): the loss's tensor types are training's
 business, not the store's.
+
+Stored top-k ids are checked against the model's classes as each block is decoded (one numpy
+max over the block, in the reader's thread): every id a caller gets has been checked once, and
+the kernels need not check them again on the device; opening a store stays O(1).
 """
 
 from __future__ import annotations
@@ -64,9 +68,16 @@ class _BlockCache:
     """
 
     def __init__(
-        self, arrays: Mapping[str, zarr.Array], samples_per_block: int, max_bytes: int
+        self,
+        arrays: Mapping[str, zarr.Array],
+        samples_per_block: int,
+        max_bytes: int,
+        limits: Mapping[str, int] | None = None,
+        where: str = "",
     ) -> None:
         self._arrays = dict(arrays)
+        self._limits = dict(limits or {})  # array -> exclusive upper bound of its values
+        self._where = where
         self._block = samples_per_block
         first = next(iter(self._arrays.values()))
         self._num_samples = first.shape[0]
@@ -99,9 +110,23 @@ class _BlockCache:
             stop = min(start + self._block, self._num_samples)
             for name, array in self._arrays.items():
                 self._arena[name][slot, : stop - start] = array[start:stop]
+                if name in self._limits:
+                    self._check_range(name, self._arena[name][slot, : stop - start], start)
             self._slot_of[block] = slot
             self._block_in[slot] = block
             self.loads += 1
+
+    def _check_range(self, name: str, values: np.ndarray, start: int) -> None:
+        """Values of a freshly decoded block must lie in [0, limit): one max (and min) pass."""
+        limit = self._limits[name]
+        if not values.size or (values.max() < limit and values.min() >= 0):
+            return
+        bad = (values >= limit) | (values < 0)
+        sample = start + int(np.argwhere(bad)[0][0])
+        raise StoreError(
+            f"{self._where}: {name} of sample {sample} holds {values[bad].flat[0]}, outside "
+            f"[0, {limit}): the store is damaged (dump it again with --overwrite)"
+        )
 
     def gather(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
         """Rows ``(samples[i], views[i])`` of every array."""
@@ -202,14 +227,18 @@ class StoreReader:
         zarr lookups cost milliseconds, so they happen only here."""
         cache = self._caches.get(model)
         if cache is None:
+            limits = {}
             if model is None:
                 arrays = {name: self._group[name] for name in ("boxes", "flips")}
             else:
                 entry = self.manifest.model(model)
                 member = self._group[f"models/{model}"]
                 arrays = {name: member[name] for name in model_arrays(entry, self.num_views)}
+                if "topk_ids" in arrays:
+                    limits["topk_ids"] = entry.num_classes
             share = self._cache_bytes // (len(self.manifest.models) + 1)
-            cache = _BlockCache(arrays, self.layout.samples_per_shard, share)
+            where = f"store {self.path}, model {model!r}"
+            cache = _BlockCache(arrays, self.layout.samples_per_shard, share, limits, where)
             self._caches[model] = cache
         return cache
 
