@@ -32,15 +32,18 @@ def evaluate(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     amp: bool = True,
+    samples: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Top-1 predictions [n] of each model on the eval view of every sample of ``dataset``.
+    """Top-1 predictions of each model on the eval view of ``samples`` of ``dataset`` (default:
+    every sample), in the order of ``samples``: [len(samples)] each.
 
     The eval view is view 0 of ``fastkd.views`` (centre square of ``crop_pct`` x the short side,
     no flip), resized and normalised with each model's own timm data config: timm's eval
     transform. Models sharing a ``crop_pct`` share one decoding pass. Models are left in eval mode.
+    ``samples`` (distinct indices into ``dataset``) lets DDP ranks each take a disjoint slice.
     """
     device = torch.device(device)
-    samples = np.arange(len(dataset), dtype=np.int64)
+    samples = _eval_samples(dataset, samples)
     by_crop: dict[float, list[str]] = {}
     for name in models:
         crop_pct = float(data_configs[name].get("crop_pct") or AugmentConfig.eval_crop_pct)
@@ -48,9 +51,10 @@ def evaluate(
     predictions: dict[str, np.ndarray] = {}
     for crop_pct, names in by_crop.items():
         boxes, flips = view_params(
-            0, samples, 1, dataset.sizes, AugmentConfig(eval_crop_pct=crop_pct)
+            0, samples, 1, dataset.sizes[samples], AugmentConfig(eval_crop_pct=crop_pct)
         )
-        out = {name: np.empty(len(samples), dtype=np.int64) for name in names}
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        rows = []
         for name in names:
             models[name].eval()
         batches = view_loader(
@@ -64,14 +68,31 @@ def evaluate(
             backend=backend,
             device=device,
         )
+        # The loader keeps the items' order and fails on an unreadable image: the batches'
+        # predictions, concatenated, are those of ``samples``; one copy to the host per model.
         for batch in batches:
-            rows = batch.samples.numpy()
+            rows.append(batch.samples.numpy())
             for name, images in zip(names, batch.images, strict=True):
                 with autocast(device, amp):
-                    logits = models[name](images)
-                out[name][rows] = logits.argmax(dim=1).cpu().numpy()
-        predictions.update(out)
+                    out[name].append(models[name](images).argmax(dim=1))
+        if rows and not np.array_equal(np.concatenate(rows), samples):
+            raise RuntimeError("the view loader returned other samples than asked to evaluate")
+        for name, parts in out.items():
+            found = torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.int64)
+            predictions[name] = found
     return predictions
+
+
+def _eval_samples(dataset: ImageDataset, samples: np.ndarray | None) -> np.ndarray:
+    """``samples`` as int64 indices of ``dataset``, checked distinct and in range (all: None)."""
+    if samples is None:
+        return np.arange(len(dataset), dtype=np.int64)
+    samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+    if samples.size and (samples.min() < 0 or samples.max() >= len(dataset)):
+        raise ConfigError(f"samples must index the {len(dataset)} samples of {dataset.root}")
+    if np.unique(samples).size != samples.size:
+        raise ConfigError("samples to evaluate must be distinct")
+    return samples
 
 
 def predict_checkpoints(

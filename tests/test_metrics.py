@@ -120,3 +120,7 @@ def test_evaluate_predicts_on_each_models_eval_view(tmp_path):
             expected = models[name](torch.stack(images)).argmax(1).numpy()
         assert np.array_equal(predictions[name], expected), name
     assert len(set(predictions["whole"].tolist())) > 1  # not a constant model
+    subset = np.array([5, 0, 3])  # a rank's slice: the same predictions, in the slice's order
+    part = evaluate(models, configs, dataset, batch_size=2, backend="torch", samples=subset)
+    for name, found in part.items():
+        assert np.array_equal(found, predictions[name][subset]), name
