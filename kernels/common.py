@@ -38,8 +38,9 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
     InterpretedFunction = None
 
-MAX_TILE = 16384
-"""Widest tile along C on the GPU; two distributions in registers spill beyond about this."""
+MAX_TILE = 4096
+"""Widest tile along C: at 8 warps, 16 elements a thread (two 16-byte vectors of bf16), few
+enough registers for two blocks per SM (``fastkd bench compile`` holds every launch to that)."""
 
 
 class Reduction(str, Enum):
@@ -183,7 +184,7 @@ def tile_width(num_classes: int, max_block: int | None) -> int:
 
 
 def num_warps_for(block: int) -> int:
-    return 4 if block <= 2048 else 8 if block <= 8192 else 16
+    return 4 if block <= 2048 else 8 if block <= 4096 else 16
 
 
 def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
@@ -273,3 +274,53 @@ def scale_grad_(
     if grad_output_is_one:
         return grad
     return grad.mul_(grad_output)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the kernels' launchers and bodies share
+
+
+T_OTHER, T_UNIT, T_HALF = 0, 1, 2
+"""Temperature codes: T = 1 and T = 2 get their own compiled paths (fewer exps per element)."""
+
+if triton is not None:
+    import triton.language as tl
+
+    LOG2E = tl.constexpr(1.4426950408889634)
+    LN2 = tl.constexpr(0.6931471805599453)
+    T_UNIT = tl.constexpr(T_UNIT)
+    T_HALF = tl.constexpr(T_HALF)
+
+
+def temperature_code(temperature: float) -> int:
+    """``T_UNIT`` for T = 1, ``T_HALF`` for T = 2, else ``T_OTHER``."""
+    return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
+
+
+def unit_last_stride(tensor: Tensor) -> Tensor:
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def vector_width(tensor: Tensor) -> int:
+    """Elements of ``tensor`` per 16 bytes when its storage is 16-byte aligned, else 1: the
+    kernels cut each row at its first 16-byte boundary and read whole tiles with vector loads."""
+    if tensor.data_ptr() % 16 or 16 % tensor.element_size():
+        return 1
+    return 16 // tensor.element_size()
+
+
+def aligned_width(other: Tensor, student: Tensor, vec: int, strides: Sequence[int]) -> int:
+    """The vector width (elements of ``other`` per 16 bytes) at which every row of ``other`` is
+    aligned where the student's rows are (``vec``: the student's), or 1 when it is not.
+
+    The kernels start the unmasked tiles of a row at ``head = -(row * student_stride) mod vec``.
+    ``other``'s offset there, ``row * strides[0] + member * strides[1:] + head``, is a multiple
+    of its own width ``w`` for every row and member when its storage is 16-byte aligned, ``w``
+    divides ``vec``, its row stride is the student's modulo ``w`` and its member strides are
+    multiples of ``w``: only then may the kernel promise ``tl.multiple_of(offset, w)``."""
+    width = vector_width(other)
+    if vec == 1 or width == 1 or vec % width:
+        return 1
+    row_stride, *member_strides = strides
+    same_phase = (row_stride - student.stride(0)) % width == 0
+    return width if same_phase and all(stride % width == 0 for stride in member_strides) else 1

@@ -17,15 +17,24 @@ Per row (one sample view), with student logits z, label y and M stored pool memb
   of the KL is 118% at k = 10 and 20% at k = 100, of the KD gradient (L2) 21% and 3%; at T = 2,
   k = 100: 102% and 36%. The tail matters more as T grows: store a large k when training at T > 1.
 
-The Triton kernel runs one program per row. Pass 1 reads the student row (and, for a dense target,
-the candidate member's row: the best teacher, or in ``fixed`` mode teacher-or-self, both known
-before the student is read) once, keeping online log-sum-exps at T = 1 and at T, the teacher's
-online log-sum-exp at T and E_p[(t - z) / T], so KL = E_p[(t - z) / T] - lse_t,T + lse_s,T needs
-no second pass; a sparse target instead keeps the student's row sum, which gives the tail's
-sum of log q. Pass 2 writes the gradient ce_weight * (softmax(z) - onehot(y)) + kd_weight * T *
-(q_T - p_T), dense with the tail probability; for sparse targets the known ids are then corrected
-by a scatter (gathered before pass 2, so ``inplace_grad=True`` may overwrite the logits). No
-B x C fp32 temporary is made; offsets are int64.
+Dense targets at T = 1 are the stored distribution itself, p = exp(t - lse) with the member's
+stored lse (the one the partition compared); at other T, softmax(t / T). The KD term is
+sum p log p - sum p z / T + lse(z / T): KL(p || q_T) for a normalised p, and the loss whose
+gradient is exactly q_T - p when fp16 rounding of stored logits leaves p a little off 1.
+
+The Triton kernel runs one program per row, built for the bandwidth bound (docs/design.md has
+the bytes and exps per row). Each row is cut at the student's first 16-byte boundary: a masked
+head, whole tiles read without masks (16-byte loads; the gradient, and a dense teacher whose rows
+keep the same phase, too: ``common.aligned_width``), a masked tail. Pass 1 reads only the student
+(at T = 1): its online log-sum-exps at T = 1 and T in base 2 (one exp2 per element; at T = 2 one
+exp2 serves both); a dense teacher is read in pass 1 only at T != 1, for its log-sum-exp at T;
+sparse targets add the student's row sum, which gives the tail's sum of log q. Pass 2 runs the
+tiles last-first, so the student's re-read is likeliest to hit in cache, reads the teacher once,
+writes the gradient ce_weight * (softmax(z) - onehot(y)) + kd_weight * T * (q_T - p_T) and sums
+the KL on the way (two exps per element at T = 1: three a row element in all). For sparse
+targets the known ids are then corrected by a scatter (gathered before pass 2, so
+``inplace_grad=True`` may overwrite the logits). No B x C fp32 temporary is made; offsets are
+int64; shapes and strides are not specialised on, so one compiled kernel serves every C.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ from torch import Tensor
 from fastkd.errors import ConfigError
 from fastkd.kernels import common
 from fastkd.kernels.common import KDStats
+from fastkd.kernels.launch import launch
 from fastkd.kernels.targets import TAIL_MASS_FLOOR, PoolTargets
 from fastkd.partition import NO_TEACHER, PartitionMode, best_member, select_teacher
 
@@ -84,10 +94,21 @@ def partitioned_kd_reference(
     )
     chosen = torch.where(valid, chosen, NO_TEACHER)
     has_target = chosen != NO_TEACHER
-    target_logits = targets.full_vocab_logits(chosen.clamp_min(0), safe_labels, num_classes)
-    log_p = (target_logits.to(z.dtype) / temperature).log_softmax(-1)
-    log_q = (z / temperature).log_softmax(-1)
-    kl = torch.where(log_p > float("-inf"), log_p.exp() * (log_p - log_q), 0.0).sum(-1)
+    member = chosen.clamp_min(0)
+    target_logits = targets.full_vocab_logits(member, safe_labels, num_classes).to(z.dtype)
+    if targets.logits is not None and temperature == 1.0:
+        # Dense at T = 1: the stored distribution itself, exp(logit - lse), whose p(y) is the
+        # one the partition compared (the kernel reads no teacher row to normalise it).
+        rows = torch.arange(len(member), device=member.device)
+        log_p = target_logits - targets.lse[rows, member].to(z.dtype).unsqueeze(1)
+    else:
+        log_p = (target_logits / temperature).log_softmax(-1)
+    # sum p log p - sum p z / T + lse(z / T): KL(p || q_T) for a normalised target, and for one
+    # off by rounding (stored fp16 logits with an fp32 lse) still the loss whose gradient is
+    # q_T - p, the one the kernel writes.
+    p = log_p.exp()
+    z_t = z / temperature
+    kl = torch.where(p > 0, p * log_p, 0.0).sum(-1) - (p * z_t).sum(-1) + z_t.logsumexp(-1)
     kl = torch.where(has_target, kl, 0.0)
     row_loss = config.ce_weight * -student_logprob + config.kd_weight * temperature**2 * kl
     row_loss = torch.where(valid, row_loss, 0.0)
@@ -140,7 +161,7 @@ class _PartitionedKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, labels, targets, config):
         grad = student_logits if config.inplace_grad else torch.empty_like(student_logits)
-        outputs = _launch_partitioned_kd(student_logits, grad, labels, targets, config)
+        outputs = launch_partitioned_kd(student_logits, grad, labels, targets, config)
         return common.forward_with_gradients(ctx, (grad,), outputs, labels, config)
 
     @staticmethod
@@ -148,7 +169,7 @@ class _PartitionedKDFunction(torch.autograd.Function):
         return *common.scaled_gradients(ctx, grad_loss), None, None, None
 
 
-def _launch_partitioned_kd(
+def launch_partitioned_kd(
     student_logits: Tensor,
     grad: Tensor,
     labels: Tensor,
@@ -157,20 +178,23 @@ def _launch_partitioned_kd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the kernel: fills ``grad`` and returns row losses and the four per-row stats."""
     num_rows, num_classes = student_logits.shape
-    device = student_logits.device
     lse = targets.lse.float()
     true_logit = targets.true_logit.float()
     if targets.is_sparse:
-        target_values = _unit_last_stride(targets.topk_logits)
-        target_ids = _unit_last_stride(targets.topk_ids)
+        target_values = common.unit_last_stride(targets.topk_logits)
+        target_ids = common.unit_last_stride(targets.topk_ids)
         ids_strides = target_ids.stride()[:2]
     else:
-        target_values = _unit_last_stride(targets.logits)
+        target_values = common.unit_last_stride(targets.logits)
         target_ids = lse  # unused by the dense kernel, any valid pointer
         ids_strides = (0, 0)
-    row_loss, chosen, kl, p_student, p_teacher = common.stat_buffers(num_rows, device)
+    outputs = common.stat_buffers(num_rows, student_logits.device)
     block = common.tile_width(num_classes, config.max_block)
-    _partitioned_kd_kernel[(num_rows,)](
+    vec = common.vector_width(student_logits)
+    row_stride, member_stride = target_values.stride()[:2]
+    launch(
+        _partitioned_kd_kernel,
+        (num_rows,),
         student_logits,
         student_logits.stride(0),
         grad,
@@ -181,17 +205,13 @@ def _launch_partitioned_kd(
         lse.stride(0),
         lse.stride(1),
         target_values,
-        target_values.stride(0),
-        target_values.stride(1),
+        row_stride,
+        member_stride,
         target_ids,
         ids_strides[0],
         ids_strides[1],
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
-        row_loss,
-        chosen,
-        kl,
-        p_student,
-        p_teacher,
+        *outputs,
         num_classes,
         targets.num_members,
         targets.topk,
@@ -200,23 +220,146 @@ def _launch_partitioned_kd(
         TAIL_MASS_FLOOR,
         MODE=_MODE_CODE[config.mode],
         SPARSE=targets.is_sparse,
+        TEMPERATURE=common.temperature_code(config.temperature),
         BLOCK_C=block,
         BLOCK_M=max(2, triton.next_power_of_2(targets.num_members)),
         BLOCK_K=max(2, triton.next_power_of_2(targets.topk)),
+        VEC=vec,
+        GRAD_VEC=common.aligned_width(grad, student_logits, vec, (grad.stride(0),)),
+        TEACHER_VEC=1
+        if targets.is_sparse
+        else common.aligned_width(target_values, student_logits, vec, (row_stride, member_stride)),
         num_warps=common.num_warps_for(block),
     )
-    return row_loss, chosen, kl, p_student, p_teacher
-
-
-def _unit_last_stride(tensor: Tensor) -> Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+    return outputs
 
 
 if triton is None:  # pragma: no cover
     _partitioned_kd_kernel = None
 else:
+    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT
 
     @triton.jit
+    def _student_stats(
+        z_ptrs,
+        mask,
+        m,
+        s1,
+        s_t,
+        z_sum,
+        inv_temperature,
+        TEMPERATURE: tl.constexpr,
+        SPARSE: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """Pass 1 on one tile of the student: online sums of exp at T = 1 and at T, in log2
+        units (``m`` the running max of z * log2 e), and the plain sum of z (sparse tails)."""
+        if MASKED:
+            z = tl.load(z_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        else:
+            z = tl.load(z_ptrs).to(tl.float32)
+        u = z * LOG2E
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        if TEMPERATURE == T_UNIT:
+            s1 = s1 * tl.exp2(m - m_new) + tl.sum(tl.exp2(u - m_new), axis=0)
+        elif TEMPERATURE == T_HALF:  # T = 2: exp((z - m) / 2) squared is exp(z - m)
+            e = tl.exp2((u - m_new) * 0.5)
+            s1 = s1 * tl.exp2(m - m_new) + tl.sum(e * e, axis=0)
+            s_t = s_t * tl.exp2((m - m_new) * 0.5) + tl.sum(e, axis=0)
+        else:
+            s1 = s1 * tl.exp2(m - m_new) + tl.sum(tl.exp2(u - m_new), axis=0)
+            s_t = s_t * tl.exp2((m - m_new) * inv_temperature) + tl.sum(
+                tl.exp2((u - m_new) * inv_temperature), axis=0
+            )
+        if SPARSE:
+            if MASKED:
+                z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            else:
+                z_sum += tl.sum(z, axis=0)
+        return m_new, s1, s_t, z_sum
+
+    @triton.jit
+    def _teacher_stats(t_ptrs, mask, m, s, inv_temperature, MASKED: tl.constexpr):
+        """Pass 1 on one tile of a dense teacher at T != 1: its online sum of exp(t / T)."""
+        if MASKED:
+            t = tl.load(t_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        else:
+            t = tl.load(t_ptrs).to(tl.float32)
+        v = t * (LOG2E * inv_temperature)
+        m_new = tl.maximum(m, tl.max(v, axis=0))
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(v - m_new), axis=0)
+        return m_new, s
+
+    @triton.jit
+    def _gradient_tile(
+        z_ptrs,
+        t_ptrs,
+        g_ptrs,
+        cols,
+        mask,
+        label,
+        lse1,
+        lse_t,
+        target_lse_t,
+        self_to_t,
+        has_target,
+        kd_coef,
+        ce_coef,
+        inv_temperature,
+        tail_p,
+        cross,
+        p_sum,
+        TEMPERATURE: tl.constexpr,
+        SPARSE: tl.constexpr,
+        MASKED: tl.constexpr,
+    ):
+        """Pass 2 on one tile: the gradient ce (q - onehot(y)) + kd T (q_T - p_T), stored in the
+        gradient's dtype; a dense teacher's KL terms sum p (t - z) and sum p on the way.
+
+        ``lse1``, ``lse_t`` (student at T = 1 and T) and ``target_lse_t`` in log2 units of z and
+        z / T; ``self_to_t`` = exp2(2 lse_t - lse1) turns (q_T)^2 into q at T = 2."""
+        if MASKED:
+            z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:
+            z = tl.load(z_ptrs).to(tl.float32)
+        u = z * LOG2E
+        if TEMPERATURE == T_UNIT:
+            q = tl.exp2(u - lse1)
+            q_t = q
+        elif TEMPERATURE == T_HALF:
+            q_t = tl.exp2(u * 0.5 - lse_t)
+            q = q_t * q_t * self_to_t
+        else:
+            q = tl.exp2(u - lse1)
+            q_t = tl.exp2(u * inv_temperature - lse_t)
+        g = ce_coef * (q - (cols == label).to(tl.float32))
+        if SPARSE:
+            g += kd_coef * (q_t - tail_p)
+        else:
+            if MASKED:
+                t = tl.load(t_ptrs, mask=mask & has_target, other=0.0).to(tl.float32)
+            else:
+                t = tl.load(t_ptrs, mask=has_target, other=0.0).to(tl.float32)
+            p = tl.exp2(t * (LOG2E * inv_temperature) - target_lse_t)
+            p = tl.where((mask & has_target) if MASKED else has_target, p, 0.0)
+            g += kd_coef * (q_t - p)
+            cross += tl.sum(p * (t - z), axis=0)
+            p_sum += tl.sum(p, axis=0)
+        if MASKED:
+            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty))
+        return cross, p_sum
+
+    # Shapes and strides are not specialised on (the head / whole-tile split and the VEC
+    # constexprs carry the alignment): one compiled kernel serves every vocabulary size.
+    @triton.jit(
+        do_not_specialize=[
+            "student_stride", "grad_stride", "pool_row_stride", "pool_member_stride",
+            "target_row_stride", "target_member_stride", "ids_row_stride", "ids_member_stride",
+            "num_classes", "num_members", "topk", "self_index", "ignore_index",
+        ]
+    )  # fmt: skip
     def _partitioned_kd_kernel(
         student_ptr,
         student_stride,
@@ -251,16 +394,21 @@ else:
         tail_mass_floor,
         MODE: tl.constexpr,  # 0 live, 1 fixed, 2 all
         SPARSE: tl.constexpr,
+        TEMPERATURE: tl.constexpr,  # T_UNIT, T_HALF or any other T
         BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        VEC: tl.constexpr,  # student elements per 16 bytes (1: no vector loads); whole tiles
+        # start at the student's 16-byte boundaries (common.aligned_width)
+        GRAD_VEC: tl.constexpr,  # the gradient's alignment in its elements there (1: none)
+        TEACHER_VEC: tl.constexpr,  # a dense teacher's alignment in its elements there (1: none)
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
         label = tl.where(valid, label, 0)
-        student_row = student_ptr + row * student_stride
-        grad_row = grad_ptr + row * grad_stride
+        student_offset = row * student_stride
+        grad_offset = row * grad_stride
 
         # The partition's candidate, from stored scalars only (T = 1, first of equal best).
         members = tl.arange(0, BLOCK_M)
@@ -278,47 +426,75 @@ else:
         else:
             candidate = teacher
         candidate = candidate.to(tl.int64)
-        target_row = target_ptr + row * target_row_stride + candidate * target_member_stride
+        target_offset = row * target_row_stride + candidate * target_member_stride
+        member_offset = row * pool_row_stride + candidate * pool_member_stride
+        member_lse = tl.load(lse_ptr + member_offset)
 
-        # Pass 1: online log-sum-exps of the student at T = 1 and T (one running max serves
-        # both); dense: the candidate's log-sum-exp at T and sum p_t (t - z); sparse: sum z.
-        row_max = float("-inf")
-        sum_exp = 0.0
-        sum_exp_t = 0.0
-        student_sum = 0.0
-        target_max = float("-inf")
-        target_sum_exp_t = 0.0
-        target_cross = 0.0
-        for start in tl.range(0, num_classes, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            mask = cols < num_classes
-            z = tl.load(student_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(row_max, tl.max(z, axis=0))
-            sum_exp = sum_exp * tl.exp(row_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-            sum_exp_t = sum_exp_t * tl.exp((row_max - new_max) * inv_temperature) + tl.sum(
-                tl.exp((z - new_max) * inv_temperature), axis=0
-            )
-            row_max = new_max
-            if SPARSE:
-                student_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-            else:
-                t = tl.load(target_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                new_target_max = tl.maximum(target_max, tl.max(t, axis=0))
-                rescale = tl.exp((target_max - new_target_max) * inv_temperature)
-                e = tl.exp((t - new_target_max) * inv_temperature)
-                target_sum_exp_t = target_sum_exp_t * rescale + tl.sum(e, axis=0)
-                t_minus_z = tl.where(mask, t, 0.0) - tl.where(mask, z, 0.0)
-                target_cross = target_cross * rescale + tl.sum(e * t_minus_z, axis=0)
-                target_max = new_target_max
+        # Columns: a head up to the first 16-byte boundary of the student's row, full tiles
+        # read without masks (16-byte loads), a masked tail.
+        head = tl.minimum((VEC - student_offset % VEC) % VEC, num_classes)
+        full_tiles = (num_classes - head) // BLOCK_C
+        tail_start = head + full_tiles * BLOCK_C
+        lanes = tl.arange(0, BLOCK_C)
+        head_mask = lanes < head
+        tail_cols = tail_start + lanes
+        tail_mask = tail_cols < num_classes
 
-        lse = row_max + tl.log(sum_exp)
-        lse_t = row_max * inv_temperature + tl.log(sum_exp_t)
-        z_label = tl.load(student_row + label, mask=valid, other=0.0).to(tl.float32)
+        # Pass 1: the student's log-sum-exps (and a dense teacher's at T != 1); at T = 1 a dense
+        # teacher is normalised by its stored log-sum-exp and not read here.
+        m = float("-inf")
+        s1 = 0.0
+        s_t = 0.0
+        z_sum = 0.0
+        tm = float("-inf")
+        ts = 0.0
+        if head > 0:
+            m, s1, s_t, z_sum = _student_stats(
+                student_ptr + student_offset + lanes, head_mask, m, s1, s_t, z_sum,
+                inv_temperature, TEMPERATURE, SPARSE, True,
+            )  # fmt: skip
+            if not SPARSE and TEMPERATURE != T_UNIT:
+                tm, ts = _teacher_stats(
+                    target_ptr + target_offset + lanes, head_mask, tm, ts, inv_temperature, True
+                )
+        for tile in tl.range(0, full_tiles):
+            start = head + tile * BLOCK_C
+            z_offset = tl.multiple_of(student_offset + start, VEC)
+            m, s1, s_t, z_sum = _student_stats(
+                student_ptr + z_offset + lanes, None, m, s1, s_t, z_sum,
+                inv_temperature, TEMPERATURE, SPARSE, False,
+            )  # fmt: skip
+            if not SPARSE and TEMPERATURE != T_UNIT:
+                t_offset = target_offset + start
+                t_offset = tl.multiple_of(t_offset, TEACHER_VEC)
+                tm, ts = _teacher_stats(
+                    target_ptr + t_offset + lanes, None, tm, ts, inv_temperature, False
+                )
+        if tail_start < num_classes:
+            m, s1, s_t, z_sum = _student_stats(
+                student_ptr + student_offset + tail_cols, tail_mask, m, s1, s_t, z_sum,
+                inv_temperature, TEMPERATURE, SPARSE, True,
+            )  # fmt: skip
+            if not SPARSE and TEMPERATURE != T_UNIT:
+                tm, ts = _teacher_stats(
+                    target_ptr + target_offset + tail_cols, tail_mask, tm, ts, inv_temperature,
+                    True,
+                )  # fmt: skip
+
+        # Row statistics (log2 units for the passes, natural units for the loss).
+        lse1 = m + tl.log2(s1)
+        lse_t = lse1 if TEMPERATURE == T_UNIT else m * inv_temperature + tl.log2(s_t)
+        lse = lse1 * LN2
+        z_label = tl.load(student_ptr + student_offset + label, mask=valid, other=0.0).to(
+            tl.float32
+        )
         student_logprob = z_label - lse
         has_target = valid
         if MODE == 0:
             has_target = has_target & (teacher_logprob > student_logprob)
 
+        tail_p = 0.0
+        target_lse_t = 0.0
         if SPARSE:
             # Known logits: the candidate's top-k, plus its true-class logit when y is not in it;
             # the other classes share the rest of the T = 1 mass (kernels/targets.py).
@@ -329,10 +505,8 @@ else:
                 mask=known,
                 other=-1,
             ).to(tl.int64)
-            values = tl.load(target_row + ks, mask=known, other=0.0).to(tl.float32)
+            values = tl.load(target_ptr + target_offset + ks, mask=known, other=0.0).to(tl.float32)
             known_values = tl.where(known, values, float("-inf"))
-            member_offset = row * pool_row_stride + candidate * pool_member_stride
-            member_lse = tl.load(lse_ptr + member_offset)
             member_label_logit = tl.load(true_logit_ptr + member_offset)
             label_is_extra = tl.sum((known & (ids == label)).to(tl.int32), axis=0) == 0
             extra = label_is_extra.to(tl.float32)
@@ -352,29 +526,30 @@ else:
                 ),
             )
             tail_exp = tl.where(has_tail, tl.exp((tail_logit - target_max) * inv_temperature), 0.0)
-            target_lse_t = target_max * inv_temperature + tl.log(
+            sparse_lse_t = target_max * inv_temperature + tl.log(
                 tl.sum(tl.exp((known_values - target_max) * inv_temperature), axis=0)
                 + extra * tl.exp((member_label_logit - target_max) * inv_temperature)
                 + tail_count * tail_exp
             )
-            tail_p = tl.where(has_tail, tl.exp(tail_logit * inv_temperature - target_lse_t), 0.0)
+            student_lse_t = lse_t * LN2
+            tail_p = tl.where(has_tail, tl.exp(tail_logit * inv_temperature - sparse_lse_t), 0.0)
 
-            z_known = tl.load(student_row + ids, mask=known, other=0.0).to(tl.float32)
-            log_p_known = values * inv_temperature - target_lse_t
-            log_q_known = z_known * inv_temperature - lse_t
-            p_known = tl.exp(log_p_known)
-            log_p_label = member_label_logit * inv_temperature - target_lse_t
-            log_q_label = z_label * inv_temperature - lse_t
-            p_label = tl.exp(log_p_label)
-            tail_z_sum = (
-                student_sum - tl.sum(tl.where(known, z_known, 0.0), axis=0) - extra * z_label
+            z_known = tl.load(student_ptr + student_offset + ids, mask=known, other=0.0).to(
+                tl.float32
             )
+            log_p_known = values * inv_temperature - sparse_lse_t
+            log_q_known = z_known * inv_temperature - student_lse_t
+            p_known = tl.exp(log_p_known)
+            log_p_label = member_label_logit * inv_temperature - sparse_lse_t
+            log_q_label = z_label * inv_temperature - student_lse_t
+            p_label = tl.exp(log_p_label)
+            tail_z_sum = z_sum - tl.sum(tl.where(known, z_known, 0.0), axis=0) - extra * z_label
             kl = (
                 tl.sum(tl.where(known, p_known * (log_p_known - log_q_known), 0.0), axis=0)
                 + extra * p_label * (log_p_label - log_q_label)
                 + tail_p
                 * (
-                    tail_count * (tail_logit * inv_temperature - target_lse_t + lse_t)
+                    tail_count * (tail_logit * inv_temperature - sparse_lse_t + student_lse_t)
                     - tail_z_sum * inv_temperature
                 )
             )
@@ -385,29 +560,49 @@ else:
             grad_label = ce_weight * (tl.exp(student_logprob) - 1.0) + kd_weight * temperature * (
                 tl.exp(log_q_label) - p_label
             )
+        elif TEMPERATURE == T_UNIT:
+            target_lse_t = member_lse * LOG2E
         else:
-            target_lse_t = target_max * inv_temperature + tl.log(target_sum_exp_t)
-            kl = target_cross * inv_temperature / target_sum_exp_t - target_lse_t + lse_t
+            target_lse_t = tm + tl.log2(ts)
 
-        # Pass 2: the gradient, already divided for the reduction; zero on ignored rows.
+        # Pass 2, last tile first (what pass 1 read last is the likeliest still in cache): the
+        # gradient, already scaled for the reduction; zero on ignored rows.
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-        kd_coef = tl.where(has_target, kd_weight * temperature, 0.0)
-        for start in tl.range(0, num_classes, BLOCK_C):
-            cols = start + tl.arange(0, BLOCK_C)
-            mask = cols < num_classes
-            z = tl.load(student_row + cols, mask=mask, other=0.0).to(tl.float32)
-            g = ce_weight * (tl.exp(z - lse) - (cols == label).to(tl.float32))
-            if SPARSE:
-                g += kd_coef * (tl.exp(z * inv_temperature - lse_t) - tail_p)
-            else:
-                t = tl.load(target_row + cols, mask=mask & has_target, other=0.0).to(tl.float32)
-                g += kd_coef * (
-                    tl.exp(z * inv_temperature - lse_t) - tl.exp(t * inv_temperature - target_lse_t)
-                )
-            g = tl.where(valid, g * scale, 0.0)
-            tl.store(grad_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
+        kd_coef = tl.where(has_target, kd_weight * temperature, 0.0) * scale
+        ce_coef = ce_weight * scale
+        self_to_t = tl.exp2(2.0 * lse_t - lse1)
+        cross = 0.0
+        p_sum = 0.0
+        if tail_start < num_classes:
+            cross, p_sum = _gradient_tile(
+                student_ptr + student_offset + tail_cols, target_ptr + target_offset + tail_cols,
+                grad_ptr + grad_offset + tail_cols, tail_cols, tail_mask, label, lse1, lse_t,
+                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
+                cross, p_sum, TEMPERATURE, SPARSE, True,
+            )  # fmt: skip
+        for tile in tl.range(0, full_tiles):
+            start = head + (full_tiles - 1 - tile) * BLOCK_C
+            z_offset = tl.multiple_of(student_offset + start, VEC)
+            g_offset = grad_offset + start
+            g_offset = tl.multiple_of(g_offset, GRAD_VEC)
+            t_offset = target_offset + start
+            t_offset = tl.multiple_of(t_offset, TEACHER_VEC)
+            cross, p_sum = _gradient_tile(
+                student_ptr + z_offset + lanes, target_ptr + t_offset + lanes,
+                grad_ptr + g_offset + lanes, start + lanes, None, label, lse1, lse_t,
+                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
+                cross, p_sum, TEMPERATURE, SPARSE, False,
+            )  # fmt: skip
+        if head > 0:
+            cross, p_sum = _gradient_tile(
+                student_ptr + student_offset + lanes, target_ptr + target_offset + lanes,
+                grad_ptr + grad_offset + lanes, lanes, head_mask, label, lse1, lse_t,
+                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
+                cross, p_sum, TEMPERATURE, SPARSE, True,
+            )  # fmt: skip
         if SPARSE:
             tl.debug_barrier()  # the dense stores above land before the known-id corrections
+            grad_row = grad_ptr + grad_offset
             tl.store(
                 grad_row + ids,
                 (grad_known * scale).to(grad_ptr.dtype.element_ty),
@@ -418,6 +613,10 @@ else:
                 (grad_label * scale).to(grad_ptr.dtype.element_ty),
                 mask=has_target & label_is_extra,
             )
+        else:
+            # sum p log p - sum p z / T + lse_q with log p = t / T - lse_p: KL(p || q_T) when p
+            # sums to 1 (see partitioned_kd_reference).
+            kl = cross * inv_temperature + (lse_t - target_lse_t * p_sum) * LN2
 
         kl = tl.where(has_target, kl, 0.0)
         row_loss = ce_weight * (lse - z_label) + kd_weight * temperature * temperature * kl
