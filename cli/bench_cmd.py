@@ -14,6 +14,8 @@ import typer
 from fastkd.cli.guard import guarded
 
 BENCHMARKS: dict[str, str] = {
+    "compile": "Compile check of the KD kernels for sm_90 and sm_80 without a GPU: registers, "
+    "spills, resident blocks per SM, load and store widths, exps per element (fails on a spill).",
     "kernels": "Fused KD kernels vs torch eager, torch.compile and Liger: forward + backward "
     "time, GB/s, % of peak bandwidth, peak memory; the uniform-tail error of top-k targets.",
     "store": "Store: bytes per stored view (synthetic 1000-class logits) and random-access "
