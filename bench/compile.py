@@ -255,12 +255,16 @@ def loop_exps(ttgir: str) -> int:
     head and tail outside them are a few elements a row). Each lowers to one MUFU.EX2."""
     count, depth, loop_depths = 0, 0, []
     for line in ttgir.splitlines():
-        if "scf.for" in line and line.rstrip().endswith("{"):
-            loop_depths.append(depth)
-        if loop_depths and re.search(r"= math\.exp2? %\S+ : tensor<", line):
+        loop = re.search(r"scf\.for %\S+ = %\S+ to (%\S+) step", line)
+        if loop and line.rstrip().endswith("{"):
+            # whole-tile loops run to a row's tile count; a loop to a literal (the masked ends,
+            # two trips) is not one
+            whole_tiles = not re.fullmatch(r"%c\d+_i\d+(_\d+)?", loop.group(1))
+            loop_depths.append((depth, whole_tiles))
+        if any(w for _, w in loop_depths) and re.search(r"= math\.exp2? %\S+ : tensor<", line):
             count += 1
         depth += line.count("{") - line.count("}")
-        while loop_depths and depth <= loop_depths[-1]:
+        while loop_depths and depth <= loop_depths[-1][0]:
             loop_depths.pop()
     return count
 

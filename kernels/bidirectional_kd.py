@@ -152,7 +152,7 @@ def launch_bidirectional_kd(
     padded_models = triton.next_power_of_2(num_models)
     cap = config.max_block or max(16, common.MAX_TILE // padded_models)
     block = common.tile_width(num_classes, cap)
-    outputs = common.stat_buffers(num_rows, logits[0].device)
+    stats, chosen = common.stat_buffers(num_rows, logits[0].device)
     vec = min(common.vector_width(z) for z in logits)
     aligned = all(
         common.aligned_width(t, logits[0], vec, (t.stride(0),)) == vec for t in (*logits, *grads)
@@ -166,7 +166,8 @@ def launch_bidirectional_kd(
         tuple(g.stride(0) for g in grads),
         labels,
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
-        *outputs,
+        stats,
+        chosen,
         num_classes,
         *common.kernel_scalars(config),
         NUM_MODELS=num_models,
@@ -177,13 +178,13 @@ def launch_bidirectional_kd(
         VEC=vec if aligned else 1,
         num_warps=common.num_warps_for(block * padded_models),
     )
-    return outputs
+    return common.row_outputs(stats, chosen)
 
 
 if triton is None:  # pragma: no cover
     _bidirectional_kd_kernel = None
 else:
-    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT
+    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT, split_row, store_row_stats
 
     @triton.jit
     def _pick(vector, index, models):
@@ -333,11 +334,8 @@ else:
         grad_strides,
         labels_ptr,
         scale_ptr,
-        row_loss_ptr,
+        stats_ptr,
         chosen_ptr,
-        kl_ptr,
-        p_student_ptr,
-        p_teacher_ptr,
         num_classes,
         ignore_index,
         inv_temperature,
@@ -362,9 +360,7 @@ else:
 
         # Columns: a head up to model 0's first 16-byte boundary, whole tiles without masks,
         # a masked tail (every model's row shares that phase, or VEC is 1).
-        head = tl.minimum((VEC - (row * logit_strides[0]) % VEC) % VEC, num_classes)
-        full_tiles = (num_classes - head) // BLOCK_C
-        tail_start = head + full_tiles * BLOCK_C
+        head, full_tiles, tail_start = split_row(row * logit_strides[0], num_classes, VEC, BLOCK_C)
         lanes = tl.arange(0, BLOCK_C)
         head_mask = lanes < head
         tail_cols = tail_start + lanes
@@ -430,19 +426,12 @@ else:
             kl = teacher_cross * inv_temperature / teacher_sum_exp_t + (lse_t - teacher_lse_t) * LN2
             kl = tl.where(learner, kl, 0.0)
 
-        # Pass 2, last tile first: every model's gradient, scaled for the reduction; zero on
-        # ignored rows.
+        # Pass 2, last whole tile first, then the masked ends: every model's gradient, scaled
+        # for the reduction; zero on ignored rows.
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         kd_coef = kd_weight * temperature * scale
         ce_coef = ce_weight * scale
         learner_cross = tl.zeros([BLOCK_N], tl.float32)
-        if tail_start < num_classes:
-            tiles = _load_tiles(logits, row_offsets, tail_cols, tail_mask, 0.0, NUM_MODELS, True)
-            learner_cross = _gradient_tiles(
-                tiles, grads, grad_row_offsets, tail_cols, tail_cols, tail_mask, label, models, lse1, lse_t,
-                teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
-                learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
-            )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
             offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
@@ -453,10 +442,12 @@ else:
                 teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
                 learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
             )  # fmt: skip
-        if head > 0:
-            tiles = _load_tiles(logits, row_offsets, lanes, head_mask, 0.0, NUM_MODELS, True)
+        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
+            cols = tl.where(part == 0, tail_start, 0) + lanes
+            mask = cols < tl.where(part == 0, num_classes, head)
+            tiles = _load_tiles(logits, row_offsets, cols, mask, 0.0, NUM_MODELS, True)
             learner_cross = _gradient_tiles(
-                tiles, grads, grad_row_offsets, lanes, lanes, head_mask, label, models, lse1, lse_t,
+                tiles, grads, grad_row_offsets, cols, cols, mask, label, models, lse1, lse_t,
                 teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
                 learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
             )  # fmt: skip
@@ -468,8 +459,8 @@ else:
         kl_sum = tl.sum(kl, axis=0)
         ce_sum = tl.sum(tl.where(in_models, lse - z_label, 0.0), axis=0)
         row_loss = ce_weight * ce_sum + kd_weight * temperature * temperature * kl_sum
-        tl.store(row_loss_ptr + row, tl.where(valid, row_loss, 0.0))
-        tl.store(chosen_ptr + row, tl.where(valid, teacher, -1).to(tl.int64))
-        tl.store(kl_ptr + row, kl_sum)
-        tl.store(p_student_ptr + row, tl.where(valid, tl.exp(runner_up_logprob), 0.0))
-        tl.store(p_teacher_ptr + row, tl.where(valid, tl.exp(best_logprob), 0.0))
+        store_row_stats(
+            stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
+            tl.where(valid, teacher, -1), kl_sum, tl.where(valid, tl.exp(runner_up_logprob), 0.0),
+            tl.where(valid, tl.exp(best_logprob), 0.0),
+        )  # fmt: skip

@@ -107,11 +107,16 @@ class KDLossModule(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
 
 
-def stat_buffers(num_rows: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Empty per-row outputs of a kernel: row loss, chosen, kl, p_student, p_teacher."""
-    row_loss = torch.empty(num_rows, device=device, dtype=torch.float32)
-    chosen = torch.empty(num_rows, device=device, dtype=torch.int64)
-    return row_loss, chosen, *(torch.empty_like(row_loss) for _ in range(3))
+def stat_buffers(num_rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Empty per-row outputs of a kernel: fp32 [B, 4] (row loss, kl, p_student, p_teacher, as
+    ``store_row_stats`` writes them) and chosen [B] int64."""
+    stats = torch.empty(num_rows, 4, device=device, dtype=torch.float32)
+    return stats, torch.empty(num_rows, device=device, dtype=torch.int64)
+
+
+def row_outputs(stats: Tensor, chosen: Tensor) -> tuple[Tensor, ...]:
+    """The launchers' outputs from ``stat_buffers``: row loss, chosen, kl, p_student, p_teacher."""
+    return stats[:, 0], chosen, stats[:, 1], stats[:, 2], stats[:, 3]
 
 
 def forward_with_gradients(
@@ -290,6 +295,24 @@ if triton is not None:
     LN2 = tl.constexpr(0.6931471805599453)
     T_UNIT = tl.constexpr(T_UNIT)
     T_HALF = tl.constexpr(T_HALF)
+
+    @triton.jit
+    def split_row(row_offset, num_classes, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+        """A row's columns as the kernels read them: a head up to the first 16-byte boundary
+        (element offset ``row_offset`` of the row's start, VEC elements per 16 bytes), whole
+        tiles of BLOCK_C read without masks, a tail; returns (head, full tiles, tail start)."""
+        head = tl.minimum((VEC - row_offset % VEC) % VEC, num_classes)
+        full_tiles = (num_classes - head) // BLOCK_C
+        return head, full_tiles, head + full_tiles * BLOCK_C
+
+    @triton.jit
+    def store_row_stats(stats_ptr, chosen_ptr, row, row_loss, chosen, kl, p_student, p_teacher):
+        """A row's outputs into the ``stat_buffers``."""
+        tl.store(stats_ptr + row * 4, row_loss)
+        tl.store(stats_ptr + row * 4 + 1, kl)
+        tl.store(stats_ptr + row * 4 + 2, p_student)
+        tl.store(stats_ptr + row * 4 + 3, p_teacher)
+        tl.store(chosen_ptr + row, chosen.to(tl.int64))
 
 
 def temperature_code(temperature: float) -> int:

@@ -188,7 +188,7 @@ def launch_partitioned_kd(
         target_values = common.unit_last_stride(targets.logits)
         target_ids = lse  # unused by the dense kernel, any valid pointer
         ids_strides = (0, 0)
-    outputs = common.stat_buffers(num_rows, student_logits.device)
+    stats, chosen = common.stat_buffers(num_rows, student_logits.device)
     block = common.tile_width(num_classes, config.max_block)
     vec = common.vector_width(student_logits)
     row_stride, member_stride = target_values.stride()[:2]
@@ -211,7 +211,8 @@ def launch_partitioned_kd(
         ids_strides[0],
         ids_strides[1],
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
-        *outputs,
+        stats,
+        chosen,
         num_classes,
         targets.num_members,
         targets.topk,
@@ -231,13 +232,13 @@ def launch_partitioned_kd(
         else common.aligned_width(target_values, student_logits, vec, (row_stride, member_stride)),
         num_warps=common.num_warps_for(block),
     )
-    return outputs
+    return common.row_outputs(stats, chosen)
 
 
 if triton is None:  # pragma: no cover
     _partitioned_kd_kernel = None
 else:
-    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT
+    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT, split_row, store_row_stats
 
     @triton.jit
     def _student_stats(
@@ -289,6 +290,20 @@ else:
         m_new = tl.maximum(m, tl.max(v, axis=0))
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(v - m_new), axis=0)
         return m_new, s
+
+    @triton.jit
+    def _pass1_part(
+        z_row, t_row, cols, mask, m, s1, s_t, z_sum, tm, ts, inv_temperature,
+        TEMPERATURE: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr,
+    ):  # fmt: skip
+        """Pass 1 on the columns ``cols`` of the student's row (and of a dense teacher's at
+        T != 1, whose log-sum-exp at T it needs; at T = 1 its stored one normalises it)."""
+        m, s1, s_t, z_sum = _student_stats(
+            z_row + cols, mask, m, s1, s_t, z_sum, inv_temperature, TEMPERATURE, SPARSE, MASKED
+        )
+        if not SPARSE and TEMPERATURE != T_UNIT:
+            tm, ts = _teacher_stats(t_row + cols, mask, tm, ts, inv_temperature, MASKED)
+        return m, s1, s_t, z_sum, tm, ts
 
     @triton.jit
     def _gradient_tile(
@@ -377,11 +392,8 @@ else:
         ids_row_stride,
         ids_member_stride,
         scale_ptr,
-        row_loss_ptr,
+        stats_ptr,
         chosen_ptr,
-        kl_ptr,
-        p_student_ptr,
-        p_teacher_ptr,
         num_classes,
         num_members,
         topk,
@@ -430,11 +442,9 @@ else:
         member_offset = row * pool_row_stride + candidate * pool_member_stride
         member_lse = tl.load(lse_ptr + member_offset)
 
-        # Columns: a head up to the first 16-byte boundary of the student's row, full tiles
-        # read without masks (16-byte loads), a masked tail.
-        head = tl.minimum((VEC - student_offset % VEC) % VEC, num_classes)
-        full_tiles = (num_classes - head) // BLOCK_C
-        tail_start = head + full_tiles * BLOCK_C
+        # Columns: a head to the student's first 16-byte boundary, whole tiles read without
+        # masks (16-byte loads), a masked tail.
+        head, full_tiles, tail_start = split_row(student_offset, num_classes, VEC, BLOCK_C)
         lanes = tl.arange(0, BLOCK_C)
         head_mask = lanes < head
         tail_cols = tail_start + lanes
@@ -449,37 +459,22 @@ else:
         tm = float("-inf")
         ts = 0.0
         if head > 0:
-            m, s1, s_t, z_sum = _student_stats(
-                student_ptr + student_offset + lanes, head_mask, m, s1, s_t, z_sum,
-                inv_temperature, TEMPERATURE, SPARSE, True,
+            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+                student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
-            if not SPARSE and TEMPERATURE != T_UNIT:
-                tm, ts = _teacher_stats(
-                    target_ptr + target_offset + lanes, head_mask, tm, ts, inv_temperature, True
-                )
         for tile in tl.range(0, full_tiles):
             start = head + tile * BLOCK_C
-            z_offset = tl.multiple_of(student_offset + start, VEC)
-            m, s1, s_t, z_sum = _student_stats(
-                student_ptr + z_offset + lanes, None, m, s1, s_t, z_sum,
-                inv_temperature, TEMPERATURE, SPARSE, False,
+            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+                student_ptr + tl.multiple_of(student_offset + start, VEC),
+                target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, False,
             )  # fmt: skip
-            if not SPARSE and TEMPERATURE != T_UNIT:
-                t_offset = target_offset + start
-                t_offset = tl.multiple_of(t_offset, TEACHER_VEC)
-                tm, ts = _teacher_stats(
-                    target_ptr + t_offset + lanes, None, tm, ts, inv_temperature, False
-                )
         if tail_start < num_classes:
-            m, s1, s_t, z_sum = _student_stats(
-                student_ptr + student_offset + tail_cols, tail_mask, m, s1, s_t, z_sum,
-                inv_temperature, TEMPERATURE, SPARSE, True,
+            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+                student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
-            if not SPARSE and TEMPERATURE != T_UNIT:
-                tm, ts = _teacher_stats(
-                    target_ptr + target_offset + tail_cols, tail_mask, tm, ts, inv_temperature,
-                    True,
-                )  # fmt: skip
 
         # Row statistics (log2 units for the passes, natural units for the loss).
         lse1 = m + tl.log2(s1)
@@ -565,21 +560,15 @@ else:
         else:
             target_lse_t = tm + tl.log2(ts)
 
-        # Pass 2, last tile first (what pass 1 read last is the likeliest still in cache): the
-        # gradient, already scaled for the reduction; zero on ignored rows.
+        # Pass 2, last whole tile first (what pass 1 read last is the likeliest still in cache),
+        # then the masked ends: the gradient, already scaled for the reduction; zero on ignored
+        # rows.
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         kd_coef = tl.where(has_target, kd_weight * temperature, 0.0) * scale
         ce_coef = ce_weight * scale
         self_to_t = tl.exp2(2.0 * lse_t - lse1)
         cross = 0.0
         p_sum = 0.0
-        if tail_start < num_classes:
-            cross, p_sum = _gradient_tile(
-                student_ptr + student_offset + tail_cols, target_ptr + target_offset + tail_cols,
-                grad_ptr + grad_offset + tail_cols, tail_cols, tail_mask, label, lse1, lse_t,
-                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
-                cross, p_sum, TEMPERATURE, SPARSE, True,
-            )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
             z_offset = tl.multiple_of(student_offset + start, VEC)
@@ -593,12 +582,14 @@ else:
                 target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
                 cross, p_sum, TEMPERATURE, SPARSE, False,
             )  # fmt: skip
-        if head > 0:
+        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
+            start = tl.where(part == 0, tail_start, 0)
+            cols = start + lanes
             cross, p_sum = _gradient_tile(
-                student_ptr + student_offset + lanes, target_ptr + target_offset + lanes,
-                grad_ptr + grad_offset + lanes, lanes, head_mask, label, lse1, lse_t,
-                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
-                cross, p_sum, TEMPERATURE, SPARSE, True,
+                student_ptr + student_offset + cols, target_ptr + target_offset + cols,
+                grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
+                label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
+                inv_temperature, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
         if SPARSE:
             tl.debug_barrier()  # the dense stores above land before the known-id corrections
@@ -620,8 +611,8 @@ else:
 
         kl = tl.where(has_target, kl, 0.0)
         row_loss = ce_weight * (lse - z_label) + kd_weight * temperature * temperature * kl
-        tl.store(row_loss_ptr + row, tl.where(valid, row_loss, 0.0))
-        tl.store(chosen_ptr + row, tl.where(has_target, candidate, -1))
-        tl.store(kl_ptr + row, kl)
-        tl.store(p_student_ptr + row, tl.where(valid, tl.exp(student_logprob), 0.0))
-        tl.store(p_teacher_ptr + row, tl.where(valid, tl.exp(teacher_logprob), 0.0))
+        store_row_stats(
+            stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
+            tl.where(has_target, candidate, -1), kl, tl.where(valid, tl.exp(student_logprob), 0.0),
+            tl.where(valid, tl.exp(teacher_logprob), 0.0),
+        )  # fmt: skip
