@@ -8,6 +8,14 @@ when liger-kernel is importable. GB/s counts ideal bytes: the student read, the 
 pool member's row, or its K ids and logits) and the gradient write. Peak memory is what a step
 allocates beyond its inputs. It also measures the uniform-tail error of sparse targets against
 the dense teacher they come from. Results go to JSON with the device name.
+
+With liger-kernel installed (and CUDA) two more rows per case are *bandwidth peers*, not the same
+loss: Liger's fused cross-entropy (``liger_ce_peer``: CE alone on the student's logits, its
+gradient written over them in the forward; it reads B x C and writes B x C) and its fused JSD
+(``liger_jsd_peer``: generalised JSD, beta 0.5, student vs a dense teacher, on log-probabilities
+made before the timed step; it reads 2 B x C and writes B x C). They are the closest fused
+kernels: one vocabulary-wide pass, the gradient written in the forward. Their GB/s counts their
+own ideal bytes, and they get no speed-up vs eager (other math).
 """
 
 from __future__ import annotations
@@ -55,6 +63,14 @@ PEAK_BANDWIDTH = [
     (r"A10G|A10\b", 0.6e12),
     (r"RTX 4090", 1.008e12),
 ]
+
+
+# Methods that compute other losses than fastkd's (bandwidth peers): their own bytes, no speed-up.
+PEERS = ("liger_ce_peer", "liger_jsd_peer")
+PEER_NOTES = {
+    "liger_ce_peer": "other loss (CE only): bandwidth peer; GB/s of its own B x C read + write",
+    "liger_jsd_peer": "other loss (JSD on log-probs): bandwidth peer; GB/s of its 2 reads + write",
+}
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,7 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
         compiled = torch.compile(reference)
         found["torch_compile"] = lambda: compiled(*tensors).backward()
     found["liger_kl"] = liger
+    found.update(liger_peers(case, inputs))
     for name, step in list(found.items()):
         if callable(step):
             found[name] = _clearing_grads(step, leaves)
@@ -207,6 +224,68 @@ def liger_step(student: torch.Tensor, targets: PoolTargets, temperature: float) 
         (kl(log_q, log_p) * temperature**2).backward()
 
     return step
+
+
+def liger_peers(case: Case, inputs: dict) -> dict[str, Callable | str]:
+    """Liger's fused cross-entropy and JSD on this case's logits (module docstring: bandwidth
+    peers, other losses), each a forward + backward step on its own leaf, or why unavailable.
+
+    The CE kernel writes its gradient over its input, so it gets a copy of the student's logits;
+    the JSD takes log-probabilities, made once here (outside the timed step) from the student
+    and from a dense teacher: pool member 1 (the live-mode student is member 0), or model 1."""
+    student = inputs["logits"][0] if case.kernel == "bidirectional" else inputs["student"]
+    if not student.is_cuda:
+        return dict.fromkeys(PEERS, "needs CUDA")
+    try:
+        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
+        from liger_kernel.transformers.jsd import LigerJSD
+    except Exception as error:  # not installed, or an import that fails on this machine
+        return dict.fromkeys(PEERS, f"liger-kernel not importable: {type(error).__name__}")
+    labels = inputs["labels"]
+    logits = student.detach().clone().requires_grad_()
+    cross_entropy = LigerCrossEntropyLoss()
+
+    def ce_step() -> None:
+        _loss_of(cross_entropy(logits, labels)).backward()
+        logits.grad = None
+
+    peers: dict[str, Callable | str] = {"liger_ce_peer": ce_step}
+    if case.kernel == "bidirectional":
+        teacher = inputs["logits"][1]
+    elif inputs["targets"].logits is not None:
+        teacher = inputs["targets"].logits[:, 1]
+    else:
+        peers["liger_jsd_peer"] = "dense teachers only"
+        return peers
+    with torch.no_grad():
+        log_q = torch.log_softmax(student.float(), dim=-1).to(student.dtype)
+        log_p = torch.log_softmax(teacher.float(), dim=-1).to(student.dtype)
+    log_q.requires_grad_()
+    jsd = LigerJSD(beta=0.5)
+
+    def jsd_step() -> None:
+        _loss_of(jsd(log_q, log_p)).backward()
+        log_q.grad = None
+
+    peers["liger_jsd_peer"] = jsd_step
+    return peers
+
+
+def peer_bytes(method: str, case: Case) -> int:
+    """Ideal bytes of a bandwidth peer: its B x C reads and its gradient write."""
+    element = torch.tensor([], dtype=getattr(torch, case.dtype)).element_size()
+    passes = {"liger_ce_peer": 2, "liger_jsd_peer": 3}[method]
+    return passes * case.rows * case.classes * element
+
+
+def _loss_of(output: object) -> torch.Tensor:
+    """The loss tensor of a Liger module's output (a tensor, a tuple, or an object with .loss,
+    depending on the version)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.loss
 
 
 def _clearing_grads(step: Callable, leaves: list[torch.Tensor]) -> Callable:
@@ -261,7 +340,8 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         except Exception as error:  # a comparison method failing must not end the run
             results.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
             continue
-        gbps = nbytes / ms / 1e6
+        peer = name in PEERS
+        gbps = (peer_bytes(name, case) if peer else nbytes) / ms / 1e6
         results.append(
             Measurement(
                 name,
@@ -270,11 +350,12 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
                 pct_peak=None if peak is None else 100 * gbps * 1e9 / peak,
                 peak_extra_mib=None if extra is None else extra / 2**20,
                 extra_vs_grad=None if extra is None else extra / grad_bytes,
+                note=PEER_NOTES[name] if peer else "",
             )
         )
     eager = next(m.time_ms for m in results if m.method == "torch_eager")
     for m in results:
-        if m.time_ms is not None and eager is not None:
+        if m.time_ms is not None and eager is not None and m.method not in PEERS:
             m.speedup_vs_eager = eager / m.time_ms
     del inputs
     return {"case": asdict(case), "ideal_bytes": nbytes, "results": [asdict(m) for m in results]}
