@@ -15,8 +15,11 @@ import sys
 
 import pytest
 import torch
-from test_training import make_pool
+from training_pool import make_pool
 
+from fastkd.data import open_dataset
+from fastkd.evaluation import evaluate
+from fastkd.models import ModelSpec, load_model
 from fastkd.training import TrainConfig, train
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # fp32 all-reduce order, 6 steps of SGD
@@ -39,6 +42,7 @@ def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
         "--device": "cpu",
         "--backend": "torch",
         "--workers": 0,
+        "--val-data": pool.val,
         "--out": tmp_path / "ddp",
     }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -61,6 +65,7 @@ def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
             device="cpu",
             backend="torch",
             num_workers=0,
+            val_data=pool.val,
             out_dir=tmp_path / "single",
             progress=False,
         )
@@ -77,3 +82,13 @@ def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
     assert moved > 10  # the runs really trained
     for a, b in zip(two["history"], one["history"], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        # (a sample's prediction may flip on fp32 rounding between the runs: 2.5% each)
+        assert a["val_top1"]["s"] == pytest.approx(b["val_top1"]["s"], abs=2.6)
+    # Each rank validated its half of the 40 images: the summed counts are the whole set's.
+    loaded = load_model(ModelSpec.parse(pool.specs["s"]))
+    loaded.model.load_state_dict(two["learners"]["s"]["model"])
+    val = open_dataset(pool.val)
+    models, configs = {"s": loaded.model}, {"s": loaded.data_config}
+    predictions = evaluate(models, configs, val, batch_size=16, backend="torch")["s"]
+    top1 = 100.0 * (int((predictions == val.labels).sum()) / len(val))
+    assert two["history"][-1]["val_top1"]["s"] == top1

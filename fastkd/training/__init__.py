@@ -1,9 +1,12 @@
 """``fastkd train``: one training loop for every way a pool member learns.
 
 Modules, each importing only those before it: ``config`` (TrainConfig), ``plan`` (which rows each
-step trains on), ``learners`` (the models trained), ``strategy`` (ways of teaching: stored
-targets, live teachers, none, joint Bi-KD), ``state`` (the resumable run state), ``trainer`` (the
-loop: plan, step, checkpoints, selection), ``run`` (train, train_all).
+step trains on), ``learners`` (the models trained, their fused optimisers), ``transfer`` (pinned
+host-to-device copies), ``strategy`` (ways of teaching: stored targets, live teachers, none,
+joint Bi-KD), ``state`` (the resumable run state), ``steps`` (a step's record, read one step
+late; skipping a non-finite step on the device), ``validation`` (top-1 on held-out data, shared by
+the ranks), ``trainer`` (the loop: plan, step, checkpoints, selection), ``run`` (train,
+train_all).
 """
 
 from fastkd.errors import NonFiniteError
@@ -12,6 +15,7 @@ from fastkd.training.learners import Learner, spec_text
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
 from fastkd.training.run import PoolResult, train, train_all
 from fastkd.training.state import STATE_FILE
+from fastkd.training.steps import StepRecord, StepResult
 from fastkd.training.strategy import (
     CrossEntropyOnly,
     JointBiKD,
@@ -45,6 +49,8 @@ __all__ = [
     "LiveTeachers",
     "NonFiniteError",
     "PoolResult",
+    "StepRecord",
+    "StepResult",
     "StoredTargets",
     "Teachers",
     "TeachingStrategy",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -69,6 +70,19 @@ def load_for(dataset: ImageDataset, data: Path, spec: ModelSpec, **kwargs: Any) 
     return loaded
 
 
+def check_labels(dataset: ImageDataset, data: Path) -> None:
+    """Every label of the training data names one of its classes (the models' classes are
+    checked against the data set's as they load): checked once, when the run is built, so no
+    step checks labels on the device."""
+    labels, classes = dataset.labels, dataset.num_classes
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        raise ConfigError(
+            f"{data}: sample {dataset.keys[bad[0]]!r} has label {labels[bad[0]]}, outside the "
+            f"data set's {classes} classes"
+        )
+
+
 def load_student(cfg: TrainConfig, dataset: ImageDataset) -> LoadedModel:
     """The student: a checkpoint, timm's pretrained weights, or a random init (from scratch)."""
     student = load_for(
@@ -103,13 +117,7 @@ def make_learner(
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(
-            params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     spec = loaded.spec
     from_scratch = spec.checkpoint is None and not cfg.pretrained
     before = spec
@@ -127,6 +135,32 @@ def make_learner(
         stream=streams.index(loaded.data_config),
         before=before,
     )
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam or SGD in their fused form, whose ``found_inf`` (a device tensor, as GradScaler sets
+    it) skips a step on the device: no parameter, moment or step count changes, and the host
+    never has to look at the loss before ``step()``.
+
+    SGD's momentum buffers start as zeros: its first fused step would otherwise allocate them
+    uninitialised and, if that step is skipped, keep the garbage (with zeros the first step
+    computes buf = 0 * momentum + grad = grad, bit for bit what the lazy first step stores).
+    """
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(
+            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
+        )
+    optimizer = torch.optim.SGD(
+        params,
+        lr=cfg.learning_rate,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        fused=True,
+    )
+    if cfg.momentum:
+        for param in params:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def add_cosine_schedules(learners: list[Learner], total_steps: int) -> None:

@@ -40,8 +40,10 @@ from fastkd.store import Expectation, StoreReader
 from fastkd.training.config import Teachers, TrainConfig
 from fastkd.training.learners import ImageStreams, load_for, load_student
 from fastkd.training.plan import Batch, EpochPlan
+from fastkd.training.transfer import PinnedRing
 
 PREFETCH_STEPS = 2  # stored-target reads in flight ahead of the step that needs them
+TARGET_FIELDS = ("lse", "true_logit", "topk_logits", "topk_ids", "logits")
 
 
 @dataclass
@@ -80,16 +82,23 @@ class TeachingStrategy:
         """The targets of each step of ``plan``, in step order, on the device (None: none)."""
         return itertools.repeat(None)
 
-    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats | None]:
-        """The loss summed over the batch's rows and the kernel's per-row statistics."""
+    def loss(
+        self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
+    ) -> tuple[Tensor, KDStats | None]:
+        """The loss summed over the batch's rows times ``scale``, and the kernel's per-row
+        statistics. The kernels write its gradient already scaled, for ``loss.backward()`` on
+        this loss alone (``grad_output_is_one``): back-propagate nothing derived from it."""
         raise NotImplementedError
 
-    def _kd_weights(self) -> dict[str, float]:
+    def _kd_options(self, scale: float) -> dict[str, Any]:
         cfg = self.cfg
         return {
             "temperature": cfg.temperature,
             "kd_weight": cfg.kd_weight,
             "ce_weight": cfg.ce_weight,
+            "reduction": "sum",
+            "scale": scale,
+            "grad_output_is_one": True,
         }
 
 
@@ -109,7 +118,7 @@ class _PartitionedTeaching(TeachingStrategy):
         self.self_index = len(teachers) if fixed else None
 
     def _partitioned(
-        self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets
+        self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
     ) -> tuple[Tensor, KDStats]:
         return partitioned_kd_loss(
             logits[0],
@@ -117,27 +126,16 @@ class _PartitionedTeaching(TeachingStrategy):
             targets,
             mode=self.cfg.mode,
             self_index=self.self_index,
-            reduction="sum",
-            **self._kd_weights(),
+            **self._kd_options(scale),
         )
 
 
-def pool_targets(arrays: Any) -> PoolTargets:
-    """The store's stacked numpy rows (``StoreReader.read_pool``) as the kernels' tensors."""
-
-    def tensor(name: str, dtype: torch.dtype | None = None) -> Tensor | None:
-        values = getattr(arrays, name)
-        if values is None:
-            return None
-        return torch.from_numpy(np.ascontiguousarray(values)).to(dtype=dtype)
-
-    return PoolTargets(
-        lse=tensor("lse"),
-        true_logit=tensor("true_logit"),
-        topk_logits=tensor("topk_logits"),
-        topk_ids=tensor("topk_ids", torch.int64),
-        logits=tensor("logits"),
-    )
+def pool_targets(arrays: Any, ring: PinnedRing | None = None, slot: int = 0) -> PoolTargets:
+    """The store's stacked numpy rows (``StoreReader.read_pool``) as the kernels' host tensors;
+    with a ``ring``, copied into its pinned buffers of ``slot`` (ids as int64 either way)."""
+    ring = ring or PinnedRing(1, torch.device("cpu"))
+    fields = {name: getattr(arrays, name) for name in TARGET_FIELDS}
+    return PoolTargets(**ring.fill(slot, fields, {"topk_ids": torch.int64}))
 
 
 class StoredTargets(_PartitionedTeaching):
@@ -179,25 +177,46 @@ class StoredTargets(_PartitionedTeaching):
                 "differently (alias:ARCH=CKPT) to train it as an outsider",
             )
 
-    def read(self, samples: np.ndarray, views: np.ndarray) -> PoolTargets:
-        """The store's targets of the columns for rows (samples[i], views[i]), on the host."""
-        return pool_targets(self.run.reader.read_pool(self.members, samples, views))
+    def read(
+        self,
+        samples: np.ndarray,
+        views: np.ndarray,
+        ring: PinnedRing | None = None,
+        slot: int = 0,
+    ) -> PoolTargets:
+        """The store's targets of the columns for rows (samples[i], views[i]), on the host (in
+        ``ring``'s pinned buffers of ``slot``, when given)."""
+        return pool_targets(self.run.reader.read_pool(self.members, samples, views), ring, slot)
 
     def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
-        """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread."""
+        """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread into a ring of
+        ``PREFETCH_STEPS + 1`` pinned buffers (CUDA), then sent without the host waiting.
+
+        Step s fills slot s % (P + 1); that slot's last copy (step s - P - 1's) was queued, and
+        its event recorded, before step s's read is submitted, and the read waits on the event
+        before it overwrites the slot (``PinnedRing``). The ring is this call's own, so two
+        epochs' iterators never share a buffer.
+        """
         rows = plan.step_rows()
         device = self.run.device
+        slots = PREFETCH_STEPS + 1
+        ring = PinnedRing(slots, device)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastkd-targets") as reads:
             ahead: deque[Future[PoolTargets]] = deque()
             for step in range(len(rows) + PREFETCH_STEPS):
                 if step < len(rows):
                     part = rows[step]
-                    ahead.append(reads.submit(self.read, plan.samples[part], plan.views[part]))
+                    samples, views = plan.samples[part], plan.views[part]
+                    ahead.append(reads.submit(self.read, samples, views, ring, step % slots))
                 if step >= PREFETCH_STEPS:
-                    yield ahead.popleft().result().to(device, non_blocking=True)
+                    targets = ahead.popleft().result().to(device, non_blocking=True)
+                    ring.sent((step - PREFETCH_STEPS) % slots)
+                    yield targets
 
-    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
-        return self._partitioned(logits, batch, batch.targets)
+    def loss(
+        self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
+    ) -> tuple[Tensor, KDStats]:
+        return self._partitioned(logits, batch, batch.targets, scale)
 
 
 @dataclass
@@ -238,8 +257,10 @@ class LiveTeachers(_PartitionedTeaching):
             logits = [t.model(batch.images[t.stream]) for t in self.teachers]
         return PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
 
-    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
-        return self._partitioned(logits, batch, self.live_targets(batch))
+    def loss(
+        self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
+    ) -> tuple[Tensor, KDStats]:
+        return self._partitioned(logits, batch, self.live_targets(batch), scale)
 
 
 class CrossEntropyOnly(TeachingStrategy):
@@ -247,8 +268,12 @@ class CrossEntropyOnly(TeachingStrategy):
 
     distils = False
 
-    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, None]:
-        return F.cross_entropy(logits[0].float(), batch.labels, reduction="sum"), None
+    def loss(
+        self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
+    ) -> tuple[Tensor, None]:
+        """The same math as the kernels' ``scale``; the gradient is autograd's."""
+        loss = F.cross_entropy(logits[0].float(), batch.labels, reduction="sum")
+        return (loss if scale == 1.0 else loss * scale), None
 
 
 class JointBiKD(TeachingStrategy):
@@ -259,13 +284,11 @@ class JointBiKD(TeachingStrategy):
     def students(cls, run: RunContext) -> list[LoadedModel]:
         return [run.load(spec) for spec in run.pool.values()]
 
-    def loss(self, logits: Sequence[Tensor], batch: Batch) -> tuple[Tensor, KDStats]:
+    def loss(
+        self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
+    ) -> tuple[Tensor, KDStats]:
         return bidirectional_kd_loss(
-            list(logits),
-            batch.labels,
-            stop_grad=self.cfg.stop_grad,
-            reduction="sum",
-            **self._kd_weights(),
+            list(logits), batch.labels, stop_grad=self.cfg.stop_grad, **self._kd_options(scale)
         )
 
 

@@ -7,6 +7,11 @@ bit-exactly. The loss is reduced as a sum over the global batch divided by its s
 process and N DistributedDataParallel ranks (torchrun; each rank a disjoint slice of every global
 batch) take the same gradient steps. The selected weights of each trained model go to
 ``<out_dir>/<name>.pt`` as a fastkd checkpoint; the transfer report to ``report.json`` / ``.png``.
+
+A step never waits on the host (``fastkd.training.steps``): the kernel writes the gradient
+already scaled, a non-finite step is skipped by the fused optimisers on the device, and the loop
+reads each step's loss one step late. Labels are checked once, when the run is built; stored
+top-k ids as the store reader decodes them.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from rich.progress import Progress, TaskID, TextColumn
 from torch import Tensor
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import ConfigError, NonFiniteError, RunExistsError, StoreMismatchError
-from fastkd.evaluation import evaluate, transfer_from_checkpoints
+from fastkd.errors import ConfigError, RunExistsError, StoreMismatchError
+from fastkd.evaluation import transfer_from_checkpoints
 from fastkd.files import write_json
 from fastkd.kernels import KDStats
 from fastkd.metrics import TransferReport
@@ -47,6 +52,7 @@ from fastkd.training.learners import (
     ImageStreams,
     Learner,
     add_cosine_schedules,
+    check_labels,
     initial_weights_path,
     make_learner,
     spec_text,
@@ -59,7 +65,18 @@ from fastkd.training.state import (
     rng_state,
     save_run_state,
 )
+from fastkd.training.steps import (
+    EpochTally,
+    SkipFlag,
+    StepRecord,
+    StepResult,
+    non_finite_error,
+    rewind_schedule,
+    skipping_step,
+)
 from fastkd.training.strategy import RunContext, build_strategy
+from fastkd.training.transfer import to_device
+from fastkd.training.validation import top1
 
 HISTORY_FILE = "history.json"
 REPORT_STEM = "report"
@@ -93,8 +110,9 @@ class Trainer:
     """Builds a run from a ``TrainConfig`` and trains it; ``fit`` is the whole run.
 
     The pieces are public for tests and benchmarks: ``plan(epoch)`` (which rows, in which order),
-    ``batches(plan)`` (images and targets of each step), ``loss``, ``train_step``, and
-    ``teaching``, the strategy (its target columns, its targets, its loss).
+    ``batches(plan)`` (images and targets of each step), ``loss``, ``train_step`` (queues a
+    step, returns its record), ``read_step`` (reads a record on the host), and ``teaching``,
+    the strategy (its target columns, its targets, its loss).
     """
 
     def __init__(self, cfg: TrainConfig, dist_context: DistContext | None = None) -> None:
@@ -112,6 +130,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.out_dir = cfg.out_dir
         self.dataset = open_dataset(cfg.data, root=cfg.data_root)
+        check_labels(self.dataset, cfg.data)
         self.pool_specs = {spec.name: spec for spec in parse_pool(cfg.models)} if cfg.models else {}
         self.reader = self._open_store() if cfg.store is not None else None
         self.streams = ImageStreams()
@@ -146,6 +165,7 @@ class Trainer:
         self.step = 0  # global steps completed
         self.best: dict[str, float] = {}  # best val top-1 per trained model
         self.history: list[EpochRecord] = []
+        self._skip = SkipFlag(self.device)  # the optimisers' found_inf (steps.SkipFlag)
 
     def _open_store(self) -> StoreReader:
         """Open the store, refusing one made for other data, classes or pool weights."""
@@ -198,6 +218,8 @@ class Trainer:
             **workers,
         )
         rows = plan.step_rows()
+        # The epoch's labels go to the device once; each step's are a slice of them.
+        labels = to_device(self.dataset.labels[plan.samples], self.device)
         targets = self.teaching.step_targets(plan)
         for step, (view_batch, step_targets) in enumerate(zip(loader, targets, strict=False)):
             samples = plan.samples[rows[step]]
@@ -209,70 +231,79 @@ class Trainer:
             yield Batch(
                 samples=samples,
                 views=plan.views[rows[step]],
-                labels=view_batch.labels.to(self.device, non_blocking=True),
+                labels=labels[rows[step]],
                 images=view_batch.images,
                 global_rows=plan.global_rows[step],
                 targets=step_targets,
             )
 
-    def loss(self, batch: Batch) -> tuple[Tensor, KDStats | None, list[Tensor]]:
-        """The loss summed over the batch's rows, the kernel's per-row statistics (None without
-        KD) and the learners' logits."""
+    def loss(self, batch: Batch, scale: float = 1.0) -> tuple[Tensor, KDStats | None, list[Tensor]]:
+        """The loss summed over the batch's rows times ``scale``, the kernel's per-row
+        statistics (None without KD) and the learners' logits."""
         with autocast(self.device, self.cfg.amp):
             logits = [learner.forward(batch.images[learner.stream]) for learner in self.learners]
-        loss, stats = self.teaching.loss(logits, batch)
+        loss, stats = self.teaching.loss(logits, batch, scale)
         return loss, stats, logits
 
-    def train_step(self, batch: Batch) -> tuple[float, float]:
-        """One optimiser step on the global batch: its mean loss and the share of rows taught."""
+    def train_step(self, batch: Batch) -> StepRecord:
+        """Queue one optimiser step on the global batch; nothing in it waits on the host.
+
+        Returns the step's record (device tensors; ``StepRecord.result`` reads them). A step
+        whose loss is not finite on any rank, and every step after it until the host has read
+        it, is skipped by the optimisers on the device (``steps.SkipFlag``).
+        """
         for learner in self.learners:
             learner.optimizer.zero_grad(set_to_none=True)
-        loss_sum, stats, logits = self.loss(batch)
         # This rank's sum / the global batch size, times the world size DDP averages over: the
-        # gradient of the global batch's mean loss, the same for one process or many.
-        (loss_sum * (self.dist.world_size / batch.global_rows)).backward()
-        loss_sum = loss_sum.detach().float()
+        # gradient of the global batch's mean loss, the same for one process or many. The
+        # kernel writes that gradient already scaled; backward passes it through as it is.
+        scale = self.dist.world_size / batch.global_rows
+        loss, stats, logits = self.loss(batch, scale)
+        loss.backward()
+        loss_sum = loss.detach().float() / scale
         taught = torch.zeros_like(loss_sum)
         if stats is not None:
             taught = (stats.chosen != NO_TEACHER).sum().float()
         totals = torch.stack([loss_sum, taught, (~torch.isfinite(loss_sum)).float()])
-        if self.dist.enabled:
-            dist.all_reduce(totals)
-        loss_total, taught_total, non_finite = totals.tolist()
-        if non_finite:
-            self._raise_non_finite(batch, logits)
+        if self.dist.enabled:  # NCCL: the stream waits for the sum, the host does not
+            dist.all_reduce(totals, async_op=True).wait()
+        skip = self._skip.update(totals[2])
         for learner in self.learners:
-            learner.optimizer.step()
+            skipping_step(learner.optimizer, skip)
             if learner.scheduler is not None:
                 learner.scheduler.step()
         self.step += 1
-        share = math.nan if stats is None else taught_total / batch.global_rows
-        return loss_total / batch.global_rows, share
-
-    def _raise_non_finite(self, batch: Batch, logits: Sequence[Tensor]) -> None:
-        """Stop before the optimiser step, naming the step, the samples and the culprit."""
-        found = []
-        for learner, z in zip(self.learners, logits, strict=True):
-            bad = (~torch.isfinite(z.detach()).all(dim=1)).nonzero().flatten().tolist()
-            if bad:
-                keys = [self.dataset.keys[batch.samples[row]] for row in bad[:8]]
-                found.append(f"NaN/inf logits of {learner.name!r} on samples {keys}")
-        if not found:
-            keys = [self.dataset.keys[sample] for sample in batch.samples[:8]]
-            found.append(f"NaN/inf targets (the logits are finite) among samples {keys}")
-        if self.dist.enabled:
-            everywhere: list[list[str] | None] = [None] * self.dist.world_size
-            dist.all_gather_object(everywhere, found)
-            found = [
-                f"rank {rank}: {line}" for rank, lines in enumerate(everywhere) for line in lines
-            ]
-        state = self.out_dir / STATE_FILE
-        kept = f"the last checkpoint {state} is kept" if state.exists() else "no checkpoint yet"
-        raise NonFiniteError(
-            f"non-finite loss at step {self.step + 1} (epoch {self.epoch + 1}): "
-            + "; ".join(found)
-            + f". Stopped before the optimiser step; {kept}."
+        return StepRecord(
+            step=self.step,
+            epoch=self.epoch + 1,
+            samples=batch.samples,
+            global_rows=batch.global_rows,
+            totals=totals,
+            finite_rows=[torch.isfinite(z.detach()).all(dim=1) for z in logits],
+            distils=stats is not None,
         )
+
+    def read_step(self, record: StepRecord) -> StepResult:
+        """Read a queued step on the host (the loop does it one step late). A non-finite step
+        raises ``NonFiniteError``, after undoing the host-side advances (step count, schedules)
+        of it and of the steps queued after it, which the device skipped."""
+        result = record.result()
+        if result.non_finite:
+            self._raise_non_finite(record)
+        return result
+
+    def _raise_non_finite(self, record: StepRecord) -> None:
+        """The host has read a non-finite step: undo the host-side advances of it and of the
+        step queued after it (both skipped on the device), then stop, naming the step, the
+        samples and the culprit."""
+        skipped = self.step - record.step + 1
+        self.step = record.step - 1
+        for learner in self.learners:
+            if learner.scheduler is not None:
+                rewind_schedule(learner.scheduler, skipped)
+        self._skip.reset()
+        found = record.culprits([m.name for m in self.learners], self.dataset.keys, self.dist)
+        raise non_finite_error(record, found, self.out_dir / STATE_FILE)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -312,26 +343,32 @@ class Trainer:
 
     def _run_epoch(self, progress: Progress, task: TaskID) -> EpochRecord:
         start = time.perf_counter()
-        loss_sum = taught_sum = 0.0
-        rows = steps = 0
+        tally = EpochTally()
         description = f"{self._title()} epoch {self.epoch + 1}/{self.cfg.epochs}"
+
+        def read(record: StepRecord) -> None:  # the host's one look at a step
+            result = self.read_step(record)
+            tally.add(result, record.global_rows)
+            progress.update(task, advance=1, loss=result.loss, description=description)
+
+        pending: StepRecord | None = None
         for batch in self.batches(self.plan(self.epoch)):
-            loss, taught = self.train_step(batch)
-            loss_sum += loss * batch.global_rows
-            taught_sum += taught * batch.global_rows
-            rows += batch.global_rows
-            steps += 1
-            progress.update(task, advance=1, loss=loss, description=description)
+            record = self.train_step(batch)
+            if pending is not None:  # one step late: the device already has the next step
+                read(pending)
+            pending = record
+        if pending is not None:
+            read(pending)
         self.epoch += 1
         seconds = time.perf_counter() - start
         return EpochRecord(
             epoch=self.epoch,
             steps=self.step,
-            loss=loss_sum / max(rows, 1),
-            taught=taught_sum / max(rows, 1),
+            loss=tally.loss,
+            taught=tally.taught,
             val_top1=self.validate(),
             seconds=seconds,
-            steps_per_second=steps / seconds,
+            steps_per_second=tally.steps / seconds,
         )
 
     def _title(self) -> str:
@@ -342,24 +379,11 @@ class Trainer:
         return open_dataset(self.cfg.val_data)
 
     def validate(self) -> dict[str, float]:
-        """Top-1 (%) of each trained model on the held-out ``val_data`` (main rank only)."""
-        if self.cfg.val_data is None or not self.dist.is_main:
+        """Top-1 (%) of each trained model on the held-out ``val_data``, the same on every rank:
+        each evaluates a disjoint slice (``validation.top1``); rank 0 writes the files."""
+        if self.cfg.val_data is None:
             return {}
-        dataset = self.val_dataset
-        predictions = evaluate(
-            {learner.name: learner.model for learner in self.learners},
-            {learner.name: learner.data_config for learner in self.learners},
-            dataset,
-            batch_size=self.cfg.batch_size,
-            device=self.device,
-            backend=self.cfg.backend,
-            amp=self.cfg.amp,
-        )
-        for learner in self.learners:
-            learner.model.train()
-        return {
-            name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()
-        }
+        return top1(self.learners, self.val_dataset, self.cfg, self.device, self.dist)
 
     def _select_and_checkpoint(self, record: EpochRecord) -> None:
         """Keep each model's best weights on val (the latest without val data), then the state."""
