@@ -161,6 +161,9 @@ def capture(config: Config) -> Any:
 # Compiling and reading the machine code
 
 
+_PTXAS_LOGS: dict[str, str] = {}  # compiled kernel hash -> the ptxas -v log of its compile
+
+
 class _StandInDriver:
     """The active driver while compiling: it names the target and launches nothing."""
 
@@ -202,7 +205,9 @@ def compile_launch(launch: Any, arch: int) -> tuple[Any, str]:
             compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
     finally:
         driver._active = previous
-    return compiled, log.getvalue()
+    # A kernel the same process compiled before comes from Triton's cache without a new log.
+    text = _PTXAS_LOGS.setdefault(compiled.metadata.hash, log.getvalue())
+    return compiled, text
 
 
 def resource_usage(cubin: bytes, ptxas_log: str) -> dict[str, int]:
@@ -327,7 +332,7 @@ def problems(results: list[Result]) -> list[str]:
         elif r.spill_store_bytes or r.spill_load_bytes or r.local_bytes:
             out.append(
                 f"{where}: spills ({r.spill_store_bytes} B stored, {r.spill_load_bytes} B "
-                f"loaded, {r.local_bytes} B local)"
+                f"loaded, {r.local_bytes} B local, {r.stack_bytes} B stack)"
             )
     return out
 
@@ -343,7 +348,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be real JIT functions
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        command = [sys.executable, "-m", "fastkd.bench.compile", *(argv or sys.argv[1:])]
+        command = [
+            sys.executable,
+            "-m",
+            "fastkd.bench.compile",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         raise SystemExit(subprocess.run(command, env=env).returncode)
 
     kernels = args.kernels.split(",")

@@ -150,7 +150,10 @@ def launch_bidirectional_kd(
     num_rows, num_classes = logits[0].shape
     num_models = len(logits)
     padded_models = triton.next_power_of_2(num_models)
-    cap = config.max_block or max(16, common.MAX_TILE // padded_models)
+    # Three or four models: half as wide a tile a model, at 4 warps (the widest that compiles
+    # without a spill for every C; `fastkd bench compile`).
+    per_model = common.MAX_TILE // padded_models // (2 if padded_models >= 4 else 1)
+    cap = config.max_block or max(16, per_model)
     block = common.tile_width(num_classes, cap)
     stats, chosen = common.stat_buffers(num_rows, logits[0].device)
     vec = min(common.vector_width(z) for z in logits)
@@ -176,7 +179,7 @@ def launch_bidirectional_kd(
         BLOCK_C=block,
         BLOCK_N=max(2, padded_models),
         VEC=vec if aligned else 1,
-        num_warps=common.num_warps_for(block * padded_models),
+        num_warps=4 if padded_models >= 4 else common.num_warps_for(block * padded_models),
     )
     return common.row_outputs(stats, chosen)
 
@@ -442,15 +445,18 @@ else:
                 teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
                 learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
             )  # fmt: skip
-        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
-            cols = tl.where(part == 0, tail_start, 0) + lanes
-            mask = cols < tl.where(part == 0, num_classes, head)
-            tiles = _load_tiles(logits, row_offsets, cols, mask, 0.0, NUM_MODELS, True)
-            learner_cross = _gradient_tiles(
-                tiles, grads, grad_row_offsets, cols, cols, mask, label, models, lse1, lse_t,
-                teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
-                learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
-            )  # fmt: skip
+        for part in tl.static_range(2):  # the masked tail, then the masked head
+            start = tail_start if part == 0 else 0
+            limit = num_classes if part == 0 else head
+            if start < limit:
+                cols = start + lanes
+                mask = cols < limit
+                tiles = _load_tiles(logits, row_offsets, cols, mask, 0.0, NUM_MODELS, True)
+                learner_cross = _gradient_tiles(
+                    tiles, grads, grad_row_offsets, cols, cols, mask, label, models, lse1, lse_t,
+                    teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
+                    learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
+                )  # fmt: skip
         if STOP_GRAD:
             # KL(p || q_m) = sum p (z_t - z_m) / T - lse_t,teacher + lse_t,m (p sums to 1).
             kl = learner_cross * inv_temperature + (lse_t - teacher_lse_t) * LN2

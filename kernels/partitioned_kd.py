@@ -560,15 +560,24 @@ else:
         else:
             target_lse_t = tm + tl.log2(ts)
 
-        # Pass 2, last whole tile first (what pass 1 read last is the likeliest still in cache),
-        # then the masked ends: the gradient, already scaled for the reduction; zero on ignored
-        # rows.
+        # Pass 2: the masked ends, then the whole tiles last first (what pass 1 read last is the
+        # likeliest still in cache): the gradient, already scaled for the reduction; zero on
+        # ignored rows.
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         kd_coef = tl.where(has_target, kd_weight * temperature, 0.0) * scale
         ce_coef = ce_weight * scale
         self_to_t = tl.exp2(2.0 * lse_t - lse1)
         cross = 0.0
         p_sum = 0.0
+        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
+            start = tl.where(part == 0, tail_start, 0)
+            cols = start + lanes
+            cross, p_sum = _gradient_tile(
+                student_ptr + student_offset + cols, target_ptr + target_offset + cols,
+                grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
+                label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
+                inv_temperature, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
+            )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
             z_offset = tl.multiple_of(student_offset + start, VEC)
@@ -581,15 +590,6 @@ else:
                 grad_ptr + g_offset + lanes, start + lanes, None, label, lse1, lse_t,
                 target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
                 cross, p_sum, TEMPERATURE, SPARSE, False,
-            )  # fmt: skip
-        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
-            start = tl.where(part == 0, tail_start, 0)
-            cols = start + lanes
-            cross, p_sum = _gradient_tile(
-                student_ptr + student_offset + cols, target_ptr + target_offset + cols,
-                grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
-                label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
-                inv_temperature, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
         if SPARSE:
             tl.debug_barrier()  # the dense stores above land before the known-id corrections

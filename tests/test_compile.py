@@ -56,7 +56,10 @@ def test_no_configuration_spills(compiled):
         spilled = [
             f"{r['config']}: {r['spill_store_bytes']} B stored, {r['local_bytes']} B local"
             for r in compiled[arch]
-            if r["spill_store_bytes"] or r["spill_load_bytes"] or r["local_bytes"]
+            if r["spill_store_bytes"]
+            or r["spill_load_bytes"]
+            or r["local_bytes"]
+            or r["stack_bytes"]
         ]
         assert not spilled, "\n".join(spilled)
     assert compiled["returncode"] == 0, compiled["log"]
