@@ -1,5 +1,49 @@
-"""Test-wide settings: the Triton kernels run for real under the interpreter on CPU."""
+"""Test-wide settings: the Triton kernels run for real under the interpreter on CPU.
+
+The compile check (tests/test_compile.py) compiles every kernel configuration in a separate
+process for minutes; it starts as soon as the tests are collected and its tests run last, so
+the rest of the suite runs meanwhile.
+"""
+
+from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+COMPILE_TESTS = "test_compile.py"
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: no compile for deselected tests
+def pytest_collection_modifyitems(session: pytest.Session, config, items: list) -> None:
+    """Run the compile check's tests last, and start its compile now."""
+    compile_items = [item for item in items if item.path.name == COMPILE_TESTS]
+    if not compile_items:
+        return
+    items[:] = [item for item in items if item.path.name != COMPILE_TESTS] + compile_items
+    out = Path(tempfile.mkdtemp(prefix="fastkd-compile-"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    log = (out / "log.txt").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastkd.bench.compile", "--arch", "90,80", "--out", str(out)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    config.stash[COMPILE_RUN] = (process, out)
+
+
+COMPILE_RUN = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session")
+def compile_run(request: pytest.FixtureRequest) -> tuple[int, Path]:
+    """The compile check's exit code and output folder (compile-sm90.json, compile-sm80.json)."""
+    process, out = request.config.stash[COMPILE_RUN]
+    return process.wait(timeout=1800), out

@@ -3,15 +3,14 @@ no spill, and keep the bandwidth design: two resident blocks per SM, at most 3 e
 at T = 1, 16-byte loads on the aligned body of a row (odd C = 21841 included).
 
 One run of ``fastkd bench compile`` (ahead-of-time compile through Triton, ptxas -v and
-cuobjdump from the Triton wheel; no GPU) feeds every test here.
+cuobjdump from the Triton wheel; no GPU) feeds every test here; conftest.py starts it when the
+tests are collected.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,23 +18,16 @@ pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list[dict]]:
-    out = tmp_path_factory.mktemp("compile")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run(
-        [sys.executable, "-m", "fastkd.bench.compile", "--arch", "90,80", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    results = {
+def compiled(compile_run: tuple[int, Path]) -> dict:
+    """The results of the run conftest.py started at collection (it runs while other tests do)."""
+    returncode, out = compile_run
+    results: dict = {
         arch: json.loads((out / f"compile-sm{arch}.json").read_text())["results"]
         for arch in (90, 80)
         if (out / f"compile-sm{arch}.json").exists()
     }
-    results["returncode"] = done.returncode
-    results["log"] = done.stdout + done.stderr
+    results["returncode"] = returncode
+    results["log"] = (out / "log.txt").read_text()
     return results
 
 
