@@ -289,6 +289,7 @@ def scale_grad_(
 
 T_OTHER, T_UNIT, T_HALF = 0, 1, 2
 """Temperature codes: T = 1 and T = 2 get their own compiled paths (fewer exps per element)."""
+_TEMPERATURE_CODES = {1.0: T_UNIT, 2.0: T_HALF}  # plain ints: the kernels see them as constexprs
 
 if triton is not None:
     import triton.language as tl
@@ -319,7 +320,7 @@ if triton is not None:
 
 def temperature_code(temperature: float) -> int:
     """``T_UNIT`` for T = 1, ``T_HALF`` for T = 2, else ``T_OTHER``."""
-    return {1.0: 1, 2.0: 2}.get(float(temperature), 0)
+    return _TEMPERATURE_CODES.get(float(temperature), T_OTHER)
 
 
 def unit_last_stride(tensor: Tensor) -> Tensor:
