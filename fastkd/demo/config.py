@@ -16,6 +16,7 @@ from typing import Any
 
 import fastkd
 from fastkd.digits import DIGITS_POOL, PoolMember
+from fastkd.dump import DumpConfig
 from fastkd.errors import ConfigError
 from fastkd.partition import PartitionMode
 from fastkd.training import Teachers
@@ -90,6 +91,9 @@ class DemoConfig:
     transfer_lr: float = 1e-4  # Adam, constant, every arm: fine-tuning (3e-4 and 1e-3 drift)
     batch_size: int = 128
     augment: AugmentConfig = field(default_factory=_digits_augment)
+    topk: int = 0  # stored classes per view: 0 (or >= the 10 classes) keeps every class, dense
+    tail: str | None = None  # tail model of sparse targets; None: the dump's default rule
+    tail_samples: int = 8  # draws per view of the sampled tail
     device: str = "auto"  # cuda when there is one
     backend: str = "auto"  # image pipeline: DALI when installed
     progress: bool = True
@@ -112,6 +116,19 @@ class DemoConfig:
                 f"transfer_epochs ({self.transfer_epochs}) must not exceed the stored views "
                 f"({self.views}): a student would see the same targets again"
             )
+        try:  # the dump's own rule for what is stored, so the two cannot disagree
+            targets = DumpConfig(
+                data=Path(),
+                models=(),
+                out=Path(),
+                topk=self.topk,
+                tail=self.tail,
+                tail_samples=self.tail_samples,
+            )
+        except ConfigError as error:
+            problems.append(f"stored targets: {error}")
+        else:
+            object.__setattr__(self, "tail", targets.tail)
         if problems:
             raise ConfigError("invalid demo configuration: " + "; ".join(problems))
 
@@ -125,6 +142,12 @@ class DemoConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
+
+    def target_settings(self) -> dict[str, Any]:
+        """What the dump is asked to keep of each member's logits (the store's cache key has it:
+        stores of other settings live in other folders); ``tail_samples`` only where read."""
+        samples = self.tail_samples if self.tail == "sampled" else None
+        return {"topk": self.topk, "tail": self.tail, "tail_samples": samples}
 
 
 def _key(*parts: Any) -> str:
@@ -151,7 +174,9 @@ class DemoLayout:
             asdict(cfg.augment),
         ]
         pool_key = _key("pool", IMAGE_SIZE, pretraining)
-        store_key = _key("store", pool_key, cfg.views, cfg.pool_seed, asdict(cfg.augment))
+        store_key = _key(
+            "store", pool_key, cfg.views, cfg.pool_seed, asdict(cfg.augment), cfg.target_settings()
+        )
         transfer_key = _key("transfer", store_key, cfg.transfer_epochs, cfg.transfer_lr)
         return cls(cfg.out_dir, pool_key, store_key, transfer_key)
 

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 
@@ -98,6 +99,36 @@ def _transfer(cfg: TrainConfig) -> TransferReport:
     return result.report
 
 
+def pretrain_pool(
+    cfg: DemoConfig, console: Console | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train (or reuse) every pool member on the digits folder: their descriptions and their
+    ``alias:ARCH=CKPT`` specs. Public so that other code (the benchmarks) gets the very pool the
+    demo trains, from the same cache."""
+    console = console or Console()
+    layout = DemoLayout.of(cfg)
+    write_digits_folder(layout.data, image_size=IMAGE_SIZE)
+    pool_info, pool_specs = [], []
+    for member in cfg.pool:
+        console.print(f"[bold]{member.name}[/bold]: {member.arch}, {member.epochs} epochs")
+        run = train(_pretrain_config(cfg, layout, member))
+        checkpoint = run.checkpoints[member.name]
+        best = max((r.val_top1[member.name] for r in run.history), default=math.nan)
+        pool_specs.append(f"{member.spec}={checkpoint}")
+        pool_info.append(
+            {
+                "name": member.name,
+                "arch": member.arch,
+                "model_kwargs": dict(member.model_kwargs),
+                "epochs": member.epochs,
+                "lr": member.lr,
+                "checkpoint": layout.relative(checkpoint),
+                "val_top1": best,
+            }
+        )
+    return pool_info, pool_specs
+
+
 def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> DemoReport:
     """Run (or reuse) every stage and write the report under ``cfg.out_dir``."""
     cfg = cfg or DemoConfig()
@@ -109,25 +140,8 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> D
     with _stage(console, "1/4 data: scikit-learn digits, 32 px, train/val/test", seconds, "data"):
         write_digits_folder(layout.data, image_size=IMAGE_SIZE)
 
-    pool_info, pool_specs = [], []
     with _stage(console, "2/4 pool: three architectures trained from scratch", seconds, "pool"):
-        for member in cfg.pool:
-            console.print(f"[bold]{member.name}[/bold]: {member.arch}, {member.epochs} epochs")
-            run = train(_pretrain_config(cfg, layout, member))
-            checkpoint = run.checkpoints[member.name]
-            best = max((r.val_top1[member.name] for r in run.history), default=math.nan)
-            pool_specs.append(f"{member.spec}={checkpoint}")
-            pool_info.append(
-                {
-                    "name": member.name,
-                    "arch": member.arch,
-                    "model_kwargs": dict(member.model_kwargs),
-                    "epochs": member.epochs,
-                    "lr": member.lr,
-                    "checkpoint": layout.relative(checkpoint),
-                    "val_top1": best,
-                }
-            )
+        pool_info, pool_specs = pretrain_pool(cfg, console)
 
     with _stage(console, f"3/4 dump: {cfg.views} views per training image", seconds, "dump"):
         run_dump(
@@ -136,6 +150,9 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> D
                 models=pool_specs,
                 out=layout.store,
                 views=cfg.views,
+                topk=cfg.topk,
+                tail=cfg.tail,
+                tail_samples=cfg.tail_samples,
                 seed=cfg.pool_seed,
                 augment=cfg.augment,
                 backend=cfg.backend,
