@@ -5,9 +5,9 @@ teacher kind (dense, top-k) it times, in one run: fastkd's kernel (Triton on a G
 reference on CPU unless TRITON_INTERPRET=1), the torch reference in eager mode, torch.compile of
 the reference, and Liger-Kernel's KL path (log_softmax + LigerKLDIVLoss, dense teachers, KL only)
 when liger-kernel is importable. GB/s counts ideal bytes: the student read, the teacher read (one
-pool member's row, or its K ids and logits) and the gradient write. Peak memory is what a step
-allocates beyond its inputs. It also measures the uniform-tail error of sparse targets against
-the dense teacher they come from. Results go to JSON with the device name.
+pool member's row, or its K ids and log-probabilities) and the gradient write. Peak memory is
+what a step allocates beyond its inputs. Results go to JSON with the device name (the error of
+sparse targets against the dense teacher is ``fastkd bench targets``).
 
 With liger-kernel installed (and CUDA) two more rows per case are *bandwidth peers*, not the same
 loss: Liger's fused cross-entropy (``liger_ce_peer``: CE alone on the student's logits, its
@@ -33,7 +33,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.compression import TailModel
 from fastkd.kernels import (
+    TARGET_FIELDS,
     BidirectionalKDConfig,
     PartitionedKDConfig,
     PoolTargets,
@@ -124,10 +126,11 @@ def make_inputs(case: Case, args: argparse.Namespace, device: torch.device) -> d
     if case.kernel == "bidirectional":
         return {"logits": [logits(rows) for _ in range(2)], "labels": labels}
     pool = logits(rows, args.members)
-    targets = PoolTargets.from_logits(pool, labels, args.topk if case.teacher == "topk" else 0)
-    if targets.is_sparse:  # as the store keeps them
-        targets.topk_logits = targets.topk_logits.half()
-        targets.topk_ids = targets.topk_ids.int()
+    if case.teacher == "topk":
+        targets = PoolTargets.from_logits(pool, labels, args.topk, TailModel.BUCKET)
+        targets.topk_ids = targets.topk_ids.int()  # as the store keeps them (fp16 values already)
+    else:
+        targets = PoolTargets.from_logits(pool, labels, 0)
     del pool
     return {"student": logits(rows), "labels": labels, "targets": targets}
 
@@ -140,11 +143,11 @@ def ideal_bytes(case: Case, inputs: dict) -> int:
     logits_bytes = student.numel() * student.element_size()
     if targets.is_sparse:
         per_row = targets.topk * (
-            targets.topk_logits.element_size() + targets.topk_ids.element_size()
+            targets.topk_logprobs.element_size() + targets.topk_ids.element_size()
         )
         teacher_bytes = case.rows * per_row
     else:
-        teacher_bytes = case.rows * case.classes * targets.logits.element_size()
+        teacher_bytes = case.rows * case.classes * targets.logprobs.element_size()
     return 2 * logits_bytes + teacher_bytes
 
 
@@ -174,18 +177,11 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
             partitioned_kd_loss(student, labels, targets, **options)[0].backward()
 
         def reference(z: torch.Tensor, y: torch.Tensor, *target_tensors) -> torch.Tensor:
-            pool = PoolTargets(*target_tensors)
+            fields = dict(zip(TARGET_FIELDS, target_tensors, strict=True))
+            pool = PoolTargets(**fields, tail=targets.tail)
             return partitioned_kd_reference(z, y, pool, config)[0]
 
-        tensors = (
-            student,
-            labels,
-            targets.lse,
-            targets.true_logit,
-            targets.topk_logits,
-            targets.topk_ids,
-            targets.logits,
-        )
+        tensors = (student, labels, *(getattr(targets, name) for name in TARGET_FIELDS))
         liger = liger_step(student, targets, temperature) if not targets.is_sparse else ""
         if not liger:
             liger = "dense teachers only"
@@ -208,14 +204,14 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
 
 
 def liger_step(student: torch.Tensor, targets: PoolTargets, temperature: float) -> Callable | str:
-    """Liger's KL path on the best teacher's dense logits, or why it is unavailable."""
+    """Liger's KL path on the best teacher's dense log-probabilities, or why it is unavailable."""
     try:
         from liger_kernel.transformers import LigerKLDIVLoss
     except ImportError:
         return "liger-kernel not installed"
     if not student.is_cuda:
         return "needs CUDA"
-    teacher = targets.logits[:, 1]
+    teacher = targets.logprobs[:, 1]
     kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
 
     def step() -> None:
@@ -252,8 +248,8 @@ def liger_peers(case: Case, inputs: dict) -> dict[str, Callable | str]:
     peers: dict[str, Callable | str] = {"liger_ce_peer": ce_step}
     if case.kernel == "bidirectional":
         teacher = inputs["logits"][1]
-    elif inputs["targets"].logits is not None:
-        teacher = inputs["targets"].logits[:, 1]
+    elif inputs["targets"].logprobs is not None:
+        teacher = inputs["targets"].logprobs[:, 1]
     else:
         peers["liger_jsd_peer"] = "dense teachers only"
         return peers
@@ -361,51 +357,6 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
     return {"case": asdict(case), "ideal_bytes": nbytes, "results": [asdict(m) for m in results]}
 
 
-def tail_error(device: torch.device, rows: int = 512, classes: int = 1000) -> list[dict]:
-    """Error of the uniform-tail sparse target vs the dense teacher it summarises (fp64 math).
-
-    Synthetic logits: a teacher of Gaussian logits (std 2.5) leaning on the label, a student equal
-    to it plus Gaussian noise (std 1.5). Reported per (k, T): the mean dense KL(teacher || student),
-    the mean absolute and relative error of the sparse target's KL, and the mean relative L2 error
-    of the KD gradient q - p. Gaussian tails are far from uniform, so this is a pessimistic case.
-    """
-    gen = torch.Generator(device=device).manual_seed(0)
-    labels = torch.randint(0, classes, (rows,), device=device, generator=gen)
-    teacher = 2.5 * torch.randn(rows, 1, classes, device=device, generator=gen, dtype=torch.float64)
-    teacher[torch.arange(rows), 0, labels] += 4.0
-    student = teacher[:, 0] + 1.5 * torch.randn(
-        rows, classes, device=device, generator=gen, dtype=torch.float64
-    )
-    member = torch.zeros(rows, dtype=torch.long, device=device)
-    out = []
-    for temperature in (1.0, 2.0, 4.0):
-        log_q = torch.log_softmax(student / temperature, dim=-1)
-        dense_log_p = torch.log_softmax(teacher[:, 0] / temperature, dim=-1)
-        dense_kl = (dense_log_p.exp() * (dense_log_p - log_q)).sum(-1)
-        dense_grad = log_q.exp() - dense_log_p.exp()
-        for topk in (1, 5, 10, 20, 50, 100):
-            sparse = PoolTargets.from_logits(teacher, labels, topk)
-            logits = sparse.full_vocab_logits(member, labels, classes).double()
-            log_p = torch.log_softmax(logits / temperature, dim=-1)
-            kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-            grad = log_q.exp() - log_p.exp()
-            out.append(
-                {
-                    "topk": topk,
-                    "temperature": temperature,
-                    "dense_kl": dense_kl.mean().item(),
-                    "kl_abs_error": (kl - dense_kl).abs().mean().item(),
-                    "kl_rel_error": ((kl - dense_kl).abs() / dense_kl).mean().item(),
-                    "grad_rel_l2_error": (
-                        (grad - dense_grad).norm(dim=-1) / dense_grad.norm(dim=-1)
-                    )
-                    .mean()
-                    .item(),
-                }
-            )
-    return out
-
-
 def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fastkd.bench.kernels", description=__doc__
@@ -469,20 +420,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 m["note"],
             )
     console.print(table)
-    tail = tail_error(device)
-    tail_table = Table(title="uniform tail vs dense teacher (synthetic, C=1000)")
-    for column in ("k", "T", "dense KL", "KL abs. error", "KL rel. error", "grad rel. L2 error"):
-        tail_table.add_column(column)
-    for row in tail:
-        tail_table.add_row(
-            str(row["topk"]),
-            str(row["temperature"]),
-            *(
-                f"{row[key]:.3g}"
-                for key in ("dense_kl", "kl_abs_error", "kl_rel_error", "grad_rel_l2_error")
-            ),
-        )
-    console.print(tail_table)
 
     out = (
         args.out
@@ -499,7 +436,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 "liger_kernel": _version("liger_kernel"),
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "cases": report,
-                "tail_error": tail,
             },
             indent=2,
         )
