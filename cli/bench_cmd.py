@@ -1,4 +1,4 @@
-"""`fastkd bench kernels|store|dump|train`: the benchmarks in ``fastkd.bench``.
+"""`fastkd bench compile|kernels|store|dump|train|targets`: the benchmarks in ``fastkd.bench``.
 
 Each benchmark keeps its own argument parser (so ``python -m fastkd.bench.<name>`` and the CLI
 take the same options); this module only forwards the arguments after the benchmark's name.
@@ -17,13 +17,16 @@ BENCHMARKS: dict[str, str] = {
     "compile": "Compile check of the KD kernels for sm_90 and sm_80 without a GPU: registers, "
     "spills, resident blocks per SM, load and store widths, exps per element (fails on a spill).",
     "kernels": "Fused KD kernels vs torch eager, torch.compile and Liger: forward + backward "
-    "time, GB/s, % of peak bandwidth, peak memory; the uniform-tail error of top-k targets.",
+    "time, GB/s, % of peak bandwidth, peak memory.",
     "store": "Store: bytes per stored view (synthetic 1000-class logits) and random-access "
     "read throughput in views/s on one core.",
     "dump": "Dump: images/s of the DALI and torch paths in one run (loader alone and whole "
     "dump), bytes per stored view.",
     "train": "Training step: plain cross-entropy vs offline stored targets vs live teachers "
     "(1, 2, 4), as ratios to cross-entropy.",
+    "targets": "Compressed targets vs the dense teacher: KL and gradient errors of each tail "
+    "model at equal bytes (synthetic 1000 classes, the demo's pool) and the demo's accuracy "
+    "with sparse vs dense targets.",
 }
 
 _FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True}
