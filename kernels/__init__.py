@@ -17,10 +17,10 @@ from fastkd.kernels.partitioned_kd import (
     partitioned_kd_loss,
     partitioned_kd_reference,
 )
-from fastkd.kernels.targets import TAIL_MASS_FLOOR, PoolTargets
+from fastkd.kernels.targets import TARGET_FIELDS, PoolTargets
 
 __all__ = [
-    "TAIL_MASS_FLOOR",
+    "TARGET_FIELDS",
     "BidirectionalKDConfig",
     "BidirectionalKDLoss",
     "KDStats",

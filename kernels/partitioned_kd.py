@@ -10,30 +10,25 @@ Per row (one sample view), with student logits z, label y and M stored pool memb
 * Loss = ce_weight * CE(z, y) + kd_weight * T^2 * KL(p_target,T || softmax(z / T)) on rows with a
   target (CE only elsewhere). Rows labelled ``ignore_index`` count for nothing and get zero
   gradient; ``mean`` divides by the number of the other rows.
-* Sparse targets use the uniform-tail full-vocabulary distribution of ``kernels.targets`` (the
-  tests hold sparse == dense when k = C). Its error against the dense teacher it summarises
-  (``fastkd.bench.kernels.tail_error``; synthetic C = 1000 Gaussian logits, std 2.5, a pessimistic
-  case since their tails are far from uniform; measured on CPU): at T = 1 the mean relative error
-  of the KL is 118% at k = 10 and 20% at k = 100, of the KD gradient (L2) 21% and 3%; at T = 2,
-  k = 100: 102% and 36%. The tail matters more as T grows: store a large k when training at T > 1.
-
-Dense targets at T = 1 are the stored distribution itself, p = exp(t - lse) with the member's
-stored lse (the one the partition compared); at other T, softmax(t / T). The KD term is
-sum p log p - sum p z / T + lse(z / T): KL(p || q_T) for a normalised p, and the loss whose
-gradient is exactly q_T - p when fp16 rounding of stored logits leaves p a little off 1.
+* The target and its divergence are ``PoolTargets.target_logprobs`` and ``.divergence``: dense,
+  or sparse with a uniform, bucket or sampled tail (``kernels.targets``; the tests hold sparse ==
+  dense when nothing is left in the tail; measured errors of each tail: docs/store-format.md).
 
 The Triton kernel runs one program per row, built for the bandwidth bound (docs/design.md has
 the bytes and exps per row). Each row is cut at the student's first 16-byte boundary: a masked
 head, whole tiles read without masks (16-byte loads; the gradient, and a dense teacher whose rows
 keep the same phase, too: ``common.aligned_width``), a masked tail. Pass 1 reads only the student
 (at T = 1): its online log-sum-exps at T = 1 and T in base 2 (one exp2 per element; at T = 2 one
-exp2 serves both); a dense teacher is read in pass 1 only at T != 1, for its log-sum-exp at T;
-sparse targets add the student's row sum, which gives the tail's sum of log q. Pass 2 runs the
+exp2 serves both); a dense teacher is read in pass 1 only at T != 1, for its log-sum-exp at T
+(at T = 1 its stored log-probabilities are used as they are); the uniform tail adds the
+student's row sum, which gives the tail's sum of log q. Pass 2 runs the
 tiles last-first, so the student's re-read is likeliest to hit in cache, reads the teacher once,
 writes the gradient ce_weight * (softmax(z) - onehot(y)) + kd_weight * T * (q_T - p_T) and sums
 the KL on the way (two exps per element at T = 1: three a row element in all). For sparse
-targets the known ids are then corrected by a scatter (gathered before pass 2, so
-``inplace_grad=True`` may overwrite the logits). No B x C fp32 temporary is made; offsets are
+targets pass 2 writes the tail's gradient (kd T (a q_T - b): uniform a = 1, b = P_T / n;
+bucket a = 1 - P_T / Q_T, b = 0; sampled a = 1, b = 0), then the known ids and the drawn ids are
+corrected by a scatter (gathered before pass 2, so ``inplace_grad=True`` may overwrite the
+logits). No B x C fp32 temporary is made; offsets are
 int64; shapes and strides are not specialised on, so one compiled kernel serves every C.
 """
 
@@ -45,11 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastkd.compression import TailModel
 from fastkd.errors import ConfigError
 from fastkd.kernels import common
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.launch import launch
-from fastkd.kernels.targets import TAIL_MASS_FLOOR, PoolTargets
+from fastkd.kernels.targets import PoolTargets
 from fastkd.partition import NO_TEACHER, PartitionMode, best_member, select_teacher
 
 try:
@@ -59,6 +55,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 _MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.ALL: 2}
+_TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,6 @@ def partitioned_kd_reference(
 ) -> tuple[Tensor, KDStats]:
     """Plain torch autograd math (fp32, or fp64 for fp64 logits): the independent check."""
     z = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-    num_classes = z.shape[1]
     temperature = config.temperature
     valid = labels != config.ignore_index
     safe_labels = torch.where(valid, labels, 0).long()
@@ -94,21 +90,7 @@ def partitioned_kd_reference(
     )
     chosen = torch.where(valid, chosen, NO_TEACHER)
     has_target = chosen != NO_TEACHER
-    member = chosen.clamp_min(0)
-    target_logits = targets.full_vocab_logits(member, safe_labels, num_classes).to(z.dtype)
-    if targets.logits is not None and temperature == 1.0:
-        # Dense at T = 1: the stored distribution itself, exp(logit - lse), whose p(y) is the
-        # one the partition compared (the kernel reads no teacher row to normalise it).
-        rows = torch.arange(len(member), device=member.device)
-        log_p = target_logits - targets.lse[rows, member].to(z.dtype).unsqueeze(1)
-    else:
-        log_p = (target_logits / temperature).log_softmax(-1)
-    # sum p log p - sum p z / T + lse(z / T): KL(p || q_T) for a normalised target, and for one
-    # off by rounding (stored fp16 logits with an fp32 lse) still the loss whose gradient is
-    # q_T - p, the one the kernel writes.
-    p = log_p.exp()
-    z_t = z / temperature
-    kl = torch.where(p > 0, p * log_p, 0.0).sum(-1) - (p * z_t).sum(-1) + z_t.logsumexp(-1)
+    kl = targets.divergence(chosen.clamp_min(0), safe_labels, z, temperature)
     kl = torch.where(has_target, kl, 0.0)
     row_loss = config.ce_weight * -student_logprob + config.kd_weight * temperature**2 * kl
     row_loss = torch.where(valid, row_loss, 0.0)
@@ -178,16 +160,22 @@ def launch_partitioned_kd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the kernel: fills ``grad`` and returns row losses and the four per-row stats."""
     num_rows, num_classes = student_logits.shape
-    lse = targets.lse.float()
-    true_logit = targets.true_logit.float()
+    true_logprob = targets.true_logprob.float().contiguous()
     if targets.is_sparse:
-        target_values = common.unit_last_stride(targets.topk_logits)
+        target_values = common.unit_last_stride(targets.topk_logprobs)
         target_ids = common.unit_last_stride(targets.topk_ids)
         ids_strides = target_ids.stride()[:2]
+        log_tail = targets.log_tail.float().contiguous()
+        log_tail_sqrt = targets.log_tail_sqrt.float().contiguous()
     else:
-        target_values = common.unit_last_stride(targets.logits)
-        target_ids = lse  # unused by the dense kernel, any valid pointer
+        target_values = common.unit_last_stride(targets.logprobs)
+        target_ids = log_tail = log_tail_sqrt = true_logprob  # unused when dense: valid pointers
         ids_strides = (0, 0)
+    if targets.tail_ids is not None:
+        tail_ids = common.unit_last_stride(targets.tail_ids)
+        tail_strides = tail_ids.stride()[:2]
+    else:
+        tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
     block = common.tile_width(num_classes, config.max_block)
     vec = common.vector_width(student_logits)
@@ -200,31 +188,36 @@ def launch_partitioned_kd(
         grad,
         grad.stride(0),
         labels,
-        lse,
-        true_logit,
-        lse.stride(0),
-        lse.stride(1),
+        true_logprob,
+        log_tail,
+        log_tail_sqrt,
+        true_logprob.stride(0),
         target_values,
         row_stride,
         member_stride,
         target_ids,
         ids_strides[0],
         ids_strides[1],
+        tail_ids,
+        tail_strides[0],
+        tail_strides[1],
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
         stats,
         chosen,
         num_classes,
         targets.num_members,
         targets.topk,
+        targets.tail_samples,
         -1 if config.self_index is None else config.self_index,
         *common.kernel_scalars(config),
-        TAIL_MASS_FLOOR,
         MODE=_MODE_CODE[config.mode],
         SPARSE=targets.is_sparse,
+        TAIL=_TAIL_CODE[targets.tail],
         TEMPERATURE=common.temperature_code(config.temperature),
         BLOCK_C=block,
         BLOCK_M=max(2, triton.next_power_of_2(targets.num_members)),
         BLOCK_K=max(2, triton.next_power_of_2(targets.topk)),
+        BLOCK_S=max(2, triton.next_power_of_2(targets.tail_samples)),
         VEC=vec,
         GRAD_VEC=common.aligned_width(grad, student_logits, vec, (grad.stride(0),)),
         TEACHER_VEC=1
@@ -239,6 +232,12 @@ if triton is None:  # pragma: no cover
     _partitioned_kd_kernel = None
 else:
     from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT, split_row, store_row_stats
+    from fastkd.kernels.sparse_target import (
+        TAIL_SAMPLED,
+        TAIL_UNIFORM,
+        correct_drawn_gradient,
+        sparse_target_terms,
+    )
 
     @triton.jit
     def _student_stats(
@@ -250,11 +249,11 @@ else:
         z_sum,
         inv_temperature,
         TEMPERATURE: tl.constexpr,
-        SPARSE: tl.constexpr,
+        SUM_Z: tl.constexpr,
         MASKED: tl.constexpr,
     ):
         """Pass 1 on one tile of the student: online sums of exp at T = 1 and at T, in log2
-        units (``m`` the running max of z * log2 e), and the plain sum of z (sparse tails)."""
+        units (``m`` the running max of z * log2 e), and the plain sum of z (uniform tails)."""
         if MASKED:
             z = tl.load(z_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
         else:
@@ -272,7 +271,7 @@ else:
             s_t = s_t * tl.exp2((m - m_new) * inv_temperature) + tl.sum(
                 tl.exp2((u - m_new) * inv_temperature), axis=0
             )
-        if SPARSE:
+        if SUM_Z:
             if MASKED:
                 z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             else:
@@ -294,12 +293,13 @@ else:
     @triton.jit
     def _pass1_part(
         z_row, t_row, cols, mask, m, s1, s_t, z_sum, tm, ts, inv_temperature,
-        TEMPERATURE: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr,
+        TEMPERATURE: tl.constexpr, SPARSE: tl.constexpr, SUM_Z: tl.constexpr,
+        MASKED: tl.constexpr,
     ):  # fmt: skip
         """Pass 1 on the columns ``cols`` of the student's row (and of a dense teacher's at
-        T != 1, whose log-sum-exp at T it needs; at T = 1 its stored one normalises it)."""
+        T != 1, whose log-sum-exp at T it needs; at T = 1 it is normalised as stored)."""
         m, s1, s_t, z_sum = _student_stats(
-            z_row + cols, mask, m, s1, s_t, z_sum, inv_temperature, TEMPERATURE, SPARSE, MASKED
+            z_row + cols, mask, m, s1, s_t, z_sum, inv_temperature, TEMPERATURE, SUM_Z, MASKED
         )
         if not SPARSE and TEMPERATURE != T_UNIT:
             tm, ts = _teacher_stats(t_row + cols, mask, tm, ts, inv_temperature, MASKED)
@@ -321,6 +321,7 @@ else:
         kd_coef,
         ce_coef,
         inv_temperature,
+        tail_scale,
         tail_p,
         cross,
         p_sum,
@@ -329,7 +330,8 @@ else:
         MASKED: tl.constexpr,
     ):
         """Pass 2 on one tile: the gradient ce (q - onehot(y)) + kd T (q_T - p_T), stored in the
-        gradient's dtype; a dense teacher's KL terms sum p (t - z) and sum p on the way.
+        gradient's dtype (sparse: the tail's, kd T (tail_scale q_T - tail_p), everywhere); a
+        dense teacher's KL terms sum p (t - z) and sum p on the way.
 
         ``lse1``, ``lse_t`` (student at T = 1 and T) and ``target_lse_t`` in log2 units of z and
         z / T; ``self_to_t`` = exp2(2 lse_t - lse1) turns (q_T)^2 into q at T = 2."""
@@ -349,7 +351,7 @@ else:
             q_t = tl.exp2(u * inv_temperature - lse_t)
         g = ce_coef * (q - (cols == label).to(tl.float32))
         if SPARSE:
-            g += kd_coef * (q_t - tail_p)
+            g += kd_coef * (q_t * tail_scale - tail_p)
         else:
             if MASKED:
                 t = tl.load(t_ptrs, mask=mask & has_target, other=0.0).to(tl.float32)
@@ -370,9 +372,10 @@ else:
     # constexprs carry the alignment): one compiled kernel serves every vocabulary size.
     @triton.jit(
         do_not_specialize=[
-            "student_stride", "grad_stride", "pool_row_stride", "pool_member_stride",
-            "target_row_stride", "target_member_stride", "ids_row_stride", "ids_member_stride",
-            "num_classes", "num_members", "topk", "self_index", "ignore_index",
+            "student_stride", "grad_stride", "pool_row_stride", "target_row_stride",
+            "target_member_stride", "ids_row_stride", "ids_member_stride", "draws_row_stride",
+            "draws_member_stride", "num_classes", "num_members", "topk", "tail_samples",
+            "self_index", "ignore_index",
         ]
     )  # fmt: skip
     def _partitioned_kd_kernel(
@@ -381,40 +384,46 @@ else:
         grad_ptr,
         grad_stride,
         labels_ptr,
-        lse_ptr,
-        true_logit_ptr,
+        true_logprob_ptr,  # [B, M] and the two below: contiguous, row stride pool_row_stride
+        log_tail_ptr,
+        log_tail_sqrt_ptr,
         pool_row_stride,
-        pool_member_stride,
         target_ptr,
         target_row_stride,
         target_member_stride,
         ids_ptr,
         ids_row_stride,
         ids_member_stride,
+        draws_ptr,
+        draws_row_stride,
+        draws_member_stride,
         scale_ptr,
         stats_ptr,
         chosen_ptr,
         num_classes,
         num_members,
         topk,
+        tail_samples,
         self_index,
         ignore_index,
         inv_temperature,
         temperature,
         kd_weight,
         ce_weight,
-        tail_mass_floor,
         MODE: tl.constexpr,  # 0 live, 1 fixed, 2 all
         SPARSE: tl.constexpr,
+        TAIL: tl.constexpr,  # sparse_target.TAIL_UNIFORM, TAIL_BUCKET or TAIL_SAMPLED
         TEMPERATURE: tl.constexpr,  # T_UNIT, T_HALF or any other T
         BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        BLOCK_S: tl.constexpr,
         VEC: tl.constexpr,  # student elements per 16 bytes (1: no vector loads); whole tiles
         # start at the student's 16-byte boundaries (common.aligned_width)
         GRAD_VEC: tl.constexpr,  # the gradient's alignment in its elements there (1: none)
         TEACHER_VEC: tl.constexpr,  # a dense teacher's alignment in its elements there (1: none)
     ):
+        SUM_Z: tl.constexpr = SPARSE and TAIL == TAIL_UNIFORM
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
@@ -425,10 +434,7 @@ else:
         # The partition's candidate, from stored scalars only (T = 1, first of equal best).
         members = tl.arange(0, BLOCK_M)
         in_pool = members < num_members
-        pool_offsets = row * pool_row_stride + members * pool_member_stride
-        pool_logprob = tl.load(true_logit_ptr + pool_offsets, mask=in_pool, other=0.0) - tl.load(
-            lse_ptr + pool_offsets, mask=in_pool, other=0.0
-        )
+        pool_logprob = tl.load(true_logprob_ptr + row * pool_row_stride + members, mask=in_pool)
         teachers_logprob = tl.where(in_pool & (members != self_index), pool_logprob, float("-inf"))
         teacher = tl.argmax(teachers_logprob, axis=0, tie_break_left=True)
         teacher_logprob = tl.max(teachers_logprob, axis=0)
@@ -439,8 +445,7 @@ else:
             candidate = teacher
         candidate = candidate.to(tl.int64)
         target_offset = row * target_row_stride + candidate * target_member_stride
-        member_offset = row * pool_row_stride + candidate * pool_member_stride
-        member_lse = tl.load(lse_ptr + member_offset)
+        member_offset = row * pool_row_stride + candidate
 
         # Columns: a head to the student's first 16-byte boundary, whole tiles read without
         # masks (16-byte loads), a masked tail.
@@ -450,8 +455,8 @@ else:
         tail_cols = tail_start + lanes
         tail_mask = tail_cols < num_classes
 
-        # Pass 1: the student's log-sum-exps (and a dense teacher's at T != 1); at T = 1 a dense
-        # teacher is normalised by its stored log-sum-exp and not read here.
+        # Pass 1: the student's log-sum-exps (and a dense teacher's at T != 1; at T = 1 its
+        # stored log-probabilities are used as they are and it is not read here).
         m = float("-inf")
         s1 = 0.0
         s_t = 0.0
@@ -461,19 +466,19 @@ else:
         if head > 0:
             m, s1, s_t, z_sum, tm, ts = _pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, True,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, True,
             )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + tile * BLOCK_C
             m, s1, s_t, z_sum, tm, ts = _pass1_part(
                 student_ptr + tl.multiple_of(student_offset + start, VEC),
                 target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, False,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, False,
             )  # fmt: skip
         if tail_start < num_classes:
             m, s1, s_t, z_sum, tm, ts = _pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, True,
+                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, True,
             )  # fmt: skip
 
         # Row statistics (log2 units for the passes, natural units for the loss).
@@ -488,76 +493,25 @@ else:
         if MODE == 0:
             has_target = has_target & (teacher_logprob > student_logprob)
 
+        tail_scale = 1.0
         tail_p = 0.0
         target_lse_t = 0.0
         if SPARSE:
-            # Known logits: the candidate's top-k, plus its true-class logit when y is not in it;
-            # the other classes share the rest of the T = 1 mass (kernels/targets.py).
-            ks = tl.arange(0, BLOCK_K)
-            known = ks < topk
-            ids = tl.load(
-                ids_ptr + row * ids_row_stride + candidate * ids_member_stride + ks,
-                mask=known,
-                other=-1,
-            ).to(tl.int64)
-            values = tl.load(target_ptr + target_offset + ks, mask=known, other=0.0).to(tl.float32)
-            known_values = tl.where(known, values, float("-inf"))
-            member_label_logit = tl.load(true_logit_ptr + member_offset)
-            label_is_extra = tl.sum((known & (ids == label)).to(tl.int32), axis=0) == 0
-            extra = label_is_extra.to(tl.float32)
-            known_mass = tl.sum(tl.exp(known_values - member_lse), axis=0) + extra * tl.exp(
-                member_label_logit - member_lse
-            )
-            tail_count = (num_classes - topk - label_is_extra.to(tl.int32)).to(tl.float32)
-            tail_logit = member_lse + tl.log(
-                tl.maximum(1.0 - known_mass, tail_mass_floor) / tl.maximum(tail_count, 1.0)
-            )
-            has_tail = tail_count > 0
-            target_max = tl.maximum(
-                tl.max(known_values, axis=0),
-                tl.maximum(
-                    tl.where(label_is_extra, member_label_logit, float("-inf")),
-                    tl.where(has_tail, tail_logit, float("-inf")),
-                ),
-            )
-            tail_exp = tl.where(has_tail, tl.exp((tail_logit - target_max) * inv_temperature), 0.0)
-            sparse_lse_t = target_max * inv_temperature + tl.log(
-                tl.sum(tl.exp((known_values - target_max) * inv_temperature), axis=0)
-                + extra * tl.exp((member_label_logit - target_max) * inv_temperature)
-                + tail_count * tail_exp
-            )
-            student_lse_t = lse_t * LN2
-            tail_p = tl.where(has_tail, tl.exp(tail_logit * inv_temperature - sparse_lse_t), 0.0)
-
-            z_known = tl.load(student_ptr + student_offset + ids, mask=known, other=0.0).to(
-                tl.float32
-            )
-            log_p_known = values * inv_temperature - sparse_lse_t
-            log_q_known = z_known * inv_temperature - student_lse_t
-            p_known = tl.exp(log_p_known)
-            log_p_label = member_label_logit * inv_temperature - sparse_lse_t
-            log_q_label = z_label * inv_temperature - student_lse_t
-            p_label = tl.exp(log_p_label)
-            tail_z_sum = z_sum - tl.sum(tl.where(known, z_known, 0.0), axis=0) - extra * z_label
-            kl = (
-                tl.sum(tl.where(known, p_known * (log_p_known - log_q_known), 0.0), axis=0)
-                + extra * p_label * (log_p_label - log_q_label)
-                + tail_p
-                * (
-                    tail_count * (tail_logit * inv_temperature - sparse_lse_t + student_lse_t)
-                    - tail_z_sum * inv_temperature
-                )
-            )
-            # The gradient at the known ids, before pass 2 may overwrite the logits.
-            grad_known = ce_weight * (
-                tl.exp(z_known - lse) - (ids == label).to(tl.float32)
-            ) + kd_weight * temperature * (tl.exp(log_q_known) - p_known)
-            grad_label = ce_weight * (tl.exp(student_logprob) - 1.0) + kd_weight * temperature * (
-                tl.exp(log_q_label) - p_label
-            )
-        elif TEMPERATURE == T_UNIT:
-            target_lse_t = member_lse * LOG2E
-        else:
+            (
+                kl, tail_scale, tail_p, tail_total, ids, known, grad_known, label_is_extra,
+                grad_label, draws,
+            ) = sparse_target_terms(
+                student_ptr + student_offset,
+                ids_ptr + row * ids_row_stride + candidate * ids_member_stride,
+                target_ptr + target_offset,
+                draws_ptr + row * draws_row_stride + candidate * draws_member_stride,
+                label, tl.load(true_logprob_ptr + member_offset),
+                tl.load(log_tail_ptr + member_offset), tl.load(log_tail_sqrt_ptr + member_offset),
+                z_label, z_sum, lse, lse_t * LN2, num_classes, topk, tail_samples,
+                inv_temperature, temperature, kd_weight, ce_weight,
+                TAIL, BLOCK_K, BLOCK_S,
+            )  # fmt: skip
+        elif TEMPERATURE != T_UNIT:
             target_lse_t = tm + tl.log2(ts)
 
         # Pass 2: the masked ends, then the whole tiles last first (what pass 1 read last is the
@@ -576,7 +530,7 @@ else:
                 student_ptr + student_offset + cols, target_ptr + target_offset + cols,
                 grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
                 label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
-                inv_temperature, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
+                inv_temperature, tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
@@ -588,22 +542,22 @@ else:
             cross, p_sum = _gradient_tile(
                 student_ptr + z_offset + lanes, target_ptr + t_offset + lanes,
                 grad_ptr + g_offset + lanes, start + lanes, None, label, lse1, lse_t,
-                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature, tail_p,
-                cross, p_sum, TEMPERATURE, SPARSE, False,
+                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature,
+                tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, False,
             )  # fmt: skip
         if SPARSE:
             tl.debug_barrier()  # the dense stores above land before the known-id corrections
             grad_row = grad_ptr + grad_offset
-            tl.store(
-                grad_row + ids,
-                (grad_known * scale).to(grad_ptr.dtype.element_ty),
-                mask=known & has_target,
-            )
+            element = grad_ptr.dtype.element_ty
+            tl.store(grad_row + ids, (grad_known * scale).to(element), mask=known & has_target)
             tl.store(
                 grad_row + label,
-                (grad_label * scale).to(grad_ptr.dtype.element_ty),
+                (grad_label * scale).to(element),
                 mask=has_target & label_is_extra,
             )
+            if TAIL == TAIL_SAMPLED:
+                weight = kd_coef * tail_total / tail_samples
+                correct_drawn_gradient(grad_row, draws, weight, BLOCK_S)
         else:
             # sum p log p - sum p z / T + lse_q with log p = t / T - lse_p: KL(p || q_T) when p
             # sums to 1 (see partitioned_kd_reference).

@@ -1,91 +1,151 @@
 """``PoolTargets``: the tensor form of a pool's stored soft targets, as the KD kernels take them.
 
-One row per (sample, view), one column per pool member. Every member stores, at T = 1, the
-log-sum-exp of its full logits and its true-class logit, so its confidence ``log p_m(y) =
-true_logit - lse`` is exact even when y is outside a stored top-k. The distribution itself is
-stored either dense (all C logits) or sparse (its top-k ids and logits).
+One row per (sample, view), one column per pool member. What each member keeps of its logits is
+``fastkd.compression``'s rule: the exact fp32 ``log p_m(y)`` at T = 1 (the partition's
+confidence), then either every class's log-probability (dense) or its top-k and the fp32 log of
+the mass outside the top-k and the label (sparse), read by one of three tail models.
 
-Sparse targets are turned into a full-vocabulary distribution by the *uniform tail* rule (one home
-for it: ``full_vocab_logits``; the Triton kernel re-implements it in registers and the tests hold
-the two equal). The known logits are the top-k plus the true-class logit when y is not in the
-top-k; the C - |known| unknown classes share the remaining T = 1 mass equally, each getting the
-tail logit ``z_tail = lse + log(max(1 - sum_known p, TAIL_MASS_FLOOR) / (C - |known|))``. At
-temperature T the target is softmax over all C logits / T, a proper distribution at any T; at
-T = 1 it reproduces the stored p(y) and the known probabilities exactly.
+This module is the reference definition of what a sparse target means at a temperature T, the
+one the Triton kernel re-implements in registers (the tests hold the two equal, and sparse equal
+to dense when nothing is left outside the known classes). The known classes are the top-k plus
+the label; the n unknown ones share the tail mass P:
+
+* ``uniform``: each unknown class gets log-probability log(P / n) at T = 1; the target at T is
+  softmax of the full-vocabulary log-probabilities / T;
+* ``bucket``: the same target as ``uniform`` on the known classes at every T, and its tail as one
+  bucket of mass P_T = 1 - sum_known p_T; the divergence is the KL of the (known + 1)-bucket
+  distributions, the student's tail bucket being the sum of its probabilities there (so its shape
+  inside the tail is free: its gradient at an unknown class i is T q_i (1 - P_T / Q_T));
+* ``sampled``: each stored draw carries P / S at T = 1 (repeats add up), undrawn unknown classes
+  get nothing; the target at T is that distribution raised to 1 / T and renormalised (unbiased
+  at T = 1 only).
+
+Dense targets at T = 1 are the stored log-probabilities as they are (their fp16 rounding leaves
+the sum a hair off 1; the loss used, sum p log p - sum p z / T + lse(z / T), has gradient q_T - p
+all the same); at other T, softmax(logprobs / T).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
+from fastkd.compression import (
+    DEFAULT_TAIL,
+    TailModel,
+    compress_logits,
+    parse_tail,
+    tail_logmass,
+)
 from fastkd.errors import ConfigError
 from fastkd.kernels.common import assert_all
 
-TAIL_MASS_FLOOR = 1e-12
-"""Smallest tail mass at T = 1: fp16 top-k logits can sum to slightly more than 1."""
+TARGET_FIELDS = (
+    "true_logprob",
+    "logprobs",
+    "topk_logprobs",
+    "topk_ids",
+    "log_tail",
+    "log_tail_sqrt",
+    "tail_ids",
+)
+"""The tensor fields of ``PoolTargets``, in the order the store's ``PoolArrays`` carries them."""
 
 
 @dataclass
 class PoolTargets:
-    """Stored targets of M pool members for B rows: sparse (top-k) or dense, never both."""
+    """Stored targets of M pool members for B rows: dense or sparse, never both."""
 
-    lse: Tensor  # [B, M] fp32, log-sum-exp of the member's full logits at T = 1
-    true_logit: Tensor  # [B, M] fp32, the member's logit of the label
-    topk_logits: Tensor | None = None  # [B, M, K] fp16/bf16/fp32 (sparse)
+    true_logprob: Tensor  # [B, M] fp32 log p(y) at T = 1, exact whatever else is kept
+    logprobs: Tensor | None = None  # [B, M, C] (dense) log-probabilities at T = 1
+    topk_logprobs: Tensor | None = None  # [B, M, K] (sparse) descending
     topk_ids: Tensor | None = None  # [B, M, K] integer class ids, distinct per (row, member)
-    logits: Tensor | None = None  # [B, M, C] (dense)
+    log_tail: Tensor | None = None  # [B, M] fp32 (sparse) log of the mass outside top-k and y
+    log_tail_sqrt: Tensor | None = None  # [B, M] fp32 (sparse) log sum of sqrt(p) there
+    tail_ids: Tensor | None = None  # [B, M, S] (sampled tail) sorted draws from the tail
+    tail: TailModel = DEFAULT_TAIL  # how a sparse target's unknown classes are read
 
     def __post_init__(self) -> None:
-        if self.lse.dim() != 2 or self.true_logit.shape != self.lse.shape:
+        self.tail = parse_tail(self.tail)
+        if self.true_logprob.dim() != 2:
             raise ConfigError(
-                "PoolTargets.lse and .true_logit must both be [B, M], got "
-                f"{tuple(self.lse.shape)} and {tuple(self.true_logit.shape)}"
+                f"PoolTargets.true_logprob must be [B, M], got {tuple(self.true_logprob.shape)}"
             )
-        sparse = self.topk_logits is not None or self.topk_ids is not None
-        if sparse == (self.logits is not None):
-            raise ConfigError("PoolTargets needs either topk_logits + topk_ids or logits, not both")
-        rows_members = tuple(self.lse.shape)
-        if sparse:
-            if self.topk_logits is None or self.topk_ids is None:
-                raise ConfigError("sparse PoolTargets needs both topk_logits and topk_ids")
-            if self.topk_logits.shape != self.topk_ids.shape or self.topk_ids.dim() != 3:
-                raise ConfigError(
-                    "PoolTargets.topk_logits and .topk_ids must both be [B, M, K], got "
-                    f"{tuple(self.topk_logits.shape)} and {tuple(self.topk_ids.shape)}"
-                )
-            if tuple(self.topk_ids.shape[:2]) != rows_members:
-                raise ConfigError(
-                    f"PoolTargets.topk_ids is {tuple(self.topk_ids.shape)}, lse is {rows_members}"
-                )
-            if self.topk_ids.dtype.is_floating_point or self.topk_ids.dtype == torch.bool:
-                raise ConfigError(
-                    f"PoolTargets.topk_ids must be integers, got {self.topk_ids.dtype}"
-                )
-        elif self.logits.dim() != 3 or tuple(self.logits.shape[:2]) != rows_members:
+        rows_members = tuple(self.true_logprob.shape)
+        sparse = self.topk_logprobs is not None or self.topk_ids is not None
+        if sparse == (self.logprobs is not None):
             raise ConfigError(
-                f"PoolTargets.logits must be [B, M, C] with [B, M] = {rows_members}, "
-                f"got {tuple(self.logits.shape)}"
+                "PoolTargets needs either topk_logprobs + topk_ids + log_tail or logprobs, not both"
+            )
+        if not sparse:
+            if self.logprobs.dim() != 3 or tuple(self.logprobs.shape[:2]) != rows_members:
+                raise ConfigError(
+                    f"PoolTargets.logprobs must be [B, M, C] with [B, M] = {rows_members}, "
+                    f"got {tuple(self.logprobs.shape)}"
+                )
+            return
+        if any(
+            getattr(self, name) is None
+            for name in ("topk_logprobs", "topk_ids", "log_tail", "log_tail_sqrt")
+        ):
+            raise ConfigError(
+                "sparse PoolTargets needs topk_logprobs, topk_ids, log_tail and log_tail_sqrt"
+            )
+        if self.topk_logprobs.shape != self.topk_ids.shape or self.topk_ids.dim() != 3:
+            raise ConfigError(
+                "PoolTargets.topk_logprobs and .topk_ids must both be [B, M, K], got "
+                f"{tuple(self.topk_logprobs.shape)} and {tuple(self.topk_ids.shape)}"
+            )
+        masses = (self.log_tail, self.log_tail_sqrt)
+        shapes = [tuple(self.topk_ids.shape[:2]), *(tuple(t.shape) for t in masses)]
+        if any(shape != rows_members for shape in shapes):
+            raise ConfigError(
+                f"PoolTargets: topk_ids {tuple(self.topk_ids.shape)}, log_tail and log_tail_sqrt "
+                f"{shapes[1:]} must match true_logprob's [B, M] = {rows_members}"
+            )
+        for name in ("topk_ids", "tail_ids"):
+            ids = getattr(self, name)
+            if ids is not None and (ids.dtype.is_floating_point or ids.dtype == torch.bool):
+                raise ConfigError(f"PoolTargets.{name} must be integers, got {ids.dtype}")
+        if (self.tail is TailModel.SAMPLED) != (self.tail_ids is not None):
+            raise ConfigError("PoolTargets.tail_ids is given exactly when the tail is 'sampled'")
+        if self.tail_ids is not None and (
+            self.tail_ids.dim() != 3 or tuple(self.tail_ids.shape[:2]) != rows_members
+        ):
+            raise ConfigError(
+                f"PoolTargets.tail_ids must be [B, M, S] with [B, M] = {rows_members}, "
+                f"got {tuple(self.tail_ids.shape)}"
             )
 
     @classmethod
-    def from_logits(cls, logits: Tensor, labels: Tensor, topk: int = 0) -> PoolTargets:
-        """Targets of live or freshly computed logits [B, M, C]; ``topk`` > 0 keeps the top-k only.
+    def from_logits(
+        cls,
+        logits: Tensor,
+        labels: Tensor,
+        topk: int = 0,
+        tail: TailModel | str = DEFAULT_TAIL,
+        tail_samples: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> PoolTargets:
+        """Targets of live logits [B, M, C], kept as a store would keep them (``topk`` > 0:
+        sparse with ``tail``; the sampled tail draws its uniforms from ``generator``).
 
-        Labels outside [0, C) (ignore_index rows) get the logit of class 0 as a placeholder.
+        Labels outside [0, C) (ignore_index rows) are read as class 0.
         """
         if logits.dim() != 3:
             raise ConfigError(f"logits must be [B, M, C], got {tuple(logits.shape)}")
-        z = logits.detach().float()
-        index = labels.clamp(0, z.shape[-1] - 1).view(-1, 1, 1).expand(-1, z.shape[1], 1)
-        lse = torch.logsumexp(z, dim=-1)
-        true_logit = z.gather(-1, index).squeeze(-1)
-        if topk <= 0:
-            return cls(lse=lse, true_logit=true_logit, logits=logits.detach())
-        values, ids = logits.detach().topk(topk, dim=-1)
-        return cls(lse=lse, true_logit=true_logit, topk_logits=values, topk_ids=ids)
+        tail = parse_tail(tail)
+        labels = labels.clamp(0, logits.shape[-1] - 1).unsqueeze(1).expand(logits.shape[:2])
+        uniforms = None
+        if topk and tail is TailModel.SAMPLED:
+            uniforms = torch.rand(
+                labels.shape, generator=generator, device=logits.device, dtype=torch.float64
+            )
+        kept = compress_logits(logits.detach(), labels, topk, tail, tail_samples, uniforms)
+        return cls(**kept, tail=tail if topk else DEFAULT_TAIL)
 
     @property
     def is_sparse(self) -> bool:
@@ -93,29 +153,34 @@ class PoolTargets:
 
     @property
     def num_rows(self) -> int:
-        return self.lse.shape[0]
+        return self.true_logprob.shape[0]
 
     @property
     def num_members(self) -> int:
-        return self.lse.shape[1]
+        return self.true_logprob.shape[1]
 
     @property
     def topk(self) -> int:
         """Stored top-k, 0 for dense targets."""
         return self.topk_ids.shape[-1] if self.topk_ids is not None else 0
 
+    @property
+    def tail_samples(self) -> int:
+        """Stored tail draws per row, 0 unless the tail is sampled."""
+        return self.tail_ids.shape[-1] if self.tail_ids is not None else 0
+
     def logprob(self) -> Tensor:
         """[B, M] fp32 true-class log-probabilities at T = 1, the partition's confidence."""
-        return self.true_logit.float() - self.lse.float()
+        return self.true_logprob.float()
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PoolTargets:
         moved = {
-            f.name: None
-            if getattr(self, f.name) is None
-            else getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
+            name: None
+            if getattr(self, name) is None
+            else getattr(self, name).to(device, non_blocking=non_blocking)
+            for name in TARGET_FIELDS
         }
-        return PoolTargets(**moved)
+        return PoolTargets(**moved, tail=self.tail)
 
     def check(self, num_rows: int, num_classes: int, device: torch.device | None = None) -> None:
         """Raise ConfigError unless these targets fit ``num_rows`` rows of ``num_classes`` logits
@@ -125,44 +190,100 @@ class PoolTargets:
         if device is not None:
             for f in fields(self):
                 value = getattr(self, f.name)
-                if value is not None and value.device != device:
+                if isinstance(value, Tensor) and value.device != device:
                     raise ConfigError(f"PoolTargets.{f.name} is on {value.device}, not {device}")
         if self.num_rows != num_rows:
             raise ConfigError(f"PoolTargets has {self.num_rows} rows, the logits have {num_rows}")
-        if self.logits is not None and self.logits.shape[-1] != num_classes:
+        if self.logprobs is not None and self.logprobs.shape[-1] != num_classes:
             raise ConfigError(
-                f"PoolTargets.logits has {self.logits.shape[-1]} classes, the logits {num_classes}"
+                f"PoolTargets.logprobs has {self.logprobs.shape[-1]} classes, the logits "
+                f"{num_classes}"
             )
-        if self.topk_ids is not None:
-            if self.topk > num_classes:
-                raise ConfigError(f"PoolTargets top-k {self.topk} exceeds {num_classes} classes")
-            ids = self.topk_ids
-            assert_all(
-                (ids >= 0) & (ids < num_classes),
-                f"PoolTargets.topk_ids holds ids outside [0, {num_classes})",
-            )
+        if self.topk > num_classes:
+            raise ConfigError(f"PoolTargets top-k {self.topk} exceeds {num_classes} classes")
+        for name in ("topk_ids", "tail_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                assert_all(
+                    (ids >= 0) & (ids < num_classes),
+                    f"PoolTargets.{name} holds ids outside [0, {num_classes})",
+                )
 
-    def full_vocab_logits(self, member: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-        """[B, C] fp32 logits (T = 1) of member ``member[b]`` on each row; sparse: uniform tail.
+    # -- the reference reading (module docstring) ------------------------------------------------
 
-        The reference definition of the tail rule (module docstring); differentiable nowhere,
-        since stored targets are constants.
-        """
+    def known_logprobs(
+        self, member: Tensor, labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32
+    ) -> Tensor:
+        """[B, C] in ``dtype``: member ``member[b]``'s stored T = 1 log-probabilities of its
+        known classes (all when dense; the top-k and the label when sparse), -inf elsewhere."""
         rows = torch.arange(self.num_rows, device=member.device)
-        if self.logits is not None:
-            return self.logits[rows, member].float()
-        ids = self.topk_ids[rows, member].long()
-        values = self.topk_logits[rows, member].float()
-        lse = self.lse[rows, member].float().unsqueeze(1)
+        if self.logprobs is not None:
+            return self.logprobs[rows, member].to(dtype)
         labels = labels.clamp(0, num_classes - 1).unsqueeze(1)
-        out = torch.zeros(self.num_rows, num_classes, device=values.device)
-        out.scatter_(1, labels, self.true_logit[rows, member].float().unsqueeze(1))
-        out.scatter_(1, ids, values)  # a label inside the top-k keeps its top-k logit
-        known = torch.zeros_like(out, dtype=torch.bool)
-        known.scatter_(1, labels, True)
-        known.scatter_(1, ids, True)
-        known_mass = torch.where(known, (out - lse).exp(), 0.0).sum(1, keepdim=True)
-        tail_count = num_classes - known.sum(1, keepdim=True)
-        tail_mass = (1.0 - known_mass).clamp_min(TAIL_MASS_FLOOR)
-        tail_logit = lse + torch.log(tail_mass / tail_count.clamp_min(1))
-        return torch.where(known, out, tail_logit)
+        out = torch.full(
+            (self.num_rows, num_classes), float("-inf"), device=member.device, dtype=dtype
+        )
+        out.scatter_(1, labels, self.true_logprob[rows, member].to(dtype).unsqueeze(1))
+        ids = self.topk_ids[rows, member].long()
+        return out.scatter(1, ids, self.topk_logprobs[rows, member].to(dtype))
+
+    def target_logprobs(
+        self,
+        member: Tensor,
+        labels: Tensor,
+        num_classes: int,
+        temperature: float,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """[B, C] log-probabilities (``dtype``) of member ``member[b]``'s target at ``temperature``:
+        the known classes' p^(1/T) and the tail's mass at T (``tail_logmass``) spread over the tail
+        equally (uniform; also the bucket's target, read bucketed by ``divergence``) or by the
+        draws' counts (sampled), normalised. Dense: as stored at T = 1, else softmax(logprobs / T).
+        """
+        known = self.known_logprobs(member, labels, num_classes, dtype)
+        if self.logprobs is not None:
+            return known if temperature == 1.0 else (known / temperature).log_softmax(-1)
+        beta = 1.0 / temperature
+        rows = torch.arange(self.num_rows, device=member.device)
+        unknown = torch.isneginf(known)
+        count = unknown.sum(1)
+        log_mass = tail_logmass(
+            self.log_tail[rows, member].to(dtype),
+            self.log_tail_sqrt[rows, member].to(dtype),
+            count,
+            beta,
+        ).unsqueeze(1)
+        if self.tail is TailModel.SAMPLED:
+            draws = self.tail_ids[rows, member].long()
+            hits = torch.zeros_like(known).scatter_add_(
+                1, draws, torch.ones_like(known[:, :1]).expand_as(draws)
+            )
+            tail = log_mass + (hits / self.tail_samples).log()
+        else:
+            tail = log_mass - count.clamp_min(1).to(dtype).log().unsqueeze(1)
+        return torch.where(unknown, tail, known * beta).log_softmax(-1)
+
+    def divergence(
+        self, member: Tensor, labels: Tensor, student_logits: Tensor, temperature: float
+    ) -> Tensor:
+        """[B] the KD divergence of the student from member ``member[b]``'s target at T, in the
+        student's dtype (fp32 or fp64), differentiable in ``student_logits``: sum p log p -
+        sum p z / T + lse(z / T) over the classes (KL(p || q_T) for a normalised p); for the
+        bucket tail, over the known classes and the tail as one bucket."""
+        z = student_logits
+        num_classes = z.shape[1]
+        log_p = self.target_logprobs(member, labels, num_classes, temperature, z.dtype)
+        z_t = z / temperature
+        if self.logprobs is not None or self.tail is not TailModel.BUCKET:
+            p = log_p.exp()
+            return (
+                torch.where(p > 0, p * log_p, 0.0).sum(-1) - (p * z_t).sum(-1) + z_t.logsumexp(-1)
+            )
+        log_q = z_t.log_softmax(-1)
+        unknown = torch.isneginf(self.known_logprobs(member, labels, num_classes))
+        p = torch.where(unknown, 0.0, log_p.exp())
+        known_kl = (p * (torch.where(unknown, 0.0, log_p) - log_q)).sum(-1)
+        log_p_tail = torch.where(unknown, log_p, -math.inf).logsumexp(-1)
+        log_q_tail = torch.where(unknown, log_q, -math.inf).logsumexp(-1)
+        tail_kl = log_p_tail.exp() * (log_p_tail - log_q_tail)
+        return known_kl + torch.where(torch.isneginf(log_p_tail), 0.0, tail_kl)

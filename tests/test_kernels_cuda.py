@@ -43,7 +43,7 @@ import itertools
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytest
@@ -57,6 +57,7 @@ from torch import Tensor
 
 from fastkd.bench.kernels import DEFAULT_SHAPES, parse_shapes
 from fastkd.kernels import (
+    TARGET_FIELDS,
     BidirectionalKDConfig,
     KDStats,
     PartitionedKDConfig,
@@ -279,6 +280,8 @@ def bidirectional_matrix() -> tuple[BidirectionalCase, ...]:
 MEMCHECK_PARTITIONED = (
     PartitionedCase(7, 1001, "dense-bfloat16", "live", 1.0, "bfloat16", "unaligned", True, "mean", 3, max_block=256),
     PartitionedCase(7, 1001, "top10-int32", "all", 2.0, "float32", "odd-stride", False, "none", 2, max_block=256),
+    PartitionedCase(7, 1001, "top10-uniform-int64", "live", 2.0, "bfloat16", "contiguous", False, "mean", 2),
+    PartitionedCase(7, 4099, "top10-sampled-int32", "all", 1.0, "float32", "padded", False, "sum-one", 2),
     PartitionedCase(7, 4099, "dense-float32", "fixed", 4.0, "bfloat16", "padded", False, "sum-one", 2),
     PartitionedCase(7, 4099, "top100-int64", "live", 2.0, "float16", "unaligned", True, "mean-one", 3, max_block=512),
     PartitionedCase(7, 37, "dense-float16", "all", 4.0, "float32", "odd-stride", False, "none", 2),
@@ -390,18 +393,22 @@ def partitioned_inputs(case: PartitionedCase) -> dict[str, Any]:
     pool = torch.randn(rows, members, classes, device=DEVICE, generator=gen) * 3
     pool[index, :, labels] += torch.rand(rows, members, device=DEVICE, generator=gen) * 8
     ignore_rows(labels)
-    kind, dtype = case.teacher.split("-")
+    kind, *tail, dtype = case.teacher.split("-")  # dense-<dtype>, top<K>[-<tail>]-<id dtype>
     if kind == "dense":
-        pool = pool.to(getattr(torch, dtype))
         targets = PoolTargets.from_logits(pool, labels)
+        logprobs = pool.float().log_softmax(-1).to(getattr(torch, dtype))
         if case.layout == "padded":
-            targets.logits = phased_teacher(pool, pool.dtype, student.stride(0))
+            targets.logprobs = phased_teacher(logprobs, logprobs.dtype, student.stride(0))
         else:
-            targets.logits = laid_out(pool, case.layout, pool.dtype)
+            targets.logprobs = laid_out(logprobs, case.layout, logprobs.dtype)
     else:
-        targets = PoolTargets.from_logits(pool, labels, topk=int(kind.removeprefix("top")))
-        targets.topk_logits = laid_out(targets.topk_logits, case.layout, torch.float16)
+        tail = tail[0] if tail else "bucket"
+        draws = 6 if tail == "sampled" else 0
+        targets = PoolTargets.from_logits(pool, labels, int(kind.removeprefix("top")), tail, draws)
+        targets.topk_logprobs = laid_out(targets.topk_logprobs, case.layout, torch.float16)
         targets.topk_ids = laid_out(targets.topk_ids, case.layout, getattr(torch, dtype))
+        if targets.tail_ids is not None:
+            targets.tail_ids = laid_out(targets.tail_ids, case.layout, getattr(torch, dtype))
     del pool
     options = {
         "mode": case.mode,
@@ -444,11 +451,13 @@ def bidirectional_inputs(case: BidirectionalCase) -> dict[str, Any]:
 
 
 def target_rows(targets: PoolTargets, rows: slice) -> PoolTargets:
+    """The targets of a run of rows (every tensor field sliced; the tail model kept)."""
     return PoolTargets(
         **{
-            f.name: None if getattr(targets, f.name) is None else getattr(targets, f.name)[rows]
-            for f in fields(targets)
-        }
+            name: None if getattr(targets, name) is None else getattr(targets, name)[rows]
+            for name in TARGET_FIELDS
+        },
+        tail=targets.tail,
     )
 
 

@@ -22,6 +22,7 @@ from fastkd.kernels import (
 from fastkd.partition import NO_TEACHER
 
 IGNORE = -100
+TAILS = ("uniform", "bucket", "sampled")
 # (rtol, atol as a fraction of the largest reference gradient) of what the kernel writes.
 GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -34,8 +35,10 @@ def make_case(
     topk: int = 0,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    tail: str = "bucket",
 ) -> tuple[torch.Tensor, torch.Tensor, PoolTargets]:
-    """Student logits, labels (row 1 ignored when rows > 2) and pool targets of spread confidence."""
+    """Student logits, labels (row 1 ignored when rows > 2) and pool targets of spread confidence
+    (sparse with ``tail`` when ``topk`` > 0; the sampled tail draws 5 ids)."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, classes, (rows,), generator=gen)
     pool = torch.randn(rows, members, classes, generator=gen) * 3
@@ -47,9 +50,8 @@ def make_case(
     student[torch.arange(rows), labels] += torch.rand(rows, generator=gen) * 8
     if rows > 2:
         labels[1] = IGNORE
-    targets = PoolTargets.from_logits(pool, labels, topk)
-    if targets.is_sparse:
-        targets.topk_logits = targets.topk_logits.half()  # as the store keeps them
+    draws = 5 if tail == "sampled" else 0
+    targets = PoolTargets.from_logits(pool, labels, topk, tail, draws, generator=gen)
     return student.to(dtype), labels, targets
 
 
@@ -89,11 +91,15 @@ def assert_matches_reference(student, labels, targets, grad_output=None, **optio
     return stats
 
 
+TARGETS = {"dense": (0, "bucket"), **{f"top7-{t}": (7, t) for t in TAILS}}
+
+
 @pytest.mark.parametrize("mode", ["live", "fixed", "all"])
-@pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
+@pytest.mark.parametrize("kind", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_every_mode_and_dtype_matches_fp64_reference(mode, topk, dtype):
-    student, labels, targets = make_case(6, 1000, topk=topk, dtype=dtype)
+def test_every_mode_and_dtype_matches_fp64_reference(mode, kind, dtype):
+    topk, tail = TARGETS[kind]
+    student, labels, targets = make_case(6, 1000, topk=topk, dtype=dtype, tail=tail)
     self_index = 1 if mode == "fixed" else None
     stats = assert_matches_reference(
         student, labels, targets, mode=mode, self_index=self_index, temperature=2.5, max_block=256
@@ -106,9 +112,10 @@ def test_every_mode_and_dtype_matches_fp64_reference(mode, topk, dtype):
     [(5, 10, None), (4, 1001, None), (4, 1001, 64), (2, 32003, None)],
     ids=["C10", "C1001-one-tile", "C1001-16-tiles", "C32003-two-tiles"],
 )
-@pytest.mark.parametrize("topk", [0, 5], ids=["dense", "top5"])
-def test_class_counts_and_tiling(rows, classes, max_block, topk):
-    student, labels, targets = make_case(rows, classes, topk=topk, seed=classes)
+@pytest.mark.parametrize("kind", TARGETS)
+def test_class_counts_and_tiling(rows, classes, max_block, kind):
+    topk, tail = TARGETS[kind]
+    student, labels, targets = make_case(rows, classes, topk=min(topk, 5), seed=classes, tail=tail)
     assert_matches_reference(
         student, labels, targets, mode="all", kd_weight=0.7, ce_weight=0.3, max_block=max_block
     )
@@ -154,11 +161,8 @@ def test_labels_outside_topk_use_the_exact_true_class_logit():
 def test_ties_pick_the_first_best_teacher_and_fixed_keeps_self_on_equal_confidence():
     student, labels, targets = make_case(3, 40, members=3)
     # Row 0: members 1 and 2 tie as best teacher. Row 2: the teacher ties with self (member 0).
-    targets.lse[0, 1:] = targets.lse[0, 0] - 50
-    targets.true_logit[0, 1:] = targets.true_logit[0, 0]
-    targets.lse[2, 0] = targets.lse[2, 1] = 0.0
-    targets.true_logit[2, 0] = targets.true_logit[2, 1] = -0.1
-    targets.true_logit[2, 2] = -5.0
+    targets.true_logprob[0] = torch.tensor([-3.0, -0.5, -0.5])
+    targets.true_logprob[2] = torch.tensor([-0.1, -0.1, -5.0])
     stats = assert_matches_reference(student, labels, targets, mode="all", self_index=0)
     assert stats.chosen[0] == 1
     stats = assert_matches_reference(student, labels, targets, mode="fixed", self_index=0)
@@ -174,38 +178,70 @@ def test_live_mode_teaches_only_rows_where_the_teacher_beats_the_student():
     assert torch.all(stats.kl[~taught] == 0)
 
 
-def test_sparse_targets_with_k_equal_to_c_equal_dense_targets():
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("topk", [50, 49], ids=["k=C", "k=C-1"])
+def test_sparse_targets_that_keep_every_class_equal_dense_targets(tail, topk):
     student, labels, _ = make_case(4, 50)
+    labels[0] = 7  # row 0: the label outside the top-49, so every class is known
     pool = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(2)) * 2
+    pool[0, :, 7] = -20.0
     dense = PoolTargets.from_logits(pool, labels)
-    sparse = PoolTargets.from_logits(pool, labels, topk=50)
+    sparse = PoolTargets.from_logits(pool, labels, topk, tail, 3)
     for options in ({"mode": "all", "temperature": 3.0}, {"mode": "fixed", "self_index": 2}):
         loss_dense, grad_dense, stats_dense = run_kernel(student, labels, dense, **options)
         loss_sparse, grad_sparse, stats_sparse = run_kernel(student, labels, sparse, **options)
-        torch.testing.assert_close(loss_sparse, loss_dense)
-        torch.testing.assert_close(grad_sparse, grad_dense)
-        torch.testing.assert_close(stats_sparse.kl, stats_dense.kl, rtol=1e-4, atol=1e-6)
+        # Both hold the same fp16 log-probabilities; at T = 1 the dense row is used as stored,
+        # the sparse one renormalised: they differ by fp16 rounding of the row's mass.
+        torch.testing.assert_close(loss_sparse, loss_dense, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(grad_sparse, grad_dense, rtol=1e-3, atol=2e-4)
+        torch.testing.assert_close(stats_sparse.kl, stats_dense.kl, rtol=1e-3, atol=2e-4)
 
 
-def test_uniform_tail_on_a_hand_computed_case():
-    # C = 5, log-sum-exp 0; stored top-2 logits log 0.5 and log 0.2 (ids 3, 0); label 4 with
-    # p = 0.1 outside the top-k. The two unknown classes share 1 - 0.8 = 0.2 equally.
-    targets = PoolTargets(
-        lse=torch.zeros(1, 1),
-        true_logit=torch.tensor([[math.log(0.1)]]),
-        topk_logits=torch.tensor([[[math.log(0.5), math.log(0.2)]]]),
+def hand_case(tail: str) -> PoolTargets:
+    """C = 5, label 4 with p = 0.1; top-2: class 3 (p 0.5) and class 0 (p 0.2); the tail is
+    classes 1 and 2 with p 0.15 and 0.05; the sampled tail drew class 1 twice."""
+    return PoolTargets(
+        true_logprob=torch.tensor([[math.log(0.1)]]),
+        topk_logprobs=torch.tensor([[[math.log(0.5), math.log(0.2)]]]),
         topk_ids=torch.tensor([[[3, 0]]]),
+        log_tail=torch.tensor([[math.log(0.2)]]),
+        log_tail_sqrt=torch.tensor([[math.log(0.15**0.5 + 0.05**0.5)]]),
+        tail_ids=torch.tensor([[[1, 1]]]) if tail == "sampled" else None,
+        tail=tail,
     )
-    logits = targets.full_vocab_logits(torch.zeros(1, dtype=torch.long), torch.tensor([4]), 5)
-    torch.testing.assert_close(logits.exp(), torch.tensor([[0.2, 0.1, 0.1, 0.5, 0.1]]))
+
+
+@pytest.mark.parametrize("tail", TAILS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_tail_models_on_a_hand_computed_case(tail, temperature):
+    targets = hand_case(tail)
     student = torch.tensor([[0.3, -1.0, 2.0, 0.5, 1.0]])
-    # At T = 2 the target is softmax(log p / 2), i.e. proportional to sqrt(p).
-    target = torch.tensor([0.2, 0.1, 0.1, 0.5, 0.1]).sqrt()
+    # Unnormalised target at T: p^(1/T) on the known classes; the tail's mass at T is
+    # sum_tail p^(1/T), exact at T = 1 and 2, split equally (uniform, and the bucket's target)
+    # or by the draws (sampled: all on class 1).
+    beta = 1 / temperature
+    tail_mass = 0.15**beta + 0.05**beta
+    spread = [tail_mass, 0.0] if tail == "sampled" else [tail_mass / 2, tail_mass / 2]
+    target = torch.tensor([0.2**beta, *spread, 0.5**beta, 0.1**beta], dtype=torch.float64)
     target /= target.sum()
-    log_q = F.log_softmax(student / 2, dim=-1)
-    expected_kl = (target * (target.log() - log_q)).sum()
-    _, _, stats = run_kernel(student, torch.tensor([4]), targets, mode="all", temperature=2.0)
-    torch.testing.assert_close(stats.kl, expected_kl.view(1), rtol=1e-5, atol=1e-7)
+    log_q = F.log_softmax(student.double() / temperature, dim=-1)[0]
+    terms = torch.where(target > 0, target * (target.log() - log_q), 0.0)
+    if tail == "bucket":  # the tail (classes 1, 2) compared as one bucket
+        p_tail, q_tail = target[1:3].sum(), log_q[1:3].exp().sum()
+        expected = terms[[0, 3, 4]].sum() + p_tail * (p_tail.log() - q_tail.log())
+    else:
+        expected = terms.sum()
+    members = torch.zeros(1, dtype=torch.long)
+    torch.testing.assert_close(
+        targets.target_logprobs(members, torch.tensor([4]), 5, temperature).exp().double(),
+        target.view(1, 5).float().double(),
+        rtol=1e-5,
+        atol=1e-7,
+    )
+    options = {"mode": "all", "temperature": temperature}
+    _, _, stats = run_kernel(student, torch.tensor([4]), targets, **options)
+    torch.testing.assert_close(stats.kl.double(), expected.view(1), rtol=1e-5, atol=1e-7)
+    assert_matches_reference(student, torch.tensor([4]), targets, **options)
 
 
 def test_reference_equals_torch_functional_cross_entropy_plus_kl():
@@ -214,7 +250,7 @@ def test_reference_equals_torch_functional_cross_entropy_plus_kl():
     loss, stats = partitioned_kd_reference(
         student, labels, targets, PartitionedKDConfig(mode="all", temperature=temperature)
     )
-    teacher = targets.logits[torch.arange(5), stats.chosen.clamp_min(0)]
+    teacher = targets.logprobs[torch.arange(5), stats.chosen.clamp_min(0)].float()
     counted = labels != IGNORE
     kl = F.kl_div(
         F.log_softmax(student[counted] / temperature, dim=-1),
@@ -279,12 +315,20 @@ def test_bad_input_is_refused_with_a_clear_error(change, message):
 
 
 def test_pool_targets_refuse_mismatched_tensors():
-    with pytest.raises(ValueError, match="either topk_logits"):
-        PoolTargets(lse=torch.zeros(2, 3), true_logit=torch.zeros(2, 3))
-    with pytest.raises(ValueError, match=r"logits must be \[B, M, C\]"):
+    with pytest.raises(ValueError, match="either topk_logprobs"):
+        PoolTargets(true_logprob=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"logprobs must be \[B, M, C\]"):
+        PoolTargets(true_logprob=torch.zeros(2, 3), logprobs=torch.zeros(2, 4, 5))
+    with pytest.raises(ValueError, match="needs topk_logprobs, topk_ids, log_tail"):
         PoolTargets(
-            lse=torch.zeros(2, 3), true_logit=torch.zeros(2, 3), logits=torch.zeros(2, 4, 5)
+            true_logprob=torch.zeros(2, 3),
+            topk_logprobs=torch.zeros(2, 3, 4),
+            topk_ids=torch.zeros(2, 3, 4, dtype=torch.long),
         )
+    with pytest.raises(ValueError, match="tail_ids is given exactly when"):
+        PoolTargets(**{**hand_case("bucket").__dict__, "tail": "sampled"})
+    with pytest.raises(ValueError, match="unknown tail model 'wide'"):
+        PoolTargets(**{**hand_case("bucket").__dict__, "tail": "wide"})
     sparse = PoolTargets.from_logits(torch.randn(2, 3, 10), torch.tensor([1, 2]), topk=4)
     with pytest.raises(ValueError, match="has 2 rows"):
         sparse.check(num_rows=5, num_classes=10)
