@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.compression import DEFAULT_TAIL
 from fastkd.runtime import machine_name
 from fastkd.store import Manifest, ModelEntry, StoreReader, StoreWriter, summarize
 from fastkd.views import AugmentConfig, epoch_order, epoch_views
@@ -72,7 +73,15 @@ def build_store(
     sizes = np.stack([rng.integers(200, 600, samples), rng.integers(200, 600, samples)], axis=1)
     manifest = Manifest(
         models=[
-            ModelEntry(f"top{k}" if k else "dense", "synthetic", None, DATA_CONFIG, num_classes, k)
+            ModelEntry(
+                f"top{k}" if k else "dense",
+                "synthetic",
+                None,
+                DATA_CONFIG,
+                num_classes,
+                k,
+                DEFAULT_TAIL.value if k else None,
+            )
             for k in topks
         ],
         num_samples=samples,

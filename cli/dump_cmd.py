@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 from fastkd.cli import options
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
+from fastkd.compression import TailModel
 from fastkd.data import OnBadImage
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.views import AugmentConfig
@@ -48,10 +49,24 @@ def dump(
         int,
         typer.Option(
             min=0,
-            help="Logits stored per view, with their class ids, the log-sum-exp and the "
-            "true-class logit. 0, or few classes (<= 128), stores all logits.",
+            help="Classes stored per view (their ids and log-probabilities), beside the exact "
+            "label log-probability and the tail's mass. 0 stores every class; so do few classes "
+            "(<= 128) unless --tail is given.",
         ),
     ] = 10,
+    tail: Annotated[
+        TailModel | None,
+        typer.Option(
+            help="How training reads the classes outside the top-k: 'bucket' (one bucket, the "
+            "student's shape inside it left free), 'uniform' (shared equally) or 'sampled' "
+            "(--tail-samples ids drawn from the tail). Default: bucket, which measured best "
+            "(docs/store-format.md). Naming one stores sparse targets even for few classes.",
+            show_default=False,
+        ),
+    ] = None,
+    tail_samples: Annotated[
+        int, typer.Option(min=1, help="Ids drawn from the tail per view (--tail sampled).")
+    ] = 8,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the view replay (crops, flips).")] = 0,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Views per forward pass of each model.")
@@ -100,7 +115,8 @@ def dump(
     augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
     """Run every model of the pool over every (sample, view) of a data set, once, and store its
-    soft targets (top-k logits, log-sum-exp, true-class logit) in a compressed Zarr store.
+    soft targets (top-k log-probabilities, the tail's mass, the label's exact log-probability) in
+    a compressed Zarr store.
 
     A killed dump resumes where it stopped when run again with the same options.
     """
@@ -115,6 +131,8 @@ def dump(
         out=out,
         views=views,
         topk=topk,
+        tail=tail.value if tail is not None else None,
+        tail_samples=tail_samples,
         seed=seed,
         augment=augment,
         batch_size=batch_size,

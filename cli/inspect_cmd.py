@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastkd.cli.guard import guarded
-from fastkd.store import StoreSummary, summarize
+from fastkd.store import ModelEntry, StoreSummary, summarize
 
 
 def _size(nbytes: float) -> str:
@@ -44,7 +44,7 @@ def _render(summary: StoreSummary, console: Console) -> None:
             entry.arch,
             (entry.checkpoint_sha256 or "-")[:16],
             str(entry.num_classes),
-            f"top-{entry.topk}" if entry.topk else "dense",
+            _stored(entry),
             f"{config.get('input_size')} {config.get('interpolation', '')} crop {config.get('crop_pct', '-')}",
             f"{summary.bytes_per_view(entry.name):.2f}",
         )
@@ -97,3 +97,11 @@ def inspect(
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("inspect")(guarded(inspect))
+
+
+def _stored(entry: ModelEntry) -> str:
+    """How a model's targets are stored, in a few words: dense, or top-k with its tail."""
+    if not entry.topk:
+        return "dense"
+    draws = f" x{entry.tail_samples}" if entry.tail_samples else ""
+    return f"top-{entry.topk}, {entry.tail} tail{draws}"

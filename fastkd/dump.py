@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.compression import DEFAULT_TAIL, TailModel, parse_tail
 from fastkd.data import (
     Backend,
     BadImageError,
@@ -30,7 +31,7 @@ from fastkd.data import (
     view_loader,
 )
 from fastkd.errors import ConfigError
-from fastkd.models import LoadedModel, load_model, parse_pool
+from fastkd.models import LoadedModel, fp32_classifier, load_model, parse_pool
 from fastkd.runtime import autocast, progress_bar, resolve_device
 from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_part, resolve_topk
 from fastkd.views import AugmentConfig, all_views
@@ -46,7 +47,9 @@ class DumpConfig:
     models: Sequence[str]  # "[alias:]NAME[=CKPT]" per pool member
     out: Path  # the store
     views: int = 8  # stored views per sample; view 0 is the eval view
-    topk: int = 10  # stored top-k logits per view (dense when that is about as small)
+    topk: int = 10  # stored top-k classes per view (dense when that is about as small)
+    tail: str | None = None  # tail model of sparse targets; None: the default, dense if small
+    tail_samples: int = 8  # draws per view of the sampled tail
     seed: int = 0  # view replay seed
     batch_size: int = 256  # (sample, view) items per forward
     backend: Backend = "auto"  # "dali", "torch", or DALI when installed
@@ -70,6 +73,10 @@ class DumpConfig:
                 )
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
+        if self.tail is not None:
+            self.tail = parse_tail(self.tail).value
+        if self.tail_samples < 1:
+            raise ConfigError(f"--tail-samples must be >= 1, got {self.tail_samples}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
@@ -86,19 +93,25 @@ def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path
             )
 
 
+def model_entry(cfg: DumpConfig, member: LoadedModel) -> ModelEntry:
+    """A pool member's manifest entry: how its targets are stored (dense, or top-k and tail)."""
+    topk = resolve_topk(member.num_classes, cfg.topk, cfg.tail)
+    tail = parse_tail(cfg.tail or DEFAULT_TAIL) if topk else None
+    return ModelEntry(
+        name=member.spec.name,
+        arch=member.spec.arch,
+        checkpoint_sha256=member.sha256,
+        data_config=member.data_config,
+        num_classes=member.num_classes,
+        topk=topk,
+        tail=tail.value if tail else None,
+        tail_samples=cfg.tail_samples if tail is TailModel.SAMPLED else 0,
+    )
+
+
 def build_manifest(cfg: DumpConfig, dataset: ImageDataset, pool: Sequence[LoadedModel]) -> Manifest:
     return Manifest(
-        models=[
-            ModelEntry(
-                name=member.spec.name,
-                arch=member.spec.arch,
-                checkpoint_sha256=member.sha256,
-                data_config=member.data_config,
-                num_classes=member.num_classes,
-                topk=resolve_topk(member.num_classes, cfg.topk),
-            )
-            for member in pool
-        ],
+        models=[model_entry(cfg, member) for member in pool],
         num_samples=len(dataset),
         views=cfg.views,
         seed=cfg.seed,
@@ -259,6 +272,7 @@ def _infer_blocks(
     loader has moved past it (blocks with no readable image are written empty, all skipped)."""
     on_gpu = device.type == "cuda"
     for member in pool:
+        fp32_classifier(member.model)  # the stored numbers are fp32 whatever the backbone ran in
         member.model.to(
             device, memory_format=torch.channels_last if on_gpu else torch.preserve_format
         )

@@ -296,3 +296,35 @@ def load_model(
         num_classes=int(model.num_classes),
         model_kwargs=kwargs,
     )
+
+
+class FP32Head(torch.nn.Module):
+    """A classifier that runs in fp32 under autocast: the backbone may run in bf16, but the
+    logits, and so the stored log-probabilities and the label's, are fp32 computations."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.float())
+
+
+def fp32_classifier(model: torch.nn.Module) -> int:
+    """Wrap the classifier(s) of a timm model (``get_classifier``) in ``FP32Head``, in place.
+
+    Returns how many were wrapped: 0 for a model without one (it then runs as autocast says).
+    """
+    get_classifier = getattr(model, "get_classifier", None)
+    heads = get_classifier() if callable(get_classifier) else None
+    heads = [h for h in (heads if isinstance(heads, tuple) else (heads,)) if h is not None]
+    heads = [h for h in heads if not isinstance(h, torch.nn.Identity | FP32Head)]
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        if name and any(module is head for head in heads):
+            parent_name, _, attribute = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, attribute, FP32Head(module))
+            wrapped += 1
+    return wrapped

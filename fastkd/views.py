@@ -38,6 +38,7 @@ _U64_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53: the top 53 bits as a double i
 _STREAM_VIEW = 0x76696577  # "view"
 _STREAM_EPOCH_VIEW = 0x65766965  # "evie"
 _STREAM_ORDER = 0x6F726472  # "ordr"
+_STREAM_TAIL = 0x7461696C  # "tail"
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 _DRAWS_PER_ATTEMPT = 4  # scale, log-ratio, top, left
@@ -290,3 +291,12 @@ def epoch_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:
         raise ConfigError(f"need num_samples >= 0 and epoch >= 0, got {num_samples}, {epoch}")
     keys = _uniforms(seed, _STREAM_ORDER, np.arange(num_samples), epoch, 0)[:, 0]
     return np.argsort(keys, kind="stable")
+
+
+def tail_uniforms(seed: int, samples: np.ndarray, views: np.ndarray, model: int) -> np.ndarray:
+    """One uniform in [0, 1) per (sample, view) row for model ``model``'s sampled tail: word 0
+    of counter ``(sample, view, model, 0)`` in the tail stream (float64, [n])."""
+    samples, views = np.asarray(samples), np.asarray(views)
+    if samples.shape != views.shape or samples.ndim != 1:
+        raise ConfigError(f"samples {samples.shape} and views {views.shape} must be equal 1-d")
+    return _uniforms(seed, _STREAM_TAIL, samples, views.astype(np.uint64), model)[:, 0]

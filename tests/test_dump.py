@@ -135,21 +135,22 @@ def test_store_matches_direct_torch_inference(
         )
         with torch.inference_mode():
             logits = model(inputs).double().view(len(keys), 2, 10)
-        stored = group[f"models/{member.name}/logits"][:]
+        logprobs = logits.log_softmax(-1)
+        stored = group[f"models/{member.name}/logprobs"][:]
         assert stored.dtype == np.float16
-        torch.testing.assert_close(torch.from_numpy(stored).double(), logits, atol=2e-3, rtol=1e-3)
-        lse = torch.from_numpy(group[f"models/{member.name}/lse"][:]).double()
-        torch.testing.assert_close(lse, torch.logsumexp(logits, -1), atol=1e-4, rtol=1e-5)
-        true_logit = torch.from_numpy(group[f"models/{member.name}/true_logit"][:]).double()
-        expected = logits.gather(-1, torch.from_numpy(labels).view(-1, 1, 1).expand(-1, 2, 1))
-        torch.testing.assert_close(true_logit, expected.squeeze(-1), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(
+            torch.from_numpy(stored).double(), logprobs, atol=2e-3, rtol=1e-3
+        )
+        true_logprob = torch.from_numpy(group[f"models/{member.name}/true_logprob"][:]).double()
+        expected = logprobs.gather(-1, torch.from_numpy(labels).view(-1, 1, 1).expand(-1, 2, 1))
+        torch.testing.assert_close(true_logprob, expected.squeeze(-1), atol=1e-5, rtol=1e-5)
 
 
 def test_dali_and_torch_dumps_agree(torch_store: Path, dali_store: Path) -> None:
     a, b = plain_arrays(torch_store), plain_arrays(dali_store)
     for name in ("keys", "labels", "sizes", "boxes", "flips", "skipped"):
         np.testing.assert_array_equal(a[name], b[name])
-    for name in [n for n in a if n.endswith("/logits")]:
+    for name in [n for n in a if n.endswith("/logprobs")]:
         x, y = torch.from_numpy(a[name]).float(), torch.from_numpy(b[name]).float()
         torch.testing.assert_close(x, y, atol=LOGIT_ATOL, rtol=0)
         assert (x.argmax(-1) == y.argmax(-1)).float().mean() >= TOP1_AGREEMENT
@@ -276,9 +277,9 @@ def test_bad_images_fail_keeping_written_blocks_or_are_skipped(
     assert group.attrs["fastkd_status"] == {"complete": True, "skipped": [keys[truncated]]}
     keep = np.arange(len(keys)) != truncated
     for member in digit_pool:
-        stored = group[f"models/{member.name}/logits"][:]
+        stored = group[f"models/{member.name}/logprobs"][:]
         np.testing.assert_allclose(
-            stored[keep], clean[f"models/{member.name}/logits"][:][keep], atol=1e-3
+            stored[keep], clean[f"models/{member.name}/logprobs"][:][keep], atol=1e-3
         )
         assert not stored[truncated].any()  # no targets for it
 

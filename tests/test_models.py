@@ -12,6 +12,7 @@ import torch
 from fastkd.models import (
     CheckpointError,
     ModelSpec,
+    fp32_classifier,
     load_model,
     parse_pool,
     save_checkpoint,
@@ -150,3 +151,24 @@ def test_state_dict_hash_tracks_weights() -> None:
     with torch.no_grad():
         model.classifier.bias[0] += 1e-3
     assert state_dict_sha256(model) != before
+
+
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_vit"])
+def test_fp32_classifier_keeps_the_head_fp32_under_bf16_autocast(arch: str) -> None:
+    """A bf16 backbone (as on a GPU) with the head in fp32: the logits are the fp32 head of the
+    bf16 features to fp32 rounding, where plain autocast leaves them bf16-precise."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=1000).eval()
+    images = torch.randn(4, 3, *model.pretrained_cfg["input_size"][1:])
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(images)
+        features = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert plain.dtype == torch.bfloat16
+    assert fp32_classifier(model) == 1 and fp32_classifier(model) == 0  # wrapped once
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    head = model.get_classifier().head
+    exact = features.double() @ head.weight.double().T + head.bias.double()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-5)
+    assert (plain.double() - exact).abs().max() > 100 * (logits.double() - exact).abs().max()

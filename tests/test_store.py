@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from fastkd.store import (
     resolve_topk,
     summarize,
 )
-from fastkd.views import AugmentConfig, view_boxes, view_params
+from fastkd.views import AugmentConfig, tail_uniforms, view_boxes, view_params
 
 NUM_CLASSES = 300
 VIEWS = 3
@@ -42,7 +44,7 @@ PER_SHARD = 8  # 5 blocks
 def manifest(**changes) -> Manifest:
     config = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875}
     models = [
-        ModelEntry("small", "resnet18", "ab" * 32, config, NUM_CLASSES, 7),
+        ModelEntry("small", "resnet18", "ab" * 32, config, NUM_CLASSES, 7, "sampled", 4),
         ModelEntry("wide", "vit_tiny_patch16_224", None, config, NUM_CLASSES, 0),
     ]
     values = {
@@ -89,18 +91,55 @@ def write(writer: StoreWriter, data: dict, blocks: list[int] | None = None) -> N
         writer.write_block(block, {k: v[start:stop] for k, v in data["logits"].items()})
 
 
-def reference(logits: np.ndarray, labels: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """Independent fp64 torch reference of what a model stores."""
+def reference(
+    logits: np.ndarray, labels: np.ndarray, k: int, first_sample: int = 0, draws: int = 4
+) -> dict[str, np.ndarray]:
+    """Independent fp64 reference of what a model stores (docs/store-format.md): log-softmax,
+    top-k, the tail's two masses summed over its classes, systematic draws with numpy."""
     z = torch.from_numpy(logits).double()
-    values, ids = z.topk(k, dim=-1)
+    logprobs = z.log_softmax(-1)
     y = torch.from_numpy(labels)[:, None, None].expand(-1, z.shape[1], 1)
+    values, ids = logprobs.topk(k, dim=-1)
+    known = torch.zeros_like(z, dtype=torch.bool).scatter(-1, ids, True).scatter(-1, y, True)
+    tail = logprobs.masked_fill(known, -math.inf)
+    log_tail = tail.logsumexp(-1)
+    n, views = z.shape[:2]
+    uniforms = tail_uniforms(
+        11,
+        np.repeat(np.arange(first_sample, first_sample + n), views),
+        np.tile(np.arange(views), n),
+        0,
+    ).reshape(n, views)
+    weights = (tail - log_tail[..., None]).exp().numpy()
+    tail_ids = np.empty((n, views, draws), dtype=np.int64)
+    for row in np.ndindex(n, views):
+        cdf = np.cumsum(weights[row])
+        tail_ids[row] = np.searchsorted(
+            cdf / cdf[-1], (uniforms[row] + np.arange(draws)) / draws, "right"
+        )
     return {
-        "topk_logits": values.half().numpy(),
+        "true_logprob": logprobs.gather(-1, y).squeeze(-1).numpy(),
+        "logprobs": logprobs.numpy(),
+        "topk_logprobs": values.numpy(),
         "topk_ids": ids.numpy(),
-        "lse": torch.logsumexp(z, -1).numpy(),
-        "true_logit": z.gather(-1, y).squeeze(-1).numpy(),
-        "logits": z.half().numpy(),
+        "log_tail": log_tail.numpy(),
+        "log_tail_sqrt": (tail / 2).logsumexp(-1).numpy(),
+        "tail_ids": tail_ids,
     }
+
+
+def assert_stored(stored: Mapping[str, np.ndarray], ref: dict[str, np.ndarray]) -> None:
+    """Stored arrays (those present) equal the fp64 reference: fp32 ones to fp32 rounding, fp16
+    ones to fp16 rounding, ids exactly."""
+    for name, values in stored.items():
+        expected = ref[name]
+        if name.endswith("ids"):
+            np.testing.assert_array_equal(values, expected, err_msg=name)
+        elif values.dtype == np.float16:
+            np.testing.assert_allclose(values, expected, rtol=2**-11, atol=1e-7, err_msg=name)
+        else:
+            assert values.dtype == np.float32, name
+            np.testing.assert_allclose(values, expected, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_resolve_topk_rule() -> None:
@@ -111,37 +150,84 @@ def test_resolve_topk_rule() -> None:
     assert resolve_topk(200, 40) == 40  # 400 > 1.25 * 40 * 4 = 200
     assert resolve_topk(70000, 20000) == 0  # uint32 ids: 140000 <= 1.25 * 20000 * 6
     assert resolve_topk(70000, 100) == 100
+    assert resolve_topk(10, 3, "bucket") == 3  # a named tail asks for sparse targets
+    assert resolve_topk(10, 10, "bucket") == 0  # nothing would be left in the tail
 
 
-def test_encode_matches_fp64_torch(data: dict) -> None:
+def test_encode_matches_fp64_reference(data: dict) -> None:
     logits, labels = data["logits"]["small"], data["labels"]
     ref = reference(logits, labels, 7)
-    sparse = encode_logits(logits, labels, 7)
-    assert sparse["topk_ids"].dtype == np.uint16 and sparse["topk_logits"].dtype == np.float16
-    np.testing.assert_array_equal(sparse["topk_logits"], ref["topk_logits"])  # exact to fp16
-    np.testing.assert_array_equal(sparse["topk_ids"], ref["topk_ids"])
-    np.testing.assert_allclose(sparse["lse"], ref["lse"], rtol=2e-7)  # fp32 rounding
-    np.testing.assert_array_equal(sparse["true_logit"], ref["true_logit"].astype(np.float32))
-    # The labels pushed to -20 are outside the top-k, yet p(y) is exact from the stored pair.
+    sparse = encode_logits(logits, labels, manifest().models[0], seed=11)
+    assert set(sparse) == {
+        "true_logprob", "topk_logprobs", "topk_ids", "log_tail", "log_tail_sqrt", "tail_ids"
+    }  # fmt: skip
+    assert sparse["topk_ids"].dtype == sparse["tail_ids"].dtype == np.uint16
+    assert sparse["topk_logprobs"].dtype == np.float16
+    assert_stored(sparse, ref)
+    # The labels pushed to -20 are outside the top-k, yet p(y) is exact from the stored fp32.
     assert not (sparse["topk_ids"][:5] == labels[:5, None, None]).any()
-    np.testing.assert_allclose(
-        sparse["true_logit"][:5] - sparse["lse"][:5], (-20.0 - ref["lse"][:5]), rtol=1e-6
-    )
-    dense = encode_logits(torch.from_numpy(logits).to(torch.bfloat16), labels, 0)
+    # No draw lands on a known class (top-k or label): the tail is what is outside them.
+    drawn = sparse["tail_ids"].astype(np.int64)
+    assert not (drawn[..., :, None] == sparse["topk_ids"][..., None, :]).any()
+    assert not (drawn == labels[:, None, None]).any()
+    entry = manifest().models[1]
+    dense = encode_logits(torch.from_numpy(logits).to(torch.bfloat16), labels, entry)
     bf16 = torch.from_numpy(logits).to(torch.bfloat16).float().numpy()
-    dense_ref = reference(bf16, labels, 1)
-    assert set(dense) == {"logits", "lse", "true_logit"}
-    np.testing.assert_array_equal(dense["logits"], dense_ref["logits"])
-    np.testing.assert_allclose(dense["lse"], dense_ref["lse"], rtol=2e-7)
+    assert set(dense) == {"logprobs", "true_logprob"}
+    assert_stored(dense, reference(bf16, labels, 1))
+
+
+def test_tail_mass_is_exact_where_one_minus_the_head_is_not() -> None:
+    """Confident rows with logits of real magnitudes: the stored tail mass is exact to fp32
+    rounding; 1 minus the top-k kept as fp16 logits (format 1) was off by far more."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1, (64, 1, 1000)).astype(np.float32) + 20.0
+    logits[:, 0, 0] += np.linspace(8, 16, 64, dtype=np.float32)  # top-1 p from ~0.7 to ~0.9999
+    labels = np.zeros(64, dtype=np.int64)
+    entry = ModelEntry("m", "resnet18", None, {}, 1000, 10, "bucket")
+    stored = encode_logits(logits, labels, entry)
+    exact = np.exp(reference(logits, labels, 10)["log_tail"])
+    np.testing.assert_allclose(np.exp(stored["log_tail"]), exact, rtol=1e-5)
+    z = torch.from_numpy(logits)
+    top = z.topk(10, dim=-1).values
+    old = 1 - (top.half().double() - z.logsumexp(-1, keepdim=True).double()).exp().sum(-1)
+    assert np.median(np.abs(old.numpy() / exact - 1)) > 0.05
+
+
+def test_manifest_checks_each_model_tail() -> None:
+    config = manifest().models[0].data_config
+    bad = [
+        ModelEntry("a", "resnet18", None, config, NUM_CLASSES, 7, "wide"),
+        ModelEntry("b", "resnet18", None, config, NUM_CLASSES, 7, "bucket", 4),
+        ModelEntry("c", "resnet18", None, config, NUM_CLASSES, 7, "sampled", 0),
+        ModelEntry("d", "resnet18", None, config, NUM_CLASSES, 0, "bucket"),
+    ]
+    with pytest.raises(ValueError, match="invalid manifest") as error:
+        manifest(models=bad)
+    message = str(error.value)
+    assert "model 'a': tail must be one of uniform, bucket, sampled, got 'wide'" in message
+    assert "model 'b': tail_samples must be >= 1 exactly for the sampled tail" in message
+    assert "model 'c': tail_samples" in message
+    assert "model 'd' is dense: it has no tail" in message
+
+
+def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, data: dict) -> None:
+    with create(tmp_path / "s", data) as writer:
+        write(writer, data, [0])
+    group = zarr.open_group(tmp_path / "s", mode="r+", zarr_format=3)
+    group.attrs["fastkd"] = {**group.attrs["fastkd"], "format_version": 1}
+    with pytest.raises(StoreMismatchError, match="format_version: store has 1, expected 2") as err:
+        StoreReader(tmp_path / "s", allow_incomplete=True)
+    assert "dump the pool again (--overwrite)" in str(err.value)
 
 
 def test_encode_rejects_bad_input(data: dict) -> None:
     logits = data["logits"]["small"][:2].copy()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 300\)"):
-        encode_logits(logits, np.array([0, 300]), 5)
+        encode_logits(logits, np.array([0, 300]), manifest().models[0])
     logits[1, 0, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        encode_logits(logits, np.array([0, 1]), 5)
+        encode_logits(logits, np.array([0, 1]), manifest().models[0])
 
 
 def read_with_plain_zarr(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -166,8 +252,11 @@ def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
         write(writer, data)
     meta, arrays = read_with_plain_zarr(tmp_path / "s")
 
-    assert meta["format_version"] == 1 and meta["fingerprint"] == "f" * 64
-    assert [m["topk"] for m in meta["models"]] == [7, 0]
+    assert meta["format_version"] == 2 and meta["fingerprint"] == "f" * 64
+    assert [(m["topk"], m["tail"], m["tail_samples"]) for m in meta["models"]] == [
+        (7, "sampled", 4),
+        (0, None, 0),
+    ]
     assert arrays["keys"].tolist() == data["keys"]
     np.testing.assert_array_equal(arrays["labels"], data["labels"])
     np.testing.assert_array_equal(arrays["sizes"], data["sizes"])
@@ -177,17 +266,13 @@ def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
     np.testing.assert_array_equal(arrays["flips"], flips)
     assert arrays["blocks_done"].tolist() == [1] * 5
 
-    ref = reference(data["logits"]["small"], data["labels"], 7)
-    np.testing.assert_array_equal(arrays["small/topk_logits"], ref["topk_logits"])
-    np.testing.assert_array_equal(arrays["small/topk_ids"], ref["topk_ids"])
-    np.testing.assert_allclose(arrays["small/lse"], ref["lse"], rtol=2e-7)
-    np.testing.assert_array_equal(arrays["small/true_logit"], ref["true_logit"].astype(np.float32))
-    dense = reference(data["logits"]["wide"], data["labels"], 1)
-    np.testing.assert_array_equal(arrays["wide/logits"], dense["logits"])
-    assert "wide/topk_ids" not in arrays
+    for model, arrays_of in (("small", 6), ("wide", 2)):
+        stored = {k.split("/")[1]: v for k, v in arrays.items() if k.startswith(f"{model}/")}
+        assert len(stored) == arrays_of, sorted(stored)
+        assert_stored(stored, reference(data["logits"][model], data["labels"], 7))
 
     files = [p for p in (tmp_path / "s").rglob("*") if p.is_file() and ".fastkd" not in p.parts]
-    shards_per_array = sum(p.is_file() for p in (tmp_path / "s/models/small/lse/c").rglob("*"))
+    shards_per_array = sum(p.is_file() for p in (tmp_path / "s/models/small/log_tail/c").rglob("*"))
     assert shards_per_array == 5  # one file per block, not per chunk or sample
     assert len(files) < 100
 
@@ -410,7 +495,7 @@ def test_incomplete_store_refused_for_reading(tmp_path: Path, data: dict) -> Non
     with pytest.raises(StoreError, match="incomplete: 3 of 5 blocks"):
         StoreReader(tmp_path / "s")
     reader = StoreReader(tmp_path / "s", allow_incomplete=True)
-    assert reader.read("small", np.array([3, 15]), np.array([0, 2])).lse.shape == (2,)
+    assert reader.read("small", np.array([3, 15]), np.array([0, 2])).log_tail.shape == (2,)
     with pytest.raises(StoreError, match=r"sample 16 .* block 2, not written"):
         reader.read("small", np.array([3, 16]), np.array([0, 2]))
 
@@ -422,18 +507,11 @@ def test_random_access_reads_match_written(finished: Path, data: dict, cache_byt
     for _ in range(3):
         samples = rng.integers(0, NUM_SAMPLES, 50)
         views = rng.integers(0, VIEWS, 50)
-        small = reader.read("small", samples, views)
-        ref = reference(
-            data["logits"]["small"][samples, views][:, None], data["labels"][samples], 7
-        )
-        np.testing.assert_array_equal(small.topk_logits, ref["topk_logits"][:, 0])
-        np.testing.assert_array_equal(small.topk_ids, ref["topk_ids"][:, 0])
-        np.testing.assert_array_equal(small.true_logit, ref["true_logit"][:, 0].astype(np.float32))
-        np.testing.assert_allclose(small.lse, ref["lse"][:, 0], rtol=2e-7)
-        wide = reader.read("wide", samples, views)
-        np.testing.assert_array_equal(
-            wide.logits, data["logits"]["wide"][samples, views].astype(np.float16)
-        )
+        for model in ("small", "wide"):
+            rows = reader.read(model, samples, views)
+            ref = reference(data["logits"][model], data["labels"], 7)
+            ref = {name: values[samples, views] for name, values in ref.items()}
+            assert_stored({k: v for k, v in vars(rows).items() if v is not None}, ref)
         boxes, flips = reader.view_params(samples, views)
         full_boxes, full_flips = view_params(
             11, samples, VIEWS, data["sizes"][samples], AugmentConfig()
@@ -469,28 +547,29 @@ def test_read_pool_stacks_models(finished: Path, data: dict) -> None:
     with pytest.raises(ValueError, match="one storage mode"):
         reader.read_pool(None, samples, views)
     sparse = reader.read_pool(["small", "small"], samples, views)  # M = 2 (one model twice)
-    assert sparse.lse.shape == sparse.true_logit.shape == (3, 2)
-    assert sparse.lse.dtype == sparse.true_logit.dtype == np.float32
-    assert sparse.topk_logits.shape == sparse.topk_ids.shape == (3, 2, 7)
-    assert sparse.topk_logits.dtype == np.float16 and sparse.topk_ids.dtype == np.uint16
-    assert sparse.logits is None
+    assert sparse.tail == "sampled"
+    assert sparse.true_logprob.shape == sparse.log_tail.shape == (3, 2)
+    assert sparse.true_logprob.dtype == sparse.log_tail_sqrt.dtype == np.float32
+    assert sparse.topk_logprobs.shape == sparse.topk_ids.shape == (3, 2, 7)
+    assert sparse.topk_logprobs.dtype == np.float16 and sparse.topk_ids.dtype == np.uint16
+    assert sparse.tail_ids.shape == (3, 2, 4) and sparse.logprobs is None
     one = reader.read("small", samples, views)
     for member in range(2):
-        for name in ("lse", "true_logit", "topk_logits", "topk_ids"):
+        for name in ("true_logprob", "topk_logprobs", "topk_ids", "log_tail", "tail_ids"):
             np.testing.assert_array_equal(getattr(sparse, name)[:, member], getattr(one, name))
     dense = reader.read_pool(["wide"], samples, views)
     wide = reader.read("wide", samples, views)
-    assert dense.logits.shape == (3, 1, NUM_CLASSES) and dense.logits.dtype == np.float16
-    assert dense.topk_logits is None and dense.topk_ids is None
-    for name in ("lse", "true_logit", "logits"):
+    assert dense.logprobs.shape == (3, 1, NUM_CLASSES) and dense.logprobs.dtype == np.float16
+    assert dense.topk_logprobs is None and dense.log_tail is None and dense.tail is None
+    for name in ("true_logprob", "logprobs"):
         np.testing.assert_array_equal(getattr(dense, name)[:, 0], getattr(wide, name))
 
 
 def test_summary_counts_bytes(finished: Path) -> None:
     summary = summarize(finished)
     assert summary.blocks_done == 5 and summary.skipped == []
-    lse = next(a for a in summary.arrays if a.path == "models/small/lse")
-    assert lse.shape == (NUM_SAMPLES, VIEWS) and lse.nbytes == NUM_SAMPLES * VIEWS * 4
+    mass = next(a for a in summary.arrays if a.path == "models/small/log_tail")
+    assert mass.shape == (NUM_SAMPLES, VIEWS) and mass.nbytes == NUM_SAMPLES * VIEWS * 4
     per_view = sum(a.nbytes_stored for a in summary.arrays if a.path.startswith("models/small/"))
     assert summary.bytes_per_view("small") == per_view / (NUM_SAMPLES * VIEWS)
 
@@ -537,7 +616,8 @@ def test_inspect_command(finished: Path, tmp_path: Path) -> None:
     summary = summarize(finished)
     assert "blocks 5/5 done (complete)" in shown.output
     assert f"{summary.bytes_per_view('small'):.2f}" in shown.output and "top-7" in shown.output
-    assert "models/wide/logits" in shown.output and "dense" in shown.output
+    assert "models/wide/logprobs" in shown.output and "dense" in shown.output
+    assert "top-7, sampled tail x4" in shown.output
     as_json = json.loads(runner.invoke(app, ["inspect", str(finished), "--json"]).output)
     assert as_json["bytes_per_view"]["small"] == summary.bytes_per_view("small")
     assert as_json["manifest"]["models"][0]["topk"] == 7

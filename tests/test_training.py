@@ -22,6 +22,7 @@ from training_pool import VIT, config, make_pool
 from typer.testing import CliRunner
 
 from fastkd.cli.main import app
+from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import CheckpointError, ModelSpec, load_model
 from fastkd.partition import select_teacher, true_class_logprob
 from fastkd.store import StoreMismatchError
@@ -84,10 +85,12 @@ def test_offline_step_reads_the_replayed_views_and_their_stored_rows(pool, tmp_p
     )  # a never teaches itself
     for column, name in enumerate(trainer.teaching.members):
         stored = group[f"models/{name}"]
-        logits = np.stack([stored["logits"][s, v] for s, v in zip(samples, views, strict=True)])
-        assert np.array_equal(batch.targets.logits[:, column].numpy(), logits)
+        pairs = zip(samples, views, strict=True)
+        logprobs = np.stack([stored["logprobs"][s, v] for s, v in pairs])
+        assert np.array_equal(batch.targets.logprobs[:, column].numpy(), logprobs)
         assert np.array_equal(
-            batch.targets.lse[:, column].numpy(), stored["lse"][:][samples, views]
+            batch.targets.true_logprob[:, column].numpy(),
+            stored["true_logprob"][:][samples, views],
         )
     assert torch.equal(batch.labels, torch.as_tensor(group["labels"][:][samples]))
 
@@ -156,11 +159,36 @@ def test_live_teachers_match_the_stored_targets(pool, tmp_path):
     loss_live = live.loss(live_batch)[0]
     torch.testing.assert_close(loss_live, loss_offline, rtol=2e-3, atol=0)  # fp16 storage
     torch.testing.assert_close(
-        live.teaching.live_targets(live_batch).logits.half(),
-        batch.targets.logits,
+        live.teaching.live_targets(live_batch).logprobs,
+        batch.targets.logprobs,
         rtol=0,
         atol=2e-3,
     )
+
+
+def test_a_sparse_store_trains_with_its_tail_model(pool, tmp_path):
+    """Top-3 of 10 classes with the sampled tail: training reads the store's tail model and rows
+    (ids, draws, tail masses) and steps on them."""
+    store = run_dump(
+        DumpConfig(
+            data=pool.train, models=[pool.specs["a"], pool.specs["b"]], out=tmp_path / "sparse",
+            views=2, topk=3, tail="sampled", tail_samples=4, batch_size=50, backend="torch",
+            num_workers=0, progress=False,
+        )
+    )  # fmt: skip
+    trainer = Trainer(config(pool, tmp_path, store=store))
+    batch = next(trainer.batches(trainer.plan(0)))
+    targets = batch.targets
+    assert targets.is_sparse and targets.tail.value == "sampled" and targets.topk == 3
+    samples, views = batch.samples, batch.views
+    group = zarr.open_group(store, mode="r")
+    for column, name in enumerate(trainer.teaching.members):
+        stored = group[f"models/{name}"]
+        for field in ("topk_ids", "tail_ids", "log_tail", "log_tail_sqrt", "true_logprob"):
+            rows = stored[field][:][samples, views]
+            assert np.array_equal(getattr(targets, field)[:, column].numpy(), rows), field
+    loss = trainer.loss(batch)[0]
+    assert torch.isfinite(loss)
 
 
 def test_joint_bidirectional_step_matches_the_formula(pool, tmp_path):

@@ -6,8 +6,8 @@ StoreReader``), the modules' other names are the package's own business:
 
 - ``manifest``: what a store holds (``Manifest``, ``ModelEntry``, ``StoreLayout``), comparing
   manifests and checking a store against an ``Expectation``, reading a store's manifest.
-- ``encoding``: full logits -> top-k logits + ids + log-sum-exp + true-class logit, or dense
-  fp16 logits (``encode_logits``, ``resolve_topk``), and the arrays of a model.
+- ``encoding``: full logits -> the stored arrays by ``fastkd.compression``'s rule (dense or
+  sparse: ``resolve_topk``; ``encode_logits``), and the arrays of a model.
 - ``arrays``: the store's array names, shards, chunks and codecs; creating a new store.
 - ``claims``: a rank's part ``i/n`` of the blocks, the creation lock and the writers' claims.
 - ``writer``: ``StoreWriter``: create or resume a store, write blocks and their markers.

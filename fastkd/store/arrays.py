@@ -102,7 +102,7 @@ def create_store(
     for entry in manifest.models:
         member = models.create_group(entry.name)
         for name, (shape, dtype) in model_arrays(entry, v).items():
-            ranked = len(shape) == 2  # [view, rank]: topk_logits, topk_ids, dense logits
+            ranked = len(shape) == 2  # [view, rank]: top-k, ids, draws, dense log-probabilities
             _create_sharded(member, name, (n, *shape), dtype, layout, views_innermost=ranked)
     group.create_array(
         DONE_ARRAY,

@@ -1,11 +1,10 @@
-"""What is stored of a model's logits: top-k logits + ids + log-sum-exp + true-class logit, or
-dense fp16 logits, and the arrays (shapes, dtypes) that hold them.
+"""What is stored of a model's logits, and the arrays (shapes, dtypes) that hold them.
 
-Storing logits and the log-sum-exp of the full logits keeps the store temperature-agnostic; the
-true-class logit makes ``p(y) = exp(true_logit - lse)`` exact even when ``y`` is outside the
-top-k, so the partition rule (``fastkd.partition``) is exact on stored targets. The writer
-encodes with ``encode_logits``; the writer, the reader and the summary agree on the arrays through
-``model_arrays``.
+The rule itself (log-probabilities, the exact label log-probability, the tail's masses, the tail
+models) is ``fastkd.compression``'s; this module decides dense or sparse for a model
+(``resolve_topk``), turns a block's logits into numpy arrays to write (``encode_logits``: the
+sampled tail's uniforms come from the view-replay RNG, so a resumed dump rewrites a block byte for
+byte), and names the arrays the writer, the reader and the summary agree on (``model_arrays``).
 """
 
 from __future__ import annotations
@@ -14,8 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fastkd.compression import TailModel, compress_logits, parse_tail
 from fastkd.errors import ConfigError
 from fastkd.store.manifest import ModelEntry
+from fastkd.views import tail_uniforms
 
 if TYPE_CHECKING:  # torch is imported where it is used: inspecting or reading needs only numpy
     import torch
@@ -29,41 +30,46 @@ def id_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.uint16 if num_classes <= 65536 else np.uint32)
 
 
-def resolve_topk(num_classes: int, topk: int) -> int:
-    """The stored top-k for a model: 0 means dense (all logits in fp16).
+def resolve_topk(num_classes: int, topk: int, tail: str | None = None) -> int:
+    """The stored top-k for a model: 0 means dense (every log-probability in fp16).
 
-    Dense when asked (``topk == 0``), when ``topk >= num_classes``, when ``num_classes <=
-    DENSE_MAX_CLASSES`` (at most 256 B a view, exact, so 10 and 100 classes are dense), or when the
-    dense row is at most ``DENSE_SLACK`` x the raw sparse row: ``2 C <= 1.25 K (2 + id bytes)``.
+    Dense when asked (``topk == 0``) or when ``topk >= num_classes``. Without an explicit
+    ``tail`` also when ``num_classes <= DENSE_MAX_CLASSES`` (at most 256 B a view, exact, so 10 and
+    100 classes are dense), or when the dense row is at most ``DENSE_SLACK`` x the raw sparse row:
+    ``2 C <= 1.25 K (2 + id bytes)``. Naming a tail asks for sparse targets whenever ``K < C``.
     """
     if num_classes < 1 or topk < 0:
         raise ConfigError(f"need num_classes >= 1 and topk >= 0, got {num_classes}, {topk}")
+    if topk == 0 or topk >= num_classes:
+        return 0
+    if tail is not None:
+        return topk
     sparse_bytes = topk * (2 + id_dtype(num_classes).itemsize)
-    dense = (
-        topk == 0
-        or topk >= num_classes
-        or num_classes <= DENSE_MAX_CLASSES
-        or 2 * num_classes <= DENSE_SLACK * sparse_bytes
-    )
-    return 0 if dense else topk
+    small = num_classes <= DENSE_MAX_CLASSES or 2 * num_classes <= DENSE_SLACK * sparse_bytes
+    return 0 if small else topk
 
 
 def encode_logits(
-    logits: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, topk: int
+    logits: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    entry: ModelEntry,
+    *,
+    seed: int = 0,
+    first_sample: int = 0,
+    model_index: int = 0,
 ) -> dict[str, np.ndarray]:
-    """Full logits [n, V, C] of one model -> the stored arrays, as numpy on the CPU.
+    """Full logits [n, V, C] of one model for samples ``first_sample ..`` -> the stored arrays.
 
-    ``lse`` [n, V] fp32 and ``true_logit`` [n, V] fp32 come from the fp32 logits; sparse
-    (``topk > 0``): ``topk_logits`` [n, V, K] fp16 sorted descending and ``topk_ids`` [n, V, K];
-    dense (``topk == 0``): ``logits`` [n, V, C] fp16. Runs on the logits' device.
+    Computed on the logits' device in fp32 (``fastkd.compression.compress_logits``), returned as
+    numpy in the stored dtypes (``model_arrays``). The sampled tail's uniforms are
+    ``views.tail_uniforms(seed, sample, view, model_index)``.
     """
     import torch
 
     z = torch.as_tensor(logits)
     if z.dim() != 3:
         raise ConfigError(f"logits must be [samples, views, classes], got {tuple(z.shape)}")
-    n, _, num_classes = z.shape
-    z = z.float()
+    n, views, num_classes = z.shape
     y = torch.as_tensor(labels, device=z.device).long()
     if y.shape != (n,):
         raise ConfigError(
@@ -73,31 +79,32 @@ def encode_logits(
         raise ConfigError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     if not torch.isfinite(z).all():
         raise ConfigError("logits contain NaN or infinity")
-    out = {
-        "lse": torch.logsumexp(z, dim=-1),
-        "true_logit": z.gather(-1, y.view(n, 1, 1).expand(n, z.shape[1], 1)).squeeze(-1),
-    }
-    if topk == 0:
-        out["logits"] = z.half()
-    else:
-        values, ids = torch.topk(z, topk, dim=-1, largest=True, sorted=True)
-        out["topk_logits"] = values.half()
-        out["topk_ids"] = ids.to(torch.int32)
-    arrays = {k: v.cpu().numpy() for k, v in out.items()}
-    if "topk_ids" in arrays:
-        arrays["topk_ids"] = arrays["topk_ids"].astype(id_dtype(num_classes))
-    return arrays
+    tail = parse_tail(entry.tail) if entry.topk else TailModel.UNIFORM
+    uniforms = None
+    if entry.topk and tail is TailModel.SAMPLED:
+        samples = np.repeat(np.arange(first_sample, first_sample + n), views)
+        view_ids = np.tile(np.arange(views), n)
+        uniforms = tail_uniforms(seed, samples, view_ids, model_index).reshape(n, views)
+        uniforms = torch.from_numpy(uniforms).to(z.device)
+    kept = compress_logits(
+        z, y.unsqueeze(1).expand(n, views), entry.topk, tail, entry.tail_samples, uniforms
+    )
+    dtypes = model_arrays(entry, views)
+    return {name: kept[name].cpu().numpy().astype(dtypes[name][1]) for name in dtypes}
 
 
 def model_arrays(entry: ModelEntry, views: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """name -> (per-sample shape, dtype) of one model's arrays."""
-    arrays = {
-        "lse": ((views,), np.dtype(np.float32)),
-        "true_logit": ((views,), np.dtype(np.float32)),
-    }
+    fp16, fp32 = np.dtype(np.float16), np.dtype(np.float32)
+    arrays = {"true_logprob": ((views,), fp32)}
     if entry.topk == 0:
-        arrays["logits"] = ((views, entry.num_classes), np.dtype(np.float16))
-    else:
-        arrays["topk_logits"] = ((views, entry.topk), np.dtype(np.float16))
-        arrays["topk_ids"] = ((views, entry.topk), id_dtype(entry.num_classes))
+        arrays["logprobs"] = ((views, entry.num_classes), fp16)
+        return arrays
+    ids = id_dtype(entry.num_classes)
+    arrays["topk_logprobs"] = ((views, entry.topk), fp16)
+    arrays["topk_ids"] = ((views, entry.topk), ids)
+    arrays["log_tail"] = ((views,), fp32)
+    arrays["log_tail_sqrt"] = ((views,), fp32)
+    if entry.tail == TailModel.SAMPLED.value:
+        arrays["tail_ids"] = ((views, entry.tail_samples), ids)
     return arrays

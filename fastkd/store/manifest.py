@@ -20,11 +20,12 @@ from typing import Any
 import zarr
 
 from fastkd import __version__
+from fastkd.compression import TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: log-probabilities, exact tail masses, tail models (1: logits + lse)
 MANIFEST_ATTR = "fastkd"  # group attribute holding the manifest (and the layout)
 STATUS_ATTR = "fastkd_status"  # group attribute written once every block is done
 
@@ -44,7 +45,9 @@ class ModelEntry:
     # timm's resolved data config (input_size, interpolation, mean, std, crop_pct)
     data_config: dict
     num_classes: int
-    topk: int  # stored top-k; 0 = dense (all logits in fp16)
+    topk: int  # stored top-k; 0 = dense (every class's log-probability in fp16)
+    tail: str | None = None  # sparse: the tail model (fastkd.compression.TailModel); dense: None
+    tail_samples: int = 0  # sampled tail: draws stored per view
 
 
 @dataclass
@@ -87,6 +90,7 @@ class Manifest:
                     f"model {m.name!r}: topk must be 0 (dense) or in [1, {m.num_classes}), "
                     f"got {m.topk} (use resolve_topk)"
                 )
+            problems.extend(_tail_problems(m))
         if self.classes and len(self.classes) != self.num_classes:
             problems.append(f"{len(self.classes)} class names for num_classes={self.num_classes}")
         if self.num_samples < 1 or self.views < 1:
@@ -111,6 +115,22 @@ class Manifest:
     def from_dict(cls, values: Mapping[str, Any]) -> Manifest:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _tail_problems(entry: ModelEntry) -> list[str]:
+    """What is wrong with a model's tail fields (none for a dense model, one model if sparse)."""
+    where = f"model {entry.name!r}"
+    if entry.topk == 0:
+        if entry.tail is not None or entry.tail_samples:
+            return [f"{where} is dense: it has no tail (tail None, tail_samples 0)"]
+        return []
+    tails = [t.value for t in TailModel]
+    if entry.tail not in tails:
+        return [f"{where}: tail must be one of {', '.join(tails)}, got {entry.tail!r}"]
+    sampled = entry.tail == TailModel.SAMPLED.value
+    if sampled != (entry.tail_samples > 0) or entry.tail_samples < 0:
+        return [f"{where}: tail_samples must be >= 1 exactly for the sampled tail"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -271,7 +291,9 @@ def parse_config(path: Path, config: Mapping[str, Any]) -> tuple[Manifest, Store
             [
                 f"format_version: store has {config.get('format_version')!r}, expected {FORMAT_VERSION}"
             ],
-            "this fastkd version cannot use it",
+            "this fastkd version cannot use it; dump the pool again (--overwrite) to rewrite it"
+            if (config.get("format_version") or 0) < FORMAT_VERSION
+            else "it was made by a newer fastkd; upgrade fastkd to read it",
         )
     layout = StoreLayout(**config.pop("layout"))
     return Manifest.from_dict(config), layout

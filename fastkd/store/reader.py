@@ -32,32 +32,31 @@ DEFAULT_CACHE_BYTES = 4 << 30  # reader: decoded blocks kept in memory, all mode
 
 @dataclass
 class ModelTargets:
-    """Stored targets of one model for a batch of (sample, view) rows (numpy)."""
+    """Stored targets of one model for a batch of (sample, view) rows (numpy, stored dtypes)."""
 
-    lse: np.ndarray  # [b] fp32
-    true_logit: np.ndarray  # [b] fp32
-    topk_logits: np.ndarray | None = None  # [b, K] fp16, descending
+    true_logprob: np.ndarray  # [b] fp32, log p(label) at T = 1, exact whatever the top-k
+    logprobs: np.ndarray | None = None  # [b, C] fp16 (dense)
+    topk_logprobs: np.ndarray | None = None  # [b, K] fp16, descending (sparse)
     topk_ids: np.ndarray | None = None  # [b, K] uint16 / uint32
-    logits: np.ndarray | None = None  # [b, C] fp16 (dense)
-
-    @property
-    def true_logprob(self) -> np.ndarray:
-        """log p(y) at T = 1, exact whatever the top-k."""
-        return self.true_logit - self.lse
+    log_tail: np.ndarray | None = None  # [b] fp32, log of the mass outside the top-k and label
+    log_tail_sqrt: np.ndarray | None = None  # [b] fp32, log of the sum of sqrt(p) there
+    tail_ids: np.ndarray | None = None  # [b, S] sorted tail draws (sampled tail)
 
 
 @dataclass
 class PoolArrays:
-    """Stored targets of several models for a batch of rows, stacked along a member axis (numpy).
+    """Stored targets of several models for a batch of rows, stacked along a member axis (numpy):
+    the fields of ``ModelTargets`` with a member axis after the row axis, and the pool's tail
+    model (None when dense)."""
 
-    Either ``topk_logits`` and ``topk_ids`` (sparse) or ``logits`` (dense) are set.
-    """
-
-    lse: np.ndarray  # [B, M] fp32
-    true_logit: np.ndarray  # [B, M] fp32
-    topk_logits: np.ndarray | None = None  # [B, M, K] fp16, descending
-    topk_ids: np.ndarray | None = None  # [B, M, K] the stored id dtype (uint16 / uint32)
-    logits: np.ndarray | None = None  # [B, M, C] fp16 (dense)
+    true_logprob: np.ndarray  # [B, M]
+    logprobs: np.ndarray | None = None  # [B, M, C]
+    topk_logprobs: np.ndarray | None = None  # [B, M, K]
+    topk_ids: np.ndarray | None = None  # [B, M, K]
+    log_tail: np.ndarray | None = None  # [B, M]
+    log_tail_sqrt: np.ndarray | None = None  # [B, M]
+    tail_ids: np.ndarray | None = None  # [B, M, S]
+    tail: str | None = None
 
 
 class _BlockCache:
@@ -234,8 +233,9 @@ class StoreReader:
                 entry = self.manifest.model(model)
                 member = self._group[f"models/{model}"]
                 arrays = {name: member[name] for name in model_arrays(entry, self.num_views)}
-                if "topk_ids" in arrays:
-                    limits["topk_ids"] = entry.num_classes
+                for ids in ("topk_ids", "tail_ids"):
+                    if ids in arrays:
+                        limits[ids] = entry.num_classes
             share = self._cache_bytes // (len(self.manifest.models) + 1)
             where = f"store {self.path}, model {model!r}"
             cache = _BlockCache(arrays, self.layout.samples_per_shard, share, limits, where)
@@ -281,27 +281,21 @@ class StoreReader:
         self, models: Sequence[str] | None, samples: np.ndarray, views: np.ndarray
     ) -> PoolArrays:
         """Targets of several models (default: all, in manifest order) stacked along axis 1, as
-        stored: lse/true_logit [B, M] fp32, topk_logits [B, M, K] fp16 and topk_ids [B, M, K]
-        (uint16 / uint32), or logits [B, M, C] fp16. All models must share one storage mode."""
+        stored (``PoolArrays``). All models must be stored alike (top-k, tail, draws)."""
         names = list(models) if models is not None else self.model_names
         entries = [self.manifest.model(n) for n in names]
-        if len({e.topk for e in entries}) != 1:
+        modes = {(e.topk, e.tail, e.tail_samples) for e in entries}
+        if len(modes) != 1:
             raise ConfigError(
-                "read_pool needs one storage mode for all models, got topk "
-                + ", ".join(f"{e.name}={e.topk}" for e in entries)
+                "read_pool needs one storage mode for all models, got "
+                + ", ".join(
+                    f"{e.name}: topk {e.topk}, tail {e.tail}, tail_samples {e.tail_samples}"
+                    for e in entries
+                )
             )
         members = [self.read(n, samples, views) for n in names]
-
-        def stack(field_name: str) -> np.ndarray:
-            return np.stack([getattr(m, field_name) for m in members], axis=1)
-
-        if entries[0].topk == 0:
-            return PoolArrays(
-                lse=stack("lse"), true_logit=stack("true_logit"), logits=stack("logits")
-            )
-        return PoolArrays(
-            lse=stack("lse"),
-            true_logit=stack("true_logit"),
-            topk_logits=stack("topk_logits"),
-            topk_ids=stack("topk_ids"),
-        )
+        stacked = {
+            name: np.stack([getattr(m, name) for m in members], axis=1)
+            for name in model_arrays(entries[0], self.num_views)
+        }
+        return PoolArrays(**stacked, tail=entries[0].tail)

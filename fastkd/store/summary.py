@@ -21,7 +21,7 @@ from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
 
 @dataclass
 class ArraySummary:
-    path: str  # inside the store, e.g. models/resnet18/topk_logits
+    path: str  # inside the store, e.g. models/resnet18/topk_logprobs
     shape: tuple[int, ...]
     dtype: str
     nbytes: int  # decoded

@@ -151,7 +151,7 @@ class StoreWriter:
 
         logits: every model's full logits [n, V, C] for the block's samples (``block_range``), in
         sample order. skipped: offsets within the block of samples whose image could not be read
-        (their rows are written as given, e.g. zeros, and flagged in ``skipped``).
+        (their rows are written as zeros, whatever the logits, and flagged in ``skipped``).
         """
         if self._lost_claim or not self._claim.exists():
             raise StoreBusyError(
@@ -187,15 +187,23 @@ class StoreWriter:
             flags[offsets] = True
 
         models = self._group["models"]
-        for entry in self.manifest.models:
+        for index, entry in enumerate(self.manifest.models):
             try:
-                encoded = encode_logits(logits[entry.name], self._labels[start:stop], entry.topk)
+                encoded = encode_logits(
+                    logits[entry.name],
+                    self._labels[start:stop],
+                    entry,
+                    seed=self.manifest.seed,
+                    first_sample=start,
+                    model_index=index,
+                )
             except ValueError as err:
                 raise ConfigError(
                     f"block {block} (samples {start}-{stop - 1}), model {entry.name!r}: {err}"
                 ) from None
             member = models[entry.name]
             for name, values in encoded.items():
+                values[flags] = 0  # a skipped sample's rows hold no targets (zeros, as unwritten)
                 member[name][start:stop] = values
         self._group["skipped"][start:stop] = flags
         self._done[block] = 1

@@ -30,9 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastkd.compression import DEFAULT_TAIL
 from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError, StoreMismatchError
-from fastkd.kernels import KDStats, PoolTargets, bidirectional_kd_loss, partitioned_kd_loss
+from fastkd.kernels import (
+    TARGET_FIELDS,
+    KDStats,
+    PoolTargets,
+    bidirectional_kd_loss,
+    partitioned_kd_loss,
+)
 from fastkd.models import LoadedModel, ModelSpec, file_sha256
 from fastkd.partition import PartitionMode
 from fastkd.runtime import autocast
@@ -43,7 +50,6 @@ from fastkd.training.plan import Batch, EpochPlan
 from fastkd.training.transfer import PinnedRing
 
 PREFETCH_STEPS = 2  # stored-target reads in flight ahead of the step that needs them
-TARGET_FIELDS = ("lse", "true_logit", "topk_logits", "topk_ids", "logits")
 
 
 @dataclass
@@ -135,7 +141,8 @@ def pool_targets(arrays: Any, ring: PinnedRing | None = None, slot: int = 0) -> 
     with a ``ring``, copied into its pinned buffers of ``slot`` (ids as int64 either way)."""
     ring = ring or PinnedRing(1, torch.device("cpu"))
     fields = {name: getattr(arrays, name) for name in TARGET_FIELDS}
-    return PoolTargets(**ring.fill(slot, fields, {"topk_ids": torch.int64}))
+    ids = {"topk_ids": torch.int64, "tail_ids": torch.int64}
+    return PoolTargets(**ring.fill(slot, fields, ids), tail=arrays.tail or DEFAULT_TAIL)
 
 
 class StoredTargets(_PartitionedTeaching):
