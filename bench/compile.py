@@ -47,7 +47,7 @@ class Config:
     kernel: str  # partitioned | bidirectional
     rows: int
     classes: int
-    teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<id dtype>
+    teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<tail>-<id dtype>
     mode: str = ""  # partitioned: live | fixed | all
     models: int = 0  # bidirectional: N
     stop_grad: bool = True
@@ -80,7 +80,8 @@ class Result:
 def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
     """Every configuration the issue asks the check to cover, at every shape."""
     teachers = [f"dense-{d}" for d in ("float16", "bfloat16", "float32")]
-    teachers += [f"top{k}-{i}" for k in (10, 100) for i in ("int32", "int64")]
+    teachers += [f"top{k}-bucket-{i}" for k in (10, 100) for i in ("int32", "int64")]
+    teachers += [f"top10-{tail}-int64" for tail in ("uniform", "sampled")]
     configs = [
         Config("partitioned", rows, classes, teacher=teacher, mode=mode)
         for (rows, classes), teacher, mode in itertools.product(
@@ -129,19 +130,25 @@ def capture(config: Config) -> Any:
             bidirectional_kd.launch_bidirectional_kd(logits, grads, labels, cfg)
         else:
             members = 2
-            kind, teacher_dtype = config.teacher.split("-")
-            scalars = {"lse": torch.zeros(rows, members), "true_logit": torch.zeros(rows, members)}
+            kind, *tail, teacher_dtype = config.teacher.split("-")
+            true_logprob = torch.zeros(rows, members)
             if kind == "dense":
                 targets = PoolTargets(
-                    **scalars,
-                    logits=_empty((rows, members, classes), getattr(torch, teacher_dtype)),
+                    true_logprob,
+                    logprobs=_empty((rows, members, classes), getattr(torch, teacher_dtype)),
                 )
             else:
-                k = int(kind.removeprefix("top"))
+                k, ids = int(kind.removeprefix("top")), getattr(torch, teacher_dtype)
                 targets = PoolTargets(
-                    **scalars,
-                    topk_logits=_empty((rows, members, k), torch.float16),
-                    topk_ids=torch.zeros(rows, members, k, dtype=getattr(torch, teacher_dtype)),
+                    true_logprob,
+                    topk_logprobs=_empty((rows, members, k), torch.float16),
+                    topk_ids=torch.zeros(rows, members, k, dtype=ids),
+                    log_tail=torch.zeros(rows, members),
+                    log_tail_sqrt=torch.zeros(rows, members),
+                    tail_ids=torch.zeros(rows, members, 8, dtype=ids)
+                    if tail == ["sampled"]
+                    else None,
+                    tail=tail[0],
                 )
             cfg = partitioned_kd.PartitionedKDConfig(
                 mode=config.mode,

@@ -40,7 +40,7 @@ def test_every_configuration_compiles_for_both_architectures(compiled):
             (r["config"]["kernel"], r["config"]["teacher"], r["config"]["models"])
             for r in compiled[arch]
         }
-        assert len(compiled[arch]) >= 100 and len(kinds) == 7 + 3  # 7 teachers, N = 2, 3, 4
+        assert len(compiled[arch]) >= 100 and len(kinds) == 9 + 3  # 9 teachers, N = 2, 3, 4
 
 
 def test_no_configuration_spills(compiled):
