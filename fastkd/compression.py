@@ -6,7 +6,7 @@ is kept either dense (every class's log-probability in fp16) or sparse: the top-
 fp16 log-probabilities, and two fp32 numbers about the tail, the classes outside the top-k and
 the label: ``log_tail = log sum_tail p_i`` (its mass at T = 1, summed over the tail, not 1 minus
 the rest: exact even when tiny) and ``log_tail_sqrt = log sum_tail p_i^(1/2)`` (its mass at
-T = 2 before normalisation). With ``log n`` (n tail classes) they pin ``A(b) = log sum_tail
+T = 2 before normalisation, in fp16: it only sets the tail's mass at T != 1, to 0.1%). With ``log n`` (n tail classes) they pin ``A(b) = log sum_tail
 p_i^b`` at b = 0, 1/2 and 1; ``A`` is taken as the parabola through them (exact for Gaussian tail
 logits; ``tail_logmass``), which gives the tail's mass at any T. Without the second number the
 tail's mass at T = 2 is a guess that misses by far more than the tail's shape does.
@@ -66,7 +66,7 @@ def raw_bytes_per_view(num_classes: int, topk: int, tail: TailModel, tail_sample
     if topk == 0:
         return 4 + 2 * num_classes
     samples = tail_samples if tail is TailModel.SAMPLED else 0
-    return 4 + 4 + 4 + topk * (2 + id_bytes) + samples * id_bytes
+    return 4 + 4 + 2 + topk * (2 + id_bytes) + samples * id_bytes
 
 
 def compress_logits(
@@ -81,8 +81,8 @@ def compress_logits(
 
     Always ``true_logprob`` [...] fp32. Dense (``topk == 0``): ``logprobs`` [..., C] fp16.
     Sparse: ``topk_logprobs`` [..., K] fp16 sorted descending, ``topk_ids`` [..., K] int64,
-    ``log_tail`` and ``log_tail_sqrt`` [...] fp32 (``-inf`` when nothing is outside the known
-    classes); ``sampled``
+    ``log_tail`` [...] fp32 and ``log_tail_sqrt`` [...] fp16 (``-inf`` when nothing is outside
+    the known classes); ``sampled``
     adds ``tail_ids`` [..., S] int64, sorted, drawn with ``uniforms`` [...] in [0, 1).
     Everything is computed from fp32 log-softmax of the logits, whatever their dtype.
     """
@@ -108,7 +108,7 @@ def compress_logits(
     outside = logprobs.scatter(-1, ids, float("-inf")).scatter(-1, labels, float("-inf"))
     log_tail = outside.logsumexp(-1)
     out["log_tail"] = log_tail
-    out["log_tail_sqrt"] = (0.5 * outside).logsumexp(-1)
+    out["log_tail_sqrt"] = (0.5 * outside).logsumexp(-1).half()
     if tail is TailModel.SAMPLED:
         if tail_samples < 1:
             raise ConfigError(f"the sampled tail needs tail_samples >= 1, got {tail_samples}")

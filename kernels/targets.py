@@ -64,7 +64,7 @@ class PoolTargets:
     topk_logprobs: Tensor | None = None  # [B, M, K] (sparse) descending
     topk_ids: Tensor | None = None  # [B, M, K] integer class ids, distinct per (row, member)
     log_tail: Tensor | None = None  # [B, M] fp32 (sparse) log of the mass outside top-k and y
-    log_tail_sqrt: Tensor | None = None  # [B, M] fp32 (sparse) log sum of sqrt(p) there
+    log_tail_sqrt: Tensor | None = None  # [B, M] fp16 (sparse) log sum of sqrt(p) there
     tail_ids: Tensor | None = None  # [B, M, S] (sampled tail) sorted draws from the tail
     tail: TailModel = DEFAULT_TAIL  # how a sparse target's unknown classes are read
 

@@ -50,12 +50,12 @@ def test_the_json_names_its_generators_budgets_and_settings(result):
         assert generator["params"] and generator["formula"]
         entropy = generator["entropy_nats"]
         assert 0 <= entropy["min"] <= entropy["median"] <= entropy["max"]
-    # Every setting at a budget stores exactly that many raw bytes per view.
+    # Every setting at a budget stores at most that many raw bytes per view, within one class.
     for row in synthetic["results"]:
         tail = TailModel.BUCKET if row["tail"] == "dense" else TailModel(row["tail"])
         assert row["bytes"] == raw_bytes_per_view(1000, row["topk"], tail, row["tail_samples"])
         if row["budget_bytes"] is not None:
-            assert row["bytes"] == row["budget_bytes"]
+            assert row["budget_bytes"] - 4 < row["bytes"] <= row["budget_bytes"]
         for stat in ("kl_rel_error", "grad_rel_l2"):
             assert 0 <= row[stat]["median"] <= row[stat]["p90"]
         assert -1 <= row["grad_cosine"]["p10"] <= row["grad_cosine"]["median"] <= 1
@@ -63,8 +63,8 @@ def test_the_json_names_its_generators_budgets_and_settings(result):
         (r["budget_bytes"], r["tail"], r["topk"], r["tail_samples"])
         for r in _rows(result, generator="ranked", temperature=1.0)
     }
-    assert {(24, "uniform", 3, 0), (24, "bucket", 3, 0), (24, "sampled", 2, 2)} <= settings
-    assert {(48, "uniform", 9, 0), (48, "bucket", 9, 0), (48, "sampled", 5, 8)} <= settings
+    assert {(24, "uniform", 3, 0), (24, "bucket", 3, 0), (24, "sampled", 2, 3)} <= settings
+    assert {(48, "uniform", 9, 0), (48, "bucket", 9, 0), (48, "sampled", 5, 9)} <= settings
     assert (None, "dense", 0, 0) in settings
     # The ranking lists every setting of its budget, best first.
     for ranking in synthetic["ranking"]:
@@ -106,9 +106,10 @@ def test_the_bucket_beats_the_uniform_tail_on_ranked_rows_at_t2(result):
         assert bucket["grad_rel_l2"]["median"] < uniform["grad_rel_l2"]["median"]
 
 
-def test_a_budget_that_no_top_k_fills_is_refused():
-    with pytest.raises(SystemExit, match="budget 26 B"):
-        targets.budget_settings(26, 1000)
+def test_a_budget_that_no_top_k_fits_is_refused():
+    assert targets.budget_settings(14, 1000)[0].topk == 1  # 10 B fixed + one class
+    with pytest.raises(SystemExit, match="budget 13 B: need at least 14 B"):
+        targets.budget_settings(13, 1000)
 
 
 def test_demo_stores_of_other_target_settings_live_in_other_folders(tmp_path):

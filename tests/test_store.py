@@ -549,7 +549,8 @@ def test_read_pool_stacks_models(finished: Path, data: dict) -> None:
     sparse = reader.read_pool(["small", "small"], samples, views)  # M = 2 (one model twice)
     assert sparse.tail == "sampled"
     assert sparse.true_logprob.shape == sparse.log_tail.shape == (3, 2)
-    assert sparse.true_logprob.dtype == sparse.log_tail_sqrt.dtype == np.float32
+    assert sparse.true_logprob.dtype == sparse.log_tail.dtype == np.float32
+    assert sparse.log_tail_sqrt.dtype == np.float16
     assert sparse.topk_logprobs.shape == sparse.topk_ids.shape == (3, 2, 7)
     assert sparse.topk_logprobs.dtype == np.float16 and sparse.topk_ids.dtype == np.uint16
     assert sparse.tail_ids.shape == (3, 2, 4) and sparse.logprobs is None

@@ -104,7 +104,7 @@ def model_arrays(entry: ModelEntry, views: int) -> dict[str, tuple[tuple[int, ..
     arrays["topk_logprobs"] = ((views, entry.topk), fp16)
     arrays["topk_ids"] = ((views, entry.topk), ids)
     arrays["log_tail"] = ((views,), fp32)
-    arrays["log_tail_sqrt"] = ((views,), fp32)
+    arrays["log_tail_sqrt"] = ((views,), fp16)
     if entry.tail == TailModel.SAMPLED.value:
         arrays["tail_ids"] = ((views, entry.tail_samples), ids)
     return arrays

@@ -39,7 +39,7 @@ class ModelTargets:
     topk_logprobs: np.ndarray | None = None  # [b, K] fp16, descending (sparse)
     topk_ids: np.ndarray | None = None  # [b, K] uint16 / uint32
     log_tail: np.ndarray | None = None  # [b] fp32, log of the mass outside the top-k and label
-    log_tail_sqrt: np.ndarray | None = None  # [b] fp32, log of the sum of sqrt(p) there
+    log_tail_sqrt: np.ndarray | None = None  # [b] fp16, log of the sum of sqrt(p) there
     tail_ids: np.ndarray | None = None  # [b, S] sorted tail draws (sampled tail)
 
 
