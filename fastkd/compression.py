@@ -3,13 +3,15 @@
 Every target keeps, at T = 1, the exact fp32 log-probability of the label (``true_logprob``), so
 the partition rule compares exact confidences whatever else is dropped. The distribution itself
 is kept either dense (every class's log-probability in fp16) or sparse: the top-k classes' ids and
-fp16 log-probabilities, and two fp32 numbers about the tail, the classes outside the top-k and
-the label: ``log_tail = log sum_tail p_i`` (its mass at T = 1, summed over the tail, not 1 minus
-the rest: exact even when tiny) and ``log_tail_sqrt = log sum_tail p_i^(1/2)`` (its mass at
-T = 2 before normalisation, in fp16: it only sets the tail's mass at T != 1, to 0.1%). With ``log n`` (n tail classes) they pin ``A(b) = log sum_tail
-p_i^b`` at b = 0, 1/2 and 1; ``A`` is taken as the parabola through them (exact for Gaussian tail
-logits; ``tail_logmass``), which gives the tail's mass at any T. Without the second number the
-tail's mass at T = 2 is a guess that misses by far more than the tail's shape does.
+fp16 log-probabilities, and two numbers about the tail, the classes outside the top-k and the
+label: ``log_tail = log sum_tail p_i`` (its mass at T = 1, fp32, summed over the tail, not 1
+minus the rest: exact even when tiny) and ``log_tail_sqrt = log sum_tail p_i^(1/2)`` (its mass at
+T = 2 before normalisation, fp16: it only sets the tail's mass at T != 1). With ``log n`` (n tail
+classes) they pin ``A(b) = log sum_tail p_i^b`` at b = 0, 1/2 and 1; elsewhere ``A`` is
+estimated by the parabola through them (exact for Gaussian tail logits) kept within the bounds
+every tail obeys (``tail_logmass``): the tail's mass is exact at T = 1 and 2, an estimate at
+other T. Without the second number the tail's mass at T = 2 is a guess that misses by far more
+than the tail's shape does.
 
 Log-probabilities, not logits: fp16 keeps a log-probability near 0 (the classes that carry the
 mass) to about 1e-6, where it keeps a logit of 20 to 1e-2, so the stored distribution sums to 1
@@ -21,8 +23,9 @@ described by one of three tail models:
   the student's shape inside the tail is left free;
 * ``sampled``: the tail is represented by ``tail_samples`` ids drawn from it by systematic
   sampling (one uniform per row, sorted ids, repeats allowed), each carrying ``1 / tail_samples``
-  of the tail mass: unbiased at T = 1 for every class, the variance shrinking across the stored
-  views and epochs (after Sparse Logit Sampling, Anshumann et al., 2025).
+  of the tail mass: unbiased at T = 1 for every class; each stored view has its own draws, so
+  training averages over at most V draw sets (after Sparse Logit Sampling, Anshumann et al.,
+  2025).
 
 How each is read at a temperature T, and the loss it gives, is in ``fastkd.kernels.targets``.
 """
@@ -142,21 +145,32 @@ def systematic_draws(
     steps = torch.arange(count, device=outside.device, dtype=torch.float64)
     positions = (uniforms.double().unsqueeze(-1) + steps) / count
     ids = torch.searchsorted(cdf.contiguous(), positions.contiguous(), right=True)
-    ids = ids.clamp_max(outside.shape[-1] - 1)
+    # A position that rounds to 1.0 lands past the end: take the last class with weight.
+    ids = torch.minimum(ids, (cdf < 1).sum(-1, keepdim=True))
     return torch.where(has_tail, ids, fallback.expand_as(ids))
 
 
 def tail_logmass(
     log_tail: torch.Tensor, log_tail_sqrt: torch.Tensor, tail_count: torch.Tensor, beta: float
 ) -> torch.Tensor:
-    """``A(beta) = log sum_tail p_i^beta`` from the parabola through (0, log n), (1/2,
-    log_tail_sqrt) and (1, log_tail): the tail's unnormalised mass at T = 1 / beta (exact at
-    T = 1 and 2). ``-inf`` where the tail is empty or massless."""
+    """An estimate of ``A(beta) = log sum_tail p_i^beta``, the tail's unnormalised mass at
+    T = 1 / beta: the stored values at beta = 1 and 1/2, elsewhere the parabola through
+    (0, log n), (1/2, log_tail_sqrt) and (1, log_tail), kept within the bounds every tail obeys
+    (between beta A(1) and (1 - beta) log n + beta A(1): power means). ``-inf`` where the tail
+    is empty or massless."""
     import torch
 
-    a0 = tail_count.to(log_tail.dtype).clamp_min(1).log()
-    d1, dh = log_tail - a0, log_tail_sqrt - a0
-    a2 = 2.0 * (d1 - 2.0 * dh)
-    value = a0 + (d1 - a2) * beta + a2 * beta * beta
+    log_tail_sqrt = log_tail_sqrt.to(log_tail.dtype)
+    if beta == 1.0:
+        value = log_tail
+    elif beta == 0.5:
+        value = log_tail_sqrt
+    else:
+        a0 = tail_count.to(log_tail.dtype).clamp_min(1).log()
+        d1, dh = log_tail - a0, log_tail_sqrt - a0
+        a2 = 2.0 * (d1 - 2.0 * dh)
+        value = a0 + (d1 - a2) * beta + a2 * beta * beta
+        power, chord = beta * log_tail, (1.0 - beta) * a0 + beta * log_tail
+        value = value.clamp(torch.minimum(power, chord), torch.maximum(power, chord))
     empty = (tail_count <= 0) | torch.isneginf(log_tail)
     return torch.where(empty, float("-inf"), value)

@@ -2,8 +2,8 @@
 
 Per row (one sample view), with student logits z, label y and M stored pool members:
 
-* Confidence and partition at T = 1 (``fastkd.partition.select_teacher``): ``log p_m(y) =
-  true_logit_m - lse_m``; the best teacher is the first member of highest log p(y), excluding the
+* Confidence and partition at T = 1 (``fastkd.partition.select_teacher``): ``log p_m(y)``, the
+  member's stored ``true_logprob``; the best teacher is the first member of highest log p(y), excluding the
   student's own column ``self_index``. ``live`` (Bi-KD): it teaches only where log p_t(y) is strictly
   above the current student's; ``fixed`` (KL+DP): the target is the teacher where it is strictly
   above the student's stored initial self, else the stored self; ``all``: the teacher on every row.
@@ -509,7 +509,7 @@ else:
                 tl.load(log_tail_ptr + member_offset), tl.load(log_tail_sqrt_ptr + member_offset),
                 z_label, z_sum, lse, lse_t * LN2, num_classes, topk, tail_samples,
                 inv_temperature, temperature, kd_weight, ce_weight,
-                TAIL, BLOCK_K, BLOCK_S,
+                TAIL, TEMPERATURE, BLOCK_K, BLOCK_S,
             )  # fmt: skip
         elif TEMPERATURE != T_UNIT:
             target_lse_t = tm + tl.log2(ts)

@@ -23,19 +23,32 @@ STUDENT_TAIL_FLOOR = 2.0**-20
 cannot resolve it: the tail's gradient, at most T P_T in sum, is then underestimated."""
 
 if triton is not None:
+    from fastkd.kernels.common import T_HALF, T_UNIT
+
     _FLOOR = tl.constexpr(STUDENT_TAIL_FLOOR)
     TAIL_UNIFORM = tl.constexpr(TAIL_UNIFORM)  # the kernels compare constexprs to these
     TAIL_BUCKET = tl.constexpr(TAIL_BUCKET)
     TAIL_SAMPLED = tl.constexpr(TAIL_SAMPLED)
 
     @triton.jit
-    def _tail_logmass(log_tail, log_tail_sqrt, tail_count, beta):
-        """``compression.tail_logmass``: the parabola through (0, log n), (1/2, log_tail_sqrt)
-        and (1, log_tail), at beta; -inf for an empty or massless tail."""
-        a0 = tl.log(tl.maximum(tail_count, 1.0))
-        d1 = log_tail - a0
-        a2 = 2.0 * (d1 - 2.0 * (log_tail_sqrt - a0))
-        value = a0 + (d1 - a2) * beta + a2 * beta * beta
+    def _tail_logmass(log_tail, log_tail_sqrt, tail_count, beta, TEMPERATURE: tl.constexpr):
+        """``compression.tail_logmass``: the stored value at T = 1 and 2, else the parabola
+        through (0, log n), (1/2, log_tail_sqrt) and (1, log_tail) within the power-mean bounds;
+        -inf for an empty or massless tail."""
+        if TEMPERATURE == T_UNIT:
+            value = log_tail
+        elif TEMPERATURE == T_HALF:
+            value = log_tail_sqrt
+        else:
+            a0 = tl.log(tl.maximum(tail_count, 1.0))
+            d1 = log_tail - a0
+            a2 = 2.0 * (d1 - 2.0 * (log_tail_sqrt - a0))
+            value = a0 + (d1 - a2) * beta + a2 * beta * beta
+            power = beta * log_tail
+            chord = (1.0 - beta) * a0 + beta * log_tail
+            value = tl.minimum(
+                tl.maximum(value, tl.minimum(power, chord)), tl.maximum(power, chord)
+            )
         has_tail = (tail_count > 0) & (log_tail > float("-inf"))
         return tl.where(has_tail, value, float("-inf")), has_tail
 
@@ -61,6 +74,7 @@ if triton is not None:
         kd_weight,
         ce_weight,
         TAIL: tl.constexpr,
+        TEMPERATURE: tl.constexpr,
         BLOCK_K: tl.constexpr,
         BLOCK_S: tl.constexpr,
     ):
@@ -78,7 +92,7 @@ if triton is not None:
         label_is_extra = tl.sum((known & (ids == label)).to(tl.int32), axis=0) == 0
         extra = label_is_extra.to(tl.float32)
         tail_count = (num_classes - topk - label_is_extra.to(tl.int32)).to(tl.float32)
-        log_mass, has_tail = _tail_logmass(log_tail, log_tail_sqrt, tail_count, beta)
+        log_mass, has_tail = _tail_logmass(log_tail, log_tail_sqrt, tail_count, beta, TEMPERATURE)
 
         # The target at T: known p^(1/T) and the tail's mass at T, normalised.
         known_t = tl.where(known, values * beta, float("-inf"))

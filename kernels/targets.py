@@ -8,17 +8,16 @@ the mass outside the top-k and the label (sparse), read by one of three tail mod
 This module is the reference definition of what a sparse target means at a temperature T, the
 one the Triton kernel re-implements in registers (the tests hold the two equal, and sparse equal
 to dense when nothing is left outside the known classes). The known classes are the top-k plus
-the label; the n unknown ones share the tail mass P:
+the label, the n unknown ones the tail. At T the known classes get p^(1/T) and the tail its
+mass at T, ``exp(A(1/T))`` (``compression.tail_logmass``: exact at T = 1 and 2), all normalised;
+the tail's mass is spread
 
-* ``uniform``: each unknown class gets log-probability log(P / n) at T = 1; the target at T is
-  softmax of the full-vocabulary log-probabilities / T;
-* ``bucket``: the same target as ``uniform`` on the known classes at every T, and its tail as one
-  bucket of mass P_T = 1 - sum_known p_T; the divergence is the KL of the (known + 1)-bucket
-  distributions, the student's tail bucket being the sum of its probabilities there (so its shape
-  inside the tail is free: its gradient at an unknown class i is T q_i (1 - P_T / Q_T));
-* ``sampled``: each stored draw carries P / S at T = 1 (repeats add up), undrawn unknown classes
-  get nothing; the target at T is that distribution raised to 1 / T and renormalised (unbiased
-  at T = 1 only).
+* ``uniform``: equally over the n unknown classes;
+* ``bucket``: as uniform, but the divergence is the KL of the (known + 1)-bucket distributions,
+  the student's tail bucket being the sum of its probabilities there (so its shape inside the
+  tail is free: its gradient at an unknown class i is T q_i (1 - P_T / Q_T));
+* ``sampled``: over the drawn ids by their counts (each of the S draws carries 1 / S of it);
+  undrawn classes get nothing. At T = 1 this is unbiased for every class; at other T it is not.
 
 Dense targets at T = 1 are the stored log-probabilities as they are (their fp16 rounding leaves
 the sum a hair off 1; the loss used, sum p log p - sum p z / T + lse(z / T), has gradient q_T - p
@@ -208,6 +207,16 @@ class PoolTargets:
                     (ids >= 0) & (ids < num_classes),
                     f"PoolTargets.{name} holds ids outside [0, {num_classes})",
                 )
+        if self.tail_ids is not None:  # the kernel counts repeats as neighbours of sorted draws
+            draws = self.tail_ids
+            assert_all(
+                draws[..., 1:] >= draws[..., :-1], "PoolTargets.tail_ids must be sorted per row"
+            )
+            clash = (draws.unsqueeze(-1) == self.topk_ids.unsqueeze(-2)).any(-1).any(-1)
+            assert_all(
+                ~clash | torch.isneginf(self.log_tail),
+                "PoolTargets.tail_ids draws a top-k class: draws come from the tail only",
+            )
 
     # -- the reference reading (module docstring) ------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastkd.compression import tail_logmass
 from fastkd.kernels import (
     PartitionedKDConfig,
     PartitionedKDLoss,
@@ -147,7 +148,7 @@ def test_all_rows_ignored_give_zero_loss_and_gradient():
     assert torch.count_nonzero(stats.kl) == 0
 
 
-def test_labels_outside_topk_use_the_exact_true_class_logit():
+def test_labels_outside_topk_use_the_exact_true_class_logprob():
     student, labels, _ = make_case(4, 200, seed=3)
     pool = torch.randn(4, 2, 200, generator=torch.Generator().manual_seed(5))
     labels = pool[:, 0].argmin(dim=1)  # the label is the least likely class of member 0
@@ -335,3 +336,37 @@ def test_pool_targets_refuse_mismatched_tensors():
     sparse.topk_ids[0, 0, 0] = 10
     with pytest.raises(ValueError, match="ids outside"):
         sparse.check(num_rows=2, num_classes=10)
+
+
+def test_tail_logmass_is_exact_at_t_1_and_2_and_bounded_elsewhere():
+    """The tail's mass at T: the stored values at T = 1 and 2; elsewhere an estimate that stays
+    within the power-mean bounds of any tail, and close for Gaussian tail logits."""
+    gen = torch.Generator().manual_seed(0)
+    steep = -3.0 * torch.arange(1, 991, dtype=torch.float64).log()  # a ranked, fast-falling tail
+    gaussian = torch.randn(990, generator=gen, dtype=torch.float64) * 1.5 - 9.0
+    for logits in (steep, gaussian):
+        log_p = logits - 5.0  # the tail's log-probabilities (its mass < 1)
+        log_tail, log_tail_sqrt = log_p.logsumexp(0), (log_p / 2).logsumexp(0)
+        count = torch.tensor(990)
+        for beta in (1.0, 0.5, 0.8, 0.25, 1.5):
+            estimate = tail_logmass(log_tail, log_tail_sqrt, count, beta)
+            exact = (beta * log_p).logsumexp(0)
+            if beta in (1.0, 0.5):
+                assert estimate == exact
+            chord = (1 - beta) * count.double().log() + beta * log_tail
+            low, high = sorted((beta * log_tail.item(), chord.item()))
+            assert low - 1e-12 <= estimate.item() <= high + 1e-12
+            if logits is gaussian and beta < 1:  # between the stored points: close (the
+                assert abs(estimate - exact) < 0.05  # parabola is exact for Gaussian logits)
+    assert torch.isneginf(tail_logmass(log_tail, log_tail_sqrt, torch.tensor(0), 0.25))
+
+
+def test_pool_targets_refuse_unsorted_draws_and_draws_from_the_top_k():
+    targets = hand_case("sampled")
+    targets.check(num_rows=1, num_classes=5)
+    unsorted = PoolTargets(**{**targets.__dict__, "tail_ids": torch.tensor([[[2, 1]]])})
+    with pytest.raises(ValueError, match="tail_ids must be sorted"):
+        unsorted.check(num_rows=1, num_classes=5)
+    known = PoolTargets(**{**targets.__dict__, "tail_ids": torch.tensor([[[1, 3]]])})
+    with pytest.raises(ValueError, match="draws a top-k class"):
+        known.check(num_rows=1, num_classes=5)
