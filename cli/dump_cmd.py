@@ -65,8 +65,13 @@ def dump(
         ),
     ] = None,
     tail_samples: Annotated[
-        int, typer.Option(min=1, help="Ids drawn from the tail per view (--tail sampled).")
-    ] = 8,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Ids drawn from the tail per view, for --tail sampled (default 8).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the view replay (crops, flips).")] = 0,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Views per forward pass of each model.")

@@ -37,6 +37,7 @@ from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_part, resolv
 from fastkd.views import AugmentConfig, all_views
 
 log = logging.getLogger(__name__)
+DEFAULT_TAIL_SAMPLES = 8  # draws per view of the sampled tail when --tail-samples is not given
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DumpConfig:
     views: int = 8  # stored views per sample; view 0 is the eval view
     topk: int = 10  # stored top-k classes per view (dense when that is about as small)
     tail: str | None = None  # tail model of sparse targets; None: the default, dense if small
-    tail_samples: int = 8  # draws per view of the sampled tail
+    tail_samples: int | None = None  # draws per view of the sampled tail (default 8)
     seed: int = 0  # view replay seed
     batch_size: int = 256  # (sample, view) items per forward
     backend: Backend = "auto"  # "dali", "torch", or DALI when installed
@@ -75,8 +76,19 @@ class DumpConfig:
             raise ConfigError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
         if self.tail is not None:
             self.tail = parse_tail(self.tail).value
-        if self.tail_samples < 1:
-            raise ConfigError(f"--tail-samples must be >= 1, got {self.tail_samples}")
+            if self.topk == 0:
+                raise ConfigError(
+                    f"--tail {self.tail} describes the classes outside a top-k, but --topk 0 "
+                    "stores every class: give --topk K (K >= 1) or leave --tail out"
+                )
+        if self.tail_samples is not None:
+            if self.tail != TailModel.SAMPLED.value:
+                raise ConfigError(
+                    f"--tail-samples {self.tail_samples} is for --tail sampled, got --tail "
+                    f"{self.tail or '(default: ' + DEFAULT_TAIL.value + ')'}"
+                )
+            if self.tail_samples < 1:
+                raise ConfigError(f"--tail-samples must be >= 1, got {self.tail_samples}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
@@ -97,6 +109,13 @@ def model_entry(cfg: DumpConfig, member: LoadedModel) -> ModelEntry:
     """A pool member's manifest entry: how its targets are stored (dense, or top-k and tail)."""
     topk = resolve_topk(member.num_classes, cfg.topk, cfg.tail)
     tail = parse_tail(cfg.tail or DEFAULT_TAIL) if topk else None
+    if cfg.tail and not topk:
+        log.warning(
+            "model %r: --topk %d keeps all of its %d classes, so it is stored dense (no tail)",
+            member.spec.name,
+            cfg.topk,
+            member.num_classes,
+        )
     return ModelEntry(
         name=member.spec.name,
         arch=member.spec.arch,
@@ -105,7 +124,7 @@ def model_entry(cfg: DumpConfig, member: LoadedModel) -> ModelEntry:
         num_classes=member.num_classes,
         topk=topk,
         tail=tail.value if tail else None,
-        tail_samples=cfg.tail_samples if tail is TailModel.SAMPLED else 0,
+        tail_samples=(cfg.tail_samples or DEFAULT_TAIL_SAMPLES) if tail is TailModel.SAMPLED else 0,
     )
 
 
@@ -272,7 +291,13 @@ def _infer_blocks(
     loader has moved past it (blocks with no readable image are written empty, all skipped)."""
     on_gpu = device.type == "cuda"
     for member in pool:
-        fp32_classifier(member.model)  # the stored numbers are fp32 whatever the backbone ran in
+        # The stored numbers are fp32 computations whatever the backbone ran in.
+        if not fp32_classifier(member.model) and cfg.amp and on_gpu:
+            log.warning(
+                "model %r has no timm classifier (get_classifier) to run in fp32: its logits, "
+                "and so its stored targets, are only as precise as autocast's bf16",
+                member.spec.name,
+            )
         member.model.to(
             device, memory_format=torch.channels_last if on_gpu else torch.preserve_format
         )

@@ -23,6 +23,7 @@ from reference_views import reference_inputs
 from typer.testing import CliRunner
 
 from fastkd.cli.main import app
+from fastkd.dump import DumpConfig
 from fastkd.models import save_checkpoint
 
 if TYPE_CHECKING:
@@ -347,3 +348,18 @@ def test_cli_help_explains_every_option() -> None:
                    "--crop-scale", "--crop-ratio", "--hflip", "--eval-crop-pct"):  # fmt: skip
         assert option in text
     assert "torchrun's RANK/WORLD_SIZE" in text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"topk": 0, "tail": "bucket"}, "--tail bucket describes the classes outside a top-k"),
+        ({"tail_samples": 4}, r"--tail-samples 4 is for --tail sampled, got --tail \(default"),
+        ({"tail": "uniform", "tail_samples": 4}, "got --tail uniform"),
+        ({"tail": "wide"}, "unknown tail model 'wide'"),
+    ],
+)
+def test_target_options_that_would_be_ignored_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        DumpConfig(data=Path("d"), models=["m"], out=Path("o"), **options)
+    assert DumpConfig(data=Path("d"), models=["m"], out=Path("o"), tail="sampled", tail_samples=4)

@@ -123,7 +123,7 @@ class DemoConfig:
                 out=Path(),
                 topk=self.topk,
                 tail=self.tail,
-                tail_samples=self.tail_samples,
+                tail_samples=self.dump_tail_samples,
             )
         except ConfigError as error:
             problems.append(f"stored targets: {error}")
@@ -131,6 +131,11 @@ class DemoConfig:
             object.__setattr__(self, "tail", targets.tail)
         if problems:
             raise ConfigError("invalid demo configuration: " + "; ".join(problems))
+
+    @property
+    def dump_tail_samples(self) -> int | None:
+        """The draws the dump is given: only the sampled tail reads them."""
+        return self.tail_samples if self.tail == "sampled" else None
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:

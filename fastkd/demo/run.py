@@ -152,7 +152,7 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> D
                 views=cfg.views,
                 topk=cfg.topk,
                 tail=cfg.tail,
-                tail_samples=cfg.tail_samples,
+                tail_samples=cfg.dump_tail_samples,
                 seed=cfg.pool_seed,
                 augment=cfg.augment,
                 backend=cfg.backend,
