@@ -2,8 +2,8 @@
 
 Confidence is the log-probability of the true class at temperature 1, ``log p_m(y) = z_m[y] -
 logsumexp(z_m)``. Comparing log-probabilities is the same as comparing probabilities, and it is
-exact for stored targets (the store keeps the true-class logit and the log-sum-exp of the full
-logits, so p_m(y) is exact even when y is outside the stored top-k). The partition is always taken
+exact for stored targets (the store keeps log p_m(y) in fp32 whatever else it drops, so it is
+exact even when y is outside the stored top-k). The partition is always taken
 at T = 1, whatever temperature the KL term uses, as in Bi-KD and KL+DP (both use T = 1).
 
 The Triton kernels re-implement these comparisons in-register; their torch references call the

@@ -22,7 +22,7 @@ exercised where a wrong promise is a misaligned access: ``contiguous``; ``padded
 apart: for odd C every row starts at another 16-byte phase, and a dense teacher is laid out with
 its rows in the student's phase, so the kernel promises vector loads on it as well);
 ``odd-stride`` (rows C + 3 apart); ``unaligned`` (``logits[:, 1:]`` of a [B, C + 1] buffer: no
-vector loads). Top-k logits and ids take the same layout along K.
+vector loads). Top-k log-probabilities, ids and draws take the same layout along K.
 
 References: each kernel's torch reference in fp64, computed in chunks of rows (B x C fp64 of the
 largest shape is 8 GiB), each row's loss weighted by what the reduction, ``scale`` and
