@@ -89,8 +89,10 @@ def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
         )
     ]
     configs += [
-        Config("partitioned", rows, classes, teacher="dense-bfloat16", mode="live", temperature=t)
-        for (rows, classes), t in itertools.product(shapes, (2.0, 4.0))
+        Config("partitioned", rows, classes, teacher=teacher, mode="live", temperature=t)
+        for (rows, classes), teacher, t in itertools.product(
+            shapes, ("dense-bfloat16", "top10-bucket-int64"), (2.0, 4.0)
+        )
     ]
     configs += [
         Config("bidirectional", rows, classes, models=n, stop_grad=stop)

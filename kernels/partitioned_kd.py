@@ -55,6 +55,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 _MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.ALL: 2}
+BUCKET_MAX_TILE = 2048  # the bucket tail's pass 1 keeps one more sum: half tiles, no spill
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
 
@@ -178,6 +179,8 @@ def launch_partitioned_kd(
         tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
     block = common.tile_width(num_classes, config.max_block)
+    if targets.is_sparse and targets.tail is TailModel.BUCKET:
+        block = min(block, BUCKET_MAX_TILE)
     vec = common.vector_width(student_logits)
     row_stride, member_stride = target_values.stride()[:2]
     launch(
@@ -233,6 +236,7 @@ if triton is None:  # pragma: no cover
 else:
     from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT, split_row, store_row_stats
     from fastkd.kernels.sparse_target import (
+        TAIL_BUCKET,
         TAIL_SAMPLED,
         TAIL_UNIFORM,
         correct_drawn_gradient,
@@ -246,14 +250,18 @@ else:
         m,
         s1,
         s_t,
+        rest,
         z_sum,
         inv_temperature,
         TEMPERATURE: tl.constexpr,
         SUM_Z: tl.constexpr,
+        SUM_REST: tl.constexpr,
         MASKED: tl.constexpr,
     ):
         """Pass 1 on one tile of the student: online sums of exp at T = 1 and at T, in log2
-        units (``m`` the running max of z * log2 e), and the plain sum of z (uniform tails)."""
+        units (``m`` the running max of z * log2 e), the plain sum of z (uniform tails) and the
+        sum at T without one maximal element (bucket tails: the student's tail mass without the
+        cancellation of 1 minus a known mass near 1)."""
         if MASKED:
             z = tl.load(z_ptrs, mask=mask, other=float("-inf")).to(tl.float32)
         else:
@@ -261,22 +269,35 @@ else:
         u = z * LOG2E
         m_new = tl.maximum(m, tl.max(u, axis=0))
         if TEMPERATURE == T_UNIT:
-            s1 = s1 * tl.exp2(m - m_new) + tl.sum(tl.exp2(u - m_new), axis=0)
+            e = tl.exp2(u - m_new)
+            old = s1
+            s1 = s1 * tl.exp2(m - m_new) + tl.sum(e, axis=0)
+            shrink = tl.exp2(m - m_new)
         elif TEMPERATURE == T_HALF:  # T = 2: exp((z - m) / 2) squared is exp(z - m)
             e = tl.exp2((u - m_new) * 0.5)
             s1 = s1 * tl.exp2(m - m_new) + tl.sum(e * e, axis=0)
-            s_t = s_t * tl.exp2((m - m_new) * 0.5) + tl.sum(e, axis=0)
+            old = s_t
+            shrink = tl.exp2((m - m_new) * 0.5)
+            s_t = s_t * shrink + tl.sum(e, axis=0)
         else:
             s1 = s1 * tl.exp2(m - m_new) + tl.sum(tl.exp2(u - m_new), axis=0)
-            s_t = s_t * tl.exp2((m - m_new) * inv_temperature) + tl.sum(
-                tl.exp2((u - m_new) * inv_temperature), axis=0
-            )
+            e = tl.exp2((u - m_new) * inv_temperature)
+            old = s_t
+            shrink = tl.exp2((m - m_new) * inv_temperature)
+            s_t = s_t * shrink + tl.sum(e, axis=0)
+        if SUM_REST:
+            # A new maximum turns the whole old sum into the rest and leaves one of its equals
+            # (terms of exactly 1) out; every term is added, never subtracted.
+            moved = m_new > m
+            kept = tl.where(moved, old * shrink, rest)
+            ones = tl.sum((e == 1.0).to(tl.float32), axis=0) - moved.to(tl.float32)
+            rest = kept + tl.sum(tl.where(e < 1.0, e, 0.0), axis=0) + ones
         if SUM_Z:
             if MASKED:
                 z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
             else:
                 z_sum += tl.sum(z, axis=0)
-        return m_new, s1, s_t, z_sum
+        return m_new, s1, s_t, rest, z_sum
 
     @triton.jit
     def _teacher_stats(t_ptrs, mask, m, s, inv_temperature, MASKED: tl.constexpr):
@@ -292,18 +313,19 @@ else:
 
     @triton.jit
     def _pass1_part(
-        z_row, t_row, cols, mask, m, s1, s_t, z_sum, tm, ts, inv_temperature,
+        z_row, t_row, cols, mask, m, s1, s_t, rest, z_sum, tm, ts, inv_temperature,
         TEMPERATURE: tl.constexpr, SPARSE: tl.constexpr, SUM_Z: tl.constexpr,
-        MASKED: tl.constexpr,
+        SUM_REST: tl.constexpr, MASKED: tl.constexpr,
     ):  # fmt: skip
         """Pass 1 on the columns ``cols`` of the student's row (and of a dense teacher's at
         T != 1, whose log-sum-exp at T it needs; at T = 1 it is normalised as stored)."""
-        m, s1, s_t, z_sum = _student_stats(
-            z_row + cols, mask, m, s1, s_t, z_sum, inv_temperature, TEMPERATURE, SUM_Z, MASKED
-        )
+        m, s1, s_t, rest, z_sum = _student_stats(
+            z_row + cols, mask, m, s1, s_t, rest, z_sum, inv_temperature, TEMPERATURE, SUM_Z,
+            SUM_REST, MASKED,
+        )  # fmt: skip
         if not SPARSE and TEMPERATURE != T_UNIT:
             tm, ts = _teacher_stats(t_row + cols, mask, tm, ts, inv_temperature, MASKED)
-        return m, s1, s_t, z_sum, tm, ts
+        return m, s1, s_t, rest, z_sum, tm, ts
 
     @triton.jit
     def _gradient_tile(
@@ -424,6 +446,7 @@ else:
         TEACHER_VEC: tl.constexpr,  # a dense teacher's alignment in its elements there (1: none)
     ):
         SUM_Z: tl.constexpr = SPARSE and TAIL == TAIL_UNIFORM
+        SUM_REST: tl.constexpr = SPARSE and TAIL == TAIL_BUCKET
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
@@ -460,25 +483,29 @@ else:
         m = float("-inf")
         s1 = 0.0
         s_t = 0.0
+        rest = 0.0
         z_sum = 0.0
         tm = float("-inf")
         ts = 0.0
         if head > 0:
-            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+            m, s1, s_t, rest, z_sum, tm, ts = _pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, True,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
+                SUM_REST, True,
             )  # fmt: skip
         for tile in tl.range(0, full_tiles):
             start = head + tile * BLOCK_C
-            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+            m, s1, s_t, rest, z_sum, tm, ts = _pass1_part(
                 student_ptr + tl.multiple_of(student_offset + start, VEC),
                 target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, False,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
+                SUM_REST, False,
             )  # fmt: skip
         if tail_start < num_classes:
-            m, s1, s_t, z_sum, tm, ts = _pass1_part(
+            m, s1, s_t, rest, z_sum, tm, ts = _pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
-                m, s1, s_t, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z, True,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
+                SUM_REST, True,
             )  # fmt: skip
 
         # Row statistics (log2 units for the passes, natural units for the loss).
@@ -507,7 +534,8 @@ else:
                 draws_ptr + row * draws_row_stride + candidate * draws_member_stride,
                 label, tl.load(true_logprob_ptr + member_offset),
                 tl.load(log_tail_ptr + member_offset), tl.load(log_tail_sqrt_ptr + member_offset),
-                z_label, z_sum, lse, lse_t * LN2, num_classes, topk, tail_samples,
+                z_label, z_sum, lse, lse_t * LN2, m, s1 if TEMPERATURE == T_UNIT else s_t, rest,
+                num_classes, topk, tail_samples,
                 inv_temperature, temperature, kd_weight, ce_weight,
                 TAIL, TEMPERATURE, BLOCK_K, BLOCK_S,
             )  # fmt: skip

@@ -18,12 +18,11 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 TAIL_UNIFORM, TAIL_BUCKET, TAIL_SAMPLED = 0, 1, 2
-STUDENT_TAIL_FLOOR = 2.0**-20
-"""The bucket tail's student mass is 1 - its known mass in fp32, floored here where rounding
-cannot resolve it: the tail's gradient, at most T P_T in sum, is then underestimated."""
+STUDENT_TAIL_FLOOR = 1e-30
+"""Floor of the bucket tail's student mass (no division by an underflowed 0)."""
 
 if triton is not None:
-    from fastkd.kernels.common import T_HALF, T_UNIT
+    from fastkd.kernels.common import LOG2E, T_HALF, T_UNIT
 
     _FLOOR = tl.constexpr(STUDENT_TAIL_FLOOR)
     TAIL_UNIFORM = tl.constexpr(TAIL_UNIFORM)  # the kernels compare constexprs to these
@@ -66,6 +65,9 @@ if triton is not None:
         z_sum,
         lse,
         student_lse_t,
+        student_max,
+        student_sum_t,
+        student_rest_t,
         num_classes,
         topk,
         tail_samples,
@@ -81,7 +83,9 @@ if triton is not None:
         """The row's KL, pass 2's tail coefficients and the gradient at the known / drawn ids.
 
         ``lse`` and ``student_lse_t``: the student's log-sum-exp of z and of z / T; ``z_sum``
-        its row sum (uniform tail only)."""
+        its row sum (uniform tail only); ``student_max`` its max of z log2 e and, in units of
+        exp2((z log2 e - max) / T), ``student_sum_t`` its sum at T and ``student_rest_t`` that sum
+        without one maximal element (bucket tail only)."""
         beta = inv_temperature
         label = label.to(tl.int32)  # ids are int32 in registers (C < 2^31): half the registers
         # Known classes: the top-k, and the label when it is not among them.
@@ -130,12 +134,25 @@ if triton is not None:
                 0.0,
             )
         elif TAIL == TAIL_BUCKET:
-            # One bucket: the student's tail mass Q_T = 1 - its known mass (floored where fp32
-            # cannot resolve it); the gradient there is T q_T (1 - P_T / Q_T).
-            student_tail = tl.maximum(
-                1.0 - tl.sum(tl.where(known, q_known, 0.0), axis=0) - extra * q_label,
-                _FLOOR,
+            # One bucket: the student's tail mass Q_T. Where a known class holds the student's
+            # maximum, Q_T is its sum at T without that element less the other known terms: no
+            # 1 - (a known mass near 1) cancellation. Otherwise the maximum is in the tail and
+            # Q_T = 1 - known mass is far from 0. The gradient there is T q_T (1 - P_T / Q_T).
+            # Terms of exactly 1 are the maximum's (and its equals'), as pass 1 counted them.
+            e_known = tl.where(known, tl.exp2((z_known * LOG2E - student_max) * beta), 0.0)
+            e_label = tl.where(label_is_extra, tl.exp2((z_label * LOG2E - student_max) * beta), 0.0)
+            at_max = tl.sum((e_known == 1.0).to(tl.float32), axis=0) + (e_label == 1.0).to(
+                tl.float32
             )
+            below = tl.sum(tl.where(e_known < 1.0, e_known, 0.0), axis=0) + tl.where(
+                e_label < 1.0, e_label, 0.0
+            )
+            tail_sum = tl.where(
+                at_max > 0,
+                student_rest_t - below - (at_max - 1.0),
+                student_sum_t - tl.sum(e_known, axis=0) - e_label,
+            )
+            student_tail = tl.maximum(tail_sum / student_sum_t, _FLOOR)
             kl += tl.where(
                 has_tail, tail_total * (log_mass - target_lse - tl.log(student_tail)), 0.0
             )

@@ -370,3 +370,20 @@ def test_pool_targets_refuse_unsorted_draws_and_draws_from_the_top_k():
     known = PoolTargets(**{**targets.__dict__, "tail_ids": torch.tensor([[[1, 3]]])})
     with pytest.raises(ValueError, match="draws a top-k class"):
         known.check(num_rows=1, num_classes=5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("boost", [10.0, 25.0, 40.0])
+def test_bucket_tail_with_a_student_sure_of_the_known_classes(temperature, boost):
+    """The student leaves less than 1e-9 of its mass in the tail (at boost 25 and T = 1): its
+    tail mass must not come from 1 minus its known mass, which fp32 rounds to nothing."""
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(4, 2, 1000, generator=gen) * 3
+    labels = torch.randint(0, 1000, (4,), generator=gen)
+    pool[torch.arange(4), :, labels] += 10
+    targets = PoolTargets.from_logits(pool, labels, 10, "bucket")
+    student = torch.randn(4, 1000, generator=gen)
+    student[torch.arange(4), labels] += boost
+    for row in range(4):  # the student's runners-up are the teacher's top-k
+        student[row, targets.topk_ids[row, 0]] += 8
+    assert_matches_reference(student, labels, targets, mode="all", temperature=temperature)
