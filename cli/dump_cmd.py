@@ -68,7 +68,8 @@ def dump(
         int | None,
         typer.Option(
             min=1,
-            help="Ids drawn from the tail per view, for --tail sampled (default 8).",
+            max=64,
+            help="Ids drawn from the tail per view, for --tail sampled (default 8, at most 64).",
             show_default=False,
         ),
     ] = None,

@@ -52,6 +52,7 @@ class TailModel(str, Enum):
 
 
 DEFAULT_TAIL = TailModel.BUCKET
+MAX_TAIL_SAMPLES = 64  # the kernel compares the draws pairwise in registers (checked at 64)
 
 
 def parse_tail(tail: str | TailModel) -> TailModel:
@@ -113,8 +114,10 @@ def compress_logits(
     out["log_tail"] = log_tail
     out["log_tail_sqrt"] = (0.5 * outside).logsumexp(-1).half()
     if tail is TailModel.SAMPLED:
-        if tail_samples < 1:
-            raise ConfigError(f"the sampled tail needs tail_samples >= 1, got {tail_samples}")
+        if not 1 <= tail_samples <= MAX_TAIL_SAMPLES:
+            raise ConfigError(
+                f"the sampled tail needs 1 <= tail_samples <= {MAX_TAIL_SAMPLES}, got {tail_samples}"
+            )
         if uniforms is None or uniforms.shape != log_tail.shape:
             raise ConfigError(
                 f"the sampled tail needs one uniform per row, {tuple(log_tail.shape)}"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastkd.compression import DEFAULT_TAIL, TailModel, parse_tail
+from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel, parse_tail
 from fastkd.data import (
     Backend,
     BadImageError,
@@ -87,8 +87,10 @@ class DumpConfig:
                     f"--tail-samples {self.tail_samples} is for --tail sampled, got --tail "
                     f"{self.tail or '(default: ' + DEFAULT_TAIL.value + ')'}"
                 )
-            if self.tail_samples < 1:
-                raise ConfigError(f"--tail-samples must be >= 1, got {self.tail_samples}")
+            if not 1 <= self.tail_samples <= MAX_TAIL_SAMPLES:
+                raise ConfigError(
+                    f"--tail-samples must be in [1, {MAX_TAIL_SAMPLES}], got {self.tail_samples}"
+                )
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from fastkd.compression import (
     DEFAULT_TAIL,
+    MAX_TAIL_SAMPLES,
     TailModel,
     compress_logits,
     parse_tail,
@@ -112,11 +113,13 @@ class PoolTargets:
         if (self.tail is TailModel.SAMPLED) != (self.tail_ids is not None):
             raise ConfigError("PoolTargets.tail_ids is given exactly when the tail is 'sampled'")
         if self.tail_ids is not None and (
-            self.tail_ids.dim() != 3 or tuple(self.tail_ids.shape[:2]) != rows_members
+            self.tail_ids.dim() != 3
+            or tuple(self.tail_ids.shape[:2]) != rows_members
+            or not 1 <= self.tail_ids.shape[2] <= MAX_TAIL_SAMPLES
         ):
             raise ConfigError(
-                f"PoolTargets.tail_ids must be [B, M, S] with [B, M] = {rows_members}, "
-                f"got {tuple(self.tail_ids.shape)}"
+                f"PoolTargets.tail_ids must be [B, M, S] with [B, M] = {rows_members} and "
+                f"1 <= S <= {MAX_TAIL_SAMPLES}, got {tuple(self.tail_ids.shape)}"
             )
 
     @classmethod

@@ -357,6 +357,7 @@ def test_cli_help_explains_every_option() -> None:
         ({"tail_samples": 4}, r"--tail-samples 4 is for --tail sampled, got --tail \(default"),
         ({"tail": "uniform", "tail_samples": 4}, "got --tail uniform"),
         ({"tail": "wide"}, "unknown tail model 'wide'"),
+        ({"tail": "sampled", "tail_samples": 65}, r"--tail-samples must be in \[1, 64\], got 65"),
     ],
 )
 def test_target_options_that_would_be_ignored_are_refused(options, message):

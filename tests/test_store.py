@@ -206,7 +206,10 @@ def test_manifest_checks_each_model_tail() -> None:
         manifest(models=bad)
     message = str(error.value)
     assert "model 'a': tail must be one of uniform, bucket, sampled, got 'wide'" in message
-    assert "model 'b': tail_samples must be >= 1 exactly for the sampled tail" in message
+    assert (
+        "model 'b': tail_samples must be in [1, 64] exactly for the sampled tail (0 otherwise), got 4"
+        in message
+    )
     assert "model 'c': tail_samples" in message
     assert "model 'd' is dense: it has no tail" in message
 

@@ -20,7 +20,7 @@ from typing import Any
 import zarr
 
 from fastkd import __version__
-from fastkd.compression import TailModel
+from fastkd.compression import MAX_TAIL_SAMPLES, TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
@@ -128,8 +128,11 @@ def _tail_problems(entry: ModelEntry) -> list[str]:
     if entry.tail not in tails:
         return [f"{where}: tail must be one of {', '.join(tails)}, got {entry.tail!r}"]
     sampled = entry.tail == TailModel.SAMPLED.value
-    if sampled != (entry.tail_samples > 0) or entry.tail_samples < 0:
-        return [f"{where}: tail_samples must be >= 1 exactly for the sampled tail"]
+    if sampled != (entry.tail_samples > 0) or not 0 <= entry.tail_samples <= MAX_TAIL_SAMPLES:
+        return [
+            f"{where}: tail_samples must be in [1, {MAX_TAIL_SAMPLES}] exactly for the sampled "
+            f"tail (0 otherwise), got {entry.tail_samples}"
+        ]
     return []
 
 
