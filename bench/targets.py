@@ -44,7 +44,7 @@ import torch
 from rich.console import Console
 from torch import Tensor
 
-from fastkd.compression import DEFAULT_TAIL, TailModel, raw_bytes_per_view
+from fastkd.compression import DEFAULT_TAIL, TailModel, id_bytes, raw_bytes_per_view
 from fastkd.data import open_dataset, view_loader
 from fastkd.demo.config import ARMS, DemoConfig, DemoLayout
 from fastkd.demo.report import DemoReport
@@ -58,7 +58,8 @@ from fastkd.views import AugmentConfig, view_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "targets-cpu.json"
 PARTS = ("synthetic", "pool", "transfer")
-FIXED_BYTES = 10  # true_logprob, log_tail (fp32), log_tail_sqrt (fp16): every sparse view
+# A sparse view's fixed bytes (true_logprob, log_tail, log_tail_sqrt): one class's row less one class.
+FIXED_BYTES = raw_bytes_per_view(1000, 1, TailModel.BUCKET, 0) - (2 + id_bytes(1000))
 KD_ARMS = ("live", "fixed", "all")  # the demo's arms that read the stored targets
 DIGITS_CLASSES = 10
 
@@ -99,14 +100,14 @@ DENSE = Setting("dense")
 def budget_settings(budget: int, num_classes: int) -> list[Setting]:
     """Every setting that stores at most ``budget`` raw bytes per view: uniform and bucket with the
     largest top-k that fits, the sampled tail with each top-k and the draws that fill the rest."""
-    id_bytes = 2 if num_classes <= 65536 else 4
-    per_class = 2 + id_bytes
+    draw = id_bytes(num_classes)
+    per_class = 2 + draw
     top = (budget - FIXED_BYTES) // per_class
     if top < 1:
         raise SystemExit(f"budget {budget} B: need at least {FIXED_BYTES + per_class} B")
     settings = [Setting(TailModel.UNIFORM.value, top), Setting(TailModel.BUCKET.value, top)]
     for topk in range(top, 0, -1):
-        samples = (budget - FIXED_BYTES - topk * per_class) // id_bytes
+        samples = (budget - FIXED_BYTES - topk * per_class) // draw
         if samples:
             settings.append(Setting(TailModel.SAMPLED.value, topk, samples))
     for setting in settings:

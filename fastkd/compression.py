@@ -64,13 +64,17 @@ def parse_tail(tail: str | TailModel) -> TailModel:
         raise ConfigError(f"unknown tail model {tail!r}; choose one of {choices}") from None
 
 
+def id_bytes(num_classes: int) -> int:
+    """Bytes of a stored class id: uint16 up to 65536 classes, else uint32."""
+    return 2 if num_classes <= 65536 else 4
+
+
 def raw_bytes_per_view(num_classes: int, topk: int, tail: TailModel, tail_samples: int) -> int:
     """Uncompressed bytes of one model's target per stored view (what equal-bytes compares)."""
-    id_bytes = 2 if num_classes <= 65536 else 4
     if topk == 0:
         return 4 + 2 * num_classes
     samples = tail_samples if tail is TailModel.SAMPLED else 0
-    return 4 + 4 + 2 + topk * (2 + id_bytes) + samples * id_bytes
+    return 4 + 4 + 2 + topk * (2 + id_bytes(num_classes)) + samples * id_bytes(num_classes)
 
 
 def compress_logits(

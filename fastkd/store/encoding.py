@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastkd.compression import TailModel, compress_logits, parse_tail
+from fastkd.compression import TailModel, compress_logits, id_bytes, parse_tail
 from fastkd.errors import ConfigError
 from fastkd.store.manifest import ModelEntry
 from fastkd.views import tail_uniforms
@@ -27,7 +27,7 @@ DENSE_SLACK = 1.25  # dense also wins when its raw bytes are within 25% of spars
 
 def id_dtype(num_classes: int) -> np.dtype:
     """Class-id dtype of sparse targets: uint16 up to 65536 classes, else uint32."""
-    return np.dtype(np.uint16 if num_classes <= 65536 else np.uint32)
+    return np.dtype(np.uint16 if id_bytes(num_classes) == 2 else np.uint32)
 
 
 def resolve_topk(num_classes: int, topk: int, tail: str | None = None) -> int:

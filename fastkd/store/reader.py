@@ -287,7 +287,7 @@ class StoreReader:
         modes = {(e.topk, e.tail, e.tail_samples) for e in entries}
         if len(modes) != 1:
             raise ConfigError(
-                "read_pool needs one storage mode for all models, got "
+                f"store {self.path}: read_pool needs one storage mode for all models, got "
                 + ", ".join(
                     f"{e.name}: topk {e.topk}, tail {e.tail}, tail_samples {e.tail_samples}"
                     for e in entries
