@@ -45,16 +45,16 @@ from rich.console import Console
 from torch import Tensor
 
 from fastkd.compression import DEFAULT_TAIL, TailModel, id_bytes, raw_bytes_per_view
-from fastkd.data import open_dataset, view_loader
+from fastkd.data import open_dataset
 from fastkd.demo.config import ARMS, DemoConfig, DemoLayout
 from fastkd.demo.report import DemoReport
 from fastkd.demo.run import pretrain_pool, run_demo
+from fastkd.evaluation import eval_view_outputs
 from fastkd.kernels import PoolTargets
 from fastkd.models import load_model, parse_pool
 from fastkd.runtime import machine_name
 from fastkd.training import HISTORY_FILE
 from fastkd.training import REPORT_STEM as TRAIN_REPORT_STEM
-from fastkd.views import AugmentConfig, view_params
 
 RESULTS = Path(__file__).resolve().parent / "results" / "targets-cpu.json"
 PARTS = ("synthetic", "pool", "transfer")
@@ -384,32 +384,16 @@ def eval_view_logits(specs: Sequence[str], data: Path) -> tuple[Tensor, Tensor]:
     """fp64 logits [N, M, C] of every pool member on the eval view (view 0, each model's own
     crop and preprocessing, as ``fastkd.evaluation`` runs them) of a split, and its labels [N]."""
     dataset = open_dataset(data)
-    samples = np.arange(len(dataset), dtype=np.int64)
-    per_model = []
-    for spec in parse_pool(specs):
-        member = load_model(spec)
-        crop_pct = float(member.data_config.get("crop_pct") or AugmentConfig.eval_crop_pct)
-        boxes, flips = view_params(
-            0, samples, 1, dataset.sizes, AugmentConfig(eval_crop_pct=crop_pct)
-        )
-        batches = view_loader(
-            dataset,
-            samples,
-            np.zeros_like(samples),
-            boxes[:, 0],
-            flips[:, 0],
-            [member.data_config],
-            batch_size=256,
-            backend="torch",
-            num_workers=0,
-        )
-        parts, seen = [], []
-        for batch in batches:
-            seen.append(batch.samples.numpy())
-            parts.append(member.model(batch.images[0]).double())
-        if not np.array_equal(np.concatenate(seen), samples):
-            raise RuntimeError("the view loader returned other samples than asked for")
-        per_model.append(torch.cat(parts))
+    members = {spec.name: load_model(spec) for spec in parse_pool(specs)}
+    logits = eval_view_outputs(
+        {name: member.model for name, member in members.items()},
+        {name: member.data_config for name, member in members.items()},
+        dataset,
+        lambda z: z.double(),
+        backend="torch",
+        num_workers=0,
+    )
+    per_model = [torch.from_numpy(logits[name]) for name in members]
     return torch.stack(per_model, 1), torch.from_numpy(dataset.labels).long()
 
 

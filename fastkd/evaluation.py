@@ -9,7 +9,7 @@ selection on held-out data.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,28 @@ def evaluate(
     transform. Models sharing a ``crop_pct`` share one decoding pass. Models are left in eval mode.
     ``samples`` (distinct indices into ``dataset``) lets DDP ranks each take a disjoint slice.
     """
+    return eval_view_outputs(
+        models, data_configs, dataset, lambda logits: logits.argmax(dim=1),
+        batch_size=batch_size, device=device, backend=backend, amp=amp, samples=samples,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def eval_view_outputs(
+    models: Mapping[str, torch.nn.Module],
+    data_configs: Mapping[str, dict],
+    dataset: ImageDataset,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+    amp: bool = True,
+    samples: np.ndarray | None = None,
+    num_workers: int | None = None,
+) -> dict[str, np.ndarray]:
+    """``keep(logits)`` of each model on the eval view of ``samples`` (``evaluate``'s pass:
+    ``keep`` = argmax gives its predictions, identity the logits), in the order of ``samples``."""
     device = torch.device(device)
     samples = _eval_samples(dataset, samples)
     by_crop: dict[float, list[str]] = {}
@@ -67,6 +89,7 @@ def evaluate(
             batch_size=batch_size,
             backend=backend,
             device=device,
+            num_workers=num_workers,
         )
         # The loader keeps the items' order and fails on an unreadable image: the batches'
         # predictions, concatenated, are those of ``samples``; one copy to the host per model.
@@ -74,7 +97,7 @@ def evaluate(
             rows.append(batch.samples.numpy())
             for name, images in zip(names, batch.images, strict=True):
                 with autocast(device, amp):
-                    out[name].append(models[name](images).argmax(dim=1))
+                    out[name].append(keep(models[name](images)))
         if rows and not np.array_equal(np.concatenate(rows), samples):
             raise RuntimeError("the view loader returned other samples than asked to evaluate")
         for name, parts in out.items():
