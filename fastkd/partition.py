@@ -1,10 +1,13 @@
 """The partition rule: per sample, who teaches whom. One home for it.
 
-Confidence is the log-probability of the true class at temperature 1, ``log p_m(y) = z_m[y] -
-logsumexp(z_m)``. Comparing log-probabilities is the same as comparing probabilities, and it is
-exact for stored targets (the store keeps log p_m(y) in fp32 whatever else it drops, so it is
-exact even when y is outside the stored top-k). The partition is always taken
-at T = 1, whatever temperature the KL term uses, as in Bi-KD and KL+DP (both use T = 1).
+The score a partition compares (``PartitionScore``) is, with ``label``, the log-probability of the
+true class at temperature 1, ``log p_m(y) = z_m[y] - logsumexp(z_m)``: comparing
+log-probabilities is the same as comparing probabilities, and it is exact for stored targets (the
+store keeps log p_m(y) in fp32 whatever else it drops, so it is exact even when y is outside the
+stored top-k). With ``confidence`` it is the model's confidence in its own top class, ``max_c log
+p_m(c)``, and the partition needs no label (Roth et al.'s unsupervised KL+DP). The partition is
+always taken at T = 1, whatever temperature the KL term uses, as in Bi-KD and KL+DP (both use
+T = 1).
 
 The Triton kernels re-implement these comparisons in-register; their torch references call the
 functions below, and the kernel tests hold the two to the same answers.
@@ -22,13 +25,33 @@ NO_TEACHER = -1
 
 
 class PartitionMode(str, Enum):
-    """How a sample's target is chosen (docs/method.md)."""
+    """How a sample's target is chosen (docs/method.md). ``"all"``, the old name of ``best``, is
+    still read (saved configs)."""
 
-    LIVE = "live"  # Bi-KD: the best pool member teaches only where it beats the current student.
-    FIXED = (
-        "fixed"  # KL+DP: best of {student's stored initial outputs, teachers}; self keeps itself.
-    )
-    ALL = "all"  # Plain KD, the control: the best teacher teaches on every sample.
+    LIVE = "live"  # offline Bi-KD: the best teacher teaches where it beats the current student
+    FIXED = "fixed"  # KL+DP: the best of {the student's stored initial outputs, the teachers}
+    BEST = "best"  # best-teacher KD: the best teacher by the score teaches on every sample
+    PLAIN = "plain"  # plain KD: the teachers' mean distribution at T; no label, no partition
+
+    @classmethod
+    def _missing_(cls, value: object) -> PartitionMode | None:
+        return cls.BEST if isinstance(value, str) and value.lower() == "all" else None
+
+
+class PartitionScore(str, Enum):
+    """What the partition compares, for teachers and the student alike (at T = 1)."""
+
+    LABEL = "label"  # log p(y): needs the label
+    CONFIDENCE = "confidence"  # max_c log p(c), the confidence in the top class: no label
+
+
+def logits_score(
+    logits: torch.Tensor, labels: torch.Tensor, score: PartitionScore | str
+) -> torch.Tensor:
+    """[B] the partition score of dense logits [B, C] (fp32 math): log p(y), or max_c log p(c)."""
+    if PartitionScore(score) is PartitionScore.LABEL:
+        return true_class_logprob(logits, labels)
+    return logits.float().log_softmax(-1).amax(-1)
 
 
 def true_class_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,27 +78,30 @@ def best_member(
 
 
 def select_teacher(
-    pool_logprob: torch.Tensor,
+    pool_score: torch.Tensor,
     mode: PartitionMode | str,
     *,
-    student_logprob: torch.Tensor | None = None,
+    student_score: torch.Tensor | None = None,
     self_index: int | None = None,
 ) -> torch.Tensor:
     """Which pool member is the target of each row, or ``NO_TEACHER``.
 
-    pool_logprob: [B, M] true-class log-probabilities of the stored pool members.
-    student_logprob: [B] the current student's (needed by ``live``).
+    pool_score: [B, M] the pool members' partition scores (``PartitionScore``: log p(y), or
+        max_c log p(c); ``PoolTargets.partition_scores``).
+    student_score: [B] the current student's, of the same kind (needed by ``live``).
     self_index: the student's own column in the pool, if it is a member. It never teaches in
-        ``live`` and ``all``; in ``fixed`` it is the fallback target (the student's initial
-        outputs), chosen where no teacher is strictly more confident (KL+DP: m = [p_t(y) > p_s(y)]).
+        ``live`` and ``best``; in ``fixed`` it is the fallback target (the student's initial
+        outputs), chosen where no teacher scores strictly higher (KL+DP: m = [p_t(y) > p_s(y)]).
 
     Among teachers, the first of equal best scores wins. ``live`` teaches only where the teacher is
-    strictly more confident than the current student (Bi-KD: ties go to the student).
+    strictly more confident than the current student (Bi-KD: ties go to the student). ``plain``
+    has no partition: its target is the mixture of the teachers (``PoolTargets.mixture``), which
+    the losses make one column and read as ``best`` (so here ``plain`` is ``best``).
     """
     mode = PartitionMode(mode)
-    if pool_logprob.dim() != 2:
-        raise ConfigError(f"pool_logprob must be [B, M], got shape {tuple(pool_logprob.shape)}")
-    num_members = pool_logprob.shape[1]
+    if pool_score.dim() != 2:
+        raise ConfigError(f"pool_score must be [B, M], got shape {tuple(pool_score.shape)}")
+    num_members = pool_score.shape[1]
     if self_index is not None and not 0 <= self_index < num_members:
         raise ConfigError(f"self_index {self_index} is outside the pool of {num_members} members")
     if mode is PartitionMode.FIXED and self_index is None:
@@ -83,16 +109,16 @@ def select_teacher(
     if num_members - (self_index is not None) < 1:
         raise ConfigError("the pool has no teacher besides the student")
 
-    teacher, _ = best_member(pool_logprob, exclude=self_index)
-    teacher_logprob = pool_logprob.float().gather(1, teacher.unsqueeze(1)).squeeze(1)
-    if mode is PartitionMode.ALL:
+    teacher, _ = best_member(pool_score, exclude=self_index)
+    teacher_score = pool_score.float().gather(1, teacher.unsqueeze(1)).squeeze(1)
+    if mode in (PartitionMode.BEST, PartitionMode.PLAIN):
         return teacher
     if mode is PartitionMode.FIXED:
-        own = pool_logprob[:, self_index].float()
-        return torch.where(teacher_logprob > own, teacher, torch.full_like(teacher, self_index))
-    if student_logprob is None:
-        raise ConfigError("partition mode 'live' needs the current student's log p(y)")
-    teaches = teacher_logprob > student_logprob.float()
+        own = pool_score[:, self_index].float()
+        return torch.where(teacher_score > own, teacher, torch.full_like(teacher, self_index))
+    if student_score is None:
+        raise ConfigError("partition mode 'live' needs the current student's score")
+    teaches = teacher_score > student_score.float()
     return torch.where(teaches, teacher, torch.full_like(teacher, NO_TEACHER))
 
 

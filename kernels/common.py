@@ -55,8 +55,10 @@ class KDStats:
 
     chosen: the pool member (or model) whose distribution was the target, NO_TEACHER (-1) if none.
     kl: KL(p_target || p_student) at the loss temperature, before T^2 and weights (0 if none).
-    p_student: the learner's p(y) at T = 1.
-    p_teacher: the best teacher's p(y) at T = 1, the probability the partition compared.
+    p_student: the learner's p(y) at T = 1 (partitioned KD with the ``confidence`` score: its
+        max_c p(c), what the partition compared).
+    p_teacher: the best teacher's p(y) at T = 1 (``confidence``: its max_c p(c)), the probability
+        the partition compared; for ``plain``, the teachers' mixture's.
     """
 
     chosen: Tensor

@@ -1,18 +1,7 @@
-"""Partitioned KD against stored pool targets: one fused Triton kernel beside its torch reference.
-
-Per row (one sample view), with student logits z, label y and M stored pool members:
-
-* Confidence and partition at T = 1 (``fastkd.partition.select_teacher``): ``log p_m(y)``, the
-  member's stored ``true_logprob``; the best teacher is the first member of highest log p(y), excluding the
-  student's own column ``self_index``. ``live`` (Bi-KD): it teaches only where log p_t(y) is strictly
-  above the current student's; ``fixed`` (KL+DP): the target is the teacher where it is strictly
-  above the student's stored initial self, else the stored self; ``all``: the teacher on every row.
-* Loss = ce_weight * CE(z, y) + kd_weight * T^2 * KL(p_target,T || softmax(z / T)) on rows with a
-  target (CE only elsewhere). Rows labelled ``ignore_index`` count for nothing and get zero
-  gradient; ``mean`` divides by the number of the other rows.
-* The target and its divergence are ``PoolTargets.target_logprobs`` and ``.divergence``: dense,
-  or sparse with a uniform, bucket or sampled tail (``kernels.targets``; the tests hold sparse ==
-  dense when nothing is left in the tail; measured errors of each tail: docs/store-format.md).
+"""Partitioned KD against stored pool targets: the fused Triton kernel. Its configuration and
+torch reference, with the rule per row (the partition modes and scores, the loss, the targets),
+are side by side in ``kernels.partitioned_reference``; ``plain`` reaches the kernel as the
+teachers' mixture, one column read as ``best`` (``plain_as_best``).
 
 The Triton kernel runs one program per row, built for the bandwidth bound (docs/design.md has
 the bytes and exps per row). Each row is cut at the student's first 16-byte boundary: a masked
@@ -28,25 +17,28 @@ the KL on the way (two exps per element at T = 1: three a row element in all). F
 targets pass 2 writes the tail's gradient (kd T (a q_T - b): uniform a = 1, b = P_T / n;
 bucket a = 1 - P_T / Q_T, b = 0; sampled a = 1, b = 0), then the known ids and the drawn ids are
 corrected by a scatter (gathered before pass 2, so ``inplace_grad=True`` may overwrite the
-logits). No B x C fp32 temporary is made; offsets are
-int64; shapes and strides are not specialised on, so one compiled kernel serves every C.
+logits). No B x C fp32 temporary is made (but by ``plain`` with several teachers: their
+mixture); offsets are int64; shapes and strides are not specialised on, so one compiled kernel serves every C.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastkd.compression import TailModel
-from fastkd.errors import ConfigError
 from fastkd.kernels import common
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.launch import launch
+from fastkd.kernels.partitioned_reference import (
+    PartitionedKDConfig,
+    partitioned_kd_reference,
+    plain_as_best,
+)
 from fastkd.kernels.targets import PoolTargets
-from fastkd.partition import NO_TEACHER, PartitionMode, best_member, select_teacher
+from fastkd.partition import PartitionMode, PartitionScore
 
 try:
     import triton
@@ -54,57 +46,9 @@ try:
 except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
-_MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.ALL: 2}
+_MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.BEST: 2}
 BUCKET_MAX_TILE = 2048  # the bucket tail's pass 1 keeps one more sum: half tiles, no spill
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
-
-
-@dataclass(frozen=True)
-class PartitionedKDConfig(common.KDLossConfig):
-    """A partitioned KD loss: the partition mode and the student's own pool column, if any."""
-
-    mode: PartitionMode = PartitionMode.LIVE
-    self_index: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "mode", PartitionMode(self.mode))
-        if self.mode is PartitionMode.FIXED and self.self_index is None:
-            raise ConfigError("partition mode 'fixed' needs the student's pool column self_index")
-
-
-def partitioned_kd_reference(
-    student_logits: Tensor, labels: Tensor, targets: PoolTargets, config: PartitionedKDConfig
-) -> tuple[Tensor, KDStats]:
-    """Plain torch autograd math (fp32, or fp64 for fp64 logits): the independent check."""
-    z = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
-    temperature = config.temperature
-    valid = labels != config.ignore_index
-    safe_labels = torch.where(valid, labels, 0).long()
-    student_logprob = z.log_softmax(-1).gather(1, safe_labels.unsqueeze(1)).squeeze(1)
-    pool_logprob = targets.logprob()
-    chosen = select_teacher(
-        pool_logprob,
-        config.mode,
-        student_logprob=student_logprob.detach(),
-        self_index=config.self_index,
-    )
-    chosen = torch.where(valid, chosen, NO_TEACHER)
-    has_target = chosen != NO_TEACHER
-    kl = targets.divergence(chosen.clamp_min(0), safe_labels, z, temperature)
-    kl = torch.where(has_target, kl, 0.0)
-    row_loss = config.ce_weight * -student_logprob + config.kd_weight * temperature**2 * kl
-    row_loss = torch.where(valid, row_loss, 0.0)
-
-    teacher, _ = best_member(pool_logprob, exclude=config.self_index)
-    teacher_logprob = pool_logprob.gather(1, teacher.unsqueeze(1)).squeeze(1)
-    stats = KDStats(
-        chosen=chosen,
-        kl=kl.detach(),
-        p_student=torch.where(valid, student_logprob.detach().exp(), 0.0),
-        p_teacher=torch.where(valid, teacher_logprob.exp(), 0.0),
-    )
-    return common.reduce_loss(row_loss, labels, config), stats
 
 
 def partitioned_kd_loss(
@@ -112,8 +56,9 @@ def partitioned_kd_loss(
 ) -> tuple[Tensor, KDStats]:
     """Partitioned KD loss of ``student_logits`` [B, C] against stored pool ``targets``.
 
-    ``options``: the fields of ``PartitionedKDConfig`` (mode, self_index, temperature, kd_weight,
-    ce_weight, ignore_index, reduction, inplace_grad, max_block). Returns the loss (reduced, or
+    ``options``: the fields of ``PartitionedKDConfig`` (mode, self_index, partition_score,
+    temperature, kd_weight, ce_weight, ignore_index, reduction, inplace_grad, max_block).
+    ``plain`` mixes the teachers first (``PoolTargets.mixture``) and runs ``best`` on the mixture. Returns the loss (reduced, or
     [B] for ``reduction="none"``) and per-row ``KDStats``. ``inplace_grad`` (Triton path) writes
     the gradient over the logits: saves B x C memory when the caller does not reuse them.
     ``max_block`` caps the tile width along C (tests force the multi-tile path with it).
@@ -123,6 +68,8 @@ def partitioned_kd_loss(
     common.check_labels(labels, student_logits, config.ignore_index)
     targets.check(*student_logits.shape, device=student_logits.device)
     if common.triton_backend(_partitioned_kd_kernel, [student_logits]):
+        safe_labels = torch.where(labels != config.ignore_index, labels, 0)
+        targets, config = plain_as_best(targets, safe_labels, student_logits.shape[1], config)
         return common.run_function(_PartitionedKDFunction, student_logits, labels, targets, config)
     return partitioned_kd_reference(student_logits, labels, targets, config)
 
@@ -158,10 +105,18 @@ def launch_partitioned_kd(
     labels: Tensor,
     targets: PoolTargets,
     config: PartitionedKDConfig,
+    scores: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Run the kernel: fills ``grad`` and returns row losses and the four per-row stats."""
+    """Run the kernel: fills ``grad`` and returns row losses and the four per-row stats.
+
+    ``scores``: the members' partition scores [B, M] (default: ``targets.partition_scores`` of
+    the config's score). ``plain`` must already be ``plain_as_best``'s mixture."""
     num_rows, num_classes = student_logits.shape
     true_logprob = targets.true_logprob.float().contiguous()
+    confidence = config.partition_score is PartitionScore.CONFIDENCE
+    if scores is None:
+        scores = targets.partition_scores(config.partition_score) if confidence else true_logprob
+    scores = scores.float().contiguous()
     if targets.is_sparse:
         target_values = common.unit_last_stride(targets.topk_logprobs)
         target_ids = common.unit_last_stride(targets.topk_ids)
@@ -191,6 +146,7 @@ def launch_partitioned_kd(
         grad,
         grad.stride(0),
         labels,
+        scores,
         true_logprob,
         log_tail,
         log_tail_sqrt,
@@ -214,6 +170,7 @@ def launch_partitioned_kd(
         -1 if config.self_index is None else config.self_index,
         *common.kernel_scalars(config),
         MODE=_MODE_CODE[config.mode],
+        CONFIDENCE=confidence,
         SPARSE=targets.is_sparse,
         TAIL=_TAIL_CODE[targets.tail],
         TEMPERATURE=common.temperature_code(config.temperature),
@@ -406,7 +363,8 @@ else:
         grad_ptr,
         grad_stride,
         labels_ptr,
-        true_logprob_ptr,  # [B, M] and the two below: contiguous, row stride pool_row_stride
+        score_ptr,  # [B, M] partition scores, and the three below: contiguous, row stride
+        true_logprob_ptr,  # pool_row_stride (the sparse terms read the chosen member's p(y))
         log_tail_ptr,
         log_tail_sqrt_ptr,
         pool_row_stride,
@@ -432,7 +390,8 @@ else:
         temperature,
         kd_weight,
         ce_weight,
-        MODE: tl.constexpr,  # 0 live, 1 fixed, 2 all
+        MODE: tl.constexpr,  # 0 live, 1 fixed, 2 best (plain: best on the teachers' mixture)
+        CONFIDENCE: tl.constexpr,  # the scores are max_c log p(c): the student's is its own
         SPARSE: tl.constexpr,
         TAIL: tl.constexpr,  # sparse_target.TAIL_UNIFORM, TAIL_BUCKET or TAIL_SAMPLED
         TEMPERATURE: tl.constexpr,  # T_UNIT, T_HALF or any other T
@@ -454,16 +413,16 @@ else:
         student_offset = row * student_stride
         grad_offset = row * grad_stride
 
-        # The partition's candidate, from stored scalars only (T = 1, first of equal best).
+        # The partition's candidate, from stored scores only (T = 1, first of equal best).
         members = tl.arange(0, BLOCK_M)
         in_pool = members < num_members
-        pool_logprob = tl.load(true_logprob_ptr + row * pool_row_stride + members, mask=in_pool)
-        teachers_logprob = tl.where(in_pool & (members != self_index), pool_logprob, float("-inf"))
-        teacher = tl.argmax(teachers_logprob, axis=0, tie_break_left=True)
-        teacher_logprob = tl.max(teachers_logprob, axis=0)
+        pool_score = tl.load(score_ptr + row * pool_row_stride + members, mask=in_pool)
+        teachers_score = tl.where(in_pool & (members != self_index), pool_score, float("-inf"))
+        teacher = tl.argmax(teachers_score, axis=0, tie_break_left=True)
+        teacher_score = tl.max(teachers_score, axis=0)
         if MODE == 1:
-            self_logprob = tl.sum(tl.where(members == self_index, pool_logprob, 0.0), axis=0)
-            candidate = tl.where(teacher_logprob > self_logprob, teacher, self_index)
+            self_score = tl.sum(tl.where(members == self_index, pool_score, 0.0), axis=0)
+            candidate = tl.where(teacher_score > self_score, teacher, self_index)
         else:
             candidate = teacher
         candidate = candidate.to(tl.int64)
@@ -516,9 +475,12 @@ else:
             tl.float32
         )
         student_logprob = z_label - lse
+        # The student's score: log q(y), or max_c log q(c) = (max - lse1) ln 2 from pass 1's
+        # base-2 sums (s1 is the sum of exp2(u - max)).
+        student_score = -tl.log2(s1) * LN2 if CONFIDENCE else student_logprob
         has_target = valid
         if MODE == 0:
-            has_target = has_target & (teacher_logprob > student_logprob)
+            has_target = has_target & (teacher_score > student_score)
 
         tail_scale = 1.0
         tail_p = 0.0
@@ -595,6 +557,6 @@ else:
         row_loss = ce_weight * (lse - z_label) + kd_weight * temperature * temperature * kl
         store_row_stats(
             stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
-            tl.where(has_target, candidate, -1), kl, tl.where(valid, tl.exp(student_logprob), 0.0),
-            tl.where(valid, tl.exp(teacher_logprob), 0.0),
+            tl.where(has_target, candidate, -1), kl, tl.where(valid, tl.exp(student_score), 0.0),
+            tl.where(valid, tl.exp(teacher_score), 0.0),
         )  # fmt: skip

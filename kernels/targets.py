@@ -42,6 +42,11 @@ from fastkd.compression import (
 )
 from fastkd.errors import ConfigError
 from fastkd.kernels.common import assert_all
+from fastkd.partition import PartitionScore
+
+MIXTURE_LOG_FLOOR = -1e4
+"""A mixture's log-probability where every teacher puts 0 (undrawn ids of sampled tails): its
+probability is 0 in fp32 and fp64 alike, and the kernel's p (t - z) stays 0 instead of NaN."""
 
 TARGET_FIELDS = (
     "true_logprob",
@@ -174,6 +179,67 @@ class PoolTargets:
     def logprob(self) -> Tensor:
         """[B, M] fp32 true-class log-probabilities at T = 1, the partition's confidence."""
         return self.true_logprob.float()
+
+    def max_logprob(self) -> Tensor:
+        """[B, M] fp32 max_c log p(c) at T = 1, the confidence in the top class: the largest
+        stored log-probability (dense), the largest of the top-k, which are the largest (sparse)."""
+        stored = self.logprobs if self.logprobs is not None else self.topk_logprobs
+        return stored.float().amax(-1)
+
+    def partition_scores(self, score: PartitionScore | str) -> Tensor:
+        """[B, M] fp32 what the partition compares (``fastkd.partition.PartitionScore``):
+        log p(y) (``label``) or max_c log p(c) (``confidence``)."""
+        if PartitionScore(score) is PartitionScore.LABEL:
+            return self.logprob()
+        return self.max_logprob()
+
+    def select(self, members: list[int]) -> PoolTargets:
+        """These member columns only, in this order."""
+        index = torch.tensor(members, device=self.true_logprob.device)
+        picked = {
+            name: None if getattr(self, name) is None else getattr(self, name)[:, index]
+            for name in TARGET_FIELDS
+        }
+        return PoolTargets(**picked, tail=self.tail)
+
+    def mixture(
+        self,
+        temperature: float,
+        labels: Tensor | None = None,
+        num_classes: int | None = None,
+        exclude: int | None = None,
+    ) -> PoolTargets:
+        """Plain KD's target: one dense fp32 column whose target at ``temperature`` is exactly
+        p = mean_m p_m,T over the members (less column ``exclude``, the student's own), each
+        member's p_m,T its ``target_logprobs`` (dense: softmax(logprobs / T); sparse: its tail
+        model's spread, the bucket tail's equal spread over the tail, as uniform). The column is
+        T log p (normalised), so the kernels' softmax(column / T) is p at any T, and at T = 1 the
+        column is log p as they use it; ``true_logprob`` is the mixture's log p(y) at T = 1,
+        log mean_m p_m(y). A single member is returned as it is (sparse stays sparse).
+
+        Sparse targets need ``labels`` [B] (their known classes include the label's) and
+        ``num_classes``; labels outside [0, C) (ignored rows) are read as class 0.
+        """
+        members = [m for m in range(self.num_members) if m != exclude]
+        if not members:
+            raise ConfigError("plain KD needs a teacher besides the student")
+        if len(members) == 1:
+            return self if self.num_members == 1 else self.select(members)
+        if self.logprobs is not None:
+            num_classes = self.logprobs.shape[-1]
+            labels = torch.zeros(self.num_rows, dtype=torch.long, device=self.logprobs.device)
+        elif labels is None or num_classes is None:
+            raise ConfigError("the mixture of sparse targets needs the labels and num_classes")
+        mixed = None
+        for m in members:
+            member = torch.full_like(labels, m, dtype=torch.long)
+            log_p = self.target_logprobs(member, labels, num_classes, temperature)
+            mixed = log_p if mixed is None else torch.logaddexp(mixed, log_p)
+        log_p = mixed.log_softmax(-1).clamp_min(MIXTURE_LOG_FLOOR)  # mean_m p_m, normalised
+        true_logprob = self.logprob()[:, members].logsumexp(1) - math.log(len(members))
+        return PoolTargets(
+            true_logprob=true_logprob.unsqueeze(1), logprobs=(log_p * temperature).unsqueeze(1)
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PoolTargets:
         moved = {

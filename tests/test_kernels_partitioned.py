@@ -95,7 +95,7 @@ def assert_matches_reference(student, labels, targets, grad_output=None, **optio
 TARGETS = {"dense": (0, "bucket"), **{f"top7-{t}": (7, t) for t in TAILS}}
 
 
-@pytest.mark.parametrize("mode", ["live", "fixed", "all"])
+@pytest.mark.parametrize("mode", ["live", "fixed", "best"])
 @pytest.mark.parametrize("kind", TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_every_mode_and_dtype_matches_fp64_reference(mode, kind, dtype):
@@ -118,7 +118,7 @@ def test_class_counts_and_tiling(rows, classes, max_block, kind):
     topk, tail = TARGETS[kind]
     student, labels, targets = make_case(rows, classes, topk=min(topk, 5), seed=classes, tail=tail)
     assert_matches_reference(
-        student, labels, targets, mode="all", kd_weight=0.7, ce_weight=0.3, max_block=max_block
+        student, labels, targets, mode="best", kd_weight=0.7, ce_weight=0.3, max_block=max_block
     )
 
 
@@ -134,14 +134,14 @@ def test_per_row_grad_output_with_reduction_none():
 def test_scalar_grad_output_and_reductions(reduction):
     student, labels, targets = make_case(4, 100)
     assert_matches_reference(
-        student, labels, targets, torch.tensor(-1.5), reduction=reduction, mode="all"
+        student, labels, targets, torch.tensor(-1.5), reduction=reduction, mode="best"
     )
 
 
 def test_all_rows_ignored_give_zero_loss_and_gradient():
     student, _, targets = make_case(3, 50, topk=3)
     labels = torch.full((3,), IGNORE)
-    loss, grad, stats = run_kernel(student, labels, targets, mode="all")
+    loss, grad, stats = run_kernel(student, labels, targets, mode="best")
     assert loss.item() == 0.0
     assert torch.count_nonzero(grad) == 0
     assert stats.chosen.tolist() == [NO_TEACHER] * 3
@@ -154,7 +154,7 @@ def test_labels_outside_topk_use_the_exact_true_class_logprob():
     labels = pool[:, 0].argmin(dim=1)  # the label is the least likely class of member 0
     targets = PoolTargets.from_logits(pool, labels, topk=6)
     assert not (targets.topk_ids == labels.view(-1, 1, 1)).any(dim=-1).all()
-    stats = assert_matches_reference(student, labels, targets, mode="all", temperature=1.5)
+    stats = assert_matches_reference(student, labels, targets, mode="best", temperature=1.5)
     expected = torch.softmax(pool, dim=-1)[torch.arange(4), :, labels].max(dim=1).values
     torch.testing.assert_close(stats.p_teacher, expected)
 
@@ -164,7 +164,7 @@ def test_ties_pick_the_first_best_teacher_and_fixed_keeps_self_on_equal_confiden
     # Row 0: members 1 and 2 tie as best teacher. Row 2: the teacher ties with self (member 0).
     targets.true_logprob[0] = torch.tensor([-3.0, -0.5, -0.5])
     targets.true_logprob[2] = torch.tensor([-0.1, -0.1, -5.0])
-    stats = assert_matches_reference(student, labels, targets, mode="all", self_index=0)
+    stats = assert_matches_reference(student, labels, targets, mode="best", self_index=0)
     assert stats.chosen[0] == 1
     stats = assert_matches_reference(student, labels, targets, mode="fixed", self_index=0)
     assert stats.chosen[2] == 0
@@ -188,7 +188,7 @@ def test_sparse_targets_that_keep_every_class_equal_dense_targets(tail, topk):
     pool[0, :, 7] = -20.0
     dense = PoolTargets.from_logits(pool, labels)
     sparse = PoolTargets.from_logits(pool, labels, topk, tail, 3)
-    for options in ({"mode": "all", "temperature": 3.0}, {"mode": "fixed", "self_index": 2}):
+    for options in ({"mode": "best", "temperature": 3.0}, {"mode": "fixed", "self_index": 2}):
         loss_dense, grad_dense, stats_dense = run_kernel(student, labels, dense, **options)
         loss_sparse, grad_sparse, stats_sparse = run_kernel(student, labels, sparse, **options)
         # Both hold the same fp16 log-probabilities; at T = 1 the dense row is used as stored,
@@ -239,7 +239,7 @@ def test_tail_models_on_a_hand_computed_case(tail, temperature):
         rtol=1e-5,
         atol=1e-7,
     )
-    options = {"mode": "all", "temperature": temperature}
+    options = {"mode": "best", "temperature": temperature}
     _, _, stats = run_kernel(student, torch.tensor([4]), targets, **options)
     torch.testing.assert_close(stats.kl.double(), expected.view(1), rtol=1e-5, atol=1e-7)
     assert_matches_reference(student, torch.tensor([4]), targets, **options)
@@ -249,7 +249,7 @@ def test_reference_equals_torch_functional_cross_entropy_plus_kl():
     student, labels, targets = make_case(5, 30, members=2)
     temperature = 2.0
     loss, stats = partitioned_kd_reference(
-        student, labels, targets, PartitionedKDConfig(mode="all", temperature=temperature)
+        student, labels, targets, PartitionedKDConfig(mode="best", temperature=temperature)
     )
     teacher = targets.logprobs[torch.arange(5), stats.chosen.clamp_min(0)].float()
     counted = labels != IGNORE
@@ -265,9 +265,9 @@ def test_reference_equals_torch_functional_cross_entropy_plus_kl():
 
 def test_inplace_grad_overwrites_the_logits_with_the_gradient():
     student, labels, targets = make_case(4, 120, topk=5, dtype=torch.bfloat16)
-    _, grad, _ = run_kernel(student, labels, targets, mode="all")
+    _, grad, _ = run_kernel(student, labels, targets, mode="best")
     logits = student.clone().requires_grad_()
-    loss, _ = partitioned_kd_loss(logits, labels, targets, mode="all", inplace_grad=True)
+    loss, _ = partitioned_kd_loss(logits, labels, targets, mode="best", inplace_grad=True)
     loss.backward()
     assert torch.equal(logits.detach(), grad)
     assert torch.equal(logits.grad, grad)
@@ -310,7 +310,7 @@ def test_module_wraps_the_function():
 )
 def test_bad_input_is_refused_with_a_clear_error(change, message):
     student, labels, targets = make_case(3, 20)
-    arguments = {"student": student, "labels": labels, "mode": "all"} | change
+    arguments = {"student": student, "labels": labels, "mode": "best"} | change
     with pytest.raises(ValueError, match=message):
         partitioned_kd_loss(arguments.pop("student"), arguments.pop("labels"), targets, **arguments)
 
@@ -386,4 +386,174 @@ def test_bucket_tail_with_a_student_sure_of_the_known_classes(temperature, boost
     student[torch.arange(4), labels] += boost
     for row in range(4):  # the student's runners-up are the teacher's top-k
         student[row, targets.topk_ids[row, 0]] += 8
-    assert_matches_reference(student, labels, targets, mode="all", temperature=temperature)
+    assert_matches_reference(student, labels, targets, mode="best", temperature=temperature)
+
+
+# -- plain KD: the teachers' mixture ---------------------------------------------------------------
+
+
+def independent_member_target(targets: PoolTargets, member: int, labels, classes, temperature):
+    """[B, C] fp64 p_m,T from the stored values, without kernels.targets: dense softmax(lp / T);
+    sparse: the known classes' p^(1/T) and the tail's stored mass at T (T = 1, 2) spread equally
+    over the unknown classes (the uniform reading, also the bucket's in a mixture)."""
+    if targets.logprobs is not None:
+        return torch.softmax(targets.logprobs[:, member].double() / temperature, dim=-1)
+    rows = targets.num_rows
+    known = torch.full((rows, classes), -math.inf, dtype=torch.float64)
+    safe = labels.clamp(0, classes - 1)
+    known[torch.arange(rows), safe] = targets.true_logprob[:, member].double()
+    for b in range(rows):
+        known[b, targets.topk_ids[b, member].long()] = targets.topk_logprobs[b, member].double()
+    unknown = torch.isneginf(known)
+    stored_mass = targets.log_tail if temperature == 1.0 else targets.log_tail_sqrt
+    tail_mass = stored_mass[:, member].double().exp().unsqueeze(1)
+    spread = tail_mass / unknown.sum(1, keepdim=True).clamp_min(1)
+    target = torch.where(unknown, spread, (known / temperature).exp())
+    return target / target.sum(1, keepdim=True)
+
+
+def independent_plain_loss(student, labels, targets, temperature, teachers, ce_weight=1.0):
+    """fp64 mean over the counted rows of ce * CE + T^2 KL(mean_m p_m,T || q_T), and its
+    gradient in the student's logits. One teacher with the bucket tail keeps its own reading:
+    the KL of the known classes and the tail as one bucket."""
+    classes = student.shape[1]
+    z = student.double().requires_grad_()
+    teachers = list(teachers)
+    p = sum(
+        independent_member_target(targets, m, labels, classes, temperature) for m in teachers
+    ) / len(teachers)
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    if len(teachers) == 1 and targets.is_sparse and targets.tail.value == "bucket":
+        known = torch.zeros_like(p, dtype=torch.bool)
+        known[torch.arange(len(labels)), labels.clamp(0, classes - 1)] = True
+        known.scatter_(1, targets.topk_ids[:, teachers[0]].long(), True)
+        q = log_q.exp()
+        p_tail = torch.where(known, 0.0, p).sum(-1, keepdim=True)
+        q_tail = torch.where(known, 0.0, q).sum(-1, keepdim=True)
+        p = torch.cat([torch.where(known, p, 0.0), p_tail], dim=1)
+        log_q = torch.cat([torch.where(known, log_q, 0.0), q_tail.log()], dim=1)
+    kl = torch.where(p > 0, p * (p.log() - log_q), 0.0).sum(-1)
+    counted = labels != IGNORE
+    ce = F.cross_entropy(z, torch.where(counted, labels, 0), reduction="none")
+    loss = torch.where(counted, ce_weight * ce + temperature**2 * kl, 0.0).sum() / counted.sum()
+    loss.backward()
+    return loss.detach(), z.grad
+
+
+def dense_fp32_case(rows, classes, members, seed=0):
+    """A student and dense targets stored in fp32 (normalised to fp32 rounding)."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (rows,), generator=gen)
+    labels[1] = IGNORE
+    pool = torch.randn(rows, members, classes, generator=gen, dtype=torch.float64) * 3
+    log_p = pool.log_softmax(-1)
+    safe = labels.clamp_min(0).view(-1, 1, 1).expand(rows, members, 1)
+    targets = PoolTargets(log_p.gather(2, safe).squeeze(2).float(), logprobs=log_p.float())
+    return torch.randn(rows, classes, generator=gen) * 2, labels, targets
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("members", [1, 3])
+@pytest.mark.parametrize("kind", ["dense", "top7-uniform", "top7-bucket"])
+def test_plain_kd_is_kl_to_the_teachers_mean_distribution(kind, members, temperature):
+    if kind == "dense":
+        student, labels, targets = dense_fp32_case(5, 300, members)
+    else:
+        student, labels, targets = make_case(5, 300, members=members, topk=7, tail=kind[5:])
+    options = {"mode": "plain", "temperature": temperature, "ce_weight": 0.5}
+    expected, expected_grad = independent_plain_loss(
+        student, labels, targets, temperature, range(members), ce_weight=0.5
+    )
+    loss, grad, stats = run_kernel(student, labels, targets, **options)
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=2e-5)
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-5 * scale)
+    assert stats.chosen.tolist() == [0, NO_TEACHER, 0, 0, 0]  # the mixture, on every row
+    ref_loss, ref_grad, _ = run_reference(student, labels, targets, **options)
+    torch.testing.assert_close(ref_loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ref_grad, expected_grad, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_plain_kd_leaves_out_the_students_column_and_matches_the_reference_on_sampled_tails():
+    student, labels, targets = make_case(6, 200, members=3, topk=5, tail="sampled")
+    # Undrawn classes of every teacher have p = 0 in the mixture: no NaN in the kernel.
+    assert_matches_reference(student, labels, targets, mode="plain", temperature=2.0)
+    dense_student, dense_labels, dense = dense_fp32_case(4, 50, 3)
+    with_self, _, _ = run_kernel(dense_student, dense_labels, dense, mode="plain", self_index=1)
+    expected, _ = independent_plain_loss(dense_student, dense_labels, dense, 1.0, [0, 2])
+    torch.testing.assert_close(with_self.double(), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_mixture_column_and_single_teacher():
+    _, labels, sparse = make_case(4, 30, members=2, topk=3)
+    one = sparse.select([1])
+    assert one.mixture(2.0, labels, 30) is one  # one teacher: itself, sparse
+    assert sparse.mixture(2.0, labels, 30, exclude=0).is_sparse
+    mixed = sparse.mixture(2.0, labels, 30)
+    assert mixed.logprobs.shape == (4, 1, 30) and mixed.logprobs.dtype == torch.float32
+    # The column is T log p (normalised); true_logprob the mixture's log p(y) at T = 1.
+    torch.testing.assert_close(
+        (mixed.logprobs[:, 0] / 2.0).logsumexp(-1), torch.zeros(4), atol=1e-5, rtol=0
+    )
+    expected = sparse.true_logprob.exp().mean(1).log()
+    torch.testing.assert_close(mixed.true_logprob[:, 0], expected)
+
+
+# -- the label-free partition score ----------------------------------------------------------------
+
+
+def test_partition_scores_of_dense_and_sparse_targets():
+    gen = torch.Generator().manual_seed(4)
+    pool = torch.randn(3, 2, 40, generator=gen) * 3
+    labels = torch.tensor([0, 5, 39])
+    expected = pool.log_softmax(-1).amax(-1)
+    for topk in (0, 4):
+        targets = PoolTargets.from_logits(pool, labels, topk)
+        torch.testing.assert_close(targets.max_logprob(), expected, rtol=0, atol=2e-3)
+        assert torch.equal(targets.partition_scores("label"), targets.logprob())
+        assert torch.equal(targets.partition_scores("confidence"), targets.max_logprob())
+
+
+@pytest.mark.parametrize("mode", ["live", "fixed", "best"])
+@pytest.mark.parametrize("kind", ["dense", "top7-bucket", "top7-sampled"])
+def test_every_mode_with_the_confidence_score_matches_the_reference(mode, kind):
+    topk, tail = TARGETS[kind]
+    student, labels, targets = make_case(6, 500, topk=topk, tail=tail, seed=7)
+    self_index = 1 if mode == "fixed" else None
+    for temperature in (1.0, 2.0):
+        stats = assert_matches_reference(
+            student, labels, targets, mode=mode, self_index=self_index,
+            partition_score="confidence", temperature=temperature, max_block=128,
+        )  # fmt: skip
+    if mode == "live":  # what was compared: the top-class probabilities
+        student_top = torch.softmax(student.float(), -1).amax(-1)
+        counted = labels != IGNORE
+        torch.testing.assert_close(stats.p_student[counted], student_top[counted])
+
+
+def test_label_and_confidence_choose_differently():
+    """Member 0 is right but unsure, member 1 sure of another class: the label picks 0, the
+    confidence 1; a student sure of a wrong class is taught by label, not by confidence."""
+    classes = 6
+    labels = torch.tensor([2])
+    pool = torch.zeros(1, 2, classes)
+    pool[0, 0, 2] = 1.0  # member 0: p(y) about 0.35, its top class the label
+    pool[0, 1, 4] = 5.0  # member 1: p(4) about 0.97, p(y) about 0.006
+    targets = PoolTargets.from_logits(pool, labels)
+    student = torch.zeros(1, classes)
+    student[0, 5] = 4.0  # the student: p(5) about 0.92, p(y) about 0.015
+    by_label = assert_matches_reference(student, labels, targets, mode="live")
+    by_confidence = assert_matches_reference(
+        student, labels, targets, mode="live", partition_score="confidence"
+    )
+    assert by_label.chosen.tolist() == [0]
+    assert by_confidence.chosen.tolist() == [1]
+    student[0, 5] = 6.0  # now the student is the surest: no teacher by confidence
+    by_confidence = assert_matches_reference(
+        student, labels, targets, mode="live", partition_score="confidence"
+    )
+    assert by_confidence.chosen.tolist() == [NO_TEACHER]
+    fixed = assert_matches_reference(
+        student, labels, targets, mode="fixed", self_index=0, partition_score="confidence"
+    )
+    assert fixed.chosen.tolist() == [1]  # member 1 sure of class 4 beats the stored self
