@@ -17,7 +17,7 @@ from fastkd.errors import ConfigError
 from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
 from fastkd.files import write_json
 from fastkd.models import parse_pool
-from fastkd.partition import PartitionMode
+from fastkd.partition import PartitionMode, PartitionScore
 from fastkd.training import DEFAULT_LR, Teachers, TrainConfig, TrainResult, train, train_all
 from fastkd.views import AugmentConfig
 
@@ -51,11 +51,23 @@ def train_command(
     mode: Annotated[
         PartitionMode,
         typer.Option(
-            help="Who teaches each sample. live: the most confident teacher, where it beats the "
-            "current student (Bi-KD); fixed: the best of the teachers and the student's stored "
-            "initial self (KL+DP); all: the most confident teacher everywhere (plain KD)."
+            help="What each sample is taught. live (offline Bi-KD): the best teacher, only where "
+            "it beats the current student; fixed (KL+DP): the best of the teachers and the "
+            "student's stored initial self; best (best-teacher KD): the best teacher on every "
+            "sample; plain (plain KD): the mean of the teachers' distributions at the "
+            "temperature on every sample, no label, no partition. Best = highest "
+            "--partition-score."
         ),
     ] = PartitionMode.LIVE,
+    partition_score: Annotated[
+        PartitionScore,
+        typer.Option(
+            help="What the partition compares, for teachers and student alike. label: log p(y), "
+            "the confidence in the true class; confidence: max_c log p(c), the confidence in "
+            "the model's own top class, so no label decides who teaches (with --mode fixed: "
+            "Roth et al.'s unsupervised KL+DP). Not with --joint; plain ignores it."
+        ),
+    ] = PartitionScore.LABEL,
     teachers: Annotated[
         Teachers,
         typer.Option(
@@ -142,6 +154,7 @@ def train_command(
         members=tuple(member or ()),
         teachers=teachers,
         mode=mode,
+        partition_score=partition_score,
         joint=joint,
         epochs=epochs,
         batch_size=batch_size,

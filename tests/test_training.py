@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from fastkd.cli.main import app
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import CheckpointError, ModelSpec, load_model
-from fastkd.partition import select_teacher, true_class_logprob
+from fastkd.partition import logits_score, select_teacher
 from fastkd.store import StoreMismatchError
 from fastkd.training import (
     NonFiniteError,
@@ -96,27 +96,62 @@ def test_offline_step_reads_the_replayed_views_and_their_stored_rows(pool, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("mode", "student", "members", "self_index"),
-    [("live", "s", ["a", "b"], None), ("all", "a", ["b"], None), ("fixed", "a", ["b", "a"], 1)],
+    ("mode", "student", "members", "self_index", "score"),
+    [
+        ("live", "s", ["a", "b"], None, "label"),
+        ("best", "a", ["b"], None, "label"),
+        ("fixed", "a", ["b", "a"], 1, "label"),
+        ("plain", "s", ["a", "b"], None, "label"),
+        ("fixed", "a", ["b", "a"], 1, "confidence"),
+        ("live", "s", ["a", "b"], None, "confidence"),
+    ],
 )
 def test_each_partition_mode_chooses_as_the_partition_rule(
-    pool, tmp_path, mode, student, members, self_index
+    pool, tmp_path, mode, student, members, self_index, score
 ):
-    trainer = Trainer(config(pool, tmp_path, student=pool.specs[student], models=(), mode=mode))
+    trainer = Trainer(
+        config(
+            pool, tmp_path, student=pool.specs[student], models=(), mode=mode,
+            partition_score=score,
+        )
+    )  # fmt: skip
     assert (trainer.teaching.members, trainer.teaching.self_index) == (members, self_index)
     batch = next(trainer.batches(trainer.plan(0)))
     _, stats, (logits,) = trainer.loss(batch)
+    if mode == "plain":  # the teachers' mixture, one column, on every row
+        assert (stats.chosen == 0).all()
+        return
     expected = select_teacher(
-        batch.targets.logprob(),
+        batch.targets.partition_scores(score),
         mode,
-        student_logprob=true_class_logprob(logits.detach(), batch.labels),
+        student_score=logits_score(logits.detach(), batch.labels, score),
         self_index=self_index,
     )
     assert torch.equal(stats.chosen, expected)
-    if mode == "fixed":  # the teacher on some rows, the student's stored initial self on others
+    if mode == "fixed" and score == "label":  # the teacher on some rows, the stored self elsewhere
         assert set(stats.chosen.tolist()) == {0, 1}
-    if mode == "all":  # plain KD: the best teacher on every row
+    if mode == "best":  # best-teacher KD: the best teacher on every row
         assert (stats.chosen == 0).all()
+
+
+def test_plain_mode_and_confidence_score_with_live_teachers(pool, tmp_path):
+    """Live teachers' targets take the same options: plain KD is the same loss as offline (fp16
+    storage apart), and the confidence score partitions them too."""
+    for options in (
+        {"mode": "plain"},
+        {"mode": "fixed", "partition_score": "confidence", "student": pool.specs["a"]},
+    ):
+        offline = Trainer(config(pool, tmp_path, **options))
+        live = Trainer(config(pool, tmp_path, teachers="live", **options))
+        loss_offline, stats_offline, _ = offline.loss(next(offline.batches(offline.plan(0))))
+        loss_live, stats_live, _ = live.loss(next(live.batches(live.plan(0))))
+        torch.testing.assert_close(loss_live, loss_offline, rtol=2e-3, atol=0)
+        assert torch.equal(stats_live.chosen, stats_offline.chosen)
+
+
+def test_joint_refuses_the_confidence_score(pool, tmp_path):
+    with pytest.raises(ValueError, match="partition_score: joint Bi-KD"):
+        config(pool, tmp_path, joint=True, partition_score="confidence")
 
 
 def test_loss_decreases_over_a_few_steps(pool, tmp_path):
@@ -357,3 +392,30 @@ def test_cli_view_augmentation_without_a_store_and_refused_with_one(pool, tmp_pa
     result = runner.invoke(app, with_store, env={"COLUMNS": "400"})
     assert result.exit_code == 2
     assert "the views of a store are the ones it was dumped with" in result.output
+
+
+def test_the_same_transfer_twice_gives_identical_weights(pool, tmp_path):
+    """Two processes, the same command and seed: bit-identical weights. Through the CLI, with
+    the DALI pipeline where installed (the demo's), the target prefetch thread and a live
+    partition, each in a fresh interpreter (its own thread pools and seeds: what a rerun sees)."""
+    import subprocess
+    import sys
+
+    weights = []
+    for attempt in ("first", "second"):
+        out = tmp_path / attempt
+        command = [
+            *(sys.executable, "-m", "fastkd.cli.main", "train", "--data", str(pool.train)),
+            *("--store", str(pool.store), "--student", pool.specs["s"], "--mode", "live"),
+            *("--epochs", "2", "--batch-size", "16", "--lr", "1e-3", "--seed", "3"),
+            *("--out", str(out), "--no-progress"),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        weights.append(torch.load(out / "s.pt", weights_only=True)["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][key]), key
+    initial = torch.load(pool.specs["s"].split("=", 1)[1], weights_only=True)["state_dict"]
+    changed = any(not torch.equal(t, initial[k]) for k, t in weights[0].items())
+    assert changed  # the runs trained: identical because deterministic, not because idle

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fastkd.errors import ConfigError
-from fastkd.partition import PartitionMode
+from fastkd.partition import PartitionMode, PartitionScore
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
 
@@ -44,7 +44,8 @@ class TrainConfig:
     models: tuple[str, ...] = ()  # pool member specs with checkpoints: live / joint / train_all
     members: tuple[str, ...] = ()  # store members that teach (default: all of them)
     teachers: Teachers = Teachers.OFFLINE
-    mode: PartitionMode = PartitionMode.LIVE
+    mode: PartitionMode = PartitionMode.LIVE  # live | fixed | best | plain ("all": best)
+    partition_score: PartitionScore = PartitionScore.LABEL  # label: log p(y); confidence: max log p
     joint: bool = False  # Bi-KD of all ``models`` at once (live, bidirectional kernel)
     epochs: int = 10
     batch_size: int = 128  # global: split across DDP ranks
@@ -84,7 +85,11 @@ class TrainConfig:
         if isinstance(self.augment, Mapping):
             self.augment = AugmentConfig.from_dict(self.augment)
         problems = []
-        for name, kind in (("teachers", Teachers), ("mode", PartitionMode)):
+        for name, kind in (
+            ("teachers", Teachers),
+            ("mode", PartitionMode),
+            ("partition_score", PartitionScore),
+        ):
             try:
                 setattr(self, name, kind(getattr(self, name)))
             except ValueError:
@@ -107,6 +112,11 @@ class TrainConfig:
             problems.append(f"temperature must be positive, got {self.temperature}")
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
+        if self.joint and self.partition_score == PartitionScore.CONFIDENCE:
+            problems.append(
+                "partition_score: joint Bi-KD compares p(y) (the bidirectional kernel); "
+                "--partition-score confidence is for --mode live|fixed|best"
+            )
         if self.teachers == Teachers.OFFLINE and not self.joint and self.store is None:
             problems.append("offline teachers need a store (--store), or use --teachers live|none")
         if self.teachers == Teachers.LIVE and not self.joint and not self.models:

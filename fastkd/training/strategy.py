@@ -12,7 +12,9 @@ same plan, step, checkpoints and selection for all of them:
   scratch (as the demo does for its pool).
 - ``JointBiKD`` (``joint=True``): Bi-KD of N >= 2 models trained at once, bidirectional kernel.
 
-A new way of teaching (plain KD, label-free partitions) is one more class here.
+Plain KD (``mode="plain"``) and label-free partitions (``partition_score="confidence"``) are
+options of the partitioned loss, for stored and live teachers alike; a new way of teaching is one
+more class here.
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class _PartitionedTeaching(TeachingStrategy):
             targets,
             mode=self.cfg.mode,
             self_index=self.self_index,
+            partition_score=self.cfg.partition_score,
             **self._kd_options(scale),
         )
 
@@ -158,7 +161,7 @@ class StoredTargets(_PartitionedTeaching):
             raise ConfigError(
                 f"partition mode 'fixed' needs the student's initial outputs in the store, but "
                 f"{name!r} is not in its pool {reader.model_names}; dump the student with the "
-                "pool (or name it as its pool member), or use --mode live|all"
+                "pool (or name it as its pool member), or use --mode live|best|plain"
             )
         self._set_columns(list(self.cfg.members) or reader.model_names, name)
 
