@@ -2,8 +2,9 @@
 
 ``fastkd bench compile [--arch 90,80] [--shapes ...] [--out DIR]``. For every configuration the
 launchers pick at the benchmark shapes (dense teachers in fp16 / bf16 / fp32, top-k 10 and 100
-with int32 / int64 ids, partition modes live / fixed / all; bidirectional N = 2, 3, 4 with
-stop_grad on and off), it records the launch the launcher makes on CPU tensors of that shape
+with int32 / int64 ids, partition modes live / fixed / best; at the benchmark shape
+4096 x 32000 also plain KD (the teachers' mixture: one fp32 column read as best) and live with
+the label-free confidence score; bidirectional N = 2, 3, 4 with stop_grad on and off), it records the launch the launcher makes on CPU tensors of that shape
 (``kernels.launch.capture_launches``), compiles it with ``triton.compile`` for the target through
 a stand-in active driver, runs the wheel's ptxas -v (registers, spills, shared memory) and reads
 the SASS with its cuobjdump (global load and store widths, MUFU.EX2 per element). One JSON per
@@ -33,6 +34,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SHAPES = "256x1000,1024x21841,4096x32000,8192x128256"
+BENCHMARK_SHAPE = (4096, 32000)  # the issue's case (docs/design.md's roofline)
 # Per-SM limits of the architectures checked: registers, threads, resident blocks, shared memory.
 SM_LIMITS = {
     90: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024},
@@ -48,7 +50,8 @@ class Config:
     rows: int
     classes: int
     teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<tail>-<id dtype>
-    mode: str = ""  # partitioned: live | fixed | all
+    mode: str = ""  # partitioned: live | fixed | best | plain
+    score: str = "label"  # partitioned: the partition score, label | confidence
     models: int = 0  # bidirectional: N
     stop_grad: bool = True
     temperature: float = 1.0
@@ -85,9 +88,15 @@ def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
     configs = [
         Config("partitioned", rows, classes, teacher=teacher, mode=mode)
         for (rows, classes), teacher, mode in itertools.product(
-            shapes, teachers, ("live", "fixed", "all")
+            shapes, teachers, ("live", "fixed", "best")
         )
     ]
+    if BENCHMARK_SHAPE in shapes:  # plain KD's launch, and the label-free partition score
+        rows, classes = BENCHMARK_SHAPE
+        configs += [
+            Config("partitioned", rows, classes, teacher="dense-float32", mode="plain"),
+            Config("partitioned", rows, classes, "dense-bfloat16", "live", score="confidence"),
+        ]
     configs += [
         Config("partitioned", rows, classes, teacher=teacher, mode="live", temperature=t)
         for (rows, classes), teacher, t in itertools.product(
@@ -131,7 +140,8 @@ def capture(config: Config) -> Any:
             )
             bidirectional_kd.launch_bidirectional_kd(logits, grads, labels, cfg)
         else:
-            members = 2
+            # plain: the launch after PoolTargets.mixture, one fp32 column read as best
+            members = 1 if config.mode == "plain" else 2
             kind, *tail, teacher_dtype = config.teacher.split("-")
             true_logprob = torch.zeros(rows, members)
             if kind == "dense":
@@ -153,14 +163,15 @@ def capture(config: Config) -> Any:
                     tail=tail[0],
                 )
             cfg = partitioned_kd.PartitionedKDConfig(
-                mode=config.mode,
+                mode="best" if config.mode == "plain" else config.mode,
                 self_index=1 if config.mode == "fixed" else None,
+                partition_score=config.score,
                 temperature=config.temperature,
                 reduction="sum",
             )
             student = _empty((rows, classes), dtype)
             partitioned_kd.launch_partitioned_kd(
-                student, torch.empty_like(student), labels, targets, cfg
+                student, torch.empty_like(student), labels, targets, cfg, scores=true_logprob
             )
     (launch,) = launches
     return launch

@@ -41,6 +41,12 @@ def test_every_configuration_compiles_for_both_architectures(compiled):
             for r in compiled[arch]
         }
         assert len(compiled[arch]) >= 100 and len(kinds) == 9 + 3  # 9 teachers, N = 2, 3, 4
+        # 150 at the default shapes: 4 x (9 teachers x 3 modes + 2 teachers x 2 T + 3 N x 2),
+        # and at 4096 x 32000 plain KD's launch (the mixture, one fp32 column) and live with
+        # the confidence score.
+        assert len(compiled[arch]) == 150
+        extra = {(r["config"]["mode"], r["config"]["score"]) for r in compiled[arch]}
+        assert {("plain", "label"), ("live", "confidence")} <= extra
 
 
 def test_no_configuration_spills(compiled):

@@ -9,7 +9,7 @@ interpreter): ``scripts/gpu-check`` runs this file with ``TRITON_INTERPRET=0``.
 interpreter, with 4 rows: a debug aid for this file, not a GPU check.
 
 The matrix. Partitioned: every benchmark shape x teacher (dense fp16 / bf16 / fp32, top-k 10 /
-100 with int32 / int64 ids) x mode (live / fixed / all). Bidirectional: every shape x N (2, 3,
+100 with int32 / int64 ids) x mode (live / fixed / best). Bidirectional: every shape x N (2, 3,
 4) x stop_grad. The other options (temperature 1 / 2 / 4, the kernels' three compiled
 temperature paths; the logits' dtype; the memory layout; ``inplace_grad``; the reduction, with
 ``scale`` and ``grad_output_is_one``; the pool's size) are chosen per case so that every pair of
@@ -109,7 +109,7 @@ TEACHERS = (
     "top100-int32",
     "top100-int64",
 )
-MODES = ("live", "fixed", "all")
+MODES = ("live", "fixed", "best")
 TEMPERATURES = (1.0, 2.0, 4.0)
 DTYPES = ("bfloat16", "float32", "float16")
 LAYOUTS = ("contiguous", "padded", "odd-stride", "unaligned")
@@ -279,14 +279,14 @@ def bidirectional_matrix() -> tuple[BidirectionalCase, ...]:
 # tiles forced narrow (many whole tiles between a head and a tail), every layout, ignored rows.
 MEMCHECK_PARTITIONED = (
     PartitionedCase(7, 1001, "dense-bfloat16", "live", 1.0, "bfloat16", "unaligned", True, "mean", 3, max_block=256),
-    PartitionedCase(7, 1001, "top10-int32", "all", 2.0, "float32", "odd-stride", False, "none", 2, max_block=256),
+    PartitionedCase(7, 1001, "top10-int32", "best", 2.0, "float32", "odd-stride", False, "none", 2, max_block=256),
     PartitionedCase(7, 1001, "top10-uniform-int64", "live", 2.0, "bfloat16", "contiguous", False, "mean", 2),
-    PartitionedCase(7, 4099, "top10-sampled-int32", "all", 1.0, "float32", "padded", False, "sum-one", 2),
+    PartitionedCase(7, 4099, "top10-sampled-int32", "best", 1.0, "float32", "padded", False, "sum-one", 2),
     PartitionedCase(7, 4099, "dense-float32", "fixed", 4.0, "bfloat16", "padded", False, "sum-one", 2),
     PartitionedCase(7, 4099, "top100-int64", "live", 2.0, "float16", "unaligned", True, "mean-one", 3, max_block=512),
-    PartitionedCase(7, 37, "dense-float16", "all", 4.0, "float32", "odd-stride", False, "none", 2),
+    PartitionedCase(7, 37, "dense-float16", "best", 4.0, "float32", "odd-stride", False, "none", 2),
     PartitionedCase(7, 37, "top10-int32", "fixed", 1.0, "bfloat16", "padded", False, "sum-x1.5", 2, max_block=16),
-    PartitionedCase(7, 21841, "dense-bfloat16", "all", 2.0, "bfloat16", "padded", False, "mean", 2),
+    PartitionedCase(7, 21841, "dense-bfloat16", "best", 2.0, "bfloat16", "padded", False, "mean", 2),
 )  # fmt: skip
 MEMCHECK_BIDIRECTIONAL = (
     BidirectionalCase(7, 1001, 2, True, 1.0, "bfloat16", "unaligned", True, "mean", max_block=256),
@@ -644,7 +644,7 @@ def test_memcheck_all_rows_ignored_give_zero_loss_and_gradients():
     logits, _ = make_logits(3, 5, 1001, (torch.bfloat16, torch.float32))
     labels = torch.full((5,), IGNORE, device=DEVICE)
     leaves = [student.to(DEVICE).requires_grad_()]
-    loss, stats = partitioned_kd_loss(leaves[0], labels, targets.to(DEVICE), mode="all")
+    loss, stats = partitioned_kd_loss(leaves[0], labels, targets.to(DEVICE), mode="best")
     loss.backward()
     bidirectional = [z.to(DEVICE).requires_grad_() for z in logits]
     loss_b, stats_b = bidirectional_kd_loss(bidirectional, labels, reduction="sum")
@@ -658,7 +658,7 @@ def test_memcheck_all_rows_ignored_give_zero_loss_and_gradients():
 # The CPU suite's own cases (its helpers, its tolerances), on the device.
 
 
-@pytest.mark.parametrize("mode", ["live", "fixed", "all"])
+@pytest.mark.parametrize("mode", ["live", "fixed", "best"])
 @pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
@@ -675,6 +675,26 @@ def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
 
 
 @pytest.mark.parametrize(
+    ("mode", "score"),
+    [("plain", "label"), ("live", "confidence"), ("fixed", "confidence"), ("best", "confidence")],
+)
+@pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_cpu_suite_plain_kd_and_the_confidence_score(mode, score, topk, temperature):
+    student, labels, targets = make_case(6, 1000, topk=topk, dtype=torch.bfloat16)
+    assert_partitioned_matches(
+        student.to(DEVICE),
+        labels.to(DEVICE),
+        targets.to(DEVICE),
+        mode=mode,
+        self_index=1 if mode == "fixed" else None,
+        partition_score=score,
+        temperature=temperature,
+        max_block=256,
+    )
+
+
+@pytest.mark.parametrize(
     ("rows", "classes", "max_block"),
     [(5, 10, None), (4, 1001, None), (4, 1001, 64), (2, 32003, None)],
     ids=["C10", "C1001-one-tile", "C1001-16-tiles", "C32003-two-tiles"],
@@ -686,7 +706,7 @@ def test_cpu_suite_partitioned_class_counts(rows, classes, max_block, topk):
         student.to(DEVICE),
         labels.to(DEVICE),
         targets.to(DEVICE),
-        mode="all",
+        mode="best",
         kd_weight=0.7,
         ce_weight=0.3,
         max_block=max_block,
