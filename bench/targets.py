@@ -60,7 +60,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "targets-cpu.json"
 PARTS = ("synthetic", "pool", "transfer")
 # A sparse view's fixed bytes (true_logprob, log_tail, log_tail_sqrt): one class's row less one class.
 FIXED_BYTES = raw_bytes_per_view(1000, 1, TailModel.BUCKET, 0) - (2 + id_bytes(1000))
-KD_ARMS = ("live", "fixed", "all")  # the demo's arms that read the stored targets
+# The demo's arms that read the stored targets (fastkd.demo.config.ARMS, by name).
+KD_ARMS = ("plain", "best", "kl_dp", "bikd", "kl_dp_free")
 DIGITS_CLASSES = 10
 
 # -- targets and their errors -------------------------------------------------------------------
@@ -635,8 +636,8 @@ def transfer_part(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             "top-1 in % of the digits test split (one image is 0.28 points); top1_after: per "
             "arm and member, one value per seed; top1_change_vs_dense: this run's top-1 after "
             "transfer minus the dense run's, paired by (seed, member), per arm and over the KD "
-            "arms (live, fixed, all); the ce arm reads no targets, so its change shows the "
-            "runs' own noise. At 10 classes a dense view is 24 raw bytes, as many as top-3 "
+            "arms (plain, best, kl_dp, bikd, kl_dp_free); the ce and joint arms read no stored "
+            "targets, so their change shows the runs' own noise. At 10 classes a dense view is 24 raw bytes, as many as top-3 "
             "sparse: this part shows what each tail does to training, not a saving. "
             "val_top1_epochs_unlike_dense: per arm, [epochs whose val top-1 differs from the "
             "dense run's, epochs] over (seed, member): whether the training itself changed. "

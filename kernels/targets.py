@@ -194,10 +194,11 @@ class PoolTargets:
         return self.max_logprob()
 
     def select(self, members: list[int]) -> PoolTargets:
-        """These member columns only, in this order."""
-        index = torch.tensor(members, device=self.true_logprob.device)
+        """These member columns only, in this order (slices: no index copied to the device)."""
         picked = {
-            name: None if getattr(self, name) is None else getattr(self, name)[:, index]
+            name: None
+            if getattr(self, name) is None
+            else torch.cat([getattr(self, name)[:, m : m + 1] for m in members], dim=1)
             for name in TARGET_FIELDS
         }
         return PoolTargets(**picked, tail=self.tail)

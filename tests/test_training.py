@@ -419,3 +419,12 @@ def test_the_same_transfer_twice_gives_identical_weights(pool, tmp_path):
     initial = torch.load(pool.specs["s"].split("=", 1)[1], weights_only=True)["state_dict"]
     changed = any(not torch.equal(t, initial[k]) for k, t in weights[0].items())
     assert changed  # the runs trained: identical because deterministic, not because idle
+
+
+def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(pool, tmp_path):
+    """Mode "all" is read as "best"; a state saved before partition_score compared log p(y)."""
+    from fastkd.training.state import current_spelling
+
+    assert config(pool, tmp_path, mode="all").mode.value == "best"
+    saved = {"mode": "all", "lr": 1e-3}
+    assert current_spelling(saved) == {"mode": "best", "lr": 1e-3, "partition_score": "label"}

@@ -16,6 +16,7 @@ import torch
 
 from fastkd.errors import ConfigError
 from fastkd.files import atomic_torch_save
+from fastkd.partition import PartitionMode, PartitionScore
 from fastkd.training.learners import Learner
 
 STATE_FILE = "state.pt"
@@ -64,10 +65,20 @@ def save_run_state(
     atomic_torch_save(path, {**progress, "rng": rng, "learners": learner_states})
 
 
+def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved config as today's code writes it: mode "all" is "best"; a config from before
+    ``partition_score`` compared log p(y) ("label")."""
+    saved = dict(saved)
+    if "mode" in saved:
+        saved["mode"] = PartitionMode(saved["mode"]).value
+    saved.setdefault("partition_score", PartitionScore.LABEL.value)
+    return saved
+
+
 def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) -> dict[str, Any]:
     """Restore the learners from ``path`` and return its payload; refuse another configuration."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    saved = payload["config"]
+    saved = current_spelling(payload["config"])
     changed = [k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k]]
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed)
