@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
 
 # ----------------------------------------------------------------------------------------------
-# Ranks and devices
+# Ranks, devices and numerics
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,41 @@ def init_distributed(device_kind: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank())
+
+
+# Environment settings that pin the CPU code paths of torch (ATen), oneDNN and MKL to AVX2, so
+# that two x86 machines with AVX2 compute the same floats whatever else they support (AVX-512
+# machines otherwise take other kernels, with other rounding).
+PINNED_CPU_PATHS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+}
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic (torch's docs)
+
+
+def reproducible(device: str | None = "auto") -> dict[str, Any]:
+    """Ask for the same numbers from the same command and seed on any machine of one kind.
+
+    Pins the CPU code paths (``PINNED_CPU_PATHS``; an explicit environment value wins), turns on
+    torch's deterministic algorithms (warning, not failing, where an op has none) and on CUDA
+    cuBLAS's deterministic workspace. The CPU paths are read when torch first computes, so call
+    this first thing in a process. Returns what holds now, for the report: the CPU capability
+    torch uses, its threads (results also depend on their number), the pinned settings.
+    """
+    import torch
+
+    for name, value in PINNED_CPU_PATHS.items():
+        os.environ.setdefault(name, value)
+    if resolve_device(device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        **{name: os.environ[name] for name in PINNED_CPU_PATHS},
+    }
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
