@@ -3,10 +3,12 @@
 The 1,797 8x8 scans ship inside scikit-learn, so tests and the demo need no download. They are
 upscaled (bicubic) to RGB PNGs and split, stratified and fixed, into train / val (held out from
 training data, for model selection) / test, each an ImageFolder: ``root/<split>/<digit>/<id>.png``.
+Cross-validation reads the same files through file lists (``write_fold_lists``): every image is
+the test image of one fold.
 
 It also defines the demo's pool: three architecture families from timm, small enough to train from
-scratch on two CPU cores in seconds, different enough to make different mistakes (``DIGITS_POOL``).
-Importing this module registers ``fastkd_mlp_mixer`` with timm (see there).
+scratch on two CPU cores in seconds, each on its own part of the data (``DIGITS_POOL``), so that
+each is right where another is wrong. Importing this module registers ``fastkd_mlp_mixer`` with timm (see there).
 """
 
 from __future__ import annotations
