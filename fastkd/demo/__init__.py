@@ -1,61 +1,72 @@
 """``fastkd demo``: the main job on its embedded default, end to end on real data.
 
-Five stages, each the library code a ``fastkd`` command runs; the demo only picks the settings,
-runs every arm for every seed and aggregates the reports:
+Does deciding roles per sample beat plain distillation? The demo answers on scikit-learn's digits
+with k-fold cross-validation, so that every image is a test image once. Per fold, each stage is
+the library code a ``fastkd`` command runs; the demo only picks the settings:
 
-1. data: scikit-learn's digits as a 32 px image folder with fixed train / val / test splits
-   (``fastkd.digits``);
-2. pool: three timm architectures trained from scratch with cross-entropy (``training.train``
-   with ``teachers="none"``, as ``fastkd train --teachers none --from-scratch``);
+1. data: the digits as a 16 px image folder, and per fold file lists: test (the fold), val (the
+   next fold, for weight selection), train (the rest) (``fastkd.digits``);
+2. pool: three timm architectures trained from scratch with cross-entropy, each on its own part
+   of the fold's train split (every image of six focus classes, a share of the rest) with its own
+   recipe, so each is right where another is wrong (``training.train``, as ``fastkd train
+   --teachers none --from-scratch``);
 3. dump: every member's outputs on ``views`` augmented views of every training image into one
    store (``dump.run_dump``, as ``fastkd dump``);
-4. transfer: for each seed and arm, every member in turn learns from the others' stored targets
-   for the same number of steps on the same stored views (``training.train_all``, as ``fastkd
-   train --all``), selecting its weights on the val split. Arms: ``live`` (Bi-KD partition) and
-   ``fixed`` (KL+DP), and the controls ``all`` (plain KD: the best teacher on every sample) and
-   ``ce`` (cross-entropy fine-tuning);
-5. report: ``train_all`` evaluates each arm on the test split (``metrics.transfer_from_checkpoints``,
-   as ``fastkd eval --before``); the demo gives mean and spread over the seeds, compares every
-   transfer arm with each control on the same (seed, member) pairs, and says from those numbers
-   whether transfer helps on this data.
+4. transfer: for each arm (``config.ARMS``, each a mode of ``fastkd train``) and seed, every member
+   trained on the whole train split and its stored views for the same steps at the same lr
+   (``training.train_all``, as ``fastkd train --all``; joint Bi-KD: ``train`` with ``joint``);
+   each run's test predictions are kept beside it;
+5. report: ``analysis`` turns the predictions into the change per member and arm with paired
+   bootstrap intervals over test images, Roth et al.'s metrics and the stricter ones, and the
+   declared questions (``config.QUESTIONS``: offline Bi-KD vs plain KD, then vs CE) with verdicts
+   that say what the intervals support; ``report`` renders them (JSON, PNG, text).
 
-What a seed changes: the transfer stage only (sample order, which stored view a sample shows in
-an epoch, dropout). The pool, its pretraining and the store are shared by all seeds, so the
-spread is that of the transfer stage, the part the arms differ in; for the same reason the
-(seed, member) pairs of a comparison are not independent, and its standard error is a yardstick,
-not a significance test.
+Reproducible: ``runtime.reproducible`` pins the CPU code paths and torch's deterministic
+algorithms before anything is computed; the same command and seed give the same numbers on any
+machine of one kind (same thread count; docs/method.md says what is and is not deterministic).
 
-Reuse across runs: the digits folder (marked once complete); the pool and its store, in a folder
-keyed by a hash of every setting that shapes them, reused or resumed through ``train``'s and
-``run_dump``'s own resume (which refuse any other configuration); and each finished transfer run
-(seed, arm), in a folder keyed likewise, recognised by the report ``train_all`` writes last. A
-second ``fastkd demo`` with the same settings trains nothing and rewrites the report.
+Reuse across runs: the digits folder (marked once complete); each fold's pool and store, in
+folders keyed by a hash of every setting that shapes them, reused or resumed through ``train``'s
+and ``run_dump``'s own resume; each finished transfer run (fold, seed, arm), recognised by its
+test predictions, written last. A second ``fastkd demo`` with the same settings trains nothing.
 
 The package, one idea a module; each imports only the ones above it (no cycles):
 
-- ``config``: the arms, ``DemoConfig`` (and ``DemoConfig.quick``), ``DemoLayout`` and the
-  settings-hash keys of its cache folders; imports no other demo module;
-- ``report``: mean and spread, ``Comparison``, ``DemoReport`` (tables, verdict, JSON / PNG / TXT);
-  imports ``config``;
-- ``run``: the stages, their training configurations and ``run_demo``; imports ``config`` and
-  ``report``.
+- ``config``: the arms and questions, ``DemoConfig`` (and ``.quick``), ``DemoLayout``;
+- ``predictions``: ``FoldPredictions``, a fold's test predictions as JSON;
+- ``analysis``: the report's numbers from the predictions; imports ``config``, ``predictions``;
+- ``report``: ``DemoReport`` (tables, verdict, JSON / PNG / TXT); imports the three above;
+- ``run``: the stages and ``run_demo``; imports all of the above.
 
 This module re-exports their public names and imports nothing else.
 """
 
-from fastkd.demo.config import ARMS, ARMS_BY_NAME, IMAGE_SIZE, Arm, DemoConfig, DemoLayout
-from fastkd.demo.report import REPORT_STEM, Comparison, DemoReport
-from fastkd.demo.run import run_demo
+from fastkd.demo.config import (
+    ARMS,
+    ARMS_BY_NAME,
+    IMAGE_SIZE,
+    QUESTIONS,
+    Arm,
+    DemoConfig,
+    DemoLayout,
+    Question,
+)
+from fastkd.demo.predictions import FoldPredictions
+from fastkd.demo.report import REPORT_STEM, DemoReport
+from fastkd.demo.run import pretrain_pool, run_demo
 
 __all__ = [
     "ARMS",
     "ARMS_BY_NAME",
     "IMAGE_SIZE",
+    "QUESTIONS",
     "REPORT_STEM",
     "Arm",
-    "Comparison",
     "DemoConfig",
     "DemoLayout",
     "DemoReport",
+    "FoldPredictions",
+    "Question",
+    "pretrain_pool",
     "run_demo",
 ]

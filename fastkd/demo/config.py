@@ -10,64 +10,108 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import fastkd
-from fastkd.digits import DIGITS_POOL, PoolMember
+from fastkd.digits import DIGITS_POOL, POOL_IMAGE_SIZE, PoolMember
 from fastkd.dump import DumpConfig
 from fastkd.errors import ConfigError
-from fastkd.partition import PartitionMode
-from fastkd.training import Teachers
 from fastkd.views import AugmentConfig
 
-IMAGE_SIZE = 32  # the digits folder; the pool's models take this input size
+IMAGE_SIZE = POOL_IMAGE_SIZE  # the digits folder; the pool's models take this input size
 _KEY_CHARS = 12  # hex digits of a cache folder's hash
+PREDICTIONS_FILE = "test-predictions.json"  # a finished stage's test predictions, written last
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One way of training every pool member: the same steps, views and learning rate."""
+    """One way of training every pool member: the same steps, views and learning rate.
+
+    ``train``: the ``TrainConfig`` fields that make it, so every arm is a real mode of ``fastkd
+    train`` (``flags`` is the command line that runs it).
+    """
 
     name: str
-    teachers: Teachers
-    mode: PartitionMode  # ignored without teachers
-    control: bool
+    title: str  # what the papers call it
+    train: Mapping[str, Any]
+    flags: str
     description: str
 
 
 ARMS: tuple[Arm, ...] = (
     Arm(
-        "live",
-        Teachers.OFFLINE,
-        PartitionMode.LIVE,
-        False,
-        "Bi-KD partition: the most confident other member teaches where it beats the student",
-    ),
-    Arm(
-        "fixed",
-        Teachers.OFFLINE,
-        PartitionMode.FIXED,
-        False,
-        "KL+DP: the best of the others and the student's own stored initial outputs",
-    ),
-    Arm(
-        "all",
-        Teachers.OFFLINE,
-        PartitionMode.ALL,
-        True,
-        "control, plain KD: the most confident other member teaches on every sample",
-    ),
-    Arm(
         "ce",
-        Teachers.NONE,
-        PartitionMode.LIVE,
-        True,
-        "control: cross-entropy fine-tuning, no teacher",
+        "CE fine-tuning",
+        {"teachers": "none"},
+        "--teachers none",
+        "cross-entropy on the labels for the same steps, no teacher",
+    ),
+    Arm(
+        "plain",
+        "plain KD",
+        {"mode": "plain"},
+        "--mode plain",
+        "the other members' mean distribution on every sample, chosen without labels",
+    ),
+    Arm(
+        "best",
+        "best-teacher KD",
+        {"mode": "best"},
+        "--mode best",
+        "the other member most confident on the true class teaches every sample",
+    ),
+    Arm(
+        "kl_dp",
+        "KL+DP",
+        {"mode": "fixed"},
+        "--mode fixed",
+        "Roth et al.: the most confident other member where it beats the student's initial "
+        "self on the true class, else the student's own initial outputs",
+    ),
+    Arm(
+        "bikd",
+        "offline Bi-KD",
+        {"mode": "live"},
+        "--mode live",
+        "the most confident other member teaches where it beats the current student on the true "
+        "class (stored targets)",
+    ),
+    Arm(
+        "joint",
+        "joint Bi-KD",
+        {"joint": True},
+        "--joint",
+        "Jain et al.'s own live training: the whole pool at once, per sample the member most "
+        "confident on the true class teaches the others",
+    ),
+    Arm(
+        "kl_dp_free",
+        "label-free KL+DP",
+        {"mode": "fixed", "partition_score": "confidence"},
+        "--mode fixed --partition-score confidence",
+        "KL+DP deciding by each model's confidence in its own top class: no label needed",
     ),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
+
+
+@dataclass(frozen=True)
+class Question:
+    """A comparison the demo answers: ``arm`` minus ``control`` on the same test images."""
+
+    arm: str
+    control: str
+    role: str  # "primary" or "secondary"
+
+
+# Declared before any run: the question fastkd exists for, then whether transfer beats CE.
+QUESTIONS: tuple[Question, ...] = (
+    Question("bikd", "plain", "primary"),
+    Question("bikd", "ce", "secondary"),
+)
 
 
 def _digits_augment() -> AugmentConfig:
@@ -79,21 +123,25 @@ def _digits_augment() -> AugmentConfig:
 @dataclass(frozen=True)
 class DemoConfig:
     """Everything the demo depends on. The defaults are the full demo (at most 10 minutes on two
-    CPU cores); ``DemoConfig.quick()`` runs the same stages, arms and seeds with far fewer steps.
+    CPU cores); ``DemoConfig.quick()`` runs the same stages and arms on one fold with far fewer
+    steps.
     """
 
     out_dir: Path = Path("runs/demo")
-    seeds: tuple[int, ...] = (0, 1, 2)  # transfer stage seeds
+    folds: int = 5  # cross-validation: every image is a test image of one fold
+    fold_ids: tuple[int, ...] | None = None  # the folds that run (None: all)
+    seeds: tuple[int, ...] = (0,)  # transfer stage seeds, per fold
     pool: tuple[PoolMember, ...] = DIGITS_POOL
-    pool_seed: int = 0  # pretraining (init, order, views) and the store's views
-    views: int = 8  # stored views per training image; view 0 is the eval view
-    transfer_epochs: int = 8  # <= views: no stored target is seen twice
-    transfer_lr: float = 1e-4  # Adam, constant, every arm: fine-tuning (3e-4 and 1e-3 drift)
+    pool_seed: int = 0  # pretraining (init, order, views, subsets), folds and the store's views
+    views: int = 3  # stored views per training image; view 0 is the eval view
+    transfer_epochs: int = 3  # <= views: no stored target is seen twice
+    transfer_lr: float = 1e-4  # Adam, constant, every arm: fine-tuning
     batch_size: int = 128
     augment: AugmentConfig = field(default_factory=_digits_augment)
     topk: int = 0  # stored classes per view: 0 (or >= the 10 classes) keeps every class, dense
     tail: str | None = None  # tail model of sparse targets; None: the dump's default rule
     tail_samples: int = 8  # draws per view of the sampled tail
+    resamples: int = 2000  # paired bootstrap over test images
     device: str = "auto"  # cuda when there is one
     backend: str = "auto"  # image pipeline: DALI when installed
     progress: bool = True
@@ -101,15 +149,27 @@ class DemoConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.fold_ids is not None:
+            object.__setattr__(self, "fold_ids", tuple(int(f) for f in self.fold_ids))
         problems = []
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             problems.append(f"seeds must be distinct and at least one, got {self.seeds}")
         if len(self.pool) < 2:
             problems.append(f"the pool needs at least 2 members, got {len(self.pool)}")
-        if min(self.views, self.transfer_epochs, self.batch_size) < 1:
+        if self.folds < 3:
+            problems.append(f"folds must be >= 3 (test, val and train folds), got {self.folds}")
+        elif self.fold_ids is not None and (
+            not self.fold_ids
+            or len(set(self.fold_ids)) != len(self.fold_ids)
+            or not all(0 <= f < self.folds for f in self.fold_ids)
+        ):
             problems.append(
-                f"views, transfer_epochs and batch_size must be >= 1, got "
-                f"{self.views}, {self.transfer_epochs}, {self.batch_size}"
+                f"fold_ids must be distinct folds in 0..{self.folds - 1}, got {self.fold_ids}"
+            )
+        if min(self.views, self.transfer_epochs, self.batch_size, self.resamples) < 1:
+            problems.append(
+                f"views, transfer_epochs, batch_size and resamples must be >= 1, got "
+                f"{self.views}, {self.transfer_epochs}, {self.batch_size}, {self.resamples}"
             )
         if self.transfer_epochs > self.views:
             problems.append(
@@ -137,12 +197,24 @@ class DemoConfig:
         """The draws the dump is given: only the sampled tail reads them."""
         return self.tail_samples if self.tail == "sampled" else None
 
+    @property
+    def run_folds(self) -> tuple[int, ...]:
+        """The folds that run, in order."""
+        return self.fold_ids if self.fold_ids is not None else tuple(range(self.folds))
+
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """About a minute on two CPU cores: a sixth of the pretraining epochs, 2 stored views,
-        1 transfer epoch. The pipeline, arms, seeds and report are the full demo's."""
-        pool = tuple(replace(m, epochs=max(1, m.epochs // 6)) for m in DIGITS_POOL)
-        settings: dict[str, Any] = {"pool": pool, "views": 2, "transfer_epochs": 1}
+        """About a minute on two CPU cores: fold 0 only, a fifth of the pretraining epochs, 2
+        stored views, 1 transfer epoch. The stages, arms and report are the full demo's; its
+        numbers are a smoke test, not a result."""
+        pool = tuple(replace(m, epochs=max(1, m.epochs // 5)) for m in DIGITS_POOL)
+        settings: dict[str, Any] = {
+            "pool": pool,
+            "fold_ids": (0,),
+            "views": 2,
+            "transfer_epochs": 1,
+            "resamples": 500,
+        }
         return cls(**{**settings, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -163,31 +235,44 @@ def _key(*parts: Any) -> str:
 
 @dataclass(frozen=True)
 class DemoLayout:
-    """Where every artifact of a demo configuration lives under ``out_dir``."""
+    """Where every artifact of one fold of a demo configuration lives under ``out_dir``."""
 
     out_dir: Path
+    fold: int
+    folds: int
     pool_key: str
     store_key: str
     transfer_key: str
 
     @classmethod
-    def of(cls, cfg: DemoConfig) -> DemoLayout:
+    def of(cls, cfg: DemoConfig, fold: int | None = None) -> DemoLayout:
+        """The layout of ``fold`` (default: the first fold that runs)."""
+        fold = cfg.run_folds[0] if fold is None else fold
         pretraining = [
             [asdict(m) for m in cfg.pool],
             cfg.pool_seed,
             cfg.batch_size,
             asdict(cfg.augment),
         ]
-        pool_key = _key("pool", IMAGE_SIZE, pretraining)
+        pool_key = _key("pool", IMAGE_SIZE, cfg.folds, fold, pretraining)
         store_key = _key(
             "store", pool_key, cfg.views, cfg.pool_seed, asdict(cfg.augment), cfg.target_settings()
         )
         transfer_key = _key("transfer", store_key, cfg.transfer_epochs, cfg.transfer_lr)
-        return cls(cfg.out_dir, pool_key, store_key, transfer_key)
+        return cls(cfg.out_dir, fold, cfg.folds, pool_key, store_key, transfer_key)
 
     @property
     def data(self) -> Path:
+        """The digits folder (every fold's file lists live in it, beside the images)."""
         return self.out_dir / "digits"
+
+    def split(self, name: str) -> Path:
+        """The fold's ``train`` / ``val`` / ``test`` file list (``digits.write_fold_lists``)."""
+        return self.data / f"fold-{self.fold}-of-{self.folds}-{name}.txt"
+
+    def member_list_name(self, member: str) -> str:
+        """The file list of a member's pretraining part of the fold's train split."""
+        return f"pool-{self.pool_key}-{member}.txt"
 
     @property
     def pool(self) -> Path:
@@ -196,6 +281,11 @@ class DemoLayout:
     @property
     def store(self) -> Path:
         return self.pool / f"store-{self.store_key}"
+
+    @property
+    def pool_predictions(self) -> Path:
+        """The pool's test predictions before transfer (``predictions.json`` layout)."""
+        return self.pool / PREDICTIONS_FILE
 
     def pretraining(self, member: str) -> Path:
         return self.pool / member

@@ -1,9 +1,8 @@
-"""The demo's report: statistics over seeds and (seed, member) pairs, the verdict, and its output.
+"""The demo's report: tables, the verdict on the declared questions, JSON, PNG and text.
 
-Kept apart from the stages so that a report can be built, checked and rendered from transfer
-reports alone (the tests build one by hand); it reads the arms from ``fastkd.demo.config`` and
-nothing from ``fastkd.demo.run``. Everything printed or saved (tables, conclusion, JSON, PNG, TXT)
-is computed here from the same ``summary`` and ``comparisons``.
+Everything printed or saved is rendered from one ``summary`` (``fastkd.demo.analysis``), so the
+tables, the plot and the verdict cannot disagree. A report can be built from predictions alone
+(the tests build one by hand); it reads the arms and questions from ``fastkd.demo.config``.
 """
 
 from __future__ import annotations
@@ -11,8 +10,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,242 +19,138 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.demo.analysis import Runs, analyse
 from fastkd.demo.config import ARMS_BY_NAME
+from fastkd.demo.predictions import FoldPredictions
 from fastkd.files import write_json
-from fastkd.metrics import TransferReport
 
 REPORT_STEM = "report"  # report.json, report.png, report.txt in the output folder
-
-
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
-    """Mean and sample standard deviation (ddof 1; NaN for a single value)."""
-    array = np.asarray(values, dtype=np.float64)
-    std = float(array.std(ddof=1)) if array.size > 1 else math.nan
-    return {"mean": float(array.mean()), "std": std}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A transfer arm against a control on the same (seed, member) pairs: after - after.
-
-    Both arms start from the same checkpoint, so this is also the difference of their deltas.
-    ``verdict``: "better" / "worse" when mean -/+ 2 standard errors excludes 0, else "no clear
-    difference".
-    """
-
-    arm: str
-    control: str
-    mean: float
-    std: float
-    sem: float
-    pairs: int
-    verdict: str
-
-    @classmethod
-    def of(cls, arm: str, control: str, differences: Sequence[float]) -> Comparison:
-        stat = _mean_std(differences)
-        mean, std = stat["mean"], stat["std"]
-        sem = std / math.sqrt(len(differences))  # NaN for a single pair
-        margin = 2.0 * sem
-        if math.isnan(margin):
-            verdict = "too few pairs to tell"
-        elif mean - margin > 0:
-            verdict = "better"
-        elif mean + margin < 0:
-            verdict = "worse"
-        else:
-            verdict = "no clear difference"
-        return cls(arm, control, mean, std, sem, len(differences), verdict)
+_VERDICT_COLOUR = {"better": "green", "worse": "red"}
 
 
 @dataclass
 class DemoReport:
-    """Every arm's transfer report per seed (test split), the pool, and their aggregates."""
+    """The demo's settings, pool, timings and the numbers ``analyse`` computed."""
 
     config: dict[str, Any]
-    pool: list[dict[str, Any]]  # name, arch, checkpoint (relative to out_dir), val_top1
-    test_data: str  # relative to out_dir
-    store: str  # relative to out_dir
-    runs: dict[str, dict[int, TransferReport]]  # arm -> seed -> report
-    run_dirs: dict[str, dict[int, str]]  # arm -> seed -> train_all's folder (relative)
+    pool: dict[int, list[dict[str, Any]]]  # fold -> each member's description
+    summary: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    numerics: dict[str, Any] = field(default_factory=dict)  # runtime.reproducible()
 
-    @property
-    def arms(self) -> list[str]:
-        return list(self.runs)
-
-    @property
-    def seeds(self) -> list[int]:
-        return sorted({seed for runs in self.runs.values() for seed in runs})
+    @classmethod
+    def build(
+        cls,
+        *,
+        config: dict[str, Any],
+        pool: dict[int, list[dict[str, Any]]],
+        before: Mapping[int, FoldPredictions],
+        after: Mapping[str, Runs],
+        resamples: int,
+        seconds: dict[str, float] | None = None,
+        numerics: dict[str, Any] | None = None,
+    ) -> DemoReport:
+        members = [member["name"] for member in next(iter(pool.values()))]
+        summary = analyse(members, before, after, resamples=resamples)
+        return cls(config, pool, summary, dict(seconds or {}), dict(numerics or {}))
 
     @property
     def members(self) -> list[str]:
-        return [member["name"] for member in self.pool]
+        return list(self.summary["top1_before"])
 
     @property
-    def num_samples(self) -> int:
-        return next(iter(next(iter(self.runs.values())).values())).num_samples
-
-    def figure(self, arm: str, seed: int, member: str, name: str) -> float:
-        """One ``ModelTransfer`` field of ``member`` in the report of (``arm``, ``seed``)."""
-        for model in self.runs[arm][seed].models:
-            if model.name == member:
-                return float(getattr(model, name))
-        raise KeyError(f"no model {member!r} in the {arm!r} report of seed {seed}")
-
-    def top1_before(self, member: str) -> float:
-        """The pool member's test top-1 before transfer (the same checkpoint in every run)."""
-        return self.figure(self.arms[0], self.seeds[0], member, "top1_before")
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per arm: each member's figures and the pool's mean delta, mean and std over seeds."""
-        out: dict[str, dict[str, Any]] = {}
-        for arm, by_seed in self.runs.items():
-            members = {
-                member: {
-                    "top1_before": self.top1_before(member),
-                    **{
-                        name: _mean_std([self.figure(arm, s, member, name) for s in by_seed])
-                        for name in ("top1_after", "delta", "knowledge_gain", "knowledge_loss")
-                    },
-                }
-                for member in self.members
-            }
-            pool_delta = [
-                float(np.mean([self.figure(arm, s, m, "delta") for m in self.members]))
-                for s in by_seed
-            ]
-            out[arm] = {
-                "members": members,
-                "pool_delta": _mean_std(pool_delta),
-                "success_rate": _mean_std([report.success_rate for report in by_seed.values()]),
-            }
-        return out
-
-    def comparisons(self) -> list[Comparison]:
-        """Every transfer arm against every control, paired by (seed, member)."""
-        compared = []
-        for arm in (a for a in self.arms if not ARMS_BY_NAME[a].control):
-            for control in (a for a in self.arms if ARMS_BY_NAME[a].control):
-                differences = [
-                    self.figure(arm, s, m, "top1_after") - self.figure(control, s, m, "top1_after")
-                    for s in self.seeds
-                    for m in self.members
-                ]
-                compared.append(Comparison.of(arm, control, differences))
-        return compared
-
-    def conclusion(self) -> list[str]:
-        """What the numbers say, in sentences computed from them."""
-        summary = self.summary()
-        lines = []
-        for arm in self.arms:
-            pool = summary[arm]["pool_delta"]
-            lines.append(
-                f"{arm}: the pool's mean test top-1 changes by {pool['mean']:+.2f} points "
-                f"(std {_fmt(pool['std'])} over {len(self.seeds)} seeds); "
-                f"{summary[arm]['success_rate']['mean']:.0f}% of members improve on average."
-            )
-        comparisons = self.comparisons()
-        for c in comparisons:
-            lines.append(
-                f"{c.arm} vs {c.control}: {c.mean:+.2f} points per member "
-                f"(+/- {_fmt(2 * c.sem)}, 2 s.e. over {c.pairs} seed x member pairs): {c.verdict}."
-            )
-        against_ce = [c for c in comparisons if c.control == "ce"]
-        if not against_ce:
-            return lines
-        better = [c.arm for c in against_ce if c.verdict == "better"]
-        if better:
-            verdict = (
-                f"Verdict: transfer helps on this data: {', '.join(better)} beat"
-                f"{'s' if len(better) == 1 else ''} cross-entropy fine-tuning for the same steps"
-            )
-        else:
-            worse = [c.arm for c in against_ce if c.verdict == "worse"]
-            how = f"{', '.join(worse)} did worse" if worse else "no clear difference"
-            verdict = (
-                "Verdict: transfer does not help on this data: no transfer arm beats "
-                f"cross-entropy fine-tuning for the same steps ({how})"
-            )
-        against_kd = [c for c in comparisons if c.control == "all"]
-        if against_kd:
-            verdict += "; against plain KD, the partition gives: " + ", ".join(
-                f"{c.arm} {c.verdict}" for c in against_kd
-            )
-        lines.append(verdict + ".")
-        return lines
-
-    # -- output -------------------------------------------------------------------------------
+    def arms(self) -> list[str]:
+        return list(self.summary["arms"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config,
-            "pool": self.pool,
-            "test_data": self.test_data,
-            "store": self.store,
-            "num_test_samples": self.num_samples,
-            "arms": {
-                arm: {
-                    "description": ARMS_BY_NAME[arm].description,
-                    "control": ARMS_BY_NAME[arm].control,
-                }
-                for arm in self.arms
-            },
-            "runs": {
-                arm: {
-                    str(seed): {"dir": self.run_dirs[arm][seed], **report.to_dict()}
-                    for seed, report in by_seed.items()
-                }
-                for arm, by_seed in self.runs.items()
-            },
-            "summary": self.summary(),
-            "comparisons": [asdict(c) for c in self.comparisons()],
-            "conclusion": self.conclusion(),
+            "pool": {str(fold): members for fold, members in self.pool.items()},
+            "summary": self.summary,
             "seconds": self.seconds,
+            "numerics": self.numerics,
         }
 
-    def tables(self) -> list[Table]:
-        """Per-member deltas of every arm (mean +/- std over seeds), then the comparisons."""
-        summary = self.summary()
-        deltas = Table(
-            title=f"Transfer on the digits test split ({self.num_samples} images): change in "
-            f"top-1 (points), mean +/- std over {len(self.seeds)} seeds",
-            caption="; ".join(f"{a}: {ARMS_BY_NAME[a].description}" for a in self.arms),
-        )
-        deltas.add_column("member")
-        deltas.add_column("top-1 before", justify="right")
-        for arm in self.arms:
-            deltas.add_column(
-                arm + (" (control)" if ARMS_BY_NAME[arm].control else ""), justify="right"
-            )
-        for member in self.members:
-            cells = [_delta_cell(summary[arm]["members"][member]["delta"]) for arm in self.arms]
-            deltas.add_row(member, f"{self.top1_before(member):.2f}", *cells)
-        deltas.add_section()
-        deltas.add_row("pool mean", "", *(_delta_cell(summary[a]["pool_delta"]) for a in self.arms))
-        deltas.add_row(
-            "members improved",
-            "",
-            *(f"{summary[a]['success_rate']['mean']:.0f}%" for a in self.arms),
+    # -- text ----------------------------------------------------------------------------------
+
+    def _scope(self) -> str:
+        s = self.summary
+        folds, seeds = len(s["folds"]), len(s["seeds"])
+        return (
+            f"{s['images']} test images ({folds} fold{'s' * (folds > 1)} of "
+            f"{self.config['folds']}), {len(self.members)} members, {seeds} seed{'s' * (seeds > 1)}"
         )
 
-        compared = Table(title="Transfer arms against the controls, paired by seed and member")
-        for column in ("arm", "control", "arm - control", "2 s.e.", "pairs", "verdict"):
-            compared.add_column(
-                column, justify="left" if column in ("arm", "control", "verdict") else "right"
+    def tables(self) -> list[Table]:
+        s = self.summary
+        pool = Table(title=f"The pool before transfer, on {self._scope()}")
+        for column in ("member", "arch", "trained on", "test top-1"):
+            pool.add_column(column, justify="right" if column == "test top-1" else "left")
+        first = next(iter(self.pool.values()))
+        for member in first:
+            focus = member["focus"]
+            seen = (
+                f"all of digits {','.join(map(str, focus))}, {member['rest_fraction']:.0%} of "
+                f"the rest (~{member['images']} images), {member['epochs']} epochs"
+                if focus
+                else f"{member['images']} images, {member['epochs']} epochs"
             )
-        for c in self.comparisons():
-            colour = {"better": "green", "worse": "red"}.get(c.verdict, "white")
-            compared.add_row(
-                c.arm,
-                c.control,
-                f"{c.mean:+.2f}",
-                _fmt(2 * c.sem),
-                str(c.pairs),
-                f"[{colour}]{c.verdict}[/{colour}]",
+            pool.add_row(
+                member["name"], member["arch"], seen, f"{s['top1_before'][member['name']]:.1f}%"
             )
-        return [deltas, compared]
+
+        arms = Table(
+            title="Change in test top-1 per arm (points; 95% paired-bootstrap interval over "
+            "test images within folds)",
+            caption="gain / loss: % of test images a member got wrong before and right after / "
+            "the reverse; success: % of (teachers, student) runs whose delta is > 0.",
+        )
+        arms.add_column("arm")
+        for member in self.members:
+            arms.add_column(member, justify="right")
+        for column in ("pool", "gain / loss", "success"):
+            arms.add_column(column, justify="right")
+        for arm in self.arms:
+            a = s["arms"][arm]
+            cells = [_interval_cell(a["members"][m]["delta"]) for m in self.members]
+            gain = np.mean([a["members"][m]["knowledge_gain"] for m in self.members])
+            loss = np.mean([a["members"][m]["knowledge_loss"] for m in self.members])
+            arms.add_row(
+                f"{ARMS_BY_NAME[arm].title} ({arm})",
+                *cells,
+                _interval_cell(a["pool_delta"]),
+                f"{gain:.1f} / {loss:.1f}",
+                f"{a['success_rate']:.0f}% of {a['runs']}",
+            )
+
+        questions = Table(title="The declared questions: arm minus control on the same images")
+        for column in ("role", "arm", "control", "difference", "95% interval", "verdict"):
+            questions.add_column(column, justify="right" if column in ("difference",) else "left")
+        for q in s["questions"]:
+            d = q["difference"]
+            colour = _VERDICT_COLOUR.get(q["verdict"], "white")
+            questions.add_row(
+                q["role"],
+                ARMS_BY_NAME[q["arm"]].title,
+                ARMS_BY_NAME[q["control"]].title,
+                f"{d['estimate']:+.2f}",
+                f"[{d['low']:+.2f}, {d['high']:+.2f}]",
+                f"[{colour}]{q['verdict']}[/{colour}]",
+            )
+        return [pool, arms, questions]
+
+    def conclusion(self) -> list[str]:
+        """One sentence per declared question, saying what its interval supports."""
+        lines = []
+        for q in self.summary["questions"]:
+            d = q["difference"]
+            lines.append(
+                f"{q['role'].capitalize()}: {ARMS_BY_NAME[q['arm']].title} minus "
+                f"{ARMS_BY_NAME[q['control']].title}: {d['estimate']:+.2f} points per member and "
+                f"test image, 95% interval [{d['low']:+.2f}, {d['high']:+.2f}] over "
+                f"{self._scope()}: {q['verdict']}."
+            )
+        return lines
 
     def print(self, console: Console) -> None:
         for table in self.tables():
@@ -263,66 +158,88 @@ class DemoReport:
         for line in self.conclusion():
             console.print(line)
 
+    # -- files ---------------------------------------------------------------------------------
+
     def plot(self, path: str | os.PathLike) -> Path:
-        """Two panels: each member's delta per arm (mean, std over seeds as error bars); each
-        transfer arm minus each control (mean, 2 standard errors)."""
+        """Four panels: each arm's change per member with its interval; gain vs loss per arm;
+        the declared questions; the pool's agreement before and after the primary arm."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        path = Path(path)
-        summary = self.summary()
-        groups = [f"{m}\n(before {self.top1_before(m):.1f}%)" for m in self.members]
-        groups.append("pool mean")
-        x = np.arange(len(groups))
-        width = 0.8 / len(self.arms)
-        fig, (left, right) = plt.subplots(
-            1, 2, figsize=(12.0, 4.5), constrained_layout=True, width_ratios=(3, 2)
-        )
-        fig.suptitle(
-            f"fastkd demo: transfer on the digits test split ({self.num_samples} images), "
-            f"{len(self.seeds)} seeds"
-        )
-        for i, arm in enumerate(self.arms):
-            stats = [summary[arm]["members"][m]["delta"] for m in self.members]
-            stats.append(summary[arm]["pool_delta"])
-            left.bar(
-                x + (i - (len(self.arms) - 1) / 2) * width,
-                [s["mean"] for s in stats],
-                width,
-                yerr=[0.0 if math.isnan(s["std"]) else s["std"] for s in stats],
-                capsize=3,
-                label=arm + (" (control)" if ARMS_BY_NAME[arm].control else ""),
-                hatch="//" if ARMS_BY_NAME[arm].control else None,
-            )
-        left.axhline(0.0, color="black", linewidth=0.8)
-        left.set_xticks(x, groups)
-        left.set_ylabel("change in test top-1 (points)")
-        left.set_title("Delta per member (error bar: std over seeds)")
-        left.legend(fontsize=8)
+        s, path = self.summary, Path(path)
+        fig, axes = plt.subplots(2, 2, figsize=(13.0, 9.0), constrained_layout=True)
+        fig.suptitle(f"fastkd demo: transfer on {self._scope()}")
 
-        comparisons = self.comparisons()
-        labels = [f"{c.arm} - {c.control}" for c in comparisons]
-        colours = [
-            {"better": "#2e8b57", "worse": "#c0392b"}.get(c.verdict, "#777777") for c in comparisons
-        ]
-        y = np.arange(len(comparisons))
-        right.barh(
-            y,
-            [c.mean for c in comparisons],
-            xerr=[0.0 if math.isnan(c.sem) else 2 * c.sem for c in comparisons],
-            color=colours,
-            capsize=3,
-        )
-        right.axvline(0.0, color="black", linewidth=0.8)
-        right.set_yticks(y, labels)
-        right.invert_yaxis()
-        right.set_xlabel("top-1 difference per member (points)")
-        right.set_title("Transfer arm minus control (error bar: 2 s.e.)")
+        ax = axes[0, 0]
+        groups = [*self.members, "pool"]
+        width = 0.8 / len(self.arms)
+        x = np.arange(len(groups))
+        for i, arm in enumerate(self.arms):
+            a = s["arms"][arm]
+            stats = [a["members"][m]["delta"] for m in self.members] + [a["pool_delta"]]
+            mid = np.array([t["estimate"] for t in stats])
+            err = np.array([[t["estimate"] - t["low"], t["high"] - t["estimate"]] for t in stats]).T
+            ax.bar(x + (i - (len(self.arms) - 1) / 2) * width, mid, width, yerr=err, capsize=2,
+                   label=ARMS_BY_NAME[arm].title)  # fmt: skip
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(x, [f"{g}\n(before {s['top1_before'][g]:.0f}%)" if g in s["top1_before"]
+                          else g for g in groups])  # fmt: skip
+        ax.set_ylabel("change in test top-1 (points)")
+        ax.set_title("Change per member and arm (95% interval)")
+        ax.legend(fontsize=7, ncol=2)
+
+        ax = axes[0, 1]
+        y = np.arange(len(self.arms))
+        gain = [np.mean([s["arms"][a]["members"][m]["knowledge_gain"] for m in self.members])
+                for a in self.arms]  # fmt: skip
+        loss = [np.mean([s["arms"][a]["members"][m]["knowledge_loss"] for m in self.members])
+                for a in self.arms]  # fmt: skip
+        ax.barh(y, gain, color="#2e8b57", label="knowledge gain")
+        ax.barh(y, [-v for v in loss], color="#c0392b", label="knowledge loss")
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [ARMS_BY_NAME[a].title for a in self.arms])
+        ax.invert_yaxis()
+        ax.set_xlabel("% of test images (mean over members)")
+        ax.set_title("Gained vs lost images")
+        ax.legend(fontsize=8)
+
+        ax = axes[1, 0]
+        qs = s["questions"]
+        y = np.arange(len(qs))
+        for i, q in enumerate(qs):
+            d = q["difference"]
+            colour = {"better": "#2e8b57", "worse": "#c0392b"}.get(q["verdict"], "#555555")
+            ax.errorbar(d["estimate"], i, xerr=[[d["estimate"] - d["low"]], [d["high"] - d["estimate"]]],
+                        fmt="o", color=colour, capsize=4)  # fmt: skip
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [f"{q['role']}: {ARMS_BY_NAME[q['arm']].title}\nminus "
+                          f"{ARMS_BY_NAME[q['control']].title}\n({q['verdict']})" for q in qs])  # fmt: skip
+        ax.set_ylim(len(qs) - 0.5, -0.5)
+        ax.set_xlabel("difference in test top-1 (points, 95% interval)")
+        ax.set_title("The declared questions")
+
+        ax = axes[1, 1]
+        primary = next((q["arm"] for q in qs if q["role"] == "primary"), self.arms[0])
+        before = np.asarray(s["agreement_before"])
+        after = np.asarray(s["arms"][primary]["agreement_after"])
+        n = len(self.members)
+        both = np.full((n, 2 * n + 1), np.nan)
+        both[:, :n], both[:, n + 1 :] = before, after
+        image = ax.imshow(np.ma.masked_invalid(both), cmap="viridis", vmin=0.0, vmax=100.0)
+        for i in range(n):
+            for j in range(n):
+                for offset, matrix in ((0, before), (n + 1, after)):
+                    ax.text(j + offset, i, f"{matrix[i, j]:.0f}", ha="center", va="center",
+                            color="white" if matrix[i, j] < 60 else "black", fontsize=8)  # fmt: skip
+        ax.set_xticks(list(range(n)) + list(range(n + 1, 2 * n + 1)), self.members * 2, rotation=30)
+        ax.set_yticks(range(n), self.members)
+        ax.set_title(f"Agreement (% same class): before | after {ARMS_BY_NAME[primary].title}")
+        fig.colorbar(image, ax=ax, shrink=0.7, label="%")
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
 
@@ -332,17 +249,15 @@ class DemoReport:
         json_path, png_path, txt_path = (stem.with_suffix(s) for s in (".json", ".png", ".txt"))
         write_json(json_path, self.to_dict())
         self.plot(png_path)
-        console = Console(record=True, width=140, file=io.StringIO())
+        console = Console(record=True, width=160, file=io.StringIO())
         self.print(console)
         txt_path.write_text(console.export_text())
         return {"json": json_path, "plot": png_path, "table": txt_path}
 
 
-def _fmt(value: float) -> str:
-    return "n/a" if math.isnan(value) else f"{value:.2f}"
-
-
-def _delta_cell(stat: Mapping[str, float]) -> str:
-    colour = "green" if stat["mean"] > 0 else "red" if stat["mean"] < 0 else "white"
-    spread = "" if math.isnan(stat["std"]) else f" +/- {stat['std']:.2f}"
-    return f"[{colour}]{stat['mean']:+.2f}[/{colour}]{spread}"
+def _interval_cell(interval: Mapping[str, float]) -> str:
+    mid = interval["estimate"]
+    colour = "green" if interval["low"] > 0 else "red" if interval["high"] < 0 else "white"
+    if math.isnan(mid):
+        return "n/a"
+    return f"[{colour}]{mid:+.2f}[/{colour}] [{interval['low']:+.1f}, {interval['high']:+.1f}]"

@@ -1,8 +1,8 @@
 """The demo's stages: data, pool, dump, transfer, each the library code a ``fastkd`` command runs.
 
-The demo only picks the settings (``fastkd.demo.config``) and hands the transfer reports to
-``fastkd.demo.report``; every stage is reused or resumed through the library's own resume, so a
-second run with the same settings trains nothing.
+The demo only picks the settings (``fastkd.demo.config``), runs every stage for every fold and
+hands the test predictions to ``fastkd.demo.report``; every stage is reused or resumed through the
+library's own resume, so a second run with the same settings trains nothing.
 """
 
 from __future__ import annotations
@@ -12,16 +12,28 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 
-from fastkd.demo.config import ARMS, IMAGE_SIZE, Arm, DemoConfig, DemoLayout
+from fastkd.data import open_dataset
+from fastkd.demo.config import ARMS, IMAGE_SIZE, PREDICTIONS_FILE, Arm, DemoConfig, DemoLayout
+from fastkd.demo.predictions import FoldPredictions
 from fastkd.demo.report import DemoReport
-from fastkd.digits import PoolMember, write_digits_folder
+from fastkd.digits import (
+    PoolMember,
+    digits_labels,
+    write_digits_folder,
+    write_fold_lists,
+    write_sample_list,
+)
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.metrics import TransferReport
-from fastkd.training import REPORT_STEM as TRAIN_REPORT_STEM
+from fastkd.evaluation import predict_checkpoints
+from fastkd.files import write_json
+from fastkd.models import parse_pool
+from fastkd.runtime import reproducible, resolve_device
 from fastkd.training import Teachers, TrainConfig, train, train_all
 
 
@@ -30,13 +42,14 @@ def _stage(console: Console, title: str, seconds: dict[str, float], key: str) ->
     console.rule(f"[bold]{title}")
     start = time.perf_counter()
     yield
-    seconds[key] = round(time.perf_counter() - start, 2)
+    seconds[key] = round(seconds.get(key, 0.0) + time.perf_counter() - start, 2)
 
 
 def _pretrain_config(cfg: DemoConfig, layout: DemoLayout, member: PoolMember) -> TrainConfig:
-    """Cross-entropy from a random init, a fresh view per epoch, weights selected on val."""
+    """Cross-entropy from a random init on the member's part of the fold's train split, a fresh
+    view per epoch, weights selected on the fold's val split."""
     return TrainConfig(
-        data=layout.data / "train",
+        data=layout.data / layout.member_list_name(member.name),
         student=member.spec,
         teachers=Teachers.NONE,
         pretrained=False,
@@ -46,9 +59,9 @@ def _pretrain_config(cfg: DemoConfig, layout: DemoLayout, member: PoolMember) ->
         augment=cfg.augment,
         lr=member.lr,
         lr_schedule="cosine",
-        batch_size=cfg.batch_size,
+        batch_size=member.batch_size,
         seed=cfg.pool_seed,
-        val_data=layout.data / "val",
+        val_data=layout.split("val"),
         report=False,
         out_dir=layout.pretraining(member.name),
         resume=True,
@@ -61,56 +74,70 @@ def _pretrain_config(cfg: DemoConfig, layout: DemoLayout, member: PoolMember) ->
 def _transfer_config(
     cfg: DemoConfig, layout: DemoLayout, pool_specs: Sequence[str], arm: Arm, seed: int
 ) -> TrainConfig:
-    """Every member taught by the others' stored targets (or CE only), test-split report."""
+    """Every member of the fold's pool trained by ``arm`` on the fold's whole train split and its
+    stored views; weights selected on the fold's val split; no report (the demo evaluates)."""
     return TrainConfig(
-        data=layout.data / "train",
+        data=layout.split("train"),
         store=layout.store,
         models=tuple(pool_specs),
-        teachers=arm.teachers,
-        mode=arm.mode,
         epochs=cfg.transfer_epochs,
         lr=cfg.transfer_lr,
         batch_size=cfg.batch_size,
         seed=seed,
-        val_data=layout.data / "val",
-        eval_data=layout.data / "test",
+        val_data=layout.split("val"),
+        report=False,
         out_dir=layout.transfer(seed, arm.name),
         resume=True,
         device=cfg.device,
         backend=cfg.backend,
         progress=cfg.progress,
+        **arm.train,
     )
 
 
-def _transfer(cfg: TrainConfig) -> TransferReport:
-    """``train_all``, or the report of its finished run: ``train_all`` writes the report last.
-
-    A finished run keeps its selected weights and report, not its resumable state (three times
-    the weights: the optimiser's moments); an interrupted one resumes from that state.
-    """
-    finished = cfg.out_dir / f"{TRAIN_REPORT_STEM}.json"
-    if finished.is_file():
-        return TransferReport.from_dict(json.loads(finished.read_text()))
-    result = train_all(cfg)
-    if result.report is None:
-        raise RuntimeError(f"train_all wrote no transfer report in {cfg.out_dir}")
-    for run in result.runs.values():
-        run.state.unlink(missing_ok=True)
-    return result.report
+def _predict(
+    cfg: DemoConfig, layout: DemoLayout, checkpoints: dict[str, Path], path: Path
+) -> FoldPredictions:
+    """Test predictions of ``checkpoints`` (name -> file), cached in ``path`` (written last: a
+    finished stage is one whose predictions file exists)."""
+    if path.is_file():
+        return FoldPredictions.from_dict(json.loads(path.read_text()))
+    test = open_dataset(layout.split("test"))
+    archs = {spec.name: spec.arch for spec in parse_pool([s.spec for s in cfg.pool])}
+    specs = parse_pool([f"{name}:{archs[name]}={ckpt}" for name, ckpt in checkpoints.items()])
+    found = predict_checkpoints(
+        test, specs, batch_size=256, device=resolve_device(cfg.device), backend=cfg.backend
+    )
+    predictions = FoldPredictions(
+        fold=layout.fold,
+        samples=[int(Path(key).stem) for key in test.keys],
+        labels=test.labels.tolist(),
+        predictions={name: found[name].tolist() for name in checkpoints},
+    )
+    write_json(path, predictions.to_dict())
+    return predictions
 
 
 def pretrain_pool(
-    cfg: DemoConfig, console: Console | None = None
+    cfg: DemoConfig, console: Console | None = None, fold: int | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Train (or reuse) every pool member on the digits folder: their descriptions and their
-    ``alias:ARCH=CKPT`` specs. Public so that other code (the benchmarks) gets the very pool the
-    demo trains, from the same cache."""
+    """Train (or reuse) every pool member on its part of ``fold``'s train split: their
+    descriptions and their ``alias:ARCH=CKPT`` specs. Public so that other code (the benchmarks)
+    gets the very pool the demo trains, from the same cache."""
     console = console or Console()
-    layout = DemoLayout.of(cfg)
+    layout = DemoLayout.of(cfg, fold)
     write_digits_folder(layout.data, image_size=IMAGE_SIZE)
+    lists = write_fold_lists(layout.data, cfg.folds, layout.fold, cfg.pool_seed)
+    train_samples = np.asarray([int(Path(k).stem) for k in open_dataset(lists["train"]).keys])
+    labels = digits_labels()
     pool_info, pool_specs = [], []
     for member in cfg.pool:
-        console.print(f"[bold]{member.name}[/bold]: {member.arch}, {member.epochs} epochs")
+        part = member.pretraining_samples(train_samples, labels, cfg.pool_seed + layout.fold)
+        write_sample_list(layout.data, layout.member_list_name(member.name), part)
+        console.print(
+            f"[bold]{member.name}[/bold]: {member.arch}, {member.epochs} epochs on {len(part)} "
+            f"of {len(train_samples)} training images"
+        )
         run = train(_pretrain_config(cfg, layout, member))
         checkpoint = run.checkpoints[member.name]
         best = max((r.val_top1[member.name] for r in run.history), default=math.nan)
@@ -122,6 +149,9 @@ def pretrain_pool(
                 "model_kwargs": dict(member.model_kwargs),
                 "epochs": member.epochs,
                 "lr": member.lr,
+                "focus": list(member.focus),
+                "rest_fraction": member.rest_fraction,
+                "images": len(part),
                 "checkpoint": layout.relative(checkpoint),
                 "val_top1": best,
             }
@@ -129,59 +159,92 @@ def pretrain_pool(
     return pool_info, pool_specs
 
 
+def _dump(cfg: DemoConfig, layout: DemoLayout, pool_specs: Sequence[str]) -> None:
+    run_dump(
+        DumpConfig(
+            data=layout.split("train"),
+            models=list(pool_specs),
+            out=layout.store,
+            views=cfg.views,
+            topk=cfg.topk,
+            tail=cfg.tail,
+            tail_samples=cfg.dump_tail_samples,
+            seed=cfg.pool_seed,
+            augment=cfg.augment,
+            backend=cfg.backend,
+            device=None if cfg.device == "auto" else cfg.device,
+            progress=cfg.progress,
+        )
+    )
+
+
+def _transfer(
+    cfg: DemoConfig, layout: DemoLayout, pool_specs: Sequence[str], arm: Arm, seed: int
+) -> FoldPredictions:
+    """Train every member by ``arm`` (or reuse a finished run) and predict the test split.
+
+    A finished run keeps its selected weights and predictions, not its resumable state (three
+    times the weights: the optimiser's moments); an interrupted one resumes from that state.
+    """
+    out = layout.transfer(seed, arm.name)
+    predictions = out / PREDICTIONS_FILE
+    if predictions.is_file():
+        return FoldPredictions.from_dict(json.loads(predictions.read_text()))
+    train_cfg = _transfer_config(cfg, layout, pool_specs, arm, seed)
+    if train_cfg.joint:
+        result = train(train_cfg)
+        checkpoints, states = dict(result.checkpoints), [result.state]
+    else:
+        pool = train_all(train_cfg)
+        checkpoints = {name: run.checkpoints[name] for name, run in pool.runs.items()}
+        states = [run.state for run in pool.runs.values()]
+    found = _predict(cfg, layout, checkpoints, predictions)
+    for state in states:
+        state.unlink(missing_ok=True)
+    return found
+
+
 def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> DemoReport:
-    """Run (or reuse) every stage and write the report under ``cfg.out_dir``."""
+    """Run (or reuse) every stage of every fold and write the report under ``cfg.out_dir``."""
     cfg = cfg or DemoConfig()
     console = console or Console()
-    layout = DemoLayout.of(cfg)
+    numerics = reproducible(cfg.device)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-
-    with _stage(console, "1/4 data: scikit-learn digits, 32 px, train/val/test", seconds, "data"):
-        write_digits_folder(layout.data, image_size=IMAGE_SIZE)
-
-    with _stage(console, "2/4 pool: three architectures trained from scratch", seconds, "pool"):
-        pool_info, pool_specs = pretrain_pool(cfg, console)
-
-    with _stage(console, f"3/4 dump: {cfg.views} views per training image", seconds, "dump"):
-        run_dump(
-            DumpConfig(
-                data=layout.data / "train",
-                models=pool_specs,
-                out=layout.store,
-                views=cfg.views,
-                topk=cfg.topk,
-                tail=cfg.tail,
-                tail_samples=cfg.dump_tail_samples,
-                seed=cfg.pool_seed,
-                augment=cfg.augment,
-                backend=cfg.backend,
-                device=None if cfg.device == "auto" else cfg.device,
-                progress=cfg.progress,
-            )
-        )
-
-    runs: dict[str, dict[int, TransferReport]] = {arm.name: {} for arm in ARMS}
-    run_dirs: dict[str, dict[int, str]] = {arm.name: {} for arm in ARMS}
-    title = f"4/4 transfer: {len(ARMS)} arms x {len(cfg.seeds)} seeds x {len(cfg.pool)} members"
-    with _stage(console, title, seconds, "transfer"):
-        for seed in cfg.seeds:
-            for arm in ARMS:
-                console.print(f"[bold]seed {seed}, {arm.name}[/bold]: {arm.description}")
-                runs[arm.name][seed] = _transfer(
-                    _transfer_config(cfg, layout, pool_specs, arm, seed)
-                )
-                run_dirs[arm.name][seed] = layout.relative(layout.transfer(seed, arm.name))
+    folds = cfg.run_folds
+    pools: dict[int, list[dict[str, Any]]] = {}
+    before: dict[int, FoldPredictions] = {}
+    after: dict[str, dict[int, dict[int, FoldPredictions]]] = {a.name: {} for a in ARMS}
+    for fold in folds:
+        layout = DemoLayout.of(cfg, fold)
+        where = f"fold {fold + 1} of {cfg.folds}"
+        with _stage(
+            console, f"{where}: pool, each member on its part of the data", seconds, "pool"
+        ):
+            pools[fold], specs = pretrain_pool(cfg, console, fold)
+            checkpoints = {
+                m.name: Path(s.split("=", 1)[1]) for m, s in zip(cfg.pool, specs, strict=True)
+            }
+            before[fold] = _predict(cfg, layout, checkpoints, layout.pool_predictions)
+        with _stage(console, f"{where}: dump, {cfg.views} views per image", seconds, "dump"):
+            _dump(cfg, layout, specs)
+        title = f"{where}: transfer, {len(ARMS)} arms x {len(cfg.seeds)} seeds"
+        with _stage(console, title, seconds, "transfer"):
+            for seed in cfg.seeds:
+                for arm in ARMS:
+                    console.print(f"[bold]{arm.title}[/bold] ({arm.flags}), seed {seed}")
+                    found = _transfer(cfg, layout, specs, arm, seed)
+                    after[arm.name].setdefault(fold, {})[seed] = found
     seconds["total"] = round(time.perf_counter() - start, 2)
 
-    report = DemoReport(
+    report = DemoReport.build(
         config=cfg.to_dict(),
-        pool=pool_info,
-        test_data=layout.relative(layout.data / "test"),
-        store=layout.relative(layout.store),
-        runs=runs,
-        run_dirs=run_dirs,
+        pool=pools,
+        before=before,
+        after=after,
         seconds=seconds,
+        numerics=numerics,
+        resamples=cfg.resamples,
     )
     console.rule("[bold]report")
     report.print(console)
