@@ -46,15 +46,14 @@ from torch import Tensor
 
 from fastkd.compression import DEFAULT_TAIL, TailModel, id_bytes, raw_bytes_per_view
 from fastkd.data import open_dataset
-from fastkd.demo.config import ARMS, DemoConfig, DemoLayout
-from fastkd.demo.report import DemoReport
+from fastkd.demo.config import ARMS, PREDICTIONS_FILE, DemoConfig, DemoLayout
+from fastkd.demo.predictions import FoldPredictions
 from fastkd.demo.run import pretrain_pool, run_demo
 from fastkd.evaluation import eval_view_outputs
 from fastkd.kernels import PoolTargets
 from fastkd.models import load_model, parse_pool
 from fastkd.runtime import machine_name
 from fastkd.training import HISTORY_FILE
-from fastkd.training import REPORT_STEM as TRAIN_REPORT_STEM
 
 RESULTS = Path(__file__).resolve().parent / "results" / "targets-cpu.json"
 PARTS = ("synthetic", "pool", "transfer")
@@ -512,37 +511,46 @@ def transfer_settings(samples: int) -> list[Setting]:
     ]
 
 
-def _top1_after(report: DemoReport) -> dict[tuple[str, int, str], float]:
+Key = tuple[str, int, int, str]  # (arm, fold, seed, member)
+
+
+def _runs(cfg: DemoConfig) -> dict[tuple[str, int, int], Path]:
+    """Each transfer run's folder, per (arm, fold, seed)."""
     return {
-        (arm, seed, member): report.figure(arm, seed, member, "top1_after")
-        for arm in report.arms
-        for seed in report.seeds
-        for member in report.members
+        (arm.name, fold, seed): DemoLayout.of(cfg, fold).transfer(seed, arm.name)
+        for arm in ARMS
+        for fold in cfg.run_folds
+        for seed in cfg.seeds
     }
 
 
-def _histories(report: DemoReport, out_dir: Path) -> dict[tuple[str, int, str], list[dict]]:
-    """Each transfer run's epoch records (``fastkd.training``'s history), per (arm, seed,
-    member)."""
-    return {
-        (arm, seed, member): json.loads(
-            (out_dir / report.run_dirs[arm][seed] / member / HISTORY_FILE).read_text()
-        )
-        for arm in report.arms
-        for seed in report.seeds
-        for member in report.members
-    }
+def _top1_after(cfg: DemoConfig, members: Sequence[str]) -> dict[Key, float]:
+    """Test top-1 of every member after each transfer run, from the run's saved predictions."""
+    out = {}
+    for (arm, fold, seed), run in _runs(cfg).items():
+        found = FoldPredictions.from_dict(json.loads((run / PREDICTIONS_FILE).read_text()))
+        for member in members:
+            out[(arm, fold, seed, member)] = 100.0 * float(found.correct(member).mean())
+    return out
+
+
+def _histories(cfg: DemoConfig, members: Sequence[str]) -> dict[Key, list[dict]]:
+    """Each transfer run's epoch records (``fastkd.training``'s history), per (arm, fold, seed,
+    member); a joint run keeps one history for the whole pool."""
+    out = {}
+    for (arm, fold, seed), run in _runs(cfg).items():
+        for member in members:
+            path = run / member / HISTORY_FILE
+            out[(arm, fold, seed, member)] = json.loads(
+                (path if path.is_file() else run / HISTORY_FILE).read_text()
+            )
+    return out
 
 
 def _finished(cfg: DemoConfig) -> bool:
     """Whether every transfer run of ``cfg`` is already finished under its cache folder (then
     ``run_demo`` reads the runs back instead of training them)."""
-    layout = DemoLayout.of(cfg)
-    return all(
-        (layout.transfer(seed, arm.name) / f"{TRAIN_REPORT_STEM}.json").is_file()
-        for seed in cfg.seeds
-        for arm in ARMS
-    )
+    return all((run / PREDICTIONS_FILE).is_file() for run in _runs(cfg).values())
 
 
 def _change(
@@ -554,13 +562,13 @@ def _change(
     its sample std) over the pairs of ``arms``, and per member."""
     diffs = {key: figures[key] - dense[key] for key in figures if key[0] in arms}
     values = list(diffs.values())
-    members = sorted({key[2] for key in diffs})
+    members = sorted({key[-1] for key in diffs})
     return {
         "mean": _round(float(np.mean(values))),
         "std": _round(float(np.std(values, ddof=1))) if len(values) > 1 else None,
         "pairs": len(values),
         "per_member": {
-            m: _round(float(np.mean([d for k, d in diffs.items() if k[2] == m]))) for m in members
+            m: _round(float(np.mean([d for k, d in diffs.items() if k[-1] == m]))) for m in members
         },
     }
 
@@ -586,30 +594,36 @@ def transfer_part(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         start = time.perf_counter()
         report = run_demo(cfg, quiet)
         arms = report.arms
-        after[setting.label] = _top1_after(report)
-        records = _histories(report, cfg.out_dir)
+        after[setting.label] = _top1_after(cfg, report.members)
+        records = _histories(cfg, report.members)
         history[setting.label] = {
-            key: [r["val_top1"].get(key[2]) for r in epochs] for key, epochs in records.items()
+            key: [r["val_top1"].get(key[-1]) for r in epochs] for key, epochs in records.items()
         }
+        histories = {run / HISTORY_FILE for run in _runs(cfg).values()}  # joint runs
+        histories |= {run / m / HISTORY_FILE for run in _runs(cfg).values() for m in report.members}
+        summary = report.summary
         runs[setting.label] = {
             **setting.describe(DIGITS_CLASSES),
-            "store": report.store,
+            "store": DemoLayout.of(cfg).relative(DemoLayout.of(cfg).store),
             "seconds": round(time.perf_counter() - start, 1),
             "reused_finished_runs": reused,
             "training_seconds": round(
-                sum(r["seconds"] for epochs in records.values() for r in epochs), 1
+                sum(
+                    r["seconds"]
+                    for path in histories
+                    if path.is_file()
+                    for r in json.loads(path.read_text())
+                ),
+                1,
             ),
             "pool_delta": {
-                arm: _round(stat["pool_delta"]["mean"]) for arm, stat in report.summary().items()
+                arm: _round(stat["pool_delta"]["estimate"]) for arm, stat in summary["arms"].items()
             },
             "top1_after": {
-                arm: {
-                    m: [_round(report.figure(arm, s, m, "top1_after")) for s in report.seeds]
-                    for m in report.members
-                }
-                for arm in report.arms
+                arm: {m: _round(stat["members"][m]["top1_after"]) for m in report.members}
+                for arm, stat in summary["arms"].items()
             },
-            "top1_before": {m: _round(report.top1_before(m)) for m in report.members},
+            "top1_before": {m: _round(v) for m, v in summary["top1_before"].items()},
         }
     dense = after[DENSE.label]
     for label, figures in after.items():
