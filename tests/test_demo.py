@@ -85,7 +85,7 @@ def test_report_files_hold_every_arm_member_and_question(demo):
     with Image.open(out / "report.png") as plot:
         assert plot.format == "PNG" and plot.width > 1000
     table = (out / "report.txt").read_text()
-    for text in ["plain KD", "offline Bi-KD", "joint Bi-KD", "Primary:", "Secondary:"]:
+    for text in ["plain KD", "joint Bi-KD", "rate (Roth)", "Primary:", "Secondary:"]:
         assert text in table and text in printed
     assert saved["numerics"]["cpu_capability"]
 

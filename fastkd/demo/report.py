@@ -123,6 +123,25 @@ class DemoReport:
                 f"{a['success_rate']:.0f}% of {a['runs']}",
             )
 
+        roth = Table(
+            title="Transfer metrics per arm, mean over (teacher, student) pairs of the pool",
+            caption="positive flips: % of test images a teacher (before) gets right and the "
+            "student wrong, before and after transfer; transfer rate: Roth et al.'s (their code: "
+            "per class, can exceed 100%) and per sample (the flipped images themselves). "
+            "docs/metrics.md.",
+        )
+        for column in ("arm", "positive flips", "rate (Roth)", "rate (per sample)"):
+            roth.add_column(column, justify="left" if column == "arm" else "right")
+        for arm in self.arms:
+            figures = s["arms"][arm]["members"]
+            roth.add_row(
+                f"{ARMS_BY_NAME[arm].title} ({arm})",
+                f"{_pairs_mean(figures, 'positive_flips'):.1f} -> "
+                f"{_pairs_mean(figures, 'positive_flips_after'):.1f}",
+                f"{_pairs_mean(figures, 'transfer_rate_per_class'):.0f}%",
+                f"{_pairs_mean(figures, 'transfer_rate_per_sample'):.0f}%",
+            )
+
         questions = Table(title="The declared questions: arm minus control on the same images")
         for column in ("role", "arm", "control", "difference", "95% interval", "verdict"):
             questions.add_column(column, justify="right" if column in ("difference",) else "left")
@@ -137,7 +156,7 @@ class DemoReport:
                 f"[{d['low']:+.2f}, {d['high']:+.2f}]",
                 f"[{colour}]{q['verdict']}[/{colour}]",
             )
-        return [pool, arms, questions]
+        return [pool, arms, roth, questions]
 
     def conclusion(self) -> list[str]:
         """One sentence per declared question, saying what its interval supports."""
@@ -253,6 +272,12 @@ class DemoReport:
         self.print(console)
         txt_path.write_text(console.export_text())
         return {"json": json_path, "plot": png_path, "table": txt_path}
+
+
+def _pairs_mean(figures: Mapping[str, Mapping[str, Any]], name: str) -> float:
+    """The mean of a per-teacher figure over every (teacher, student) pair that defines it."""
+    values = [v for member in figures.values() for v in member[name].values() if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
 
 
 def _interval_cell(interval: Mapping[str, float]) -> str:
