@@ -96,7 +96,8 @@ def select_teacher(
     Among teachers, the first of equal best scores wins. ``live`` teaches only where the teacher is
     strictly more confident than the current student (Bi-KD: ties go to the student). ``plain``
     has no partition: its target is the mixture of the teachers (``PoolTargets.mixture``), which
-    the losses make one column and read as ``best`` (so here ``plain`` is ``best``).
+    the losses make one column; here it is accepted only as that one column (its only teacher),
+    so that a pool that was not mixed is never read as ``best`` under the name ``plain``.
     """
     mode = PartitionMode(mode)
     if pool_score.dim() != 2:
@@ -109,6 +110,11 @@ def select_teacher(
     if num_members - (self_index is not None) < 1:
         raise ConfigError("the pool has no teacher besides the student")
 
+    if mode is PartitionMode.PLAIN and num_members - (self_index is not None) != 1:
+        raise ConfigError(
+            "partition mode 'plain' reads one column, the teachers' mixture "
+            "(PoolTargets.mixture / plain_as_best); got a pool of several teachers"
+        )
     teacher, _ = best_member(pool_score, exclude=self_index)
     teacher_score = pool_score.float().gather(1, teacher.unsqueeze(1)).squeeze(1)
     if mode in (PartitionMode.BEST, PartitionMode.PLAIN):

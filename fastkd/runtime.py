@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -80,28 +81,42 @@ PINNED_CPU_PATHS = {
 CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs to be deterministic (torch's docs)
 
 
-def reproducible(device: str | None = "auto") -> dict[str, Any]:
-    """Ask for the same numbers from the same command and seed on any machine of one kind.
+@contextlib.contextmanager
+def reproducible(device: str | None = "auto") -> Iterator[dict[str, Any]]:
+    """Within: the same numbers from the same command and seed on any machine of one kind.
 
     Pins the CPU code paths (``PINNED_CPU_PATHS``; an explicit environment value wins), turns on
     torch's deterministic algorithms (warning, not failing, where an op has none) and on CUDA
-    cuBLAS's deterministic workspace. The CPU paths are read when torch first computes, so call
-    this first thing in a process. Returns what holds now, for the report: the CPU capability
+    cuBLAS's deterministic workspace. The CPU paths are read when torch first computes, so enter
+    this first thing in a process; on exit the environment and torch's flags are restored (a
+    path already chosen stays chosen). Yields what holds, for the report: the CPU capability
     torch uses, its threads (results also depend on their number), the pinned settings.
     """
     import torch
 
+    names = [*PINNED_CPU_PATHS, "CUBLAS_WORKSPACE_CONFIG"]
+    saved = {name: os.environ.get(name) for name in names}
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     for name, value in PINNED_CPU_PATHS.items():
         os.environ.setdefault(name, value)
     if resolve_device(device).type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        **{name: os.environ[name] for name in PINNED_CPU_PATHS},
-    }
+    try:
+        yield {
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            **{name: os.environ[name] for name in PINNED_CPU_PATHS},
+        }
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from fastkd.compression import TailModel
+from fastkd.errors import ConfigError
 from fastkd.kernels import common
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.launch import launch
@@ -47,6 +48,15 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 _MODE_CODE = {PartitionMode.LIVE: 0, PartitionMode.FIXED: 1, PartitionMode.BEST: 2}
+
+
+def _mode_code(mode: PartitionMode) -> int:
+    """The kernel's MODE; ``plain`` reaches it only as ``plain_as_best``'s one-column ``best``."""
+    if mode not in _MODE_CODE:
+        raise ConfigError(f"the kernel runs {mode.value!r} only after plain_as_best (one column)")
+    return _MODE_CODE[mode]
+
+
 BUCKET_MAX_TILE = 2048  # the bucket tail's pass 1 keeps one more sum: half tiles, no spill
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
@@ -169,7 +179,7 @@ def launch_partitioned_kd(
         targets.tail_samples,
         -1 if config.self_index is None else config.self_index,
         *common.kernel_scalars(config),
-        MODE=_MODE_CODE[config.mode],
+        MODE=_mode_code(config.mode),
         CONFIDENCE=confidence,
         SPARSE=targets.is_sparse,
         TAIL=_TAIL_CODE[targets.tail],

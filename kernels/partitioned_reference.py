@@ -66,7 +66,11 @@ def plain_as_best(
     if config.mode is not PartitionMode.PLAIN:
         return targets, config
     mixed = targets.mixture(config.temperature, labels, num_classes, exclude=config.self_index)
-    return mixed, dataclasses.replace(config, mode=PartitionMode.BEST, self_index=None)
+    # One column teaches every row: there is nothing to partition, so no score is compared.
+    best = dataclasses.replace(
+        config, mode=PartitionMode.BEST, self_index=None, partition_score=PartitionScore.LABEL
+    )
+    return mixed, best
 
 
 def partitioned_kd_reference(

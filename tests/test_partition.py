@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fastkd.errors import ConfigError
 from fastkd.partition import (
     NO_TEACHER,
     PartitionMode,
@@ -66,10 +67,11 @@ def test_live_mode_teaches_only_where_teacher_beats_current_student():
     assert chosen.tolist() == [2, 1, 0, 0]
 
 
-def test_plain_mode_is_read_as_best_on_the_mixture_column():
-    mixture = POOL[:, :1]  # the losses hand plain its one mixed column
+def test_plain_mode_reads_only_the_mixture_column():
+    mixture = POOL[:, :1]  # the losses hand plain its one mixed column: it teaches every row
     assert select_teacher(mixture, "plain").tolist() == [0, 0, 0, 0]
-    assert select_teacher(POOL, "plain").tolist() == select_teacher(POOL, "best").tolist()
+    with pytest.raises(ConfigError, match="one column"):  # an unmixed pool is never "best"
+        select_teacher(POOL, "plain")
 
 
 def test_scores_of_logits_label_and_confidence():

@@ -112,6 +112,11 @@ class TrainConfig:
             problems.append(f"temperature must be positive, got {self.temperature}")
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
+        if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:
+            problems.append(
+                "partition_score: plain KD has no partition (the teachers' mixture teaches every "
+                "row); --partition-score applies to --mode live, fixed and best"
+            )
         if self.joint and self.partition_score == PartitionScore.CONFIDENCE:
             problems.append(
                 "partition_score: joint Bi-KD compares p(y) (the bidirectional kernel); "
