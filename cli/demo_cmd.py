@@ -23,8 +23,12 @@ def demo_command(
         ),
     ] = False,
     out: Annotated[
-        Path, typer.Option(help="Output folder: report.json, report.png, report.txt, the runs.")
-    ] = Path("runs/demo"),
+        Path | None,
+        typer.Option(
+            help="Output folder: report.json, report.png, report.txt, the runs "
+            "[default: runs/demo, or runs/demo-quick with --quick]."
+        ),
+    ] = None,
     folds: Annotated[
         int,
         typer.Option(min=3, help="Cross-validation folds: each image is a test image of one fold."),
@@ -39,7 +43,7 @@ def demo_command(
 
     On scikit-learn's digits (16 px), per cross-validation fold: trains a pool of three timm
     architectures from scratch, each on its own part of the training split (all of six digits,
-    a share of the rest) with its own recipe; dumps their outputs on 4 views of every training
+    a share of the rest) with its own recipe; dumps their outputs on 3 views of every training
     image; trains every member from the others in seven arms, each a mode of `fastkd train`:
     CE fine-tuning, plain KD, best-teacher KD, KL+DP, offline Bi-KD, joint Bi-KD and
     label-free KL+DP; evaluates every run on the fold's test images.
@@ -56,7 +60,7 @@ def demo_command(
     from fastkd.demo import DemoConfig, run_demo
 
     settings = {
-        "out_dir": out,
+        "out_dir": out or Path("runs/demo-quick" if quick else "runs/demo"),
         "folds": folds,
         "seeds": tuple(range(seeds)),
         "device": device,

@@ -220,7 +220,8 @@ def eval_command(
     backend: options.LoaderBackend = "auto",
 ) -> None:
     """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
-    loss, positive flips against each other member, transfer rate, the pool's success rate."""
+    loss, positive flips against each other member before and after, transfer rates (Roth's
+    per class, and per sample), how many trained models improved."""
     console = Console()
     after = parse_pool(model)
     if before:

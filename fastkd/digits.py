@@ -36,6 +36,7 @@ __all__ = [
     "PoolMember",
     "digits_labels",
     "fold_indices",
+    "fold_list_name",
     "split_indices",
     "write_digits_folder",
     "write_fold_lists",
@@ -117,7 +118,8 @@ def write_fold_lists(
     root: str | os.PathLike, folds: int, fold: int, seed: int = SPLIT_SEED
 ) -> dict[str, Path]:
     """File lists of cross-validation fold ``fold`` over a ``write_digits_folder`` folder: test is
-    that fold, val the next one, train the rest (``write_sample_list``); returns split -> path.
+    that fold, val the next one, train the rest (``write_sample_list``, named by
+    ``fold_list_name``); returns split -> path.
     Every image is a test image of exactly one fold."""
     if not 0 <= fold < folds:
         raise ConfigError(f"fold must be in 0..{folds - 1}, got {fold}")
@@ -129,9 +131,15 @@ def write_fold_lists(
         "test": parts[fold],
     }
     return {
-        split: write_sample_list(root, f"fold-{fold}-of-{folds}-{split}.txt", samples)
+        split: write_sample_list(root, fold_list_name(folds, fold, seed, split), samples)
         for split, samples in splits.items()
     }
+
+
+def fold_list_name(folds: int, fold: int, seed: int, split: str) -> str:
+    """The file name of a fold's split list (``write_fold_lists``): folds of other seeds or
+    counts never share a file."""
+    return f"fold-{fold}-of-{folds}-seed-{seed}-{split}.txt"
 
 
 def write_sample_list(root: str | os.PathLike, name: str, samples: np.ndarray) -> Path:
@@ -152,7 +160,7 @@ def write_sample_list(root: str | os.PathLike, name: str, samples: np.ndarray) -
 def fastkd_mlp_mixer(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
     """timm's MLP-Mixer with every size open (``img_size``, ``patch_size``, ``num_blocks``,
     ``embed_dim``, ...): timm's registered mixers fix the patch, depth and width, so none fits a
-    32 px input. No pretrained weights; the default data config follows ``img_size``.
+    16 px input. No pretrained weights; the default data config follows ``img_size``.
 
     A checkpoint of this architecture loads in any process that imported ``fastkd.digits``
     (every ``fastkd`` command does).
@@ -222,7 +230,7 @@ def _whole_image(size: int) -> dict[str, Any]:
 POOL_IMAGE_SIZE = 16  # the demo's pool reads 16 px images: the 8x8 scans upscaled twice
 
 # Three architecture families, each trained on its own part of the training split: every image
-# of six focus classes and a tenth of the rest, so each class is some member's weak spot (3 and 6
+# of six focus classes and 30% of the rest, so each class is some member's weak spot (3 and 6
 # are focused by one member, the others by two), with its own epochs and lr. At 16 px a patch of 4
 # px is 2x2 original pixels, so the token models see a 4x4 grid.
 DIGITS_POOL: tuple[PoolMember, ...] = (

@@ -21,7 +21,15 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-from fastkd.demo import ARMS, QUESTIONS, DemoConfig, DemoReport, FoldPredictions, run_demo
+from fastkd.demo import (
+    ARMS,
+    QUESTIONS,
+    DemoConfig,
+    DemoLayout,
+    DemoReport,
+    FoldPredictions,
+    run_demo,
+)
 from fastkd.digits import DIGITS_POOL, digits_labels, fold_indices
 
 ARM_NAMES = [arm.name for arm in ARMS]
@@ -93,9 +101,8 @@ def test_report_files_hold_every_arm_member_and_question(demo):
 def test_saved_predictions_match_a_plain_evaluation_of_the_checkpoints(demo):
     out, _, saved, _ = demo
     before = _predictions(out, "pool/*/test-predictions.json")
-    digits = out / "digits"
-    files = [digits / line.split()[0] for line in
-             (digits / "fold-0-of-5-test.txt").read_text().splitlines()]  # fmt: skip
+    test_list = DemoLayout.of(DemoConfig.quick(out_dir=out), 0).split("test")
+    files = [test_list.parent / line.split()[0] for line in test_list.read_text().splitlines()]
     labels = np.array([int(f.parent.name) for f in files])
     assert before.labels == labels.tolist()
     for member in saved["pool"]["0"]:
@@ -143,7 +150,7 @@ def test_a_second_run_reuses_the_pool_store_and_runs(demo):
     again = run_demo(DemoConfig.quick(out_dir=out, progress=False), Console(file=io.StringIO()))
     assert time.perf_counter() - start < 30.0  # nothing trained: a full quick run takes a minute
     assert [path.stat().st_mtime_ns for path in checkpoints] == stamps
-    assert again.summary == report.summary
+    assert json.dumps(again.summary) == json.dumps(report.summary)  # NaN rates compare equal
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +190,31 @@ def test_the_verdicts_follow_the_intervals_on_hand_made_predictions():
     assert worse.conclusion()[0].startswith("Primary: offline Bi-KD minus plain KD: -62.50")
     tied = DemoReport.build(config={"folds": 5}, pool=pool, before=before, after={"ce": same, "plain": same, "bikd": same}, resamples=100)  # fmt: skip
     assert all(q["verdict"] == "no difference detected" for q in tied.summary["questions"])
+
+
+def test_members_and_seeds_share_their_images_in_the_bootstrap():
+    """The rows of a fold (members, seeds) are resampled on the same images: opposite changes
+    on the same image cancel (zero width); the same changes in separate folds would not."""
+    pool = {0: [{"name": "a"}, {"name": "b"}]}
+    before = {0: _fold(0, {"a": [0] * 20, "b": [0] * 20})}
+    flip = [1] * 10 + [0] * 10
+    zero = {0: {s: _fold(0, {"a": [0] * 20, "b": [0] * 20}) for s in (0, 1)}}
+    # every image: one member right, the other wrong, on both seeds: 50 points on every image
+    opposite = {0: {s: _fold(0, {"a": flip, "b": flip[::-1]}) for s in (0, 1)}}
+    report = DemoReport.build(
+        config={"folds": 5}, pool=pool, before=before,
+        after={"ce": zero, "plain": zero, "bikd": opposite}, resamples=300,
+    )  # fmt: skip
+    paired = report.summary["questions"][0]["difference"]
+    assert (paired["low"], paired["estimate"], paired["high"]) == (50.0, 50.0, 50.0)
+    # a alone changes on half the images: the same mean of 50, now with a width
+    alone = {0: {s: _fold(0, {"a": flip, "b": [0] * 20}) for s in (0, 1)}}
+    half = DemoReport.build(
+        config={"folds": 5}, pool=pool, before=before,
+        after={"ce": zero, "plain": zero, "bikd": alone}, resamples=300,
+    )  # fmt: skip
+    spread = half.summary["questions"][0]["difference"]
+    assert spread["estimate"] == 25.0 and spread["low"] < 25.0 < spread["high"]
 
 
 def test_config_refuses_bad_folds_and_epochs(tmp_path):

@@ -4,7 +4,8 @@ The unit of evidence is a test image: each fold's test images are its own, so ac
 every image of the digits is tested once. A comparison pairs two sets of predictions on the same
 images (and the same seed); its interval is a paired bootstrap over images within folds
 (``fastkd.statistics``); the transfer figures are Roth et al.'s and the stricter per-sample ones
-(``fastkd.metrics``, docs/metrics.md), computed on all folds' test images together.
+(``fastkd.metrics``, docs/metrics.md), each of one (teacher, student) pair in one run (fold,
+seed), averaged over the runs; top-1 is over all folds' test images together.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 
 from fastkd.demo.config import QUESTIONS
 from fastkd.demo.predictions import FoldPredictions
-from fastkd.metrics import agreement_matrix, success_rate, transfer_report
+from fastkd.errors import ConfigError
+from fastkd.metrics import agreement_matrix, success_rate, top1, transfer_report
 from fastkd.statistics import paired_bootstrap
 
 Runs = Mapping[int, Mapping[int, FoldPredictions]]  # fold -> seed -> predictions
@@ -28,7 +30,7 @@ def _check_pairing(before: Mapping[int, FoldPredictions], after: Mapping[str, Ru
         for fold, by_seed in runs.items():
             for seed, found in by_seed.items():
                 if found.samples != before[fold].samples:
-                    raise ValueError(
+                    raise ConfigError(
                         f"arm {arm!r}, fold {fold}, seed {seed}: other test images than the pool's"
                     )
 
@@ -84,42 +86,45 @@ def analyse(
         "images": int(labels.size),
         "folds": folds,
         "seeds": seeds,
-        "top1_before": {m: 100.0 * float((predicted_before[m] == labels).mean()) for m in members},
+        "top1_before": {m: top1(labels, predicted_before[m]) for m in members},
         "agreement_before": agreement_matrix(predicted_before).tolist(),
         "arms": {},
         "questions": [],
     }
     for arm, runs in after.items():
-        per_seed = [
+        # Roth's figures are per (teacher, student) pair of one run (fold, seed): computed per
+        # run, then averaged over the runs; top-1 is over all folds' test images together.
+        per_run = [
             transfer_report(
-                labels, predicted_before, _concat([runs[f][s] for f in folds], members)[1]
+                np.asarray(before[f].labels),
+                {m: np.asarray(before[f].predictions[m]) for m in members},
+                {m: np.asarray(runs[f][s].predictions[m]) for m in members},
             )
+            for f in folds
             for s in seeds
         ]
         figures = {}
         for i, member in enumerate(members):
-            models = [report.models[i] for report in per_seed]
+            after_member = {
+                s: np.concatenate([runs[f][s].predictions[member] for f in folds]) for s in seeds
+            }
             delta = paired_bootstrap(_differences(folds, seeds, [member], runs, before), **boot)
             figures[member] = {
-                "top1_after": float(np.mean([m.top1_after for m in models])),
+                "top1_after": _nanmean([top1(labels, after_member[s]) for s in seeds]),
                 "delta": delta.to_dict(),
-                **_mean_fields(models),
+                **_mean_fields([report.models[i] for report in per_run]),
             }
-        deltas = [
-            100.0 * float(np.mean(runs[f][s].correct(m)) - np.mean(before[f].correct(m)))
-            for f in folds
-            for s in seeds
-            for m in members
+        agreement = [
+            agreement_matrix(_concat([runs[f][s] for f in folds], members)[1]) for s in seeds
         ]
-        after_seed0 = _concat([runs[f][seeds[0]] for f in folds], members)[1]
         out["arms"][arm] = {
             "members": figures,
             "pool_delta": paired_bootstrap(
                 _differences(folds, seeds, members, runs, before), **boot
             ).to_dict(),
-            "success_rate": success_rate(deltas),
-            "runs": len(deltas),
-            "agreement_after": agreement_matrix(after_seed0).tolist(),
+            "success_rate": success_rate(per_run),
+            "runs": sum(len(report.models) for report in per_run),
+            "agreement_after": np.mean(agreement, axis=0).tolist(),  # mean over seeds
         }
     for question in QUESTIONS:
         if question.arm not in after or question.control not in after:

@@ -7,7 +7,9 @@ and the cache folders are keyed by exactly the settings that shape their content
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
@@ -15,8 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import fastkd
-from fastkd.digits import DIGITS_POOL, POOL_IMAGE_SIZE, PoolMember
+from fastkd.digits import DIGITS_POOL, POOL_IMAGE_SIZE, PoolMember, fold_list_name
 from fastkd.dump import DumpConfig
 from fastkd.errors import ConfigError
 from fastkd.views import AugmentConfig
@@ -37,8 +38,17 @@ class Arm:
     name: str
     title: str  # what the papers call it
     train: Mapping[str, Any]
-    flags: str
     description: str
+
+    @property
+    def flags(self) -> str:
+        """The ``fastkd train`` options that make this arm."""
+        return " ".join(
+            f"--{name.replace('_', '-')}"
+            if value is True
+            else f"--{name.replace('_', '-')} {value}"
+            for name, value in self.train.items()
+        )
 
 
 ARMS: tuple[Arm, ...] = (
@@ -46,28 +56,24 @@ ARMS: tuple[Arm, ...] = (
         "ce",
         "CE fine-tuning",
         {"teachers": "none"},
-        "--teachers none",
         "cross-entropy on the labels for the same steps, no teacher",
     ),
     Arm(
         "plain",
         "plain KD",
         {"mode": "plain"},
-        "--mode plain",
         "the other members' mean distribution on every sample, chosen without labels",
     ),
     Arm(
         "best",
         "best-teacher KD",
         {"mode": "best"},
-        "--mode best",
         "the other member most confident on the true class teaches every sample",
     ),
     Arm(
         "kl_dp",
         "KL+DP",
         {"mode": "fixed"},
-        "--mode fixed",
         "Roth et al.: the most confident other member where it beats the student's initial "
         "self on the true class, else the student's own initial outputs",
     ),
@@ -75,7 +81,6 @@ ARMS: tuple[Arm, ...] = (
         "bikd",
         "offline Bi-KD",
         {"mode": "live"},
-        "--mode live",
         "the most confident other member teaches where it beats the current student on the true "
         "class (stored targets)",
     ),
@@ -83,7 +88,6 @@ ARMS: tuple[Arm, ...] = (
         "joint",
         "joint Bi-KD",
         {"joint": True},
-        "--joint",
         "Jain et al.'s own live training: the whole pool at once, per sample the member most "
         "confident on the true class teaches the others",
     ),
@@ -91,8 +95,8 @@ ARMS: tuple[Arm, ...] = (
         "kl_dp_free",
         "label-free KL+DP",
         {"mode": "fixed", "partition_score": "confidence"},
-        "--mode fixed --partition-score confidence",
-        "KL+DP deciding by each model's confidence in its own top class: no label needed",
+        "KL+DP deciding by each model's confidence in its own top class: the partition reads no "
+        "label (the CE term still does)",
     ),
 )
 ARMS_BY_NAME = {arm.name: arm for arm in ARMS}
@@ -204,15 +208,16 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """About a minute on two CPU cores: fold 0 only, a fifth of the pretraining epochs, 2
-        stored views, 1 transfer epoch. The stages, arms and report are the full demo's; its
-        numbers are a smoke test, not a result."""
+        """Under a minute on two CPU cores: fold 0 only, a fifth of the pretraining epochs, 2
+        stored views, 1 transfer epoch in batches of 256. The stages, arms and report are the
+        full demo's; its numbers are a smoke test, not a result."""
         pool = tuple(replace(m, epochs=max(1, m.epochs // 5)) for m in DIGITS_POOL)
         settings: dict[str, Any] = {
             "pool": pool,
             "fold_ids": (0,),
             "views": 2,
             "transfer_epochs": 1,
+            "batch_size": 256,
             "resamples": 500,
         }
         return cls(**{**settings, **overrides})
@@ -223,13 +228,30 @@ class DemoConfig:
     def target_settings(self) -> dict[str, Any]:
         """What the dump is asked to keep of each member's logits (the store's cache key has it:
         stores of other settings live in other folders); ``tail_samples`` only where read."""
-        samples = self.tail_samples if self.tail == "sampled" else None
-        return {"topk": self.topk, "tail": self.tail, "tail_samples": samples}
+        return {"topk": self.topk, "tail": self.tail, "tail_samples": self.dump_tail_samples}
+
+
+@functools.cache
+def code_version() -> str:
+    """sha256 of the library's and the kernels' Python sources: a cache folder made by other
+    code (another arm, loss, default or fix) is another folder, never reused. The sources are
+    found, not imported (``importlib.util.find_spec``)."""
+    digest = hashlib.sha256()
+    for package in ("fastkd", "fastkd.kernels"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise RuntimeError(f"cannot find the sources of {package}")
+        root = Path(spec.origin).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root).as_posix()}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _key(*parts: Any) -> str:
-    """Short hash of JSON-able settings: the name of a cache folder they fully determine."""
-    text = json.dumps([fastkd.__version__, *parts], sort_keys=True, default=str)
+    """Short hash of JSON-able settings and the code: the name of a cache folder they fully
+    determine."""
+    text = json.dumps([code_version(), *parts], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:_KEY_CHARS]
 
 
@@ -240,6 +262,7 @@ class DemoLayout:
     out_dir: Path
     fold: int
     folds: int
+    seed: int  # the folds' split seed (the pool seed)
     pool_key: str
     store_key: str
     transfer_key: str
@@ -248,18 +271,15 @@ class DemoLayout:
     def of(cls, cfg: DemoConfig, fold: int | None = None) -> DemoLayout:
         """The layout of ``fold`` (default: the first fold that runs)."""
         fold = cfg.run_folds[0] if fold is None else fold
-        pretraining = [
-            [asdict(m) for m in cfg.pool],
-            cfg.pool_seed,
-            cfg.batch_size,
-            asdict(cfg.augment),
-        ]
+        pretraining = [[asdict(m) for m in cfg.pool], cfg.pool_seed, asdict(cfg.augment)]
         pool_key = _key("pool", IMAGE_SIZE, cfg.folds, fold, pretraining)
         store_key = _key(
             "store", pool_key, cfg.views, cfg.pool_seed, asdict(cfg.augment), cfg.target_settings()
         )
-        transfer_key = _key("transfer", store_key, cfg.transfer_epochs, cfg.transfer_lr)
-        return cls(cfg.out_dir, fold, cfg.folds, pool_key, store_key, transfer_key)
+        transfer_key = _key(
+            "transfer", store_key, cfg.transfer_epochs, cfg.transfer_lr, cfg.batch_size
+        )
+        return cls(cfg.out_dir, fold, cfg.folds, cfg.pool_seed, pool_key, store_key, transfer_key)
 
     @property
     def data(self) -> Path:
@@ -268,7 +288,7 @@ class DemoLayout:
 
     def split(self, name: str) -> Path:
         """The fold's ``train`` / ``val`` / ``test`` file list (``digits.write_fold_lists``)."""
-        return self.data / f"fold-{self.fold}-of-{self.folds}-{name}.txt"
+        return self.data / fold_list_name(self.folds, self.fold, self.seed, name)
 
     def member_list_name(self, member: str) -> str:
         """The file list of a member's pretraining part of the fold's train split."""

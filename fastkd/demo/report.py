@@ -136,10 +136,10 @@ class DemoReport:
             figures = s["arms"][arm]["members"]
             roth.add_row(
                 f"{ARMS_BY_NAME[arm].title} ({arm})",
-                f"{_pairs_mean(figures, 'positive_flips'):.1f} -> "
-                f"{_pairs_mean(figures, 'positive_flips_after'):.1f}",
-                f"{_pairs_mean(figures, 'transfer_rate_per_class'):.0f}%",
-                f"{_pairs_mean(figures, 'transfer_rate_per_sample'):.0f}%",
+                f"{_fmt(_pairs_mean(figures, 'positive_flips'), '.1f')} -> "
+                f"{_fmt(_pairs_mean(figures, 'positive_flips_after'), '.1f')}",
+                _fmt(_pairs_mean(figures, "transfer_rate_per_class"), ".0f", "%"),
+                _fmt(_pairs_mean(figures, "transfer_rate_per_sample"), ".0f", "%"),
             )
 
         questions = Table(title="The declared questions: arm minus control on the same images")
@@ -272,6 +272,10 @@ class DemoReport:
         self.print(console)
         txt_path.write_text(console.export_text())
         return {"json": json_path, "plot": png_path, "table": txt_path}
+
+
+def _fmt(value: float, spec: str, unit: str = "") -> str:
+    return "n/a" if math.isnan(value) else f"{value:{spec}}{unit}"
 
 
 def _pairs_mean(figures: Mapping[str, Mapping[str, Any]], name: str) -> float:

@@ -207,8 +207,11 @@ def _transfer(
 def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> DemoReport:
     """Run (or reuse) every stage of every fold and write the report under ``cfg.out_dir``."""
     cfg = cfg or DemoConfig()
-    console = console or Console()
-    numerics = reproducible(cfg.device)
+    with reproducible(cfg.device) as numerics:
+        return _run_demo(cfg, console or Console(), numerics)
+
+
+def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> DemoReport:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     folds = cfg.run_folds
