@@ -554,12 +554,12 @@ def _finished(cfg: DemoConfig) -> bool:
 
 
 def _change(
-    figures: dict[tuple[str, int, str], float],
-    dense: dict[tuple[str, int, str], float],
+    figures: dict[Key, float],
+    dense: dict[Key, float],
     arms: Sequence[str],
 ) -> dict[str, Any]:
-    """Top-1 after transfer minus the dense run's, paired by (arm, seed, member): the mean (and
-    its sample std) over the pairs of ``arms``, and per member."""
+    """Top-1 after transfer minus the dense run's, paired by (arm, fold, seed, member): the mean
+    (and its sample std) over the pairs of ``arms``, and per member."""
     diffs = {key: figures[key] - dense[key] for key in figures if key[0] in arms}
     values = list(diffs.values())
     members = sorted({key[-1] for key in diffs})
@@ -577,8 +577,8 @@ def transfer_part(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     """The demo once per stored-target setting; each sparse run's test top-1 minus the dense
     run's, paired by (arm, seed, member)."""
     runs: dict[str, dict[str, Any]] = {}
-    after: dict[str, dict[tuple[str, int, str], float]] = {}
-    history: dict[str, dict[tuple[str, int, str], list[float]]] = {}  # val top-1 per epoch
+    after: dict[str, dict[Key, float]] = {}
+    history: dict[str, dict[Key, list[float]]] = {}  # val top-1 per epoch
     base = demo_config(args, seeds=tuple(args.transfer_seeds))
     quiet = Console(file=io.StringIO())
     arms: list[str] = []
@@ -647,14 +647,15 @@ def transfer_part(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "demo_config": base.to_dict(),
         "seeds": {"transfer": list(base.seeds), "pool_and_store_views": base.pool_seed},
         "note": (
-            "top-1 in % of the digits test split (one image is 0.28 points); top1_after: per "
-            "arm and member, one value per seed; top1_change_vs_dense: this run's top-1 after "
-            "transfer minus the dense run's, paired by (seed, member), per arm and over the KD "
+            "top-1 in % of the test images of the folds run (one fold's image is about 0.28 "
+            "points); top1_after: per arm and member, over those images, mean over seeds; "
+            "top1_change_vs_dense: this run's top-1 after transfer minus the dense run's, paired "
+            "by (fold, seed, member), per arm and over the KD "
             "arms (plain, best, kl_dp, bikd, kl_dp_free); the ce and joint arms read no stored "
             "targets, so their change shows the runs' own noise. At 10 classes a dense view is 24 raw bytes, as many as top-3 "
             "sparse: this part shows what each tail does to training, not a saving. "
             "val_top1_epochs_unlike_dense: per arm, [epochs whose val top-1 differs from the "
-            "dense run's, epochs] over (seed, member): whether the training itself changed. "
+            "dense run's, epochs] over (fold, seed, member): whether the training itself changed. "
             "seconds: this invocation's; reused_finished_runs: the runs were trained by an earlier "
             "invocation with the same settings under --cache and read back; training_seconds: "
             "the transfer runs' epochs as their histories record them (when they were trained)"
