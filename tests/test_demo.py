@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,7 @@ def test_a_second_run_reuses_the_pool_store_and_runs(demo):
     out, report, _, _ = demo
     checkpoints = sorted((out / "pool").rglob("*.pt")) + sorted((out / "transfer").rglob("*.pt"))
     stamps = [path.stat().st_mtime_ns for path in checkpoints]
-    start = time.perf_counter()
     again = run_demo(DemoConfig.quick(out_dir=out, progress=False), Console(file=io.StringIO()))
-    assert time.perf_counter() - start < 30.0  # nothing trained: a full quick run takes a minute
     assert [path.stat().st_mtime_ns for path in checkpoints] == stamps
     assert json.dumps(again.summary) == json.dumps(report.summary)  # NaN rates compare equal
 
