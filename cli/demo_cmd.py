@@ -26,7 +26,7 @@ def demo_command(
         Path | None,
         typer.Option(
             help="Output folder: report.json, report.png, report.txt, the runs "
-            "[default: runs/demo, or runs/demo-quick with --quick]."
+            "(default: runs/demo; runs/demo-quick with --quick)."
         ),
     ] = None,
     folds: Annotated[
@@ -46,7 +46,7 @@ def demo_command(
     a share of the rest) with its own recipe; dumps their outputs on 3 views of every training
     image; trains every member from the others in seven arms, each a mode of `fastkd train`:
     CE fine-tuning, plain KD, best-teacher KD, KL+DP, offline Bi-KD, joint Bi-KD and
-    label-free KL+DP; evaluates every run on the fold's test images.
+    KL+DP with a label-free partition; evaluates every run on the fold's test images.
 
     The report (printed, and report.json / .png / .txt in OUT) gives each member's change per
     arm with a 95% paired-bootstrap interval over test images, knowledge gain and loss, Roth et
@@ -54,8 +54,9 @@ def demo_command(
     questions: offline Bi-KD minus plain KD (primary) and minus CE fine-tuning (secondary).
 
     Reuse: the digits folder, each fold's pool and store, and finished transfer runs are kept
-    under OUT in folders keyed by a hash of their settings, and reused (or resumed, if cut
-    short) by a later run with the same settings. Delete OUT to start over.
+    under OUT in folders keyed by a hash of their settings and of fastkd's code, and reused (or
+    resumed, if cut short) by a later run with the same settings and code. Delete OUT to start
+    over.
     """
     from fastkd.demo import DemoConfig, run_demo
 
