@@ -96,6 +96,24 @@ def test_image_folder_matches_torchvision(digits_small: Path, tmp_path: Path) ->
     assert "3/nested/a.png" in dataset.keys
 
 
+def test_symbolic_link_loops_and_repeats_are_refused(digits_small: Path, tmp_path: Path) -> None:
+    """A link back up the tree would read every class again under one label; a second link to
+    one folder would read its images twice. Both are refused, naming the folder."""
+    root = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    (root / "3" / "loop").symlink_to("..", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"3/loop.*again"):
+        open_dataset(root)
+    (root / "3" / "loop").unlink()
+    (root / "3" / "copy").symlink_to(root / "4", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"again \(through a symbolic link\)"):
+        open_dataset(root)
+    (root / "3" / "copy").unlink()
+    (root / "3" / "inside").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(next((root / "3").glob("*.png")), tmp_path / "elsewhere" / "b.png")
+    assert "3/inside/b.png" in open_dataset(root).keys  # a link to a folder seen once is fine
+
+
 def test_file_list(tmp_path: Path) -> None:
     images = tmp_path / "images"
     (images / "a b").mkdir(parents=True)

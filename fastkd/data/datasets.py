@@ -141,8 +141,10 @@ def _open_image_folder(root: Path) -> ImageDataset:
         raise DatasetError(f"image folder {root} has no class subfolders (expected root/<class>/)")
     keys: list[str] = []
     labels: list[int] = []
+    visited: dict[str, Path] = {os.path.realpath(root): root}  # real folder -> where first seen
     for label, name in enumerate(classes):
         for folder, subfolders, files in os.walk(root / name, followlinks=True):
+            _visit_once(Path(folder), visited)
             subfolders.sort()
             relative = Path(folder).relative_to(root).as_posix()
             for file in sorted(files):
@@ -165,6 +167,18 @@ def _open_image_folder(root: Path) -> ImageDataset:
         classes=classes,
         file_sizes=_file_sizes(paths, [str(root)] * len(paths)),
     )
+
+
+def _visit_once(folder: Path, visited: dict[str, Path]) -> None:
+    """Refuse a folder reached twice (a symbolic link loop, or two links to one folder): its
+    images would be read again under other labels."""
+    real = os.path.realpath(folder)
+    if real in visited:
+        raise DatasetError(
+            f"image folder {folder} is {visited[real]} again (through a symbolic link): "
+            "remove the link, or list the images in a file list"
+        )
+    visited[real] = folder
 
 
 def _open_file_list(list_file: Path, root: Path) -> ImageDataset:
