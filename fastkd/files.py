@@ -24,12 +24,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
+            os.chmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp's 0600: the user's umask
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def sweep_temp_files(folder: str | os.PathLike, name: str) -> list[Path]:
+    """Remove the temp files an ``atomic_write`` of ``folder/name`` left when it was killed
+    (``.<name>.*.tmp``); call only where no other process writes ``name``. Returns them."""
+    stale = sorted(Path(folder).glob(f".{name}.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,11 +24,13 @@ from typer.testing import CliRunner
 
 from fastkd.cli.main import app
 from fastkd.dump import DumpConfig, run_dump
+from fastkd.errors import ConfigError
 from fastkd.models import CheckpointError, ModelSpec, load_model
 from fastkd.partition import logits_score, select_teacher
 from fastkd.store import StoreMismatchError
 from fastkd.training import (
     NonFiniteError,
+    TrainConfig,
     Trainer,
     ViewsRepeatWarning,
     train,
@@ -428,3 +431,43 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
     assert config(pool, tmp_path, mode="all").mode.value == "best"
     saved = {"mode": "all", "lr": 1e-3}
     assert current_spelling(saved) == {"mode": "best", "lr": 1e-3, "partition_score": "label"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("temperature", float("inf"), "temperature must be positive and finite"),
+        ("kd_weight", float("nan"), "kd_weight must be finite and >= 0"),
+        ("kd_weight", -1.0, "kd_weight must be finite and >= 0"),
+        ("ce_weight", float("inf"), "ce_weight must be finite and >= 0"),
+        ("lr", float("inf"), "lr must be finite"),
+    ],
+)
+def test_hyper_parameters_are_checked_before_training(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(data=tmp_path, teachers="none", **{field: value})
+
+
+def test_cli_refuses_a_negative_kd_weight_naming_it(pool, tmp_path):
+    args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
+    args += ["--student", pool.specs["s"], "--kd-weight", "-1", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "kd_weight must be finite and >= 0, got -1.0" in result.output
+
+
+def test_a_run_sweeps_the_temp_files_a_killed_save_left_and_writes_with_the_umask(pool, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".state.pt.k1ll3d.tmp", out / ".s.pt.x7y8.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    keep = out / ".notes.txt.tmp"  # not a temp file of this run's files
+    keep.write_text("mine")
+    old = os.umask(0o027)
+    try:
+        result = train(config(pool, tmp_path, out_dir=out))
+    finally:
+        os.umask(old)
+    assert not any(path.exists() for path in stale) and keep.exists()
+    assert (result.checkpoints["s"].stat().st_mode & 0o777) == 0o640  # 0666 less the umask

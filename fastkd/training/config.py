@@ -6,6 +6,7 @@ library user gets the same guards as the CLI (e.g. view options that a store wou
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -108,8 +109,14 @@ class TrainConfig:
             problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"lr must be positive, got {self.lr}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be positive, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            problems.append(f"temperature must be positive and finite, got {self.temperature}")
+        for name in ("kd_weight", "ce_weight", "weight_decay", "momentum"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{name} must be finite and >= 0, got {value}")
+        if self.lr is not None and not math.isfinite(self.lr):
+            problems.append(f"lr must be finite, got {self.lr}")
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
         if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:

@@ -34,7 +34,7 @@ from torch import Tensor
 from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.errors import ConfigError, RunExistsError, StoreMismatchError
 from fastkd.evaluation import transfer_from_checkpoints
-from fastkd.files import write_json
+from fastkd.files import sweep_temp_files, write_json
 from fastkd.kernels import KDStats
 from fastkd.metrics import TransferReport
 from fastkd.models import ModelSpec, file_sha256, parse_pool, save_checkpoint
@@ -315,6 +315,9 @@ class Trainer:
             raise RunExistsError(
                 f"{state_path} exists: resume that run (--resume) or choose another out_dir"
             )
+        if self.dist.is_main:  # a kill during a save left these behind; this run owns the folder
+            for name in (STATE_FILE, *(f"{m.name}.pt" for m in self.learners)):
+                sweep_temp_files(self.out_dir, name)
         if state_path.exists():
             self.load_state(state_path)
         else:
