@@ -495,8 +495,10 @@ def test_expectation_mismatch_names_the_field(finished: Path) -> None:
 def test_incomplete_store_refused_for_reading(tmp_path: Path, data: dict) -> None:
     with create(tmp_path / "s", data) as writer:
         write(writer, data, [0, 1])
-    with pytest.raises(StoreError, match="incomplete: 3 of 5 blocks"):
+    with pytest.raises(StoreError, match="incomplete: 3 of 5 blocks") as refused:
         StoreReader(tmp_path / "s")
+    assert "`fastkd dump` command again" in str(refused.value)  # the CLI's way, no keyword
+    assert "allow_incomplete" not in str(refused.value)
     reader = StoreReader(tmp_path / "s", allow_incomplete=True)
     assert reader.read("small", np.array([3, 15]), np.array([0, 2])).log_tail.shape == (2,)
     with pytest.raises(StoreError, match=r"sample 16 .* block 2, not written"):

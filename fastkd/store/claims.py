@@ -165,7 +165,7 @@ def claim_part(meta: Path, me: Holder, num_blocks: int, force: bool) -> None:
                     f"store {meta.parent}: part {i}/{n} overlaps the live claim of "
                     f"{holder.describe()}. Two uncoordinated dumps into one store are refused: give "
                     f"each rank its own --part i/n. If that dump is dead, wait {CLAIM_STALE_S:.0f} s "
-                    f"after its last heartbeat, delete {file}, or force it (force_claim=True)."
+                    f"after its last heartbeat or delete {file}."
                 )
             file.unlink(missing_ok=True)
     write_json(claim_file(meta, me.run_id), asdict(me), indent=None)

@@ -180,8 +180,8 @@ class StoreReader:
             pending = np.flatnonzero(~self._done)
             raise StoreError(
                 f"store {self.path} is incomplete: {pending.size} of {self.layout.num_blocks} blocks "
-                f"not written (first {pending[:5].tolist()}); finish the dump (it resumes) or pass "
-                "allow_incomplete=True"
+                f"not written (first {pending[:5].tolist()}); finish the dump: run the same "
+                "`fastkd dump` command again (it resumes)"
             )
         self.labels: np.ndarray = self._group["labels"][:]
         self.sizes: np.ndarray = self._group["sizes"][:]
