@@ -224,6 +224,35 @@ def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, data: dict)
     assert "dump the pool again (--overwrite)" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ({"views": VIEWS - 1}, rf"flips: shape \({NUM_SAMPLES}, {VIEWS}\) in the store, "
+                               rf"\({NUM_SAMPLES}, {VIEWS - 1}\) by the manifest"),
+        ({"num_samples": NUM_SAMPLES + 8}, rf"labels: shape \({NUM_SAMPLES},\) in the store"),
+        ({"rename": "tiny"}, r"models/tiny/true_logprob: missing"),
+        ({"topk": 5}, r"models/small/topk_ids: shape .* in the store, .* by the manifest"),
+    ],
+)  # fmt: skip
+def test_an_edited_manifest_is_refused_naming_both_values(
+    tmp_path: Path, data: dict, edit: dict, expected: str
+) -> None:
+    with create(tmp_path / "s", data) as writer:
+        write(writer, data)
+    group = zarr.open_group(tmp_path / "s", mode="r+", zarr_format=3)
+    stored = dict(group.attrs["fastkd"])
+    if "rename" in edit:
+        stored["models"] = [{**stored["models"][0], "name": edit["rename"]}, *stored["models"][1:]]
+    elif "topk" in edit:
+        stored["models"] = [{**stored["models"][0], "topk": edit["topk"]}, *stored["models"][1:]]
+    else:
+        stored.update(edit)
+    group.attrs["fastkd"] = stored
+    with pytest.raises(StoreError, match=expected) as refused:
+        StoreReader(tmp_path / "s")
+    assert "disagree with its manifest" in str(refused.value)
+
+
 def test_encode_rejects_bad_input(data: dict) -> None:
     logits = data["logits"]["small"][:2].copy()
     with pytest.raises(ValueError, match=r"labels must be in \[0, 300\)"):

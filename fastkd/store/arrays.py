@@ -113,3 +113,39 @@ def create_store(
         compressors=None,
     )
     group.attrs[MANIFEST_ATTR] = {**manifest.to_dict(), "layout": asdict(layout)}
+
+
+def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> list[str]:
+    """Every array the manifest implies, against the store's: missing ones, and shapes or dtypes
+    that differ, each naming both values. An edited manifest (views, samples, models, top-k,
+    classes) would otherwise be read with the wrong layout, silently or as an IndexError."""
+    n, v = manifest.num_samples, manifest.views
+    expected: dict[str, tuple[tuple[int, ...], Any]] = {
+        "labels": ((n,), np.int64),
+        "sizes": ((n, 2), np.int32),
+        "boxes": ((n, v, 4), None),  # uint16 or uint32, by the largest image
+        "flips": ((n, v), bool),
+        "skipped": ((n,), bool),
+        "keys": ((n,), None),
+        DONE_ARRAY: ((layout.num_blocks,), np.uint8),
+    }
+    for entry in manifest.models:
+        for name, (shape, dtype) in model_arrays(entry, v).items():
+            expected[f"models/{entry.name}/{name}"] = ((n, *shape), dtype)
+    problems = []
+    for name, (shape, dtype) in expected.items():
+        try:
+            array = group[name]
+        except KeyError:
+            problems.append(f"{name}: missing (the manifest implies shape {shape})")
+            continue
+        if tuple(array.shape) != shape:
+            problems.append(
+                f"{name}: shape {tuple(array.shape)} in the store, {shape} by the manifest"
+            )
+        if dtype is not None and np.dtype(array.dtype) != np.dtype(dtype):
+            problems.append(
+                f"{name}: dtype {np.dtype(array.dtype)} in the store, {np.dtype(dtype)} by the "
+                "manifest"
+            )
+    return problems

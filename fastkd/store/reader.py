@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
-from fastkd.store.arrays import DONE_ARRAY
+from fastkd.store.arrays import DONE_ARRAY, array_differences
 from fastkd.store.encoding import model_arrays
 from fastkd.store.manifest import Expectation, open_manifest
 from fastkd.views import box_fractions
@@ -175,6 +175,12 @@ class StoreReader:
                     self.path, problems, "refusing targets made for other data or models"
                 )
         self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
+        disagree = array_differences(self._group, self.manifest, self.layout)
+        if disagree:
+            raise StoreError(
+                f"store {self.path}: its arrays disagree with its manifest (edited, or another "
+                f"store's): {'; '.join(disagree)}; dump again with --overwrite"
+            )
         self._done = self._group[DONE_ARRAY][:].astype(bool)
         if not self._done.all() and not allow_incomplete:
             pending = np.flatnonzero(~self._done)
