@@ -13,6 +13,7 @@ each is right where another is wrong. Importing this module registers ``fastkd_m
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ __all__ = [
     "digits_labels",
     "fold_indices",
     "fold_list_name",
+    "fold_splits",
+    "sample_of",
     "split_indices",
     "write_digits_folder",
     "write_fold_lists",
@@ -80,21 +83,49 @@ def write_digits_folder(root: str | os.PathLike, image_size: int = 32) -> Path:
     labels = digits.target.astype(np.int64)
     for split, indices in split_indices(labels).items():
         for index in indices:
-            folder = root / split / str(labels[index])
-            folder.mkdir(parents=True, exist_ok=True)
+            path = root / _image_key(split, labels[index], index)
+            path.parent.mkdir(parents=True, exist_ok=True)
             image = Image.fromarray(images[index], mode="L").resize(
                 (image_size, image_size), Image.Resampling.BICUBIC
             )
-            image.convert("RGB").save(folder / f"{index:04d}.png")
+            image.convert("RGB").save(path)
     atomic_write_text(marker, expected)
     return root
 
 
-def digits_labels() -> np.ndarray:
-    """The 1,797 labels, in scikit-learn's order (a sample's index is its file's id)."""
+@functools.cache
+def _labels() -> np.ndarray:
     from sklearn.datasets import load_digits
 
-    return load_digits().target.astype(np.int64)
+    labels = load_digits().target.astype(np.int64)
+    labels.flags.writeable = False
+    return labels
+
+
+def digits_labels() -> np.ndarray:
+    """The 1,797 labels, in scikit-learn's order (a sample's index is its file's id)."""
+    return _labels().copy()
+
+
+def _image_key(split: str, label: int, index: int) -> str:
+    """Where ``write_digits_folder`` puts scikit-learn's image ``index``, relative to its root."""
+    return f"{split}/{label}/{index:04d}.png"
+
+
+def sample_of(key: str) -> int:
+    """The scikit-learn index of a digits image, from its key (``_image_key``'s file name)."""
+    return int(Path(key).stem)
+
+
+@functools.cache
+def _image_keys() -> tuple[str, ...]:
+    """Every image's key, by scikit-learn index."""
+    labels = _labels()
+    keys = [""] * labels.size
+    for split, indices in split_indices(labels).items():
+        for index in indices:
+            keys[index] = _image_key(split, labels[index], index)
+    return tuple(keys)
 
 
 def fold_indices(labels: np.ndarray, folds: int, seed: int = SPLIT_SEED) -> list[np.ndarray]:
@@ -114,25 +145,28 @@ def fold_indices(labels: np.ndarray, folds: int, seed: int = SPLIT_SEED) -> list
     return [np.sort(np.concatenate(chunks)) for chunks in parts]
 
 
-def write_fold_lists(
-    root: str | os.PathLike, folds: int, fold: int, seed: int = SPLIT_SEED
-) -> dict[str, Path]:
-    """File lists of cross-validation fold ``fold`` over a ``write_digits_folder`` folder: test is
-    that fold, val the next one, train the rest (``write_sample_list``, named by
-    ``fold_list_name``); returns split -> path.
-    Every image is a test image of exactly one fold."""
+def fold_splits(folds: int, fold: int, seed: int = SPLIT_SEED) -> dict[str, np.ndarray]:
+    """Cross-validation fold ``fold``'s samples (scikit-learn indices, sorted): test is that
+    fold, val the next one, train the rest. Every image is a test image of exactly one fold."""
     if not 0 <= fold < folds:
         raise ConfigError(f"fold must be in 0..{folds - 1}, got {fold}")
-    parts = fold_indices(digits_labels(), folds, seed)
+    parts = fold_indices(_labels(), folds, seed)
     held_out = (fold, (fold + 1) % folds)
-    splits = {
+    return {
         "train": np.sort(np.concatenate([p for i, p in enumerate(parts) if i not in held_out])),
         "val": parts[held_out[1]],
         "test": parts[fold],
     }
+
+
+def write_fold_lists(
+    root: str | os.PathLike, folds: int, fold: int, seed: int = SPLIT_SEED
+) -> dict[str, Path]:
+    """File lists of ``fold_splits`` over a ``write_digits_folder`` folder
+    (``write_sample_list``, named by ``fold_list_name``); returns split -> path."""
     return {
         split: write_sample_list(root, fold_list_name(folds, fold, seed, split), samples)
-        for split, samples in splits.items()
+        for split, samples in fold_splits(folds, fold, seed).items()
     }
 
 
@@ -145,14 +179,9 @@ def fold_list_name(folds: int, fold: int, seed: int, split: str) -> str:
 def write_sample_list(root: str | os.PathLike, name: str, samples: np.ndarray) -> Path:
     """A file list ``root/name`` of the digits ``samples`` (scikit-learn indices) in a
     ``write_digits_folder`` folder, in the given order: paths relative to ``root``, labels."""
-    labels = digits_labels()
-    where = {
-        int(index): f"{split}/{labels[index]}/{index:04d}.png"
-        for split, indices in split_indices(labels).items()
-        for index in indices
-    }
+    labels, keys = _labels(), _image_keys()
     path = Path(root) / name
-    atomic_write_text(path, "".join(f"{where[int(i)]} {labels[i]}\n" for i in samples))
+    atomic_write_text(path, "".join(f"{keys[i]} {labels[i]}\n" for i in samples))
     return path
 
 
