@@ -23,6 +23,7 @@ from fastkd.demo.analysis import Runs, analyse
 from fastkd.demo.config import ARMS_BY_NAME
 from fastkd.demo.predictions import FoldPredictions
 from fastkd.files import write_json
+from fastkd.statistics import Interval
 
 REPORT_STEM = "report"  # report.json, report.png, report.txt in the output folder
 _VERDICT_COLOUR = {"better": "green", "worse": "red"}
@@ -284,9 +285,10 @@ def _pairs_mean(figures: Mapping[str, Mapping[str, Any]], name: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _interval_cell(interval: Mapping[str, float]) -> str:
+def _interval_cell(interval: Mapping[str, Any]) -> str:
+    """The estimate, coloured by what its interval supports (``Interval.verdict``)."""
     mid = interval["estimate"]
-    colour = "green" if interval["low"] > 0 else "red" if interval["high"] < 0 else "white"
     if math.isnan(mid):
         return "n/a"
+    colour = _VERDICT_COLOUR.get(Interval(**interval).verdict(), "white")
     return f"[{colour}]{mid:+.2f}[/{colour}] [{interval['low']:+.1f}, {interval['high']:+.1f}]"

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 
 from fastkd.data import open_dataset
@@ -25,6 +24,8 @@ from fastkd.demo.report import DemoReport
 from fastkd.digits import (
     PoolMember,
     digits_labels,
+    fold_splits,
+    sample_of,
     write_digits_folder,
     write_fold_lists,
     write_sample_list,
@@ -32,7 +33,7 @@ from fastkd.digits import (
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.evaluation import predict_checkpoints
 from fastkd.files import write_json
-from fastkd.models import parse_pool
+from fastkd.models import ModelSpec, parse_pool
 from fastkd.runtime import reproducible, resolve_device
 from fastkd.training import Teachers, TrainConfig, train, train_all
 
@@ -96,23 +97,21 @@ def _transfer_config(
 
 
 def _predict(
-    cfg: DemoConfig, layout: DemoLayout, checkpoints: dict[str, Path], path: Path
+    cfg: DemoConfig, layout: DemoLayout, models: Sequence[ModelSpec], path: Path
 ) -> FoldPredictions:
-    """Test predictions of ``checkpoints`` (name -> file), cached in ``path`` (written last: a
-    finished stage is one whose predictions file exists)."""
+    """Test predictions of ``models`` (with their checkpoints), cached in ``path`` (written
+    last: a finished stage is one whose predictions file exists)."""
     if path.is_file():
         return FoldPredictions.from_dict(json.loads(path.read_text()))
     test = open_dataset(layout.split("test"))
-    archs = {spec.name: spec.arch for spec in parse_pool([s.spec for s in cfg.pool])}
-    specs = parse_pool([f"{name}:{archs[name]}={ckpt}" for name, ckpt in checkpoints.items()])
     found = predict_checkpoints(
-        test, specs, batch_size=256, device=resolve_device(cfg.device), backend=cfg.backend
+        test, models, batch_size=256, device=resolve_device(cfg.device), backend=cfg.backend
     )
     predictions = FoldPredictions(
         fold=layout.fold,
-        samples=[int(Path(key).stem) for key in test.keys],
+        samples=[sample_of(key) for key in test.keys],
         labels=test.labels.tolist(),
-        predictions={name: found[name].tolist() for name in checkpoints},
+        predictions={spec.name: found[spec.name].tolist() for spec in models},
     )
     write_json(path, predictions.to_dict())
     return predictions
@@ -127,8 +126,8 @@ def pretrain_pool(
     console = console or Console()
     layout = DemoLayout.of(cfg, fold)
     write_digits_folder(layout.data, image_size=IMAGE_SIZE)
-    lists = write_fold_lists(layout.data, cfg.folds, layout.fold, cfg.pool_seed)
-    train_samples = np.asarray([int(Path(k).stem) for k in open_dataset(lists["train"]).keys])
+    write_fold_lists(layout.data, cfg.folds, layout.fold, cfg.pool_seed)
+    train_samples = fold_splits(cfg.folds, layout.fold, cfg.pool_seed)["train"]
     labels = digits_labels()
     pool_info, pool_specs = [], []
     for member in cfg.pool:
@@ -198,7 +197,9 @@ def _transfer(
         pool = train_all(train_cfg)
         checkpoints = {name: run.checkpoints[name] for name, run in pool.runs.items()}
         states = [run.state for run in pool.runs.values()]
-    found = _predict(cfg, layout, checkpoints, predictions)
+    archs = {member.name: member.arch for member in cfg.pool}
+    trained = [ModelSpec(archs[name], path, name) for name, path in checkpoints.items()]
+    found = _predict(cfg, layout, trained, predictions)
     for state in states:
         state.unlink(missing_ok=True)
     return found
@@ -225,10 +226,7 @@ def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> De
             console, f"{where}: pool, each member on its part of the data", seconds, "pool"
         ):
             pools[fold], specs = pretrain_pool(cfg, console, fold)
-            checkpoints = {
-                m.name: Path(s.split("=", 1)[1]) for m, s in zip(cfg.pool, specs, strict=True)
-            }
-            before[fold] = _predict(cfg, layout, checkpoints, layout.pool_predictions)
+            before[fold] = _predict(cfg, layout, parse_pool(specs), layout.pool_predictions)
         with _stage(console, f"{where}: dump, {cfg.views} views per image", seconds, "dump"):
             _dump(cfg, layout, specs)
         title = f"{where}: transfer, {len(ARMS)} arms x {len(cfg.seeds)} seeds"
