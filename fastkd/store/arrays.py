@@ -23,9 +23,26 @@ from fastkd.views import AugmentConfig, view_boxes
 
 ZSTD_LEVEL = 9  # inside blosc and for keys; decoding speed hardly depends on it
 
-SHARED_ARRAYS = ("keys", "labels", "sizes", "boxes", "flips", "skipped")
 DONE_ARRAY = "blocks_done"  # one unsharded chunk per block: its completion marker
 META_DIR = ".fastkd"  # inside the store, ignored by zarr: the creation lock and the claims
+
+
+def shared_arrays(num_samples: int, views: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """name -> (shape, dtype) of the arrays every store has beside its models' (dtype None:
+    chosen when the store is made: ``keys`` are strings, ``boxes`` uint16 or uint32 by the
+    largest image)."""
+    n, v = num_samples, views
+    return {
+        "keys": ((n,), None),
+        "labels": ((n,), np.int64),
+        "sizes": ((n, 2), np.int32),
+        "boxes": ((n, v, 4), None),
+        "flips": ((n, v), bool),
+        "skipped": ((n,), bool),
+    }
+
+
+SHARED_ARRAYS = tuple(shared_arrays(0, 0))
 
 
 def _codecs(dtype: Any, views_innermost: bool) -> dict[str, Any]:
@@ -84,20 +101,21 @@ def create_store(
 ) -> None:
     """Write a new store: shared arrays, empty model arrays, markers, then the manifest last."""
     n, v = manifest.num_samples, manifest.views
+    shared = shared_arrays(n, v)
     group = zarr.open_group(path, mode="a", zarr_format=3)
-    _create_sharded(group, "keys", (n,), str, layout, fill_value="")[:] = np.asarray(
+    _create_sharded(group, "keys", shared["keys"][0], str, layout, fill_value="")[:] = np.asarray(
         keys, dtype=object
     )
-    _create_sharded(group, "labels", (n,), np.int64, layout)[:] = labels
-    _create_sharded(group, "sizes", (n, 2), np.int32, layout)[:] = sizes
+    _create_sharded(group, "labels", *shared["labels"], layout)[:] = labels
+    _create_sharded(group, "sizes", *shared["sizes"], layout)[:] = sizes
     boxes, flips = view_boxes(
         manifest.seed, np.arange(n), v, sizes, AugmentConfig.from_dict(manifest.augment)
     )
     # Integer pixel boxes: exact, and 3x smaller stored than float32 fractions (4.4 vs 13 B/view).
     box_dtype = np.uint16 if sizes.max() <= np.iinfo(np.uint16).max else np.uint32
-    _create_sharded(group, "boxes", (n, v, 4), box_dtype, layout)[:] = boxes
-    _create_sharded(group, "flips", (n, v), bool, layout, fill_value=False)[:] = flips
-    _create_sharded(group, "skipped", (n,), bool, layout, fill_value=False)
+    _create_sharded(group, "boxes", shared["boxes"][0], box_dtype, layout)[:] = boxes
+    _create_sharded(group, "flips", *shared["flips"], layout, fill_value=False)[:] = flips
+    _create_sharded(group, "skipped", *shared["skipped"], layout, fill_value=False)
     models = group.create_group("models")
     for entry in manifest.models:
         member = models.create_group(entry.name)
@@ -120,15 +138,7 @@ def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout
     that differ, each naming both values. An edited manifest (views, samples, models, top-k,
     classes) would otherwise be read with the wrong layout, silently or as an IndexError."""
     n, v = manifest.num_samples, manifest.views
-    expected: dict[str, tuple[tuple[int, ...], Any]] = {
-        "labels": ((n,), np.int64),
-        "sizes": ((n, 2), np.int32),
-        "boxes": ((n, v, 4), None),  # uint16 or uint32, by the largest image
-        "flips": ((n, v), bool),
-        "skipped": ((n,), bool),
-        "keys": ((n,), None),
-        DONE_ARRAY: ((layout.num_blocks,), np.uint8),
-    }
+    expected = {**shared_arrays(n, v), DONE_ARRAY: ((layout.num_blocks,), np.uint8)}
     for entry in manifest.models:
         for name, (shape, dtype) in model_arrays(entry, v).items():
             expected[f"models/{entry.name}/{name}"] = ((n, *shape), dtype)
