@@ -658,10 +658,9 @@ def test_memcheck_all_rows_ignored_give_zero_loss_and_gradients():
 # The CPU suite's own cases (its helpers, its tolerances), on the device.
 
 
-@pytest.mark.parametrize("mode", ["live", "fixed", "best"])
-@pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
+def _cpu_case_on_device(topk: int, dtype: torch.dtype, mode: str, **options) -> None:
+    """The CPU suite's case (6 rows, 1000 classes; member 1 is the student in ``fixed``) held to
+    its reference on the device."""
     student, labels, targets = make_case(6, 1000, topk=topk, dtype=dtype)
     assert_partitioned_matches(
         student.to(DEVICE),
@@ -669,9 +668,16 @@ def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
         targets.to(DEVICE),
         mode=mode,
         self_index=1 if mode == "fixed" else None,
-        temperature=2.5,
         max_block=256,
+        **options,
     )
+
+
+@pytest.mark.parametrize("mode", ["live", "fixed", "best"])
+@pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
+    _cpu_case_on_device(topk, dtype, mode, temperature=2.5)
 
 
 @pytest.mark.parametrize(
@@ -681,17 +687,7 @@ def test_cpu_suite_partitioned_modes_and_dtypes(mode, topk, dtype):
 @pytest.mark.parametrize("topk", [0, 7], ids=["dense", "top7"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_cpu_suite_plain_kd_and_the_confidence_score(mode, score, topk, temperature):
-    student, labels, targets = make_case(6, 1000, topk=topk, dtype=torch.bfloat16)
-    assert_partitioned_matches(
-        student.to(DEVICE),
-        labels.to(DEVICE),
-        targets.to(DEVICE),
-        mode=mode,
-        self_index=1 if mode == "fixed" else None,
-        partition_score=score,
-        temperature=temperature,
-        max_block=256,
-    )
+    _cpu_case_on_device(topk, torch.bfloat16, mode, partition_score=score, temperature=temperature)
 
 
 @pytest.mark.parametrize(
