@@ -21,6 +21,7 @@ own ideal bytes, and they get no speed-up vs eager (other math).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import re
 import statistics
@@ -448,9 +449,9 @@ def _fmt(value: float | None) -> str:
 
 
 def _version(module: str) -> str | None:
-    try:
-        return __import__(module).__version__
-    except ImportError:
+    try:  # the distribution's metadata: liger_kernel has no __version__
+        return importlib.metadata.version(module.replace("_", "-"))
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
