@@ -4,7 +4,9 @@
 launchers pick at the benchmark shapes (dense teachers in fp16 / bf16 / fp32, top-k 10 and 100
 with int32 / int64 ids, partition modes live / fixed / best; at the benchmark shape
 4096 x 32000 also plain KD (the teachers' mixture: one fp32 column read as best) and live with
-the label-free confidence score; bidirectional N = 2, 3, 4 with stop_grad on and off), it records the launch the launcher makes on CPU tensors of that shape
+the label-free confidence score; bidirectional N = 2, 3, 4 with stop_grad on and off; the
+backward's grad_output scale pass on bf16 / fp16 / fp32 gradients, per row at 4096 x 32000), it
+records the launch the launcher makes on CPU tensors of that shape
 (``kernels.launch.capture_launches``), compiles it with ``triton.compile`` for the target through
 a stand-in active driver, runs the wheel's ptxas -v (registers, spills, shared memory) and reads
 the SASS with its cuobjdump (global load and store widths, MUFU.EX2 per element). One JSON per
@@ -46,7 +48,7 @@ SM_LIMITS = {
 class Config:
     """One kernel configuration at one shape."""
 
-    kernel: str  # partitioned | bidirectional
+    kernel: str  # partitioned | bidirectional | grad_scale
     rows: int
     classes: int
     teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<tail>-<id dtype>
@@ -55,7 +57,8 @@ class Config:
     models: int = 0  # bidirectional: N
     stop_grad: bool = True
     temperature: float = 1.0
-    dtype: str = "bfloat16"  # the student's (every model's) logits
+    dtype: str = "bfloat16"  # the student's (every model's) logits; grad_scale: the gradient's
+    per_row: bool = False  # grad_scale: one factor a row (reduction "none"), else a scalar
 
 
 @dataclass
@@ -107,6 +110,12 @@ def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
         Config("bidirectional", rows, classes, models=n, stop_grad=stop)
         for (rows, classes), n, stop in itertools.product(shapes, (2, 3, 4), (True, False))
     ]
+    configs += [  # the backward's scale pass (kernels.grad_scale)
+        Config("grad_scale", rows, classes, dtype=dtype)
+        for (rows, classes), dtype in itertools.product(shapes, ("bfloat16", "float16", "float32"))
+    ]
+    if BENCHMARK_SHAPE in shapes:
+        configs.append(Config("grad_scale", *BENCHMARK_SHAPE, per_row=True))
     return configs
 
 
@@ -125,14 +134,17 @@ def capture(config: Config) -> Any:
     """The one launch the config's launcher makes (kernels.launch.Launch)."""
     import torch
 
-    from fastkd.kernels import PoolTargets, bidirectional_kd, partitioned_kd
+    from fastkd.kernels import PoolTargets, bidirectional_kd, grad_scale, partitioned_kd
     from fastkd.kernels.launch import capture_launches
 
     dtype = getattr(torch, config.dtype)
     rows, classes = config.rows, config.classes
     labels = torch.zeros(rows, dtype=torch.int64)
     with capture_launches() as launches:
-        if config.kernel == "bidirectional":
+        if config.kernel == "grad_scale":
+            factor = torch.ones(rows) if config.per_row else torch.tensor(1.0)
+            grad_scale.scale_rows_(_empty((rows, classes), dtype), factor)
+        elif config.kernel == "bidirectional":
             logits = [_empty((rows, classes), dtype) for _ in range(config.models)]
             grads = [_empty((rows, classes), dtype) for _ in range(config.models)]
             cfg = bidirectional_kd.BidirectionalKDConfig(
@@ -363,7 +375,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     )
     parser.add_argument("--arch", default="90,80", help="compute capabilities, e.g. 90,80")
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="BxC,BxC,...")
-    parser.add_argument("--kernels", default="partitioned,bidirectional")
+    parser.add_argument("--kernels", default="partitioned,bidirectional,grad_scale")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of compile-sm<arch>.json")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be real JIT functions

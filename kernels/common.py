@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.errors import ConfigError
+from fastkd.kernels import grad_scale
 
 try:
     import triton
@@ -278,10 +279,12 @@ def scale_grad_(
     ``grad_output_is_one`` (the caller's promise that it runs ``loss.backward()`` on this loss
     alone) returns the gradient as written: no B x C pass, and no look at grad_output's value.
     """
+    if grad_output_is_one and reduction is not Reduction.NONE:
+        return grad
+    if grad.is_contiguous() and triton_backend(grad_scale._scale_kernel, [grad]):
+        return grad_scale.scale_rows_(grad, grad_output)  # one pass, 16-byte accesses
     if reduction is Reduction.NONE:
         return grad.mul_(grad_output.unsqueeze(1))
-    if grad_output_is_one:
-        return grad
     return grad.mul_(grad_output)
 
 

@@ -57,7 +57,11 @@ def _mode_code(mode: PartitionMode) -> int:
     return _MODE_CODE[mode]
 
 
-BUCKET_MAX_TILE = 2048  # the bucket tail's pass 1 keeps one more sum: half tiles, no spill
+SPARSE_MAX_TILE = 1024
+"""Top-k teachers: 1024-wide tiles at 4 warps (8 elements a thread). The student's row is then
+the only B x C read, and more resident programs hide its latency better than wider tiles
+(``bench/results/kernel-sweep-h200.json``: 2048 columns at 8 warps took 1.3x as long)."""
+SPARSE_NUM_WARPS = 4
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
 
@@ -144,8 +148,8 @@ def launch_partitioned_kd(
         tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
     block = common.tile_width(num_classes, config.max_block)
-    if targets.is_sparse and targets.tail is TailModel.BUCKET:
-        block = min(block, BUCKET_MAX_TILE)
+    if targets.is_sparse:
+        block = min(block, SPARSE_MAX_TILE)
     vec = common.vector_width(student_logits)
     row_stride, member_stride = target_values.stride()[:2]
     launch(
@@ -193,7 +197,7 @@ def launch_partitioned_kd(
         TEACHER_VEC=1
         if targets.is_sparse
         else common.aligned_width(target_values, student_logits, vec, (row_stride, member_stride)),
-        num_warps=common.num_warps_for(block),
+        num_warps=SPARSE_NUM_WARPS if targets.is_sparse else common.num_warps_for(block),
     )
     return common.row_outputs(stats, chosen)
 

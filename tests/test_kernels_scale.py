@@ -122,3 +122,53 @@ def test_value_checks_raise_config_error_on_cpu():
     assert_all(torch.zeros(0, dtype=torch.bool), "never")
     with pytest.raises(ConfigError, match="ids outside"):
         assert_all(torch.tensor([[True], [False]]), "ids outside [0, 3)")
+
+
+# -- the backward's grad_output pass (kernels.grad_scale) ------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per-row"])
+def test_grad_scale_kernel_rounds_once_like_torch_mul(dtype, per_row):
+    """The kernel's in-place scale is torch's fp32-opmath product rounded once to the gradient's
+    dtype, on a size that is not a whole number of blocks, with a per-row factor read through a
+    stride (tests/test_kernels_cuda.py holds a GPU to torch's mul_ bit for bit)."""
+    from fastkd.kernels import grad_scale
+    from fastkd.kernels.common import Reduction, scale_grad_
+    from fastkd.kernels.launch import capture_launches
+
+    gen = torch.Generator().manual_seed(3)
+    rows, classes = 3, grad_scale.BLOCK // 2 + 7  # 2 blocks and a partial third
+    grad = (torch.randn(rows, classes, generator=gen) * 3).to(dtype)
+    before = grad.clone()
+    if per_row:
+        factor = torch.randn(rows, 2, generator=gen)[:, 1]  # stride 2
+        expected = (grad.float() * factor.unsqueeze(1)).to(dtype)
+        reduction = Reduction.NONE
+    else:
+        factor = torch.tensor(0.3217, dtype=torch.float32)
+        expected = (grad.float() * factor).to(dtype)
+        reduction = Reduction.SUM
+    with capture_launches() as launches:
+        scale_grad_(grad.clone(), factor, reduction)
+    assert [launch.kernel for launch in launches] == [grad_scale._scale_kernel]
+    actual = scale_grad_(grad, factor, reduction)
+    assert actual.data_ptr() == grad.data_ptr()  # in place
+    if dtype == torch.bfloat16:  # the interpreter casts fp32 -> bf16 by truncation (a GPU: rtne)
+        exact = (before.float() * (factor.unsqueeze(1) if per_row else factor)).view(torch.int32)
+        truncated = (exact & -65536).view(torch.float32).to(dtype)  # the low 16 bits dropped
+        assert ((actual == expected) | (actual == truncated)).all()
+    else:
+        assert torch.equal(actual, expected)
+
+
+def test_grad_scale_of_a_strided_gradient_falls_back_to_torch():
+    from fastkd.kernels.common import Reduction, scale_grad_
+    from fastkd.kernels.launch import capture_launches
+
+    grad = torch.randn(4, 10)[:, ::2]
+    expected = grad * 2.5
+    with capture_launches() as launches:
+        scale_grad_(grad, torch.tensor(2.5), Reduction.MEAN)
+    assert launches == []
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
