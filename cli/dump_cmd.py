@@ -98,6 +98,14 @@ def dump(
             "otherwise; a store with the same configuration is always resumed)."
         ),
     ] = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="Check every written block of the store against the content hashes recorded "
+            "when it was written, and rewrite exactly the damaged ones (a deleted, truncated or "
+            "altered shard file; `fastkd inspect --verify` lists them).",
+        ),
+    ] = False,
     on_bad_image: Annotated[
         OnBadImage,
         typer.Option(
@@ -146,6 +154,7 @@ def dump(
         device=device,
         part=part,
         overwrite=overwrite,
+        repair=repair,
         on_bad_image=on_bad_image,
         samples_per_shard=samples_per_shard,
         num_workers=workers,

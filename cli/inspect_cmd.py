@@ -10,9 +10,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from fastkd.cli import options
 from fastkd.cli.guard import guarded
-from fastkd.store import ModelEntry, StoreSummary, summarize
+from fastkd.errors import StoreError
+from fastkd.store import ModelEntry, StoreSummary, check_store, summarize
 
 
 def _size(nbytes: float) -> str:
@@ -80,6 +83,16 @@ def _render(summary: StoreSummary, console: Console) -> None:
 def inspect(
     store: Annotated[Path, typer.Argument(help="A fastkd store directory (from `fastkd dump`).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Also decode every written block of every array and check it against the "
+            "content hash recorded when it was written; list the damaged ones and exit non-zero "
+            "(`fastkd dump --repair` rewrites them).",
+        ),
+    ] = False,
+    progress: options.ShowProgress = True,
 ) -> None:
     """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
     summary = summarize(store)
@@ -92,6 +105,17 @@ def inspect(
         typer.echo(json.dumps(payload, indent=2))
     else:
         _render(summary, Console())
+    if verify:
+        bad = check_store(store, progress=progress)
+        if bad:
+            raise StoreError(
+                f"{len(bad)} damaged block(s) in {store}:\n  "
+                + "\n  ".join(problem.describe() for problem in bad)
+                + "\nrewrite them: run the `fastkd dump` command that made the store with --repair"
+            )
+        Console(stderr=True).print(
+            Text(f"verified: every written block of {store} is as its writer recorded it")
+        )
 
 
 def register(app: typer.Typer) -> None:

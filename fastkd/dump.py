@@ -33,7 +33,14 @@ from fastkd.data import (
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel, fp32_classifier, load_model, parse_pool
 from fastkd.runtime import autocast, progress_bar, resolve_device
-from fastkd.store import Manifest, ModelEntry, StoreWriter, resolve_part, resolve_topk
+from fastkd.store import (
+    Manifest,
+    ModelEntry,
+    StoreWriter,
+    check_store,
+    resolve_part,
+    resolve_topk,
+)
 from fastkd.views import AugmentConfig, all_views
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ class DumpConfig:
     device: str | None = None  # default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu
     part: str | None = None  # "i/n", this process's blocks; default torchrun's RANK/WORLD_SIZE
     overwrite: bool = False  # replace a store made with another configuration
+    repair: bool = False  # verify this part's done blocks and rewrite the damaged ones
     on_bad_image: OnBadImage = "fail"  # or "skip": flag the sample in the store and carry on
     samples_per_shard: int | None = None  # samples per block (the unit of writing and resume)
     num_workers: int | None = None  # loader workers (DALI threads or DataLoader processes)
@@ -249,6 +257,8 @@ def run_dump(cfg: DumpConfig) -> Path:
         samples_per_shard=cfg.samples_per_shard,
         part=part,
     ) as writer:
+        if cfg.repair:
+            _mark_damaged_blocks(writer, cfg)
         pending = writer.pending_blocks()
         done = len(range(part[0], writer.num_blocks, part[1])) - len(pending)
         log.info(
@@ -273,6 +283,19 @@ def run_dump(cfg: DumpConfig) -> Path:
             _infer_blocks(cfg, writer, dataset, pool, plan, device)
     log.info("dump finished: %s", cfg.out)
     return cfg.out
+
+
+def _mark_damaged_blocks(writer: StoreWriter, cfg: DumpConfig) -> None:
+    """``--repair``: check every done block of this writer's part and drop the markers of the
+    damaged ones, so the dump rewrites exactly those."""
+    i, n = writer.part
+    done = set(range(i, writer.num_blocks, n)) - set(writer.pending_blocks())
+    bad = check_store(cfg.out, sorted(done), progress=cfg.progress)
+    for problem in bad:
+        log.warning("damaged: %s", problem.describe())
+    blocks = sorted({problem.block for problem in bad})
+    log.info("repair: %d of %d written blocks damaged %s", len(blocks), len(done), blocks)
+    writer.rewrite(blocks)
 
 
 def _block_of(batch: ViewBatch, samples_per_block: int) -> int:

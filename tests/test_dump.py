@@ -364,3 +364,36 @@ def test_target_options_that_would_be_ignored_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         DumpConfig(data=Path("d"), models=["m"], out=Path("o"), **options)
     assert DumpConfig(data=Path("d"), models=["m"], out=Path("o"), tail="sampled", tail_samples=4)
+
+
+def test_damaged_blocks_are_listed_and_repaired_exactly(
+    torch_store: Path, digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    """The issue's silent failures: a deleted teacher shard and flipped bytes leave `inspect`
+    saying complete; now `inspect --verify` names them, and `dump --repair` rewrites exactly
+    those blocks (every other shard file untouched) to the same bytes as before."""
+    from fastkd.store.integrity import shard_file
+
+    store = tmp_path / "store.zarr"
+    shutil.copytree(torch_store, store)
+    group = zarr.open_group(store, mode="r")
+    member = sorted(group["models"].group_keys())[0]
+    deleted = shard_file(store, group[f"models/{member}/true_logprob"], 2)
+    flipped = shard_file(store, group["boxes"], 5)
+    deleted.unlink()
+    raw = bytearray(flipped.read_bytes())
+    raw[8:24] = bytes(b ^ 0x5A for b in raw[8:24])
+    flipped.write_bytes(bytes(raw))
+    files = {p: p.stat().st_mtime_ns for p in store.rglob("c/*/*") if p.is_file()}
+
+    out = run_cli(["inspect", str(store), "--verify", "--no-progress"], expect_code=2)
+    assert f"models/{member}/true_logprob, block 2 (samples 16-23), file {deleted}: missing" in out
+    assert f"boxes, block 5 (samples 40-47), file {flipped}" in out
+    assert "2 damaged block(s)" in out and "--repair" in out
+
+    time.sleep(0.01)  # a rewritten file gets a later mtime
+    run_cli(dump_args(digits_small, digit_pool, store, "--backend", "torch", "--repair"))
+    assert_same_store(store, torch_store)
+    rewritten = {p for p, mtime in files.items() if p.stat().st_mtime_ns != mtime}
+    assert rewritten and all(p.parts[-3:-1] in {("c", "2"), ("c", "5")} for p in rewritten)
+    assert "verified" in run_cli(["inspect", str(store), "--verify", "--no-progress"])

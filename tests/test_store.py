@@ -29,10 +29,13 @@ from fastkd.store import (
     StoreReader,
     StoreWriter,
     encode_logits,
+    open_manifest,
     resolve_part,
     resolve_topk,
     summarize,
 )
+from fastkd.store.arrays import hashed_arrays
+from fastkd.store.integrity import digest
 from fastkd.views import AugmentConfig, tail_uniforms, view_boxes, view_params
 
 NUM_CLASSES = 300
@@ -219,7 +222,7 @@ def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, data: dict)
         write(writer, data, [0])
     group = zarr.open_group(tmp_path / "s", mode="r+", zarr_format=3)
     group.attrs["fastkd"] = {**group.attrs["fastkd"], "format_version": 1}
-    with pytest.raises(StoreMismatchError, match="format_version: store has 1, expected 2") as err:
+    with pytest.raises(StoreMismatchError, match="format_version: store has 1, expected 3") as err:
         StoreReader(tmp_path / "s", allow_incomplete=True)
     assert "dump the pool again (--overwrite)" in str(err.value)
 
@@ -284,7 +287,7 @@ def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
         write(writer, data)
     meta, arrays = read_with_plain_zarr(tmp_path / "s")
 
-    assert meta["format_version"] == 2 and meta["fingerprint"] == "f" * 64
+    assert meta["format_version"] == 3 and meta["fingerprint"] == "f" * 64
     assert [(m["topk"], m["tail"], m["tail_samples"]) for m in meta["models"]] == [
         (7, "sampled", 4),
         (0, None, 0),
@@ -563,10 +566,15 @@ def test_random_access_reads_match_written(finished: Path, data: dict, cache_byt
 def test_damaged_topk_ids_are_found_as_their_block_is_decoded(
     tmp_path: Path, finished: Path
 ) -> None:
+    """Ids out of range with a matching block hash (as a faulty writer would leave them): the
+    range check, the second line behind the hashes (test_integrity.py), still refuses them."""
     path = tmp_path / "damaged"
     shutil.copytree(finished, path)
-    ids = zarr.open_group(path, mode="r+", zarr_format=3)["models/small/topk_ids"]
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    ids = group["models/small/topk_ids"]
     ids[19, 1, 3] = NUM_CLASSES  # one id past the classes, in block 2 (samples 16..23)
+    column = hashed_arrays(open_manifest(path)[0]).index("models/small/topk_ids")
+    group["block_hashes"][2, column] = digest(ids[16:24])
     reader = StoreReader(path)
     assert reader.read("small", np.array([0, 39]), np.array([1, 2])).topk_ids.shape == (2, 7)
     with pytest.raises(

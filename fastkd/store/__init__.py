@@ -13,6 +13,8 @@ StoreReader``), the modules' other names are the package's own business:
 - ``writer``: ``StoreWriter``: create or resume a store, write blocks and their markers.
 - ``reader``: ``StoreReader``: validated, random access through a cache of decoded blocks.
 - ``summary``: ``summarize``: sizes and stored bytes (``fastkd inspect``).
+- ``integrity``: the content hash of every block of every array, checked as the reader decodes
+  it; ``check_store`` verifies a whole store (``fastkd inspect --verify``, ``dump --repair``).
 
 Imports run one way, so there is no cycle (a module imports only those listed for it):
 
@@ -20,8 +22,9 @@ Imports run one way, so there is no cycle (a module imports only those listed fo
     encoding  <- manifest
     arrays    <- manifest, encoding
     claims    <- (none of the others)
-    writer    <- manifest, encoding, arrays, claims
-    reader    <- manifest, encoding, arrays
+    integrity <- manifest, arrays
+    writer    <- manifest, encoding, arrays, claims, integrity
+    reader    <- manifest, encoding, arrays, integrity
     summary   <- manifest, encoding, arrays
 
 Vocabulary: a *shard* is zarr's (the sharding codec's file, ``samples_per_shard`` samples of one
@@ -39,6 +42,7 @@ from fastkd.store.encoding import (
     id_dtype,
     resolve_topk,
 )
+from fastkd.store.integrity import BadBlock, check_store
 from fastkd.store.manifest import (
     CHUNK_SAMPLES,
     FORMAT_VERSION,
@@ -72,6 +76,7 @@ __all__ = [
     "TARGET_VIEWS_PER_SHARD",
     "ZSTD_LEVEL",
     "ArraySummary",
+    "BadBlock",
     "Expectation",
     "Manifest",
     "ModelEntry",
@@ -84,6 +89,7 @@ __all__ = [
     "StoreReader",
     "StoreSummary",
     "StoreWriter",
+    "check_store",
     "default_samples_per_shard",
     "encode_logits",
     "id_dtype",

@@ -24,6 +24,7 @@ from fastkd.views import AugmentConfig, view_boxes
 ZSTD_LEVEL = 9  # inside blosc and for keys; decoding speed hardly depends on it
 
 DONE_ARRAY = "blocks_done"  # one unsharded chunk per block: its completion marker
+BLOCK_HASHES = "block_hashes"  # [block, array]: content hashes, written just before the marker
 META_DIR = ".fastkd"  # inside the store, ignored by zarr: the creation lock and the claims
 
 
@@ -43,6 +44,15 @@ def shared_arrays(num_samples: int, views: int) -> dict[str, tuple[tuple[int, ..
 
 
 SHARED_ARRAYS = tuple(shared_arrays(0, 0))
+
+
+def hashed_arrays(manifest: Manifest) -> list[str]:
+    """The arrays hashed per block (``fastkd.store.integrity``), in the column order of
+    ``BLOCK_HASHES``: the shared ones, then each model's, in manifest order."""
+    names = list(SHARED_ARRAYS)
+    for entry in manifest.models:
+        names += [f"models/{entry.name}/{name}" for name in model_arrays(entry, manifest.views)]
+    return names
 
 
 def _codecs(dtype: Any, views_innermost: bool) -> dict[str, Any]:
@@ -103,19 +113,15 @@ def create_store(
     n, v = manifest.num_samples, manifest.views
     shared = shared_arrays(n, v)
     group = zarr.open_group(path, mode="a", zarr_format=3)
-    _create_sharded(group, "keys", shared["keys"][0], str, layout, fill_value="")[:] = np.asarray(
-        keys, dtype=object
-    )
-    _create_sharded(group, "labels", *shared["labels"], layout)[:] = labels
-    _create_sharded(group, "sizes", *shared["sizes"], layout)[:] = sizes
-    boxes, flips = view_boxes(
-        manifest.seed, np.arange(n), v, sizes, AugmentConfig.from_dict(manifest.augment)
-    )
+    _create_sharded(group, "keys", shared["keys"][0], str, layout, fill_value="")
+    _create_sharded(group, "labels", *shared["labels"], layout)
+    _create_sharded(group, "sizes", *shared["sizes"], layout)
     # Integer pixel boxes: exact, and 3x smaller stored than float32 fractions (4.4 vs 13 B/view).
     box_dtype = np.uint16 if sizes.max() <= np.iinfo(np.uint16).max else np.uint32
-    _create_sharded(group, "boxes", shared["boxes"][0], box_dtype, layout)[:] = boxes
-    _create_sharded(group, "flips", *shared["flips"], layout, fill_value=False)[:] = flips
+    _create_sharded(group, "boxes", shared["boxes"][0], box_dtype, layout)
+    _create_sharded(group, "flips", *shared["flips"], layout, fill_value=False)
     _create_sharded(group, "skipped", *shared["skipped"], layout, fill_value=False)
+    write_sample_rows(group, manifest, 0, n, keys, labels, sizes)
     models = group.create_group("models")
     for entry in manifest.models:
         member = models.create_group(entry.name)
@@ -130,7 +136,43 @@ def create_store(
         fill_value=0,
         compressors=None,
     )
+    hashed = len(hashed_arrays(manifest))
+    group.create_array(  # one small file per block, like the markers: ranks never share one
+        BLOCK_HASHES,
+        shape=(layout.num_blocks, hashed),
+        chunks=(1, hashed),
+        dtype=np.int64,
+        fill_value=0,
+        compressors=None,
+    )
     group.attrs[MANIFEST_ATTR] = {**manifest.to_dict(), "layout": asdict(layout)}
+
+
+def write_sample_rows(
+    group: zarr.Group,
+    manifest: Manifest,
+    start: int,
+    stop: int,
+    keys: Sequence[str],
+    labels: np.ndarray,
+    sizes: np.ndarray,
+) -> None:
+    """Samples ``[start, stop)`` of the arrays fixed when a store is made (keys, labels, sizes
+    and the view boxes and flips they imply): all of them at creation, a block's on repair.
+    ``keys``, ``labels`` and ``sizes`` cover every sample of the store."""
+    rows = slice(start, stop)
+    group["keys"][rows] = np.asarray(keys[start:stop], dtype=object)
+    group["labels"][rows] = labels[rows]
+    group["sizes"][rows] = sizes[rows]
+    boxes, flips = view_boxes(
+        manifest.seed,
+        np.arange(start, stop),
+        manifest.views,
+        sizes[rows],
+        AugmentConfig.from_dict(manifest.augment),
+    )
+    group["boxes"][rows] = boxes
+    group["flips"][rows] = flips
 
 
 def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> list[str]:
@@ -138,7 +180,11 @@ def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout
     that differ, each naming both values. An edited manifest (views, samples, models, top-k,
     classes) would otherwise be read with the wrong layout, silently or as an IndexError."""
     n, v = manifest.num_samples, manifest.views
-    expected = {**shared_arrays(n, v), DONE_ARRAY: ((layout.num_blocks,), np.uint8)}
+    expected = {
+        **shared_arrays(n, v),
+        DONE_ARRAY: ((layout.num_blocks,), np.uint8),
+        BLOCK_HASHES: ((layout.num_blocks, len(hashed_arrays(manifest))), np.int64),
+    }
     for entry in manifest.models:
         for name, (shape, dtype) in model_arrays(entry, v).items():
             expected[f"models/{entry.name}/{name}"] = ((n, *shape), dtype)

@@ -25,7 +25,8 @@ from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
 
-FORMAT_VERSION = 2  # 2: log-probabilities, exact tail masses, tail models (1: logits + lse)
+FORMAT_VERSION = 3  # 3: block content hashes; 2: log-probabilities, exact tail masses, tail
+# models; 1: logits + lse
 MANIFEST_ATTR = "fastkd"  # group attribute holding the manifest (and the layout)
 STATUS_ATTR = "fastkd_status"  # group attribute written once every block is done
 

@@ -6,9 +6,11 @@ blocks and gathers rows from it with numpy: a shuffled epoch decodes every shard
 it returns is numpy (``ModelTargets``, ``PoolArrays``): the loss's tensor types are training's
 business, not the store's.
 
-Stored top-k ids are checked against the model's classes as each block is decoded (one numpy
-max over the block, in the reader's thread): every id a caller gets has been checked once, and
-the kernels need not check them again on the device; opening a store stays O(1).
+Every block is checked as it is decoded: against the content hash its writer recorded
+(``integrity``: a deleted, truncated or altered shard is an error naming the array, block,
+samples and file, never zeros or garbage), and its top-k ids against the model's classes (one
+numpy max over the block, in the reader's thread), so the kernels need not check them again on
+the device. Opening a store reads and checks only the per-sample arrays it keeps whole.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import numpy as np
 import zarr
 
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
-from fastkd.store.arrays import DONE_ARRAY, array_differences
+from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, array_differences, hashed_arrays
 from fastkd.store.encoding import model_arrays
+from fastkd.store.integrity import damaged, digest, read_block
 from fastkd.store.manifest import Expectation, open_manifest
 from fastkd.views import box_fractions
 
@@ -71,10 +74,14 @@ class _BlockCache:
         arrays: Mapping[str, zarr.Array],
         samples_per_block: int,
         max_bytes: int,
+        hashes: Mapping[str, tuple[str, np.ndarray]],
+        store: Path,
         limits: Mapping[str, int] | None = None,
         where: str = "",
     ) -> None:
         self._arrays = dict(arrays)
+        self._hashes = dict(hashes)  # array -> (its path in the store, its hash per block)
+        self._store = store
         self._limits = dict(limits or {})  # array -> exclusive upper bound of its values
         self._where = where
         self._block = samples_per_block
@@ -108,7 +115,13 @@ class _BlockCache:
             start = block * self._block
             stop = min(start + self._block, self._num_samples)
             for name, array in self._arrays.items():
-                self._arena[name][slot, : stop - start] = array[start:stop]
+                path, hashes = self._hashes[name]
+                values, bad = read_block(
+                    self._store, array, path, block, (start, stop), int(hashes[block])
+                )
+                if bad is not None:
+                    raise damaged(bad, self._store)
+                self._arena[name][slot, : stop - start] = values
                 if name in self._limits:
                     self._check_range(name, self._arena[name][slot, : stop - start], start)
             self._slot_of[block] = slot
@@ -189,12 +202,33 @@ class StoreReader:
                 f"not written (first {pending[:5].tolist()}); finish the dump: run the same "
                 "`fastkd dump` command again (it resumes)"
             )
+        hashes = self._group[BLOCK_HASHES][:]
+        self._hashes = dict(zip(hashed_arrays(self.manifest), hashes.T, strict=True))
         self.labels: np.ndarray = self._group["labels"][:]
         self.sizes: np.ndarray = self._group["sizes"][:]
         self.skipped: np.ndarray = self._group["skipped"][:]
+        self._check_whole_arrays()
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
         self._caches: dict[str | None, _BlockCache] = {}
+
+    def _check_whole_arrays(self) -> None:
+        """The arrays read whole on open, against their block hashes (done blocks)."""
+        block = self.layout.samples_per_shard
+        for name in ("labels", "sizes", "skipped"):
+            values, hashes = getattr(self, name), self._hashes[name]
+            for b in np.flatnonzero(self._done).tolist():
+                if digest(values[b * block : (b + 1) * block]) != hashes[b]:
+                    _, bad = read_block(
+                        self.path,
+                        self._group[name],
+                        name,
+                        b,
+                        (b * block, min((b + 1) * block, self.num_samples)),
+                        int(hashes[b]),
+                    )
+                    if bad is not None:
+                        raise damaged(bad, self.path)
 
     # -- manifest shortcuts --------------------------------------------------------------------
 
@@ -234,17 +268,21 @@ class StoreReader:
         if cache is None:
             limits = {}
             if model is None:
-                arrays = {name: self._group[name] for name in ("boxes", "flips")}
+                paths = {name: name for name in ("boxes", "flips")}
             else:
                 entry = self.manifest.model(model)
-                member = self._group[f"models/{model}"]
-                arrays = {name: member[name] for name in model_arrays(entry, self.num_views)}
+                names = model_arrays(entry, self.num_views)
+                paths = {name: f"models/{model}/{name}" for name in names}
                 for ids in ("topk_ids", "tail_ids"):
-                    if ids in arrays:
+                    if ids in names:
                         limits[ids] = entry.num_classes
+            arrays = {name: self._group[path] for name, path in paths.items()}
+            hashes = {name: (path, self._hashes[path]) for name, path in paths.items()}
             share = self._cache_bytes // (len(self.manifest.models) + 1)
             where = f"store {self.path}, model {model!r}"
-            cache = _BlockCache(arrays, self.layout.samples_per_shard, share, limits, where)
+            cache = _BlockCache(
+                arrays, self.layout.samples_per_shard, share, hashes, self.path, limits, where
+            )
             self._caches[model] = cache
         return cache
 

@@ -24,7 +24,14 @@ import zarr
 
 from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
 from fastkd.files import write_json
-from fastkd.store.arrays import DONE_ARRAY, META_DIR, create_store
+from fastkd.store.arrays import (
+    BLOCK_HASHES,
+    DONE_ARRAY,
+    META_DIR,
+    SHARED_ARRAYS,
+    create_store,
+    write_sample_rows,
+)
 from fastkd.store.claims import (
     HEARTBEAT_S,
     Holder,
@@ -35,6 +42,7 @@ from fastkd.store.claims import (
     creation_lock,
 )
 from fastkd.store.encoding import encode_logits
+from fastkd.store.integrity import digest
 from fastkd.store.manifest import (
     STATUS_ATTR,
     Manifest,
@@ -70,6 +78,7 @@ class StoreWriter:
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="fastkd-claim", daemon=True)
         self._lost_claim = False
+        self._samples: tuple[list[str], np.ndarray, np.ndarray] | None = None  # keys, labels, sizes
 
     @classmethod
     def create_or_resume(
@@ -119,6 +128,7 @@ class StoreWriter:
             )
             claim_part(meta, me, layout.num_blocks, force_claim)
         writer = cls(path, me.part, run_id)
+        writer._samples = (list(keys), labels, sizes)
         writer._heartbeat.start()
         return writer
 
@@ -187,6 +197,7 @@ class StoreWriter:
             flags[offsets] = True
 
         models = self._group["models"]
+        encoded_models = []
         for index, entry in enumerate(self.manifest.models):
             try:
                 encoded = encode_logits(
@@ -204,9 +215,26 @@ class StoreWriter:
             member = models[entry.name]
             for name, values in encoded.items():
                 values[flags] = 0  # a skipped sample's rows hold no targets (zeros, as unwritten)
+                encoded_models.append(np.asarray(values, dtype=member[name].dtype))
                 member[name][start:stop] = values
         self._group["skipped"][start:stop] = flags
+        shared = [
+            flags if name == "skipped" else self._group[name][start:stop] for name in SHARED_ARRAYS
+        ]
+        self._group[BLOCK_HASHES][block] = [digest(v) for v in shared + encoded_models]
         self._done[block] = 1
+
+    def rewrite(self, blocks: Sequence[int]) -> None:
+        """Drop the done markers of ``blocks`` (damaged ones, ``integrity.check_store``) and
+        rewrite their rows of the arrays fixed at creation, so this writer's pending blocks
+        include them and ``write_block`` makes them whole again."""
+        if self._samples is None:
+            raise StoreError("rewrite needs a writer from StoreWriter.create_or_resume")
+        for block in blocks:
+            self._done[block] = 0
+            write_sample_rows(self._group, self.manifest, *self.block_range(block), *self._samples)
+        if blocks and STATUS_ATTR in self._group.attrs:
+            del self._group.attrs[STATUS_ATTR]
 
     # -- claims --------------------------------------------------------------------------------
 
