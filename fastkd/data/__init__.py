@@ -1,5 +1,7 @@
 """Data sets and the loaders that replay stored views, preprocessed for every model of a pool.
 
+- ``decoding``: the one rule both loaders decode an image file by, mode by mode (``decode_rgb``;
+  ``refusal`` of the modes it has no rule for).
 - ``datasets``: image folders and file lists (``open_dataset``, ``ImageDataset``): keys, labels,
   file sizes, header sizes, fingerprints.
 - ``batches``: what both loader backends share: ``Preprocess`` per data config, the item list,
@@ -8,15 +10,17 @@
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
   ``DataLoader`` backend (``load_view``).
 
-Imports go one way, no cycles: ``datasets`` imports no other module of the package; ``batches``
-imports ``datasets``; ``dali`` imports ``batches``; ``loader`` imports ``batches``, ``dali`` and
-``datasets``; this ``__init__`` re-exports the public names of all four. Outside the package
+Imports go one way, no cycles: ``decoding`` imports no other module of the package;
+``datasets`` imports ``decoding``; ``batches`` imports ``datasets``; ``dali`` imports ``batches``
+and ``decoding``; ``loader`` imports ``batches``, ``dali``, ``datasets`` and ``decoding``; this
+``__init__`` re-exports the public names of all five. Outside the package
 they import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported
 here too) and, in ``batches``, ``fastkd.views`` (``pixel_box``); neither imports fastkd.data.
 """
 
 from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, plan_batches
 from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from fastkd.data.decoding import decode_rgb
 from fastkd.data.loader import Backend, load_view, resolve_backend, view_loader
 from fastkd.errors import BadImageError, DatasetError
 
@@ -29,6 +33,7 @@ __all__ = [
     "OnBadImage",
     "Preprocess",
     "ViewBatch",
+    "decode_rgb",
     "load_view",
     "open_dataset",
     "plan_batches",

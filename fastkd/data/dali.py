@@ -22,27 +22,25 @@ import numpy as np
 import torch
 
 from fastkd.data.batches import Items, LoadPlan, Preprocess, ViewBatch, resolve_failures
+from fastkd.data.decoding import decode_rgb
 
 
 class _EncodedSource:
     """``fn.external_source`` iterable: per planned batch the encoded files, crops and flips.
 
-    A file that cannot be read is fed as zero bytes, so it fails in the decoder like a corrupt
-    one and takes the same recovery path.
+    A file that cannot be read, or whose header the data set found unreadable or refused (a
+    mode ``fastkd.data.decoding`` has no rule for, which DALI might decode its own way), is fed
+    as zero bytes, so it fails in the decoder like a corrupt one and takes the same recovery path.
     """
 
     def __init__(self, items: Items, batches: Sequence[np.ndarray]):
         self.items, self.batches = items, batches
+        self.unreadable = set(items.dataset.read_sizes()[1])
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         items = self.items
         for positions in self.batches:
-            encoded = []
-            for position in positions:
-                try:
-                    encoded.append(np.fromfile(items.path(position), dtype=np.uint8))
-                except OSError:
-                    encoded.append(np.zeros(0, dtype=np.uint8))
+            encoded = [self._encoded(position) for position in positions]
             boxes = items.pixel_boxes(positions).astype(np.int32)
             yield (
                 encoded,
@@ -50,6 +48,14 @@ class _EncodedSource:
                 list(boxes[:, 2:]),  # (h, w): slice shape
                 [np.int32(flip) for flip in items.flips[positions]],
             )
+
+    def _encoded(self, position: int) -> np.ndarray:
+        if int(self.items.samples[position]) not in self.unreadable:
+            try:
+                return np.fromfile(self.items.path(position), dtype=np.uint8)
+            except OSError:
+                pass
+        return np.zeros(0, dtype=np.uint8)
 
 
 def _build_dali_pipeline(
@@ -129,13 +135,11 @@ def _to_torch(output: Any, device: torch.device) -> torch.Tensor:
     return target
 
 
-def _pil_error(path: Path) -> str | None:
-    """Why PIL cannot fully decode an image, or None when it can."""
-    from PIL import Image
-
+def _decode_error(path: Path) -> str | None:
+    """Why the torch backend's decoding (``decode_rgb``) fails on an image, or None: the same
+    reason either backend reports."""
     try:
-        with Image.open(path) as image:
-            image.convert("RGB")
+        decode_rgb(path)
     except Exception as error:  # PIL raises many types for bad files
         return f"{type(error).__name__}: {error}"
     return None
@@ -156,12 +160,12 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
             try:
                 outputs = pipe.run()
             except RuntimeError as error:
-                failed = {int(p): _pil_error(items.path(p)) for p in positions}
+                failed = {int(p): _decode_error(items.path(p)) for p in positions}
                 failed = {p: why for p, why in failed.items() if why is not None}
                 if not failed:
                     names = [str(items.path(p)) for p in positions]
                     raise RuntimeError(
-                        f"DALI cannot decode a batch that PIL reads in full ({names[:4]}...); "
+                        f"DALI cannot decode a batch that PIL decodes in full ({names[:4]}...); "
                         f"use --backend torch. DALI said: {error}"
                     ) from error
                 skipped = {**skipped, **resolve_failures(items, failed, on_bad_image)}

@@ -6,7 +6,9 @@ relative to the data root; the fingerprint hashes the sorted (key, file size) pa
 can refuse a data set that gained, lost, renamed or rewrote a file.
 
 Its own module because it knows nothing of views or loaders: a store, a dump and a training run
-open data sets, and only the loaders (``fastkd.data.loader``) read their pixels.
+open data sets, and only the loaders (``fastkd.data.loader``) read their pixels. Reading the
+headers also refuses the modes the decoding rule has none for (``fastkd.data.decoding``), so
+every command treats them as unreadable images, whichever backend would load them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastkd.data.decoding import refusal
 from fastkd.errors import BadImageError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -93,10 +96,13 @@ def _header_size(path: Path) -> tuple[tuple[int, int], str | None]:
     try:
         with Image.open(path) as image:
             width, height = image.size
+            refused = refusal(image)
     except Exception as error:  # PIL raises many types for bad files
         return (1, 1), f"{type(error).__name__}: {error}"
     if width < 1 or height < 1:
         return (1, 1), f"empty image ({width}x{height})"
+    if refused is not None:
+        return (1, 1), refused
     return (height, width), None
 
 

@@ -4,8 +4,11 @@
 (``fastkd.views.view_params``) into batches holding one image tensor per timm data config. Both
 backends do the same thing in the same order: decode, crop the view's integer pixel box
 (``views.pixel_box``), resize the crop to the config's input size with its interpolation, flip,
-normalise. The crop is the same integer box in both; the resize kernels differ slightly (DALI's
-resampling vs PIL's), so the two backends agree to within a few grey levels, not bit for bit.
+normalise. Both decode every image mode by one rule (``fastkd.data.decoding``: DALI's, measured;
+e.g. 16-bit samples become ``round(v / 257)``, alpha is dropped, modes without a shared rule are
+refused by both), so they see the same pixels. The crop is the same integer box in both; the
+resize kernels differ slightly (DALI's resampling vs PIL's), so the two backends agree to within
+a few grey levels, not bit for bit.
 
 - ``backend="dali"``: an NVIDIA DALI pipeline (``fastkd.data.dali``).
 - ``backend="torch"``: a torch ``DataLoader`` whose workers load whole batches with PIL (here).
@@ -38,6 +41,7 @@ from fastkd.data.batches import (
 )
 from fastkd.data.dali import dali_batches
 from fastkd.data.datasets import ImageDataset
+from fastkd.data.decoding import decode_rgb
 from fastkd.errors import ConfigError
 
 Backend = Literal["auto", "dali", "torch"]
@@ -114,12 +118,12 @@ def view_loader(
 def load_view(
     path: Path, box: Sequence[int], flip: bool, preps: Sequence[Preprocess]
 ) -> list[np.ndarray]:
-    """PIL: decode, crop the pixel box, resize per data config, flip: uint8 [3, H, W] each."""
+    """PIL: decode (``decode_rgb``), crop the pixel box, resize per data config, flip: uint8
+    [3, H, W] each."""
     from PIL import Image
 
     top, left, height, width = (int(v) for v in box)
-    with Image.open(path) as image:
-        crop = image.convert("RGB").crop((left, top, left + width, top + height))
+    crop = decode_rgb(path).crop((left, top, left + width, top + height))
     out = []
     for prep in preps:
         resized = crop.resize((prep.width, prep.height), resample=PIL_RESAMPLE[prep.interpolation])
