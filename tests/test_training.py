@@ -471,3 +471,27 @@ def test_a_run_sweeps_the_temp_files_a_killed_save_left_and_writes_with_the_umas
         os.umask(old)
     assert not any(path.exists() for path in stale) and keep.exists()
     assert (result.checkpoints["s"].stat().st_mode & 0o777) == 0o640  # 0666 less the umask
+
+
+def test_cli_train_refuses_a_damaged_store_naming_the_file(pool, tmp_path):
+    """The issue's case: a teacher's shard deleted from a done block used to train on zeros
+    (rc 0); the reader's block hash check now stops the run with one line naming the file."""
+    import shutil
+
+    import zarr
+
+    from fastkd.store.integrity import shard_file
+
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(pool.store, store)
+    group = zarr.open_group(store, mode="r")
+    teacher = next(name for name in group["models"].group_keys() if name != "s")
+    missing = shard_file(store, group[f"models/{teacher}/true_logprob"], 0)
+    missing.unlink()
+    args = ["train", "--data", str(pool.train), "--store", str(store)]
+    args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25"]
+    args += ["--backend", "torch", "--workers", "0", "--out", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert f"file {missing}: missing" in result.output and "--repair" in result.output
+    assert "Traceback" not in result.output
