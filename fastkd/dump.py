@@ -30,7 +30,8 @@ from fastkd.data import (
     open_dataset,
     view_loader,
 )
-from fastkd.errors import ConfigError
+from fastkd.errors import ConfigError, DatasetError
+from fastkd.hashing import UNRECORDED
 from fastkd.models import LoadedModel, fp32_classifier, load_model, parse_pool
 from fastkd.runtime import autocast, progress_bar, resolve_device
 from fastkd.store import (
@@ -202,8 +203,10 @@ class _BlockBuffer:
         pool: Sequence[LoadedModel],
         views: int,
         device: torch.device,
+        dataset: ImageDataset,
     ):
         self.block = block
+        self.dataset = dataset
         self.start, self.stop = writer.block_range(block)
         self.logits = {
             member.spec.name: torch.zeros(
@@ -212,12 +215,24 @@ class _BlockBuffer:
             for member in pool
         }
         self.skipped: set[int] = set()
+        self.file_hashes = np.zeros(self.stop - self.start, dtype=np.int64)
 
     def add(self, batch: ViewBatch, pool: Sequence[LoadedModel]) -> None:
-        """Forward every model on its own preprocessing of the batch; keep fp32 logits."""
+        """Forward every model on its own preprocessing of the batch; keep fp32 logits and the
+        content hash of every file read (each view reads its file again: all must agree)."""
         self.skipped.update(batch.skipped)
         if not len(batch.samples):
             return
+        offsets = batch.samples.numpy() - self.start
+        seen = self.file_hashes[offsets]
+        changed = (seen != UNRECORDED) & (seen != batch.file_hashes)
+        if changed.any():
+            sample = int(batch.samples[np.flatnonzero(changed)[0]])
+            raise DatasetError(
+                f"image {self.dataset.path(sample)} (sample {sample}) changed while the dump read "
+                "it: its views saw different bytes; run the dump again once the data is stable"
+            )
+        self.file_hashes[offsets] = batch.file_hashes
         device = next(iter(self.logits.values())).device
         rows, views = (batch.samples - self.start).to(device), batch.views.to(device)
         for member, images in zip(pool, batch.images, strict=True):
@@ -227,7 +242,7 @@ class _BlockBuffer:
 
     def write(self, writer: StoreWriter) -> None:
         offsets = sorted(s - self.start for s in self.skipped)
-        writer.write_block(self.block, self.logits, skipped=offsets)
+        writer.write_block(self.block, self.logits, skipped=offsets, file_hashes=self.file_hashes)
 
 
 def run_dump(cfg: DumpConfig) -> Path:
@@ -353,7 +368,7 @@ def _infer_blocks(
         task = bar.add_task(description, total=len(plan.samples))
         group = next(by_block, None)
         for block in plan.blocks:
-            buffer = _BlockBuffer(writer, block, pool, cfg.views, device)
+            buffer = _BlockBuffer(writer, block, pool, cfg.views, device, dataset)
             buffer.skipped.update(plan.unreadable[block])
             if group is not None and group[0] == block:
                 for batch in group[1]:

@@ -70,6 +70,7 @@ class ViewBatch:
     labels: torch.Tensor  # int64 [b]
     images: list[torch.Tensor]  # one float32 [b, 3, H, W] per data config, on the device
     skipped: dict[int, str] = field(default_factory=dict)  # sample -> why, dropped from the batch
+    file_hashes: np.ndarray | None = None  # int64 [b]: content hash of each file as it was read
 
 
 @dataclass
@@ -93,7 +94,13 @@ class Items:
             dtype=np.int64,
         ).reshape(len(positions), 4)
 
-    def batch(self, positions: np.ndarray, images: list[torch.Tensor], skipped: dict) -> ViewBatch:
+    def batch(
+        self,
+        positions: np.ndarray,
+        images: list[torch.Tensor],
+        skipped: dict,
+        file_hashes: np.ndarray,
+    ) -> ViewBatch:
         samples = self.samples[positions]
         return ViewBatch(
             samples=torch.from_numpy(samples),
@@ -101,6 +108,7 @@ class Items:
             labels=torch.from_numpy(self.dataset.labels[samples]),
             images=images,
             skipped=skipped,
+            file_hashes=np.asarray(file_hashes, dtype=np.int64).reshape(len(positions)),
         )
 
 

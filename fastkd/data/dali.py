@@ -23,6 +23,7 @@ import torch
 
 from fastkd.data.batches import Items, LoadPlan, Preprocess, ViewBatch, resolve_failures
 from fastkd.data.decoding import decode_rgb
+from fastkd.hashing import content_hash
 
 
 class _EncodedSource:
@@ -36,6 +37,7 @@ class _EncodedSource:
     def __init__(self, items: Items, batches: Sequence[np.ndarray]):
         self.items, self.batches = items, batches
         self.unreadable = set(items.dataset.read_sizes()[1])
+        self.hashes: dict[int, int] = {}  # item position -> content hash of the bytes fed
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         items = self.items
@@ -52,10 +54,17 @@ class _EncodedSource:
     def _encoded(self, position: int) -> np.ndarray:
         if int(self.items.samples[position]) not in self.unreadable:
             try:
-                return np.fromfile(self.items.path(position), dtype=np.uint8)
+                data = np.fromfile(self.items.path(position), dtype=np.uint8)
             except OSError:
                 pass
+            else:
+                self.hashes[int(position)] = content_hash(data.data)
+                return data
         return np.zeros(0, dtype=np.uint8)
+
+    def hashes_of(self, positions: np.ndarray) -> np.ndarray:
+        """The content hashes of the files fed for these items (decoded, so all were read)."""
+        return np.asarray([self.hashes.pop(int(p)) for p in positions], dtype=np.int64)
 
 
 def _build_dali_pipeline(
@@ -173,10 +182,13 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
                 if kept.size:
                     todo, skipped_in_first = [kept, *todo[done + 1 :]], skipped
                 else:  # nothing left to decode in this batch
-                    yield items.batch(kept, _empty_images(preps, device), skipped)
+                    yield items.batch(
+                        kept, _empty_images(preps, device), skipped, np.zeros(0, np.int64)
+                    )
                     todo, skipped_in_first = todo[done + 1 :], {}
                 break
-            yield items.batch(positions, [_to_torch(o, device) for o in outputs], skipped)
+            images = [_to_torch(o, device) for o in outputs]
+            yield items.batch(positions, images, skipped, source.hashes_of(positions))
         else:
             todo = []
         del pipe

@@ -3,7 +3,9 @@
 A data set is an image folder (class subfolders, sorted, as torchvision's ``ImageFolder``) or a
 file list (``relative/path label`` per line). Samples are identified by their key, the path
 relative to the data root; the fingerprint hashes the sorted (key, file size) pairs, so a store
-can refuse a data set that gained, lost, renamed or rewrote a file.
+can refuse, on open, a data set that gained, lost, renamed or resized a file. What it cannot see,
+a file rewritten at the same size, the loaders catch: they hash each file's bytes as they read
+them (``ViewBatch.file_hashes``), and training compares those with the store's.
 
 Its own module because it knows nothing of views or loaders: a store, a dump and a training run
 open data sets, and only the loaders (``fastkd.data.loader``) read their pixels. Reading the

@@ -20,6 +20,7 @@ to give the same pixels here (``tests/test_decoding.py`` checks both against eac
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -51,12 +52,14 @@ def refusal(image: Image.Image) -> str | None:
     return None
 
 
-def decode_rgb(path: Path) -> Image.Image:
+def decode_rgb(path: Path, data: bytes | None = None) -> Image.Image:
     """The file's pixels by the rule: an 8-bit RGB image. ``DatasetError`` naming the file for a
-    refused mode; PIL's own errors for a file it cannot read."""
+    refused mode; PIL's own errors for a file it cannot read. ``data``: the file's bytes, when
+    the caller has read them already (the loaders hash what they read)."""
     from PIL import Image
 
-    with Image.open(path) as image:
+    source = path if data is None else io.BytesIO(data)
+    with Image.open(source) as image:
         try:
             kind = _kind(image)
         except DatasetError as error:
@@ -72,7 +75,7 @@ def decode_rgb(path: Path) -> Image.Image:
                 ink = 255 - ink  # Pillow inverted samples that were stored plain
             paper = (255 - ink[..., :3]) * (255 - ink[..., 3:]) // 255
             return Image.fromarray(paper.astype(np.uint8), "RGB")
-        samples = np.asarray(image) if kind == "grey16" else _png16_samples(path)
+        samples = np.asarray(image) if kind == "grey16" else _png16_samples(source)
     samples = samples.reshape(*samples.shape[:2], -1).astype(np.int64)
     colour = samples[..., :3] if samples.shape[2] >= 3 else samples[..., :1]  # alpha dropped
     eight = (colour * 2 + 257) // 514  # round(v / 257), v in 0..65535
@@ -111,18 +114,22 @@ def _rawmode(image: Image.Image) -> str:
     return args if isinstance(args, str) else image.mode
 
 
-def _png16_samples(path: Path) -> np.ndarray:
+def _png16_samples(path: Path | io.BytesIO) -> np.ndarray:
     """A 16-bit colour PNG's samples, uint16 [H, W, C]. PIL reads their high bytes; read again
     with a rawmode of as many bits that keeps the low ones (the unpackers of little-endian
     16-bit samples keep the second byte, which is big-endian PNG data's low byte)."""
     from PIL import Image
 
+    if isinstance(path, io.BytesIO):
+        path.seek(0)
     with Image.open(path) as image:
         rawmode = _rawmode(image)
         image.tile = [(*image.tile[0][:3], _LOW_BYTES[rawmode])]
         low = np.asarray(image).astype(np.uint16)
     if rawmode == "LA;16B":  # read as raw RGBA bytes: grey high, grey low, alpha high, alpha low
         return (low[..., 0::2] << 8) | low[..., 1::2]
+    if isinstance(path, io.BytesIO):
+        path.seek(0)
     with Image.open(path) as image:
         high = np.asarray(image).astype(np.uint16)
     return (high << 8) | low

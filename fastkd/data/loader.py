@@ -43,6 +43,7 @@ from fastkd.data.dali import dali_batches
 from fastkd.data.datasets import ImageDataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.errors import ConfigError
+from fastkd.hashing import content_hash
 
 Backend = Literal["auto", "dali", "torch"]
 
@@ -116,14 +117,18 @@ def view_loader(
 
 
 def load_view(
-    path: Path, box: Sequence[int], flip: bool, preps: Sequence[Preprocess]
+    path: Path,
+    box: Sequence[int],
+    flip: bool,
+    preps: Sequence[Preprocess],
+    data: bytes | None = None,
 ) -> list[np.ndarray]:
-    """PIL: decode (``decode_rgb``), crop the pixel box, resize per data config, flip: uint8
-    [3, H, W] each."""
+    """PIL: decode (``decode_rgb``; from ``data``, the file's bytes, when given), crop the pixel
+    box, resize per data config, flip: uint8 [3, H, W] each."""
     from PIL import Image
 
     top, left, height, width = (int(v) for v in box)
-    crop = decode_rgb(path).crop((left, top, left + width, top + height))
+    crop = decode_rgb(path, data).crop((left, top, left + width, top + height))
     out = []
     for prep in preps:
         resized = crop.resize((prep.width, prep.height), resample=PIL_RESAMPLE[prep.interpolation])
@@ -157,18 +162,22 @@ class _BatchSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, list[torch.Tensor], dict[int, str]]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray, list[torch.Tensor], dict, np.ndarray]:
         items, positions = self.items, self.batches[index]
         kept: list[int] = []
+        hashes: list[int] = []
         planes: list[list[np.ndarray]] = [[] for _ in self.preps]
         failed: dict[int, str] = {}
         for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
+            path = items.path(position)
             try:
-                views = load_view(items.path(position), box, items.flips[position], self.preps)
+                data = path.read_bytes()  # read once: hashed, then decoded from memory
+                views = load_view(path, box, items.flips[position], self.preps, data)
             except Exception as error:  # PIL raises many types for bad files
                 failed[int(position)] = f"{type(error).__name__}: {error}"
                 continue
             kept.append(int(position))
+            hashes.append(content_hash(data))
             for plane, image in zip(planes, views, strict=True):
                 plane.append(image)
         images = [
@@ -177,7 +186,7 @@ class _BatchSource(torch.utils.data.Dataset):
             else torch.empty(0, 3, prep.height, prep.width, dtype=torch.uint8)
             for plane, prep in zip(planes, self.preps, strict=True)
         ]
-        return np.asarray(kept, dtype=np.int64), images, failed
+        return np.asarray(kept, dtype=np.int64), images, failed, np.asarray(hashes, np.int64)
 
 
 def _as_loaded(batch: Any) -> Any:
@@ -196,10 +205,10 @@ def _torch_batches(plan: LoadPlan, num_workers: int) -> Iterator[ViewBatch]:
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers else None,
     )
-    for kept, images, failed in loader:
+    for kept, images, failed, hashes in loader:
         skipped = resolve_failures(items, failed, plan.on_bad_image)
         images = [
             _normalize(batch.to(device, non_blocking=True), prep)
             for batch, prep in zip(images, preps, strict=True)
         ]
-        yield items.batch(kept, images, skipped)
+        yield items.batch(kept, images, skipped, hashes)

@@ -40,6 +40,7 @@ def shared_arrays(num_samples: int, views: int) -> dict[str, tuple[tuple[int, ..
         "boxes": ((n, v, 4), None),
         "flips": ((n, v), bool),
         "skipped": ((n,), bool),
+        "file_hashes": ((n,), np.int64),
     }
 
 
@@ -121,6 +122,7 @@ def create_store(
     _create_sharded(group, "boxes", shared["boxes"][0], box_dtype, layout)
     _create_sharded(group, "flips", *shared["flips"], layout, fill_value=False)
     _create_sharded(group, "skipped", *shared["skipped"], layout, fill_value=False)
+    _create_sharded(group, "file_hashes", *shared["file_hashes"], layout)
     write_sample_rows(group, manifest, 0, n, keys, labels, sizes)
     models = group.create_group("models")
     for entry in manifest.models:

@@ -16,22 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import xxhash
 import zarr
 
 from fastkd.errors import StoreError
+from fastkd.hashing import content_hash
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, hashed_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
 
 
 def digest(values: np.ndarray) -> int:
-    """xxh3-64 of a block's decoded values (strings: their UTF-8, one per line), as int64 so it
-    fits the store's signed array."""
+    """The content hash of a block's decoded values (strings: their UTF-8, one per line)."""
     if values.dtype.kind in "OUT":
-        data = "\n".join(str(v) for v in values.tolist()).encode()
-    else:
-        data = np.ascontiguousarray(values).view(np.uint8).data
-    return int(np.uint64(xxhash.xxh3_64_intdigest(data)).view(np.int64))
+        return content_hash("\n".join(str(v) for v in values.tolist()).encode())
+    return content_hash(np.ascontiguousarray(values).view(np.uint8).data)
 
 
 def shard_file(store: Path, array: zarr.Array, block: int) -> Path:

@@ -207,6 +207,7 @@ class StoreReader:
         self.labels: np.ndarray = self._group["labels"][:]
         self.sizes: np.ndarray = self._group["sizes"][:]
         self.skipped: np.ndarray = self._group["skipped"][:]
+        self.file_hashes: np.ndarray = self._group["file_hashes"][:]  # 0: not recorded
         self._check_whole_arrays()
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
@@ -215,7 +216,7 @@ class StoreReader:
     def _check_whole_arrays(self) -> None:
         """The arrays read whole on open, against their block hashes (done blocks)."""
         block = self.layout.samples_per_shard
-        for name in ("labels", "sizes", "skipped"):
+        for name in ("labels", "sizes", "skipped", "file_hashes"):
             values, hashes = getattr(self, name), self._hashes[name]
             for b in np.flatnonzero(self._done).tolist():
                 if digest(values[b * block : (b + 1) * block]) != hashes[b]:

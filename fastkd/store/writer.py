@@ -24,6 +24,7 @@ import zarr
 
 from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
 from fastkd.files import write_json
+from fastkd.hashing import UNRECORDED
 from fastkd.store.arrays import (
     BLOCK_HASHES,
     DONE_ARRAY,
@@ -156,12 +157,15 @@ class StoreWriter:
         block: int,
         logits: Mapping[str, np.ndarray | torch.Tensor],
         skipped: np.ndarray | Sequence[int] | None = None,
+        file_hashes: np.ndarray | None = None,
     ) -> None:
-        """Encode and write one block, then mark it done.
+        """Encode and write one block, then its content hashes, then mark it done.
 
         logits: every model's full logits [n, V, C] for the block's samples (``block_range``), in
         sample order. skipped: offsets within the block of samples whose image could not be read
         (their rows are written as zeros, whatever the logits, and flagged in ``skipped``).
+        file_hashes: int64 [n], the content hash of each sample's file as the dump read it
+        (``fastkd.hashing``; 0 where not recorded), which training compares with what it reads.
         """
         if self._lost_claim or not self._claim.exists():
             raise StoreBusyError(
@@ -187,6 +191,9 @@ class StoreWriter:
                     f"block {block}, model {entry.name!r}: logits of shape {shape}, expected {want}"
                 )
         flags = np.zeros(stop - start, dtype=bool)
+        hashes = np.zeros(stop - start, dtype=np.int64)
+        if file_hashes is not None:
+            hashes[:] = np.asarray(file_hashes, dtype=np.int64).reshape(stop - start)
         if skipped is not None:
             offsets = np.asarray(skipped, dtype=np.int64).reshape(-1)
             if offsets.size and (offsets.min() < 0 or offsets.max() >= stop - start):
@@ -217,9 +224,13 @@ class StoreWriter:
                 values[flags] = 0  # a skipped sample's rows hold no targets (zeros, as unwritten)
                 encoded_models.append(np.asarray(values, dtype=member[name].dtype))
                 member[name][start:stop] = values
-        self._group["skipped"][start:stop] = flags
+        hashes[flags] = UNRECORDED
+        written = {"skipped": flags, "file_hashes": hashes}
+        for name, values in written.items():
+            self._group[name][start:stop] = values
         shared = [
-            flags if name == "skipped" else self._group[name][start:stop] for name in SHARED_ARRAYS
+            written[name] if name in written else self._group[name][start:stop]
+            for name in SHARED_ARRAYS
         ]
         self._group[BLOCK_HASHES][block] = [digest(v) for v in shared + encoded_models]
         self._done[block] = 1

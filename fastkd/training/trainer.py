@@ -32,9 +32,10 @@ from rich.progress import Progress, TaskID, TextColumn
 from torch import Tensor
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import ConfigError, RunExistsError, StoreMismatchError
+from fastkd.errors import ConfigError, DatasetError, RunExistsError, StoreMismatchError
 from fastkd.evaluation import transfer_from_checkpoints
 from fastkd.files import sweep_temp_files, write_json
+from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
 from fastkd.metrics import TransferReport
 from fastkd.models import ModelSpec, file_sha256, parse_pool, save_checkpoint
@@ -228,6 +229,8 @@ class Trainer:
                     f"the view loader returned other rows than planned at step {step} of "
                     f"epoch {plan.epoch + 1} (expected samples {samples[:4].tolist()}...)"
                 )
+            if self.reader is not None:
+                self._check_files(samples, view_batch.file_hashes)
             yield Batch(
                 samples=samples,
                 views=plan.views[rows[step]],
@@ -235,6 +238,19 @@ class Trainer:
                 images=view_batch.images,
                 global_rows=plan.global_rows[step],
                 targets=step_targets,
+            )
+
+    def _check_files(self, samples: np.ndarray, read: np.ndarray) -> None:
+        """The files just read must be the ones the dump read: their content hashes against
+        the store's (the data fingerprint sees only names and sizes). One compare per step."""
+        stored = self.reader.file_hashes[samples]
+        changed = (stored != UNRECORDED) & (stored != read)
+        if changed.any():
+            names = sorted({str(self.dataset.path(int(s))) for s in samples[changed]})
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise DatasetError(
+                f"{len(names)} image(s) changed since the dump of {self.reader.path} (same name "
+                f"and size, other content): {shown}; restore them, or dump again with --overwrite"
             )
 
     def loss(self, batch: Batch, scale: float = 1.0) -> tuple[Tensor, KDStats | None, list[Tensor]]:
