@@ -10,7 +10,9 @@ Each class also derives from the builtin a caller would expect (``ValueError`` f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import builtins
+import errno
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 USER_ERROR_EXIT = 2  # the exit code of every command on bad input (as click's usage errors)
@@ -71,3 +73,46 @@ class StoreBusyError(StoreError):
 
 class NonFiniteError(FastKDError, FloatingPointError):
     """A NaN or inf stopped training; the message names the step and the samples."""
+
+
+class WeightsUnavailableError(FastKDError, RuntimeError):
+    """timm's pretrained weights for a model cannot be had (no network, no such weights)."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; quota exceeded
+_GROUPS = getattr(builtins, "BaseExceptionGroup", ())  # Python >= 3.11
+
+
+def find_cause(
+    error: BaseException,
+    types: type[BaseException] | tuple[type[BaseException], ...],
+    where: Callable[[BaseException], bool] | None = None,
+) -> BaseException | None:
+    """The first exception of ``types`` (and for which ``where`` holds) in ``error``, what it was
+    raised from or while handling (as a traceback shows them) and the members of exception
+    groups, outermost first.
+
+    Libraries re-raise a user's error as their own (``torch.save`` on a full disk raises a
+    RuntimeError over the OSError; task groups raise ExceptionGroups): it is still the user's.
+    """
+    queue: list[BaseException] = [error]
+    seen: set[int] = set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, types) and (where is None or where(current)):
+            return current
+        if isinstance(current, _GROUPS):
+            queue.extend(current.exceptions)
+        if current.__cause__ is not None:
+            queue.append(current.__cause__)
+        elif current.__context__ is not None and not current.__suppress_context__:
+            queue.append(current.__context__)
+    return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is an OSError saying the disk (or the user's quota) is full."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,13 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
-from fastkd.errors import CheckpointError, ConfigError
+from fastkd.errors import (
+    CheckpointError,
+    ConfigError,
+    WeightsUnavailableError,
+    find_cause,
+    is_disk_full,
+)
 from fastkd.files import atomic_torch_save
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
@@ -231,6 +238,42 @@ def _check_fits(
         )
 
 
+def _create_pretrained(spec: ModelSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    """timm's model with its pretrained weights. A failed download (the hub's and urllib's
+    OSErrors: no network) or weights timm does not have become one ``WeightsUnavailableError``
+    saying what to pass instead; a full disk stays the OSError it is (the CLI names the path)."""
+    try:
+        return timm.create_model(spec.arch, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as error:
+        if find_cause(error, OSError, is_disk_full) is not None:
+            raise
+        if isinstance(error, OSError):
+            raise WeightsUnavailableError(
+                f"model {spec.name!r}: timm's pretrained weights for {spec.arch!r} could not be "
+                f"downloaded ({_root_cause(error)}). Without network, give a local weights file "
+                f"instead, {spec.arch}=CKPT (a fastkd, timm or plain state-dict checkpoint), or "
+                "copy a Hugging Face cache that holds them (HF_HOME) from a machine with network"
+            ) from error
+        raise WeightsUnavailableError(  # timm has no such weights, or they do not fit
+            f"model {spec.name!r}: timm cannot load pretrained weights for {spec.arch!r} "
+            f"({_root_cause(error)}). Give a weights file, {spec.arch}=CKPT, or start a student "
+            "from a random init (--from-scratch)"
+        ) from error
+
+
+def _root_cause(error: BaseException) -> str:
+    """The innermost error of a chain on one line, without timm's Python-keyword advice (the
+    message says what to do on the command line)."""
+    for _ in range(16):  # a chain is short; a cycle must not hang
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    text = re.sub(r"\s*Use `pretrained=False`.*", "", lines[0] if lines else "")
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_model(
     spec: ModelSpec,
     *,
@@ -252,13 +295,10 @@ def load_model(
     if spec.checkpoint is None:
         if num_classes is not None:
             kwargs["num_classes"] = num_classes
-        try:
-            model = timm.create_model(spec.arch, pretrained=pretrained, **kwargs)
-        except (OSError, RuntimeError) as error:
-            raise RuntimeError(
-                f"model {spec.name!r}: cannot create {spec.arch!r} with pretrained weights "
-                f"(offline? give a checkpoint file: {spec.arch}=CKPT): {error}"
-            ) from error
+        if pretrained:
+            model = _create_pretrained(spec, kwargs)
+        else:
+            model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         data_config = resolve_model_data_config(model)
         sha256 = state_dict_sha256(model)
     else:
