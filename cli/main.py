@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 from fastkd.cli import bench_cmd, demo_cmd, dump_cmd, inspect_cmd, train_cmd
@@ -14,8 +16,25 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
-    pretty_exceptions_show_locals=False,
+    # Bad input is one line on stderr (cli.guard); a bug's traceback, and every traceback with
+    # --debug, is Python's own: complete and short enough to paste into an issue.
+    pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug",
+            help="On an error, show the full Python traceback instead of the one-line message "
+            "(for bug reports). Goes before the command: fastkd --debug dump ...",
+        ),
+    ] = False,
+) -> None:
+    """The options of every command (the guard reads --debug from the root context)."""
+
 
 for _module in (dump_cmd, inspect_cmd, train_cmd, demo_cmd, bench_cmd):
     _module.register(app)
