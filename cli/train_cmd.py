@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fastkd.cli import options
 from fastkd.cli.augment_options import with_view_options
@@ -105,8 +107,14 @@ def train_command(
     ] = True,
     seed: int = 0,
     views: Annotated[
-        int, typer.Option(min=1, help="Without a store: views per sample (view 0 = eval view).")
-    ] = 1,
+        int | None,
+        typer.Option(
+            min=1,
+            help="Without a store: views per sample (view 0 = eval view; default 1). Not with "
+            "--store: a store has the views it was dumped with.",
+            show_default=False,
+        ),
+    ] = None,
     from_scratch: Annotated[
         bool, typer.Option(help="A student without CKPT starts from a random init.")
     ] = False,
@@ -145,43 +153,51 @@ def train_command(
     console = Console()
     if train_every_member and (student is not None or joint):
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
-    cfg = TrainConfig(
-        data=data,
-        data_root=data_root,
-        student=student,
-        store=store,
-        models=tuple(model or ()),
-        members=tuple(member or ()),
-        teachers=teachers,
-        mode=mode,
-        partition_score=partition_score,
-        joint=joint,
-        epochs=epochs,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        lr=lr,
-        weight_decay=weight_decay,
-        momentum=momentum,
-        lr_schedule=lr_schedule,
-        temperature=temperature,
-        kd_weight=kd_weight,
-        ce_weight=ce_weight,
-        stop_grad=stop_grad,
-        seed=seed,
-        views=views,
-        augment=augment,
-        pretrained=not from_scratch,
-        input_size=input_size,
-        val_data=val_data,
-        eval_data=eval_data,
-        out_dir=out,
-        resume=resume,
-        device=device,
-        amp=amp,
-        backend=backend,
-        num_workers=workers,
-        progress=progress,
-    )
+    refused = _views_with_store(views, store)
+    try:
+        cfg = TrainConfig(
+            data=data,
+            data_root=data_root,
+            student=student,
+            store=store,
+            models=tuple(model or ()),
+            members=tuple(member or ()),
+            teachers=teachers,
+            mode=mode,
+            partition_score=partition_score,
+            joint=joint,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr_schedule=lr_schedule,
+            temperature=temperature,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            stop_grad=stop_grad,
+            seed=seed,
+            views=1 if views is None or refused else views,
+            augment=augment,
+            pretrained=not from_scratch,
+            input_size=input_size,
+            val_data=val_data,
+            eval_data=eval_data,
+            out_dir=out,
+            resume=resume,
+            device=device,
+            amp=amp,
+            backend=backend,
+            num_workers=workers,
+            progress=progress,
+        )
+    except ConfigError as error:
+        if refused is None:
+            raise
+        raise ConfigError(f"{error}; {refused}") from None  # every problem in one message
+    if refused is not None:
+        raise ConfigError(f"invalid training configuration: {refused}")
     if train_every_member:
         pool = train_all(cfg)
         runs, report = pool.runs, pool.report
@@ -191,12 +207,24 @@ def train_command(
     _print_runs(console, runs)
     if report is not None:
         console.print(report.table())
-        console.print(f"report: {out / 'report.json'}, {out / 'report.png'}")
+        console.print(escape(f"report: {out / 'report.json'}, {out / 'report.png'}"))
+
+
+def _views_with_store(views: int | None, store: Path | None) -> str | None:
+    """Why --views cannot go with --store (None when it is not given with one): the store's
+    views are the ones it was dumped with, so even --views 1 would be ignored."""
+    if views is None or store is None:
+        return None
+    return (
+        f"--views {views} with --store: a store has the views it was dumped with "
+        "(`fastkd dump --views`); leave out --views"
+    )
 
 
 def _print_runs(console: Console, runs: dict[str, TrainResult]) -> None:
+    """One line per trained model; names and paths as ``Text``, so no bracket is read as markup."""
     for name, run in runs.items():
-        console.print(f"[bold]{name}[/bold]: selected weights {run.checkpoints[name]}")
+        console.print(Text.assemble((name, "bold"), f": selected weights {run.checkpoints[name]}"))
 
 
 def eval_command(
@@ -236,19 +264,20 @@ def eval_command(
         console.print(report.table())
         if out is not None:
             paths = report.save(out)
-            console.print(f"report: {paths[0]}, {paths[1]}")
+            console.print(escape(f"report: {paths[0]}, {paths[1]}"))
         return
     dataset = open_dataset(data)
     predictions = predict_checkpoints(
         dataset, after, batch_size=batch_size, device=device, backend=backend
     )
     top1 = {name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()}
-    table = Table(title=f"Top-1 on {len(dataset)} samples of {data}")
+    table = Table(title=escape(f"Top-1 on {len(dataset)} samples of {data}"))
     table.add_column("model")
     table.add_column("checkpoint")
     table.add_column("top-1 (%)", justify="right")
     for spec in after:
-        table.add_row(spec.name, str(spec.checkpoint or spec.arch), f"{top1[spec.name]:.2f}")
+        where = str(spec.checkpoint or spec.arch)
+        table.add_row(escape(spec.name), escape(where), f"{top1[spec.name]:.2f}")
     console.print(table)
     if out is not None:
         write_json(out.with_suffix(".json"), {"num_samples": len(dataset), "top1": top1})
