@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -35,7 +36,7 @@ def _render(summary: StoreSummary, console: Console) -> None:
         f"fingerprint {m.fingerprint}\n"
         f"blocks {summary.blocks_done}/{layout.num_blocks} done ({state}), "
         f"{layout.samples_per_shard} samples per shard, {summary.num_files} files; "
-        f"augment {m.augment}"
+        f"augment {escape(str(m.augment))}"
     )
     models = Table(title="Pool")
     for column in ("model", "arch", "checkpoint sha256", "classes", "stored", "input", "B/view"):
@@ -43,8 +44,8 @@ def _render(summary: StoreSummary, console: Console) -> None:
     for entry in m.models:
         config = entry.data_config
         models.add_row(
-            entry.name,
-            entry.arch,
+            Text(entry.name),
+            Text(entry.arch),
             (entry.checkpoint_sha256 or "-")[:16],
             str(entry.num_classes),
             _stored(entry),
@@ -59,7 +60,7 @@ def _render(summary: StoreSummary, console: Console) -> None:
     rows = m.num_samples * m.views
     for a in summary.arrays:
         arrays.add_row(
-            a.path,
+            Text(a.path),
             " x ".join(map(str, a.shape)),
             a.dtype,
             _size(a.nbytes) if a.nbytes else "-",
@@ -75,9 +76,8 @@ def _render(summary: StoreSummary, console: Console) -> None:
     if summary.skipped:
         shown = ", ".join(summary.skipped[:10])
         more = f" and {len(summary.skipped) - 10} more" if len(summary.skipped) > 10 else ""
-        console.print(
-            f"[yellow]{len(summary.skipped)} skipped (unreadable) samples:[/yellow] {shown}{more}"
-        )
+        message = Text(f"{len(summary.skipped)} skipped (unreadable) samples:", style="yellow")
+        console.print(message.append(f" {shown}{more}", style="default"))
 
 
 def inspect(

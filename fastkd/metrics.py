@@ -276,6 +276,7 @@ class TransferReport:
         """A rich table: one row per model; per teacher its positive flips before -> after and
         both transfer rates (per sample | per class, Roth et al.'s code)."""
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(
             title=self._title(),
@@ -289,20 +290,23 @@ class TransferReport:
         table.add_column("teacher: flips before -> after, rate per sample | per class")
         for m in self.models:
             colour = "green" if m.delta > 0 else "red" if m.delta < 0 else "white"
-            flips = "\n".join(
-                f"{other} {m.positive_flips[other]:.1f} -> {m.positive_flips_after[other]:.1f}, "
-                f"{_format_rate(m.transfer_rate_per_sample[other])} | "
-                f"{_format_rate(m.transfer_rate_per_class[other])}"
+            flips = Text("\n").join(  # Text: a model named "[effnet]" stays "[effnet]"
+                Text(
+                    f"{other} {m.positive_flips[other]:.1f} -> "
+                    f"{m.positive_flips_after[other]:.1f}, "
+                    f"{_format_rate(m.transfer_rate_per_sample[other])} | "
+                    f"{_format_rate(m.transfer_rate_per_class[other])}"
+                )
                 for other in m.positive_flips
             )
             table.add_row(
-                m.name,
+                Text(m.name),
                 f"{m.top1_before:.2f}",
                 f"{m.top1_after:.2f}",
                 f"[{colour}]{m.delta:+.2f}[/{colour}]",
                 f"{m.knowledge_gain:.2f}",
                 f"{m.knowledge_loss:.2f}",
-                flips or "-",
+                flips if m.positive_flips else "-",
             )
         return table
 

@@ -176,7 +176,7 @@ def progress_bar(unit: str, *fields: ProgressColumn, enabled: bool = True) -> Pr
     on a terminal, where a redrawn bar would only fill a log file."""
     console = Console(stderr=True)
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # names as given
         BarColumn(),
         MofNCompleteColumn(),
         RateColumn(unit),

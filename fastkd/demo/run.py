@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from fastkd.data import open_dataset
 from fastkd.demo.config import ARMS, IMAGE_SIZE, PREDICTIONS_FILE, Arm, DemoConfig, DemoLayout
@@ -250,5 +251,5 @@ def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> De
     console.rule("[bold]report")
     report.print(console)
     paths = report.save(cfg.out_dir)
-    console.print(f"report: {paths['json']}, {paths['plot']}, {paths['table']}")
+    console.print(Text(f"report: {paths['json']}, {paths['plot']}, {paths['table']}"))
     return report

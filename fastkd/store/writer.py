@@ -257,7 +257,10 @@ class StoreWriter:
                 return
             if holder is not None:
                 holder.heartbeat = time.time()
-                write_json(self._claim, asdict(holder), indent=None)
+                try:
+                    write_json(self._claim, asdict(holder), indent=None)
+                except OSError:  # a full disk, say: the writer reports it; beat again next time
+                    continue
 
     def close(self) -> None:
         """Release the claim; if every block is done, record the store as complete."""
@@ -320,7 +323,7 @@ def _create_or_check(
             raise StoreMismatchError(
                 path,
                 problems,
-                "refusing to resume into it; pass overwrite=True (--overwrite) to replace it, "
+                "refusing to resume into it; pass --overwrite (overwrite=True) to replace it, "
                 "or write to another path",
             )
         live = [h for h in claims(meta) if h.is_live()]

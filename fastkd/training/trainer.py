@@ -329,7 +329,7 @@ class Trainer:
         state_path = self.out_dir / STATE_FILE
         if state_path.exists() and not cfg.resume:
             raise RunExistsError(
-                f"{state_path} exists: resume that run (--resume) or choose another out_dir"
+                f"{state_path} exists: resume that run (--resume) or choose another --out"
             )
         if self.dist.is_main:  # a kill during a save left these behind; this run owns the folder
             for name in (STATE_FILE, *(f"{m.name}.pt" for m in self.learners)):
@@ -354,7 +354,7 @@ class Trainer:
                 self.history.append(record)
                 self._select_and_checkpoint(record)
                 if self.dist.is_main:
-                    progress.console.log(describe_epoch(record, cfg.epochs))
+                    progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
         report = self.transfer_report(checkpoints) if cfg.report and self.dist.is_main else None
         self._barrier()
