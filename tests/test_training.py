@@ -153,7 +153,7 @@ def test_plain_mode_and_confidence_score_with_live_teachers(pool, tmp_path):
 
 
 def test_joint_refuses_the_confidence_score(pool, tmp_path):
-    with pytest.raises(ValueError, match="partition_score: joint Bi-KD"):
+    with pytest.raises(ValueError, match="--partition-score: joint Bi-KD"):
         config(pool, tmp_path, joint=True, partition_score="confidence")
 
 
@@ -436,11 +436,11 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("temperature", float("inf"), "temperature must be positive and finite"),
-        ("kd_weight", float("nan"), "kd_weight must be finite and >= 0"),
-        ("kd_weight", -1.0, "kd_weight must be finite and >= 0"),
-        ("ce_weight", float("inf"), "ce_weight must be finite and >= 0"),
-        ("lr", float("inf"), "lr must be finite"),
+        ("temperature", float("inf"), "--temperature must be positive and finite"),
+        ("kd_weight", float("nan"), "--kd-weight must be finite and >= 0"),
+        ("kd_weight", -1.0, "--kd-weight must be finite and >= 0"),
+        ("ce_weight", float("inf"), "--ce-weight must be finite and >= 0"),
+        ("lr", float("inf"), "--lr must be finite"),
     ],
 )
 def test_hyper_parameters_are_checked_before_training(tmp_path, field, value, message):
@@ -453,7 +453,7 @@ def test_cli_refuses_a_negative_kd_weight_naming_it(pool, tmp_path):
     args += ["--student", pool.specs["s"], "--kd-weight", "-1", "--out", str(tmp_path / "r")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "kd_weight must be finite and >= 0, got -1.0" in result.output
+    assert "--kd-weight must be finite and >= 0, got -1.0" in result.output
 
 
 def test_a_run_sweeps_the_temp_files_a_killed_save_left_and_writes_with_the_umask(pool, tmp_path):

@@ -95,38 +95,40 @@ class TrainConfig:
                 setattr(self, name, kind(getattr(self, name)))
             except ValueError:
                 choices = [member.value for member in kind]
-                problems.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+                problems.append(
+                    f"{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
+                )
         if self.epochs < 1 or self.batch_size < 1 or self.views < 1:
             problems.append(
-                f"epochs, batch_size and views must be >= 1, got "
+                f"--epochs, --batch-size and --views must be >= 1, got "
                 f"{self.epochs}, {self.batch_size}, {self.views}"
             )
         if self.optimizer not in DEFAULT_LR:
             problems.append(
-                f"optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}"
+                f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}"
             )
         if self.lr_schedule not in ("constant", "cosine"):
-            problems.append(f"lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+            problems.append(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:
-            problems.append(f"lr must be positive, got {self.lr}")
+            problems.append(f"--lr must be positive, got {self.lr}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            problems.append(f"temperature must be positive and finite, got {self.temperature}")
+            problems.append(f"--temperature must be positive and finite, got {self.temperature}")
         for name in ("kd_weight", "ce_weight", "weight_decay", "momentum"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                problems.append(f"{name} must be finite and >= 0, got {value}")
+                problems.append(f"{_flag(name)} must be finite and >= 0, got {value}")
         if self.lr is not None and not math.isfinite(self.lr):
-            problems.append(f"lr must be finite, got {self.lr}")
+            problems.append(f"--lr must be finite, got {self.lr}")
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
         if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:
             problems.append(
-                "partition_score: plain KD has no partition (the teachers' mixture teaches every "
+                "--partition-score: plain KD has no partition (the teachers' mixture teaches every "
                 "row); --partition-score applies to --mode live, fixed and best"
             )
         if self.joint and self.partition_score == PartitionScore.CONFIDENCE:
             problems.append(
-                "partition_score: joint Bi-KD compares p(y) (the bidirectional kernel); "
+                "--partition-score: joint Bi-KD compares p(y) (the bidirectional kernel); "
                 "--partition-score confidence is for --mode live|fixed|best"
             )
         if self.teachers == Teachers.OFFLINE and not self.joint and self.store is None:
@@ -135,12 +137,12 @@ class TrainConfig:
             problems.append("live teachers need the pool's checkpoints (--model NAME=CKPT)")
         if self.store is not None and self.augment != AugmentConfig():
             problems.append(
-                "augment: the views of a store are the ones it was dumped with: leave out the "
+                "view augmentation: the views of a store are the ones it was dumped with: leave out the "
                 "view augmentation options with a store (set them on `fastkd dump`)"
             )
         if self.store is not None and self.views != 1:
             problems.append(
-                f"views: a store has its own views (its manifest's), got views={self.views}"
+                f"--views: a store has its own views (its manifest's), got --views {self.views}"
             )
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))
@@ -157,3 +159,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: paths as strings, enums as values."""
         return plain(asdict(self))
+
+
+def _flag(field_name: str) -> str:
+    """The ``fastkd train`` option of a config field, as messages name it."""
+    return "--" + field_name.replace("_", "-")
