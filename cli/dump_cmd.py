@@ -101,9 +101,10 @@ def dump(
     repair: Annotated[
         bool,
         typer.Option(
-            help="Check every written block of the store against the content hashes recorded "
-            "when it was written, and rewrite exactly the damaged ones (a deleted, truncated or "
-            "altered shard file; `fastkd inspect --verify` lists them).",
+            help="Check this part's written blocks (every block without --part) against the "
+            "content hashes recorded when they were written, and re-read their image files: "
+            "rewrite exactly the blocks that are damaged (a deleted, truncated or altered shard "
+            "file; `fastkd inspect --verify` lists them) or were made from files changed since.",
         ),
     ] = False,
     on_bad_image: Annotated[

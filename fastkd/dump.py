@@ -27,6 +27,7 @@ from fastkd.data import (
     ImageDataset,
     OnBadImage,
     ViewBatch,
+    content_hashes,
     open_dataset,
     view_loader,
 )
@@ -226,13 +227,15 @@ class _BlockBuffer:
         offsets = batch.samples.numpy() - self.start
         seen = self.file_hashes[offsets]
         changed = (seen != UNRECORDED) & (seen != batch.file_hashes)
+        self.file_hashes[offsets] = batch.file_hashes
+        # views of one sample in this batch: each must have read what the last one did
+        changed |= self.file_hashes[offsets] != batch.file_hashes
         if changed.any():
             sample = int(batch.samples[np.flatnonzero(changed)[0]])
             raise DatasetError(
                 f"image {self.dataset.path(sample)} (sample {sample}) changed while the dump read "
                 "it: its views saw different bytes; run the dump again once the data is stable"
             )
-        self.file_hashes[offsets] = batch.file_hashes
         device = next(iter(self.logits.values())).device
         rows, views = (batch.samples - self.start).to(device), batch.views.to(device)
         for member, images in zip(pool, batch.images, strict=True):
@@ -273,7 +276,7 @@ def run_dump(cfg: DumpConfig) -> Path:
         part=part,
     ) as writer:
         if cfg.repair:
-            _mark_damaged_blocks(writer, cfg)
+            _mark_damaged_blocks(writer, cfg, dataset)
         pending = writer.pending_blocks()
         done = len(range(part[0], writer.num_blocks, part[1])) - len(pending)
         log.info(
@@ -300,17 +303,41 @@ def run_dump(cfg: DumpConfig) -> Path:
     return cfg.out
 
 
-def _mark_damaged_blocks(writer: StoreWriter, cfg: DumpConfig) -> None:
-    """``--repair``: check every done block of this writer's part and drop the markers of the
-    damaged ones, so the dump rewrites exactly those."""
+def _mark_damaged_blocks(writer: StoreWriter, cfg: DumpConfig, dataset: ImageDataset) -> None:
+    """``--repair``: check every done block of this writer's part, its stored bytes and the
+    files it was made from, and drop the markers of the damaged or outdated ones, so the dump
+    rewrites exactly those."""
     i, n = writer.part
-    done = set(range(i, writer.num_blocks, n)) - set(writer.pending_blocks())
-    bad = check_store(cfg.out, sorted(done), progress=cfg.progress)
+    done = sorted(set(range(i, writer.num_blocks, n)) - set(writer.pending_blocks()))
+    bad = check_store(cfg.out, done, progress=cfg.progress)
     for problem in bad:
         log.warning("damaged: %s", problem.describe())
-    blocks = sorted({problem.block for problem in bad})
-    log.info("repair: %d of %d written blocks damaged %s", len(blocks), len(done), blocks)
-    writer.rewrite(blocks)
+    blocks = {problem.block for problem in bad}
+    outdated = _blocks_with_changed_files(writer, dataset, [b for b in done if b not in blocks])
+    log.info(
+        "repair: %d of %d written blocks damaged %s, %d made from files changed since %s",
+        len(blocks), len(done), sorted(blocks), len(outdated), outdated,
+    )  # fmt: skip
+    writer.rewrite(sorted(blocks | set(outdated)))
+
+
+def _blocks_with_changed_files(
+    writer: StoreWriter, dataset: ImageDataset, blocks: list[int]
+) -> list[int]:
+    """The blocks (of intact ones) whose files' content now differs from what the dump read
+    (an extra read of every file of those blocks: ``--repair`` only)."""
+    outdated = []
+    for block in blocks:
+        start, _ = writer.block_range(block)
+        recorded = writer.file_hashes(block)
+        samples = [start + int(s) for s in np.flatnonzero(recorded != UNRECORDED)]
+        now = content_hashes(dataset, samples)
+        changed = [s for s, h in zip(samples, now, strict=True) if h != recorded[s - start]]
+        for sample in changed:
+            log.warning("changed since the dump: %s (block %d)", dataset.path(sample), block)
+        if changed:
+            outdated.append(block)
+    return outdated
 
 
 def _block_of(batch: ViewBatch, samples_per_block: int) -> int:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ import pytest
 import timm
 import torch
 import zarr
+from file_edits import same_size_other_png
 from reference_views import reference_inputs
 from typer.testing import CliRunner
 
@@ -54,7 +56,8 @@ def dump_args(data: Path, pool: list[PoolMember], out: Path, *extra: str) -> lis
 
 def run_cli(args: list[str], expect_code: int = 0) -> str:
     result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # no line wrapping
-    assert result.exit_code == expect_code, result.output + repr(result.exception)
+    trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+    assert result.exit_code == expect_code, result.output + trace
     return result.output
 
 
@@ -399,17 +402,81 @@ def test_damaged_blocks_are_listed_and_repaired_exactly(
     assert "verified" in run_cli(["inspect", str(store), "--verify", "--no-progress"])
 
 
+@pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_the_store_records_each_file_content_hash_as_read(
-    torch_store: Path, dali_store: Path, digits_small: Path
+    backend: str, request: pytest.FixtureRequest, digits_small: Path
 ) -> None:
     """Both loaders hash the bytes they decode: the store's file_hashes are xxh3-64 of each
     file, computed here by xxhash directly from the files."""
     import xxhash
 
-    for store in (torch_store, dali_store):
-        arrays = plain_arrays(store)
-        expected = [
-            np.uint64(xxhash.xxh3_64_intdigest((digits_small / key).read_bytes())).view(np.int64)
-            for key in arrays["keys"]
-        ]
-        np.testing.assert_array_equal(arrays["file_hashes"], np.array(expected), err_msg=str(store))
+    arrays = plain_arrays(request.getfixturevalue(f"{backend}_store"))
+    expected = [
+        np.uint64(xxhash.xxh3_64_intdigest((digits_small / key).read_bytes())).view(np.int64)
+        for key in arrays["keys"]
+    ]
+    np.testing.assert_array_equal(arrays["file_hashes"], np.array(expected))
+
+
+def test_repair_by_part_restores_labels_lost_hashes_and_changed_files(
+    torch_store: Path, digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    """--repair --part i/n rewrites only its part's bad blocks: a damaged labels shard (block 1),
+    a lost hash row (block 4, named by its own file) and, in part 0, a block made from an image
+    changed since the dump (block 6)."""
+    import xxhash
+
+    from fastkd.store.integrity import shard_file
+
+    data = tmp_path / "data"
+    shutil.copytree(digits_small, data)
+    store = tmp_path / "store.zarr"
+    shutil.copytree(torch_store, store)
+    group = zarr.open_group(store, mode="r")
+    labels = shard_file(store, group["labels"], 1)
+    labels.write_bytes(labels.read_bytes()[:-9])  # truncated
+    hashes = shard_file(store, group["block_hashes"], 4)
+    hashes.unlink()
+    key = str(group["keys"][50])  # block 6 (samples 48-55)
+    changed = data / key
+    changed.write_bytes(same_size_other_png(changed))  # the fingerprint cannot see it
+
+    out = run_cli(["inspect", str(store), "--verify", "--no-progress"], expect_code=2)
+    assert f"labels, block 1 (samples 8-15), file {labels}: cannot be decoded" in out
+    assert (
+        f"block_hashes, block 4 (samples 32-39), file {hashes}: the block's hashes are lost" in out
+    )
+
+    run_cli(dump_args(data, digit_pool, store, "--backend", "torch", "--repair", "--part", "0/2"))
+    bad = run_cli(["inspect", str(store), "--verify", "--no-progress"], expect_code=2)
+    assert "labels, block 1" in bad and "block_hashes" not in bad  # part 1's is left for part 1
+    stored = zarr.open_group(store, mode="r")["file_hashes"][50]
+    assert stored == np.uint64(xxhash.xxh3_64_intdigest(changed.read_bytes())).view(np.int64)
+    run_cli(dump_args(data, digit_pool, store, "--backend", "torch", "--repair", "--part", "1/2"))
+    assert "verified" in run_cli(["inspect", str(store), "--verify", "--no-progress"])
+    restored, original = plain_arrays(store), plain_arrays(torch_store)
+    for name in ("labels", "keys", "sizes", "boxes", "flips", "blocks_done"):
+        np.testing.assert_array_equal(restored[name], original[name], err_msg=name)
+    np.testing.assert_array_equal(restored["block_hashes"][:6], original["block_hashes"][:6])
+
+
+def test_a_file_whose_views_read_different_bytes_is_refused(
+    torch_store: Path, digits_small: Path
+) -> None:
+    """Views of one sample in one batch must have read the same bytes (the last read no longer
+    silently wins)."""
+    from fastkd.data import ViewBatch, open_dataset
+    from fastkd.dump import _BlockBuffer
+    from fastkd.errors import DatasetError
+
+    class Writer:
+        def block_range(self, block: int) -> tuple[int, int]:
+            return 0, 8
+
+    buffer = _BlockBuffer(Writer(), 0, [], 2, torch.device("cpu"), open_dataset(digits_small))
+    batch = ViewBatch(
+        samples=torch.tensor([3, 3]), views=torch.tensor([0, 1]), labels=torch.tensor([0, 0]),
+        images=[], file_hashes=np.array([11, 12]),
+    )  # fmt: skip
+    with pytest.raises(DatasetError, match=r"sample 3\) changed while the dump read it"):
+        buffer.add(batch, [])

@@ -222,7 +222,7 @@ def test_a_format_1_store_is_refused_with_what_to_do(tmp_path: Path, data: dict)
         write(writer, data, [0])
     group = zarr.open_group(tmp_path / "s", mode="r+", zarr_format=3)
     group.attrs["fastkd"] = {**group.attrs["fastkd"], "format_version": 1}
-    with pytest.raises(StoreMismatchError, match="format_version: store has 1, expected 3") as err:
+    with pytest.raises(StoreMismatchError, match="format_version: store has 1, expected 4") as err:
         StoreReader(tmp_path / "s", allow_incomplete=True)
     assert "dump the pool again (--overwrite)" in str(err.value)
 
@@ -287,7 +287,7 @@ def test_plain_zarr_reads_what_was_written(tmp_path: Path, data: dict) -> None:
         write(writer, data)
     meta, arrays = read_with_plain_zarr(tmp_path / "s")
 
-    assert meta["format_version"] == 3 and meta["fingerprint"] == "f" * 64
+    assert meta["format_version"] == 4 and meta["fingerprint"] == "f" * 64
     assert [(m["topk"], m["tail"], m["tail_samples"]) for m in meta["models"]] == [
         (7, "sampled", 4),
         (0, None, 0),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from file_edits import same_size_other_png
 from PIL import Image
 from training_pool import VIT, config, make_pool
 from typer.testing import CliRunner
@@ -497,31 +498,6 @@ def test_cli_train_refuses_a_damaged_store_naming_the_file(pool, tmp_path):
     assert "Traceback" not in result.output
 
 
-def _same_size_other_png(path: Path) -> bytes:
-    """Another image (mirrored, inverted) saved as a PNG of exactly ``path``'s byte size: a tEXt
-    chunk pads it (the data fingerprint, names and sizes, cannot tell it from the original)."""
-    import io
-
-    from PIL import Image, ImageOps
-    from PIL.PngImagePlugin import PngInfo
-
-    size = path.stat().st_size
-    with Image.open(path) as image:
-        other = ImageOps.invert(ImageOps.mirror(image.convert("RGB")))
-    for level in range(9, -1, -1):
-        plain = io.BytesIO()
-        other.save(plain, "PNG", compress_level=level)
-        pad = size - len(plain.getvalue()) - 12 - 2  # chunk length, type, CRC; "k" and its NUL
-        if pad >= 0:
-            info = PngInfo()
-            info.add_text("k", "x" * pad)
-            padded = io.BytesIO()
-            other.save(padded, "PNG", compress_level=level, pnginfo=info)
-            assert len(padded.getvalue()) == size
-            return padded.getvalue()
-    raise AssertionError(f"cannot make a PNG of {size} bytes")
-
-
 def test_cli_train_names_an_image_replaced_by_one_of_the_same_size(pool, tmp_path):
     """The issue's case 2: the fingerprint (names, sizes) accepts a same-size replacement; the
     content hash the dump recorded for each file does not."""
@@ -534,7 +510,7 @@ def test_cli_train_names_an_image_replaced_by_one_of_the_same_size(pool, tmp_pat
         shutil.copy(pool.train.parent / key, data / key)
     shutil.copy(pool.train, data / pool.train.name)
     victim = data / pool.train.read_text().split()[14]  # the 8th image's key
-    victim.write_bytes(_same_size_other_png(victim))
+    victim.write_bytes(same_size_other_png(victim))
     args = ["train", "--data", str(data / pool.train.name), "--store", str(pool.store)]
     args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25"]
     args += ["--backend", "torch", "--workers", "0", "--out", str(tmp_path / "run")]

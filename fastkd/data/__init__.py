@@ -19,7 +19,7 @@ here too) and, in ``batches``, ``fastkd.views`` (``pixel_box``); neither imports
 """
 
 from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, plan_batches
-from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, open_dataset
+from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, content_hashes, open_dataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.data.loader import Backend, load_view, resolve_backend, view_loader
 from fastkd.errors import BadImageError, DatasetError
@@ -33,6 +33,7 @@ __all__ = [
     "OnBadImage",
     "Preprocess",
     "ViewBatch",
+    "content_hashes",
     "decode_rgb",
     "load_view",
     "open_dataset",

@@ -69,8 +69,8 @@ class ViewBatch:
     views: torch.Tensor  # int64 [b]
     labels: torch.Tensor  # int64 [b]
     images: list[torch.Tensor]  # one float32 [b, 3, H, W] per data config, on the device
+    file_hashes: np.ndarray  # int64 [b]: content hash of each file as it was read
     skipped: dict[int, str] = field(default_factory=dict)  # sample -> why, dropped from the batch
-    file_hashes: np.ndarray | None = None  # int64 [b]: content hash of each file as it was read
 
 
 @dataclass

@@ -27,6 +27,7 @@ import numpy as np
 
 from fastkd.data.decoding import refusal
 from fastkd.errors import BadImageError, DatasetError
+from fastkd.hashing import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,20 @@ def _header_size(path: Path) -> tuple[tuple[int, int], str | None]:
     if refused is not None:
         return (1, 1), refused
     return (height, width), None
+
+
+def content_hashes(dataset: ImageDataset, samples: Sequence[int]) -> list[int | None]:
+    """The content hash (``fastkd.hashing``) of each sample's file as it is now, None where it
+    cannot be read: what the loaders record as they read (threads; I/O bound)."""
+
+    def one(sample: int) -> int | None:
+        try:
+            return content_hash(dataset.path(sample).read_bytes())
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(_IO_THREADS) as pool:
+        return list(pool.map(one, samples))
 
 
 def _file_sizes(paths: Sequence[Path], where: Sequence[str]) -> np.ndarray:

@@ -56,10 +56,14 @@ def decode_rgb(path: Path, data: bytes | None = None) -> Image.Image:
     """The file's pixels by the rule: an 8-bit RGB image. ``DatasetError`` naming the file for a
     refused mode; PIL's own errors for a file it cannot read. ``data``: the file's bytes, when
     the caller has read them already (the loaders hash what they read)."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     source = path if data is None else io.BytesIO(data)
-    with Image.open(source) as image:
+    try:
+        opened = Image.open(source)
+    except UnidentifiedImageError:  # from memory PIL would name a BytesIO: name the file
+        raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
+    with opened as image:
         try:
             kind = _kind(image)
         except DatasetError as error:

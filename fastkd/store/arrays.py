@@ -158,14 +158,12 @@ def write_sample_rows(
     keys: Sequence[str],
     labels: np.ndarray,
     sizes: np.ndarray,
-) -> None:
-    """Samples ``[start, stop)`` of the arrays fixed when a store is made (keys, labels, sizes
-    and the view boxes and flips they imply): all of them at creation, a block's on repair.
-    ``keys``, ``labels`` and ``sizes`` cover every sample of the store."""
+) -> dict[str, np.ndarray]:
+    """Write samples ``[start, stop)`` of the arrays fixed when a store is made (keys, labels,
+    sizes and the view boxes and flips they imply) from the caller's values, never from disk:
+    all of them at creation, a block's again with the block. ``keys``, ``labels`` and ``sizes``
+    cover every sample of the store. Returns the rows written, in the stored dtypes."""
     rows = slice(start, stop)
-    group["keys"][rows] = np.asarray(keys[start:stop], dtype=object)
-    group["labels"][rows] = labels[rows]
-    group["sizes"][rows] = sizes[rows]
     boxes, flips = view_boxes(
         manifest.seed,
         np.arange(start, stop),
@@ -173,8 +171,18 @@ def write_sample_rows(
         sizes[rows],
         AugmentConfig.from_dict(manifest.augment),
     )
-    group["boxes"][rows] = boxes
-    group["flips"][rows] = flips
+    values = {
+        "keys": np.asarray(keys[start:stop], dtype=object),
+        "labels": labels[rows],
+        "sizes": sizes[rows],
+        "boxes": boxes,
+        "flips": flips,
+    }
+    for name, rows_of_array in values.items():
+        if name != "keys":
+            values[name] = rows_of_array.astype(group[name].dtype, copy=False)
+        group[name][rows] = values[name]
+    return values
 
 
 def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> list[str]:

@@ -32,7 +32,7 @@ def digest(values: np.ndarray) -> int:
 
 
 def shard_file(store: Path, array: zarr.Array, block: int) -> Path:
-    """The file holding ``block`` of a sharded array (one shard per block)."""
+    """The file holding ``block`` of an array stored one shard (or chunk) per block."""
     coords = (block,) + (0,) * (array.ndim - 1)
     return store / array.path / array.metadata.encode_chunk_key(coords)
 
@@ -89,16 +89,25 @@ def verify_store(
     hashes = group[BLOCK_HASHES][:]
     names = hashed_arrays(manifest)
     arrays = [group[name] for name in names]
-    todo = np.flatnonzero(done) if blocks is None else [b for b in blocks if done[b]]
-    for block in (int(b) for b in todo):
-        start = block * layout.samples_per_shard
-        stop = min(start + layout.samples_per_shard, manifest.num_samples)
+    for block in done_blocks(done, blocks):
+        start, stop = layout.block_samples(block, manifest.num_samples)
+        if not hashes[block].any():  # written before the marker: this row's file was lost
+            file = shard_file(path, group[BLOCK_HASHES], block)
+            yield BadBlock(BLOCK_HASHES, block, (start, stop), file, "the block's hashes are lost")
+            yield block
+            continue
         for column, (name, array) in enumerate(zip(names, arrays, strict=True)):
             expected = int(hashes[block, column])
             _, bad = read_block(path, array, name, block, (start, stop), expected)
             if bad is not None:
                 yield bad
         yield block
+
+
+def done_blocks(done: np.ndarray, blocks: list[int] | None = None) -> list[int]:
+    """The written blocks (``done`` markers), of ``blocks`` when given."""
+    selected = range(done.size) if blocks is None else blocks
+    return [int(b) for b in selected if done[b]]
 
 
 def check_store(
@@ -109,7 +118,8 @@ def check_store(
     from fastkd.runtime import progress_bar  # rich only: the store stays free of torch
 
     manifest, layout = open_manifest(path)
-    total = layout.num_blocks if blocks is None else len(blocks)
+    done = zarr.open_group(path, mode="r", zarr_format=3)[DONE_ARRAY][:].astype(bool)
+    total = len(done_blocks(done, blocks))
     bad: list[BadBlock] = []
     with progress_bar("blocks", enabled=progress) as bar:
         task = bar.add_task(f"verify {Path(path).name}", total=total)

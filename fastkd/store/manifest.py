@@ -25,8 +25,8 @@ from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
 
-FORMAT_VERSION = 3  # 3: block content hashes; 2: log-probabilities, exact tail masses, tail
-# models; 1: logits + lse
+FORMAT_VERSION = 4  # 4: files' content hashes; 3: block content hashes; 2: log-probabilities,
+# exact tail masses, tail models; 1: logits + lse
 MANIFEST_ATTR = "fastkd"  # group attribute holding the manifest (and the layout)
 STATUS_ATTR = "fastkd_status"  # group attribute written once every block is done
 
@@ -144,6 +144,11 @@ class StoreLayout:
     samples_per_shard: int
     chunk_samples: int  # inner chunk of the sharding codec, along the sample axis
     num_blocks: int
+
+    def block_samples(self, block: int, num_samples: int) -> tuple[int, int]:
+        """Samples ``[start, stop)`` of ``block`` (the last block may be short)."""
+        start = block * self.samples_per_shard
+        return start, min(start + self.samples_per_shard, num_samples)
 
     @classmethod
     def for_store(cls, num_samples: int, views: int, samples_per_shard: int | None) -> StoreLayout:

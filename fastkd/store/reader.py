@@ -26,7 +26,7 @@ import zarr
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, array_differences, hashed_arrays
 from fastkd.store.encoding import model_arrays
-from fastkd.store.integrity import damaged, digest, read_block
+from fastkd.store.integrity import damaged, digest, read_block, shard_file
 from fastkd.store.manifest import Expectation, open_manifest
 from fastkd.views import box_fractions
 
@@ -137,7 +137,8 @@ class _BlockCache:
         sample = start + int(np.argwhere(bad)[0][0])
         raise StoreError(
             f"{self._where}: {name} of sample {sample} holds {values[bad].flat[0]}, outside "
-            f"[0, {limit}): the store is damaged (dump it again with --overwrite)"
+            f"[0, {limit}): the store is damaged (rewrite its block with the same `fastkd dump` "
+            "command and --repair)"
         )
 
     def gather(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
@@ -203,33 +204,44 @@ class StoreReader:
                 "`fastkd dump` command again (it resumes)"
             )
         hashes = self._group[BLOCK_HASHES][:]
+        lost = np.flatnonzero(self._done & ~hashes.any(axis=1))
+        if lost.size:  # a done block's hash row is written before its marker: never all zero
+            file = shard_file(self.path, self._group[BLOCK_HASHES], int(lost[0]))
+            raise StoreError(
+                f"store {self.path} is damaged: the content hashes of {lost.size} written "
+                f"block(s) are lost (first block {int(lost[0])}, file {file}); rewrite those "
+                "blocks with the same `fastkd dump` command and --repair"
+            )
         self._hashes = dict(zip(hashed_arrays(self.manifest), hashes.T, strict=True))
-        self.labels: np.ndarray = self._group["labels"][:]
-        self.sizes: np.ndarray = self._group["sizes"][:]
-        self.skipped: np.ndarray = self._group["skipped"][:]
-        self.file_hashes: np.ndarray = self._group["file_hashes"][:]  # 0: not recorded
-        self._check_whole_arrays()
+        self.labels: np.ndarray = self._checked_whole("labels")
+        self.sizes: np.ndarray = self._checked_whole("sizes")
+        self.skipped: np.ndarray = self._checked_whole("skipped")
+        self.file_hashes: np.ndarray = self._checked_whole("file_hashes")  # 0: not recorded
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
         self._caches: dict[str | None, _BlockCache] = {}
 
-    def _check_whole_arrays(self) -> None:
-        """The arrays read whole on open, against their block hashes (done blocks)."""
-        block = self.layout.samples_per_shard
-        for name in ("labels", "sizes", "skipped", "file_hashes"):
-            values, hashes = getattr(self, name), self._hashes[name]
-            for b in np.flatnonzero(self._done).tolist():
-                if digest(values[b * block : (b + 1) * block]) != hashes[b]:
-                    _, bad = read_block(
-                        self.path,
-                        self._group[name],
-                        name,
-                        b,
-                        (b * block, min((b + 1) * block, self.num_samples)),
-                        int(hashes[b]),
-                    )
-                    if bad is not None:
-                        raise damaged(bad, self.path)
+    def _checked_whole(self, name: str) -> np.ndarray:
+        """A per-sample array read whole, each written block checked against its hash. One read
+        when all is well; else block by block, to name the damaged one (``integrity.damaged``)."""
+        array, hashes = self._group[name], self._hashes[name]
+        blocks = [
+            (b, self.layout.block_samples(b, self.num_samples))
+            for b in np.flatnonzero(self._done).tolist()
+        ]
+        try:
+            values = array[:]
+        except Exception:  # a shard that cannot be decoded: find it below
+            values = None
+        if values is not None and all(
+            digest(values[start:stop]) == hashes[b] for b, (start, stop) in blocks
+        ):
+            return values
+        for b, rows in blocks:
+            _, bad = read_block(self.path, array, name, b, rows, int(hashes[b]))
+            if bad is not None:
+                raise damaged(bad, self.path)
+        return array[:]  # every block checks now: what changed was not on disk
 
     # -- manifest shortcuts --------------------------------------------------------------------
 
@@ -249,7 +261,7 @@ class StoreReader:
     def keys(self) -> list[str]:
         """Sample keys (paths relative to the data root), loaded on first use."""
         if self._keys is None:
-            self._keys = [str(k) for k in self._group["keys"][:]]
+            self._keys = [str(k) for k in self._checked_whole("keys")]
         return self._keys
 
     def pending_blocks(self) -> list[int]:

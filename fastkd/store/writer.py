@@ -30,7 +30,9 @@ from fastkd.store.arrays import (
     DONE_ARRAY,
     META_DIR,
     SHARED_ARRAYS,
+    array_differences,
     create_store,
+    hashed_arrays,
     write_sample_rows,
 )
 from fastkd.store.claims import (
@@ -43,7 +45,7 @@ from fastkd.store.claims import (
     creation_lock,
 )
 from fastkd.store.encoding import encode_logits
-from fastkd.store.integrity import digest
+from fastkd.store.integrity import digest, read_block, shard_file
 from fastkd.store.manifest import (
     STATUS_ATTR,
     Manifest,
@@ -73,7 +75,6 @@ class StoreWriter:
         self.run_id = run_id
         self.manifest, self.layout = open_manifest(path)
         self._group = zarr.open_group(path, mode="r+", zarr_format=3)
-        self._labels = self._group["labels"][:]
         self._done = self._group[DONE_ARRAY]
         self._claim = claim_file(path / META_DIR, run_id)
         self._stop = threading.Event()
@@ -143,8 +144,7 @@ class StoreWriter:
         """Samples ``[start, stop)`` of a block."""
         if not 0 <= block < self.num_blocks:
             raise IndexError(f"block {block} is outside [0, {self.num_blocks})")
-        start = block * self.layout.samples_per_shard
-        return start, min(start + self.layout.samples_per_shard, self.manifest.num_samples)
+        return self.layout.block_samples(block, self.manifest.num_samples)
 
     def pending_blocks(self, part: tuple[int, int] | None = None) -> list[int]:
         """Blocks of ``part`` (default: this writer's) without a completion marker."""
@@ -203,13 +203,16 @@ class StoreWriter:
                 )
             flags[offsets] = True
 
+        if self._samples is None:
+            raise StoreError("write_block needs a writer from StoreWriter.create_or_resume")
+        keys, labels, sizes = self._samples
         models = self._group["models"]
         encoded_models = []
         for index, entry in enumerate(self.manifest.models):
             try:
                 encoded = encode_logits(
                     logits[entry.name],
-                    self._labels[start:stop],
+                    labels[start:stop],
                     entry,
                     seed=self.manifest.seed,
                     first_sample=start,
@@ -225,25 +228,30 @@ class StoreWriter:
                 encoded_models.append(np.asarray(values, dtype=member[name].dtype))
                 member[name][start:stop] = values
         hashes[flags] = UNRECORDED
-        written = {"skipped": flags, "file_hashes": hashes}
-        for name, values in written.items():
-            self._group[name][start:stop] = values
-        shared = [
-            written[name] if name in written else self._group[name][start:stop]
-            for name in SHARED_ARRAYS
-        ]
+        # The block's rows of every shared array, written (again) from the caller's values and
+        # hashed from them: a damaged shard on disk is repaired here, never recorded as right.
+        written = write_sample_rows(self._group, self.manifest, start, stop, keys, labels, sizes)
+        written |= {"skipped": flags, "file_hashes": hashes}
+        for name in ("skipped", "file_hashes"):
+            self._group[name][start:stop] = written[name]
+        shared = [written[name] for name in SHARED_ARRAYS]
         self._group[BLOCK_HASHES][block] = [digest(v) for v in shared + encoded_models]
         self._done[block] = 1
 
+    def file_hashes(self, block: int) -> np.ndarray:
+        """The content hash recorded for each file of a written block (0: not recorded)."""
+        return self._group["file_hashes"][slice(*self.block_range(block))]
+
     def rewrite(self, blocks: Sequence[int]) -> None:
-        """Drop the done markers of ``blocks`` (damaged ones, ``integrity.check_store``) and
-        rewrite their rows of the arrays fixed at creation, so this writer's pending blocks
-        include them and ``write_block`` makes them whole again."""
-        if self._samples is None:
-            raise StoreError("rewrite needs a writer from StoreWriter.create_or_resume")
+        """Drop the done markers of ``blocks`` (damaged ones, ``integrity.check_store``), then
+        their shard files, so this writer's pending blocks include them and ``write_block``
+        writes every row of them again into fresh files (zarr would read a damaged shard back
+        to merge the new rows into it)."""
         for block in blocks:
             self._done[block] = 0
-            write_sample_rows(self._group, self.manifest, *self.block_range(block), *self._samples)
+        for block in blocks:
+            for name in hashed_arrays(self.manifest):
+                shard_file(self.path, self._group[name], block).unlink(missing_ok=True)
         if blocks and STATUS_ATTR in self._group.attrs:
             del self._group.attrs[STATUS_ATTR]
 
@@ -315,8 +323,11 @@ def _create_or_check(
             problems = manifest_differences(stored_manifest, manifest)
             if explicit_layout and stored_layout != layout:
                 problems += json_differences(asdict(stored_layout), asdict(layout), "layout")
+            if not problems:  # the same manifest, but arrays of another shape (edited, foreign)
+                group = zarr.open_group(path, mode="r", zarr_format=3)
+                problems = array_differences(group, stored_manifest, stored_layout)
             if not problems:
-                problems = _sample_differences(path, labels)
+                problems = _sample_differences(path, stored_manifest, stored_layout, labels)
             if not problems:
                 return stored_layout
         if not overwrite:
@@ -376,13 +387,31 @@ def _check_samples(
     return labels.astype(np.int64), sizes.astype(np.int32)
 
 
-def _sample_differences(path: Path, labels: np.ndarray) -> list[str]:
-    """Labels that differ from the store's (the fingerprint already covers keys and files)."""
-    stored = zarr.open_group(path, mode="r", zarr_format=3)["labels"][:]
-    diff = np.flatnonzero(stored != labels)
-    if not diff.size:
+def _sample_differences(
+    path: Path, manifest: Manifest, layout: StoreLayout, labels: np.ndarray
+) -> list[str]:
+    """Labels that differ from the store's (the fingerprint already covers keys and files), in
+    the written blocks whose labels are intact: a damaged block is ``--repair``'s to rewrite,
+    and the others are rewritten from the caller's labels anyway."""
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    done = group[DONE_ARRAY][:].astype(bool)
+    hashes = group[BLOCK_HASHES][:, hashed_arrays(manifest).index("labels")]
+    differ, first = 0, None
+    for block in np.flatnonzero(done).tolist():
+        start, stop = layout.block_samples(block, manifest.num_samples)
+        stored, bad = read_block(
+            path, group["labels"], "labels", block, (start, stop), int(hashes[block])
+        )
+        if bad is not None:
+            continue
+        diff = np.flatnonzero(stored != labels[start:stop])
+        differ += diff.size
+        if diff.size and first is None:
+            first = (start + int(diff[0]), stored[diff[0]])
+    if not differ:
         return []
-    s = int(diff[0])
+    sample, value = first
     return [
-        f"labels: {diff.size} differ, first sample {s}: store has {stored[s]}, expected {labels[s]}"
+        f"labels: {differ} differ, first sample {sample}: store has {value}, expected "
+        f"{labels[sample]}"
     ]

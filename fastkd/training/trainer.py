@@ -250,7 +250,8 @@ class Trainer:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise DatasetError(
                 f"{len(names)} image(s) changed since the dump of {self.reader.path} (same name "
-                f"and size, other content): {shown}; restore them, or dump again with --overwrite"
+                f"and size, other content): {shown}; restore them, or rewrite the blocks made from them: "
+                "the same `fastkd dump` command with --repair"
             )
 
     def loss(self, batch: Batch, scale: float = 1.0) -> tuple[Tensor, KDStats | None, list[Tensor]]:
