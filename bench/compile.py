@@ -5,7 +5,8 @@ launchers pick at the benchmark shapes (dense teachers in fp16 / bf16 / fp32, to
 with int32 / int64 ids, partition modes live / fixed / best; at the benchmark shape
 4096 x 32000 also plain KD (the teachers' mixture: one fp32 column read as best) and live with
 the label-free confidence score; bidirectional N = 2, 3, 4 with stop_grad on and off; the
-backward's grad_output scale pass on bf16 / fp16 / fp32 gradients, per row at 4096 x 32000), it
+backward's grad_output scale pass on bf16 / fp16 / fp32 gradients, per row at 4096 x 32000, its
+masked remainder at 33 x 21841), it
 records the launch the launcher makes on CPU tensors of that shape
 (``kernels.launch.capture_launches``), compiles it with ``triton.compile`` for the target through
 a stand-in active driver, runs the wheel's ptxas -v (registers, spills, shared memory) and reads
@@ -52,7 +53,7 @@ class Config:
     rows: int
     classes: int
     teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<tail>-<id dtype>
-    mode: str = ""  # partitioned: live | fixed | best | plain
+    mode: str = ""  # partitioned: live | fixed | best | plain; grad_scale: "tail" (remainder)
     score: str = "label"  # partitioned: the partition score, label | confidence
     models: int = 0  # bidirectional: N
     stop_grad: bool = True
@@ -116,6 +117,8 @@ def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
     ]
     if BENCHMARK_SHAPE in shapes:
         configs.append(Config("grad_scale", *BENCHMARK_SHAPE, per_row=True))
+    # the flat kernel's masked remainder (B x C not a whole number of blocks)
+    configs.append(Config("grad_scale", 33, 21841, mode="tail"))
     return configs
 
 
@@ -144,6 +147,7 @@ def capture(config: Config) -> Any:
         if config.kernel == "grad_scale":
             factor = torch.ones(rows) if config.per_row else torch.tensor(1.0)
             grad_scale.scale_rows_(_empty((rows, classes), dtype), factor)
+            launches[:] = launches[-1:] if config.mode == "tail" else launches[:1]
         elif config.kernel == "bidirectional":
             logits = [_empty((rows, classes), dtype) for _ in range(config.models)]
             grads = [_empty((rows, classes), dtype) for _ in range(config.models)]

@@ -281,11 +281,10 @@ def scale_grad_(
     """
     if grad_output_is_one and reduction is not Reduction.NONE:
         return grad
-    if grad.is_contiguous() and triton_backend(grad_scale._scale_kernel, [grad]):
-        return grad_scale.scale_rows_(grad, grad_output)  # one pass, 16-byte accesses
-    if reduction is Reduction.NONE:
-        return grad.mul_(grad_output.unsqueeze(1))
-    return grad.mul_(grad_output)
+    if grad.stride(-1) == 1 and triton_backend(grad_scale._scale_flat_kernel, [grad]):
+        return grad_scale.scale_rows_(grad, grad_output)  # one pass, fp32 factor, one rounding
+    factor = grad_output.unsqueeze(1) if reduction is Reduction.NONE else grad_output
+    return grad.copy_(grad.float() * factor)  # the same rounding as the kernel
 
 
 # ----------------------------------------------------------------------------------------------

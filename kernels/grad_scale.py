@@ -2,9 +2,12 @@
 
 ``grad.mul_(grad_output)`` on a bf16 / fp16 gradient with an fp32 ``grad_output`` takes torch's
 mixed-dtype elementwise path (no vector loads), several times slower on a GPU than a copy of the
-same bytes (``bench/results/kernel-sweep-h200.json``). This kernel reads the fp32 factor from
-device memory (no host sync), multiplies in fp32, rounds once, and walks the gradient as one flat
-buffer, so every tile is read and written with 16-byte accesses whatever the row length.
+same bytes (``bench/results/kernel-sweep-h200.json``); it also rounds the factor to the
+gradient's dtype first. These kernels read the fp32 factor from device memory (no host sync),
+multiply in fp32 and round once. A scalar factor on a contiguous gradient (the reduced losses)
+walks it as one flat buffer: whole blocks without masks, so every access is 16 bytes wide
+whatever B x C, then the remainder. A factor per row (``reduction="none"``), or rows with a
+stride, take a (row, tile) grid with one factor load a program.
 """
 
 from __future__ import annotations
@@ -24,19 +27,27 @@ NUM_WARPS = 4
 
 
 def scale_rows_(grad: Tensor, factor: Tensor) -> Tensor:
-    """``grad`` [B, C] (contiguous, on the Triton path) times ``factor``, in place: a scalar, or
-    one value a row ([B]). Returns ``grad``."""
-    num_classes = grad.shape[1]
-    per_row = factor.dim() > 0
+    """``grad`` [B, C] (unit stride along C) times ``factor``, in place: a scalar, or one value
+    a row ([B]). Returns ``grad``."""
+    num_rows, num_classes = grad.shape
+    if factor.dim() == 0 and grad.is_contiguous():
+        numel = grad.numel()
+        whole = numel // BLOCK
+        if whole:
+            launch(_scale_flat_kernel, (whole,), grad, factor, numel, 0, EVEN=True, BLOCK=BLOCK,
+                   num_warps=NUM_WARPS)  # fmt: skip
+        if numel % BLOCK:
+            launch(_scale_flat_kernel, (1,), grad, factor, numel, whole * BLOCK, EVEN=False,
+                   BLOCK=BLOCK, num_warps=NUM_WARPS)  # fmt: skip
+        return grad
     launch(
-        _scale_kernel,
-        (triton.cdiv(grad.numel(), BLOCK),),
+        _scale_rows_kernel,
+        (num_rows, triton.cdiv(num_classes, BLOCK)),
         grad,
+        grad.stride(0),
         factor,
-        factor.stride(0) if per_row else 0,
-        grad.numel(),
+        factor.stride(0) if factor.dim() else 0,
         num_classes,
-        PER_ROW=per_row,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )
@@ -46,21 +57,29 @@ def scale_rows_(grad: Tensor, factor: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _scale_kernel(
-        grad_ptr,
-        factor_ptr,
-        factor_stride,
-        numel,
-        num_classes,
-        PER_ROW: tl.constexpr,
-        BLOCK: tl.constexpr,
+    def _scale_flat_kernel(
+        grad_ptr, factor_ptr, numel, start, EVEN: tl.constexpr, BLOCK: tl.constexpr
     ):
-        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offsets < numel
-        if PER_ROW:
-            factor = tl.load(factor_ptr + (offsets // num_classes) * factor_stride, mask=mask)
+        offsets = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        factor = tl.load(factor_ptr).to(tl.float32)
+        if EVEN:  # a whole block: no mask, so the accesses vectorise
+            grad = tl.load(grad_ptr + offsets)
+            tl.store(grad_ptr + offsets, (grad.to(tl.float32) * factor).to(grad.dtype))
         else:
-            factor = tl.load(factor_ptr)
-        grad = tl.load(grad_ptr + offsets, mask=mask)
-        scaled = grad.to(tl.float32) * factor.to(tl.float32)
-        tl.store(grad_ptr + offsets, scaled.to(grad_ptr.dtype.element_ty), mask=mask)
+            mask = offsets < numel
+            grad = tl.load(grad_ptr + offsets, mask=mask)
+            tl.store(grad_ptr + offsets, (grad.to(tl.float32) * factor).to(grad.dtype), mask=mask)
+
+    @triton.jit
+    def _scale_rows_kernel(
+        grad_ptr, row_stride, factor_ptr, factor_stride, num_classes, BLOCK: tl.constexpr
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = columns < num_classes
+        factor = tl.load(factor_ptr + row * factor_stride).to(tl.float32)
+        pointers = grad_ptr + row * row_stride + columns
+        grad = tl.load(pointers, mask=mask)
+        tl.store(pointers, (grad.to(tl.float32) * factor).to(grad.dtype), mask=mask)
+else:  # pragma: no cover
+    _scale_flat_kernel = _scale_rows_kernel = None

@@ -666,11 +666,14 @@ def test_memcheck_grad_scale_rounds_the_fp32_product_once(dtype):
     if DEVICE.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter casts fp32 -> bf16 by truncation (test_kernels_scale.py)")
     gen = torch.Generator(device=DEVICE).manual_seed(0)
-    grad = torch.randn(33, 21841, generator=gen, device=DEVICE).to(dtype)
+    wide = torch.randn(33, 21845, generator=gen, device=DEVICE).to(dtype)
+    grad = wide[:, :21841].contiguous()  # 33 x 21841: whole blocks and a masked remainder
     scalar = torch.tensor(0.3217, device=DEVICE)
     per_row = torch.randn(33, 2, generator=gen, device=DEVICE)[:, 1]
     expected = (grad.float() * scalar).to(dtype)
     assert torch.equal(scale_grad_(grad.clone(), scalar, Reduction.SUM), expected)
+    strided = wide.clone()[:, :21841]  # rows with a stride: the row kernel
+    assert torch.equal(scale_grad_(strided, scalar, Reduction.SUM), expected)
     expected = (grad.float() * per_row.unsqueeze(1)).to(dtype)
     assert torch.equal(scale_grad_(grad.clone(), per_row, Reduction.NONE), expected)
 

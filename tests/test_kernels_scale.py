@@ -128,47 +128,55 @@ def test_value_checks_raise_config_error_on_cpu():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per-row"])
-def test_grad_scale_kernel_rounds_once_like_torch_mul(dtype, per_row):
-    """The kernel's in-place scale is torch's fp32-opmath product rounded once to the gradient's
-    dtype, on a size that is not a whole number of blocks, with a per-row factor read through a
-    stride (tests/test_kernels_cuda.py holds a GPU to torch's mul_ bit for bit)."""
+@pytest.mark.parametrize("layout", ["scalar", "per-row", "row-strided"])
+def test_grad_scale_kernel_rounds_once(dtype, layout):
+    """The in-place scale is the fp32 product rounded once to the gradient's dtype: a scalar on
+    a contiguous gradient of one whole block and a remainder (the flat kernel, twice), a factor
+    per row read through a stride, and rows with a stride (the row kernel)."""
     from fastkd.kernels import grad_scale
     from fastkd.kernels.common import Reduction, scale_grad_
     from fastkd.kernels.launch import capture_launches
 
     gen = torch.Generator().manual_seed(3)
-    rows, classes = 3, grad_scale.BLOCK // 2 + 7  # 2 blocks and a partial third
-    grad = (torch.randn(rows, classes, generator=gen) * 3).to(dtype)
+    rows, classes = 3, grad_scale.BLOCK // 2 + 7  # 3093 elements: one block and 1045 more
+    grad = (torch.randn(rows, classes + 5, generator=gen) * 3).to(dtype)
+    grad = grad[:, :classes] if layout == "row-strided" else grad[:, :classes].contiguous()
     before = grad.clone()
-    if per_row:
+    if layout == "per-row":
         factor = torch.randn(rows, 2, generator=gen)[:, 1]  # stride 2
-        expected = (grad.float() * factor.unsqueeze(1)).to(dtype)
-        reduction = Reduction.NONE
+        product = before.float() * factor.unsqueeze(1)
+        reduction, kernels = Reduction.NONE, [grad_scale._scale_rows_kernel]
     else:
         factor = torch.tensor(0.3217, dtype=torch.float32)
-        expected = (grad.float() * factor).to(dtype)
+        product = before.float() * factor
         reduction = Reduction.SUM
-    with capture_launches() as launches:
-        scale_grad_(grad.clone(), factor, reduction)
-    assert [launch.kernel for launch in launches] == [grad_scale._scale_kernel]
+        kernels = (
+            [grad_scale._scale_rows_kernel]
+            if layout == "row-strided"
+            else [grad_scale._scale_flat_kernel, grad_scale._scale_flat_kernel]
+        )
+    with capture_launches() as launches:  # records the launches, runs nothing
+        scale_grad_(grad, factor, reduction)
+    assert [launch.kernel for launch in launches] == kernels
+    assert torch.equal(grad, before)
     actual = scale_grad_(grad, factor, reduction)
     assert actual.data_ptr() == grad.data_ptr()  # in place
+    expected = product.to(dtype)
     if dtype == torch.bfloat16:  # the interpreter casts fp32 -> bf16 by truncation (a GPU: rtne)
-        exact = (before.float() * (factor.unsqueeze(1) if per_row else factor)).view(torch.int32)
-        truncated = (exact & -65536).view(torch.float32).to(dtype)  # the low 16 bits dropped
+        truncated = (product.view(torch.int32) & -65536).view(torch.float32).to(dtype)
         assert ((actual == expected) | (actual == truncated)).all()
     else:
         assert torch.equal(actual, expected)
 
 
-def test_grad_scale_of_a_strided_gradient_falls_back_to_torch():
+def test_grad_scale_of_a_gradient_strided_along_classes_falls_back_to_torch():
+    """No kernel for a non-unit stride along C: torch, with the kernels' rounding."""
     from fastkd.kernels.common import Reduction, scale_grad_
     from fastkd.kernels.launch import capture_launches
 
-    grad = torch.randn(4, 10)[:, ::2]
-    expected = grad * 2.5
+    grad = torch.randn(4, 10).to(torch.bfloat16)[:, ::2]
+    expected = (grad.float() * 0.3217).to(torch.bfloat16)
     with capture_launches() as launches:
-        scale_grad_(grad, torch.tensor(2.5), Reduction.MEAN)
+        scale_grad_(grad, torch.tensor(0.3217), Reduction.MEAN)
     assert launches == []
-    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert torch.equal(grad, expected)
