@@ -93,7 +93,9 @@ def train_command(
         float | None,
         typer.Option(
             help=f"Learning rate; default {DEFAULT_LR['adam']:g} for adam (Bi-KD), "
-            f"{DEFAULT_LR['sgd']:g} for sgd (KL+DP): for pretrained models. From scratch: ~1e-3."
+            f"{DEFAULT_LR['sgd']:g} for sgd (KL+DP): the papers' settings for ImageNet-pretrained "
+            "models on ImageNet-scale data. Small models, small data or few epochs barely move "
+            "at these (the report warns when weights moved < 0.1%): try ~1e-3, as from scratch."
         ),
     ] = None,
     weight_decay: float = 1e-5,
@@ -126,8 +128,24 @@ def train_command(
         typer.Option(help="Held-out split of the training data: model selection (never test)."),
     ] = None,
     eval_data: Annotated[
-        Path | None, typer.Option(help="Data of the final transfer report (default: --val-data).")
+        Path | None,
+        typer.Option(
+            "--test-data",
+            "--eval-data",
+            help="Held-out data of the final transfer report, used for nothing else (default: "
+            "--val-data, which also selected the weights: the report then says it is "
+            "optimistic).",
+        ),
     ] = None,
+    control: Annotated[
+        bool,
+        typer.Option(
+            help="Also train the cross-entropy control (--teachers none, the same settings and "
+            "seed, in OUT/control) and report each model's top-1 minus the control's with a 95% "
+            "interval, so a change the control also shows (fine-tuning, batch norm statistics) "
+            "is not credited to teaching. Doubles the training time.",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, report.")] = Path(
         "runs/train"
     ),
@@ -184,6 +202,7 @@ def train_command(
             input_size=input_size,
             val_data=val_data,
             eval_data=eval_data,
+            control=control,
             out_dir=out,
             resume=resume,
             device=device,
@@ -207,6 +226,8 @@ def train_command(
     _print_runs(console, runs)
     if report is not None:
         console.print(report.table())
+        for line in report.caveats():
+            console.print(Text(line, style="yellow"))
         console.print(escape(f"report: {out / 'report.json'}, {out / 'report.png'}"))
 
 

@@ -212,6 +212,7 @@ class ModelTransfer:
     transfer_rate_per_class: dict[str, float]  # Roth et al.'s code (can exceed 100)
 
 
+MIN_WEIGHT_CHANGE = 1e-3  # relative L2 change of a model's weights under which a report warns
 _RATES = ("transfer_rate_per_sample", "transfer_rate_per_class")
 
 
@@ -226,6 +227,11 @@ class TransferReport:
     labels: list[int] = field(default_factory=list)
     predictions_before: dict[str, list[int]] = field(default_factory=dict)  # every pool member
     predictions_after: dict[str, list[int]] = field(default_factory=dict)  # the trained models
+    # What produced it (``fastkd.training.report.provenance``): the data, whether that data also
+    # selected the weights, the run's settings, each model's relative weight change.
+    context: dict = field(default_factory=dict)
+    # Per trained model, with a control run: top-1 minus the control's, with its interval.
+    control: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -249,6 +255,8 @@ class TransferReport:
             predictions_after={
                 k: [int(p) for p in v] for k, v in values["predictions_after"].items()
             },
+            context=values.get("context", {}),
+            control=values.get("control", {}),
         )
 
     def improved(self) -> int:
@@ -256,10 +264,46 @@ class TransferReport:
         return sum(m.delta > 0 for m in self.models)
 
     def _title(self) -> str:
+        where = f" of {self.context['data']}" if self.context.get("data") else ""
         return (
-            f"Transfer on {self.num_samples} samples: {self.improved()} of {len(self.models)} "
-            "trained models improved"
+            f"Transfer on {self.num_samples} samples{where}: {self.improved()} of "
+            f"{len(self.models)} trained models improved"
         )
+
+    def caveats(self) -> list[str]:
+        """What a reader must know before crediting a change to teaching, one line each."""
+        context, lines = self.context, []
+        if context:
+            lines.append(
+                f"run: teachers {context['teachers']}, mode {context['mode']}, "
+                f"{context['optimizer']} lr {context['lr']:g}, {context['epochs']} epochs, "
+                f"batch {context['batch_size']}, seed {context['seed']}"
+            )
+        if context.get("data_selected_the_weights"):
+            lines.append(
+                f"optimistic: {context['data']} is the --val-data that also selected the weights "
+                "(the best epoch); give --test-data, a held-out set, for a fair figure"
+            )
+        for name, change in context.get("weight_change", {}).items():
+            if change < MIN_WEIGHT_CHANGE:
+                lines.append(
+                    f"{name}'s weights moved by {100 * change:.3g}% (under "
+                    f"{100 * MIN_WEIGHT_CHANGE:g}%): the learning rate may be too small for it; "
+                    "a change may then come from batch norm statistics re-estimated in train mode "
+                    "alone (--control shows it)"
+                )
+        if not self.control and context:
+            lines.append(
+                "no control: the deltas include what plain fine-tuning would give; --control "
+                "trains the cross-entropy control and reports the difference to it"
+            )
+        for name, c in self.control.items():
+            lines.append(
+                f"{name} vs its cross-entropy control on the same images: {c['difference']:+.2f} "
+                f"points, {100 * c['level']:.0f}% interval [{c['low']:+.2f}, {c['high']:+.2f}]: "
+                f"{c['verdict']} (control top-1 {c['control_top1']:.2f})"
+            )
+        return lines
 
     def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``<stem>.json`` and ``<stem>.png``; returns both paths."""
@@ -288,6 +332,8 @@ class TransferReport:
         for column in ("model", "top-1 before", "top-1 after", "delta", "gain", "loss"):
             table.add_column(column, justify="left" if column == "model" else "right")
         table.add_column("teacher: flips before -> after, rate per sample | per class")
+        if self.control:
+            table.add_column("vs control (95% interval)", justify="right")
         for m in self.models:
             colour = "green" if m.delta > 0 else "red" if m.delta < 0 else "white"
             flips = Text("\n").join(  # Text: a model named "[effnet]" stays "[effnet]"
@@ -307,6 +353,11 @@ class TransferReport:
                 f"{m.knowledge_gain:.2f}",
                 f"{m.knowledge_loss:.2f}",
                 flips if m.positive_flips else "-",
+                *(
+                    [_versus(self.control[m.name])]
+                    if self.control and m.name in self.control
+                    else ["-"] * bool(self.control)
+                ),
             )
         return table
 
@@ -451,3 +502,8 @@ def transfer_report(
 
 def _ints(values) -> list[int]:
     return [int(v) for v in np.asarray(values).tolist()]
+
+
+def _versus(control: Mapping) -> str:
+    """A control comparison as a table cell: the difference in points and its interval."""
+    return f"{control['difference']:+.2f} [{control['low']:+.2f}, {control['high']:+.2f}]"

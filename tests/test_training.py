@@ -517,3 +517,57 @@ def test_cli_train_names_an_image_replaced_by_one_of_the_same_size(pool, tmp_pat
     result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 2, result.output
     assert "changed since the dump" in result.output and str(victim) in result.output
+
+
+def test_cli_control_reports_the_difference_and_what_produced_it(pool, tmp_path):
+    """--control trains the cross-entropy control beside the run; the report states its data
+    (the --val-data that also selected the weights: optimistic), the settings, and each model's
+    top-1 minus the control's with an interval, recomputed here from the saved predictions."""
+    out = tmp_path / "run"
+    args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
+    args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25", "--lr", "1e-3"]
+    args += ["--backend", "torch", "--workers", "0", "--val-data", str(pool.val)]
+    args += ["--seed", "4", "--control", "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert (out / "control" / "s.pt").is_file() and (out / "s.pt").is_file()
+    report = json.loads((out / "report.json").read_text())
+    context = report["context"]
+    assert context["data"] == str(pool.val) and context["data_selected_the_weights"] is True
+    assert (context["teachers"], context["mode"], context["lr"]) == ("offline", "live", 1e-3)
+    assert (context["epochs"], context["seed"]) == (1, 4)
+    assert context["weight_change"]["s"] > 0
+    control = report["control"]["s"]
+    labels = np.array(report["labels"])
+    top1 = 100 * np.mean(np.array(report["predictions_after"]["s"]) == labels)
+    assert control["top1"] == pytest.approx(top1)
+    assert control["difference"] == pytest.approx(control["top1"] - control["control_top1"])
+    assert control["low"] <= control["difference"] <= control["high"]
+    assert "optimistic" in result.output and "--test-data" in result.output
+    assert "vs its cross-entropy control on the same images" in result.output
+
+
+def test_a_report_on_held_out_data_is_not_called_optimistic_and_still_weights_are_named(
+    pool, tmp_path
+):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
+    args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25", "--lr", "1e-12"]
+    args += ["--backend", "torch", "--workers", "0", "--val-data", str(pool.val)]
+    args += ["--test-data", str(pool.val), "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["context"]["data_selected_the_weights"] is False
+    assert "optimistic" not in result.output
+    assert "s's weights moved by" in result.output and "--control" in result.output
+
+
+def test_weight_change_is_the_relative_l2_change_without_running_statistics(tmp_path):
+    from fastkd.training.report import weight_change
+
+    before = {"w": torch.tensor([3.0, 4.0]), "bn.running_mean": torch.tensor([1.0])}
+    after = {"w": torch.tensor([3.0, 4.5]), "bn.running_mean": torch.tensor([9.0])}
+    torch.save({"state_dict": before}, tmp_path / "a.pt")
+    torch.save({"state_dict": after}, tmp_path / "b.pt")
+    assert weight_change(tmp_path / "a.pt", tmp_path / "b.pt") == pytest.approx(0.5 / 5.0)

@@ -13,6 +13,7 @@ from fastkd.errors import NonFiniteError
 from fastkd.training.config import DEFAULT_LR, Teachers, TrainConfig
 from fastkd.training.learners import Learner, spec_text
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
+from fastkd.training.report import REPORT_STEM
 from fastkd.training.run import PoolResult, train, train_all
 from fastkd.training.state import STATE_FILE
 from fastkd.training.steps import StepRecord, StepResult
@@ -26,7 +27,6 @@ from fastkd.training.strategy import (
 )
 from fastkd.training.trainer import (
     HISTORY_FILE,
-    REPORT_STEM,
     EpochRecord,
     Trainer,
     TrainResult,

@@ -75,6 +75,7 @@ class TrainConfig:
     num_workers: int | None = None
     progress: bool = True
     report: bool = True  # transfer report at the end (needs eval_data or val_data)
+    control: bool = False  # also train the cross-entropy control; report the difference to it
 
     def __post_init__(self) -> None:
         for name in ("data", "data_root", "store", "val_data", "eval_data", "out_dir"):
@@ -143,6 +144,12 @@ class TrainConfig:
         if self.store is not None and self.views != 1:
             problems.append(
                 f"--views: a store has its own views (its manifest's), got --views {self.views}"
+            )
+        if self.control and (self.joint or self.teachers == Teachers.NONE):
+            problems.append(
+                "--control trains a student with --teachers none beside the run; a run without "
+                "teachers is its own control, and --joint has no single student (train each with "
+                "--teachers none for its control)"
             )
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))

@@ -12,12 +12,20 @@ from fastkd.runtime import resolve_device
 from fastkd.store import StoreReader
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import spec_text
-from fastkd.training.trainer import Trainer, TrainResult, pool_report
+from fastkd.training.report import control_config, pool_report
+from fastkd.training.trainer import Trainer, TrainResult
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Train ``cfg.student`` (or, with ``joint``, all ``cfg.models`` together)."""
-    return Trainer(cfg).fit()
+    """Train ``cfg.student`` (or, with ``joint``, all ``cfg.models`` together). With
+    ``control``, first the cross-entropy control (``report.control_config``); the report then
+    gives each trained model's difference to it, and ``TrainResult.control`` is its run."""
+    if not cfg.control:
+        return Trainer(cfg).fit()
+    control = Trainer(control_config(cfg)).fit()
+    result = Trainer(cfg).fit(control=control.checkpoints)
+    result.control = control
+    return result
 
 
 @dataclass
@@ -59,7 +67,12 @@ def train_all(cfg: TrainConfig) -> PoolResult:
         after = [
             ModelSpec(pool[name].arch, run.checkpoints[name], name) for name, run in runs.items()
         ]
+        control = (
+            {name: run.control.checkpoints[name] for name, run in runs.items()}
+            if cfg.control
+            else None
+        )
         report = pool_report(
-            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device)
+            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device), control
         )
     return PoolResult(runs, report)

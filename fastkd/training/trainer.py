@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +33,6 @@ from torch import Tensor
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.errors import ConfigError, DatasetError, RunExistsError, StoreMismatchError
-from fastkd.evaluation import transfer_from_checkpoints
 from fastkd.files import sweep_temp_files, write_json
 from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
@@ -59,6 +58,7 @@ from fastkd.training.learners import (
     spec_text,
 )
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
+from fastkd.training.report import pool_report
 from fastkd.training.state import (
     STATE_FILE,
     load_run_state,
@@ -80,7 +80,6 @@ from fastkd.training.transfer import to_device
 from fastkd.training.validation import top1
 
 HISTORY_FILE = "history.json"
-REPORT_STEM = "report"
 
 
 class ViewsRepeatWarning(UserWarning):
@@ -105,6 +104,7 @@ class TrainResult:
     state: Path  # resumable run state
     history: list[EpochRecord]
     report: TransferReport | None = None  # with eval_data or val_data
+    control: TrainResult | None = None  # the cross-entropy control's run (``--control``)
 
 
 class Trainer:
@@ -324,8 +324,9 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------
 
-    def fit(self) -> TrainResult:
-        """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report."""
+    def fit(self, control: Mapping[str, Path] | None = None) -> TrainResult:
+        """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report
+        (against the control run's checkpoints, name -> path, when given)."""
         cfg = self.cfg
         state_path = self.out_dir / STATE_FILE
         if state_path.exists() and not cfg.resume:
@@ -357,7 +358,8 @@ class Trainer:
                 if self.dist.is_main:
                     progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
-        report = self.transfer_report(checkpoints) if cfg.report and self.dist.is_main else None
+        main = cfg.report and self.dist.is_main
+        report = self.transfer_report(checkpoints, control) if main else None
         self._barrier()
         return TrainResult(self.out_dir, checkpoints, state_path, self.history, report)
 
@@ -470,15 +472,20 @@ class Trainer:
 
     # -- report -----------------------------------------------------------------------------------
 
-    def transfer_report(self, checkpoints: Mapping[str, Path]) -> TransferReport | None:
-        """Before/after figures of the trained models against the pool, on the report data."""
+    def transfer_report(
+        self, checkpoints: Mapping[str, Path], control: Mapping[str, Path] | None = None
+    ) -> TransferReport | None:
+        """Before/after figures of the trained models against the pool, on the report data (and
+        against their control run's checkpoints, when given)."""
         if self.cfg.report_data is None:
             return None
         before = {learner.name: learner.before for learner in self.learners}
         for name, spec in self.pool_specs.items():
             before.setdefault(name, spec)
         after = [ModelSpec(m.arch, checkpoints[m.name], m.name) for m in self.learners]
-        return pool_report(self.cfg, list(before.values()), after, self.out_dir, self.device)
+        return pool_report(
+            self.cfg, list(before.values()), after, self.out_dir, self.device, control
+        )
 
     def _barrier(self) -> None:
         if self.dist.enabled:
@@ -493,24 +500,3 @@ def describe_epoch(record: EpochRecord, epochs: int) -> str:
     parts += [f"val top-1 {name} {top1:.2f}%" for name, top1 in record.val_top1.items()]
     parts.append(f"{record.steps_per_second:.2f} steps/s")
     return ", ".join(parts)
-
-
-def pool_report(
-    cfg: TrainConfig,
-    before: Sequence[ModelSpec],
-    after: Sequence[ModelSpec],
-    out_dir: Path,
-    device: torch.device,
-) -> TransferReport:
-    """The transfer report of ``after`` against ``before`` on the report data, saved in
-    ``out_dir``."""
-    report = transfer_from_checkpoints(
-        cfg.report_data,
-        before,
-        after,
-        batch_size=cfg.batch_size,
-        device=device,
-        backend=cfg.backend,
-    )
-    report.save(out_dir / REPORT_STEM)
-    return report

@@ -1,0 +1,142 @@
+"""A training run's transfer report that cannot mislead: what produced it, on which data, and
+what teaching added over a cross-entropy control trained with the same settings and seed.
+
+A change in top-1 after training is not all teaching: fine-tuning on the training data, or batch
+norm statistics re-estimated in train mode, move it too. The control (``--control``: the same
+run with ``--teachers none``) shows those; the report then gives each trained model's top-1
+minus the control's on the same images, with a paired bootstrap interval. A report computed on
+the validation data that also selected the weights is optimistic, and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastkd.data import open_dataset
+from fastkd.evaluation import predict_checkpoints
+from fastkd.metrics import TransferReport, transfer_report
+from fastkd.models import ModelSpec, read_checkpoint
+from fastkd.statistics import paired_bootstrap
+from fastkd.training.config import Teachers, TrainConfig
+
+REPORT_STEM = "report"  # report.json and report.png in the run's folder
+CONTROL_DIR = "control"  # the control run's folder, inside the run's
+
+
+def control_config(cfg: TrainConfig) -> TrainConfig:
+    """The cross-entropy control of ``cfg``: the same data, views, optimiser, learning rate,
+    epochs and seed, no teachers, in ``<out>/control``."""
+    return replace(
+        cfg,
+        teachers=Teachers.NONE,
+        out_dir=cfg.out_dir / CONTROL_DIR,
+        control=False,
+        report=False,
+    )
+
+
+def provenance(cfg: TrainConfig) -> dict:
+    """What produced a report, as it states it: the data and its role, and the run's settings."""
+    selected = cfg.eval_data is None and cfg.val_data is not None
+    return {
+        "data": str(cfg.report_data),
+        "data_selected_the_weights": selected,
+        "teachers": cfg.teachers.value,
+        "mode": "joint" if cfg.joint else cfg.mode.value,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.learning_rate,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "temperature": cfg.temperature,
+        "kd_weight": cfg.kd_weight,
+        "ce_weight": cfg.ce_weight,
+        "store": None if cfg.store is None else str(cfg.store),
+    }
+
+
+def pool_report(
+    cfg: TrainConfig,
+    before: Sequence[ModelSpec],
+    after: Sequence[ModelSpec],
+    out_dir: Path,
+    device: torch.device,
+    control: Mapping[str, Path] | None = None,
+) -> TransferReport:
+    """The transfer report of ``after`` against ``before`` on the report data, with its
+    provenance and, given the control run's checkpoints (name -> path), each trained model's
+    top-1 minus its control's; saved in ``out_dir``."""
+    dataset = open_dataset(cfg.report_data)
+    kwargs = {"batch_size": cfg.batch_size, "device": device, "backend": cfg.backend}
+    predictions_after = predict_checkpoints(dataset, after, **kwargs)
+    report = transfer_report(
+        dataset.labels, predict_checkpoints(dataset, before, **kwargs), predictions_after
+    )
+    report.context = provenance(cfg)
+    report.context["weight_change"] = {
+        spec.name: weight_change(old.checkpoint, spec.checkpoint)
+        for spec in after
+        for old in before
+        if old.name == spec.name and old.checkpoint is not None
+    }
+    if control:
+        specs = [ModelSpec(spec.arch, control[spec.name], spec.name) for spec in after]
+        report.control = versus_control(
+            dataset.labels, predictions_after, predict_checkpoints(dataset, specs, **kwargs)
+        )
+    report.save(out_dir / REPORT_STEM)
+    return report
+
+
+def versus_control(
+    labels: np.ndarray,
+    after: Mapping[str, np.ndarray],
+    control: Mapping[str, np.ndarray],
+) -> dict[str, dict]:
+    """Per trained model: its top-1 and the control's, and the paired difference in points with
+    a 95% bootstrap interval over the images and its verdict (``fastkd.statistics``)."""
+    labels = np.asarray(labels)
+    out = {}
+    for name, predictions in after.items():
+        right = np.asarray(predictions) == labels
+        control_right = np.asarray(control[name]) == labels
+        interval = paired_bootstrap([right.astype(float) - control_right.astype(float)])
+        out[name] = {
+            "top1": 100.0 * right.mean(),
+            "control_top1": 100.0 * control_right.mean(),
+            "difference": interval.estimate,
+            "low": interval.low,
+            "high": interval.high,
+            "level": interval.level,
+            "verdict": interval.verdict(),
+        }
+    return out
+
+
+def weight_change(before: Path, after: Path) -> float:
+    """Relative L2 change of a model's learned weights: ||after - before|| / ||before|| over the
+    floating-point tensors the two checkpoints share, batch norm's running statistics left out
+    (they move without any learning; NaN when nothing is shared)."""
+    old = _tensors(read_checkpoint(before))
+    new = _tensors(read_checkpoint(after))
+    moved = total = 0.0
+    for key, tensor in new.items():
+        if key in old and old[key].shape == tensor.shape:
+            moved += float((tensor.double() - old[key].double()).square().sum())
+            total += float(old[key].double().square().sum())
+    return math.sqrt(moved / total) if total > 0 else math.nan
+
+
+def _tensors(payload: Mapping) -> dict[str, torch.Tensor]:
+    state = payload.get("state_dict", payload)
+    return {
+        k: v
+        for k, v in state.items()
+        if torch.is_tensor(v) and v.is_floating_point() and ".running_" not in f".{k}"
+    }
