@@ -15,34 +15,12 @@ functions below, and the kernel tests hold the two to the same answers.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 
+from fastkd.choices import PartitionMode, PartitionScore
 from fastkd.errors import ConfigError
 
 NO_TEACHER = -1
-
-
-class PartitionMode(str, Enum):
-    """How a sample's target is chosen (docs/method.md). ``"all"``, the old name of ``best``, is
-    still read (saved configs)."""
-
-    LIVE = "live"  # offline Bi-KD: the best teacher teaches where it beats the current student
-    FIXED = "fixed"  # KL+DP: the best of {the student's stored initial outputs, the teachers}
-    BEST = "best"  # best-teacher KD: the best teacher by the score teaches on every sample
-    PLAIN = "plain"  # plain KD: the teachers' mean distribution at T; no label, no partition
-
-    @classmethod
-    def _missing_(cls, value: object) -> PartitionMode | None:
-        return cls.BEST if isinstance(value, str) and value.lower() == "all" else None
-
-
-class PartitionScore(str, Enum):
-    """What the partition compares, for teachers and the student alike (at T = 1)."""
-
-    LABEL = "label"  # log p(y): needs the label
-    CONFIDENCE = "confidence"  # max_c log p(c), the confidence in the top class: no label
 
 
 def logits_score(

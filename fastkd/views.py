@@ -20,10 +20,9 @@ when ``eval_view`` is set: the centre square of side ``eval_crop_pct`` x the sho
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from fastkd.augment import AugmentConfig
 from fastkd.errors import ConfigError, DatasetError
 
 # Philox4x64-10 constants (Random123, as in numpy's Philox).
@@ -42,40 +41,6 @@ _STREAM_TAIL = 0x7461696C  # "tail"
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 _DRAWS_PER_ATTEMPT = 4  # scale, log-ratio, top, left
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Training-view augmentation; stored in the manifest (``dataclasses.asdict``)."""
-
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: float = 0.5
-    eval_view: bool = True  # view 0: centre square crop of eval_crop_pct x short side, no flip
-    eval_crop_pct: float = 0.875
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale
-        if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"augment scale must satisfy 0 < min <= max <= 1, got {self.scale}")
-        lo, hi = self.ratio
-        if not 0 < lo <= hi:
-            raise ConfigError(f"augment ratio must satisfy 0 < min <= max, got {self.ratio}")
-        if not 0 <= self.hflip <= 1:
-            raise ConfigError(f"augment hflip is a probability in [0, 1], got {self.hflip}")
-        if not 0 < self.eval_crop_pct <= 1:
-            raise ConfigError(f"augment eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AugmentConfig:
-        """Inverse of ``asdict`` (the manifest stores tuples as JSON lists)."""
-        return cls(
-            scale=tuple(values["scale"]),
-            ratio=tuple(values["ratio"]),
-            hflip=float(values["hflip"]),
-            eval_view=bool(values["eval_view"]),
-            eval_crop_pct=float(values["eval_crop_pct"]),
-        )
 
 
 def _mulhilo64(a: np.ndarray, m: np.uint64) -> tuple[np.ndarray, np.ndarray]:

@@ -16,18 +16,18 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from fastkd.choices import OnBadImage
 from fastkd.data.datasets import ImageDataset
 from fastkd.errors import BadImageError, ConfigError
 from fastkd.views import pixel_box
 
 log = logging.getLogger(__name__)
 
-OnBadImage = Literal["fail", "skip"]
 PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling
 
 

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from fastkd.choices import Backend
 from fastkd.data.batches import (
     PIL_RESAMPLE,
     Items,
@@ -44,8 +45,6 @@ from fastkd.data.datasets import ImageDataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.errors import ConfigError
 from fastkd.hashing import content_hash
-
-Backend = Literal["auto", "dali", "torch"]
 
 
 def resolve_backend(backend: Backend) -> Literal["dali", "torch"]:

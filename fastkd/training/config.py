@@ -9,24 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from fastkd.choices import DEFAULT_LR, PartitionMode, PartitionScore, Teachers
 from fastkd.errors import ConfigError
-from fastkd.partition import PartitionMode, PartitionScore
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
-
-DEFAULT_LR = {"adam": 1e-6, "sgd": 1e-4}  # Bi-KD (Adam) and KL+DP (SGD) on pretrained models
-
-
-class Teachers(str, Enum):
-    """Where the KD targets come from."""
-
-    OFFLINE = "offline"  # the store
-    LIVE = "live"  # the pool's models, run forward every step
-    NONE = "none"  # no KD: cross-entropy only
 
 
 @dataclass
