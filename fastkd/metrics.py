@@ -286,12 +286,7 @@ class TransferReport:
             )
         for name, change in context.get("weight_change", {}).items():
             if change < MIN_WEIGHT_CHANGE:
-                lines.append(
-                    f"{name}'s weights moved by {100 * change:.3g}% (under "
-                    f"{100 * MIN_WEIGHT_CHANGE:g}%): the learning rate may be too small for it; "
-                    "a change may then come from batch norm statistics re-estimated in train mode "
-                    "alone (--control shows it)"
-                )
+                lines.append(barely_moved(name, change))
         if not self.control and context:
             lines.append(
                 "no control: the deltas include what plain fine-tuning would give; --control "
@@ -502,6 +497,15 @@ def transfer_report(
 
 def _ints(values) -> list[int]:
     return [int(v) for v in np.asarray(values).tolist()]
+
+
+def barely_moved(name: str, change: float) -> str:
+    """What a weight change under ``MIN_WEIGHT_CHANGE`` means, for a warning or a report."""
+    return (
+        f"{name}'s weights moved by {100 * change:.3g}% (under {100 * MIN_WEIGHT_CHANGE:g}%): the "
+        "learning rate may be too small for it; a change in top-1 may then come from batch norm "
+        "statistics re-estimated in train mode alone (--control shows it)"
+    )
 
 
 def _versus(control: Mapping) -> str:

@@ -11,6 +11,7 @@ the validation data that also selected the weights is optimistic, and says so.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from fastkd.data import open_dataset
 from fastkd.evaluation import predict_checkpoints
-from fastkd.metrics import TransferReport, transfer_report
+from fastkd.metrics import MIN_WEIGHT_CHANGE, TransferReport, barely_moved, transfer_report
 from fastkd.models import ModelSpec, read_checkpoint
 from fastkd.statistics import paired_bootstrap
 from fastkd.training.config import Teachers, TrainConfig
@@ -117,6 +118,20 @@ def versus_control(
             "verdict": interval.verdict(),
         }
     return out
+
+
+class WeightsBarelyMovedWarning(UserWarning):
+    """A trained model's weights moved less than ``metrics.MIN_WEIGHT_CHANGE`` (relative)."""
+
+
+def warn_if_barely_moved(before: Sequence[ModelSpec], after: Mapping[str, Path]) -> None:
+    """At the end of a run: warn for each trained model (``after``: name -> selected weights)
+    whose weights barely moved from its ``before`` checkpoint (one without a file is skipped)."""
+    for spec in before:
+        if spec.name in after and spec.checkpoint is not None:
+            change = weight_change(spec.checkpoint, after[spec.name])
+            if change < MIN_WEIGHT_CHANGE:
+                warnings.warn(barely_moved(spec.name, change), WeightsBarelyMovedWarning, 2)
 
 
 def weight_change(before: Path, after: Path) -> float:

@@ -58,7 +58,7 @@ from fastkd.training.learners import (
     spec_text,
 )
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
-from fastkd.training.report import pool_report
+from fastkd.training.report import pool_report, warn_if_barely_moved
 from fastkd.training.state import (
     STATE_FILE,
     load_run_state,
@@ -358,6 +358,8 @@ class Trainer:
                 if self.dist.is_main:
                     progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
+        if self.dist.is_main:
+            warn_if_barely_moved([m.before for m in self.learners], checkpoints)
         main = cfg.report and self.dist.is_main
         report = self.transfer_report(checkpoints, control) if main else None
         self._barrier()
