@@ -33,6 +33,7 @@ from fastkd.data import (
 )
 from fastkd.errors import ConfigError, DatasetError
 from fastkd.hashing import UNRECORDED
+from fastkd.input_size import announce_input
 from fastkd.models import LoadedModel, fp32_classifier, load_model, parse_pool
 from fastkd.runtime import autocast, progress_bar, resolve_device
 from fastkd.store import (
@@ -72,6 +73,7 @@ class DumpConfig:
     num_workers: int | None = None  # loader workers (DALI threads or DataLoader processes)
     data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    input_size: int | None = None  # every model's image side, over its data config's (manifest)
     amp: bool = True  # bf16 autocast on a GPU (CPU always runs fp32)
     progress: bool = True  # rich progress bar (on a terminal; a log line per block otherwise)
 
@@ -101,6 +103,8 @@ class DumpConfig:
                 raise ConfigError(
                     f"--tail-samples must be in [1, {MAX_TAIL_SAMPLES}], got {self.tail_samples}"
                 )
+        if self.input_size is not None and self.input_size < 1:
+            raise ConfigError(f"--input-size must be >= 1 (px), got {self.input_size}")
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
@@ -261,8 +265,10 @@ def run_dump(cfg: DumpConfig) -> Path:
     if unreadable and cfg.on_bad_image == "fail":
         sample, reason = next(iter(unreadable.items()))
         raise BadImageError(dataset.path(sample), sample, reason)
-    pool = [load_model(spec) for spec in parse_pool(cfg.models)]
+    pool = [load_model(spec, input_size=cfg.input_size) for spec in parse_pool(cfg.models)]
     check_classes(dataset, pool, cfg.data)
+    for member in pool:
+        announce_input(member.spec.name, member.data_config, member.input_source, dataset)
     manifest = build_manifest(cfg, dataset, pool)
 
     with StoreWriter.create_or_resume(

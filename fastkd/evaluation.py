@@ -16,6 +16,12 @@ import torch
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.errors import ConfigError
+from fastkd.input_size import (
+    DATA_CONFIG_SOURCE,
+    OVERRIDE_SOURCE,
+    announce_input,
+    with_input_size,
+)
 from fastkd.metrics import TransferReport, transfer_report
 from fastkd.models import ModelSpec, load_model
 from fastkd.runtime import autocast
@@ -33,6 +39,7 @@ def evaluate(
     backend: str = "auto",
     amp: bool = True,
     samples: np.ndarray | None = None,
+    input_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Top-1 predictions of each model on the eval view of ``samples`` of ``dataset`` (default:
     every sample), in the order of ``samples``: [len(samples)] each.
@@ -41,9 +48,17 @@ def evaluate(
     no flip), resized and normalised with each model's own timm data config: timm's eval
     transform. Models sharing a ``crop_pct`` share one decoding pass. Models are left in eval mode.
     ``samples`` (distinct indices into ``dataset``) lets DDP ranks each take a disjoint slice.
+    ``input_size`` overrides every data config's image size (``with_input_size``).
     """
+    configs = {name: dict(data_configs[name]) for name in models}
+    source = DATA_CONFIG_SOURCE
+    if input_size is not None:
+        configs = {name: with_input_size(c, input_size) for name, c in configs.items()}
+        source = OVERRIDE_SOURCE
+    for name, config in configs.items():
+        announce_input(name, config, source, dataset)
     return eval_view_outputs(
-        models, data_configs, dataset, lambda logits: logits.argmax(dim=1),
+        models, configs, dataset, lambda logits: logits.argmax(dim=1),
         batch_size=batch_size, device=device, backend=backend, amp=amp, samples=samples,
     )  # fmt: skip
 
@@ -125,20 +140,23 @@ def predict_checkpoints(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    input_size: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """``evaluate`` of models given as specs (``NAME=CKPT``), loaded one at a time."""
+    """``evaluate`` of models given as specs (``NAME=CKPT``), loaded one at a time;
+    ``input_size`` overrides each one's data config image size."""
     names = [spec.name for spec in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"model name(s) {twice} given twice; name them apart (alias:ARCH=CKPT)")
     predictions = {}
     for spec in specs:
-        loaded = load_model(spec)
+        loaded = load_model(spec, input_size=input_size)
         if loaded.num_classes != dataset.num_classes:
             raise ConfigError(
                 f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
                 f"classes, the data set {dataset.root} has {dataset.num_classes}"
             )
+        announce_input(spec.name, loaded.data_config, loaded.input_source, dataset)
         predictions.update(
             evaluate(
                 {spec.name: loaded.model.to(device)},
@@ -161,11 +179,15 @@ def transfer_from_checkpoints(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    input_size: int | None = None,
 ) -> TransferReport:
     """The transfer report of trained checkpoints (``after``) against the pool before training
-    (``before``: every member, matched to ``after`` by name), evaluated on ``data``."""
+    (``before``: every member, matched to ``after`` by name), evaluated on ``data``, every model
+    at ``input_size`` when given (else its own data config's)."""
     dataset = open_dataset(data)
-    kwargs = {"batch_size": batch_size, "device": device, "backend": backend}
+    kwargs = {
+        "batch_size": batch_size, "device": device, "backend": backend, "input_size": input_size,
+    }  # fmt: skip
     return transfer_report(
         dataset.labels,
         predict_checkpoints(dataset, before, **kwargs),

@@ -30,6 +30,7 @@ from fastkd.errors import (
     is_disk_full,
 )
 from fastkd.files import atomic_torch_save
+from fastkd.input_size import CHECKPOINT_SOURCE, OVERRIDE_SOURCE, TIMM_SOURCE, with_input_size
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -118,6 +119,7 @@ class LoadedModel:
     sha256: str  # of the checkpoint file; of the state dict for timm's pretrained weights
     num_classes: int
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_source: str = TIMM_SOURCE  # where data_config's input size came from (log lines)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -280,6 +282,7 @@ def load_model(
     num_classes: int | None = None,
     pretrained: bool = True,
     model_kwargs: Mapping[str, Any] | None = None,
+    input_size: int | None = None,
 ) -> LoadedModel:
     """Build the spec's timm model with its weights, in eval mode on CPU.
 
@@ -287,7 +290,7 @@ def load_model(
     data config. Without one, timm's pretrained weights (this needs the network or timm's cache)
     or, with ``pretrained=False``, a random init. ``num_classes`` left at None keeps the weights'
     classifier; a different count replaces the classifier with a fresh one (fine-tuning to a new
-    label set).
+    label set). ``input_size`` overrides the data config's image size (``with_input_size``).
     """
     if ":" not in spec.arch and not timm.is_model(spec.arch):
         raise ConfigError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
@@ -300,6 +303,7 @@ def load_model(
         else:
             model = timm.create_model(spec.arch, pretrained=False, **kwargs)
         data_config = resolve_model_data_config(model)
+        source = TIMM_SOURCE
         sha256 = state_dict_sha256(model)
     else:
         path = spec.checkpoint
@@ -323,11 +327,14 @@ def load_model(
         _check_fits(model, state_dict, spec.arch, path)
         model.load_state_dict(state_dict)
         data_config = saved_config or resolve_model_data_config(model)
+        source = CHECKPOINT_SOURCE if saved_config else TIMM_SOURCE
         sha256 = file_sha256(path)
         if num_classes is not None and num_classes != model.num_classes:
             model.reset_classifier(num_classes)
             kwargs["num_classes"] = num_classes
     model.eval()
+    if input_size is not None:
+        data_config, source = with_input_size(data_config, input_size), OVERRIDE_SOURCE
     return LoadedModel(
         spec=spec,
         model=model,
@@ -335,6 +342,7 @@ def load_model(
         sha256=sha256,
         num_classes=int(model.num_classes),
         model_kwargs=kwargs,
+        input_source=source,
     )
 
 

@@ -73,6 +73,16 @@ class ImageDataset:
             raise BadImageError(self.path(sample), sample, reason)
         return sizes
 
+    def median_side(self) -> float | None:
+        """The median short side (px) of the readable images (None: none readable): what a
+        model's input size is compared with to tell an upscaling one (``fastkd.input_size``)."""
+        sizes, unreadable = self.read_sizes()
+        readable = np.ones(len(sizes), dtype=bool)
+        readable[list(unreadable)] = False
+        if not readable.any():
+            return None
+        return float(np.median(sizes[readable].min(axis=1)))
+
     def read_sizes(self) -> tuple[np.ndarray, dict[int, str]]:
         """(sizes int64 [n, 2], {sample: error} of headers that cannot be read).
 

@@ -53,7 +53,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # without a store
     pretrained: bool = True  # student without checkpoint: timm's weights; False: from scratch
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
-    input_size: int | None = None  # override the student's data-config image size
+    input_size: int | None = None  # the students' image side, over their data config's
     val_data: Path | None = None  # held out from the training data: model selection
     eval_data: Path | None = None  # the final report's data (default: val_data)
     out_dir: Path = Path("runs/train")
@@ -97,6 +97,8 @@ class TrainConfig:
             problems.append(
                 f"--optimizer must be one of {sorted(DEFAULT_LR)}, got {self.optimizer!r}"
             )
+        if self.input_size is not None and self.input_size < 1:
+            problems.append(f"--input-size must be >= 1 (px), got {self.input_size}")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:

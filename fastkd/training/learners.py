@@ -18,6 +18,7 @@ from torch import nn
 
 from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError
+from fastkd.input_size import announce_input
 from fastkd.models import LoadedModel, ModelSpec, json_data_config, load_model
 from fastkd.runtime import DistContext
 from fastkd.training.config import TrainConfig
@@ -60,13 +61,15 @@ def spec_text(spec: ModelSpec) -> str:
 
 
 def load_for(dataset: ImageDataset, data: Path, spec: ModelSpec, **kwargs: Any) -> LoadedModel:
-    """Load ``spec``, refusing a model whose classes are not the data set's."""
+    """Load ``spec`` (``load_model``'s keyword arguments, ``input_size`` among them), refusing a
+    model whose classes are not the data set's; log its input size (warn if it upscales)."""
     loaded = load_model(spec, **kwargs)
     if loaded.num_classes != dataset.num_classes:
         raise ConfigError(
             f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
             f"classes, the data set {data} has {dataset.num_classes}"
         )
+    announce_input(spec.name, loaded.data_config, loaded.input_source, dataset)
     return loaded
 
 
@@ -85,18 +88,15 @@ def check_labels(dataset: ImageDataset, data: Path) -> None:
 
 def load_student(cfg: TrainConfig, dataset: ImageDataset) -> LoadedModel:
     """The student: a checkpoint, timm's pretrained weights, or a random init (from scratch)."""
-    student = load_for(
+    return load_for(
         dataset,
         cfg.data,
         ModelSpec.parse(cfg.student),
         num_classes=dataset.num_classes,
         pretrained=cfg.pretrained,
         model_kwargs=cfg.model_kwargs,
+        input_size=cfg.input_size,
     )
-    if cfg.input_size is not None:
-        size = cfg.input_size
-        student.data_config = {**student.data_config, "input_size": [3, size, size]}
-    return student
 
 
 def initial_weights_path(out_dir: Path, name: str) -> Path:
