@@ -31,6 +31,7 @@ from fastkd.errors import (
 )
 from fastkd.files import atomic_torch_save
 from fastkd.input_size import CHECKPOINT_SOURCE, OVERRIDE_SOURCE, TIMM_SOURCE, with_input_size
+from fastkd.pretrained import hub_access, offline_hub
 
 CHECKPOINT_FORMAT = "fastkd-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -241,18 +242,23 @@ def _check_fits(
 
 
 def _create_pretrained(spec: ModelSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module:
-    """timm's model with its pretrained weights. A failed download (the hub's and urllib's
+    """timm's model with its pretrained weights. Cached weights load with the hub offline; not
+    cached and no hub within reach (``pretrained.hub_access``: a second or two), the load fails
+    at once instead of after a minute of retries. A failed download (the hub's and urllib's
     OSErrors: no network) or weights timm does not have become one ``WeightsUnavailableError``
     saying what to pass instead; a full disk stays the OSError it is (the CLI names the path)."""
+    access = hub_access(spec.arch)
     try:
-        return timm.create_model(spec.arch, pretrained=True, **kwargs)
+        with offline_hub(access.offline):
+            return timm.create_model(spec.arch, pretrained=True, **kwargs)
     except (OSError, RuntimeError) as error:
         if find_cause(error, OSError, is_disk_full) is not None:
             raise
         if isinstance(error, OSError):
+            cause = access.reason if access.unreachable else _root_cause(error)
             raise WeightsUnavailableError(
                 f"model {spec.name!r}: timm's pretrained weights for {spec.arch!r} could not be "
-                f"downloaded ({_root_cause(error)}). Without network, give a local weights file "
+                f"downloaded ({cause}). Without network, give a local weights file "
                 f"instead, {spec.arch}=CKPT (a fastkd, timm or plain state-dict checkpoint), or "
                 "copy a Hugging Face cache that holds them (HF_HOME) from a machine with network"
             ) from error

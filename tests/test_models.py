@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+from fastkd import pretrained
+from fastkd.errors import WeightsUnavailableError
 from fastkd.models import (
     CheckpointError,
     ModelSpec,
@@ -172,3 +176,71 @@ def test_fp32_classifier_keeps_the_head_fp32_under_bf16_autocast(arch: str) -> N
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits.double(), exact, rtol=1e-5, atol=1e-5)
     assert (plain.double() - exact).abs().max() > 100 * (logits.double() - exact).abs().max()
+
+
+# -- timm's pretrained weights without network: one line, at once --------------------------
+
+
+@pytest.fixture
+def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache and a hub that refuses connections (a closed local port):
+    what a machine without network sees, whether or not this one has network."""
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    for name in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "hub"
+
+
+def _fails_fast(spec: str) -> str:
+    started = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as error:
+        load_model(ModelSpec.parse(spec))
+    assert time.perf_counter() - started < 5.0
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_bare_timm_name_without_network_fails_at_once_in_one_line(
+    no_hub: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        message = _fails_fast("net:resnet18")
+    assert "model 'net': timm's pretrained weights for 'resnet18' could not be downloaded" in (
+        message
+    )
+    assert "127.0.0.1:9 unreachable, ConnectionRefusedError" in message
+    assert "give a local weights file instead, resnet18=CKPT" in message
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub")]  # no retries
+
+
+def test_hf_hub_offline_set_after_import_fails_at_once(
+    no_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # huggingface_hub read it at import: too late
+    monkeypatch.setattr(pretrained, "probe", lambda *a, **k: pytest.fail("probed offline"))
+    assert "resnet18=CKPT" in _fails_fast("resnet18")
+
+
+def test_cached_weights_load_without_touching_the_network(
+    no_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(pretrained, "probe", lambda *a, **k: pytest.fail("probed with a cache"))
+    model = _tiny(1000)
+    repo = timm.models.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    folder = no_hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(model.state_dict(), folder / "snapshots" / ("0" * 40) / "model.safetensors")
+    started = time.perf_counter()
+    loaded = load_model(ModelSpec.parse("test_efficientnet"))
+    assert time.perf_counter() - started < 5.0
+    assert loaded.sha256 == state_dict_sha256(model)
