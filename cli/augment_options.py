@@ -9,7 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from fastkd.views import AugmentConfig
+from fastkd.augment import AugmentConfig
 
 R = TypeVar("R")
 _DEFAULT = AugmentConfig()
@@ -19,21 +19,23 @@ CropScale = Annotated[
     tuple[float, float],
     typer.Option(
         metavar="MIN MAX",
-        help="Crop area range, as a fraction of the image.",
+        help="Crop area range, as a fraction of the image's area, in (0, 1].",
         rich_help_panel=_PANEL,
     ),
 ]
 CropRatio = Annotated[
     tuple[float, float],
-    typer.Option(metavar="MIN MAX", help="Crop aspect-ratio range.", rich_help_panel=_PANEL),
+    typer.Option(
+        metavar="MIN MAX", help="Crop aspect-ratio range (width / height).", rich_help_panel=_PANEL
+    ),
 ]
 HFlip = Annotated[
     float,
     typer.Option(
         min=0.0,
         max=1.0,
-        help="Probability of a horizontal flip (0 for data where mirroring changes the class, "
-        "e.g. digits or text).",
+        help="Probability of a horizontal flip per view, 0 to 1 (0 for data where mirroring "
+        "changes the class, e.g. digits or text).",
         rich_help_panel=_PANEL,
     ),
 ]
@@ -46,7 +48,8 @@ EvalView = Annotated[
 EvalCropPct = Annotated[
     float,
     typer.Option(
-        help="Side of the eval view's centre crop, as a fraction of the short side.",
+        help="Side of the eval view's centre crop, as a fraction of the image's short side, "
+        "in (0, 1].",
         rich_help_panel=_PANEL,
     ),
 ]

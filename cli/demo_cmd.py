@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-# Registers the demo pool's timm architectures, so every command loads the demo's checkpoints.
-import fastkd.digits  # noqa: F401
 from fastkd.cli import options
 from fastkd.cli.guard import guarded
 
@@ -26,20 +24,27 @@ def demo_command(
         Path | None,
         typer.Option(
             help="Output folder: report.json, report.png, report.txt, the runs "
-            "(default: runs/demo; runs/demo-quick with --quick)."
+            "(default: runs/demo; runs/demo-quick with --quick).",
+            show_default=False,
         ),
     ] = None,
     folds: Annotated[
         int,
-        typer.Option(min=3, help="Cross-validation folds: each image is a test image of one fold."),
+        typer.Option(
+            min=3,
+            help="Cross-validation folds (at least 3): each image is a test image of one fold; "
+            "the time grows with folds x seeds.",
+        ),
     ] = 5,
-    seeds: Annotated[int, typer.Option(min=1, help="Transfer seeds per fold (0, 1, ...).")] = 1,
+    seeds: Annotated[
+        int, typer.Option(min=1, help="Transfer seeds per fold, numbered 0, 1, ... (count).")
+    ] = 1,
     device: options.Device = "auto",
     backend: options.LoaderBackend = "auto",
     progress: options.ShowProgress = True,
 ) -> None:
-    """Does deciding roles per sample beat plain distillation? Real data, at most 10 minutes
-    on a CPU.
+    """Does deciding roles per sample beat plain distillation? Real data, about 9-10 minutes
+    on 2 CPU cores without a GPU (longer on a busy or slower machine).
 
     On scikit-learn's digits (16 px), per cross-validation fold: trains a pool of three timm
     architectures from scratch, each on its own part of the training split (all of six digits,

@@ -10,13 +10,13 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from fastkd.augment import AugmentConfig
+from fastkd.choices import OnBadImage
 from fastkd.cli import options
+from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
-from fastkd.compression import TailModel
-from fastkd.data import OnBadImage
-from fastkd.dump import DumpConfig, run_dump
-from fastkd.views import AugmentConfig
+from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel
 
 
 def dump(
@@ -43,15 +43,18 @@ def dump(
         typer.Option(help="The store directory to create, or to resume.", show_default=False),
     ],
     views: Annotated[
-        int, typer.Option(min=1, help="Views per sample; view 0 is the eval (centre) view.")
+        int,
+        typer.Option(
+            min=1, help="Views stored per sample (count); view 0 is the eval (centre) view."
+        ),
     ] = 8,
     topk: Annotated[
         int,
         typer.Option(
             min=0,
-            help="Classes stored per view (their ids and log-probabilities), beside the exact "
-            "label log-probability and the tail's mass. 0 stores every class; so do few classes "
-            "(<= 128) unless --tail is given.",
+            help="Classes stored per view and model (their ids and log-probabilities), beside "
+            "the exact label log-probability and the tail's mass. 0 stores every class; so do "
+            "few classes (<= 128) unless --tail is given.",
         ),
     ] = 10,
     tail: Annotated[
@@ -59,8 +62,9 @@ def dump(
         typer.Option(
             help="How training reads the classes outside the top-k: 'bucket' (one bucket, the "
             "student's shape inside it left free), 'uniform' (shared equally) or 'sampled' "
-            "(--tail-samples ids drawn from the tail). Default: bucket, which measured best "
-            "(docs/store-format.md). Naming one stores sparse targets even for few classes.",
+            f"(--tail-samples ids drawn from the tail). Default: {DEFAULT_TAIL.value}, which "
+            "measured best (docs/store-format.md). Naming one stores sparse targets even for few "
+            "classes.",
             show_default=False,
         ),
     ] = None,
@@ -68,14 +72,18 @@ def dump(
         int | None,
         typer.Option(
             min=1,
-            max=64,
-            help="Ids drawn from the tail per view, for --tail sampled (default 8, at most 64).",
+            max=MAX_TAIL_SAMPLES,
+            help="Class ids drawn from the tail per view, for --tail sampled (default 8, at most "
+            f"{MAX_TAIL_SAMPLES}).",
             show_default=False,
         ),
     ] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the view replay (crops, flips).")] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, help="Seed of the view replay (crops, flips); any integer >= 0.")
+    ] = 0,
     batch_size: Annotated[
-        int, typer.Option(min=1, help="Views per forward pass of each model.")
+        int,
+        typer.Option(min=1, help="Views per forward pass of each model, per process (GPU)."),
     ] = 256,
     backend: options.LoaderBackend = "auto",
     device: options.Device = "auto",
@@ -118,8 +126,8 @@ def dump(
         int | None,
         typer.Option(
             min=1,
-            help="Samples per store shard, the unit of writing and of resume (default: about "
-            "8192 views).",
+            help="Samples per store shard, the unit of writing and of resume (default: the "
+            "largest power of two at most 8192 / --views, about 8192 views).",
             show_default=False,
         ),
     ] = None,
@@ -135,6 +143,9 @@ def dump(
 
     A killed dump resumes where it stopped when run again with the same options.
     """
+    from fastkd.dump import DumpConfig, run_dump
+
+    register_demo_architectures()
     logging.basicConfig(
         level=logging.INFO,
         format="%(message)s",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,7 +16,9 @@ from rich.text import Text
 from fastkd.cli import options
 from fastkd.cli.guard import guarded
 from fastkd.errors import StoreError
-from fastkd.store import ModelEntry, StoreSummary, check_store, summarize
+
+if TYPE_CHECKING:  # the store imports zarr: only when the command runs
+    from fastkd.store import ModelEntry, StoreSummary
 
 
 def _size(nbytes: float) -> str:
@@ -95,6 +97,8 @@ def inspect(
     progress: options.ShowProgress = True,
 ) -> None:
     """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
+    from fastkd.store import check_store, summarize
+
     summary = summarize(store)
     if as_json:
         payload = asdict(summary)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from fastkd.cli import bench_cmd, demo_cmd, dump_cmd, inspect_cmd, train_cmd
+from fastkd.cli import bench_cmd, demo_cmd, dump_cmd, eval_cmd, inspect_cmd, train_cmd
 
 app = typer.Typer(
     name="fastkd",
@@ -36,7 +36,7 @@ def _options(
     """The options of every command (the guard reads --debug from the root context)."""
 
 
-for _module in (dump_cmd, inspect_cmd, train_cmd, demo_cmd, bench_cmd):
+for _module in (dump_cmd, inspect_cmd, train_cmd, eval_cmd, demo_cmd, bench_cmd):
     _module.register(app)
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fastkd.data import Backend
+from fastkd.choices import Backend
 
 Device = Annotated[
     str,
@@ -26,7 +26,8 @@ Workers = Annotated[
     int | None,
     typer.Option(
         min=0,
-        help="Loader workers: DALI threads or DataLoader processes (default: cores, at most 8).",
+        help="Loader workers per process: DALI threads or DataLoader processes (default: the "
+        "CPU cores, at most 8).",
         show_default=False,
     ),
 ]

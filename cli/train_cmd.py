@@ -1,27 +1,25 @@
-"""`fastkd train` and `fastkd eval`: parse the options, call ``fastkd.training`` / ``fastkd.metrics``."""
+"""`fastkd train`: parse the options into a ``TrainConfig``, call ``fastkd.training``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
+from fastkd.augment import AugmentConfig
+from fastkd.choices import DEFAULT_LR, PartitionMode, PartitionScore, Teachers
 from fastkd.cli import options
+from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
-from fastkd.data import open_dataset
 from fastkd.errors import ConfigError
-from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
-from fastkd.files import write_json
-from fastkd.models import parse_pool
-from fastkd.partition import PartitionMode, PartitionScore
-from fastkd.training import DEFAULT_LR, Teachers, TrainConfig, TrainResult, train, train_all
-from fastkd.views import AugmentConfig
+
+if TYPE_CHECKING:  # the training imports torch, timm and the kernels: only when a command runs
+    from fastkd.training import TrainResult
 
 _MODEL_HELP = (
     "A pool member with its weights, \\[alias:]ARCH=CKPT (repeat). The name (alias, else the "
@@ -86,8 +84,18 @@ def train_command(
         list[str] | None,
         typer.Option(help="Only these pool members teach (repeat; default: the whole pool)."),
     ] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
-    batch_size: Annotated[int, typer.Option(min=1, help="Global batch, split over ranks.")] = 128,
+    epochs: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Passes over the training samples (one stored view of each per pass)."
+        ),
+    ] = 10,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Images per optimizer step, all ranks together (split over the GPUs)."
+        ),
+    ] = 128,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     lr: Annotated[
         float | None,
@@ -98,16 +106,41 @@ def train_command(
             "at these (the report warns when weights moved < 0.1%): try ~1e-3, as from scratch."
         ),
     ] = None,
-    weight_decay: float = 1e-5,
-    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    lr_schedule: Annotated[str, typer.Option(help="constant or cosine (per step).")] = "constant",
-    temperature: float = 1.0,
-    kd_weight: float = 1.0,
-    ce_weight: float = 1.0,
+    weight_decay: Annotated[
+        float,
+        typer.Option(help="The optimizer's L2 weight decay (>= 0; Bi-KD's setting for Adam)."),
+    ] = 1e-5,
+    momentum: Annotated[float, typer.Option(help="SGD momentum, 0 to 1 (adam ignores it).")] = 0.9,
+    lr_schedule: Annotated[
+        str, typer.Option(help="constant or cosine (per step, to 0 at the last epoch).")
+    ] = "constant",
+    temperature: Annotated[
+        float,
+        typer.Option(
+            help="KD temperature T (> 0): teacher and student distributions are softmax(z / T) "
+            "and the KD term is scaled by T^2; the partition always compares at T = 1."
+        ),
+    ] = 1.0,
+    kd_weight: Annotated[
+        float,
+        typer.Option(
+            help="Weight of the KD term in the loss (>= 0): ce_weight x CE + kd_weight x T^2 x KL."
+        ),
+    ] = 1.0,
+    ce_weight: Annotated[
+        float,
+        typer.Option(help="Weight of the cross-entropy on the labels in the loss (>= 0)."),
+    ] = 1.0,
     stop_grad: Annotated[
         bool, typer.Option(help="--joint: no KD gradient into the teaching model.")
     ] = True,
-    seed: int = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the sample order, each epoch's view choice, the views without a "
+            "store and a --from-scratch init."
+        ),
+    ] = 0,
     views: Annotated[
         int | None,
         typer.Option(
@@ -121,7 +154,12 @@ def train_command(
         bool, typer.Option(help="A student without CKPT starts from a random init.")
     ] = False,
     input_size: Annotated[
-        int | None, typer.Option(help="Override the student's input size (pixels, square).")
+        int | None,
+        typer.Option(
+            help="Override the student's input size, in pixels (square; default: the model's "
+            "data config).",
+            show_default=False,
+        ),
     ] = None,
     val_data: Annotated[
         Path | None,
@@ -168,6 +206,9 @@ def train_command(
     launch with torchrun (one process per GPU). Without --store, views are drawn from --seed
     with the view-augmentation options; with one, they are the store's.
     """
+    from fastkd.training import REPORT_STEM, TrainConfig, train, train_all
+
+    register_demo_architectures()
     console = Console()
     if train_every_member and (student is not None or joint):
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
@@ -228,7 +269,8 @@ def train_command(
         console.print(report.table())
         for line in report.caveats():
             console.print(Text(line, style="yellow"))
-        console.print(escape(f"report: {out / 'report.json'}, {out / 'report.png'}"))
+        stem = out / REPORT_STEM
+        console.print(escape(f"report: {stem}.json, {stem}.png"))
 
 
 def _views_with_store(views: int | None, store: Path | None) -> str | None:
@@ -248,63 +290,6 @@ def _print_runs(console: Console, runs: dict[str, TrainResult]) -> None:
         console.print(Text.assemble((name, "bold"), f": selected weights {run.checkpoints[name]}"))
 
 
-def eval_command(
-    data: Annotated[Path, typer.Option(help="Evaluation images (e.g. the test split).")],
-    model: Annotated[
-        list[str],
-        typer.Option(help="A model to evaluate, \\[alias:]ARCH=CKPT (repeat): the trained ones."),
-    ],
-    before: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="The pool before training, \\[alias:]ARCH=CKPT (repeat), matched to --model by "
-            "name: adds the transfer delta, knowledge gain/loss, flips and transfer rates."
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Write OUT.json and OUT.png (the plot) here.")
-    ] = None,
-    batch_size: int = 256,
-    device: options.Device = "cpu",
-    backend: options.LoaderBackend = "auto",
-) -> None:
-    """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
-    loss, positive flips against each other member before and after, transfer rates (Roth's
-    per class, and per sample), how many trained models improved."""
-    console = Console()
-    after = parse_pool(model)
-    if before:
-        report = transfer_from_checkpoints(
-            data,
-            parse_pool(before),
-            after,
-            batch_size=batch_size,
-            device=device,
-            backend=backend,
-        )
-        console.print(report.table())
-        if out is not None:
-            paths = report.save(out)
-            console.print(escape(f"report: {paths[0]}, {paths[1]}"))
-        return
-    dataset = open_dataset(data)
-    predictions = predict_checkpoints(
-        dataset, after, batch_size=batch_size, device=device, backend=backend
-    )
-    top1 = {name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()}
-    table = Table(title=escape(f"Top-1 on {len(dataset)} samples of {data}"))
-    table.add_column("model")
-    table.add_column("checkpoint")
-    table.add_column("top-1 (%)", justify="right")
-    for spec in after:
-        where = str(spec.checkpoint or spec.arch)
-        table.add_row(escape(spec.name), escape(where), f"{top1[spec.name]:.2f}")
-    console.print(table)
-    if out is not None:
-        write_json(out.with_suffix(".json"), {"num_samples": len(dataset), "top1": top1})
-
-
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
     app.command("train")(guarded(with_view_options(train_command)))
-    app.command("eval")(guarded(eval_command))

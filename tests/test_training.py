@@ -370,7 +370,8 @@ def test_cli_train_and_eval(pool, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "eval.json").read_text())
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())  # --out is a folder
+    assert (tmp_path / "eval" / "report.png").is_file()
     assert [m["name"] for m in report["models"]] == ["s"]
     assert set(report["models"][0]["positive_flips"]) == {"a"}
 
@@ -555,7 +556,10 @@ def test_a_report_on_held_out_data_is_not_called_optimistic_and_still_weights_ar
     args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25", "--lr", "1e-12"]
     args += ["--backend", "torch", "--workers", "0", "--val-data", str(pool.val)]
     args += ["--test-data", str(pool.val), "--out", str(out)]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    from fastkd.training.report import WeightsBarelyMovedWarning
+
+    with pytest.warns(WeightsBarelyMovedWarning, match="s's weights moved by"):
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["context"]["data_selected_the_weights"] is False
