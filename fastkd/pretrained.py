@@ -23,7 +23,11 @@ from urllib.parse import urlparse
 import timm
 
 PROBE_TIMEOUT_S = 2.0  # one connection attempt to the hub (DNS included)
-_HUB_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.file_download")
+_QUIET = {  # logger -> level during a load: the hub's retry warnings, timm's "Loading ..." line
+    "huggingface_hub.utils._http": logging.ERROR,
+    "huggingface_hub.file_download": logging.ERROR,
+    "timm.models._builder": logging.WARNING,
+}
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -166,15 +170,16 @@ def _proxy_for(host: tuple[str, int]) -> tuple[str, int] | None:
 
 @contextmanager
 def offline_hub(offline: bool) -> Iterator[None]:
-    """The hub in offline mode (when ``offline``) and without its retry warnings, for one call."""
+    """The hub in offline mode (when ``offline``) and without its retry warnings, for one call
+    (the failure, if any, is fastkd's one line)."""
     from huggingface_hub import constants
 
     saved = constants.HF_HUB_OFFLINE
-    loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
+    loggers = {logging.getLogger(name): level for name, level in _QUIET.items()}
     levels = [logger.level for logger in loggers]
     constants.HF_HUB_OFFLINE = saved or offline
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    for logger, level in loggers.items():
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
     try:
         yield
     finally:
