@@ -25,7 +25,8 @@ def eval_command(
         list[str] | None,
         typer.Option(
             help="The pool before training, \\[alias:]ARCH=CKPT (repeat), matched to --model by "
-            "name: adds the transfer delta, knowledge gain/loss, flips and transfer rates.",
+            "name: adds the transfer delta, knowledge gain/loss, flips and transfer rates. "
+            "Without it: top-1 only.",
             show_default=False,
         ),
     ] = None,
@@ -40,6 +41,7 @@ def eval_command(
     batch_size: Annotated[
         int, typer.Option(min=1, help="Images per forward pass of each model.")
     ] = 256,
+    input_size: options.InputSize = None,
     device: options.Device = "cpu",
     backend: options.LoaderBackend = "auto",
 ) -> None:
@@ -63,6 +65,7 @@ def eval_command(
             batch_size=batch_size,
             device=device,
             backend=backend,
+            input_size=input_size,
         )
         console.print(report.table())
         if out is not None:
@@ -71,7 +74,12 @@ def eval_command(
         return
     dataset = open_dataset(data)
     predictions = predict_checkpoints(
-        dataset, after, batch_size=batch_size, device=device, backend=backend
+        dataset,
+        after,
+        batch_size=batch_size,
+        device=device,
+        backend=backend,
+        input_size=input_size,
     )
     top1 = {name: 100.0 * float((p == dataset.labels).mean()) for name, p in predictions.items()}
     table = Table(title=escape(f"Top-1 on {len(dataset)} samples of {data}"))

@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from fastkd.errors import USER_ERROR_EXIT, FastKDError, find_cause, is_disk_full
+from fastkd.errors import USER_ERROR_EXIT, BadImageError, FastKDError, find_cause, is_disk_full
 
 R = TypeVar("R")
 USER_ERRORS = (FastKDError, OSError)
@@ -39,6 +39,13 @@ _AFTER_DISK_FULL = {
     "command with --resume to continue",
     "demo": "finished stages are kept: free some space and run the same command again to "
     "reuse them",
+}
+
+# Hints that name a command's own options, added to a library error where that command ran (the
+# library's message cannot know which command, and so which options, the user has).
+_SKIP_BAD_IMAGES = "or skip unreadable images: --on-bad-image skip (the store flags them)"
+_HINTS: dict[str, tuple[tuple[type[BaseException], str], ...]] = {
+    "dump": ((BadImageError, _SKIP_BAD_IMAGES),),
 }
 
 
@@ -79,9 +86,11 @@ def guarded(command: Callable[..., R]) -> Callable[..., R]:
 
 
 def describe(found: BaseException, raised: BaseException, context: typer.Context) -> str:
-    """The one-line message of a user error; a full disk names the path and what is kept."""
+    """The one-line message of a user error; a full disk names the path and what is kept, and a
+    command adds the hints that name its own options (``_HINTS``)."""
     if not is_disk_full(found):
-        return str(found)
+        hints = _HINTS.get(_command_name(context), ())
+        return "; ".join([str(found), *(hint for kind, hint in hints if isinstance(found, kind))])
     assert isinstance(found, OSError)
     reason = "no space left on device" if found.strerror is None else found.strerror.lower()
     path = _written_path(found, raised) or context.params.get("out")

@@ -44,3 +44,13 @@ ShowProgress = Annotated[
     bool,
     typer.Option(help="Progress bars, on a terminal (the log lines are written either way)."),
 ]
+InputSize = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Every model's input side, in pixels (square), instead of its data config's "
+        "(default: each model's own, e.g. 224 for ImageNet models; small images such as 32 px "
+        "are upscaled to it).",
+        show_default=False,
+    ),
+]

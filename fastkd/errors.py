@@ -35,12 +35,12 @@ class DatasetError(FastKDError, ValueError):
 
 
 class BadImageError(DatasetError):
-    """An image that cannot be read or decoded."""
+    """An image that cannot be read or decoded. Only `fastkd dump` can skip one, so the CLI adds
+    that hint there (cli.guard), not here: train and eval have no such option."""
 
     def __init__(self, path: Path, sample: int, reason: str) -> None:
         super().__init__(
-            f"cannot read image {path} (sample {sample}): {reason}. "
-            "Fix or remove the file, or skip unreadable images (--on-bad-image skip)."
+            f"cannot read image {path} (sample {sample}): {reason}. Fix or remove the file"
         )
         self.path = path
         self.sample = sample
