@@ -74,7 +74,12 @@ def pool_report(
     provenance and, given the control run's checkpoints (name -> path), each trained model's
     top-1 minus its control's; saved in ``out_dir``."""
     dataset = open_dataset(cfg.report_data)
-    kwargs = {"batch_size": cfg.batch_size, "device": device, "backend": cfg.backend}
+    kwargs = {
+        "batch_size": cfg.batch_size,
+        "device": device,
+        "backend": cfg.backend,
+        "input_size": cfg.input_size,  # before and after at the size the run trained at
+    }
     predictions_after = predict_checkpoints(dataset, after, **kwargs)
     report = transfer_report(
         dataset.labels, predict_checkpoints(dataset, before, **kwargs), predictions_after

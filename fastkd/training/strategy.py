@@ -292,7 +292,8 @@ class JointBiKD(TeachingStrategy):
 
     @classmethod
     def students(cls, run: RunContext) -> list[LoadedModel]:
-        return [run.load(spec) for spec in run.pool.values()]
+        # joint: every model is a student, at the run's input size like the others
+        return [run.load(spec, input_size=run.cfg.input_size) for spec in run.pool.values()]
 
     def loss(
         self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
