@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,27 @@ from rich.console import Console
 
 from fastkd.cli import options
 from fastkd.cli.guard import guarded
+
+# Measured on 2 CPU cores without a GPU (README): the full demo (5 folds x 1 seed) in 9 min 2 s
+# to 9 min 29 s over three runs, --quick in about a minute. Each fold's pool and dump are shared
+# by its seeds, so more seeds cost less than proportionally.
+_FULL_MINUTES = (9.0, 9.5)
+_FULL_RUNS = 5  # folds x seeds of the measured full demo
+
+
+def expected_duration(quick: bool, folds: int, seeds: int) -> str:
+    """The one line the demo starts with: how long it should take, and on what, so that a wait
+    on a slower or busy machine is expected rather than a hang."""
+    low, high = _FULL_MINUTES
+    full = f"{math.floor(low)}-{math.ceil(high)} min"
+    if quick:
+        took = "about 1 min"
+    elif folds * seeds == _FULL_RUNS:
+        took = f"about {full}"
+    else:
+        low, high = low * folds / _FULL_RUNS, high * folds * seeds / _FULL_RUNS
+        took = f"about {math.floor(low)}-{math.ceil(high)} min (the default's {full}, scaled)"
+    return f"expected: {took} on 2 CPU cores without a GPU; longer on a busy or slower machine"
 
 
 def demo_command(
@@ -63,6 +85,8 @@ def demo_command(
     resumed, if cut short) by a later run with the same settings and code. Delete OUT to start
     over.
     """
+    console = Console()
+    console.print(expected_duration(quick, folds, seeds), style="dim", highlight=False)
     from fastkd.demo import DemoConfig, run_demo
 
     settings = {
@@ -74,7 +98,7 @@ def demo_command(
         "progress": progress,
     }
     cfg = DemoConfig.quick(**settings) if quick else DemoConfig(**settings)
-    run_demo(cfg, Console())
+    run_demo(cfg, console)
 
 
 def register(app: typer.Typer) -> None:
