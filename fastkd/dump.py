@@ -261,12 +261,13 @@ def run_dump(cfg: DumpConfig) -> Path:
     part = resolve_part(cfg.part)
     device = resolve_device(cfg.device)
     dataset = open_dataset(cfg.data, root=cfg.data_root)
+    # The models first: missing weights fail before the pass over every image's header.
+    pool = [load_model(spec, input_size=cfg.input_size) for spec in parse_pool(cfg.models)]
+    check_classes(dataset, pool, cfg.data)
     sizes, unreadable = dataset.read_sizes()
     if unreadable and cfg.on_bad_image == "fail":
         sample, reason = next(iter(unreadable.items()))
         raise BadImageError(dataset.path(sample), sample, reason)
-    pool = [load_model(spec, input_size=cfg.input_size) for spec in parse_pool(cfg.models)]
-    check_classes(dataset, pool, cfg.data)
     for member in pool:
         announce_input(member.spec.name, member.data_config, member.input_source, dataset)
     manifest = build_manifest(cfg, dataset, pool)
