@@ -179,9 +179,10 @@ def train_command(
         bool,
         typer.Option(
             help="Also train the cross-entropy control (--teachers none, the same settings and "
-            "seed, in OUT/control) and report each model's top-1 minus the control's with a 95% "
-            "interval, so a change the control also shows (fine-tuning, batch norm statistics) "
-            "is not credited to teaching. Doubles the training time.",
+            "seed, in OUT/control; with --all, OUT/MEMBER/control) and report each model's top-1 "
+            "minus the control's with a 95% interval over the report's images, so a change the "
+            "control also shows (fine-tuning, batch norm statistics) is not credited to "
+            "teaching. Needs --val-data or --test-data; doubles the training time.",
         ),
     ] = False,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, report.")] = Path(
@@ -207,6 +208,7 @@ def train_command(
     with the view-augmentation options; with one, they are the store's.
     """
     from fastkd.training import REPORT_STEM, TrainConfig, train, train_all
+    from fastkd.training.report import caveats
 
     register_demo_architectures()
     console = Console()
@@ -267,7 +269,7 @@ def train_command(
     _print_runs(console, runs)
     if report is not None:
         console.print(report.table())
-        for line in report.caveats():
+        for line in caveats(report):
             console.print(Text(line, style="yellow"))
         stem = out / REPORT_STEM
         console.print(escape(f"report: {stem}.json, {stem}.png"))

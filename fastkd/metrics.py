@@ -212,7 +212,6 @@ class ModelTransfer:
     transfer_rate_per_class: dict[str, float]  # Roth et al.'s code (can exceed 100)
 
 
-MIN_WEIGHT_CHANGE = 1e-3  # relative L2 change of a model's weights under which a report warns
 _RATES = ("transfer_rate_per_sample", "transfer_rate_per_class")
 
 
@@ -230,8 +229,10 @@ class TransferReport:
     # What produced it (``fastkd.training.report.provenance``): the data, whether that data also
     # selected the weights, the run's settings, each model's relative weight change.
     context: dict = field(default_factory=dict)
-    # Per trained model, with a control run: top-1 minus the control's, with its interval.
+    # Per trained model, with a control run: top-1 minus the control's, with its interval, and
+    # the control's predictions (class ids), from which the interval can be recomputed.
     control: dict[str, dict] = field(default_factory=dict)
+    predictions_control: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -257,6 +258,9 @@ class TransferReport:
             },
             context=values.get("context", {}),
             control=values.get("control", {}),
+            predictions_control={
+                k: [int(p) for p in v] for k, v in values.get("predictions_control", {}).items()
+            },
         )
 
     def improved(self) -> int:
@@ -265,40 +269,12 @@ class TransferReport:
 
     def _title(self) -> str:
         where = f" of {self.context['data']}" if self.context.get("data") else ""
-        return (
-            f"Transfer on {self.num_samples} samples{where}: {self.improved()} of "
-            f"{len(self.models)} trained models improved"
-        )
-
-    def caveats(self) -> list[str]:
-        """What a reader must know before crediting a change to teaching, one line each."""
-        context, lines = self.context, []
-        if context:
-            lines.append(
-                f"run: teachers {context['teachers']}, mode {context['mode']}, "
-                f"{context['optimizer']} lr {context['lr']:g}, {context['epochs']} epochs, "
-                f"batch {context['batch_size']}, seed {context['seed']}"
-            )
-        if context.get("data_selected_the_weights"):
-            lines.append(
-                f"optimistic: {context['data']} is the --val-data that also selected the weights "
-                "(the best epoch); give --test-data, a held-out set, for a fair figure"
-            )
-        for name, change in context.get("weight_change", {}).items():
-            if change < MIN_WEIGHT_CHANGE:
-                lines.append(barely_moved(name, change))
-        if not self.control and context:
-            lines.append(
-                "no control: the deltas include what plain fine-tuning would give; --control "
-                "trains the cross-entropy control and reports the difference to it"
-            )
-        for name, c in self.control.items():
-            lines.append(
-                f"{name} vs its cross-entropy control on the same images: {c['difference']:+.2f} "
-                f"points, {100 * c['level']:.0f}% interval [{c['low']:+.2f}, {c['high']:+.2f}]: "
-                f"{c['verdict']} (control top-1 {c['control_top1']:.2f})"
-            )
-        return lines
+        if self.control:  # what teaching added, not what any fine-tuning would
+            better = sum(c["verdict"] == "better" for c in self.control.values())
+            outcome = f"{better} of {len(self.control)} trained models better than their control"
+        else:
+            outcome = f"{self.improved()} of {len(self.models)} trained models improved"
+        return f"Transfer on {self.num_samples} samples{where}: {outcome}"
 
     def save(self, stem: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``<stem>.json`` and ``<stem>.png``; returns both paths."""
@@ -497,15 +473,6 @@ def transfer_report(
 
 def _ints(values) -> list[int]:
     return [int(v) for v in np.asarray(values).tolist()]
-
-
-def barely_moved(name: str, change: float) -> str:
-    """What a weight change under ``MIN_WEIGHT_CHANGE`` means, for a warning or a report."""
-    return (
-        f"{name}'s weights moved by {100 * change:.3g}% (under {100 * MIN_WEIGHT_CHANGE:g}%): the "
-        "learning rate may be too small for it; a change in top-1 may then come from batch norm "
-        "statistics re-estimated in train mode alone (--control shows it)"
-    )
 
 
 def _versus(control: Mapping) -> str:

@@ -194,7 +194,7 @@ def is_fastkd_checkpoint(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
 
 
-def _plain_state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def plain_state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The weights of a timm training checkpoint (EMA first, as timm does) or a bare state dict."""
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
         if isinstance(payload.get(key), Mapping):
@@ -248,6 +248,8 @@ def _create_pretrained(spec: ModelSpec, kwargs: Mapping[str, Any]) -> torch.nn.M
     OSErrors: no network) or weights timm does not have become one ``WeightsUnavailableError``
     saying what to pass instead; a full disk stays the OSError it is (the CLI names the path)."""
     access = hub_access(spec.arch)
+    if access.unreachable:  # not cached, no hub: a URL download would wait on its own timeouts
+        raise _not_downloadable(spec, access.reason)
     try:
         with offline_hub(access.offline):
             return timm.create_model(spec.arch, pretrained=True, **kwargs)
@@ -255,18 +257,22 @@ def _create_pretrained(spec: ModelSpec, kwargs: Mapping[str, Any]) -> torch.nn.M
         if find_cause(error, OSError, is_disk_full) is not None:
             raise
         if isinstance(error, OSError):
-            cause = access.reason if access.unreachable else _root_cause(error)
-            raise WeightsUnavailableError(
-                f"model {spec.name!r}: timm's pretrained weights for {spec.arch!r} could not be "
-                f"downloaded ({cause}). Without network, give a local weights file "
-                f"instead, {spec.arch}=CKPT (a fastkd, timm or plain state-dict checkpoint), or "
-                "copy a Hugging Face cache that holds them (HF_HOME) from a machine with network"
-            ) from error
+            raise _not_downloadable(spec, _root_cause(error)) from error
         raise WeightsUnavailableError(  # timm has no such weights, or they do not fit
             f"model {spec.name!r}: timm cannot load pretrained weights for {spec.arch!r} "
             f"({_root_cause(error)}). Give a weights file, {spec.arch}=CKPT, or start a student "
             "from a random init (--from-scratch)"
         ) from error
+
+
+def _not_downloadable(spec: ModelSpec, cause: str) -> WeightsUnavailableError:
+    """The one line for pretrained weights that cannot be had here, and what to pass instead."""
+    return WeightsUnavailableError(
+        f"model {spec.name!r}: timm's pretrained weights for {spec.arch!r} could not be "
+        f"downloaded ({cause}). Without network, give a local weights file instead, "
+        f"{spec.arch}=CKPT (a fastkd, timm or plain state-dict checkpoint), or copy a Hugging "
+        "Face cache that holds them (HF_HOME) from a machine with network"
+    )
 
 
 def _root_cause(error: BaseException) -> str:
@@ -323,7 +329,7 @@ def load_model(
             state_dict = payload["state_dict"]
             saved_config = payload["data_config"]
         else:
-            state_dict = _plain_state_dict(payload)
+            state_dict = plain_state_dict(payload)
             saved_config = None
             if "num_classes" not in kwargs:
                 rows = _classifier_rows(spec.arch, state_dict)

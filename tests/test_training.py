@@ -20,7 +20,7 @@ import torch
 import zarr
 from file_edits import same_size_other_png
 from PIL import Image
-from training_pool import VIT, config, make_pool
+from training_pool import VIT, _subset, config, make_pool
 from typer.testing import CliRunner
 
 from fastkd.cli.main import app
@@ -432,7 +432,12 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
 
     assert config(pool, tmp_path, mode="all").mode.value == "best"
     saved = {"mode": "all", "lr": 1e-3}
-    assert current_spelling(saved) == {"mode": "best", "lr": 1e-3, "partition_score": "label"}
+    assert current_spelling(saved) == {
+        "mode": "best",
+        "lr": 1e-3,
+        "partition_score": "label",
+        "control": False,  # and before --control, no control
+    }
 
 
 @pytest.mark.parametrize(
@@ -542,8 +547,17 @@ def test_cli_control_reports_the_difference_and_what_produced_it(pool, tmp_path)
     labels = np.array(report["labels"])
     top1 = 100 * np.mean(np.array(report["predictions_after"]["s"]) == labels)
     assert control["top1"] == pytest.approx(top1)
-    assert control["difference"] == pytest.approx(control["top1"] - control["control_top1"])
-    assert control["low"] <= control["difference"] <= control["high"]
+    from fastkd.statistics import paired_bootstrap
+
+    control_right = np.array(report["predictions_control"]["s"]) == labels
+    right = np.array(report["predictions_after"]["s"]) == labels
+    interval = paired_bootstrap([right.astype(float) - control_right.astype(float)])
+    assert control["control_top1"] == pytest.approx(100 * control_right.mean())
+    assert (control["difference"], control["low"], control["high"]) == pytest.approx(
+        (interval.estimate, interval.low, interval.high)
+    )
+    assert control["verdict"] == interval.verdict()
+    assert report["context"]["weight_change"]["s"] > 0
     assert "optimistic" in result.output and "--test-data" in result.output
     assert "vs its cross-entropy control on the same images" in result.output
 
@@ -555,7 +569,8 @@ def test_a_report_on_held_out_data_is_not_called_optimistic_and_still_weights_ar
     args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
     args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25", "--lr", "1e-12"]
     args += ["--backend", "torch", "--workers", "0", "--val-data", str(pool.val)]
-    args += ["--test-data", str(pool.val), "--out", str(out)]
+    held_out = _subset(pool.root / "digits" / "test", 3)
+    args += ["--test-data", str(held_out), "--out", str(out)]
     from fastkd.training.report import WeightsBarelyMovedWarning
 
     with pytest.warns(WeightsBarelyMovedWarning, match="s's weights moved by"):
@@ -563,7 +578,12 @@ def test_a_report_on_held_out_data_is_not_called_optimistic_and_still_weights_ar
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["context"]["data_selected_the_weights"] is False
+    assert report["context"]["data"] == str(held_out)
     assert "optimistic" not in result.output
+    same = [*args[:-4], "--test-data", str(pool.val), "--out", str(tmp_path / "same")]
+    with pytest.warns(WeightsBarelyMovedWarning):
+        result = CliRunner().invoke(app, same, env={"COLUMNS": "400"})
+    assert "optimistic" in result.output  # the val data under another flag is still the val data
     assert "s's weights moved by" in result.output and "--control" in result.output
 
 
@@ -575,3 +595,15 @@ def test_weight_change_is_the_relative_l2_change_without_running_statistics(tmp_
     torch.save({"state_dict": before}, tmp_path / "a.pt")
     torch.save({"state_dict": after}, tmp_path / "b.pt")
     assert weight_change(tmp_path / "a.pt", tmp_path / "b.pt") == pytest.approx(0.5 / 5.0)
+
+
+def test_control_needs_report_data_and_old_runs_resume(pool, tmp_path):
+    """--control without --val-data/--test-data would train the control for nothing; a run
+    state saved before --control existed still resumes (the field defaults to off)."""
+    from fastkd.training.state import current_spelling
+
+    with pytest.raises(ConfigError, match="--control compares the run"):
+        config(pool, tmp_path, control=True)
+    saved = config(pool, tmp_path).to_dict()
+    del saved["control"]
+    assert current_spelling(saved)["control"] is False

@@ -136,6 +136,11 @@ class TrainConfig:
             problems.append(
                 f"--views: a store has its own views (its manifest's), got --views {self.views}"
             )
+        if self.control and self.report_data is None:
+            problems.append(
+                "--control compares the run with its control on --val-data or --test-data: give "
+                "one (without, the control would train for nothing)"
+            )
         if self.control and (self.joint or self.teachers == Teachers.NONE):
             problems.append(
                 "--control trains a student with --teachers none beside the run; a run without "

@@ -100,7 +100,8 @@ def load_student(cfg: TrainConfig, dataset: ImageDataset) -> LoadedModel:
 
 
 def initial_weights_path(out_dir: Path, name: str) -> Path:
-    """Where a student trained from scratch keeps its random init: the report's 'before'."""
+    """Where a student without a checkpoint (timm's pretrained weights or a random init) keeps
+    its starting weights: the report's 'before' and the weight change's reference."""
     return out_dir / f"{name}.init.pt"
 
 
@@ -119,9 +120,8 @@ def make_learner(
         forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     spec = loaded.spec
-    from_scratch = spec.checkpoint is None and not cfg.pretrained
     before = spec
-    if from_scratch:
+    if spec.checkpoint is None:  # saved at the start (Trainer._save_initial_weights)
         before = ModelSpec(spec.arch, initial_weights_path(cfg.out_dir, spec.name), spec.name)
     return Learner(
         name=spec.name,

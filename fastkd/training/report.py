@@ -21,13 +21,14 @@ import torch
 
 from fastkd.data import open_dataset
 from fastkd.evaluation import predict_checkpoints
-from fastkd.metrics import MIN_WEIGHT_CHANGE, TransferReport, barely_moved, transfer_report
-from fastkd.models import ModelSpec, read_checkpoint
+from fastkd.metrics import TransferReport, transfer_report
+from fastkd.models import ModelSpec, plain_state_dict, read_checkpoint
 from fastkd.statistics import paired_bootstrap
 from fastkd.training.config import Teachers, TrainConfig
 
 REPORT_STEM = "report"  # report.json and report.png in the run's folder
 CONTROL_DIR = "control"  # the control run's folder, inside the run's
+MIN_WEIGHT_CHANGE = 1e-3  # relative L2 change of a model's weights under which a run warns
 
 
 def control_config(cfg: TrainConfig) -> TrainConfig:
@@ -44,7 +45,8 @@ def control_config(cfg: TrainConfig) -> TrainConfig:
 
 def provenance(cfg: TrainConfig) -> dict:
     """What produced a report, as it states it: the data and its role, and the run's settings."""
-    selected = cfg.eval_data is None and cfg.val_data is not None
+    val = None if cfg.val_data is None else cfg.val_data.resolve()
+    selected = val is not None and cfg.report_data.resolve() == val  # the same files, whatever flag
     return {
         "data": str(cfg.report_data),
         "data_selected_the_weights": selected,
@@ -59,6 +61,7 @@ def provenance(cfg: TrainConfig) -> dict:
         "kd_weight": cfg.kd_weight,
         "ce_weight": cfg.ce_weight,
         "store": None if cfg.store is None else str(cfg.store),
+        "input_size": cfg.input_size,
     }
 
 
@@ -74,16 +77,15 @@ def pool_report(
     provenance and, given the control run's checkpoints (name -> path), each trained model's
     top-1 minus its control's; saved in ``out_dir``."""
     dataset = open_dataset(cfg.report_data)
-    kwargs = {
-        "batch_size": cfg.batch_size,
-        "device": device,
-        "backend": cfg.backend,
-        "input_size": cfg.input_size,  # before and after at the size the run trained at
+    kwargs = {"batch_size": cfg.batch_size, "device": device, "backend": cfg.backend}
+    trained = {spec.name for spec in after}
+    sized = {**kwargs, "input_size": cfg.input_size}  # the trained models at the run's size
+    predictions_before = {
+        **predict_checkpoints(dataset, [s for s in before if s.name not in trained], **kwargs),
+        **predict_checkpoints(dataset, [s for s in before if s.name in trained], **sized),
     }
-    predictions_after = predict_checkpoints(dataset, after, **kwargs)
-    report = transfer_report(
-        dataset.labels, predict_checkpoints(dataset, before, **kwargs), predictions_after
-    )
+    predictions_after = predict_checkpoints(dataset, after, **sized)
+    report = transfer_report(dataset.labels, predictions_before, predictions_after)
     report.context = provenance(cfg)
     report.context["weight_change"] = {
         spec.name: weight_change(old.checkpoint, spec.checkpoint)
@@ -93,9 +95,9 @@ def pool_report(
     }
     if control:
         specs = [ModelSpec(spec.arch, control[spec.name], spec.name) for spec in after]
-        report.control = versus_control(
-            dataset.labels, predictions_after, predict_checkpoints(dataset, specs, **kwargs)
-        )
+        predictions_control = predict_checkpoints(dataset, specs, **sized)
+        report.control = versus_control(dataset.labels, predictions_after, predictions_control)
+        report.predictions_control = {k: v.tolist() for k, v in predictions_control.items()}
     report.save(out_dir / REPORT_STEM)
     return report
 
@@ -126,7 +128,7 @@ def versus_control(
 
 
 class WeightsBarelyMovedWarning(UserWarning):
-    """A trained model's weights moved less than ``metrics.MIN_WEIGHT_CHANGE`` (relative)."""
+    """A trained model's weights moved less than ``MIN_WEIGHT_CHANGE`` (relative)."""
 
 
 def warn_if_barely_moved(before: Sequence[ModelSpec], after: Mapping[str, Path]) -> None:
@@ -154,9 +156,54 @@ def weight_change(before: Path, after: Path) -> float:
 
 
 def _tensors(payload: Mapping) -> dict[str, torch.Tensor]:
-    state = payload.get("state_dict", payload)
+    state = plain_state_dict(payload)  # fastkd, timm (EMA first) or plain checkpoints alike
     return {
         k: v
         for k, v in state.items()
         if torch.is_tensor(v) and v.is_floating_point() and ".running_" not in f".{k}"
     }
+
+
+def barely_moved(name: str, change: float) -> str:
+    """What a weight change under ``MIN_WEIGHT_CHANGE`` means, for a warning or a report."""
+    return (
+        f"{name}'s weights moved by {100 * change:.3g}% (under {100 * MIN_WEIGHT_CHANGE:g}%): the "
+        "learning rate may be too small for it; a change in top-1 may then come from batch norm "
+        "statistics re-estimated in train mode alone (--control shows it)"
+    )
+
+
+def caveats(report: TransferReport) -> list[str]:
+    """What a reader must know before crediting a change in ``report`` to teaching, a line each."""
+    context, lines = report.context, []
+    if context:
+        size = context.get("input_size") or "each model's own"
+        lines.append(
+            f"run: teachers {context['teachers']}, mode {context['mode']}, "
+            f"{context['optimizer']} lr {context['lr']:g}, {context['epochs']} epochs, "
+            f"batch {context['batch_size']}, seed {context['seed']}, input size "
+            f"{size}, store {context.get('store')}"
+        )
+    if context.get("data_selected_the_weights"):
+        lines.append(
+            f"optimistic: {context['data']} is the --val-data that also selected the weights "
+            "(the best epoch); give --test-data, a held-out set, for a fair figure"
+        )
+    for name, change in context.get("weight_change", {}).items():
+        if change is None or math.isnan(change):
+            lines.append(f"{name}'s weight change is unknown: its checkpoints share no weights")
+        elif change < MIN_WEIGHT_CHANGE:
+            lines.append(barely_moved(name, change))
+    if not report.control and context:
+        lines.append(
+            "no control: the deltas include what plain fine-tuning would give; --control "
+            "trains the cross-entropy control and reports the difference to it"
+        )
+    for name, c in report.control.items():
+        lines.append(
+            f"{name} vs its cross-entropy control on the same images: {c['difference']:+.2f} "
+            f"points, {100 * c['level']:.0f}% interval [{c['low']:+.2f}, {c['high']:+.2f}] over "
+            f"the images (one training seed): {c['verdict']} (control top-1 "
+            f"{c['control_top1']:.2f})"
+        )
+    return lines

@@ -22,9 +22,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     gives each trained model's difference to it, and ``TrainResult.control`` is its run."""
     if not cfg.control:
         return Trainer(cfg).fit()
-    control = Trainer(control_config(cfg)).fit()
-    result = Trainer(cfg).fit(control=control.checkpoints)
-    result.control = control
+    trainer = Trainer(replace(cfg, report=False))  # checked and trained before the control
+    result = trainer.fit()
+    before, after = trainer.report_specs(result.checkpoints)
+    device, is_main = trainer.device, trainer.dist.is_main
+    del trainer  # its models and optimisers, before the control's
+    result.control = Trainer(control_config(cfg)).fit()
+    if cfg.report and cfg.report_data is not None and is_main:
+        result.report = pool_report(
+            cfg, before, after, cfg.out_dir, device, result.control.checkpoints
+        )
     return result
 
 

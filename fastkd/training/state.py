@@ -22,7 +22,17 @@ from fastkd.training.learners import Learner
 STATE_FILE = "state.pt"
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "resume", "device", "progress", "num_workers", "backend", "report", "eval_data"}
+    {
+        "epochs",
+        "resume",
+        "device",
+        "progress",
+        "num_workers",
+        "backend",
+        "report",
+        "eval_data",
+        "control",  # the control is a run of its own: the main run computes the same
+    }
 )
 
 
@@ -67,11 +77,12 @@ def save_run_state(
 
 def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config as today's code writes it: mode "all" is "best"; a config from before
-    ``partition_score`` compared log p(y) ("label")."""
+    ``partition_score`` compared log p(y) ("label"); one from before ``control`` had none."""
     saved = dict(saved)
     if "mode" in saved:
         saved["mode"] = PartitionMode(saved["mode"]).value
     saved.setdefault("partition_score", PartitionScore.LABEL.value)
+    saved.setdefault("control", False)  # before --control
     return saved
 
 

@@ -324,9 +324,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------
 
-    def fit(self, control: Mapping[str, Path] | None = None) -> TrainResult:
-        """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report
-        (against the control run's checkpoints, name -> path, when given)."""
+    def fit(self) -> TrainResult:
+        """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report."""
         cfg = self.cfg
         state_path = self.out_dir / STATE_FILE
         if state_path.exists() and not cfg.resume:
@@ -361,7 +360,7 @@ class Trainer:
         if self.dist.is_main:
             warn_if_barely_moved([m.before for m in self.learners], checkpoints)
         main = cfg.report and self.dist.is_main
-        report = self.transfer_report(checkpoints, control) if main else None
+        report = self.transfer_report(checkpoints) if main else None
         self._barrier()
         return TrainResult(self.out_dir, checkpoints, state_path, self.history, report)
 
@@ -431,7 +430,7 @@ class Trainer:
         )
 
     def _save_initial_weights(self) -> None:
-        """A student trained from scratch keeps its random init: the report's 'before'."""
+        """A student without a checkpoint keeps its starting weights (``initial_weights_path``)."""
         for learner in self.learners:
             if learner.before.checkpoint == initial_weights_path(self.out_dir, learner.name):
                 self._save_weights(learner, learner.before.checkpoint, None)
@@ -474,20 +473,20 @@ class Trainer:
 
     # -- report -----------------------------------------------------------------------------------
 
-    def transfer_report(
-        self, checkpoints: Mapping[str, Path], control: Mapping[str, Path] | None = None
-    ) -> TransferReport | None:
-        """Before/after figures of the trained models against the pool, on the report data (and
-        against their control run's checkpoints, when given)."""
-        if self.cfg.report_data is None:
-            return None
+    def report_specs(self, checkpoints: Mapping[str, Path]) -> tuple[list[ModelSpec], ...]:
+        """The report's models: every pool member and student before, the trained ones after."""
         before = {learner.name: learner.before for learner in self.learners}
         for name, spec in self.pool_specs.items():
             before.setdefault(name, spec)
         after = [ModelSpec(m.arch, checkpoints[m.name], m.name) for m in self.learners]
-        return pool_report(
-            self.cfg, list(before.values()), after, self.out_dir, self.device, control
-        )
+        return list(before.values()), after
+
+    def transfer_report(self, checkpoints: Mapping[str, Path]) -> TransferReport | None:
+        """Before/after figures of the trained models against the pool, on the report data."""
+        if self.cfg.report_data is None:
+            return None
+        before, after = self.report_specs(checkpoints)
+        return pool_report(self.cfg, before, after, self.out_dir, self.device)
 
     def _barrier(self) -> None:
         if self.dist.enabled:
