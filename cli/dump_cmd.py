@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 
 from fastkd.augment import AugmentConfig
 from fastkd.choices import OnBadImage
@@ -147,11 +144,6 @@ def dump(
     from fastkd.dump import DumpConfig, run_dump
 
     register_demo_architectures()
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False)],
-    )
     config = DumpConfig(
         data=data,
         models=model,

@@ -34,6 +34,21 @@ def _options(
     ] = False,
 ) -> None:
     """The options of every command (the guard reads --debug from the root context)."""
+    _show_fastkd_log()
+
+
+def _show_fastkd_log() -> None:
+    """fastkd's own log lines (input sizes, a dump's blocks, warnings) on stderr in every
+    command; other libraries' stay at Python's default (warnings only)."""
+    import logging
+
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    log = logging.getLogger("fastkd")
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=Console(stderr=True), show_path=False))
+    log.setLevel(logging.INFO)
 
 
 for _module in (dump_cmd, inspect_cmd, train_cmd, eval_cmd, demo_cmd, bench_cmd):

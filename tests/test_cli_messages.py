@@ -260,6 +260,10 @@ def test_a_full_disk_while_downloading_weights_stays_a_disk_error(monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, NO_SPACE, "/cache/models--timm--resnet18/blob.incomplete")
 
+    from fastkd import models
+    from fastkd.pretrained import HubAccess
+
+    monkeypatch.setattr(models, "hub_access", lambda arch: HubAccess(offline=False))  # a hub
     monkeypatch.setattr(timm.models._hub, "hf_hub_download", full)
     with pytest.raises(OSError) as error:
         load_model(ModelSpec.parse("resnet18"))
