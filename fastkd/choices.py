@@ -13,6 +13,7 @@ from typing import Literal
 Backend = Literal["auto", "dali", "torch"]  # the image pipeline; auto = DALI when installed
 OnBadImage = Literal["fail", "skip"]  # an unreadable image: stop, or flag it and carry on
 
+DEFAULT_BATCH_SIZE = 128  # images per optimizer step, all ranks together
 DEFAULT_LR = {"adam": 1e-6, "sgd": 1e-4}  # Bi-KD (Adam) and KL+DP (SGD) on pretrained models
 
 

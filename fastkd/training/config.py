@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastkd.choices import DEFAULT_LR, PartitionMode, PartitionScore, Teachers
+from fastkd.choices import DEFAULT_BATCH_SIZE, DEFAULT_LR, PartitionMode, PartitionScore, Teachers
 from fastkd.errors import ConfigError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
@@ -38,7 +38,7 @@ class TrainConfig:
     partition_score: PartitionScore = PartitionScore.LABEL  # label: log p(y); confidence: max log p
     joint: bool = False  # Bi-KD of all ``models`` at once (live, bidirectional kernel)
     epochs: int = 10
-    batch_size: int = 128  # global: split across DDP ranks
+    batch_size: int = DEFAULT_BATCH_SIZE  # global: split across DDP ranks
     optimizer: str = "adam"  # adam | sgd
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
     weight_decay: float = 1e-5

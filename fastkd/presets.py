@@ -1,0 +1,169 @@
+"""The papers' settings as ``fastkd train --preset``, and the one rule of what wins.
+
+A value given on the command line wins over the preset, the preset over fastkd's default (the
+``TrainConfig`` default). Each setting keeps its source in the paper's code; ``docs/method.md``
+("Presets") shows ``markdown_table()``. Light: the CLI builds its help from ``PRESETS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from fastkd.choices import DEFAULT_BATCH_SIZE
+
+FANTASTIC_GAINS = "ExplainableML/FantasticGains"
+BI_KD = "Syd-J/Bi-KD"
+
+
+class PresetName(str, Enum):
+    """The papers ``--preset`` reproduces."""
+
+    KL_DP = "kl-dp"  # Roth et al., ICLR 2024
+    BI_KD = "bi-kd"  # Jain et al., TMLR 2025
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One value of a paper's code and where it is set."""
+
+    value: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A paper's ``TrainConfig`` values; ``lr_batch``: lr is per that many images (scaled by
+    batch_size / lr_batch, as the paper's code does), None: lr as given."""
+
+    name: PresetName
+    paper: str
+    settings: Mapping[str, Setting]  # TrainConfig field -> value
+    lr_batch: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+
+_FG_DIST = "config/distillation/distillation.yaml"
+_FG_KLDP = "config/distillation/kl_dp_dist.yaml"
+_FG_MAIN = "main_distillation.py, xe_kl_distill"
+_BK = "src/train_bi_kd.py"
+
+KL_DP = Preset(
+    PresetName.KL_DP,
+    f"Roth et al., Fantastic Gains ({FANTASTIC_GAINS})",
+    {
+        "mode": Setting("fixed", f"{_FG_KLDP}:10,15 (loss xekl_dp, strat most-conf)"),
+        "partition_score": Setting("label", f"{_FG_MAIN}: t_mask = sp_t[i][y] > sp_st[i][y]"),
+        "kd_weight": Setting(1.0, f"{_FG_KLDP}:11 (alpha 1: loss = alpha KL + (1 - alpha) CE)"),
+        "ce_weight": Setting(0.0, f"{_FG_KLDP}:11 (1 - alpha = 0)"),
+        "temperature": Setting(1.0, f"{_FG_KLDP}:12 (kd_T)"),
+        "optimizer": Setting("sgd", f"{_FG_DIST}:24 (optimizer.name)"),
+        "lr": Setting(1e-4, f"{_FG_DIST}:26; x batch/256: distillation/dist_utils.py, parse_cfg"),
+        "momentum": Setting(0.9, f"{_FG_DIST}:28"),
+        "weight_decay": Setting(1e-4, f"{_FG_DIST}:27"),
+        "lr_schedule": Setting("constant", f"{_FG_DIST}:31 (scheduler.name None)"),
+        "epochs": Setting(20, f"{_FG_DIST}:45 (max_epochs)"),
+        "stop_grad": Setting(True, f"{_FG_MAIN}: the teacher runs under torch.no_grad()"),
+    },
+    lr_batch=256,
+    notes=(
+        "batch size: 'auto' there (the largest that fits, dist_utils.get_batch_size); not set",
+        "precision 16 (fp16) there; fastkd's --amp is bf16",
+    ),
+)
+
+BI_KD_PRESET = Preset(
+    PresetName.BI_KD,
+    f"Jain et al., Bi-KD ({BI_KD})",
+    {
+        "mode": Setting("live", f"{_BK}: masks from the current models' p(y), every step"),
+        "partition_score": Setting("label", f"{_BK}: gt_soft = softmax(pred)[y]"),
+        "kd_weight": Setting(
+            1.0, f"{_BK}: loss = ce_t + ce_s + (mask_t kl_t + mask_s kl_s).mean()"
+        ),
+        "ce_weight": Setting(1.0, f"{_BK}: the same loss line"),
+        "temperature": Setting(1.0, f"{_BK}: F.softmax(pred) without a temperature"),
+        "optimizer": Setting("adam", f"{_BK}: torch.optim.Adam per model"),
+        "lr": Setting(1e-6, f"{_BK}:32-33 (--t_lr, --s_lr: one per model)"),
+        "weight_decay": Setting(1e-5, f"{_BK}:27"),
+        "lr_schedule": Setting("constant", f"{_BK}: no scheduler"),
+        "epochs": Setting(20, f"{_BK}:26 (--no_epochs)"),
+        "batch_size": Setting(128, f"{_BK}:24"),
+        "stop_grad": Setting(False, f"{_BK}: one loss.backward() through both models"),
+    },
+    notes=("with --joint: both models train at once, as there; without: offline Bi-KD",),
+)
+
+PRESETS: dict[PresetName, Preset] = {p.name: p for p in (KL_DP, BI_KD_PRESET)}
+
+
+def setting_text(preset: Preset, name: str) -> str:
+    """A setting's value as help and docs show it (the lr with its batch scaling)."""
+    value = preset.settings[name].value
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    if name == "lr" and preset.lr_batch is not None:
+        text += f" x batch/{preset.lr_batch}"
+    return text
+
+
+def flag(name: str) -> str:
+    """The ``fastkd train`` option of a TrainConfig field."""
+    return "--" + name.replace("_", "-")
+
+
+def preset_help() -> str:
+    """``--preset``'s help: what each preset sets, from ``PRESETS``."""
+    parts = []
+    for preset in PRESETS.values():
+        values = ", ".join(_option_text(preset, name) for name in preset.settings)
+        parts.append(f"{preset.name.value} ({preset.paper}): {values}")
+    return (
+        "The settings of a paper's code; a flag given explicitly wins over the preset. "
+        + "; ".join(parts)
+        + "."
+    )
+
+
+def _option_text(preset: Preset, name: str) -> str:
+    """A setting as a command line writes it: ``--lr 1e-06``, ``--no-stop-grad``."""
+    value = preset.settings[name].value
+    if isinstance(value, bool):
+        return flag(name) if value else flag(name).replace("--", "--no-", 1)
+    return f"{flag(name)} {setting_text(preset, name)}"
+
+
+def markdown_table() -> str:
+    """The Presets table of docs/method.md: option, each preset's value, the sources."""
+    names = list(dict.fromkeys(n for p in PRESETS.values() for n in p.settings))
+    head = ["option", *(p.name.value for p in PRESETS.values()), "source"]
+    rows = [head, ["---"] * len(head)]
+    for name in names:
+        cells, sources = [f"`{flag(name)}`"], []
+        for preset in PRESETS.values():
+            setting = preset.settings.get(name)
+            cells.append("(not set)" if setting is None else setting_text(preset, name))
+            if setting is not None:
+                sources.append(f"{preset.name.value}: {setting.source}")
+        rows.append([*cells, "; ".join(sources)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def apply_preset(given: Mapping[str, Any], preset: PresetName | None) -> dict[str, Any]:
+    """TrainConfig values: the explicit ones (not None) over the preset's; fields set by neither
+    are left out, so TrainConfig's defaults apply. A preset's lr is scaled by the resolved batch
+    size when the paper scales it and --lr is not given."""
+    values = {name: value for name, value in given.items() if value is not None}
+    if preset is None:
+        return values
+    chosen = PRESETS[PresetName(preset)]
+    for name, setting in chosen.settings.items():
+        values.setdefault(name, setting.value)
+    if chosen.lr_batch is not None and given.get("lr") is None:
+        values["lr"] = (
+            chosen.settings["lr"].value
+            * values.get("batch_size", DEFAULT_BATCH_SIZE)
+            / chosen.lr_batch
+        )
+    return values
