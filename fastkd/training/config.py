@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = DEFAULT_BATCH_SIZE  # global: split across DDP ranks
     optimizer: str = "adam"  # adam | sgd
     lr: float | None = None  # None: DEFAULT_LR[optimizer]
+    model_lr: dict[str, float] = field(default_factory=dict)  # a trained model's name -> its lr
     weight_decay: float = 1e-5
     momentum: float = 0.9  # SGD only
     lr_schedule: str = "constant"  # constant | cosine (per step, to 0 at the last epoch)
@@ -111,6 +112,7 @@ class TrainConfig:
                 problems.append(f"{_flag(name)} must be finite and >= 0, got {value}")
         if self.lr is not None and not math.isfinite(self.lr):
             problems.append(f"--lr must be finite, got {self.lr}")
+        problems += self._model_lr_problems()
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
         if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:
@@ -153,6 +155,33 @@ class TrainConfig:
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def lr_for(self, name: str) -> float:
+        """The learning rate of the trained model ``name``: its own (``--lr NAME=VALUE``), else
+        the run's."""
+        return self.model_lr.get(name, self.learning_rate)
+
+    def _model_lr_problems(self) -> list[str]:
+        """Each ``model_lr`` name is a model this run can train, each value positive, finite."""
+        self.model_lr = {str(name): float(value) for name, value in dict(self.model_lr).items()}
+        if not self.model_lr:
+            return []
+        from fastkd.models import ModelSpec, parse_pool  # heavy: only for per-model lrs
+
+        names = [spec.name for spec in parse_pool(self.models)]
+        if self.student is not None:
+            names.append(ModelSpec.parse(self.student).name)
+        problems = []
+        unknown = sorted(set(self.model_lr) - set(names))
+        if unknown:
+            problems.append(
+                f"--lr NAME=VALUE: no model named {', '.join(map(repr, unknown))} in this run; "
+                f"its models are {', '.join(map(repr, dict.fromkeys(names))) or 'none'}"
+            )
+        bad = {n: v for n, v in self.model_lr.items() if not (v > 0 and math.isfinite(v))}
+        if bad:
+            problems.append(f"--lr NAME=VALUE must be positive and finite, got {bad}")
+        return problems
 
     @property
     def report_data(self) -> Path | None:

@@ -118,8 +118,9 @@ def make_learner(
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None
         forward = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     spec = loaded.spec
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, cfg.lr_for(spec.name))
     before = spec
     if spec.checkpoint is None:  # saved at the start (Trainer._save_initial_weights)
         before = ModelSpec(spec.arch, initial_weights_path(cfg.out_dir, spec.name), spec.name)
@@ -137,22 +138,24 @@ def make_learner(
     )
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or SGD in their fused form, whose ``found_inf`` (a device tensor, as GradScaler sets
-    it) skips a step on the device: no parameter, moment or step count changes, and the host
-    never has to look at the loss before ``step()``.
+def make_optimizer(
+    params: list[nn.Parameter], cfg: TrainConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
+    """Adam or SGD at ``lr`` (default: the run's, ``cfg.learning_rate``) in their fused form,
+    whose ``found_inf`` (a device tensor, as GradScaler sets it) skips a step on the device: no
+    parameter, moment or step count changes, and the host never has to look at the loss before
+    ``step()``.
 
     SGD's momentum buffers start as zeros: its first fused step would otherwise allocate them
     uninitialised and, if that step is skipped, keep the garbage (with zeros the first step
     computes buf = 0 * momentum + grad = grad, bit for bit what the lazy first step stores).
     """
+    lr = cfg.learning_rate if lr is None else lr
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(
-            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=True
-        )
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
     optimizer = torch.optim.SGD(
         params,
-        lr=cfg.learning_rate,
+        lr=lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         fused=True,

@@ -77,12 +77,14 @@ def save_run_state(
 
 def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config as today's code writes it: mode "all" is "best"; a config from before
-    ``partition_score`` compared log p(y) ("label"); one from before ``control`` had none."""
+    ``partition_score`` compared log p(y) ("label"); one from before ``control`` had none; one from
+    before ``model_lr`` trained every model at the run's lr."""
     saved = dict(saved)
     if "mode" in saved:
         saved["mode"] = PartitionMode(saved["mode"]).value
     saved.setdefault("partition_score", PartitionScore.LABEL.value)
     saved.setdefault("control", False)  # before --control
+    saved.setdefault("model_lr", {})  # before --lr NAME=VALUE: every model at the run's lr
     return saved
 
 
