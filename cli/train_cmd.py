@@ -11,12 +11,13 @@ from rich.markup import escape
 from rich.text import Text
 
 from fastkd.augment import AugmentConfig
-from fastkd.choices import DEFAULT_LR, PartitionMode, PartitionScore, Teachers
+from fastkd.choices import DEFAULT_BATCH_SIZE, DEFAULT_LR, PartitionMode, PartitionScore, Teachers
 from fastkd.cli import options
 from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
 from fastkd.errors import ConfigError
+from fastkd.presets import PresetName, apply_preset, preset_help
 
 if TYPE_CHECKING:  # the training imports torch, timm and the kernels: only when a command runs
     from fastkd.training import TrainResult
@@ -48,26 +49,27 @@ def train_command(
             help="Train every pool member in turn, each taught by the others (role-agnostic).",
         ),
     ] = False,
+    preset: Annotated[PresetName | None, typer.Option(help=preset_help())] = None,
     mode: Annotated[
-        PartitionMode,
+        PartitionMode | None,
         typer.Option(
             help="What each sample is taught. live (offline Bi-KD): the best teacher, only where "
             "it beats the current student; fixed (KL+DP): the best of the teachers and the "
             "student's stored initial self; best (best-teacher KD): the best teacher on every "
             "sample; plain (plain KD): the mean of the teachers' distributions at the "
             "temperature on every sample, no label, no partition. Best = highest "
-            "--partition-score."
+            "--partition-score. Default live."
         ),
-    ] = PartitionMode.LIVE,
+    ] = None,
     partition_score: Annotated[
-        PartitionScore,
+        PartitionScore | None,
         typer.Option(
             help="What the partition compares, for teachers and student alike. label: log p(y), "
             "the confidence in the true class; confidence: max_c log p(c), the confidence in "
             "the model's own top class, so no label decides who teaches (with --mode fixed: "
-            "Roth et al.'s unsupervised KL+DP). Not with --joint; plain ignores it."
+            "Roth et al.'s unsupervised KL+DP). Not with --joint; plain ignores it. Default label."
         ),
-    ] = PartitionScore.LABEL,
+    ] = None,
     teachers: Annotated[
         Teachers,
         typer.Option(
@@ -85,55 +87,71 @@ def train_command(
         typer.Option(help="Only these pool members teach (repeat; default: the whole pool)."),
     ] = None,
     epochs: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="Passes over the training samples (one stored view of each per pass)."
+            min=1,
+            help="Passes over the training samples (one stored view of each per pass). Default 10.",
         ),
-    ] = 10,
+    ] = None,
     batch_size: Annotated[
-        int,
+        int | None,
         typer.Option(
-            min=1, help="Images per optimizer step, all ranks together (split over the GPUs)."
+            min=1,
+            help="Images per optimizer step, all ranks together (split over the GPUs). Default "
+            f"{DEFAULT_BATCH_SIZE}.",
         ),
-    ] = 128,
-    optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam or sgd. Default adam.")] = None,
     lr: Annotated[
-        float | None,
+        list[str] | None,
         typer.Option(
-            help=f"Learning rate; default {DEFAULT_LR['adam']:g} for adam (Bi-KD), "
-            f"{DEFAULT_LR['sgd']:g} for sgd (KL+DP): the papers' settings for ImageNet-pretrained "
-            "models on ImageNet-scale data. Small models, small data or few epochs barely move "
-            "at these (the report warns when weights moved < 0.1%): try ~1e-3, as from scratch."
+            help=f"Learning rate of every trained model, or NAME=VALUE for one model (repeat; "
+            f"e.g. --joint with --lr a=1e-3 --lr b=2e-3). Default {DEFAULT_LR['adam']:g} for "
+            f"adam (Bi-KD), {DEFAULT_LR['sgd']:g} for sgd (KL+DP): the papers' settings for "
+            "ImageNet-pretrained models on ImageNet-scale data. Small models, small data or few "
+            "epochs barely move at these (the report warns when weights moved < 0.1%): try "
+            "~1e-3, as from scratch."
         ),
     ] = None,
     weight_decay: Annotated[
-        float,
-        typer.Option(help="The optimizer's L2 weight decay (>= 0; Bi-KD's setting for Adam)."),
-    ] = 1e-5,
-    momentum: Annotated[float, typer.Option(help="SGD momentum, 0 to 1 (adam ignores it).")] = 0.9,
+        float | None,
+        typer.Option(
+            help="The optimizer's L2 weight decay (>= 0). Default 1e-05 (Bi-KD's, for Adam)."
+        ),
+    ] = None,
+    momentum: Annotated[
+        float | None, typer.Option(help="SGD momentum, 0 to 1 (adam ignores it). Default 0.9.")
+    ] = None,
     lr_schedule: Annotated[
-        str, typer.Option(help="constant or cosine (per step, to 0 at the last epoch).")
-    ] = "constant",
+        str | None,
+        typer.Option(
+            help="constant or cosine (per step, to 0 at the last epoch). Default constant."
+        ),
+    ] = None,
     temperature: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="KD temperature T (> 0): teacher and student distributions are softmax(z / T) "
-            "and the KD term is scaled by T^2; the partition always compares at T = 1."
+            "and the KD term is scaled by T^2; the partition always compares at T = 1. Default 1."
         ),
-    ] = 1.0,
+    ] = None,
     kd_weight: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="Weight of the KD term in the loss (>= 0): ce_weight x CE + kd_weight x T^2 x KL."
+            help="Weight of the KD term in the loss (>= 0): ce_weight x CE + kd_weight x T^2 x "
+            "KL. Default 1."
         ),
-    ] = 1.0,
+    ] = None,
     ce_weight: Annotated[
-        float,
-        typer.Option(help="Weight of the cross-entropy on the labels in the loss (>= 0)."),
-    ] = 1.0,
+        float | None,
+        typer.Option(
+            help="Weight of the cross-entropy on the labels in the loss (>= 0). Default 1."
+        ),
+    ] = None,
     stop_grad: Annotated[
-        bool, typer.Option(help="--joint: no KD gradient into the teaching model.")
-    ] = True,
+        bool | None,
+        typer.Option(help="--joint: no KD gradient into the teaching model. Default --stop-grad."),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -215,6 +233,25 @@ def train_command(
     if train_every_member and (student is not None or joint):
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
     refused = _views_with_store(views, store)
+    run_lr, model_lr = _learning_rates(lr or [])
+    tuned = apply_preset(
+        {
+            "mode": mode,
+            "partition_score": partition_score,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "optimizer": optimizer,
+            "lr": run_lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "lr_schedule": lr_schedule,
+            "temperature": temperature,
+            "kd_weight": kd_weight,
+            "ce_weight": ce_weight,
+            "stop_grad": stop_grad,
+        },
+        preset,
+    )
     try:
         cfg = TrainConfig(
             data=data,
@@ -224,20 +261,9 @@ def train_command(
             models=tuple(model or ()),
             members=tuple(member or ()),
             teachers=teachers,
-            mode=mode,
-            partition_score=partition_score,
             joint=joint,
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            lr_schedule=lr_schedule,
-            temperature=temperature,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            stop_grad=stop_grad,
+            model_lr=model_lr,
+            **tuned,
             seed=seed,
             views=1 if views is None or refused else views,
             augment=augment,
@@ -273,6 +299,23 @@ def train_command(
             console.print(Text(line, style="yellow"))
         stem = out / REPORT_STEM
         console.print(escape(f"report: {stem}.json, {stem}.png"))
+
+
+def _learning_rates(texts: list[str]) -> tuple[float | None, dict[str, float]]:
+    """--lr's values: the run's learning rate (a plain VALUE, the last one given) and each named
+    model's (NAME=VALUE)."""
+    run_lr, model_lr = None, {}
+    for text in texts:
+        name, _, value = text.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"--lr {text!r}: expected VALUE or NAME=VALUE, e.g. 1e-3") from None
+        if name:
+            model_lr[name] = number
+        else:
+            run_lr = number
+    return run_lr, model_lr
 
 
 def _views_with_store(views: int | None, store: Path | None) -> str | None:
