@@ -86,10 +86,10 @@ BI_KD_PRESET = Preset(
         "ce_weight": Setting(1.0, f"{_BK}: the same loss line"),
         "temperature": Setting(1.0, f"{_BK}: F.softmax(pred) without a temperature"),
         "optimizer": Setting("adam", f"{_BK}: torch.optim.Adam per model"),
-        "lr": Setting(1e-6, f"{_BK}:32-33 (--t_lr, --s_lr: one per model)"),
+        "lr": Setting(1e-6, f"{_BK}:32-33 (args t_lr, s_lr: one per model)"),
         "weight_decay": Setting(1e-5, f"{_BK}:27"),
         "lr_schedule": Setting("constant", f"{_BK}: no scheduler"),
-        "epochs": Setting(20, f"{_BK}:26 (--no_epochs)"),
+        "epochs": Setting(20, f"{_BK}:26 (args no_epochs)"),
         "batch_size": Setting(128, f"{_BK}:24"),
         "stop_grad": Setting(False, f"{_BK}: one loss.backward() through both models"),
     },
@@ -130,7 +130,7 @@ def _option_text(preset: Preset, name: str) -> str:
     """A setting as a command line writes it: ``--lr 1e-06``, ``--no-stop-grad``."""
     value = preset.settings[name].value
     if isinstance(value, bool):
-        return flag(name) if value else flag(name).replace("--", "--no-", 1)
+        return flag(name) if value else flag("no_" + name)
     return f"{flag(name)} {setting_text(preset, name)}"
 
 
