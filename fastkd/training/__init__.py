@@ -5,8 +5,8 @@ step trains on), ``learners`` (the models trained, their fused optimisers), ``tr
 host-to-device copies), ``strategy`` (ways of teaching: stored targets, live teachers, none,
 joint Bi-KD), ``state`` (the resumable run state), ``steps`` (a step's record, read one step
 late; skipping a non-finite step on the device), ``validation`` (top-1 on held-out data, shared by
-the ranks), ``trainer`` (the loop: plan, step, checkpoints, selection), ``run`` (train,
-train_all).
+the ranks), ``summary`` (summary.csv and TensorBoard scalars per epoch), ``trainer`` (the loop:
+plan, step, checkpoints, selection), ``run`` (train, train_all).
 """
 
 from fastkd.errors import NonFiniteError

@@ -6,7 +6,10 @@ It plans each epoch's rows (``plan``), feeds their images and the strategy's tar
 bit-exactly. The loss is reduced as a sum over the global batch divided by its size, so one
 process and N DistributedDataParallel ranks (torchrun; each rank a disjoint slice of every global
 batch) take the same gradient steps. The selected weights of each trained model go to
-``<out_dir>/<name>.pt`` as a fastkd checkpoint; the transfer report to ``report.json`` / ``.png``.
+``<out_dir>/<name>.pt`` as a fastkd checkpoint, which ``timm.create_model(arch,
+checkpoint_path=...)`` also loads (its weights are under ``"state_dict"``); the transfer report to
+``report.json`` / ``.png``. Each epoch also rewrites ``summary.csv`` (timm's per-epoch columns)
+and logs TensorBoard scalars when tensorboard is installed (``fastkd.training.summary``).
 
 A step never waits on the host (``fastkd.training.steps``): the kernel writes the gradient
 already scaled, a non-finite step is skipped by the fused optimisers on the device, and the loop
@@ -20,7 +23,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,7 @@ from fastkd.training.steps import (
     skipping_step,
 )
 from fastkd.training.strategy import RunContext, build_strategy
+from fastkd.training.summary import EpochSummary
 from fastkd.training.transfer import to_device
 from fastkd.training.validation import top1
 
@@ -95,6 +99,7 @@ class EpochRecord:
     val_top1: dict[str, float]  # per trained model; empty without val_data
     seconds: float
     steps_per_second: float
+    lr: dict[str, float] = field(default_factory=dict)  # per trained model, at the epoch's end
 
 
 @dataclass
@@ -166,6 +171,7 @@ class Trainer:
         self.step = 0  # global steps completed
         self.best: dict[str, float] = {}  # best val top-1 per trained model
         self.history: list[EpochRecord] = []
+        self.summary = EpochSummary(self.out_dir, [m.name for m in self.learners])  # summary.csv
         self._skip = SkipFlag(self.device)  # the optimisers' found_inf (steps.SkipFlag)
 
     def _open_store(self) -> StoreReader:
@@ -392,6 +398,7 @@ class Trainer:
             val_top1=self.validate(),
             seconds=seconds,
             steps_per_second=tally.steps / seconds,
+            lr={m.name: float(m.optimizer.param_groups[0]["lr"]) for m in self.learners},
         )
 
     def _title(self) -> str:
@@ -419,6 +426,7 @@ class Trainer:
                     self.best[learner.name] = score
                 self._save_weights(learner, self.out_dir / f"{learner.name}.pt", record)
             write_json(self.out_dir / HISTORY_FILE, [asdict(r) for r in self.history])
+            self.summary.write(self.history)
         self.save_state(self.out_dir / STATE_FILE)
 
     def _save_weights(self, learner: Learner, path: Path, record: EpochRecord | None) -> None:
