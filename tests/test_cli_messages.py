@@ -9,6 +9,7 @@ import builtins
 import errno
 import io
 import os
+import re
 import threading
 import types
 from pathlib import Path
@@ -63,12 +64,17 @@ def invoke(args: list[str]) -> typer.testing.Result:
     return CliRunner().invoke(app, args, env={"COLUMNS": "400"})
 
 
+LOG_LINE = re.compile(r"^(\[[^\]]*\])?\s*(INFO|WARNING)\s{2,}")  # fastkd's log (rich)
+
+
 def assert_one_line_error(result: typer.testing.Result) -> str:
-    """The user's error: exit code 2, one ``error:`` line on stderr, no traceback."""
+    """The user's error: exit code 2, no traceback, and on stderr the run's own log lines (as
+    far as it got) followed by one ``error:`` line."""
     assert result.exit_code == USER_ERROR_EXIT, result.output + repr(result.exception)
     assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not LOG_LINE.match(line)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stderr.strip().splitlines()[-1] == lines[0], result.stderr
     return lines[0]
 
 

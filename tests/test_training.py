@@ -437,6 +437,7 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
         "lr": 1e-3,
         "partition_score": "label",
         "control": False,  # and before --control, no control
+        "model_lr": {},  # and before --lr NAME=VALUE, one lr for all
     }
 
 

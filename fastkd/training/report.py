@@ -54,6 +54,7 @@ def provenance(cfg: TrainConfig) -> dict:
         "mode": "joint" if cfg.joint else cfg.mode.value,
         "optimizer": cfg.optimizer,
         "lr": cfg.learning_rate,
+        "model_lr": dict(cfg.model_lr),  # --lr NAME=VALUE: these models' own
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
