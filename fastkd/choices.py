@@ -44,3 +44,8 @@ class PartitionScore(str, Enum):
 
     LABEL = "label"  # log p(y): needs the label
     CONFIDENCE = "confidence"  # max_c log p(c), the confidence in the top class: no label
+
+
+def option_flag(field_name: str) -> str:
+    """The ``fastkd train`` option of a ``TrainConfig`` field, as help and messages name it."""
+    return "--" + field_name.replace("_", "-")

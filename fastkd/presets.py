@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from fastkd.choices import DEFAULT_BATCH_SIZE
+from fastkd.choices import DEFAULT_BATCH_SIZE, option_flag
 
 FANTASTIC_GAINS = "ExplainableML/FantasticGains"
 BI_KD = "Syd-J/Bi-KD"
@@ -108,11 +108,6 @@ def setting_text(preset: Preset, name: str) -> str:
     return text
 
 
-def flag(name: str) -> str:
-    """The ``fastkd train`` option of a TrainConfig field."""
-    return "--" + name.replace("_", "-")
-
-
 def preset_help() -> str:
     """``--preset``'s help: what each preset sets, from ``PRESETS``."""
     parts = []
@@ -130,8 +125,8 @@ def _option_text(preset: Preset, name: str) -> str:
     """A setting as a command line writes it: ``--lr 1e-06``, ``--no-stop-grad``."""
     value = preset.settings[name].value
     if isinstance(value, bool):
-        return flag(name) if value else flag("no_" + name)
-    return f"{flag(name)} {setting_text(preset, name)}"
+        return option_flag(name) if value else option_flag("no_" + name)
+    return f"{option_flag(name)} {setting_text(preset, name)}"
 
 
 def markdown_table() -> str:
@@ -140,7 +135,7 @@ def markdown_table() -> str:
     head = ["option", *(p.name.value for p in PRESETS.values()), "source"]
     rows = [head, ["---"] * len(head)]
     for name in names:
-        cells, sources = [f"`{flag(name)}`"], []
+        cells, sources = [f"`{option_flag(name)}`"], []
         for preset in PRESETS.values():
             setting = preset.settings.get(name)
             cells.append("(not set)" if setting is None else setting_text(preset, name))

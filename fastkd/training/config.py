@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastkd.choices import DEFAULT_BATCH_SIZE, DEFAULT_LR, PartitionMode, PartitionScore, Teachers
+from fastkd.choices import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_LR,
+    PartitionMode,
+    PartitionScore,
+    Teachers,
+    option_flag,
+)
 from fastkd.errors import ConfigError
 from fastkd.runtime import plain
 from fastkd.views import AugmentConfig
@@ -87,7 +94,7 @@ class TrainConfig:
             except ValueError:
                 choices = [member.value for member in kind]
                 problems.append(
-                    f"{_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
+                    f"{option_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
                 )
         if self.epochs < 1 or self.batch_size < 1 or self.views < 1:
             problems.append(
@@ -109,7 +116,7 @@ class TrainConfig:
         for name in ("kd_weight", "ce_weight", "weight_decay", "momentum"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
-                problems.append(f"{_flag(name)} must be finite and >= 0, got {value}")
+                problems.append(f"{option_flag(name)} must be finite and >= 0, got {value}")
         if self.lr is not None and not math.isfinite(self.lr):
             problems.append(f"--lr must be finite, got {self.lr}")
         problems += self._model_lr_problems()
@@ -191,8 +198,3 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: paths as strings, enums as values."""
         return plain(asdict(self))
-
-
-def _flag(field_name: str) -> str:
-    """The ``fastkd train`` option of a config field, as messages name it."""
-    return "--" + field_name.replace("_", "-")
