@@ -107,8 +107,9 @@ def train_command(
         typer.Option(
             help=f"Learning rate of every trained model, or NAME=VALUE for one model (repeat; "
             f"e.g. --joint with --lr a=1e-3 --lr b=2e-3). Default {DEFAULT_LR['adam']:g} for "
-            f"adam (Bi-KD), {DEFAULT_LR['sgd']:g} for sgd (KL+DP): the papers' settings for "
-            "ImageNet-pretrained models on ImageNet-scale data. Small models, small data or few "
+            f"adam (Bi-KD), {DEFAULT_LR['sgd']:g} for sgd (KL+DP's base lr, which --preset kl-dp "
+            "scales by batch/256): the papers' settings for ImageNet-pretrained models on "
+            "ImageNet-scale data. Small models, small data or few "
             "epochs barely move at these (the report warns when weights moved < 0.1%): try "
             "~1e-3, as from scratch."
         ),
@@ -234,6 +235,11 @@ def train_command(
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
     refused = _views_with_store(views, store)
     run_lr, model_lr = _learning_rates(lr or [])
+    if preset == PresetName.KL_DP and joint:
+        raise ConfigError(
+            "--preset kl-dp is one-way KL+DP from a store or live teachers; --joint trains "
+            "Bi-KD (every model both ways): use --preset bi-kd with --joint"
+        )
     tuned = apply_preset(
         {
             "mode": mode,
@@ -302,8 +308,8 @@ def train_command(
 
 
 def _learning_rates(texts: list[str]) -> tuple[float | None, dict[str, float]]:
-    """--lr's values: the run's learning rate (a plain VALUE, the last one given) and each named
-    model's (NAME=VALUE)."""
+    """--lr's values: the run's learning rate (a plain VALUE, once) and each named model's
+    (NAME=VALUE, once a name)."""
     run_lr, model_lr = None, {}
     for text in texts:
         name, _, value = text.rpartition("=")
@@ -311,6 +317,11 @@ def _learning_rates(texts: list[str]) -> tuple[float | None, dict[str, float]]:
             number = float(value)
         except ValueError:
             raise ConfigError(f"--lr {text!r}: expected VALUE or NAME=VALUE, e.g. 1e-3") from None
+        if (name in model_lr) if name else (run_lr is not None):
+            raise ConfigError(
+                f"--lr {text!r}: {'model ' + repr(name) if name else 'the run'} "
+                "already has a learning rate; give each one once"
+            )
         if name:
             model_lr[name] = number
         else:

@@ -99,14 +99,21 @@ def test_per_model_lr_in_joint_mode_reaches_the_optimisers(pool, tmp_path):
 
 
 def test_per_model_lr_from_the_cli_and_an_unknown_name_refused(pool, tmp_path, monkeypatch):
-    args = [*_args(pool, tmp_path), "--lr", "a=1e-3", "--lr", "b=2e-3", "--lr", "5e-4"]
+    args = [*_args(pool, tmp_path), "--lr", "s=1e-3", "--lr", "5e-4"]
     cfg, result = _train_config(monkeypatch, args)
     assert result.exit_code == 0, result.output
-    assert cfg.model_lr == {"a": 1e-3, "b": 2e-3} and cfg.lr == 5e-4
-    assert cfg.lr_for("s") == 5e-4
-    cfg, result = _train_config(monkeypatch, [*_args(pool, tmp_path), "--lr", "zz=1e-3"])
-    assert cfg is None and result.exit_code == 2
-    assert "no model named 'zz'" in result.output and "'a', 'b', 's'" in result.output
+    assert cfg.model_lr == {"s": 1e-3} and cfg.lr == 5e-4
+    assert cfg.lr_for("s") == 1e-3 and cfg.lr_for("a") == 5e-4
+    for extra, message in (
+        (["--lr", "a=1e-3"], "'a' does not train in this run; the trained models are 's'"),
+        (["--lr", "zz=1e-3"], "'zz' does not train in this run"),
+        (["--lr", "1e-3", "--lr", "2e-3"], "the run already has a learning rate"),
+        (["--lr", "s=1e-3", "--lr", "s=2e-3"], "model 's' already has a learning rate"),
+        (["--preset", "kl-dp", "--joint"], "--preset kl-dp is one-way KL+DP"),
+    ):
+        cfg, result = _train_config(monkeypatch, [*_args(pool, tmp_path), *extra])
+        assert cfg is None and result.exit_code == 2, (extra, result.output)
+        assert message in result.output, (extra, result.output)
 
 
 def test_method_doc_shows_the_preset_table():

@@ -175,15 +175,16 @@ class TrainConfig:
             return []
         from fastkd.models import ModelSpec, parse_pool  # heavy: only for per-model lrs
 
-        names = [spec.name for spec in parse_pool(self.models)]
-        if self.student is not None:
-            names.append(ModelSpec.parse(self.student).name)
+        if self.student is not None and not self.joint:  # the others only teach
+            names = [ModelSpec.parse(self.student).name]
+        else:  # --joint, or --all: every --model trains
+            names = [spec.name for spec in parse_pool(self.models)]
         problems = []
         unknown = sorted(set(self.model_lr) - set(names))
         if unknown:
             problems.append(
-                f"--lr NAME=VALUE: no model named {', '.join(map(repr, unknown))} in this run; "
-                f"its models are {', '.join(map(repr, dict.fromkeys(names))) or 'none'}"
+                f"--lr NAME=VALUE: {', '.join(map(repr, unknown))} does not train in this run; "
+                f"the trained models are {', '.join(map(repr, dict.fromkeys(names))) or 'none'}"
             )
         bad = {n: v for n, v in self.model_lr.items() if not (v > 0 and math.isfinite(v))}
         if bad:
