@@ -64,6 +64,10 @@ def test_kl_dp_spot_checks_and_explicit_flags_win(pool, tmp_path, monkeypatch):
     explicit = ["--preset", "kl-dp", "--lr", "0.01", "--ce-weight", "0.5", "--epochs", "3"]
     cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), *explicit])
     assert (cfg.lr, cfg.ce_weight, cfg.epochs, cfg.optimizer) == (0.01, 0.5, 3, "sgd")
+    # a flag given with fastkd's own default still wins: given is not the same as default
+    defaults = ["--preset", "kl-dp", "--epochs", "10", "--ce-weight", "1", "--optimizer", "adam"]
+    cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), *defaults, "--no-stop-grad"])
+    assert (cfg.epochs, cfg.ce_weight, cfg.optimizer, cfg.stop_grad) == (10, 1.0, "adam", False)
 
 
 def test_kl_dp_lr_scales_with_the_batch(pool, tmp_path, monkeypatch):
