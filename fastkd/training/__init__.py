@@ -25,13 +25,12 @@ from fastkd.training.strategy import (
     TeachingStrategy,
     build_strategy,
 )
+from fastkd.training.summary import EpochRecord, describe_epoch
 from fastkd.training.trainer import (
     HISTORY_FILE,
-    EpochRecord,
     Trainer,
     TrainResult,
     ViewsRepeatWarning,
-    describe_epoch,
 )
 
 __all__ = [

@@ -72,11 +72,12 @@ def pool_report(
     after: Sequence[ModelSpec],
     out_dir: Path,
     device: torch.device,
+    weight_change: Mapping[str, float],
     control: Mapping[str, Path] | None = None,
 ) -> TransferReport:
     """The transfer report of ``after`` against ``before`` on the report data, with its
-    provenance and, given the control run's checkpoints (name -> path), each trained model's
-    top-1 minus its control's; saved in ``out_dir``."""
+    provenance, the run's ``weight_changes`` and, given the control run's checkpoints (name ->
+    path), each trained model's top-1 minus its control's; saved in ``out_dir``."""
     dataset = open_dataset(cfg.report_data)
     kwargs = {"batch_size": cfg.batch_size, "device": device, "backend": cfg.backend}
     trained = {spec.name for spec in after}
@@ -88,12 +89,7 @@ def pool_report(
     predictions_after = predict_checkpoints(dataset, after, **sized)
     report = transfer_report(dataset.labels, predictions_before, predictions_after)
     report.context = provenance(cfg)
-    report.context["weight_change"] = {
-        spec.name: weight_change(old.checkpoint, spec.checkpoint)
-        for spec in after
-        for old in before
-        if old.name == spec.name and old.checkpoint is not None
-    }
+    report.context["weight_change"] = dict(weight_change)
     if control:
         specs = [ModelSpec(spec.arch, control[spec.name], spec.name) for spec in after]
         predictions_control = predict_checkpoints(dataset, specs, **sized)
@@ -132,14 +128,21 @@ class WeightsBarelyMovedWarning(UserWarning):
     """A trained model's weights moved less than ``MIN_WEIGHT_CHANGE`` (relative)."""
 
 
-def warn_if_barely_moved(before: Sequence[ModelSpec], after: Mapping[str, Path]) -> None:
-    """At the end of a run: warn for each trained model (``after``: name -> selected weights)
-    whose weights barely moved from its ``before`` checkpoint (one without a file is skipped)."""
-    for spec in before:
-        if spec.name in after and spec.checkpoint is not None:
-            change = weight_change(spec.checkpoint, after[spec.name])
-            if change < MIN_WEIGHT_CHANGE:
-                warnings.warn(barely_moved(spec.name, change), WeightsBarelyMovedWarning, 2)
+def weight_changes(before: Sequence[ModelSpec], after: Mapping[str, Path]) -> dict[str, float]:
+    """Each trained model's ``weight_change`` (``after``: name -> selected weights) from its
+    ``before`` checkpoint (one without a file is left out), read once at the end of a run."""
+    return {
+        spec.name: weight_change(spec.checkpoint, after[spec.name])
+        for spec in before
+        if spec.name in after and spec.checkpoint is not None
+    }
+
+
+def warn_if_barely_moved(changes: Mapping[str, float]) -> None:
+    """Warn for each model whose weights moved less than ``MIN_WEIGHT_CHANGE``."""
+    for name, change in changes.items():
+        if change < MIN_WEIGHT_CHANGE:
+            warnings.warn(barely_moved(name, change), WeightsBarelyMovedWarning, 2)
 
 
 def weight_change(before: Path, after: Path) -> float:

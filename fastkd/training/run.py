@@ -30,8 +30,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     result.control = Trainer(control_config(cfg)).fit()
     if cfg.report and cfg.report_data is not None and is_main:
         result.report = pool_report(
-            cfg, before, after, cfg.out_dir, device, result.control.checkpoints
-        )
+            cfg, before, after, cfg.out_dir, device, result.weight_change,
+            result.control.checkpoints,
+        )  # fmt: skip
     return result
 
 
@@ -79,7 +80,9 @@ def train_all(cfg: TrainConfig) -> PoolResult:
             if cfg.control
             else None
         )
+        changes = {name: c for run in runs.values() for name, c in run.weight_change.items()}
         report = pool_report(
-            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device), control
-        )
+            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device), changes,
+            control,
+        )  # fmt: skip
     return PoolResult(runs, report)

@@ -1,4 +1,5 @@
-"""Per-epoch results where users already look: timm's ``summary.csv`` and TensorBoard scalars.
+"""What an epoch leaves behind: its record, its log line, and the results where users already
+look: timm's ``summary.csv`` and TensorBoard scalars.
 
 The CSV is rewritten whole from the run's history after every epoch (atomically), so a resumed
 run, whose history comes back from the run state, never repeats a row. TensorBoard scalars go to
@@ -12,16 +13,36 @@ import csv
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastkd.files import atomic_write_text
 
-if TYPE_CHECKING:
-    from fastkd.training.trainer import EpochRecord
-
 SUMMARY_FILE = "summary.csv"
 TENSORBOARD_DIR = "tensorboard"
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based: epochs completed
+    steps: int  # global steps completed
+    loss: float  # mean training loss over the epoch's rows
+    taught: float  # share of rows that had a KD target (nan without KD)
+    val_top1: dict[str, float]  # per trained model; empty without val_data
+    seconds: float
+    steps_per_second: float
+    lr: dict[str, float] = field(default_factory=dict)  # per trained model, at the epoch's end
+
+
+def describe_epoch(record: EpochRecord, epochs: int) -> str:
+    """One log line per epoch."""
+    parts = [f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}"]
+    if not math.isnan(record.taught):
+        parts.append(f"{100 * record.taught:.0f}% of rows taught")
+    parts += [f"val top-1 {name} {top1:.2f}%" for name, top1 in record.val_top1.items()]
+    parts.append(f"{record.steps_per_second:.2f} steps/s")
+    return ", ".join(parts)
 
 
 def summary_header(names: Sequence[str]) -> list[str]:

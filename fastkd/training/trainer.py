@@ -61,7 +61,7 @@ from fastkd.training.learners import (
     spec_text,
 )
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
-from fastkd.training.report import pool_report, warn_if_barely_moved
+from fastkd.training.report import pool_report, warn_if_barely_moved, weight_changes
 from fastkd.training.state import (
     STATE_FILE,
     load_run_state,
@@ -79,7 +79,7 @@ from fastkd.training.steps import (
     skipping_step,
 )
 from fastkd.training.strategy import RunContext, build_strategy
-from fastkd.training.summary import EpochSummary
+from fastkd.training.summary import EpochRecord, EpochSummary, describe_epoch
 from fastkd.training.transfer import to_device
 from fastkd.training.validation import top1
 
@@ -91,18 +91,6 @@ class ViewsRepeatWarning(UserWarning):
 
 
 @dataclass
-class EpochRecord:
-    epoch: int  # 1-based: epochs completed
-    steps: int  # global steps completed
-    loss: float  # mean training loss over the epoch's rows
-    taught: float  # share of rows that had a KD target (nan without KD)
-    val_top1: dict[str, float]  # per trained model; empty without val_data
-    seconds: float
-    steps_per_second: float
-    lr: dict[str, float] = field(default_factory=dict)  # per trained model, at the epoch's end
-
-
-@dataclass
 class TrainResult:
     out_dir: Path
     checkpoints: dict[str, Path]  # trained model name -> selected weights (fastkd checkpoint)
@@ -110,6 +98,7 @@ class TrainResult:
     history: list[EpochRecord]
     report: TransferReport | None = None  # with eval_data or val_data
     control: TrainResult | None = None  # the cross-entropy control's run (``--control``)
+    weight_change: dict[str, float] = field(default_factory=dict)  # ``report.weight_change``
 
 
 class Trainer:
@@ -363,12 +352,16 @@ class Trainer:
                 if self.dist.is_main:
                     progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
+        changes = {}
         if self.dist.is_main:
-            warn_if_barely_moved([m.before for m in self.learners], checkpoints)
+            changes = weight_changes([m.before for m in self.learners], checkpoints)
+            warn_if_barely_moved(changes)
         main = cfg.report and self.dist.is_main
-        report = self.transfer_report(checkpoints) if main else None
+        report = self.transfer_report(checkpoints, changes) if main else None
         self._barrier()
-        return TrainResult(self.out_dir, checkpoints, state_path, self.history, report)
+        return TrainResult(
+            self.out_dir, checkpoints, state_path, self.history, report, weight_change=changes
+        )
 
     def _run_epoch(self, progress: Progress, task: TaskID) -> EpochRecord:
         start = time.perf_counter()
@@ -489,23 +482,15 @@ class Trainer:
         after = [ModelSpec(m.arch, checkpoints[m.name], m.name) for m in self.learners]
         return list(before.values()), after
 
-    def transfer_report(self, checkpoints: Mapping[str, Path]) -> TransferReport | None:
+    def transfer_report(
+        self, checkpoints: Mapping[str, Path], weight_change: Mapping[str, float]
+    ) -> TransferReport | None:
         """Before/after figures of the trained models against the pool, on the report data."""
         if self.cfg.report_data is None:
             return None
         before, after = self.report_specs(checkpoints)
-        return pool_report(self.cfg, before, after, self.out_dir, self.device)
+        return pool_report(self.cfg, before, after, self.out_dir, self.device, weight_change)
 
     def _barrier(self) -> None:
         if self.dist.enabled:
             dist.barrier()
-
-
-def describe_epoch(record: EpochRecord, epochs: int) -> str:
-    """One log line per epoch."""
-    parts = [f"epoch {record.epoch}/{epochs}: loss {record.loss:.4f}"]
-    if not math.isnan(record.taught):
-        parts.append(f"{100 * record.taught:.0f}% of rows taught")
-    parts += [f"val top-1 {name} {top1:.2f}%" for name, top1 in record.val_top1.items()]
-    parts.append(f"{record.steps_per_second:.2f} steps/s")
-    return ", ".join(parts)
