@@ -137,7 +137,7 @@ def load_view(
     return out
 
 
-def _normalize(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
+def normalize(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
     """uint8 [b, 3, H, W] -> float32 ``(x - 255 mean) / (255 std)``, the formula DALI uses."""
     mean, std = _normalize_constants(prep, images.device)
     return (images.float() - mean) / std
@@ -207,7 +207,7 @@ def _torch_batches(plan: LoadPlan, num_workers: int) -> Iterator[ViewBatch]:
     for kept, images, failed, hashes in loader:
         skipped = resolve_failures(items, failed, plan.on_bad_image)
         images = [
-            _normalize(batch.to(device, non_blocking=True), prep)
+            normalize(batch.to(device, non_blocking=True), prep)
             for batch, prep in zip(images, preps, strict=True)
         ]
         yield items.batch(kept, images, skipped, hashes)
