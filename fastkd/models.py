@@ -289,7 +289,7 @@ def _root_cause(error: BaseException) -> str:
 
 
 def load_model(
-    spec: ModelSpec,
+    spec: ModelSpec | str,
     *,
     num_classes: int | None = None,
     pretrained: bool = True,
@@ -303,7 +303,10 @@ def load_model(
     or, with ``pretrained=False``, a random init. ``num_classes`` left at None keeps the weights'
     classifier; a different count replaces the classifier with a fresh one (fine-tuning to a new
     label set). ``input_size`` overrides the data config's image size (``with_input_size``).
+    ``spec``: a ``ModelSpec`` or its text, ``[alias:]ARCH[=CKPT]`` as on the command line.
     """
+    if isinstance(spec, str):
+        spec = ModelSpec.parse(spec)
     if ":" not in spec.arch and not timm.is_model(spec.arch):
         raise ConfigError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
     kwargs: dict[str, Any] = dict(model_kwargs or {})

@@ -53,7 +53,7 @@ def imports() -> dict[str, set[str]]:
                 elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                     names.add(node.module)
             found[name] = {n for n in names if n.startswith("fastkd.")}
-    del found["fastkd"]  # the package root: its version only
+    del found["fastkd"]  # the package root: its version and the public names, imported lazily
     return found
 
 

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -220,6 +221,37 @@ class StoreReader:
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
         self._caches: dict[str | None, _BlockCache] = {}
+
+    @classmethod
+    def for_data(
+        cls,
+        path: Path | str,
+        dataset: Any,
+        *,
+        models: Sequence[str] | None = None,
+        checkpoints: Mapping[str, str] | None = None,
+        data_name: str | None = None,
+    ) -> StoreReader:
+        """The store made from ``dataset`` (a ``fastkd.data.ImageDataset``: its fingerprint,
+        classes and keys, in order), refusing one made for other data, classes or models:
+        ``models`` must be in it, each with the checkpoint sha256 in ``checkpoints``."""
+        reader = cls(
+            path,
+            Expectation(
+                fingerprint=dataset.fingerprint(),
+                num_classes=dataset.num_classes,
+                classes=list(dataset.classes),
+                models=list(models) if models else None,
+                checkpoints=dict(checkpoints) if checkpoints else None,
+            ),
+        )
+        if reader.keys != list(dataset.keys):
+            raise StoreMismatchError(
+                reader.path,
+                ["keys: the store's samples are not the data set's, in the same order"],
+                f"it was made from other data than {data_name or dataset.root}",
+            )
+        return reader
 
     def _checked_whole(self, name: str) -> np.ndarray:
         """A per-sample array read whole, each written block checked against its hash. One read

@@ -114,16 +114,7 @@ class _PartitionedTeaching(TeachingStrategy):
     """A student taught per row by the pool member the partition rule chooses."""
 
     def _set_columns(self, pool: Sequence[str], student: str) -> None:
-        """The teachers (never the student itself), and in ``fixed`` mode, last, the student's
-        own initial outputs."""
-        teachers = [name for name in pool if name != student]
-        if not teachers:
-            raise ConfigError(
-                f"the pool {list(pool)} has no teacher besides the student {student!r}"
-            )
-        fixed = self.cfg.mode is PartitionMode.FIXED
-        self.members = [*teachers, student] if fixed else teachers
-        self.self_index = len(teachers) if fixed else None
+        self.members, self.self_index = target_columns(pool, student, self.cfg.mode)
 
     def _partitioned(
         self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
@@ -137,6 +128,20 @@ class _PartitionedTeaching(TeachingStrategy):
             partition_score=self.cfg.partition_score,
             **self._kd_options(scale),
         )
+
+
+def target_columns(
+    pool: Sequence[str], student: str, mode: PartitionMode | str = PartitionMode.LIVE
+) -> tuple[list[str], int | None]:
+    """The target columns a student is taught from, and its own column: the pool's members but
+    the student (never its own teacher), and in ``fixed`` mode, last, the student's own initial
+    outputs (``self_index``; None in the other modes)."""
+    teachers = [name for name in pool if name != student]
+    if not teachers:
+        raise ConfigError(f"the pool {list(pool)} has no teacher besides the student {student!r}")
+    if PartitionMode(mode) is PartitionMode.FIXED:
+        return [*teachers, student], len(teachers)
+    return teachers, None
 
 
 def pool_targets(arrays: Any, ring: PinnedRing | None = None, slot: int = 0) -> PoolTargets:

@@ -35,7 +35,7 @@ from rich.progress import Progress, TaskID, TextColumn
 from torch import Tensor
 
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import ConfigError, DatasetError, RunExistsError, StoreMismatchError
+from fastkd.errors import ConfigError, DatasetError, RunExistsError
 from fastkd.files import sweep_temp_files, write_json
 from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
@@ -49,7 +49,7 @@ from fastkd.runtime import (
     progress_bar,
     resolve_device,
 )
-from fastkd.store import Expectation, StoreReader
+from fastkd.store import StoreReader
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import (
     ImageStreams,
@@ -166,29 +166,18 @@ class Trainer:
     def _open_store(self) -> StoreReader:
         """Open the store, refusing one made for other data, classes or pool weights."""
         cfg = self.cfg
-        reader = StoreReader(
+        return StoreReader.for_data(
             cfg.store,
-            Expectation(
-                fingerprint=self.dataset.fingerprint(),
-                num_classes=self.dataset.num_classes,
-                classes=list(self.dataset.classes),
-                models=list(cfg.members) or None,
-                # each given pool checkpoint must be the one its stored outputs were made with
-                checkpoints={
-                    name: file_sha256(spec.checkpoint)
-                    for name, spec in self.pool_specs.items()
-                    if spec.checkpoint is not None
-                }
-                or None,
-            ),
+            self.dataset,
+            models=list(cfg.members),
+            # each given pool checkpoint must be the one its stored outputs were made with
+            checkpoints={
+                name: file_sha256(spec.checkpoint)
+                for name, spec in self.pool_specs.items()
+                if spec.checkpoint is not None
+            },
+            data_name=str(cfg.data),
         )
-        if reader.keys != list(self.dataset.keys):
-            raise StoreMismatchError(
-                reader.path,
-                ["keys: the store's samples are not the data set's, in the same order"],
-                f"it was made from other data than {cfg.data}",
-            )
-        return reader
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -241,7 +230,7 @@ class Trainer:
         stored = self.reader.file_hashes[samples]
         changed = (stored != UNRECORDED) & (stored != read)
         if changed.any():
-            names = sorted({str(self.dataset.path(int(s))) for s in samples[changed]})
+            names = sorted({self.dataset.name(int(s)) for s in samples[changed]})
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise DatasetError(
                 f"{len(names)} image(s) changed since the dump of {self.reader.path} (same name "
