@@ -112,6 +112,12 @@ class EpochSummary:
             writer.add_scalar("lr" if len(record.lr) == 1 else f"lr/{name}", lr, step)
         writer.flush()
 
+    def close(self) -> None:
+        """Close the TensorBoard event file (each epoch's scalars were flushed already)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
     def _open_writer(self) -> Any:
         if self._writer is None and self._tensorboard:
             try:

@@ -340,6 +340,7 @@ class Trainer:
                 self._select_and_checkpoint(record)
                 if self.dist.is_main:
                     progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
+        self.summary.close()
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
         changes = {}
         if self.dist.is_main:
