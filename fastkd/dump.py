@@ -237,7 +237,7 @@ class _BlockBuffer:
         if changed.any():
             sample = int(batch.samples[np.flatnonzero(changed)[0]])
             raise DatasetError(
-                f"image {self.dataset.path(sample)} (sample {sample}) changed while the dump read "
+                f"image {self.dataset.name(sample)} (sample {sample}) changed while the dump read "
                 "it: its views saw different bytes; run the dump again once the data is stable"
             )
         device = next(iter(self.logits.values())).device
@@ -267,7 +267,7 @@ def run_dump(cfg: DumpConfig) -> Path:
     sizes, unreadable = dataset.read_sizes()
     if unreadable and cfg.on_bad_image == "fail":
         sample, reason = next(iter(unreadable.items()))
-        raise BadImageError(dataset.path(sample), sample, reason)
+        raise BadImageError(dataset.name(sample), sample, reason)
     for member in pool:
         announce_input(member.spec.name, member.data_config, member.input_source, dataset)
     manifest = build_manifest(cfg, dataset, pool)
@@ -303,7 +303,7 @@ def run_dump(cfg: DumpConfig) -> Path:
             for samples in plan.unreadable.values():
                 for sample in samples:
                     log.warning(
-                        "skipping unreadable image %s: %s", dataset.path(sample), unreadable[sample]
+                        "skipping unreadable image %s: %s", dataset.name(sample), unreadable[sample]
                     )
             _infer_blocks(cfg, writer, dataset, pool, plan, device)
     log.info("dump finished: %s", cfg.out)
@@ -341,7 +341,7 @@ def _blocks_with_changed_files(
         now = content_hashes(dataset, samples)
         changed = [s for s, h in zip(samples, now, strict=True) if h != recorded[s - start]]
         for sample in changed:
-            log.warning("changed since the dump: %s (block %d)", dataset.path(sample), block)
+            log.warning("changed since the dump: %s (block %d)", dataset.name(sample), block)
         if changed:
             outdated.append(block)
     return outdated

@@ -38,11 +38,11 @@ class BadImageError(DatasetError):
     """An image that cannot be read or decoded. Only `fastkd dump` can skip one, so the CLI adds
     that hint there (cli.guard), not here: train and eval have no such option."""
 
-    def __init__(self, path: Path, sample: int, reason: str) -> None:
+    def __init__(self, path: Path | str, sample: int, reason: str) -> None:
         super().__init__(
             f"cannot read image {path} (sample {sample}): {reason}. Fix or remove the file"
         )
-        self.path = path
+        self.path = path  # the file, or a tar shard's member as ``shard.tar:member``
         self.sample = sample
         self.reason = reason
 

@@ -127,7 +127,7 @@ def _eval_samples(dataset: ImageDataset, samples: np.ndarray | None) -> np.ndarr
         return np.arange(len(dataset), dtype=np.int64)
     samples = np.asarray(samples, dtype=np.int64).reshape(-1)
     if samples.size and (samples.min() < 0 or samples.max() >= len(dataset)):
-        raise ConfigError(f"samples must index the {len(dataset)} samples of {dataset.root}")
+        raise ConfigError(f"samples must index the {len(dataset)} samples of {dataset.source}")
     if np.unique(samples).size != samples.size:
         raise ConfigError("samples to evaluate must be distinct")
     return samples
@@ -154,7 +154,7 @@ def predict_checkpoints(
         if loaded.num_classes != dataset.num_classes:
             raise ConfigError(
                 f"model {spec.name!r} ({spec.checkpoint or spec.arch}) has {loaded.num_classes} "
-                f"classes, the data set {dataset.root} has {dataset.num_classes}"
+                f"classes, the data set {dataset.source} has {dataset.num_classes}"
             )
         announce_input(spec.name, loaded.data_config, loaded.input_source, dataset)
         predictions.update(

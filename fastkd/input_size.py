@@ -62,7 +62,7 @@ def announce_input(
     ``MAX_UPSCALE`` times; once per model, data set and size in a process (a run evaluates its
     models again and again: the log says it once)."""
     size = tuple(int(v) for v in data_config.get("input_size", ()))
-    key = (name, str(dataset.root), len(dataset), size)
+    key = (name, dataset.source, len(dataset), size)
     if key in _announced:
         return
     _announced.add(key)

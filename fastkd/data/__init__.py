@@ -1,21 +1,26 @@
 """Data sets and the loaders that replay stored views, preprocessed for every model of a pool.
 
 - ``decoding``: the one rule both loaders decode an image file by, mode by mode (``decode_rgb``;
-  ``refusal`` of the modes it has no rule for).
-- ``datasets``: image folders and file lists (``open_dataset``, ``ImageDataset``): keys, labels,
-  file sizes, header sizes, fingerprints.
+  ``refusal`` of the modes it has no rule for); the image file extensions.
+- ``shards``: WebDataset tar shards indexed on open (``index_shards``: each image member's
+  shard, offset and size; its key and ``cls`` label), read by offset (``ShardMembers.read``).
+- ``datasets``: image folders, file lists and tar shards (``open_dataset``, ``ImageDataset``):
+  keys, labels, file sizes, header sizes, fingerprints; where a sample's bytes come from
+  (``read_bytes``) and what messages call it (``name``).
 - ``batches``: what both loader backends share: ``Preprocess`` per data config, the item list,
   ``plan_batches``, ``ViewBatch`` and the handling of unreadable images.
 - ``dali``: the DALI backend (the one module that imports ``nvidia.dali``, lazily).
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
   ``DataLoader`` backend (``load_view``).
 
-Imports go one way, no cycles: ``decoding`` imports no other module of the package;
-``datasets`` imports ``decoding``; ``batches`` imports ``datasets``; ``dali`` imports ``batches``
-and ``decoding``; ``loader`` imports ``batches``, ``dali``, ``datasets`` and ``decoding``; this
-``__init__`` re-exports the public names of all five. Outside the package
-they import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported
-here too) and, in ``batches``, ``fastkd.views`` (``pixel_box``); neither imports fastkd.data.
+Imports go one way, no cycles: ``decoding`` imports no other module of the package; ``shards``
+imports ``decoding``; ``datasets`` imports ``decoding`` and ``shards``; ``batches`` imports
+``datasets``; ``dali`` imports ``batches`` and ``decoding``; ``loader`` imports ``batches``,
+``dali``, ``datasets`` and ``decoding``; this ``__init__`` re-exports the public names callers
+use (a shard data set is opened by ``open_dataset`` like any other). Outside the package they
+import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here
+too), ``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
+fastkd.data.
 """
 
 from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, plan_batches

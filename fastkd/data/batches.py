@@ -15,7 +15,6 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,8 +82,13 @@ class Items:
     boxes: np.ndarray  # float32 [n, 4] fractional (y0, x0, h, w)
     flips: np.ndarray  # bool [n]
 
-    def path(self, position: int) -> Path:
-        return self.dataset.path(int(self.samples[position]))
+    def name(self, position: int) -> str:
+        """The item's image in messages: its file, or ``shard.tar:member``."""
+        return self.dataset.name(int(self.samples[position]))
+
+    def read(self, position: int) -> bytes:
+        """The item's encoded image, wherever it lies (file or shard member)."""
+        return self.dataset.read_bytes(int(self.samples[position]))
 
     def pixel_boxes(self, positions: np.ndarray) -> np.ndarray:
         """int64 [b, 4] = (top, left, h, w): the integer crop both backends cut."""
@@ -148,8 +152,8 @@ def resolve_failures(
     for position, reason in sorted(failed.items()):
         sample = int(items.samples[position])
         if on_bad_image == "fail":
-            raise BadImageError(items.path(position), sample, reason)
+            raise BadImageError(items.name(position), sample, reason)
         if sample not in skipped:
-            log.warning("skipping unreadable image %s: %s", items.path(position), reason)
+            log.warning("skipping unreadable image %s: %s", items.name(position), reason)
         skipped[sample] = reason
     return skipped

@@ -15,7 +15,6 @@ functions), and its recovery from a failed batch is its own.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,12 +53,12 @@ class _EncodedSource:
     def _encoded(self, position: int) -> np.ndarray:
         if int(self.items.samples[position]) not in self.unreadable:
             try:
-                data = np.fromfile(self.items.path(position), dtype=np.uint8)
+                data = self.items.read(position)  # a file, or a shard member by offset
             except OSError:
                 pass
             else:
-                self.hashes[int(position)] = content_hash(data.data)
-                return data
+                self.hashes[int(position)] = content_hash(data)
+                return np.frombuffer(data, dtype=np.uint8)
         return np.zeros(0, dtype=np.uint8)
 
     def hashes_of(self, positions: np.ndarray) -> np.ndarray:
@@ -144,11 +143,11 @@ def _to_torch(output: Any, device: torch.device) -> torch.Tensor:
     return target
 
 
-def _decode_error(path: Path) -> str | None:
-    """Why the torch backend's decoding (``decode_rgb``) fails on an image, or None: the same
-    reason either backend reports."""
+def _decode_error(items: Items, position: int) -> str | None:
+    """Why the torch backend's decoding (``decode_rgb``) fails on an item's image, or None: the
+    same reason either backend reports."""
     try:
-        decode_rgb(path)
+        decode_rgb(items.name(position), items.read(position))
     except Exception as error:  # PIL raises many types for bad files
         return f"{type(error).__name__}: {error}"
     return None
@@ -169,10 +168,10 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
             try:
                 outputs = pipe.run()
             except RuntimeError as error:
-                failed = {int(p): _decode_error(items.path(p)) for p in positions}
+                failed = {int(p): _decode_error(items, p) for p in positions}
                 failed = {p: why for p, why in failed.items() if why is not None}
                 if not failed:
-                    names = [str(items.path(p)) for p in positions]
+                    names = [items.name(p) for p in positions]
                     raise RuntimeError(
                         f"DALI cannot decode a batch that PIL decodes in full ({names[:4]}...); "
                         f"use --backend torch. DALI said: {error}"

@@ -1,11 +1,16 @@
-"""Data sets: an image folder or a file list, its samples' keys, labels, file and image sizes.
+"""Data sets: an image folder, a file list or tar shards; their samples' keys, labels, sizes.
 
-A data set is an image folder (class subfolders, sorted, as torchvision's ``ImageFolder``) or a
-file list (``relative/path label`` per line). Samples are identified by their key, the path
-relative to the data root; the fingerprint hashes the sorted (key, file size) pairs, so a store
-can refuse, on open, a data set that gained, lost, renamed or resized a file. What it cannot see,
-a file rewritten at the same size, the loaders catch: they hash each file's bytes as they read
+A data set is an image folder (class subfolders, sorted, as torchvision's ``ImageFolder``), a
+file list (``relative/path label`` per line) or WebDataset tar shards (``fastkd.data.shards``).
+Samples are identified by their key, the path relative to the data root (in shards: the
+WebDataset key); the fingerprint hashes the sorted (key, file size) pairs, so a store can
+refuse, on open, a data set that gained, lost, renamed or resized a file. What it cannot see, a
+file rewritten at the same size, the loaders catch: they hash each file's bytes as they read
 them (``ViewBatch.file_hashes``), and training compares those with the store's.
+
+Where a sample's bytes come from is the data set's business: the loaders, the dump and training
+read them with ``ImageDataset.read_bytes`` and name the image with ``ImageDataset.name`` (a
+file's path, or ``shard.tar:member``), so a shard member is an image like a file everywhere.
 
 Its own module because it knows nothing of views or loaders: a store, a dump and a training run
 open data sets, and only the loaders (``fastkd.data.loader``) read their pixels. Reading the
@@ -16,6 +21,7 @@ every command treats them as unreadable images, whichever backend would load the
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -25,27 +31,34 @@ from pathlib import Path
 
 import numpy as np
 
-from fastkd.data.decoding import refusal
+from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
+from fastkd.data.shards import ShardMembers, expand_shards, index_shards, is_shard_spec
 from fastkd.errors import BadImageError, DatasetError
 from fastkd.hashing import content_hash
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 _IO_THREADS = 16  # header reads and stats are I/O bound: more threads than cores
+_HEADER_BYTES = 1 << 16  # a shard member's first bytes, where its header lies (else all of it)
 
 
 @dataclass
 class ImageDataset:
-    """Samples of an image folder or a file list; ``keys`` are paths relative to ``root``."""
+    """Samples of an image folder or a file list (``keys`` are paths relative to ``root``), or
+    of tar shards (``members`` says where each image lies; ``root``: the shards' folder)."""
 
     root: Path
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     classes: list[str]
     file_sizes: np.ndarray = field(repr=False)  # int64 [n] bytes
+    source: str = ""  # the data set as given (folder, file list, shard pattern); default: root
+    members: ShardMembers | None = field(default=None, repr=False)  # tar shards only
     _sizes: np.ndarray | None = field(default=None, repr=False)
     _unreadable: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.source = self.source or str(self.root)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -55,7 +68,25 @@ class ImageDataset:
         return len(self.classes)
 
     def path(self, sample: int) -> Path:
+        """The image file of a folder's or file list's sample (a shard member has none)."""
+        if self.members is not None:
+            raise TypeError(
+                f"sample {sample} is a member of a tar shard ({self.name(sample)}), not a file: "
+                "read it with read_bytes"
+            )
         return self.root / self.keys[sample]
+
+    def name(self, sample: int) -> str:
+        """What messages call the image: its file, or ``shard.tar:member``."""
+        if self.members is not None:
+            return self.members.name(sample)
+        return str(self.root / self.keys[sample])
+
+    def read_bytes(self, sample: int) -> bytes:
+        """The image's encoded bytes, as both loaders decode (and hash) them."""
+        if self.members is not None:
+            return self.members.read(sample)
+        return (self.root / self.keys[sample]).read_bytes()
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (key, file size) pairs."""
@@ -70,7 +101,7 @@ class ImageDataset:
         sizes, unreadable = self.read_sizes()
         if unreadable:
             sample, reason = next(iter(unreadable.items()))
-            raise BadImageError(self.path(sample), sample, reason)
+            raise BadImageError(self.name(sample), sample, reason)
         return sizes
 
     def median_side(self) -> float | None:
@@ -86,12 +117,13 @@ class ImageDataset:
     def read_sizes(self) -> tuple[np.ndarray, dict[int, str]]:
         """(sizes int64 [n, 2], {sample: error} of headers that cannot be read).
 
-        Headers only (PIL opens lazily), in threads; read once and cached. Unreadable images get
-        the placeholder size (1, 1): they have no pixels to crop and are never fed to a model.
+        Headers only (PIL opens lazily; of a shard member, its first 64 KiB unless the header
+        runs on), in threads; read once and cached. Unreadable images get the placeholder size
+        (1, 1): they have no pixels to crop and are never fed to a model.
         """
         if self._sizes is None:
             with ThreadPoolExecutor(_IO_THREADS) as pool:
-                results = list(pool.map(_header_size, map(self.path, range(len(self)))))
+                results = list(pool.map(self._header_size, range(len(self))))
             sizes = np.ones((len(self), 2), dtype=np.int64)
             for sample, (size, error) in enumerate(results):
                 if error is None:
@@ -101,15 +133,34 @@ class ImageDataset:
             self._sizes = sizes
         return self._sizes, dict(self._unreadable)
 
+    def _header_size(self, sample: int) -> tuple[tuple[int, int], str | None]:
+        if self.members is None:
+            return _header_size(self.path(sample), self.name(sample))
+        try:
+            head = self.members.read(sample, _HEADER_BYTES)
+        except OSError as error:
+            return (1, 1), f"{type(error).__name__}: {error}"
+        size, error = _header_size(io.BytesIO(head), self.name(sample))
+        if error is not None and len(head) < self.file_sizes[sample]:  # the header runs on
+            try:
+                head = self.members.read(sample)
+            except OSError as error:
+                return (1, 1), f"{type(error).__name__}: {error}"
+            size, error = _header_size(io.BytesIO(head), self.name(sample))
+        return size, error
 
-def _header_size(path: Path) -> tuple[tuple[int, int], str | None]:
-    """((height, width), None) from the image header, or ((1, 1), error)."""
-    from PIL import Image
+
+def _header_size(source: Path | io.BytesIO, name: str) -> tuple[tuple[int, int], str | None]:
+    """((height, width), None) from the image header, or ((1, 1), error); ``name``: the image's
+    name in messages (PIL would name a BytesIO by its address)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
             refused = refusal(image)
+    except UnidentifiedImageError:
+        return (1, 1), f"UnidentifiedImageError: cannot identify image file {name!r}"
     except Exception as error:  # PIL raises many types for bad files
         return (1, 1), f"{type(error).__name__}: {error}"
     if width < 1 or height < 1:
@@ -125,7 +176,7 @@ def content_hashes(dataset: ImageDataset, samples: Sequence[int]) -> list[int | 
 
     def one(sample: int) -> int | None:
         try:
-            return content_hash(dataset.path(sample).read_bytes())
+            return content_hash(dataset.read_bytes(sample))
         except OSError:
             return None
 
@@ -152,12 +203,17 @@ def _stat_size(path: Path) -> int:
 
 
 def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> ImageDataset:
-    """An image folder (``path/<class>/**/<image>``) or a file list (``path`` is a text file).
+    """An image folder (``path/<class>/**/<image>``), a file list (``path`` is a text file), or
+    WebDataset tar shards (a ``.tar`` path or a brace pattern: ``fastkd.data.shards``).
 
     A file list holds ``relative/path label`` per line (the path may contain spaces; blank lines
     and ``#`` comments are skipped), relative to ``root`` or else to the list's folder; labels are
-    class indices ``0..C-1`` and the classes are named by their index.
+    class indices ``0..C-1`` and the classes are named by their index, as in shards (``cls``).
     """
+    if is_shard_spec(path):
+        if root is not None:
+            raise DatasetError(f"--root is only for file lists; {os.fspath(path)} names tar shards")
+        return _open_shards(os.fspath(path))
     path = Path(path)
     if path.is_dir():
         if root is not None:
@@ -166,6 +222,20 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
     if path.is_file():
         return _open_file_list(path, Path(root) if root is not None else path.parent)
     raise DatasetError(f"data set {path} does not exist (expected an image folder or a file list)")
+
+
+def _open_shards(spec: str) -> ImageDataset:
+    shards = expand_shards(spec)
+    keys, labels, members = index_shards(shards)
+    return ImageDataset(
+        root=shards[0].parent,
+        keys=keys,
+        labels=labels,
+        classes=[str(c) for c in range(int(labels.max()) + 1)],
+        file_sizes=members.size,
+        source=spec,
+        members=members,
+    )
 
 
 def _open_image_folder(root: Path) -> ImageDataset:

@@ -31,6 +31,9 @@ from fastkd.errors import DatasetError
 if TYPE_CHECKING:
     from PIL import Image
 
+# The file name extensions of images: in a folder, and as a shard member's field (without the dot).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+
 Kind = Literal["8-bit", "palette", "cmyk", "grey16", "colour16-png"]
 
 _EIGHT_BIT = frozenset({"1", "L", "LA", "RGB", "RGBA"})
@@ -52,10 +55,11 @@ def refusal(image: Image.Image) -> str | None:
     return None
 
 
-def decode_rgb(path: Path, data: bytes | None = None) -> Image.Image:
+def decode_rgb(path: str | Path, data: bytes | None = None) -> Image.Image:
     """The file's pixels by the rule: an 8-bit RGB image. ``DatasetError`` naming the file for a
     refused mode; PIL's own errors for a file it cannot read. ``data``: the file's bytes, when
-    the caller has read them already (the loaders hash what they read)."""
+    the caller has read them already (the loaders hash what they read); then ``path`` only names
+    the image in messages (a shard member's ``shard.tar:member``)."""
     from PIL import Image, UnidentifiedImageError
 
     source = path if data is None else io.BytesIO(data)

@@ -116,14 +116,15 @@ def view_loader(
 
 
 def load_view(
-    path: Path,
+    path: str | Path,
     box: Sequence[int],
     flip: bool,
     preps: Sequence[Preprocess],
     data: bytes | None = None,
 ) -> list[np.ndarray]:
-    """PIL: decode (``decode_rgb``; from ``data``, the file's bytes, when given), crop the pixel
-    box, resize per data config, flip: uint8 [3, H, W] each."""
+    """PIL: decode (``decode_rgb``; from ``data``, the image's bytes, when given: then ``path``
+    only names it, e.g. a shard member), crop the pixel box, resize per data config, flip:
+    uint8 [3, H, W] each."""
     from PIL import Image
 
     top, left, height, width = (int(v) for v in box)
@@ -168,10 +169,11 @@ class _BatchSource(torch.utils.data.Dataset):
         planes: list[list[np.ndarray]] = [[] for _ in self.preps]
         failed: dict[int, str] = {}
         for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
-            path = items.path(position)
             try:
-                data = path.read_bytes()  # read once: hashed, then decoded from memory
-                views = load_view(path, box, items.flips[position], self.preps, data)
+                data = items.read(position)  # read once: hashed, then decoded from memory
+                views = load_view(
+                    items.name(position), box, items.flips[position], self.preps, data
+                )
             except Exception as error:  # PIL raises many types for bad files
                 failed[int(position)] = f"{type(error).__name__}: {error}"
                 continue

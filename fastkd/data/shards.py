@@ -1,0 +1,268 @@
+"""WebDataset tar shards as a data set: each shard's members indexed once, read by offset.
+
+A shard spec is a ``.tar`` path or a brace pattern (``shards/train-{000000..000127}.tar``,
+expanded by ``braceexpand`` as WebDataset does). A sample is a WebDataset key: a member's path
+up to the first dot of its base name (``a/n01440764_10026.jpg`` -> ``a/n01440764_10026``), with
+exactly one image member (``jpg``, ``png``, ... as ``IMAGE_EXTENSIONS``) and a ``cls`` member
+holding its class index as text. Other members (``json``, ``txt``, ...) are left alone.
+
+Why an index rather than a stream (WebDataset's, or DALI's ``fn.readers.webdataset``): fastkd
+replays a planned order. A store plans (sample, view) rows and their crops, training visits the
+samples in a seeded shuffled order, and both loaders take the items in that order and in our
+batch boundaries (``fastkd.data.dali``). A tar reader yields a shard's members in the order they
+lie (or in its own shuffle), so it cannot serve that order. Instead the shards' headers are read
+once on open (``tarfile``; for an uncompressed tar that is one small read per member), which
+gives each image's (shard, offset, size), and both backends read a member's bytes with one
+``os.pread`` from a fresh descriptor (fork-safe: a DataLoader worker shares nothing), then decode
+them exactly as a file's. The dump visits the samples in order, so its reads stream through each
+shard. Compressed shards (``.tar.gz``, ``.tgz``, ...) have no offsets to read at: refused.
+
+The index is what a folder's listing is: keys, labels and image sizes (the fingerprint's), so a
+store made from shards refuses other shards and resumes on the same ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+from braceexpand import braceexpand
+
+from fastkd.data.decoding import IMAGE_EXTENSIONS
+from fastkd.errors import DatasetError
+
+SHARD_SUFFIX = ".tar"
+COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+_IMAGE_FIELDS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+_LABEL_FIELD = "cls"
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (key, field) of a member name
+_IO_THREADS = 16  # shard scans wait on the disk: more threads than cores
+
+
+def is_shard_spec(spec: str | os.PathLike) -> bool:
+    """Whether a data spec names tar shards: a ``.tar`` (or compressed tar) path, or a brace
+    pattern that expands (a path that exists as written is a folder or file list)."""
+    text = os.fspath(spec)
+    if text.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SUFFIXES)):
+        return True
+    return "{" in text and not os.path.exists(text) and list(braceexpand(text)) != [text]
+
+
+def expand_shards(spec: str | os.PathLike) -> list[Path]:
+    """The shard paths of a spec, in order; every one an existing uncompressed ``.tar``."""
+    text = os.fspath(spec)
+    names = list(braceexpand(text))
+    compressed = [n for n in names if n.lower().endswith(COMPRESSED_SUFFIXES)]
+    if compressed:
+        raise DatasetError(
+            f"shard {compressed[0]} is a compressed tar: its members cannot be read by offset, "
+            "so fastkd cannot replay its planned order from it; decompress the shards to .tar "
+            "(e.g. gunzip, or zcat x.tar.gz > x.tar)"
+        )
+    other = [n for n in names if not n.lower().endswith(SHARD_SUFFIX)]
+    if other:
+        raise DatasetError(
+            f"data spec {text!r} expands to {other[0]!r}, not a .tar shard: a shard pattern names "
+            "tar files (e.g. 'shards/train-{000000..000127}.tar')"
+        )
+    repeated = [n for n, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise DatasetError(f"data spec {text!r} names shard {repeated[0]} more than once")
+    missing = [n for n in names if not os.path.isfile(n)]
+    if missing:
+        raise DatasetError(
+            f"shard {missing[0]} does not exist ({len(missing)} of the {len(names)} shards of "
+            f"{text!r} are missing)"
+        )
+    return [Path(n) for n in names]
+
+
+@dataclass(frozen=True)
+class ShardMembers:
+    """Where each sample's image lies: its shard, the data's offset and size, its member name."""
+
+    shards: tuple[Path, ...]
+    shard: np.ndarray  # int32 [n]: index into ``shards``
+    offset: np.ndarray  # int64 [n]: the member's first data byte in its shard
+    size: np.ndarray  # int64 [n]: the member's bytes
+    member: tuple[str, ...]  # the image member's name in its shard
+
+    def name(self, sample: int) -> str:
+        """``shards/train-000003.tar:n01440764_10026.jpg``: what messages call the image."""
+        return f"{self.shards[self.shard[sample]]}:{self.member[sample]}"
+
+    def read(self, sample: int, limit: int | None = None) -> bytes:
+        """The member's bytes (at most ``limit``); ``OSError`` if the shard no longer holds them.
+
+        One ``pread`` on a descriptor opened for it: no shared file position, so loader threads
+        and forked DataLoader workers read side by side."""
+        path, offset = self.shards[self.shard[sample]], int(self.offset[sample])
+        size = int(self.size[sample]) if limit is None else min(limit, int(self.size[sample]))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+        if len(data) < size:
+            raise OSError(
+                f"shard {path} ends inside member {self.member[sample]} (it was cut or rewritten "
+                "since the data set was opened)"
+            )
+        return data
+
+
+class _Member(NamedTuple):
+    """What the index keeps of a tar member (not its ``TarInfo``: millions of them add up)."""
+
+    name: str
+    offset: int  # its first data byte in the shard
+    size: int
+
+
+@dataclass
+class _Sample:
+    image: _Member | None = None
+    label: _Member | None = None
+
+
+def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMembers]:
+    """(keys, labels int64 [n], members) of the shards' samples, shard by shard, each shard's
+    in member order; a key in two shards, or one without exactly one image and one integer
+    ``cls``, is refused naming its shard."""
+    with ThreadPoolExecutor(min(_IO_THREADS, len(shards))) as pool:
+        scans = list(pool.map(_scan_shard, shards))
+    keys: list[str] = []
+    labels: list[int] = []
+    where: list[int] = []
+    images: list[_Member] = []
+    first: dict[str, Path] = {}
+    for index, (shard, samples) in enumerate(zip(shards, scans, strict=True)):
+        for key, (image, label) in samples.items():
+            if key in first:
+                raise DatasetError(
+                    f"key {key!r} is in shard {first[key]} and in shard {shard}: a sample's key "
+                    "must be unique across the shards (it identifies the sample in the store)"
+                )
+            first[key] = shard
+            keys.append(key)
+            labels.append(label)
+            where.append(index)
+            images.append(image)
+    if not keys:
+        raise DatasetError(
+            f"the {len(shards)} shard(s) from {shards[0]} hold no samples (an image member and "
+            f"a .{_LABEL_FIELD} member per key; image extensions: {', '.join(sorted(_IMAGE_FIELDS))})"
+        )
+    members = ShardMembers(
+        shards=tuple(shards),
+        shard=np.asarray(where, dtype=np.int32),
+        offset=np.asarray([image.offset for image in images], dtype=np.int64),
+        size=np.asarray([image.size for image in images], dtype=np.int64),
+        member=tuple(image.name for image in images),
+    )
+    return keys, np.asarray(labels, dtype=np.int64), members
+
+
+def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
+    """key -> (image member, class index) of one shard, in the order of the image members."""
+    with open(shard, "rb") as file:
+        head = file.read(6)
+        kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+        if kind is not None:
+            raise DatasetError(
+                f"shard {shard} is {kind}-compressed: its members cannot be read by offset; "
+                "store the shards as plain .tar"
+            )
+        end = os.fstat(file.fileno()).st_size
+        file.seek(0)
+        samples: dict[str, _Sample] = {}
+        try:
+            with tarfile.open(fileobj=file, mode="r:") as tar:
+                for info in tar:
+                    _add_member(shard, info, samples, end)
+                archive_end = tar.offset
+        except tarfile.TarError as error:
+            raise DatasetError(
+                f"shard {shard} is truncated or damaged: it cannot be read as a tar ({error})"
+            ) from None
+        _check_end_marker(shard, file, archive_end, end)
+        return {
+            key: (sample.image, _label(shard, sample, file))
+            for key, sample in _complete(shard, samples).items()
+        }
+
+
+def _add_member(shard: Path, info: tarfile.TarInfo, samples: dict[str, _Sample], end: int) -> None:
+    """File ``info`` under its key if it is an image or a label (WebDataset's grouping)."""
+    name = info.name
+    if not info.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")):
+        return  # WebDataset skips these too
+    match = _KEY.match(info.name)
+    if match is None:
+        return
+    key, field = match.group(1), match.group(2).lower()
+    if field not in _IMAGE_FIELDS and field != _LABEL_FIELD:
+        return
+    if info.offset_data + info.size > end:
+        raise DatasetError(
+            f"shard {shard} is truncated: member {info.name} runs past its end "
+            f"({info.offset_data + info.size} > {end} bytes)"
+        )
+    if info.issparse():
+        raise DatasetError(f"shard {shard}: member {info.name} is a sparse file; store it whole")
+    sample = samples.setdefault(key, _Sample())
+    slot = "label" if field == _LABEL_FIELD else "image"
+    held = getattr(sample, slot)
+    if held is not None:
+        what = f"two .{_LABEL_FIELD} members" if slot == "label" else "two images"
+        raise DatasetError(f"shard {shard}: key {key!r} has {what}: {held.name} and {info.name}")
+    setattr(sample, slot, _Member(info.name, info.offset_data, info.size))
+
+
+def _check_end_marker(shard: Path, file: BinaryIO, archive_end: int, end: int) -> None:
+    """A tar ends with zero blocks; anything else after the last member means the shard was cut
+    inside a header (``tarfile`` stops there without a word)."""
+    file.seek(archive_end)
+    rest = file.read(min(end - archive_end, tarfile.BLOCKSIZE))
+    if len(rest) < tarfile.BLOCKSIZE or rest.count(0) != len(rest):
+        raise DatasetError(
+            f"shard {shard} is truncated: no end-of-archive blocks after its last whole member "
+            f"(byte {archive_end} of {end}); write the shard again"
+        )
+
+
+def _complete(shard: Path, samples: dict[str, _Sample]) -> dict[str, _Sample]:
+    """The samples in the order of their image members; a key without both members refused."""
+    for key, sample in samples.items():
+        if sample.image is None:
+            raise DatasetError(
+                f"shard {shard}: key {key!r} has no image member (extensions: "
+                f"{', '.join(sorted(_IMAGE_FIELDS))}), only {sample.label.name}"
+            )
+        if sample.label is None:
+            raise DatasetError(
+                f"shard {shard}: key {key!r} ({sample.image.name}) has no .{_LABEL_FIELD} member "
+                "(its class index as text, the WebDataset convention)"
+            )
+    return dict(sorted(samples.items(), key=lambda item: item[1].image.offset))
+
+
+def _label(shard: Path, sample: _Sample, file: BinaryIO) -> int:
+    """The class index in the key's ``cls`` member."""
+    file.seek(sample.label.offset)
+    text = file.read(min(sample.label.size, 64)).decode("utf-8", errors="replace").strip()
+    if not text.isascii() or not text.isdigit():
+        raise DatasetError(
+            f"shard {shard}: {sample.label.name} holds {text[:40]!r}, not a class index "
+            "(0, 1, 2, ...)"
+        )
+    return int(text)
