@@ -20,8 +20,7 @@ def dump(
     data: Annotated[
         Path,
         typer.Option(
-            help="Image folder (one subfolder per class) or a file list with a "
-            "'relative/path label' line per image.",
+            help=f"The images: {options.DATA_FORMS}.",
             show_default=False,
         ),
     ],

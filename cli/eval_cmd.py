@@ -16,7 +16,10 @@ from fastkd.cli.guard import guarded
 
 
 def eval_command(
-    data: Annotated[Path, typer.Option(help="Evaluation images (e.g. the test split).")],
+    data: Annotated[
+        Path,
+        typer.Option(help=f"Evaluation images (e.g. the test split): {options.DATA_FORMS}."),
+    ],
     model: Annotated[
         list[str],
         typer.Option(help="A model to evaluate, \\[alias:]ARCH=CKPT (repeat): the trained ones."),

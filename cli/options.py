@@ -9,6 +9,14 @@ import typer
 
 from fastkd.choices import Backend
 
+# What a data option takes (fastkd.data.open_dataset), for the help of each.
+DATA_FORMS = (
+    "an image folder (one subfolder per class), a file list with a 'relative/path label' line "
+    "per image, or WebDataset tar shards: a .tar or a brace pattern such as "
+    "'shards/train-{000000..000127}.tar' (per key an image member and a .cls member holding "
+    "the class index)"
+)
+
 Device = Annotated[
     str,
     typer.Option(

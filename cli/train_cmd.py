@@ -30,7 +30,7 @@ _MODEL_HELP = (
 
 
 def train_command(
-    data: Annotated[Path, typer.Option(help="Training images: an image folder or a file list.")],
+    data: Annotated[Path, typer.Option(help=f"Training images: {options.DATA_FORMS}.")],
     data_root: options.DataRoot = None,
     store: Annotated[
         Path | None, typer.Option(help="Stored targets from `fastkd dump` (offline teachers).")
@@ -182,7 +182,10 @@ def train_command(
     ] = None,
     val_data: Annotated[
         Path | None,
-        typer.Option(help="Held-out split of the training data: model selection (never test)."),
+        typer.Option(
+            help="Held-out split of the training data: model selection (never test); a folder, "
+            "a file list or tar shards, as --data."
+        ),
     ] = None,
     eval_data: Annotated[
         Path | None,
@@ -191,7 +194,7 @@ def train_command(
             "--eval-data",
             help="Held-out data of the final transfer report, used for nothing else (default: "
             "--val-data, which also selected the weights: the report then says it is "
-            "optimistic).",
+            "optimistic); a folder, a file list or tar shards, as --data.",
         ),
     ] = None,
     control: Annotated[
