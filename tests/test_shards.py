@@ -22,6 +22,7 @@ from file_edits import same_size_other_png
 from test_data import INTERIOR_MAX_GREY, MEAN_GREY
 from typer.testing import CliRunner
 
+import fastkd.data.shards
 from fastkd.cli.main import app
 from fastkd.data import (
     BadImageError,
@@ -139,6 +140,17 @@ def test_shards_index_like_their_folder(digits_small: Path, shards: str) -> None
     assert content_hashes(sharded, samples) == content_hashes(folder, samples)
     # one shard, named as a plain .tar, is a data set too
     assert open_dataset(first).keys == sharded.keys[: len(open_dataset(first))]
+
+
+def test_large_shard_sets_are_scanned_in_processes(
+    shards: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads = open_dataset(shards)
+    monkeypatch.setattr(fastkd.data.shards, "_PROCESS_BYTES", 0)  # as if they were large
+    processes = open_dataset(shards)
+    assert processes.keys == threads.keys and processes.name(59) == threads.name(59)
+    np.testing.assert_array_equal(processes.labels, threads.labels)
+    np.testing.assert_array_equal(processes.members.offset, threads.members.offset)
 
 
 def _edited(folder: Path, out: Path, edit: Callable[[list[list[Member]]], None]) -> str:

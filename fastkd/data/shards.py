@@ -11,11 +11,12 @@ replays a planned order. A store plans (sample, view) rows and their crops, trai
 samples in a seeded shuffled order, and both loaders take the items in that order and in our
 batch boundaries (``fastkd.data.dali``). A tar reader yields a shard's members in the order they
 lie (or in its own shuffle), so it cannot serve that order. Instead the shards' headers are read
-once on open (``tarfile``; for an uncompressed tar that is one small read per member), which
-gives each image's (shard, offset, size), and both backends read a member's bytes with one
-``os.pread`` from a fresh descriptor (fork-safe: a DataLoader worker shares nothing), then decode
-them exactly as a file's. The dump visits the samples in order, so its reads stream through each
-shard. Compressed shards (``.tar.gz``, ``.tgz``, ...) have no offsets to read at: refused.
+once on open (``tarfile``; for an uncompressed tar that is one small read per member; in
+processes when the shards are large, as parsing is CPU-bound), which gives each image's (shard,
+offset, size), and both backends read a member's bytes with one ``os.pread`` from a fresh
+descriptor (fork-safe: a DataLoader worker shares nothing), then decode them exactly as a
+file's. The dump visits the samples in order, so its reads stream through each shard.
+Compressed shards (``.tar.gz``, ``.tgz``, ...) have no offsets to read at: refused.
 
 The index is what a folder's listing is: keys, labels and image sizes (the fingerprint's), so a
 store made from shards refuses other shards and resumes on the same ones.
@@ -23,12 +24,13 @@ store made from shards refuses other shards and resumes on the same ones.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import tarfile
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -45,13 +47,18 @@ _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb
 _IMAGE_FIELDS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _LABEL_FIELD = "cls"
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (key, field) of a member name
-_IO_THREADS = 16  # shard scans wait on the disk: more threads than cores
+_IO_THREADS = 16  # small shard sets: scans wait on the disk, more threads than cores
+_MAX_PROCESSES = 16  # large ones: header parsing is CPU-bound (``_scan_all``)
+_PROCESS_BYTES = 1 << 30  # shard bytes from which the scan is worth starting processes
 
 
 def is_shard_spec(spec: str | os.PathLike) -> bool:
-    """Whether a data spec names tar shards: a ``.tar`` (or compressed tar) path, or a brace
-    pattern that expands (a path that exists as written is a folder or file list)."""
+    """Whether a data spec names tar shards: a ``.tar`` (or compressed tar) path that is not a
+    folder, or a brace pattern that expands (a path that exists as written is a folder or a
+    file list)."""
     text = os.fspath(spec)
+    if os.path.isdir(text):
+        return False
     if text.lower().endswith((SHARD_SUFFIX, *COMPRESSED_SUFFIXES)):
         return True
     return "{" in text and not os.path.exists(text) and list(braceexpand(text)) != [text]
@@ -138,8 +145,7 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
     """(keys, labels int64 [n], members) of the shards' samples, shard by shard, each shard's
     in member order; a key in two shards, or one without exactly one image and one integer
     ``cls``, is refused naming its shard."""
-    with ThreadPoolExecutor(min(_IO_THREADS, len(shards))) as pool:
-        scans = list(pool.map(_scan_shard, shards))
+    scans = _scan_all(shards)
     keys: list[str] = []
     labels: list[int] = []
     where: list[int] = []
@@ -170,6 +176,19 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
         member=tuple(image.name for image in images),
     )
     return keys, np.asarray(labels, dtype=np.int64), members
+
+
+def _scan_all(shards: Sequence[Path]) -> list[dict[str, tuple[_Member, int]]]:
+    """Every shard's scan, in order. ``tarfile`` parses a header in Python (about 30-60 us a
+    member: a minute for ImageNet's 2.6 million members on one core), so large data sets are
+    scanned in processes, one shard each; small ones in threads (no process start-up)."""
+    processes = min(len(shards), os.cpu_count() or 1, _MAX_PROCESSES)
+    if processes > 1 and sum(os.path.getsize(shard) for shard in shards) >= _PROCESS_BYTES:
+        context = multiprocessing.get_context()  # the platform's default, as DataLoader's
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            return list(pool.map(_scan_shard, shards))
+    with ThreadPoolExecutor(min(_IO_THREADS, len(shards))) as pool:
+        return list(pool.map(_scan_shard, shards))
 
 
 def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
