@@ -21,13 +21,13 @@ every command treats them as unreadable images, whichever backend would load the
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -39,7 +39,6 @@ from fastkd.hashing import content_hash
 log = logging.getLogger(__name__)
 
 _IO_THREADS = 16  # header reads and stats are I/O bound: more threads than cores
-_HEADER_BYTES = 1 << 16  # a shard member's first bytes, where its header lies (else all of it)
 
 
 @dataclass
@@ -117,8 +116,8 @@ class ImageDataset:
     def read_sizes(self) -> tuple[np.ndarray, dict[int, str]]:
         """(sizes int64 [n, 2], {sample: error} of headers that cannot be read).
 
-        Headers only (PIL opens lazily; of a shard member, its first 64 KiB unless the header
-        runs on), in threads; read once and cached. Unreadable images get the placeholder size
+        Headers only (PIL opens lazily, a shard member as a file: ``ShardMembers.open``), in
+        threads; read once and cached. Unreadable images get the placeholder size
         (1, 1): they have no pixels to crop and are never fed to a model.
         """
         if self._sizes is None:
@@ -137,22 +136,16 @@ class ImageDataset:
         if self.members is None:
             return _header_size(self.path(sample), self.name(sample))
         try:
-            head = self.members.read(sample, _HEADER_BYTES)
+            member = self.members.open(sample)
         except OSError as error:
             return (1, 1), f"{type(error).__name__}: {error}"
-        size, error = _header_size(io.BytesIO(head), self.name(sample))
-        if error is not None and len(head) < self.file_sizes[sample]:  # the header runs on
-            try:
-                head = self.members.read(sample)
-            except OSError as error:
-                return (1, 1), f"{type(error).__name__}: {error}"
-            size, error = _header_size(io.BytesIO(head), self.name(sample))
-        return size, error
+        with member:
+            return _header_size(member, self.name(sample))
 
 
-def _header_size(source: Path | io.BytesIO, name: str) -> tuple[tuple[int, int], str | None]:
+def _header_size(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], str | None]:
     """((height, width), None) from the image header, or ((1, 1), error); ``name``: the image's
-    name in messages (PIL would name a BytesIO by its address)."""
+    name in messages (PIL would name a file object by its address)."""
     from PIL import Image, UnidentifiedImageError
 
     try:

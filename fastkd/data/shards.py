@@ -24,6 +24,7 @@ store made from shards refuses other shards and resumes on the same ones.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import re
@@ -93,7 +94,7 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     return [Path(n) for n in names]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardMembers:
     """Where each sample's image lies: its shard, the data's offset and size, its member name."""
 
@@ -107,13 +108,12 @@ class ShardMembers:
         """``shards/train-000003.tar:n01440764_10026.jpg``: what messages call the image."""
         return f"{self.shards[self.shard[sample]]}:{self.member[sample]}"
 
-    def read(self, sample: int, limit: int | None = None) -> bytes:
-        """The member's bytes (at most ``limit``); ``OSError`` if the shard no longer holds them.
+    def read(self, sample: int) -> bytes:
+        """The member's bytes; ``OSError`` if the shard no longer holds them.
 
         One ``pread`` on a descriptor opened for it: no shared file position, so loader threads
         and forked DataLoader workers read side by side."""
-        path, offset = self.shards[self.shard[sample]], int(self.offset[sample])
-        size = int(self.size[sample]) if limit is None else min(limit, int(self.size[sample]))
+        path, offset, size = self.shards[self.shard[sample]], *self._span(sample)
         fd = os.open(path, os.O_RDONLY)
         try:
             data = os.pread(fd, size, offset)
@@ -125,6 +125,51 @@ class ShardMembers:
                 "since the data set was opened)"
             )
         return data
+
+    def open(self, sample: int) -> BinaryIO:
+        """The member as a read-only file: PIL reads a header from it as from a file, no more
+        (the header sizes of a data set read a few KiB of each image, not all of it)."""
+        return io.BufferedReader(_MemberFile(self.shards[self.shard[sample]], *self._span(sample)))
+
+    def _span(self, sample: int) -> tuple[int, int]:
+        return int(self.offset[sample]), int(self.size[sample])
+
+
+class _MemberFile(io.RawIOBase):
+    """Bytes ``offset`` to ``offset + size`` of a shard, read with ``pread`` (no shared position)."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDONLY)
+        self._start, self._size, self._position = offset, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        count = max(0, min(len(buffer), self._size - self._position))
+        data = os.pread(self._fd, count, self._start + self._position) if count else b""
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class _Member(NamedTuple):
