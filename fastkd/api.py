@@ -42,7 +42,7 @@ def open_store(path: str | os.PathLike, data: str | os.PathLike | None = None) -
     store made from other images, classes or keys, as ``fastkd train`` does."""
     if data is None:
         return StoreReader(path)
-    return StoreReader.for_data(path, open_dataset(data), data_name=str(data))
+    return StoreReader.for_data(path, open_dataset(data))
 
 
 def epoch_rows(store: StoreReader, epoch: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -230,7 +230,6 @@ class StoreReader:
         *,
         models: Sequence[str] | None = None,
         checkpoints: Mapping[str, str] | None = None,
-        data_name: str | None = None,
     ) -> StoreReader:
         """The store made from ``dataset`` (a ``fastkd.data.ImageDataset``: its fingerprint,
         classes and keys, in order), refusing one made for other data, classes or models:
@@ -249,7 +248,7 @@ class StoreReader:
             raise StoreMismatchError(
                 reader.path,
                 ["keys: the store's samples are not the data set's, in the same order"],
-                f"it was made from other data than {data_name or dataset.root}",
+                f"it was made from other data than {dataset.source}",
             )
         return reader
 

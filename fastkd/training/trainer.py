@@ -176,7 +176,6 @@ class Trainer:
                 for name, spec in self.pool_specs.items()
                 if spec.checkpoint is not None
             },
-            data_name=str(cfg.data),
         )
 
     # -- the steps --------------------------------------------------------------------------------
