@@ -8,7 +8,6 @@ tests/test_api.py holds its loss curve to the command's.
 """
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -16,20 +15,19 @@ import fastkd
 
 
 class StoredViews(torch.utils.data.Dataset):
-    """Row i of an epoch: its stored view rebuilt from the image file, its label, i."""
+    """Row i of an epoch: its stored view rebuilt from the image's bytes, its label, i."""
 
-    def __init__(self, store, root, transform, samples, views):
-        self.paths = [Path(root) / store.keys[s] for s in samples]
-        self.labels = store.labels[samples]
+    def __init__(self, store, data, transform, samples, views):
+        self.data, self.samples, self.labels = data, samples, store.labels[samples]
         self.boxes, self.flips = store.view_params(samples, views)
         self.transform = transform
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        image = self.transform(self.paths[i], self.boxes[i], self.flips[i])
-        return image, int(self.labels[i]), i
+        image = self.data.read_bytes(self.samples[i])  # a file's, or a tar shard member's
+        return self.transform(image, self.boxes[i], self.flips[i]), int(self.labels[i]), i
 
 
 def main(args):
@@ -44,7 +42,7 @@ def main(args):
     torch.manual_seed(args.seed)  # dropout noise, seeded as fastkd train seeds it
     for epoch in range(args.epochs):
         samples, views = fastkd.epoch_rows(store, epoch, seed=args.seed)
-        rows = StoredViews(store, data.root, transform, samples, views)
+        rows = StoredViews(store, data, transform, samples, views)
         loader = torch.utils.data.DataLoader(rows, batch_size=args.batch_size, num_workers=2)
         total = 0.0
         for images, labels, index in loader:
@@ -61,7 +59,7 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", required=True)
-    parser.add_argument("--data", required=True, help="the image folder or file list dumped")
+    parser.add_argument("--data", required=True, help="the images dumped (folder, list, shards)")
     parser.add_argument("--student", required=True, help="[alias:]ARCH[=CKPT], as fastkd's")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
