@@ -207,6 +207,44 @@ def test_missing_compressed_and_cut_shards_are_named(shards: str, tmp_path: Path
             pytest.fail(where)
 
 
+def test_labels_with_padding_and_keys_with_dots(digits_small: Path, tmp_path: Path) -> None:
+    """A .cls is read whole (a long padded one, a BOM); images hidden by a dot in their key are
+    refused by name, never dropped; a stream spec and a folder of shards get a way out."""
+
+    def padded(samples: list[list[Member]]) -> None:
+        samples[3][1] = (samples[3][1][0], b" " * 100 + b"7\n")
+        samples[4][1] = (samples[4][1][0], "\ufeff8".encode())
+
+    dataset = open_dataset(_edited(digits_small, tmp_path / "padded", padded))
+    assert dataset.labels[3] == 7 and dataset.labels[4] == 8
+
+    def dotted(samples: list[list[Member]]) -> None:
+        samples[5] = [(name.replace("/", "/img.", 1), data) for name, data in samples[5]]
+
+    with pytest.raises(
+        DatasetError, match=r"member 0/img\.\w+\.png is not an image.*key is '0/img'"
+    ):
+        open_dataset(_edited(digits_small, tmp_path / "dotted", dotted))
+    for stream in ("pipe:curl -s https://host/train-000000.tar", "s3://bucket/train-{0..3}.tar"):
+        with pytest.raises(DatasetError, match=r"is a stream: .* local"):
+            open_dataset(stream)
+    (tmp_path / "flat").mkdir()
+    write_tar(tmp_path / "flat" / "a.tar", [])
+    with pytest.raises(DatasetError, match=r"for its 1 tar shard\(s\) give a \.tar or a brace"):
+        open_dataset(tmp_path / "flat")
+
+
+def test_short_reads_are_completed(shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A network file system may return fewer bytes than asked: read on to the member's end."""
+    dataset = open_dataset(shards)
+    whole = dataset.read_bytes(7)
+    real_pread = fastkd.data.shards.os.pread
+    monkeypatch.setattr(
+        fastkd.data.shards.os, "pread", lambda fd, n, at: real_pread(fd, min(n, 100), at)
+    )
+    assert len(whole) > 300 and dataset.read_bytes(7) == whole
+
+
 # -- the loaders --------------------------------------------------------------------------------
 
 

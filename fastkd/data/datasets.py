@@ -234,7 +234,16 @@ def _open_shards(spec: str) -> ImageDataset:
 def _open_image_folder(root: Path) -> ImageDataset:
     classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
-        raise DatasetError(f"image folder {root} has no class subfolders (expected root/<class>/)")
+        tars = sorted(p.name for p in root.glob("*.tar"))
+        hint = (
+            f"; for its {len(tars)} tar shard(s) give a .tar or a brace pattern, e.g. "
+            f"'{root / tars[0]}'"
+            if tars
+            else ""
+        )
+        raise DatasetError(
+            f"image folder {root} has no class subfolders (expected root/<class>/){hint}"
+        )
     keys: list[str] = []
     labels: list[int] = []
     visited: dict[str, Path] = {os.path.realpath(root): root}  # real folder -> where first seen

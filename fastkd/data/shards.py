@@ -47,6 +47,8 @@ COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz"
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 _IMAGE_FIELDS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 _LABEL_FIELD = "cls"
+_MAX_LABEL_BYTES = 4096  # a class index as text, with any whitespace around it
+_STREAM = re.compile(r"^(pipe:|[a-zA-Z][a-zA-Z0-9+.-]*://)")  # WebDataset's URL and pipe specs
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (key, field) of a member name
 _IO_THREADS = 16  # small shard sets: scans wait on the disk, more threads than cores
 _MAX_PROCESSES = 16  # large ones: header parsing is CPU-bound (``_scan_all``)
@@ -68,6 +70,11 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
 def expand_shards(spec: str | os.PathLike) -> list[Path]:
     """The shard paths of a spec, in order; every one an existing uncompressed ``.tar``."""
     text = os.fspath(spec)
+    if _STREAM.match(text):
+        raise DatasetError(
+            f"data spec {text!r} is a stream: fastkd reads shard members by offset from local "
+            "(or mounted) .tar files; copy or mount the shards and give their paths"
+        )
     names = list(braceexpand(text))
     compressed = [n for n in names if n.lower().endswith(COMPRESSED_SUFFIXES)]
     if compressed:
@@ -116,9 +123,14 @@ class ShardMembers:
         path, offset, size = self.shards[self.shard[sample]], *self._span(sample)
         fd = os.open(path, os.O_RDONLY)
         try:
-            data = os.pread(fd, size, offset)
+            parts = [os.pread(fd, size, offset)]
+            got = len(parts[0])
+            while parts[-1] and got < size:  # network file systems may return short reads
+                parts.append(os.pread(fd, size - got, offset + got))
+                got += len(parts[-1])
         finally:
             os.close(fd)
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
         if len(data) < size:
             raise OSError(
                 f"shard {path} ends inside member {self.member[sample]} (it was cut or rewritten "
@@ -227,7 +239,8 @@ def _scan_all(shards: Sequence[Path]) -> list[dict[str, tuple[_Member, int]]]:
     """Every shard's scan, in order. ``tarfile`` parses a header in Python (about 30-60 us a
     member: a minute for ImageNet's 2.6 million members on one core), so large data sets are
     scanned in processes, one shard each; small ones in threads (no process start-up)."""
-    processes = min(len(shards), os.cpu_count() or 1, _MAX_PROCESSES)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    processes = min(len(shards), cores or 1, _MAX_PROCESSES)
     if processes > 1 and sum(os.path.getsize(shard) for shard in shards) >= _PROCESS_BYTES:
         context = multiprocessing.get_context()  # the platform's default, as DataLoader's
         with ProcessPoolExecutor(processes, mp_context=context) as pool:
@@ -249,10 +262,11 @@ def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
         end = os.fstat(file.fileno()).st_size
         file.seek(0)
         samples: dict[str, _Sample] = {}
+        dotted: dict[str, str] = {}
         try:
             with tarfile.open(fileobj=file, mode="r:") as tar:
                 for info in tar:
-                    _add_member(shard, info, samples, end)
+                    _add_member(shard, info, samples, dotted, end)
                 archive_end = tar.offset
         except tarfile.TarError as error:
             raise DatasetError(
@@ -261,12 +275,19 @@ def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
         _check_end_marker(shard, file, archive_end, end)
         return {
             key: (sample.image, _label(shard, sample, file))
-            for key, sample in _complete(shard, samples).items()
+            for key, sample in _complete(shard, samples, dotted).items()
         }
 
 
-def _add_member(shard: Path, info: tarfile.TarInfo, samples: dict[str, _Sample], end: int) -> None:
-    """File ``info`` under its key if it is an image or a label (WebDataset's grouping)."""
+def _add_member(
+    shard: Path,
+    info: tarfile.TarInfo,
+    samples: dict[str, _Sample],
+    dotted: dict[str, str],
+    end: int,
+) -> None:
+    """File ``info`` under its key if it is an image or a label (WebDataset's grouping); note in
+    ``dotted`` a member that would be one but for a dot in its key (``img.0001.jpg``)."""
     name = info.name
     if not info.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")):
         return  # WebDataset skips these too
@@ -275,6 +296,8 @@ def _add_member(shard: Path, info: tarfile.TarInfo, samples: dict[str, _Sample],
         return
     key, field = match.group(1), match.group(2).lower()
     if field not in _IMAGE_FIELDS and field != _LABEL_FIELD:
+        if field.rpartition(".")[2] in (*_IMAGE_FIELDS, _LABEL_FIELD):
+            dotted.setdefault(key, info.name)  # a sample if its key had no dot (_complete)
         return
     if info.offset_data + info.size > end:
         raise DatasetError(
@@ -304,8 +327,19 @@ def _check_end_marker(shard: Path, file: BinaryIO, archive_end: int, end: int) -
         )
 
 
-def _complete(shard: Path, samples: dict[str, _Sample]) -> dict[str, _Sample]:
-    """The samples in the order of their image members; a key without both members refused."""
+def _complete(
+    shard: Path, samples: dict[str, _Sample], dotted: dict[str, str]
+) -> dict[str, _Sample]:
+    """The samples in the order of their image members; a key without both members refused, and
+    images or labels that a dot in their key hides from every sample (never dropped unsaid)."""
+    hidden = [name for key, name in dotted.items() if key not in samples]
+    if hidden:
+        raise DatasetError(
+            f"shard {shard}: member {hidden[0]} is not an image or label of any sample: a "
+            "WebDataset key ends at the first dot of the base name, so its key is "
+            f"{_KEY.match(hidden[0]).group(1)!r} ({len(hidden)} such key(s) in this shard); "
+            "rename the members without dots in their keys (e.g. img_0001.jpg)"
+        )
     for key, sample in samples.items():
         if sample.image is None:
             raise DatasetError(
@@ -321,9 +355,14 @@ def _complete(shard: Path, samples: dict[str, _Sample]) -> dict[str, _Sample]:
 
 
 def _label(shard: Path, sample: _Sample, file: BinaryIO) -> int:
-    """The class index in the key's ``cls`` member."""
+    """The class index in the key's ``cls`` member (whitespace and a UTF-8 BOM around it)."""
+    if sample.label.size > _MAX_LABEL_BYTES:
+        raise DatasetError(
+            f"shard {shard}: {sample.label.name} holds {sample.label.size} bytes, not a class "
+            "index (0, 1, 2, ... as text)"
+        )
     file.seek(sample.label.offset)
-    text = file.read(min(sample.label.size, 64)).decode("utf-8", errors="replace").strip()
+    text = file.read(sample.label.size).decode("utf-8-sig", errors="replace").strip()
     if not text.isascii() or not text.isdigit():
         raise DatasetError(
             f"shard {shard}: {sample.label.name} holds {text[:40]!r}, not a class index "
