@@ -32,7 +32,7 @@ class StoredViews(torch.utils.data.Dataset):
 
 def main(args):
     data = fastkd.open_dataset(args.data)
-    store = fastkd.open_store(args.store, args.data)  # refuses a store of other images
+    store = fastkd.open_store(args.store, data)  # refuses a store of other images or labels
     student = fastkd.load_model(args.student, num_classes=data.num_classes)
     model = student.model.train()
     transform = fastkd.ViewTransform(student.data_config)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastkd.data import Preprocess, load_view, open_dataset
+from fastkd.data import ImageDataset, Preprocess, load_view, open_dataset
 from fastkd.data.loader import normalize
 from fastkd.errors import ConfigError
 from fastkd.kernels import PoolTargets
@@ -37,12 +37,16 @@ from fastkd.training.strategy import pool_targets
 from fastkd.views import AugmentConfig, pixel_box
 
 
-def open_store(path: str | os.PathLike, data: str | os.PathLike | None = None) -> StoreReader:
-    """The finished store at ``path``. With ``data`` (an image folder or a file list), refuse a
-    store made from other images, classes or keys, as ``fastkd train`` does."""
+def open_store(
+    path: str | os.PathLike, data: str | os.PathLike | ImageDataset | None = None
+) -> StoreReader:
+    """The finished store at ``path``. With ``data`` (an image folder, a file list or tar shards,
+    or the ``open_dataset`` of one), refuse a store made from other images, keys or labels, as
+    ``fastkd train`` does."""
     if data is None:
         return StoreReader(path)
-    return StoreReader.for_data(path, open_dataset(data))
+    dataset = data if isinstance(data, ImageDataset) else open_dataset(data)
+    return StoreReader.for_data(path, dataset)
 
 
 def epoch_rows(store: StoreReader, epoch: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -123,9 +123,17 @@ def test_view_transform_rebuilds_the_stored_view(pool: SimpleNamespace) -> None:
         transform(np.zeros((3, 8, 8)), boxes[0], flips[0])
 
 
-def test_open_store_refuses_other_data(pool: SimpleNamespace) -> None:
+def test_open_store_refuses_other_data(pool: SimpleNamespace, tmp_path: Path) -> None:
     with pytest.raises(StoreMismatchError, match="fingerprint"):
         fastkd.open_store(pool.store, pool.val)
+    # a file list's (or a shard's) label is not in the fingerprint: relabelled, it is refused
+    lines = pool.train.read_text().splitlines()
+    path, label = lines[4].rsplit(None, 1)
+    lines[4] = f"{path} {(int(label) + 1) % 10}"
+    relabelled = pool.train.parent / "relabelled.txt"
+    relabelled.write_text("\n".join(lines) + "\n")
+    with pytest.raises(StoreMismatchError, match=rf"labels: 1 sample.*first '{path}': store has"):
+        fastkd.open_store(pool.store, relabelled)
 
 
 def test_target_columns_by_hand() -> None:
@@ -134,6 +142,8 @@ def test_target_columns_by_hand() -> None:
     assert fastkd.target_columns(["a", "b"], "s", "best") == (["a", "b"], None)
     with pytest.raises(ConfigError, match="no teacher besides the student"):
         fastkd.target_columns(["s"], "s")
+    with pytest.raises(ConfigError, match="partition mode 'nope' is not one of live, fixed"):
+        fastkd.target_columns(["a", "s"], "s", "nope")
 
 
 def _epoch_losses(text: str) -> list[float]:

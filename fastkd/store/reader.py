@@ -232,7 +232,7 @@ class StoreReader:
         checkpoints: Mapping[str, str] | None = None,
     ) -> StoreReader:
         """The store made from ``dataset`` (a ``fastkd.data.ImageDataset``: its fingerprint,
-        classes and keys, in order), refusing one made for other data, classes or models:
+        classes, keys in order, and labels), refusing one made for other data, classes or models:
         ``models`` must be in it, each with the checkpoint sha256 in ``checkpoints``."""
         reader = cls(
             path,
@@ -249,6 +249,18 @@ class StoreReader:
                 reader.path,
                 ["keys: the store's samples are not the data set's, in the same order"],
                 f"it was made from other data than {dataset.source}",
+            )
+        relabelled = np.flatnonzero(reader.labels != dataset.labels)
+        if relabelled.size:  # a file list's or a shard's label is not in the fingerprint
+            first = int(relabelled[0])
+            raise StoreMismatchError(
+                reader.path,
+                [
+                    f"labels: {relabelled.size} sample(s) have another label than at the dump, "
+                    f"first {dataset.keys[first]!r}: store has {int(reader.labels[first])}, "
+                    f"{dataset.source} has {int(dataset.labels[first])}"
+                ],
+                "its targets were made with the old labels; dump again with --overwrite",
             )
         return reader
 

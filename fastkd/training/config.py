@@ -34,7 +34,7 @@ class TrainConfig:
     usually want a larger lr; training from scratch needs one (e.g. Adam 1e-3).
     """
 
-    data: Path  # training images: image folder or file list (fastkd.data.open_dataset)
+    data: Path  # training images: image folder, file list or tar shards (fastkd.data.open_dataset)
     data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     student: str | None = None  # [alias:]ARCH[=CKPT], its name its key in the store (all: None)
     store: Path | None = None  # stored targets (teachers="offline"); optional for the others

@@ -139,7 +139,12 @@ def target_columns(
     teachers = [name for name in pool if name != student]
     if not teachers:
         raise ConfigError(f"the pool {list(pool)} has no teacher besides the student {student!r}")
-    if PartitionMode(mode) is PartitionMode.FIXED:
+    try:
+        mode = PartitionMode(mode)
+    except ValueError:
+        modes = ", ".join(m.value for m in PartitionMode)
+        raise ConfigError(f"partition mode {mode!r} is not one of {modes}") from None
+    if mode is PartitionMode.FIXED:
         return [*teachers, student], len(teachers)
     return teachers, None
 

@@ -333,13 +333,15 @@ class Trainer:
                 completed=self.step,
                 loss=0.0,
             )
-            while self.epoch < cfg.epochs:
-                record = self._run_epoch(progress, task)
-                self.history.append(record)
-                self._select_and_checkpoint(record)
-                if self.dist.is_main:
-                    progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
-        self.summary.close()
+            try:
+                while self.epoch < cfg.epochs:
+                    record = self._run_epoch(progress, task)
+                    self.history.append(record)
+                    self._select_and_checkpoint(record)
+                    if self.dist.is_main:
+                        progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
+            finally:
+                self.summary.close()
         checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
         changes = {}
         if self.dist.is_main:
