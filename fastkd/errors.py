@@ -40,7 +40,7 @@ class BadImageError(DatasetError):
 
     def __init__(self, path: Path | str, sample: int, reason: str) -> None:
         super().__init__(
-            f"cannot read image {path} (sample {sample}): {reason}. Fix or remove the file"
+            f"cannot read image {path} (sample {sample}): {reason}. Fix or remove it"
         )
         self.path = path  # the file, or a tar shard's member as ``shard.tar:member``
         self.sample = sample
