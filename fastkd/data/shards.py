@@ -20,15 +20,29 @@ Compressed shards (``.tar.gz``, ``.tgz``, ...) have no offsets to read at: refus
 
 The index is what a folder's listing is: keys, labels and image sizes (the fingerprint's), so a
 store made from shards refuses other shards and resumes on the same ones.
+
+Each command and torchrun rank opens the data again (ImageNet's scan: two CPU minutes), so each
+shard's scan is cached, an ``.npz`` in ``$FASTKD_CACHE_DIR/shard-index``, else
+``$XDG_CACHE_HOME/fastkd/shard-index``, else ``~/.cache/fastkd/shard-index`` (shards are often on
+read-only storage), named by the shard's real path, size, mtime, inode and ctime (``cp -p`` keeps
+an mtime): a rewritten shard is scanned again; old entries stay (no eviction). Only clean scans of
+shards unchanged for ``_RECENT_NS`` are cached; a bad entry is ignored and written again; a cache
+that cannot be written costs a debug line, never the open.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import io
+import logging
 import multiprocessing
 import os
 import re
 import tarfile
+import tempfile
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -53,6 +67,10 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (key, field) o
 _IO_THREADS = 16  # small shard sets: scans wait on the disk, more threads than cores
 _MAX_PROCESSES = 16  # large ones: header parsing is CPU-bound (``_scan_all``)
 _PROCESS_BYTES = 1 << 30  # shard bytes from which the scan is worth starting processes
+_CACHE_VERSION = 1  # of the cached scan's layout (``_scan_and_cache``); another is scanned again
+_RECENT_NS = 2_000_000_000  # a shard changed this recently is not cached (file clocks are coarse)
+
+log = logging.getLogger(__name__)
 
 
 def is_shard_spec(spec: str | os.PathLike) -> bool:
@@ -192,6 +210,17 @@ class _Member(NamedTuple):
     size: int
 
 
+class _Scan(NamedTuple):
+    """A shard's samples in the order of their images, as the cache holds them (no object a
+    sample: loading a cached scan is a few C calls)."""
+
+    keys: list[str]
+    names: list[str]  # the image members'
+    offsets: np.ndarray  # int64: each image's first data byte in the shard
+    sizes: np.ndarray  # int64
+    labels: np.ndarray  # int64: the class indexes
+
+
 @dataclass
 class _Sample:
     image: _Member | None = None
@@ -203,23 +232,17 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
     in member order; a key in two shards, or one without exactly one image and one integer
     ``cls``, is refused naming its shard."""
     scans = _scan_all(shards)
-    keys: list[str] = []
-    labels: list[int] = []
-    where: list[int] = []
-    images: list[_Member] = []
-    first: dict[str, Path] = {}
-    for index, (shard, samples) in enumerate(zip(shards, scans, strict=True)):
-        for key, (image, label) in samples.items():
-            if key in first:
+    keys = [key for scan in scans for key in scan.keys]
+    where = np.repeat(np.arange(len(shards), dtype=np.int32), [len(scan.keys) for scan in scans])
+    if len(set(keys)) != len(keys):  # a shard's keys are unique (its scan's): two shards share one
+        first: dict[str, int] = {}
+        for key, index in zip(keys, where.tolist(), strict=True):
+            if first.setdefault(key, index) != index:
                 raise DatasetError(
-                    f"key {key!r} is in shard {first[key]} and in shard {shard}: a sample's key "
-                    "must be unique across the shards (it identifies the sample in the store)"
+                    f"key {key!r} is in shard {shards[first[key]]} and in shard {shards[index]}: "
+                    "a sample's key must be unique across the shards (it identifies the sample "
+                    "in the store)"
                 )
-            first[key] = shard
-            keys.append(key)
-            labels.append(label)
-            where.append(index)
-            images.append(image)
     if not keys:
         raise DatasetError(
             f"the {len(shards)} shard(s) from {shards[0]} hold no samples (an image member and "
@@ -227,30 +250,156 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
         )
     members = ShardMembers(
         shards=tuple(shards),
-        shard=np.asarray(where, dtype=np.int32),
-        offset=np.asarray([image.offset for image in images], dtype=np.int64),
-        size=np.asarray([image.size for image in images], dtype=np.int64),
-        member=tuple(image.name for image in images),
+        shard=where,
+        offset=np.concatenate([scan.offsets for scan in scans]),
+        size=np.concatenate([scan.sizes for scan in scans]),
+        member=tuple(name for scan in scans for name in scan.names),
     )
-    return keys, np.asarray(labels, dtype=np.int64), members
+    return keys, np.concatenate([scan.labels for scan in scans]), members
 
 
-def _scan_all(shards: Sequence[Path]) -> list[dict[str, tuple[_Member, int]]]:
-    """Every shard's scan, in order. ``tarfile`` parses a header in Python (about 30-60 us a
-    member: a minute for ImageNet's 2.6 million members on one core), so large data sets are
-    scanned in processes, one shard each; small ones in threads (no process start-up)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    processes = min(len(shards), cores or 1, _MAX_PROCESSES)
-    if processes > 1 and sum(os.path.getsize(shard) for shard in shards) >= _PROCESS_BYTES:
+def _scan_all(shards: Sequence[Path]) -> list[_Scan]:
+    """Every shard's scan, in order: from the cache, else parsed (and cached). ``tarfile`` parses
+    a header in Python (about 30-60 us a member: a minute for ImageNet's 2.6 million members on
+    one core), so large data sets are scanned in processes, one shard each; small ones in threads
+    (no process start-up)."""
+    cache = _usable_cache_dir()
+    scans = [_read_cache(cache, shard) for shard in shards]
+    todo = [shard for shard, scan in zip(shards, scans, strict=True) if scan is None]
+    if not todo:
+        return scans
+    work = functools.partial(_scan_and_cache, cache=cache)
+    processes = min(len(todo), _scan_cores(), _MAX_PROCESSES)
+    if processes > 1 and sum(os.path.getsize(shard) for shard in todo) >= _PROCESS_BYTES:
         context = multiprocessing.get_context()  # the platform's default, as DataLoader's
         with ProcessPoolExecutor(processes, mp_context=context) as pool:
-            return list(pool.map(_scan_shard, shards))
-    with ThreadPoolExecutor(min(_IO_THREADS, len(shards))) as pool:
-        return list(pool.map(_scan_shard, shards))
+            done = list(pool.map(work, todo))
+    else:
+        with ThreadPoolExecutor(min(_IO_THREADS, len(todo))) as pool:
+            done = list(pool.map(work, todo))
+    fresh = iter(scan for scan, _ in done)
+    unwritten = [why for _, why in done if why is not None]
+    if unwritten:
+        log.debug("%d shard index(es) not cached in %s: %s", len(unwritten), cache, unwritten[0])
+    return [next(fresh) if scan is None else scan for scan in scans]
 
 
-def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
-    """key -> (image member, class index) of one shard, in the order of the image members."""
+def _scan_cores() -> int:
+    """The cores the scan may use: this process's (its affinity), shared with the node's other
+    torchrun ranks (``LOCAL_WORLD_SIZE``), which open the data at the same time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(1, (cores or 1) // max(1, int(ranks) if ranks.isdigit() else 1))
+
+
+def _usable_cache_dir() -> Path | None:
+    """The folder of cached scans, made; None (and a debug line) where it cannot be."""
+    try:
+        if os.environ.get("FASTKD_CACHE_DIR"):
+            cache = Path(os.environ["FASTKD_CACHE_DIR"]) / "shard-index"
+        else:
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+            cache = Path(base) / "fastkd" / "shard-index"
+        cache.mkdir(parents=True, exist_ok=True)
+    except (OSError, RuntimeError) as error:  # RuntimeError: no home folder to be found
+        log.debug("shard indexes not cached: %s", error)
+        return None
+    return cache
+
+
+class _Identity(NamedTuple):
+    """What a cached scan is valid for: the shard's real path and what any rewrite changes."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, shard: Path) -> _Identity:
+        st = os.stat(shard)
+        return cls(os.path.realpath(shard), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+    def cache_file(self, cache: Path) -> Path:
+        digest = hashlib.sha256(repr(self).encode("utf-8", "surrogateescape")).hexdigest()
+        return cache / f"{digest[:32]}.npz"
+
+
+def _read_cache(cache: Path | None, shard: Path) -> _Scan | None:
+    """The shard's cached scan; None where there is none, or it is unreadable or fails a check
+    (it is scanned and written again: a cache file is never trusted)."""
+    if cache is None:
+        return None
+    try:
+        identity = _Identity.of(shard)
+        with np.load(identity.cache_file(cache), allow_pickle=False) as data:
+            return _unpack(data, identity)
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # zip, numpy and our checks raise many kinds: none trusted
+        log.debug("cached index of shard %s ignored: %s", shard, error)
+        return None
+
+
+def _unpack(data: np.lib.npyio.NpzFile, identity: _Identity) -> _Scan:
+    """The scan ``_scan_and_cache`` stored; ``ValueError`` unless whole and for this shard."""
+    if int(data["version"]) != _CACHE_VERSION or str(data["identity"]) != repr(identity):
+        raise ValueError("written by another format version or for another file")
+    keys, names = (data[f].tobytes().decode("utf-8", "surrogateescape") for f in ("keys", "names"))
+    keys, names = keys.split("\0")[:-1], names.split("\0")[:-1]  # each ends in a NUL
+    numbers = [data[field] for field in _Scan._fields[2:]]
+    counts = {len(keys), len(names), *(len(array) for array in numbers)}
+    if len(counts) > 1 or any(array.dtype != np.int64 or array.ndim != 1 for array in numbers):
+        raise ValueError("its arrays differ in type or length")
+    offsets, sizes, labels = numbers
+    ends = offsets + sizes
+    apart = (offsets[1:] >= ends[:-1]).all() and (offsets >= 0).all() and (sizes >= 0).all()
+    inside = apart and (ends <= identity.size).all() and (labels >= 0).all()
+    if not inside or len(set(keys)) != len(keys) or not all(map(str.startswith, names, keys)):
+        raise ValueError("its members are not those of a scan")
+    return _Scan(keys, names, offsets, sizes, labels)
+
+
+def _scan_and_cache(shard: Path, cache: Path | None) -> tuple[_Scan, str | None]:
+    """The shard's scan, and why it was not cached where the cache failed (the caller logs it
+    once). Stored as arrays (keys and names UTF-8, each ending in a NUL), atomically: a temporary
+    file in the folder, renamed, so ranks opening the data at once never read half a file."""
+    identity = _Identity.of(shard)
+    scan = _scan_shard(shard)
+    recent = time.time_ns() - identity.ctime_ns < _RECENT_NS  # a rewrite might keep its name
+    if cache is None or recent or _Identity.of(shard) != identity:
+        return scan, None
+    blobs = {
+        field: "".join(f"{text}\0" for text in texts).encode("utf-8", "surrogateescape")
+        for field, texts in zip(_Scan._fields[:2], scan[:2], strict=True)
+    }
+    if blobs["names"].count(b"\0") != len(scan.names):
+        return scan, "a member name holds a NUL byte"  # (a NUL ends a name in a tar header)
+    path = identity.cache_file(cache)
+    try:
+        handle, temporary = tempfile.mkstemp(dir=cache, prefix=f"{path.stem}.", suffix=".tmp")
+    except OSError as error:
+        return scan, str(error)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(
+                file,
+                version=np.int64(_CACHE_VERSION),
+                identity=np.str_(repr(identity)),
+                **{field: np.frombuffer(blob, dtype=np.uint8) for field, blob in blobs.items()},
+                **dict(zip(_Scan._fields[2:], scan[2:], strict=True)),
+            )
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        return scan, str(error)
+    return scan, None
+
+
+def _scan_shard(shard: Path) -> _Scan:
+    """One shard's samples (key, image member, class index), in the order of the images."""
     with open(shard, "rb") as file:
         head = file.read(6)
         kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
@@ -273,10 +422,15 @@ def _scan_shard(shard: Path) -> dict[str, tuple[_Member, int]]:
                 f"shard {shard} is truncated or damaged: it cannot be read as a tar ({error})"
             ) from None
         _check_end_marker(shard, file, archive_end, end)
-        return {
-            key: (sample.image, _label(shard, sample, file))
-            for key, sample in _complete(shard, samples, dotted).items()
-        }
+        complete = _complete(shard, samples, dotted)
+        images = [sample.image for sample in complete.values()]
+        return _Scan(
+            keys=list(complete),
+            names=[image.name for image in images],
+            offsets=np.asarray([image.offset for image in images], dtype=np.int64),
+            sizes=np.asarray([image.size for image in images], dtype=np.int64),
+            labels=np.asarray([_label(shard, s, file) for s in complete.values()], dtype=np.int64),
+        )
 
 
 def _add_member(
