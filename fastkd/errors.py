@@ -39,9 +39,7 @@ class BadImageError(DatasetError):
     that hint there (cli.guard), not here: train and eval have no such option."""
 
     def __init__(self, path: Path | str, sample: int, reason: str) -> None:
-        super().__init__(
-            f"cannot read image {path} (sample {sample}): {reason}. Fix or remove it"
-        )
+        super().__init__(f"cannot read image {path} (sample {sample}): {reason}. Fix or remove it")
         self.path = path  # the file, or a tar shard's member as ``shard.tar:member``
         self.sample = sample
         self.reason = reason

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import tarfile
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,10 +22,10 @@ import torch
 import zarr
 from file_edits import same_size_other_png
 from test_data import INTERIOR_MAX_GREY, MEAN_GREY
-from typer.testing import CliRunner
+from test_dump import run_cli
 
+import fastkd.data.shard_cache
 import fastkd.data.shards
-from fastkd.cli.main import app
 from fastkd.data import (
     BadImageError,
     DatasetError,
@@ -91,13 +90,6 @@ def write_shards(
     return str(out / PATTERN)
 
 
-def run_cli(args: list[str], expect_code: int = 0) -> str:
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})  # no line wrapping
-    trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
-    assert result.exit_code == expect_code, result.output + trace
-    return result.output
-
-
 def _views(dataset: ImageDataset) -> dict[str, np.ndarray]:
     return all_views(0, np.arange(len(dataset)), 2, dataset.sizes, AugmentConfig())
 
@@ -137,7 +129,7 @@ def _fresh_cache(monkeypatch: pytest.MonkeyPatch, folder: Path) -> Path:
     """An empty cache folder for one test, which caches shards however recently written (the
     tests write them a moment before): the folder the cached indexes go to."""
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(folder))
-    monkeypatch.setattr(fastkd.data.shards, "_RECENT_NS", 0)
+    monkeypatch.setattr(fastkd.data.shard_cache, "RECENT_NS", 0)
     return folder / "shard-index"
 
 
@@ -342,7 +334,7 @@ def test_a_rewritten_shard_is_scanned_again(
     _rewrite_member(data, 1, 3, next_label)
     assert (open_dataset(data).labels != opened.labels).sum() == 1
 
-    monkeypatch.setattr(fastkd.data.shards, "_RECENT_NS", 0)  # from here cached however recent
+    monkeypatch.setattr(fastkd.data.shard_cache, "RECENT_NS", 0)  # from here cached however recent
     opened = relabelled(open_dataset(data))
     assert len(list(cache.glob("*.npz"))) == SHARDS + 1  # the rewritten shard's old entry stays
     # an image grown by 20000 bytes: its size, the shard's and its later members' offsets change
@@ -364,7 +356,7 @@ def test_a_bad_cache_file_is_ignored_and_written_again(
     cache = _fresh_cache(monkeypatch, tmp_path)
     scanned = open_dataset(shards)
     shard = scanned.members.shards[1]
-    entry = fastkd.data.shards._Identity.of(shard).cache_file(cache)
+    entry = fastkd.data.shard_cache.ShardIdentity.of(shard).cache_file(cache)
     whole = entry.read_bytes()
 
     def edited(**changes: object) -> bytes:
@@ -375,7 +367,7 @@ def test_a_bad_cache_file_is_ignored_and_written_again(
         np.savez(out, **{**arrays, "labels": arrays["labels"] + 1, **changes})
         return out.getvalue()
 
-    other = repr(fastkd.data.shards._Identity.of(scanned.members.shards[0]))
+    other = repr(fastkd.data.shard_cache.ShardIdentity.of(scanned.members.shards[0]))
     bad = {
         "cut": whole[: len(whole) // 2],
         "empty": b"",
@@ -399,7 +391,7 @@ def test_an_unwritable_cache_costs_a_debug_line(
     shards: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     scanned = open_dataset(shards)
-    caplog.set_level(logging.DEBUG, logger="fastkd.data.shards")
+    caplog.set_level(logging.DEBUG, logger="fastkd.data")
     (tmp_path / "file").write_text("")
     _fresh_cache(monkeypatch, tmp_path / "file" / "cache")  # under a file: cannot be made
     _assert_same_index(open_dataset(shards), scanned)
@@ -411,7 +403,7 @@ def test_an_unwritable_cache_costs_a_debug_line(
     def full(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(fastkd.data.shards.tempfile, "mkstemp", full)
+    monkeypatch.setattr(fastkd.data.shard_cache.tempfile, "mkstemp", full)
     _assert_same_index(open_dataset(shards), scanned)
     assert [r.getMessage() for r in caplog.records] == [
         f"{SHARDS} shard index(es) not cached in {cache}: [Errno 28] No space left on device"
@@ -420,7 +412,7 @@ def test_an_unwritable_cache_costs_a_debug_line(
 
     caplog.clear()  # written, but not renamed: the temporary file is removed
     cache = _fresh_cache(monkeypatch, tmp_path / "no-rename")
-    monkeypatch.setattr(fastkd.data.shards.os, "replace", full)
+    monkeypatch.setattr(fastkd.data.shard_cache.os, "replace", full)
     _assert_same_index(open_dataset(shards), scanned)
     assert len(caplog.records) == 1 and not list(cache.iterdir())
 
@@ -428,7 +420,7 @@ def test_an_unwritable_cache_costs_a_debug_line(
 def test_the_cache_folder_follows_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    usable = fastkd.data.shards._usable_cache_dir
+    usable = fastkd.data.shard_cache.cache_dir
     monkeypatch.setenv("FASTKD_CACHE_DIR", str(tmp_path / "fastkd"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

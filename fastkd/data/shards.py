@@ -22,27 +22,18 @@ The index is what a folder's listing is: keys, labels and image sizes (the finge
 store made from shards refuses other shards and resumes on the same ones.
 
 Each command and torchrun rank opens the data again (ImageNet's scan: two CPU minutes), so each
-shard's scan is cached, an ``.npz`` in ``$FASTKD_CACHE_DIR/shard-index``, else
-``$XDG_CACHE_HOME/fastkd/shard-index``, else ``~/.cache/fastkd/shard-index`` (shards are often on
-read-only storage), named by the shard's real path, size, mtime, inode and ctime (``cp -p`` keeps
-an mtime): a rewritten shard is scanned again; old entries stay (no eviction). Only clean scans of
-shards unchanged for ``_RECENT_NS`` are cached; a bad entry is ignored and written again; a cache
-that cannot be written costs a debug line, never the open.
+shard's scan is cached on disk (``fastkd.data.shard_cache``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import io
 import logging
 import multiprocessing
 import os
 import re
 import tarfile
-import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -54,6 +45,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from fastkd.data.decoding import IMAGE_EXTENSIONS
+from fastkd.data.shard_cache import ShardIdentity, ShardScan, cache_dir, read_cached, write_cached
 from fastkd.errors import DatasetError
 
 SHARD_SUFFIX = ".tar"
@@ -67,8 +59,6 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's (key, field) o
 _IO_THREADS = 16  # small shard sets: scans wait on the disk, more threads than cores
 _MAX_PROCESSES = 16  # large ones: header parsing is CPU-bound (``_scan_all``)
 _PROCESS_BYTES = 1 << 30  # shard bytes from which the scan is worth starting processes
-_CACHE_VERSION = 1  # of the cached scan's layout (``_scan_and_cache``); another is scanned again
-_RECENT_NS = 2_000_000_000  # a shard changed this recently is not cached (file clocks are coarse)
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +200,6 @@ class _Member(NamedTuple):
     size: int
 
 
-class _Scan(NamedTuple):
-    """A shard's samples in the order of their images, as the cache holds them (no object a
-    sample: loading a cached scan is a few C calls)."""
-
-    keys: list[str]
-    names: list[str]  # the image members'
-    offsets: np.ndarray  # int64: each image's first data byte in the shard
-    sizes: np.ndarray  # int64
-    labels: np.ndarray  # int64: the class indexes
-
-
 @dataclass
 class _Sample:
     image: _Member | None = None
@@ -258,13 +237,13 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
     return keys, np.concatenate([scan.labels for scan in scans]), members
 
 
-def _scan_all(shards: Sequence[Path]) -> list[_Scan]:
+def _scan_all(shards: Sequence[Path]) -> list[ShardScan]:
     """Every shard's scan, in order: from the cache, else parsed (and cached). ``tarfile`` parses
     a header in Python (about 30-60 us a member: a minute for ImageNet's 2.6 million members on
     one core), so large data sets are scanned in processes, one shard each; small ones in threads
     (no process start-up)."""
-    cache = _usable_cache_dir()
-    scans = [_read_cache(cache, shard) for shard in shards]
+    cache = cache_dir()
+    scans = [read_cached(cache, shard) for shard in shards]
     todo = [shard for shard, scan in zip(shards, scans, strict=True) if scan is None]
     if not todo:
         return scans
@@ -292,113 +271,17 @@ def _scan_cores() -> int:
     return max(1, (cores or 1) // max(1, int(ranks) if ranks.isdigit() else 1))
 
 
-def _usable_cache_dir() -> Path | None:
-    """The folder of cached scans, made; None (and a debug line) where it cannot be."""
-    try:
-        if os.environ.get("FASTKD_CACHE_DIR"):
-            cache = Path(os.environ["FASTKD_CACHE_DIR"]) / "shard-index"
-        else:
-            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-            cache = Path(base) / "fastkd" / "shard-index"
-        cache.mkdir(parents=True, exist_ok=True)
-    except (OSError, RuntimeError) as error:  # RuntimeError: no home folder to be found
-        log.debug("shard indexes not cached: %s", error)
-        return None
-    return cache
-
-
-class _Identity(NamedTuple):
-    """What a cached scan is valid for: the shard's real path and what any rewrite changes."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    inode: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, shard: Path) -> _Identity:
-        st = os.stat(shard)
-        return cls(os.path.realpath(shard), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
-
-    def cache_file(self, cache: Path) -> Path:
-        digest = hashlib.sha256(repr(self).encode("utf-8", "surrogateescape")).hexdigest()
-        return cache / f"{digest[:32]}.npz"
-
-
-def _read_cache(cache: Path | None, shard: Path) -> _Scan | None:
-    """The shard's cached scan; None where there is none, or it is unreadable or fails a check
-    (it is scanned and written again: a cache file is never trusted)."""
-    if cache is None:
-        return None
-    try:
-        identity = _Identity.of(shard)
-        with np.load(identity.cache_file(cache), allow_pickle=False) as data:
-            return _unpack(data, identity)
-    except FileNotFoundError:
-        return None
-    except Exception as error:  # zip, numpy and our checks raise many kinds: none trusted
-        log.debug("cached index of shard %s ignored: %s", shard, error)
-        return None
-
-
-def _unpack(data: np.lib.npyio.NpzFile, identity: _Identity) -> _Scan:
-    """The scan ``_scan_and_cache`` stored; ``ValueError`` unless whole and for this shard."""
-    if int(data["version"]) != _CACHE_VERSION or str(data["identity"]) != repr(identity):
-        raise ValueError("written by another format version or for another file")
-    keys, names = (data[f].tobytes().decode("utf-8", "surrogateescape") for f in ("keys", "names"))
-    keys, names = keys.split("\0")[:-1], names.split("\0")[:-1]  # each ends in a NUL
-    numbers = [data[field] for field in _Scan._fields[2:]]
-    counts = {len(keys), len(names), *(len(array) for array in numbers)}
-    if len(counts) > 1 or any(array.dtype != np.int64 or array.ndim != 1 for array in numbers):
-        raise ValueError("its arrays differ in type or length")
-    offsets, sizes, labels = numbers
-    ends = offsets + sizes
-    apart = (offsets[1:] >= ends[:-1]).all() and (offsets >= 0).all() and (sizes >= 0).all()
-    inside = apart and (ends <= identity.size).all() and (labels >= 0).all()
-    if not inside or len(set(keys)) != len(keys) or not all(map(str.startswith, names, keys)):
-        raise ValueError("its members are not those of a scan")
-    return _Scan(keys, names, offsets, sizes, labels)
-
-
-def _scan_and_cache(shard: Path, cache: Path | None) -> tuple[_Scan, str | None]:
+def _scan_and_cache(shard: Path, cache: Path | None) -> tuple[ShardScan, str | None]:
     """The shard's scan, and why it was not cached where the cache failed (the caller logs it
-    once). Stored as arrays (keys and names UTF-8, each ending in a NUL), atomically: a temporary
-    file in the folder, renamed, so ranks opening the data at once never read half a file."""
-    identity = _Identity.of(shard)
+    once). Only a clean scan of a shard that did not change while it was read is cached."""
+    identity = ShardIdentity.of(shard)
     scan = _scan_shard(shard)
-    recent = time.time_ns() - identity.ctime_ns < _RECENT_NS  # a rewrite might keep its name
-    if cache is None or recent or _Identity.of(shard) != identity:
+    if cache is None or ShardIdentity.of(shard) != identity:
         return scan, None
-    blobs = {
-        field: "".join(f"{text}\0" for text in texts).encode("utf-8", "surrogateescape")
-        for field, texts in zip(_Scan._fields[:2], scan[:2], strict=True)
-    }
-    if blobs["names"].count(b"\0") != len(scan.names):
-        return scan, "a member name holds a NUL byte"  # (a NUL ends a name in a tar header)
-    path = identity.cache_file(cache)
-    try:
-        handle, temporary = tempfile.mkstemp(dir=cache, prefix=f"{path.stem}.", suffix=".tmp")
-    except OSError as error:
-        return scan, str(error)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(
-                file,
-                version=np.int64(_CACHE_VERSION),
-                identity=np.str_(repr(identity)),
-                **{field: np.frombuffer(blob, dtype=np.uint8) for field, blob in blobs.items()},
-                **dict(zip(_Scan._fields[2:], scan[2:], strict=True)),
-            )
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        return scan, str(error)
-    return scan, None
+    return scan, write_cached(cache, identity, scan)
 
 
-def _scan_shard(shard: Path) -> _Scan:
+def _scan_shard(shard: Path) -> ShardScan:
     """One shard's samples (key, image member, class index), in the order of the images."""
     with open(shard, "rb") as file:
         head = file.read(6)
@@ -424,7 +307,7 @@ def _scan_shard(shard: Path) -> _Scan:
         _check_end_marker(shard, file, archive_end, end)
         complete = _complete(shard, samples, dotted)
         images = [sample.image for sample in complete.values()]
-        return _Scan(
+        return ShardScan(
             keys=list(complete),
             names=[image.name for image in images],
             offsets=np.asarray([image.offset for image in images], dtype=np.int64),
