@@ -22,6 +22,7 @@ import torch
 import zarr
 from file_edits import same_size_other_png
 from test_data import INTERIOR_MAX_GREY, MEAN_GREY
+from test_data import _load as load_views
 from test_dump import run_cli
 
 import fastkd.data.shard_cache
@@ -32,7 +33,6 @@ from fastkd.data import (
     ImageDataset,
     content_hashes,
     open_dataset,
-    view_loader,
 )
 from fastkd.views import AugmentConfig, all_views
 
@@ -95,17 +95,7 @@ def _views(dataset: ImageDataset) -> dict[str, np.ndarray]:
 
 
 def _load(dataset: ImageDataset, items: dict, backend: str, **kwargs) -> list:
-    return list(
-        view_loader(
-            dataset,
-            items["samples"],
-            items["views"],
-            items["boxes"],
-            items["flips"],
-            [CONFIG],
-            **{"batch_size": 16, "num_workers": 0, "backend": backend, **kwargs},
-        )
-    )
+    return load_views(dataset, items, [CONFIG], backend=backend, **kwargs)
 
 
 def _images(batches: list) -> torch.Tensor:
