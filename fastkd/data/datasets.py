@@ -79,13 +79,13 @@ class ImageDataset:
         """What messages call the image: its file, or ``shard.tar:member``."""
         if self.members is not None:
             return self.members.name(sample)
-        return str(self.root / self.keys[sample])
+        return str(self.path(sample))
 
     def read_bytes(self, sample: int) -> bytes:
         """The image's encoded bytes, as both loaders decode (and hash) them."""
         if self.members is not None:
             return self.members.read(sample)
-        return (self.root / self.keys[sample]).read_bytes()
+        return self.path(sample).read_bytes()
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (key, file size) pairs."""
