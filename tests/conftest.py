@@ -17,7 +17,7 @@ import pytest
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # Shard scans are cached under the user's cache folder (fastkd.data.shard_cache): not by tests.
-os.environ.setdefault("FASTKD_CACHE_DIR", tempfile.mkdtemp(prefix="fastkd-test-cache-"))
+os.environ["FASTKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastkd-test-cache-")
 
 COMPILE_TESTS = "test_compile.py"
 
