@@ -1,5 +1,6 @@
 """WebDataset tar shards as data: indexed like the folder they were written from, read bit for bit
-as its files by both loaders, through dump, train and eval; damaged shards and members named (the index cache: test_shard_cache.py)."""
+as its files by both loaders, through dump, train and eval; damaged shards and members named.
+The index cache has its own tests (test_shard_cache.py)."""
 
 from __future__ import annotations
 
