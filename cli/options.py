@@ -14,7 +14,7 @@ DATA_FORMS = (
     "an image folder (one subfolder per class), a file list with a 'relative/path label' line "
     "per image, or WebDataset tar shards: a .tar or a brace pattern such as "
     "'shards/train-{000000..000127}.tar' (per key an image member and a .cls member holding "
-    "the class index)"
+    "the class index); a label is a class index in plain ASCII digits, below 16,777,216 (2^24)"
 )
 
 Device = Annotated[

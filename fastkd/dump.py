@@ -116,9 +116,17 @@ def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path
             raise ConfigError(
                 f"model {member.spec.name!r} ({member.spec.arch}) predicts {member.num_classes} "
                 f"classes, but the data set {data} has {dataset.num_classes} "
-                f"({', '.join(dataset.classes[:5])}{', ...' if dataset.num_classes > 5 else ''}); "
-                "a pool member must be trained on the data set's label set"
+                f"({_classes_text(dataset)}); a pool member must be trained on the data set's "
+                "label set"
             )
+
+
+def _classes_text(dataset: ImageDataset) -> str:
+    """The first class names; for classes named by index, which sample has the largest label."""
+    if dataset.classes:
+        return ", ".join(dataset.classes[:5]) + (", ..." if dataset.num_classes > 5 else "")
+    top = int(np.argmax(dataset.labels))
+    return f"named by index; its largest label is {dataset.labels[top]}, of {dataset.name(top)}"
 
 
 def model_entry(cfg: DumpConfig, member: LoadedModel) -> ModelEntry:

@@ -125,7 +125,7 @@ def test_file_list(tmp_path: Path) -> None:
     dataset = open_dataset(listing, root=images)
     assert dataset.keys == ["a b/x 1.png", "y.png"]
     assert dataset.labels.tolist() == [2, 0]
-    assert dataset.classes == ["0", "1", "2"]
+    assert dataset.classes == [] and dataset.num_classes == 3  # named by index
     assert dataset.sizes.tolist() == [[10, 20], [30, 8]]  # (height, width)
     # Relative to the list's own folder by default.
     (tmp_path / "here.txt").write_text("images/y.png 1\n")

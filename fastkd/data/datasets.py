@@ -32,6 +32,7 @@ from typing import BinaryIO
 import numpy as np
 
 from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
+from fastkd.data.labels import parse_label
 from fastkd.data.shards import ShardMembers, expand_shards, index_shards, is_shard_spec
 from fastkd.errors import BadImageError, DatasetError
 from fastkd.hashing import content_hash
@@ -44,12 +45,17 @@ _IO_THREADS = 16  # header reads and stats are I/O bound: more threads than core
 @dataclass
 class ImageDataset:
     """Samples of an image folder or a file list (``keys`` are paths relative to ``root``), or
-    of tar shards (``members`` says where each image lies; ``root``: the shards' folder)."""
+    of tar shards (``members`` says where each image lies; ``root``: the shards' folder).
+
+    ``num_classes``: labels are ``0..num_classes-1``. ``classes``: their names where the data
+    has them (a folder's class folders); empty where classes are named by their index (file
+    lists, shards), so no list is built from a label (``fastkd.data.labels``)."""
 
     root: Path
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     classes: list[str]
+    num_classes: int
     file_sizes: np.ndarray = field(repr=False)  # int64 [n] bytes
     source: str = ""  # the data set as given (folder, file list, shard pattern); default: root
     members: ShardMembers | None = field(default=None, repr=False)  # tar shards only
@@ -61,10 +67,6 @@ class ImageDataset:
 
     def __len__(self) -> int:
         return len(self.keys)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def path(self, sample: int) -> Path:
         """The image file of a folder's or file list's sample (a shard member has none)."""
@@ -201,7 +203,8 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
 
     A file list holds ``relative/path label`` per line (the path may contain spaces; blank lines
     and ``#`` comments are skipped), relative to ``root`` or else to the list's folder; labels are
-    class indices ``0..C-1`` and the classes are named by their index, as in shards (``cls``).
+    class indices ``0..C-1`` (``fastkd.data.labels``: plain decimals below ``MAX_CLASSES``) and
+    the classes are named by their index, as in shards (``cls``): ``classes`` is empty.
     """
     if is_shard_spec(path):
         if root is not None:
@@ -224,7 +227,8 @@ def _open_shards(spec: str) -> ImageDataset:
         root=shards[0].parent,
         keys=keys,
         labels=labels,
-        classes=[str(c) for c in range(int(labels.max()) + 1)],
+        classes=[],
+        num_classes=int(labels.max()) + 1,
         file_sizes=members.size,
         source=spec,
         members=members,
@@ -270,6 +274,7 @@ def _open_image_folder(root: Path) -> ImageDataset:
         keys=keys,
         labels=np.asarray(labels, dtype=np.int64),
         classes=classes,
+        num_classes=len(classes),
         file_sizes=_file_sizes(paths, [str(root)] * len(paths)),
     )
 
@@ -299,16 +304,14 @@ def _open_file_list(list_file: Path, root: Path) -> ImageDataset:
         parts = line.rsplit(None, 1)
         if len(parts) != 2:
             raise DatasetError(f"{where}: expected 'relative/path label', got {raw!r}")
-        key, label = Path(parts[0]).as_posix(), parts[1]
-        if not label.isdigit():
-            raise DatasetError(f"{where}: label {label!r} is not a class index (0, 1, 2, ...)")
+        key, label = Path(parts[0]).as_posix(), parse_label(parts[1], where)
         if Path(key).is_absolute() or ".." in Path(key).parts:
             raise DatasetError(f"{where}: path {key!r} must be relative to {root}, inside it")
         if key in seen:
             raise DatasetError(f"{where}: {key} is listed twice (first at {seen[key]})")
         seen[key] = where
         keys.append(key)
-        labels.append(int(label))
+        labels.append(label)
         origins.append(where)
     if not keys:
         raise DatasetError(f"file list {list_file} lists no images")
@@ -316,6 +319,7 @@ def _open_file_list(list_file: Path, root: Path) -> ImageDataset:
         root=root,
         keys=keys,
         labels=np.asarray(labels, dtype=np.int64),
-        classes=[str(c) for c in range(max(labels) + 1)],
+        classes=[],
+        num_classes=max(labels) + 1,
         file_sizes=_file_sizes([root / key for key in keys], origins),
     )

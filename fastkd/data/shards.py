@@ -45,6 +45,7 @@ import numpy as np
 from braceexpand import braceexpand
 
 from fastkd.data.decoding import IMAGE_EXTENSIONS
+from fastkd.data.labels import MAX_CLASSES, parse_label
 from fastkd.data.shard_cache import ShardIdentity, ShardScan, cache_dir, read_cached, write_cached
 from fastkd.errors import DatasetError
 
@@ -243,7 +244,7 @@ def _scan_all(shards: Sequence[Path]) -> list[ShardScan]:
     one core), so large data sets are scanned in processes, one shard each; small ones in threads
     (no process start-up)."""
     cache = cache_dir()
-    scans = [read_cached(cache, shard) for shard in shards]
+    scans = [_bounded(read_cached(cache, shard)) for shard in shards]
     todo = [shard for shard, scan in zip(shards, scans, strict=True) if scan is None]
     if not todo:
         return scans
@@ -261,6 +262,14 @@ def _scan_all(shards: Sequence[Path]) -> list[ShardScan]:
     if unwritten:
         log.debug("%d shard index(es) not cached in %s: %s", len(unwritten), cache, unwritten[0])
     return [next(fresh) if scan is None else scan for scan in scans]
+
+
+def _bounded(scan: ShardScan | None) -> ShardScan | None:
+    """A cached scan, unless a label of it is not below ``MAX_CLASSES`` (cached before the
+    bound): that shard is scanned again, so the refusal names its member."""
+    if scan is None or not len(scan.labels) or scan.labels.max() < MAX_CLASSES:
+        return scan
+    return None
 
 
 def _scan_cores() -> int:
@@ -392,17 +401,13 @@ def _complete(
 
 
 def _label(shard: Path, sample: _Sample, file: BinaryIO) -> int:
-    """The class index in the key's ``cls`` member (whitespace and a UTF-8 BOM around it)."""
+    """The class index in the key's ``cls`` member (``fastkd.data.labels``' rule; whitespace
+    and a UTF-8 BOM around it)."""
     if sample.label.size > _MAX_LABEL_BYTES:
         raise DatasetError(
             f"shard {shard}: {sample.label.name} holds {sample.label.size} bytes, not a class "
             "index (0, 1, 2, ... as text)"
         )
     file.seek(sample.label.offset)
-    text = file.read(sample.label.size).decode("utf-8-sig", errors="replace").strip()
-    if not text.isascii() or not text.isdigit():
-        raise DatasetError(
-            f"shard {shard}: {sample.label.name} holds {text[:40]!r}, not a class index "
-            "(0, 1, 2, ...)"
-        )
-    return int(text)
+    text = file.read(sample.label.size).decode("utf-8-sig", errors="replace")
+    return parse_label(text, f"{shard}:{sample.label.name}")
