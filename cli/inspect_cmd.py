@@ -90,7 +90,8 @@ def inspect(
         typer.Option(
             "--verify",
             help="Also decode every written block of every array and check it against the "
-            "content hash recorded when it was written; list the damaged ones and exit non-zero "
+            "content hash recorded when it was written (and its class ids against the "
+            "manifest's classes, as training does); list the damaged ones and exit non-zero "
             "(`fastkd dump --repair` rewrites them).",
         ),
     ] = False,
@@ -109,6 +110,11 @@ def inspect(
         typer.echo(json.dumps(payload, indent=2))
     else:
         _render(summary, Console())
+    if summary.unreadable and not verify:
+        raise StoreError(
+            f"store {store} is damaged: its {' and '.join(summary.unreadable)} array cannot be "
+            "decoded; `fastkd inspect --verify` names the damaged blocks"
+        )
     if verify:
         bad = check_store(store, progress=progress)
         if bad:

@@ -4,11 +4,13 @@ One home for the on-disk format (``docs/store-format.md`` describes it for plain
 Its modules, one idea each; the public names are re-exported here (``from fastkd.store import
 StoreReader``), the modules' other names are the package's own business:
 
+- ``schema``: the stored manifest attribute's JSON types, ranges and keys, checked on open.
 - ``manifest``: what a store holds (``Manifest``, ``ModelEntry``, ``StoreLayout``), comparing
   manifests and checking a store against an ``Expectation``, reading a store's manifest.
 - ``encoding``: full logits -> the stored arrays by ``fastkd.compression``'s rule (dense or
   sparse: ``resolve_topk``; ``encode_logits``), and the arrays of a model.
-- ``arrays``: the store's array names, shards, chunks and codecs; creating a new store.
+- ``arrays``: the store's array names, shards, chunks and codecs; creating a new store;
+  checking a store's arrays against its manifest.
 - ``claims``: a rank's part ``i/n`` of the blocks, the creation lock and the writers' claims.
 - ``writer``: ``StoreWriter``: create or resume a store, write blocks and their markers.
 - ``reader``: ``StoreReader``: validated, random access through a cache of decoded blocks.
@@ -18,7 +20,8 @@ StoreReader``), the modules' other names are the package's own business:
 
 Imports run one way, so there is no cycle (a module imports only those listed for it):
 
-    manifest  <- (none of the others)
+    schema    <- (none of the others)
+    manifest  <- schema
     encoding  <- manifest
     arrays    <- manifest, encoding
     claims    <- (none of the others)

@@ -17,6 +17,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
+from fastkd.errors import StoreError
 from fastkd.store.encoding import model_arrays
 from fastkd.store.manifest import MANIFEST_ATTR, Manifest, StoreLayout
 from fastkd.views import AugmentConfig, view_boxes
@@ -186,20 +187,22 @@ def write_sample_rows(
 
 
 def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> list[str]:
-    """Every array the manifest implies, against the store's: missing ones, and shapes or dtypes
-    that differ, each naming both values. An edited manifest (views, samples, models, top-k,
-    classes) would otherwise be read with the wrong layout, silently or as an IndexError."""
+    """Every array the manifest implies, against the store's: missing ones, and shapes, dtypes or
+    shards (samples per shard and per inner chunk, by the layout) that differ, each naming both
+    values. An edited manifest (views, samples, models, top-k, classes, layout) would otherwise be
+    read with the wrong layout: silently, as an IndexError, or as every block "damaged"."""
     n, v = manifest.num_samples, manifest.views
-    expected = {
-        **shared_arrays(n, v),
+    markers = {
         DONE_ARRAY: ((layout.num_blocks,), np.uint8),
         BLOCK_HASHES: ((layout.num_blocks, len(hashed_arrays(manifest))), np.int64),
     }
+    expected = dict(shared_arrays(n, v))
     for entry in manifest.models:
         for name, (shape, dtype) in model_arrays(entry, v).items():
             expected[f"models/{entry.name}/{name}"] = ((n, *shape), dtype)
     problems = []
-    for name, (shape, dtype) in expected.items():
+    sharding: dict[str, list[str]] = {}  # one difference of the layout -> the arrays it is in
+    for name, (shape, dtype) in {**expected, **markers}.items():
         try:
             array = group[name]
         except KeyError:
@@ -214,4 +217,38 @@ def array_differences(group: zarr.Group, manifest: Manifest, layout: StoreLayout
                 f"{name}: dtype {np.dtype(array.dtype)} in the store, {np.dtype(dtype)} by the "
                 "manifest"
             )
+        for difference in _shard_differences(array, layout) if name in expected else ():
+            sharding.setdefault(difference, []).append(name)
+    for difference, names in sharding.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        problems.append(f"{', '.join(names[:3])}{more}: {difference}")
     return problems
+
+
+def _shard_differences(array: zarr.Array, layout: StoreLayout) -> list[str]:
+    """Samples per shard and per inner chunk of a per-sample array, against the layout's."""
+    shard = array.shards[0] if array.shards else None
+    out = []
+    if shard != layout.samples_per_shard:
+        out.append(
+            f"shards of {shard} samples in the store, {layout.samples_per_shard} by the "
+            "manifest's layout"
+        )
+    if array.chunks[0] != layout.chunk_samples:
+        out.append(
+            f"inner chunks of {array.chunks[0]} samples in the store, {layout.chunk_samples} "
+            "by the manifest's layout"
+        )
+    return out
+
+
+def check_arrays(path: Path, group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> None:
+    """Refuse a store whose arrays disagree with its manifest (``array_differences``, naming
+    each), before any array is read by what the manifest claims: the reader and ``fastkd
+    inspect`` (with ``--verify`` too) check this on open."""
+    disagree = array_differences(group, manifest, layout)
+    if disagree:
+        raise StoreError(
+            f"store {path}: its arrays disagree with its manifest (edited, or another "
+            f"store's): {'; '.join(disagree)}; dump again with --overwrite"
+        )

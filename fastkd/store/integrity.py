@@ -6,7 +6,10 @@ done marker, an xxh3-64 hash of every array's decoded values in that block (``BL
 one row a block, columns in ``hashed_arrays`` order). The reader checks each block of the arrays
 it decodes against its row (one hash per decoded block: hashing runs far faster than the
 decompression it follows); ``verify_store`` checks every done block (``fastkd inspect --verify``)
-and names the bad ones, which ``fastkd dump --repair`` rewrites.
+and names the bad ones, which ``fastkd dump --repair`` rewrites. Both also hold the stored class
+ids to the manifest's classes, and ``check_store`` first checks the arrays against the manifest
+as the reader does on open (``arrays.check_arrays``), so a store that verifies is one training
+reads.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import zarr
 
 from fastkd.errors import StoreError
 from fastkd.hashing import content_hash
-from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, hashed_arrays
+from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
+
+CLASS_ID_ARRAYS = ("topk_ids", "tail_ids")  # a model's arrays of class ids: below num_classes
 
 
 def digest(values: np.ndarray) -> int:
@@ -70,6 +75,31 @@ def read_block(
     return None, BadBlock(name, block, samples, file, reason)
 
 
+def lost_hash_blocks(done: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """The done blocks whose hash row is all zero: it is written before the block's marker, so
+    its file was lost since."""
+    return np.flatnonzero(done & ~hashes.any(axis=1))
+
+
+def out_of_range(values: np.ndarray, limit: int) -> tuple[int, int] | None:
+    """The first (row, value) of ``values`` outside ``[0, limit)``, or None: one max and one min
+    pass when every value is in range."""
+    if not values.size or (values.max() < limit and values.min() >= 0):
+        return None
+    bad = (values >= limit) | (values < 0)
+    return int(np.argwhere(bad)[0][0]), int(values[bad].flat[0])
+
+
+def class_id_limits(manifest: Manifest) -> dict[str, int]:
+    """Array path -> its model's class count, for each path a model's class ids may be stored
+    under (a dense model has none of them)."""
+    return {
+        f"models/{entry.name}/{name}": entry.num_classes
+        for entry in manifest.models
+        for name in CLASS_ID_ARRAYS
+    }
+
+
 def damaged(bad: BadBlock, store: Path) -> StoreError:
     """The error for a bad block met while reading: what, where, and the CLI way out."""
     return StoreError(
@@ -81,24 +111,36 @@ def damaged(bad: BadBlock, store: Path) -> StoreError:
 def verify_store(
     path: Path | str, manifest: Manifest, layout: StoreLayout, blocks: list[int] | None = None
 ) -> Iterator[BadBlock | int]:
-    """Check every done block (or ``blocks``) of every array: yields each bad (array, block) as
-    a ``BadBlock`` and, after each block, the block's number (for progress)."""
+    """Check every done block (or ``blocks``) of every array, its class ids too: yields each bad
+    (array, block) as a ``BadBlock`` and, after each block, the block's number (for progress)."""
     path = Path(path)
     group = zarr.open_group(path, mode="r", zarr_format=3)
     done = group[DONE_ARRAY][:].astype(bool)
     hashes = group[BLOCK_HASHES][:]
+    lost = set(lost_hash_blocks(done, hashes).tolist())
     names = hashed_arrays(manifest)
     arrays = [group[name] for name in names]
+    limits = class_id_limits(manifest)
     for block in done_blocks(done, blocks):
         start, stop = layout.block_samples(block, manifest.num_samples)
-        if not hashes[block].any():  # written before the marker: this row's file was lost
+        if block in lost:
             file = shard_file(path, group[BLOCK_HASHES], block)
             yield BadBlock(BLOCK_HASHES, block, (start, stop), file, "the block's hashes are lost")
             yield block
             continue
         for column, (name, array) in enumerate(zip(names, arrays, strict=True)):
             expected = int(hashes[block, column])
-            _, bad = read_block(path, array, name, block, (start, stop), expected)
+            values, bad = read_block(path, array, name, block, (start, stop), expected)
+            found = None
+            if values is not None and name in limits:
+                found = out_of_range(values, limits[name])
+            if found is not None:
+                row, value = found
+                reason = (
+                    f"sample {start + row} holds class id {value}, outside the manifest's "
+                    f"{limits[name]} classes"
+                )
+                bad = BadBlock(name, block, (start, stop), shard_file(path, array, block), reason)
             if bad is not None:
                 yield bad
         yield block
@@ -118,7 +160,9 @@ def check_store(
     from fastkd.runtime import progress_bar  # rich only: the store stays free of torch
 
     manifest, layout = open_manifest(path)
-    done = zarr.open_group(path, mode="r", zarr_format=3)[DONE_ARRAY][:].astype(bool)
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    check_arrays(Path(path), group, manifest, layout)
+    done = group[DONE_ARRAY][:].astype(bool)
     total = len(done_blocks(done, blocks))
     bad: list[BadBlock] = []
     with progress_bar("blocks", enabled=progress) as bar:

@@ -5,7 +5,8 @@ the data set's fingerprint and classes, the views and their augmentation. Writer
 a store whose manifest equals theirs, and training reads only a store that meets its
 ``Expectation``; both refuse with the list of differences, so this module also holds the
 JSON-normal form and the field-by-field comparison they share. It needs nothing else of the
-package: every other module starts from a manifest.
+package but ``schema``, which a stored manifest passes (types, ranges, keys) before it becomes a
+``Manifest``: every other module starts from a manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fastkd import __version__
 from fastkd.compression import MAX_TAIL_SAMPLES, TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
+from fastkd.store.schema import MAX_BLOCKS, MAX_SAMPLES, brief, manifest_problems, one_line
 from fastkd.views import AugmentConfig
 
 FORMAT_VERSION = 4  # 4: files' content hashes; 3: block content hashes; 2: log-probabilities,
@@ -94,9 +96,10 @@ class Manifest:
             problems.extend(_tail_problems(m))
         if self.classes and len(self.classes) != self.num_classes:
             problems.append(f"{len(self.classes)} class names for num_classes={self.num_classes}")
-        if self.num_samples < 1 or self.views < 1:
+        if not 1 <= self.num_samples <= MAX_SAMPLES or self.views < 1:
             problems.append(
-                f"need num_samples >= 1 and views >= 1, got {self.num_samples}, {self.views}"
+                f"need 1 <= num_samples <= {MAX_SAMPLES:,} and views >= 1, got "
+                f"{self.num_samples}, {self.views}"
             )
         if problems:
             raise ConfigError("invalid manifest: " + "; ".join(problems))
@@ -158,11 +161,18 @@ class StoreLayout:
             samples_per_shard = min(default_samples_per_shard(views), _round_up_pow2(num_samples))
         if samples_per_shard < 1:
             raise ConfigError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        num_blocks = -(-num_samples // samples_per_shard)
+        if num_blocks > MAX_BLOCKS:
+            raise ConfigError(
+                f"samples_per_shard {samples_per_shard} cuts {num_samples:,} samples into "
+                f"{num_blocks:,} blocks, more than a store may have ({MAX_BLOCKS:,}); use larger "
+                "shards"
+            )
         divides = samples_per_shard % CHUNK_SAMPLES == 0
         return cls(
             samples_per_shard=samples_per_shard,
             chunk_samples=CHUNK_SAMPLES if divides else samples_per_shard,
-            num_blocks=-(-num_samples // samples_per_shard),
+            num_blocks=num_blocks,
         )
 
 
@@ -194,11 +204,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _brief(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def json_differences(stored: Any, wanted: Any, where: str = "") -> list[str]:
     """Human-readable paths where two JSON values differ: ``field: store has X, expected Y``."""
     if isinstance(stored, dict) and isinstance(wanted, dict):
@@ -210,7 +215,7 @@ def json_differences(stored: Any, wanted: Any, where: str = "") -> list[str]:
         return out
     if _same(stored, wanted):
         return []
-    return [f"{where}: store has {_brief(stored)}, expected {_brief(wanted)}"]
+    return [f"{where}: store has {brief(stored)}, expected {brief(wanted)}"]
 
 
 def _model_differences(stored: list[dict], wanted: list[dict]) -> list[str]:
@@ -229,6 +234,8 @@ def manifest_differences(stored: Manifest, wanted: Manifest) -> list[str]:
     a, b = stored.to_dict(), wanted.to_dict()
     for d in (a, b):
         d.pop("fastkd_version")
+        if d["classes"] == [str(c) for c in range(len(d["classes"]))]:
+            d["classes"] = []  # named by index: earlier stores of file lists and shards list them
     return _model_differences(a.pop("models"), b.pop("models")) + json_differences(a, b)
 
 
@@ -291,21 +298,31 @@ def read_config(path: Path) -> dict | None:
     return group.attrs.get(MANIFEST_ATTR)
 
 
-def parse_config(path: Path, config: Mapping[str, Any]) -> tuple[Manifest, StoreLayout]:
-    """Manifest and layout of a stored manifest attribute; another format version is refused."""
-    config = dict(config)
-    if config.get("format_version") != FORMAT_VERSION:
+def parse_config(path: Path, config: Any) -> tuple[Manifest, StoreLayout]:
+    """Manifest and layout of a stored manifest attribute. Another format version is refused
+    first (``StoreMismatchError``), then a manifest that fails its schema or the ``Manifest``
+    checks (``StoreError``, every problem named by its field's path, in one line)."""
+    version = config.get("format_version") if isinstance(config, Mapping) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != FORMAT_VERSION:
         raise StoreMismatchError(
             path,
-            [
-                f"format_version: store has {config.get('format_version')!r}, expected {FORMAT_VERSION}"
-            ],
+            [f"format_version: store has {version!r}, expected {FORMAT_VERSION}"],
             "this fastkd version cannot use it; dump the pool again (--overwrite) to rewrite it"
-            if (config.get("format_version") or 0) < FORMAT_VERSION
+            if version < FORMAT_VERSION
             else "it was made by a newer fastkd; upgrade fastkd to read it",
         )
-    layout = StoreLayout(**config.pop("layout"))
-    return Manifest.from_dict(config), layout
+    problems = manifest_problems(config)
+    if not problems:
+        config = dict(config)
+        layout = StoreLayout(**config.pop("layout"))
+        try:
+            return Manifest.from_dict(config), layout
+        except ConfigError as error:  # the pool's own rules (names, classes, tails)
+            problems = [str(error).removeprefix("invalid manifest: ")]
+    raise StoreError(
+        f"store {path} has an invalid manifest (the {MANIFEST_ATTR!r} attribute of its "
+        f"zarr.json): {one_line(problems)}; dump the pool again with --overwrite to rewrite it"
+    )
 
 
 def open_manifest(path: Path | str) -> tuple[Manifest, StoreLayout]:

@@ -25,9 +25,17 @@ import numpy as np
 import zarr
 
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
-from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, array_differences, hashed_arrays
+from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
 from fastkd.store.encoding import model_arrays
-from fastkd.store.integrity import damaged, digest, read_block, shard_file
+from fastkd.store.integrity import (
+    CLASS_ID_ARRAYS,
+    damaged,
+    digest,
+    lost_hash_blocks,
+    out_of_range,
+    read_block,
+    shard_file,
+)
 from fastkd.store.manifest import Expectation, open_manifest
 from fastkd.views import box_fractions
 
@@ -132,12 +140,12 @@ class _BlockCache:
     def _check_range(self, name: str, values: np.ndarray, start: int) -> None:
         """Values of a freshly decoded block must lie in [0, limit): one max (and min) pass."""
         limit = self._limits[name]
-        if not values.size or (values.max() < limit and values.min() >= 0):
+        found = out_of_range(values, limit)
+        if found is None:
             return
-        bad = (values >= limit) | (values < 0)
-        sample = start + int(np.argwhere(bad)[0][0])
+        row, value = found
         raise StoreError(
-            f"{self._where}: {name} of sample {sample} holds {values[bad].flat[0]}, outside "
+            f"{self._where}: {name} of sample {start + row} holds {value}, outside "
             f"[0, {limit}): the store is damaged (rewrite its block with the same `fastkd dump` "
             "command and --repair)"
         )
@@ -190,12 +198,7 @@ class StoreReader:
                     self.path, problems, "refusing targets made for other data or models"
                 )
         self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
-        disagree = array_differences(self._group, self.manifest, self.layout)
-        if disagree:
-            raise StoreError(
-                f"store {self.path}: its arrays disagree with its manifest (edited, or another "
-                f"store's): {'; '.join(disagree)}; dump again with --overwrite"
-            )
+        check_arrays(self.path, self._group, self.manifest, self.layout)
         self._done = self._group[DONE_ARRAY][:].astype(bool)
         if not self._done.all() and not allow_incomplete:
             pending = np.flatnonzero(~self._done)
@@ -205,8 +208,8 @@ class StoreReader:
                 "`fastkd dump` command again (it resumes)"
             )
         hashes = self._group[BLOCK_HASHES][:]
-        lost = np.flatnonzero(self._done & ~hashes.any(axis=1))
-        if lost.size:  # a done block's hash row is written before its marker: never all zero
+        lost = lost_hash_blocks(self._done, hashes)
+        if lost.size:
             file = shard_file(self.path, self._group[BLOCK_HASHES], int(lost[0]))
             raise StoreError(
                 f"store {self.path} is damaged: the content hashes of {lost.size} written "
@@ -233,13 +236,15 @@ class StoreReader:
     ) -> StoreReader:
         """The store made from ``dataset`` (a ``fastkd.data.ImageDataset``: its fingerprint,
         classes, keys in order, and labels), refusing one made for other data, classes or models:
-        ``models`` must be in it, each with the checkpoint sha256 in ``checkpoints``."""
+        ``models`` must be in it, each with the checkpoint sha256 in ``checkpoints``. Classes
+        named by index (file lists, shards: no names) are checked by count alone, so a store
+        whose manifest names them "0".."C-1" (dumped before names were left out) still opens."""
         reader = cls(
             path,
             Expectation(
                 fingerprint=dataset.fingerprint(),
                 num_classes=dataset.num_classes,
-                classes=list(dataset.classes),
+                classes=list(dataset.classes) or None,
                 models=list(models) if models else None,
                 checkpoints=dict(checkpoints) if checkpoints else None,
             ),
@@ -329,7 +334,7 @@ class StoreReader:
                 entry = self.manifest.model(model)
                 names = model_arrays(entry, self.num_views)
                 paths = {name: f"models/{model}/{name}" for name in names}
-                for ids in ("topk_ids", "tail_ids"):
+                for ids in CLASS_ID_ARRAYS:
                     if ids in names:
                         limits[ids] = entry.num_classes
             arrays = {name: self._group[path] for name, path in paths.items()}

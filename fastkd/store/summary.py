@@ -2,7 +2,8 @@
 
 Reads the manifest and zarr's metadata of every array (shapes, stored bytes), never the data
 itself beyond the keys and the skipped flags, so it works on a finished store or one still being
-written.
+written. The manifest passes its schema on open and the arrays must agree with it (as the reader
+checks), so a store edited by hand is refused in one message, never summarised from its claims.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from fastkd.store.arrays import DONE_ARRAY, META_DIR, SHARED_ARRAYS
+from fastkd.store.arrays import DONE_ARRAY, META_DIR, SHARED_ARRAYS, check_arrays
 from fastkd.store.encoding import model_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
 
@@ -36,6 +37,7 @@ class StoreSummary:
     arrays: list[ArraySummary] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     num_files: int = 0
+    unreadable: list[str] = field(default_factory=list)  # per-sample arrays that do not decode
 
     def bytes_per_view(self, model: str | None = None) -> float:
         """Stored bytes per (sample, view) of one model's arrays (None: the shared arrays)."""
@@ -58,26 +60,42 @@ def summarize(path: Path | str) -> StoreSummary:
     path = Path(path)
     manifest, layout = open_manifest(path)
     group = zarr.open_group(path, mode="r", zarr_format=3)
+    check_arrays(path, group, manifest, layout)
     names = [*SHARED_ARRAYS] + [
         f"models/{m.name}/{a}" for m in manifest.models for a in model_arrays(m, manifest.views)
     ]
     arrays = []
-    keys = group["keys"][:]
+    keys, skipped_mask = _read_whole(group, "keys"), _read_whole(group, "skipped")
+    unreadable = [
+        name for name, values in (("keys", keys), ("skipped", skipped_mask)) if values is None
+    ]
     for name in names:
         array = group[name]
         if name == "keys":  # variable length: the UTF-8 bytes of all keys
-            nbytes = sum(len(str(k).encode()) for k in keys)
+            nbytes = sum(len(str(k).encode()) for k in keys) if keys is not None else 0
         else:
             nbytes = math.prod(array.shape) * array.dtype.itemsize
         arrays.append(
             ArraySummary(name, tuple(array.shape), str(array.dtype), nbytes, array.nbytes_stored())
         )
-    skipped_mask = group["skipped"][:]
+    skipped = []
+    if keys is not None and skipped_mask is not None:
+        skipped = [str(keys[int(s)]) for s in np.flatnonzero(skipped_mask)]
     return StoreSummary(
         manifest=manifest,
         layout=layout,
         blocks_done=int(group[DONE_ARRAY][:].sum()),
         arrays=arrays,
-        skipped=[str(keys[int(s)]) for s in np.flatnonzero(skipped_mask)],
+        skipped=skipped,
         num_files=sum(1 for p in path.rglob("*") if p.is_file() and META_DIR not in p.parts),
+        unreadable=unreadable,
     )
+
+
+def _read_whole(group: zarr.Group, name: str) -> np.ndarray | None:
+    """A per-sample array read whole, or None when a shard of it cannot be decoded (a damaged
+    store: ``integrity.check_store`` names the block)."""
+    try:
+        return group[name][:]
+    except Exception:  # zarr and its codecs raise many types for a damaged shard
+        return None

@@ -319,6 +319,10 @@ def _create_or_check(
             stored_manifest, stored_layout = parse_config(path, stored)
         except StoreMismatchError as err:  # another format version: only overwrite helps
             problems = err.differences
+        except StoreError as err:  # a manifest that fails its schema: only overwrite helps
+            if not overwrite:
+                raise  # one line, naming each field
+            problems = [str(err)]
         else:
             problems = manifest_differences(stored_manifest, manifest)
             if explicit_layout and stored_layout != layout:
