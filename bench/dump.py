@@ -33,10 +33,11 @@ import timm
 import torch
 from PIL import Image
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, resolve_backend, view_loader
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.models import ModelSpec, load_model, save_checkpoint
+from fastkd.models import ModelSpec, load_model
 from fastkd.runtime import machine_name, resolve_device
 from fastkd.store import summarize
 from fastkd.views import AugmentConfig, all_views

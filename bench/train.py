@@ -36,9 +36,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.models import save_checkpoint
 from fastkd.runtime import machine_name
 from fastkd.training import Batch, StoredTargets, TrainConfig, Trainer
 

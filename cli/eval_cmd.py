@@ -36,8 +36,8 @@ def eval_command(
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Output folder, created if missing: report.json, and with --before report.png "
-            "(the plot). Default: print only.",
+            help="Output folder, new or empty (or an earlier `fastkd eval` output): "
+            "report.json, and with --before report.png (the plot). Default: print only.",
             show_default=False,
         ),
     ] = None,
@@ -55,11 +55,14 @@ def eval_command(
     from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
     from fastkd.files import write_json
     from fastkd.models import parse_pool
+    from fastkd.outputs import claim_output_folder
     from fastkd.training import REPORT_STEM
 
     register_demo_architectures()
     console = Console()
     after = parse_pool(model)
+    if out is not None:  # refused before any model runs: a folder of the user's is never written
+        claim_output_folder(out, "eval", [f"{REPORT_STEM}.json", f"{REPORT_STEM}.png"])
     if before:
         report = transfer_from_checkpoints(
             data,

@@ -121,7 +121,7 @@ def train_command(
         ),
     ] = None,
     momentum: Annotated[
-        float | None, typer.Option(help="SGD momentum, 0 to 1 (adam ignores it). Default 0.9.")
+        float | None, typer.Option(help="SGD momentum, in [0, 1) (adam ignores it). Default 0.9.")
     ] = None,
     lr_schedule: Annotated[
         str | None,
@@ -207,11 +207,21 @@ def train_command(
             "teaching. Needs --val-data or --test-data; doubles the training time.",
         ),
     ] = False,
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, history, report.")] = Path(
-        "runs/train"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Run folder: checkpoints, history, report. A new or empty folder, or a run "
+            "folder fastkd made (it never writes into a folder of other files)."
+        ),
+    ] = Path("runs/train"),
     resume: Annotated[
         bool, typer.Option(help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Start the run in --out over (its state is replaced; a run folder only)."
+        ),
     ] = False,
     device: options.Device = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
@@ -283,6 +293,7 @@ def train_command(
             control=control,
             out_dir=out,
             resume=resume,
+            overwrite=overwrite,
             device=device,
             amp=amp,
             backend=backend,

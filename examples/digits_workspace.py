@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import (
     DIGITS_POOL,
     POOL_IMAGE_SIZE,
@@ -30,7 +31,6 @@ from fastkd.digits import (
     sample_of,
     write_digits_folder,
 )
-from fastkd.models import save_checkpoint
 
 SHARDS = 4
 

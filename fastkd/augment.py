@@ -6,6 +6,7 @@ start-up without numpy or torch; ``fastkd.views`` replays the views it describes
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fastkd.errors import ConfigError
@@ -24,14 +25,18 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
-            raise ConfigError(f"augment scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise ConfigError(
+                f"--crop-scale must satisfy 0 < min <= max <= 1, got {_pair(self.scale)}"
+            )
         lo, hi = self.ratio
-        if not 0 < lo <= hi:
-            raise ConfigError(f"augment ratio must satisfy 0 < min <= max, got {self.ratio}")
+        if not (0 < lo <= hi and math.isfinite(hi) and math.isfinite(lo)):
+            raise ConfigError(
+                f"--crop-ratio must be finite with 0 < min <= max, got {_pair(self.ratio)}"
+            )
         if not 0 <= self.hflip <= 1:
-            raise ConfigError(f"augment hflip is a probability in [0, 1], got {self.hflip}")
+            raise ConfigError(f"--hflip is a probability in [0, 1], got {self.hflip}")
         if not 0 < self.eval_crop_pct <= 1:
-            raise ConfigError(f"augment eval_crop_pct must be in (0, 1], got {self.eval_crop_pct}")
+            raise ConfigError(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
 
     @classmethod
     def from_dict(cls, values: dict) -> AugmentConfig:
@@ -43,3 +48,7 @@ class AugmentConfig:
             eval_view=bool(values["eval_view"]),
             eval_crop_pct=float(values["eval_crop_pct"]),
         )
+
+
+def _pair(values: tuple[float, float]) -> str:
+    return " ".join(f"{v:g}" for v in values)

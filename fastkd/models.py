@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,12 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
+from fastkd.checkpoints import (
+    check_model_kwargs,
+    is_fastkd_checkpoint,
+    plain_state_dict,
+    read_checkpoint,
+)
 from fastkd.errors import (
     CheckpointError,
     ConfigError,
@@ -29,13 +36,13 @@ from fastkd.errors import (
     find_cause,
     is_disk_full,
 )
-from fastkd.files import atomic_torch_save
 from fastkd.input_size import CHECKPOINT_SOURCE, OVERRIDE_SOURCE, TIMM_SOURCE, with_input_size
 from fastkd.pretrained import hub_access, offline_hub
 
-CHECKPOINT_FORMAT = "fastkd-checkpoint"
-CHECKPOINT_VERSION = 1
+log = logging.getLogger(__name__)
+
 _HASH_CHUNK = 1 << 20
+MAX_HEAD_WEIGHTS = 1 << 31  # a fresh classifier larger than this (8 GiB in fp32) is refused
 _TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm's own "source:" name prefixes
 _SHOWN_KEYS = 5  # mismatched state-dict keys named in an error
 
@@ -121,6 +128,7 @@ class LoadedModel:
     num_classes: int
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     input_source: str = TIMM_SOURCE  # where data_config's input size came from (log lines)
+    replaced_head: int | None = None  # the checkpoint's class count, when a fresh head replaced it
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -145,61 +153,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
 def json_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A timm data config as plain JSON types (tuples become lists), as stored in a manifest."""
     return json.loads(json.dumps(dict(config)))
-
-
-def save_checkpoint(
-    path: str | os.PathLike,
-    model: torch.nn.Module,
-    arch: str,
-    model_kwargs: Mapping[str, Any],
-    data_config: Mapping[str, Any],
-    extra: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a fastkd checkpoint atomically (temp file in the same folder, then ``os.replace``).
-
-    ``model_kwargs`` are the ``timm.create_model`` keyword arguments that rebuild the architecture
-    (``num_classes``, ``img_size``, ...); ``extra`` holds anything else the caller wants back
-    (optimizer state, epoch) under the key ``"extra"``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "arch": arch,
-        "model_kwargs": dict(model_kwargs),
-        "data_config": json_data_config(data_config),
-        "state_dict": model.state_dict(),
-        "extra": dict(extra or {}),
-    }
-    return atomic_torch_save(path, payload)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint file on CPU (``weights_only``): a fastkd checkpoint dict or a state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
-
-
-def is_fastkd_checkpoint(payload: Any) -> bool:
-    return isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT
-
-
-def plain_state_dict(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The weights of a timm training checkpoint (EMA first, as timm does) or a bare state dict."""
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-        if isinstance(payload.get(key), Mapping):
-            return timm.models.clean_state_dict(payload[key])
-    return timm.models.clean_state_dict(dict(payload))
 
 
 def _classifier_rows(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
@@ -310,41 +263,50 @@ def load_model(
     if ":" not in spec.arch and not timm.is_model(spec.arch):
         raise ConfigError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
     kwargs: dict[str, Any] = dict(model_kwargs or {})
+    check_model_kwargs(kwargs, f"model {spec.name!r}")
+    replaced_head = None
     if spec.checkpoint is None:
         if num_classes is not None:
+            _check_head_size(spec, kwargs, num_classes)
             kwargs["num_classes"] = num_classes
         if pretrained:
             model = _create_pretrained(spec, kwargs)
         else:
-            model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+            model = _create(spec, kwargs, f"model {spec.name!r}", ConfigError)
         data_config = resolve_model_data_config(model)
         source = TIMM_SOURCE
         sha256 = state_dict_sha256(model)
     else:
         path = spec.checkpoint
-        payload = read_checkpoint(path)
+        payload = read_checkpoint(path)  # weights only, its model_kwargs checked
         if is_fastkd_checkpoint(payload):
             if payload["arch"] != spec.arch:
                 raise CheckpointError(
                     f"checkpoint {path} holds a {payload['arch']!r} model, not {spec.arch!r}"
                 )
-            kwargs = {**payload["model_kwargs"], **kwargs}
+            kwargs = {**payload.get("model_kwargs", {}), **kwargs}
             state_dict = payload["state_dict"]
             saved_config = payload["data_config"]
         else:
-            state_dict = plain_state_dict(payload)
+            state_dict = plain_state_dict(payload, path)
             saved_config = None
             if "num_classes" not in kwargs:
                 rows = _classifier_rows(spec.arch, state_dict)
                 if rows is not None:
                     kwargs["num_classes"] = rows
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        model = _create(spec, kwargs, f"checkpoint {path}", CheckpointError)
         _check_fits(model, state_dict, spec.arch, path)
         model.load_state_dict(state_dict)
         data_config = saved_config or resolve_model_data_config(model)
         source = CHECKPOINT_SOURCE if saved_config else TIMM_SOURCE
         sha256 = file_sha256(path)
         if num_classes is not None and num_classes != model.num_classes:
+            _check_head_size(spec, kwargs, num_classes, model)
+            replaced_head = int(model.num_classes)
+            log.warning(
+                "model %r: checkpoint %s has a %d-class head; a fresh, untrained %d-class head "
+                "replaces it", spec.name, path, replaced_head, num_classes,
+            )  # fmt: skip
             model.reset_classifier(num_classes)
             kwargs["num_classes"] = num_classes
     model.eval()
@@ -358,7 +320,48 @@ def load_model(
         num_classes=int(model.num_classes),
         model_kwargs=kwargs,
         input_source=source,
+        replaced_head=replaced_head,
     )
+
+
+def _check_head_size(
+    spec: ModelSpec,
+    kwargs: Mapping[str, Any],
+    num_classes: int,
+    model: torch.nn.Module | None = None,
+) -> None:
+    """Refuse a classifier of ``num_classes`` that no memory holds (a label of the data set far
+    above its real classes makes one), before it is allocated: the features it would read are
+    the model's, or those of the architecture built on the meta device (no memory)."""
+    if model is None:
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(
+                    spec.arch, pretrained=False, **{**kwargs, "num_classes": 1}
+                )
+        except Exception:  # timm decides when it builds the real one
+            return
+    features = int(getattr(model, "num_features", 0) or 0)
+    if features * num_classes > MAX_HEAD_WEIGHTS:
+        raise ConfigError(
+            f"model {spec.name!r}: a {num_classes}-class classifier on its {features} features "
+            f"would hold {features * num_classes:.3g} weights: is a label of the data far above "
+            "its real classes? (labels are 0 to the number of classes - 1)"
+        )
+
+
+def _create(
+    spec: ModelSpec, kwargs: Mapping[str, Any], where: str, error: type[Exception]
+) -> torch.nn.Module:
+    """``timm.create_model`` without weights; arguments timm cannot build from (a wrong type or
+    value: they come from a file or a caller) are one ``error`` naming ``where`` they came from."""
+    try:
+        return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError, RuntimeError, AttributeError) as exc:
+        raise error(
+            f"{where}: timm cannot build {spec.arch!r} with model_kwargs {dict(kwargs)} "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+        ) from exc
 
 
 class FP32Head(torch.nn.Module):

@@ -29,6 +29,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from fastkd.errors import ConfigError
+
 if TYPE_CHECKING:
     import torch
 
@@ -126,9 +128,25 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 
     if name is None or name == "auto":
         return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"--device {name!r} is not a device fastkd runs on: give auto, cpu, cuda or cuda:N"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"--device {name}: this machine has no CUDA GPU that torch can use; give cpu (or auto)"
+        )
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     return device
 
 

@@ -40,6 +40,7 @@ _STREAM_ORDER = 0x6F726472  # "ordr"
 _STREAM_TAIL = 0x7461696C  # "tail"
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
+_NEVER_FITS = float(2**62)  # a crop side larger than any image (and than int64 can't hold)
 _DRAWS_PER_ATTEMPT = 4  # scale, log-ratio, top, left
 
 
@@ -122,8 +123,9 @@ def _random_resized_crops(
         u = _uniforms(seed, _STREAM_VIEW, samples[todo], views[todo], attempt)
         target_area = area[todo] * (cfg.scale[0] + (cfg.scale[1] - cfg.scale[0]) * u[:, 0])
         aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[:, 1])
-        w = np.round(np.sqrt(target_area * aspect)).astype(np.int64)
-        h = np.round(np.sqrt(target_area / aspect)).astype(np.int64)
+        # an extreme ratio makes a side overflow: clipped far above any image, so it never fits
+        w = np.round(np.minimum(np.sqrt(target_area * aspect), _NEVER_FITS)).astype(np.int64)
+        h = np.round(np.minimum(np.sqrt(target_area / aspect), _NEVER_FITS)).astype(np.int64)
         fits = (w > 0) & (w <= width[todo]) & (h > 0) & (h <= height[todo])
         rows = todo[fits]
         h, w, u = h[fits], w[fits], u[fits]
@@ -137,6 +139,9 @@ def _random_resized_crops(
         narrow, wide = in_ratio < min(cfg.ratio), in_ratio > max(cfg.ratio)
         h[narrow] = np.round(w[narrow] / min(cfg.ratio)).astype(np.int64)
         w[wide] = np.round(h[wide] * max(cfg.ratio)).astype(np.int64)
+        # an extreme ratio rounds a side to 0 px, where torchvision would fail: keep one pixel
+        np.maximum(h, 1, out=h)
+        np.maximum(w, 1, out=w)
         boxes[todo] = np.stack([(height[todo] - h) // 2, (width[todo] - w) // 2, h, w], axis=1)
     return boxes
 

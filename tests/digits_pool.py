@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import write_digits_folder
-from fastkd.models import save_checkpoint
 
 IMAGES_PER_CLASS = 6  # digits_small: 60 images, enough for several blocks and batches
 TRAIN_STEPS = 30

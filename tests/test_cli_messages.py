@@ -26,11 +26,12 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import fastkd.files
+from fastkd.checkpoints import save_checkpoint
 from fastkd.cli.guard import guarded
 from fastkd.cli.main import app
 from fastkd.cli.train_cmd import _print_runs
 from fastkd.errors import USER_ERROR_EXIT, ConfigError, WeightsUnavailableError, find_cause
-from fastkd.models import ModelSpec, load_model, save_checkpoint
+from fastkd.models import ModelSpec, load_model
 
 NO_SPACE = os.strerror(errno.ENOSPC)
 DATA_CONFIG = {

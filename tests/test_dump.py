@@ -24,9 +24,9 @@ from file_edits import same_size_other_png
 from reference_views import reference_inputs
 from typer.testing import CliRunner
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.cli.main import app
 from fastkd.dump import DumpConfig
-from fastkd.models import save_checkpoint
 
 if TYPE_CHECKING:
     from digits_pool import PoolMember

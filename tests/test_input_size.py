@@ -11,11 +11,12 @@ import pytest
 import timm
 from PIL import Image
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.data import open_dataset
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.evaluation import evaluate, predict_checkpoints
 from fastkd.input_size import announce_input, describe_input, with_input_size
-from fastkd.models import ModelSpec, load_model, save_checkpoint
+from fastkd.models import ModelSpec, load_model
 from fastkd.store.manifest import open_manifest
 from fastkd.training.config import TrainConfig
 

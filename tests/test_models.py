@@ -12,14 +12,13 @@ import timm
 import torch
 
 from fastkd import pretrained
-from fastkd.errors import WeightsUnavailableError
+from fastkd.checkpoints import save_checkpoint
+from fastkd.errors import CheckpointError, WeightsUnavailableError
 from fastkd.models import (
-    CheckpointError,
     ModelSpec,
     fp32_classifier,
     load_model,
     parse_pool,
-    save_checkpoint,
     state_dict_sha256,
 )
 

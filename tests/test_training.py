@@ -27,6 +27,7 @@ from fastkd.cli.main import app
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.errors import ConfigError
 from fastkd.models import CheckpointError, ModelSpec, load_model
+from fastkd.outputs import claim_output_folder
 from fastkd.partition import logits_score, select_teacher
 from fastkd.store import StoreMismatchError
 from fastkd.training import (
@@ -466,7 +467,7 @@ def test_cli_refuses_a_negative_kd_weight_naming_it(pool, tmp_path):
 
 def test_a_run_sweeps_the_temp_files_a_killed_save_left_and_writes_with_the_umask(pool, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    claim_output_folder(out, "train")  # the killed run had claimed its folder
     stale = [out / ".state.pt.k1ll3d.tmp", out / ".s.pt.x7y8.tmp"]
     for path in stale:
         path.write_bytes(b"half a checkpoint")

@@ -14,9 +14,9 @@ from types import SimpleNamespace
 import timm
 import torch
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.models import save_checkpoint
 from fastkd.training import TrainConfig
 
 VIT = {

@@ -21,7 +21,7 @@ from rich.text import Text
 from fastkd.data import open_dataset
 from fastkd.demo.config import ARMS, IMAGE_SIZE, PREDICTIONS_FILE, Arm, DemoConfig, DemoLayout
 from fastkd.demo.predictions import FoldPredictions
-from fastkd.demo.report import DemoReport
+from fastkd.demo.report import REPORT_STEM, DemoReport
 from fastkd.digits import (
     PoolMember,
     digits_labels,
@@ -35,6 +35,7 @@ from fastkd.dump import DumpConfig, run_dump
 from fastkd.evaluation import predict_checkpoints
 from fastkd.files import write_json
 from fastkd.models import ModelSpec, parse_pool
+from fastkd.outputs import claim_output_folder
 from fastkd.runtime import reproducible, resolve_device
 from fastkd.training import Teachers, TrainConfig, train, train_all
 
@@ -214,6 +215,8 @@ def run_demo(cfg: DemoConfig | None = None, console: Console | None = None) -> D
 
 
 def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> DemoReport:
+    reports = [f"{REPORT_STEM}.{kind}" for kind in ("json", "png", "txt")]
+    claim_output_folder(cfg.out_dir, "demo", ["digits", "pool", "transfer", *reports])
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     folds = cfg.run_folds

@@ -5,8 +5,10 @@ step trains on), ``learners`` (the models trained, their fused optimisers), ``tr
 host-to-device copies), ``strategy`` (ways of teaching: stored targets, live teachers, none,
 joint Bi-KD), ``state`` (the resumable run state), ``steps`` (a step's record, read one step
 late; skipping a non-finite step on the device), ``validation`` (top-1 on held-out data, shared by
-the ranks), ``summary`` (summary.csv and TensorBoard scalars per epoch), ``trainer`` (the loop:
-plan, step, checkpoints, selection), ``run`` (train, train_all).
+the ranks), ``summary`` (summary.csv and TensorBoard scalars per epoch), ``report`` (the
+transfer report, the control), ``run_folder`` (what a run writes in its folder, and what it must
+not replace), ``trainer`` (the loop: plan, step, checkpoints, selection), ``run`` (train,
+train_all).
 """
 
 from fastkd.errors import NonFiniteError
@@ -15,6 +17,7 @@ from fastkd.training.learners import Learner, spec_text
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
 from fastkd.training.report import REPORT_STEM
 from fastkd.training.run import PoolResult, train, train_all
+from fastkd.training.run_folder import HISTORY_FILE
 from fastkd.training.state import STATE_FILE
 from fastkd.training.steps import StepRecord, StepResult
 from fastkd.training.strategy import (
@@ -26,12 +29,7 @@ from fastkd.training.strategy import (
     build_strategy,
 )
 from fastkd.training.summary import EpochRecord, describe_epoch
-from fastkd.training.trainer import (
-    HISTORY_FILE,
-    Trainer,
-    TrainResult,
-    ViewsRepeatWarning,
-)
+from fastkd.training.trainer import Trainer, TrainResult, ViewsRepeatWarning
 
 __all__ = [
     "DEFAULT_LR",

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_data: Path | None = None  # the final report's data (default: val_data)
     out_dir: Path = Path("runs/train")
     resume: bool = False
+    overwrite: bool = False  # start over in a run folder that holds a run (never a user's folder)
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
     amp: bool = True  # bf16 autocast on GPU
     backend: str = "auto"  # view_loader backend: auto | dali | torch
@@ -113,10 +114,12 @@ class TrainConfig:
             problems.append(f"--lr must be positive, got {self.lr}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             problems.append(f"--temperature must be positive and finite, got {self.temperature}")
-        for name in ("kd_weight", "ce_weight", "weight_decay", "momentum"):
+        for name in ("kd_weight", "ce_weight", "weight_decay"):
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 problems.append(f"{option_flag(name)} must be finite and >= 0, got {value}")
+        if not 0 <= self.momentum < 1:  # 1 and above: the velocity never decays, and grows
+            problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.lr is not None and not math.isfinite(self.lr):
             problems.append(f"--lr must be finite, got {self.lr}")
         problems += self._model_lr_problems()
@@ -144,6 +147,10 @@ class TrainConfig:
         if self.store is not None and self.views != 1:
             problems.append(
                 f"--views: a store has its own views (its manifest's), got --views {self.views}"
+            )
+        if self.resume and self.overwrite:
+            problems.append(
+                "--resume continues the run in --out, --overwrite starts it over: give one"
             )
         if self.control and self.report_data is None:
             problems.append(

@@ -22,6 +22,7 @@ from fastkd.input_size import announce_input
 from fastkd.models import LoadedModel, ModelSpec, json_data_config, load_model
 from fastkd.runtime import DistContext
 from fastkd.training.config import TrainConfig
+from fastkd.training.steps import weight_norm
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Learner:
     model_kwargs: dict[str, Any]
     stream: int  # which of the view loader's image streams it reads
     before: ModelSpec  # its weights before training, for the report
+    start_norm: float = 0.0  # the L2 norm of its weights before training (exploding weights)
 
 
 class ImageStreams:
@@ -135,6 +137,7 @@ def make_learner(
         model_kwargs=dict(loaded.model_kwargs),
         stream=streams.index(loaded.data_config),
         before=before,
+        start_norm=weight_norm(model),
     )
 
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.checkpoints import plain_state_dict, read_checkpoint
 from fastkd.data import open_dataset
 from fastkd.evaluation import predict_checkpoints
 from fastkd.metrics import TransferReport, transfer_report
-from fastkd.models import ModelSpec, plain_state_dict, read_checkpoint
+from fastkd.models import ModelSpec
 from fastkd.statistics import paired_bootstrap
 from fastkd.training.config import Teachers, TrainConfig
 

@@ -8,11 +8,12 @@ from dataclasses import dataclass, replace
 from fastkd.errors import ConfigError
 from fastkd.metrics import TransferReport
 from fastkd.models import ModelSpec, parse_pool
+from fastkd.outputs import check_output_folder, claim_output_folder
 from fastkd.runtime import resolve_device
 from fastkd.store import StoreReader
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import spec_text
-from fastkd.training.report import control_config, pool_report
+from fastkd.training.report import REPORT_STEM, control_config, pool_report
 from fastkd.training.trainer import Trainer, TrainResult
 
 
@@ -64,6 +65,11 @@ def train_all(cfg: TrainConfig) -> PoolResult:
             f"training every member needs each one's checkpoint: give --model NAME=CKPT for "
             f"{missing} (the pool is {names})"
         )
+    writes = [*names, f"{REPORT_STEM}.json", f"{REPORT_STEM}.png"]
+    if int(os.environ.get("RANK", "0")) == 0:
+        claim_output_folder(cfg.out_dir, "train", writes)
+    else:
+        check_output_folder(cfg.out_dir, "train", writes)
     runs = {}
     for name in names:
         member = replace(

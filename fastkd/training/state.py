@@ -7,6 +7,7 @@ another configuration, except for the fields that do not change what is computed
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastkd.errors import ConfigError
+from fastkd.checkpoints import read_torch_file
+from fastkd.errors import CheckpointError, ConfigError
 from fastkd.files import atomic_torch_save
 from fastkd.partition import PartitionMode, PartitionScore
 from fastkd.training.learners import Learner
+from fastkd.training.summary import EpochRecord
 
 STATE_FILE = "state.pt"
 # Fields that may change between a run and its resumption; any other change is refused.
@@ -25,6 +28,7 @@ RESUMABLE_CHANGES = frozenset(
     {
         "epochs",
         "resume",
+        "overwrite",
         "device",
         "progress",
         "num_workers",
@@ -89,8 +93,10 @@ def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) -> dict[str, Any]:
-    """Restore the learners from ``path`` and return its payload; refuse another configuration."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    """Restore the learners from ``path`` and return its payload; refuse another configuration,
+    and a state that is damaged or not one fastkd wrote (``CheckpointError``, one line)."""
+    payload = read_torch_file(path, "run state")  # weights only: no pickled code runs
+    _check_payload(path, payload, [learner.name for learner in learners])
     saved = current_spelling(payload["config"])
     changed = [k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k]]
     if changed:
@@ -98,8 +104,63 @@ def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) 
         raise ConfigError(f"cannot resume {path} with another configuration: {details}")
     for learner in learners:
         state = payload["learners"][learner.name]
-        learner.model.load_state_dict(state["model"])
-        learner.optimizer.load_state_dict(state["optimizer"])
-        if learner.scheduler is not None:
-            learner.scheduler.load_state_dict(state["scheduler"])
+        try:
+            learner.model.load_state_dict(state["model"])
+            learner.optimizer.load_state_dict(state["optimizer"])
+            if learner.scheduler is not None:
+                learner.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise _damaged(
+                path, f"{learner.name}'s state does not fit its model ({_brief(error)})"
+            ) from None
     return payload
+
+
+# What a run state holds at the top level, and the type of each (``save_run_state``).
+_FIELDS = {
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "best": dict,
+    "history": list,
+    "rng": list,
+    "learners": dict,
+}
+
+
+def _check_payload(path: Path, payload: Any, names: list[str]) -> None:
+    """The fields ``resume`` reads, with their types, for every learner of this run."""
+    if not isinstance(payload, dict):
+        raise _damaged(path, f"it holds a {type(payload).__name__}, not a run state")
+    for field, kind in _FIELDS.items():
+        if not isinstance(payload.get(field), kind) or isinstance(payload.get(field), bool):
+            raise _damaged(path, f"its {field!r} is missing or not a {kind.__name__}")
+    for name in names:
+        state = payload["learners"].get(name)
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            raise _damaged(path, f"it has no state of the trained model {name!r}")
+    known = set(EpochRecord.__dataclass_fields__)
+    needed = {name for name, f in EpochRecord.__dataclass_fields__.items() if _required(f)}
+    for record in payload["history"]:
+        if not isinstance(record, dict) or set(record) - known or needed - set(record):
+            raise _damaged(path, "its history is not a list of epoch records")
+    for rng in payload["rng"]:
+        if not isinstance(rng, dict) or not {"torch", "numpy", "python"} <= set(rng):
+            raise _damaged(path, "its random states are incomplete")
+
+
+def _required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _brief(error: BaseException, limit: int = 160) -> str:
+    """An error's first line, shortened (torch lists every missing key on lines of their own)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"run state {path} cannot be resumed: {why}. Start the run over in another --out, or "
+        "with --overwrite in this one"
+    )

@@ -160,3 +160,33 @@ def rewind_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, steps: int)
     step back one more and step once, which recomputes and sets the lr of that step."""
     scheduler.last_epoch -= steps + 1
     scheduler.step()
+
+
+EXPLODED_NORM_RATIO = 1e3  # a norm that grew more than this many times (from >= 1): exploded
+
+
+def weight_norm(model: torch.nn.Module) -> float:
+    """The L2 norm of all the model's parameters, in fp32 (one host sync: once an epoch)."""
+    squares = [p.detach().float().pow(2).sum() for p in model.parameters()]
+    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+
+
+def exploded_weights_error(
+    name: str, norm: float, start: float, epoch: int, state: Path
+) -> NonFiniteError | None:
+    """Why a model's weights after ``epoch`` must not be saved: not finite, or their norm grew
+    more than ``EXPLODED_NORM_RATIO`` times what it was before training (a learning rate far
+    too high moves weights by about the rate itself every step, e.g. --lr 1e30); None if not."""
+    if math.isfinite(norm) and norm <= EXPLODED_NORM_RATIO * max(start, 1.0):
+        return None
+    kept = f"the last checkpoint {state} is kept" if state.exists() else "no checkpoint yet"
+    what = (
+        f"exploded in epoch {epoch} (norm {norm:.3g}, {norm / max(start, 1e-12):.3g} times "
+        "their norm before training)"
+        if math.isfinite(norm)
+        else f"are not finite after epoch {epoch}"
+    )
+    return NonFiniteError(
+        f"the weights of {name!r} {what}: they are not saved ({kept}). Lower the learning "
+        "rate (--lr) and start over (--overwrite)"
+    )

@@ -19,6 +19,7 @@ top-k ids as the store reader decodes them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -34,13 +35,14 @@ import torch.distributed as dist
 from rich.progress import Progress, TaskID, TextColumn
 from torch import Tensor
 
+from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import ConfigError, DatasetError, RunExistsError
-from fastkd.files import sweep_temp_files, write_json
+from fastkd.errors import CheckpointError, ConfigError, DatasetError
+from fastkd.files import write_json
 from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
 from fastkd.metrics import TransferReport
-from fastkd.models import ModelSpec, file_sha256, parse_pool, save_checkpoint
+from fastkd.models import ModelSpec, file_sha256, parse_pool
 from fastkd.partition import NO_TEACHER
 from fastkd.runtime import (
     DistContext,
@@ -61,7 +63,12 @@ from fastkd.training.learners import (
     spec_text,
 )
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
-from fastkd.training.report import pool_report, warn_if_barely_moved, weight_changes
+from fastkd.training.report import (
+    pool_report,
+    warn_if_barely_moved,
+    weight_changes,
+)
+from fastkd.training.run_folder import HISTORY_FILE, prepare_run_folder
 from fastkd.training.state import (
     STATE_FILE,
     load_run_state,
@@ -74,16 +81,22 @@ from fastkd.training.steps import (
     SkipFlag,
     StepRecord,
     StepResult,
+    exploded_weights_error,
     non_finite_error,
     rewind_schedule,
     skipping_step,
+    weight_norm,
 )
 from fastkd.training.strategy import RunContext, build_strategy
-from fastkd.training.summary import EpochRecord, EpochSummary, describe_epoch
+from fastkd.training.summary import (
+    EpochRecord,
+    EpochSummary,
+    describe_epoch,
+)
 from fastkd.training.transfer import to_device
 from fastkd.training.validation import top1
 
-HISTORY_FILE = "history.json"
+log = logging.getLogger(__name__)
 
 
 class ViewsRepeatWarning(UserWarning):
@@ -99,6 +112,7 @@ class TrainResult:
     report: TransferReport | None = None  # with eval_data or val_data
     control: TrainResult | None = None  # the cross-entropy control's run (``--control``)
     weight_change: dict[str, float] = field(default_factory=dict)  # ``report.weight_change``
+    skipped: int = 0  # samples left out: the store flags them unreadable (``--on-bad-image skip``)
 
 
 class Trainer:
@@ -136,14 +150,18 @@ class Trainer:
             make_learner(s, cfg, self.device, self.dist, self.streams) for s in students
         ]
         num_views = self.reader.num_views if self.reader is not None else cfg.views
+        # With a store, its rows and views: no image header is read, and the images the dump
+        # skipped (unreadable) are left out of the plan. Without one, every image's size.
+        sizes = self.reader.sizes if self.reader is not None else self.dataset.sizes
+        self.skipped = int(self.reader.skipped.sum()) if self.reader is not None else 0
+        if self.skipped and self.dist.is_main:
+            log.warning(
+                "%d of %d samples are left out of training: the dump skipped them (unreadable "
+                "images; `fastkd inspect %s` names them)", self.skipped, len(self.dataset),
+                cfg.store,
+            )  # fmt: skip
         self.planner = EpochPlanner(
-            cfg.seed,
-            cfg.batch_size,
-            self.dist,
-            self.dataset.sizes,
-            num_views,
-            cfg.augment,
-            self.reader,
+            cfg.seed, cfg.batch_size, self.dist, sizes, num_views, cfg.augment, self.reader
         )
         self.steps_per_epoch = self.planner.steps_per_epoch
         if cfg.lr_schedule == "cosine":
@@ -311,14 +329,16 @@ class Trainer:
         """Train to ``cfg.epochs`` epochs (continuing the checkpoint with ``resume``), then report."""
         cfg = self.cfg
         state_path = self.out_dir / STATE_FILE
-        if state_path.exists() and not cfg.resume:
-            raise RunExistsError(
-                f"{state_path} exists: resume that run (--resume) or choose another --out"
-            )
-        if self.dist.is_main:  # a kill during a save left these behind; this run owns the folder
-            for name in (STATE_FILE, *(f"{m.name}.pt" for m in self.learners)):
-                sweep_temp_files(self.out_dir, name)
-        if state_path.exists():
+        resuming = prepare_run_folder(
+            self.out_dir,
+            self.learners,
+            self.pool_specs,
+            resume=cfg.resume,
+            overwrite=cfg.overwrite,
+            is_main=self.dist.is_main,
+            barrier=self._barrier,
+        )
+        if resuming:
             self.load_state(state_path)
         else:
             if self.dist.is_main:
@@ -351,7 +371,13 @@ class Trainer:
         report = self.transfer_report(checkpoints, changes) if main else None
         self._barrier()
         return TrainResult(
-            self.out_dir, checkpoints, state_path, self.history, report, weight_change=changes
+            self.out_dir,
+            checkpoints,
+            state_path,
+            self.history,
+            report,
+            weight_change=changes,
+            skipped=self.skipped,
         )
 
     def _run_epoch(self, progress: Progress, task: TaskID) -> EpochRecord:
@@ -400,7 +426,15 @@ class Trainer:
         return top1(self.learners, self.val_dataset, self.cfg, self.device, self.dist)
 
     def _select_and_checkpoint(self, record: EpochRecord) -> None:
-        """Keep each model's best weights on val (the latest without val data), then the state."""
+        """Keep each model's best weights on val (the latest without val data), then the state;
+        weights that are not finite or exploded stop the run before anything is saved."""
+        for learner in self.learners:
+            error = exploded_weights_error(
+                learner.name, weight_norm(learner.model), learner.start_norm, record.epoch,
+                self.out_dir / STATE_FILE,
+            )  # fmt: skip
+            if error is not None:
+                raise error
         if self.dist.is_main:
             for learner in self.learners:
                 score = record.val_top1.get(learner.name)
@@ -461,7 +495,13 @@ class Trainer:
             )
             torch.manual_seed(self.cfg.seed + self.dist.rank + 1000 * self.epoch)
             return
-        restore_rng(rng[self.dist.rank], self.device)
+        try:
+            restore_rng(rng[self.dist.rank], self.device)
+        except (TypeError, ValueError, RuntimeError, KeyError) as error:
+            raise CheckpointError(
+                f"run state {path} cannot be resumed: its random states are damaged ({error}). "
+                "Start the run over in another --out, or with --overwrite in this one"
+            ) from None
 
     # -- report -----------------------------------------------------------------------------------
 
