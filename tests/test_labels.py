@@ -143,19 +143,20 @@ def test_stores_of_file_lists_keep_opening_by_class_count(
     their classes "0".."9" opens for training all the same; the count is still checked."""
     listed = file_list(tiny.root / "ten.txt", ["0", "3", "9", "9"])
     store = tmp_path / "store"
-    run_cli(
-        [
-            *("dump", "--data", str(listed), "--model", tiny.spec, "--out", str(store)),
-            *("--views", "1", "--batch-size", "4", "--workers", "0", "--backend", "torch"),
-            "--no-progress",
-        ]
-    )
+    dump = [
+        *("dump", "--data", str(listed), "--model", tiny.spec, "--out", str(store)),
+        *("--views", "1", "--batch-size", "4", "--workers", "0", "--backend", "torch"),
+        "--no-progress",
+    ]
+    run_cli(dump)
     group = zarr.open_group(store, mode="r+")
     manifest = group.attrs[MANIFEST_ATTR]
     assert manifest["classes"] == [] and manifest["num_classes"] == 10
     assert StoreReader.for_data(store, open_dataset(listed)).num_samples == len(IMAGES)
     group.attrs[MANIFEST_ATTR] = {**manifest, "classes": [str(c) for c in range(10)]}  # the old form
     assert StoreReader.for_data(store, open_dataset(listed)).num_samples == len(IMAGES)
+    output = run_cli(dump)  # and the dump that made it resumes it (nothing left to do)
+    assert "0 blocks to write, 1 already done" in " ".join(output.split()), output
 
     relabelled = file_list(tiny.root / "eleven.txt", ["0", "3", "10", "9"])
     with pytest.raises(StoreMismatchError, match=r"num_classes: store has 10, expected 11"):

@@ -29,6 +29,7 @@ from fastkd.store import (
     StoreMismatchError,
     StoreReader,
 )
+from fastkd.store.integrity import shard_file
 from fastkd.store.schema import (
     AUGMENT,
     LAYOUT,
@@ -268,6 +269,7 @@ def test_fastkd_never_makes_a_store_its_schema_refuses() -> None:
 
 def test_the_schema_has_every_field_of_the_manifest() -> None:
     """The schema's keys are the dataclasses' fields (a field added to one is added to both)."""
+
     def names(cls: type) -> set[str]:
         return {f.name for f in fields(cls)}
 
@@ -275,3 +277,22 @@ def test_the_schema_has_every_field_of_the_manifest() -> None:
     assert set(MODEL_ENTRY.fields or {}) == names(ModelEntry)
     assert set(LAYOUT.fields or {}) == names(StoreLayout)
     assert set(AUGMENT.fields or {}) == names(AugmentConfig)
+
+
+def test_a_damaged_keys_array_is_one_line_and_a_named_block(pristine: Path, tmp_path: Path):
+    """``inspect`` reads the keys whole (and the skipped flags, all zero here: no shard on
+    disk): a shard that does not decode is one line pointing at --verify, which names the block
+    (it was a zstd traceback)."""
+    array = "keys"
+    store = tmp_path / "s"
+    shutil.copytree(pristine, store)
+    shard = Path(shard_file(store, zarr.open_group(store, mode="r")[array], 0))
+    damaged = bytearray(shard.read_bytes())
+    damaged[8:40] = b"\xff" * 32
+    shard.write_bytes(bytes(damaged))
+    line = error_line(["inspect", str(store)])
+    assert f"its {array} array cannot be decoded" in line and "--verify" in line, line
+    result = CliRunner().invoke(app, ["inspect", str(store), "--verify", "--no-progress"])
+    assert result.exit_code == USER_ERROR_EXIT and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: 1 damaged block(s) in {store}:"), result.stderr
+    assert f"{array}, block 0 (samples 0-{PER_SHARD - 1})" in result.stderr, result.stderr
