@@ -28,7 +28,8 @@ from PIL import Image
 
 from fastkd.data import ImageDataset, Preprocess, load_view, open_dataset
 from fastkd.data.loader import normalize
-from fastkd.errors import ConfigError
+from fastkd.data.wholeness import incomplete
+from fastkd.errors import ConfigError, DatasetError
 from fastkd.kernels import PoolTargets
 from fastkd.runtime import DistContext
 from fastkd.store import StoreReader
@@ -83,7 +84,8 @@ class ViewTransform:
     """Rebuilds a stored view from its image file: decode (``fastkd.data.decode_rgb``'s rule),
     crop the view's box, resize to the data config's input size with its interpolation, flip,
     normalise with its mean and std: float32 [3, H, W], bit for bit what ``fastkd train``'s torch
-    loader feeds the model. For a torch ``Dataset``'s ``__getitem__``::
+    loader feeds the model; a file the loaders refuse as cut or damaged (``fastkd.data.wholeness``)
+    is refused with ``DatasetError``. For a torch ``Dataset``'s ``__getitem__``::
 
         transform = ViewTransform(model_data_config)
         boxes, flips = store.view_params(samples, views)       # once per epoch
@@ -108,6 +110,9 @@ class ViewTransform:
                 f"ViewTransform takes an image file's path or bytes, got {type(image).__name__}: "
                 "the decoding rule reads the file (16-bit and CMYK images included)"
             )
+        why = incomplete(data)  # a cut or damaged file, which both loaders refuse
+        if why is not None:
+            raise DatasetError(f"cannot read image {name}: {why}. Fix or remove it")
         with Image.open(io.BytesIO(data)) as opened:  # the header's size, as the store's boxes
             width, height = opened.size
         box = pixel_box(np.asarray(box, dtype=np.float64), height, width)

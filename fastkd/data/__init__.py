@@ -3,6 +3,8 @@
 - ``decoding``: the one rule both loaders decode an image file by, mode by mode (``decode_rgb``;
   ``refusal`` of the modes it has no rule for); the image file extensions.
 - ``labels``: the one rule a label's text is read by (``parse_label``), below ``MAX_CLASSES``.
+- ``wholeness``: is this the whole encoded image? (``incomplete``: each format's structure
+  from its bytes, no pixel decoded), asked before either loader decodes a file.
 - ``shard_cache``: each tar shard's scan cached on disk, keyed by the shard's path and stat.
 - ``shards``: WebDataset tar shards indexed on open (``index_shards``: each image member's
   shard, offset and size; its key and ``cls`` label), read by offset (``ShardMembers.read``).
@@ -15,12 +17,13 @@
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
   ``DataLoader`` backend (``load_view``).
 
-Imports go one way, no cycles: ``decoding``, ``labels`` and ``shard_cache`` import no other
-module of the package; ``shards`` imports ``decoding``, ``labels`` and ``shard_cache``;
-``datasets`` imports ``decoding``, ``labels`` and ``shards``; ``batches`` imports
-``datasets``; ``dali`` imports ``batches`` and ``decoding``; ``loader`` imports ``batches``,
-``dali``, ``datasets`` and ``decoding``; this ``__init__`` re-exports the public names callers
-use (a shard data set is opened by ``open_dataset`` like any other). Outside the package they
+Imports go one way, no cycles: ``decoding``, ``labels``, ``shard_cache`` and ``wholeness``
+import no other module of the package; ``shards`` imports ``decoding``, ``labels`` and
+``shard_cache``; ``datasets`` imports ``decoding``, ``labels`` and ``shards``; ``batches``
+imports ``datasets`` and ``wholeness``; ``dali`` imports ``batches`` and ``decoding``;
+``loader`` imports ``batches``, ``dali``, ``datasets`` and ``decoding``; this ``__init__``
+re-exports the public names callers use (a shard data set is opened by ``open_dataset`` like
+any other). Outside the package they
 import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here
 too), ``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
 fastkd.data.

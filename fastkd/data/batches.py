@@ -4,13 +4,16 @@ A loader works through a flat list of (sample, view) items with their crop boxes
 (``fastkd.views.view_params``), cut into planned batches, and yields ``ViewBatch``es holding one
 image tensor per timm data config. Both backends (``fastkd.data.loader`` for torch,
 ``fastkd.data.dali`` for DALI) crop the same integer pixel box (``Items.pixel_boxes``), resize it
-per ``Preprocess`` and report unreadable files the same way (``resolve_failures``); a
+per ``Preprocess``, take each file's bytes through the same checks before decoding them
+(``Items.checked_bytes``: a cut or damaged file must never reach DALI, see
+``fastkd.data.wholeness``) and report unreadable files the same way (``resolve_failures``); a
 ``LoadPlan`` is what the loader hands either one. This module is that common ground, so neither
 backend imports the other.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
@@ -22,6 +25,7 @@ import torch
 
 from fastkd.choices import OnBadImage
 from fastkd.data.datasets import ImageDataset
+from fastkd.data.wholeness import incomplete
 from fastkd.errors import BadImageError, ConfigError
 from fastkd.views import pixel_box
 
@@ -89,6 +93,25 @@ class Items:
     def read(self, position: int) -> bytes:
         """The item's encoded image, wherever it lies (file or shard member)."""
         return self.dataset.read_bytes(int(self.samples[position]))
+
+    def checked_bytes(self, position: int) -> tuple[bytes, None] | tuple[None, str]:
+        """``(data, None)``: the item's encoded image, fit to be decoded; or ``(None, why)``: its
+        header is unreadable or refused (``ImageDataset.read_sizes``), the file cannot be read,
+        or the bytes are not a whole image (``fastkd.data.wholeness``). Both backends ask this
+        before decoding, so they refuse the same files for the same reasons."""
+        refused = self._unreadable.get(int(self.samples[position]))
+        if refused is not None:
+            return None, refused
+        try:
+            data = self.read(position)
+        except OSError as error:
+            return None, f"{type(error).__name__}: {error}"
+        why = incomplete(data)
+        return (None, why) if why is not None else (data, None)
+
+    @functools.cached_property
+    def _unreadable(self) -> dict[int, str]:
+        return self.dataset.read_sizes()[1]
 
     def pixel_boxes(self, positions: np.ndarray) -> np.ndarray:
         """int64 [b, 4] = (top, left, h, w): the integer crop both backends cut."""

@@ -8,12 +8,21 @@ that one decoded crop. ``external_source`` rather than ``fn.readers.file``: the 
 boundaries and the set of files are then ours (a reader pads, shards and reorders on its own
 terms), and a file that cannot be read or decoded is found and dropped without losing the rest.
 
+No file DALI might fail on is fed to it if it can be told beforehand: DALI 2.4 crashes the whole
+process (a segmentation fault in its prefetch threads) on some cut PNGs, and decodes cut JPEGs
+without a word when the crop lies before the cut. A file whose header the data set could not
+read, that cannot be read or that is not whole (``Items.checked_bytes``) is fed as a 1 x 1
+placeholder image and its rows are dropped from the outputs; only a whole file DALI still fails
+on takes the recovery path (PIL file by file, a fresh pipeline).
+
 Its own module because it is the one place that imports ``nvidia.dali`` (lazily, inside the
 functions), and its recovery from a failed batch is its own.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,42 +37,56 @@ from fastkd.hashing import content_hash
 class _EncodedSource:
     """``fn.external_source`` iterable: per planned batch the encoded files, crops and flips.
 
-    A file that cannot be read, or whose header the data set found unreadable or refused (a
-    mode ``fastkd.data.decoding`` has no rule for, which DALI might decode its own way), is fed
-    as zero bytes, so it fails in the decoder like a corrupt one and takes the same recovery path.
+    A file that fails ``Items.checked_bytes`` never reaches DALI: its slot gets the placeholder
+    (``_placeholder``, cropped 1 x 1, not flipped) and ``not_fed`` names it with the reason.
+    DALI calls this from the thread that runs the pipeline, ahead by its prefetch depth, so what
+    was fed is kept by item position until that batch's outputs are in.
     """
 
     def __init__(self, items: Items, batches: Sequence[np.ndarray]):
         self.items, self.batches = items, batches
-        self.unreadable = set(items.dataset.read_sizes()[1])
         self.hashes: dict[int, int] = {}  # item position -> content hash of the bytes fed
+        self.failed: dict[int, str] = {}  # item position -> why its placeholder was fed
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         items = self.items
         for positions in self.batches:
-            encoded = [self._encoded(position) for position in positions]
             boxes = items.pixel_boxes(positions).astype(np.int32)
+            flips = items.flips[positions].copy()
+            encoded = []
+            for row, position in enumerate(positions):
+                data, why = items.checked_bytes(position)
+                if data is None:
+                    self.failed[int(position)] = why
+                    boxes[row], flips[row] = (0, 0, 1, 1), False
+                    encoded.append(_placeholder())
+                else:
+                    self.hashes[int(position)] = content_hash(data)
+                    encoded.append(np.frombuffer(data, dtype=np.uint8))
             yield (
                 encoded,
                 list(boxes[:, :2]),  # (top, left): slice start along (H, W)
                 list(boxes[:, 2:]),  # (h, w): slice shape
-                [np.int32(flip) for flip in items.flips[positions]],
+                [np.int32(flip) for flip in flips],
             )
 
-    def _encoded(self, position: int) -> np.ndarray:
-        if int(self.items.samples[position]) not in self.unreadable:
-            try:
-                data = self.items.read(position)  # a file, or a shard member by offset
-            except OSError:
-                pass
-            else:
-                self.hashes[int(position)] = content_hash(data)
-                return np.frombuffer(data, dtype=np.uint8)
-        return np.zeros(0, dtype=np.uint8)
+    def not_fed(self, positions: np.ndarray) -> dict[int, str]:
+        """{position: why} of a batch's items whose placeholder was fed (their rows to drop)."""
+        return {int(p): self.failed.pop(int(p)) for p in positions if int(p) in self.failed}
 
     def hashes_of(self, positions: np.ndarray) -> np.ndarray:
         """The content hashes of the files fed for these items (decoded, so all were read)."""
         return np.asarray([self.hashes.pop(int(p)) for p in positions], dtype=np.int64)
+
+
+@functools.cache
+def _placeholder() -> np.ndarray:
+    """A whole 1 x 1 PNG: what DALI decodes in the slot of a file it must not see."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, "PNG")
+    return np.frombuffer(out.getvalue(), dtype=np.uint8)
 
 
 def _build_dali_pipeline(
@@ -144,19 +167,23 @@ def _to_torch(output: Any, device: torch.device) -> torch.Tensor:
 
 
 def _decode_error(items: Items, position: int) -> str | None:
-    """Why the torch backend's decoding (``decode_rgb``) fails on an item's image, or None: the
-    same reason either backend reports."""
+    """Why the torch backend fails on an item's image (``checked_bytes``, then PIL's decoding by
+    ``decode_rgb``), or None: the same reason either backend reports."""
+    data, why = items.checked_bytes(position)
+    if data is None:
+        return why
     try:
-        decode_rgb(items.name(position), items.read(position))
+        decode_rgb(items.name(position), data)
     except Exception as error:  # PIL raises many types for bad files
         return f"{type(error).__name__}: {error}"
     return None
 
 
 def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[ViewBatch]:
-    """Run the pipeline over the plan's batches. DALI fails a whole batch on one bad file: the
-    failing batch's files are then checked one by one with PIL, the bad ones reported (``fail``)
-    or dropped (``skip``), and a fresh pipeline resumes from that batch."""
+    """Run the pipeline over the plan's batches; the rows of items DALI was not fed (their
+    placeholders) are dropped and reported (``fail``) or skipped (``skip``). DALI fails a whole
+    batch on one bad file: the failing batch's files are then checked one by one with PIL, the
+    bad ones reported or dropped likewise, and a fresh pipeline resumes from that batch."""
     items, preps, device, on_bad_image = plan.items, plan.preps, plan.device, plan.on_bad_image
     todo = list(plan.batches)
     skipped_in_first: dict[int, str] = {}  # what was dropped from todo[0] after a failure
@@ -168,14 +195,17 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
             try:
                 outputs = pipe.run()
             except RuntimeError as error:
-                failed = {int(p): _decode_error(items, p) for p in positions}
-                failed = {p: why for p, why in failed.items() if why is not None}
-                if not failed:
+                failed = source.not_fed(positions)
+                fed = [int(p) for p in positions if int(p) not in failed]
+                found = {p: _decode_error(items, p) for p in fed}
+                found = {p: why for p, why in found.items() if why is not None}
+                if not found:  # DALI failed on files that PIL decodes
                     names = [items.name(p) for p in positions]
                     raise RuntimeError(
                         f"DALI cannot decode a batch that PIL decodes in full ({names[:4]}...); "
                         f"use --backend torch. DALI said: {error}"
                     ) from error
+                failed |= found
                 skipped = {**skipped, **resolve_failures(items, failed, on_bad_image)}
                 kept = np.asarray([p for p in positions if int(p) not in failed], dtype=np.int64)
                 if kept.size:
@@ -187,6 +217,13 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
                     todo, skipped_in_first = todo[done + 1 :], {}
                 break
             images = [_to_torch(o, device) for o in outputs]
+            failed = source.not_fed(positions)
+            if failed:
+                skipped = {**skipped, **resolve_failures(items, failed, on_bad_image)}
+                rows = np.asarray([int(p) not in failed for p in positions])
+                index = torch.from_numpy(np.flatnonzero(rows)).to(device)
+                images = [image.index_select(0, index) for image in images]
+                positions = positions[rows]
             yield items.batch(positions, images, skipped, source.hashes_of(positions))
         else:
             todo = []

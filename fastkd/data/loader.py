@@ -13,6 +13,11 @@ a few grey levels, not bit for bit.
 - ``backend="dali"``: an NVIDIA DALI pipeline (``fastkd.data.dali``).
 - ``backend="torch"``: a torch ``DataLoader`` whose workers load whole batches with PIL (here).
 
+Both check each file's bytes before decoding them (``Items.checked_bytes``, whose structure
+check is ``fastkd.data.wholeness``): DALI crashes the process on some cut files and decodes
+others silently, so a cut or damaged file never reaches it, and both backends refuse (or skip)
+the same files with the same reason.
+
 This module checks the arguments, picks the backend and holds the torch one; what both share
 (items, preprocessing, batch plan) is in ``fastkd.data.batches``.
 """
@@ -169,8 +174,11 @@ class _BatchSource(torch.utils.data.Dataset):
         planes: list[list[np.ndarray]] = [[] for _ in self.preps]
         failed: dict[int, str] = {}
         for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
+            data, why = items.checked_bytes(position)  # read once: checked, decoded, hashed
+            if data is None:
+                failed[int(position)] = why
+                continue
             try:
-                data = items.read(position)  # read once: hashed, then decoded from memory
                 views = load_view(
                     items.name(position), box, items.flips[position], self.preps, data
                 )
