@@ -313,6 +313,10 @@ def train_command(
         run = train(cfg)
         runs, report = {name: run for name in run.checkpoints}, run.report
     _print_runs(console, runs)
+    skipped = max((run.skipped for run in runs.values()), default=0)
+    if skipped:
+        message = f"{skipped} sample(s) left out of training: the dump skipped them (unreadable)"
+        console.print(Text(message, style="yellow"))
     if report is not None:
         console.print(report.table())
         for line in caveats(report):

@@ -27,8 +27,7 @@ import torch
 from PIL import Image
 
 from fastkd.data import ImageDataset, Preprocess, load_view, open_dataset
-from fastkd.data.loader import normalize
-from fastkd.data.wholeness import incomplete
+from fastkd.data.batches import check_encoded, normalize
 from fastkd.errors import ConfigError, DatasetError
 from fastkd.kernels import PoolTargets
 from fastkd.runtime import DistContext
@@ -110,9 +109,9 @@ class ViewTransform:
                 f"ViewTransform takes an image file's path or bytes, got {type(image).__name__}: "
                 "the decoding rule reads the file (16-bit and CMYK images included)"
             )
-        why = incomplete(data)  # a cut or damaged file, which both loaders refuse
-        if why is not None:
-            raise DatasetError(f"cannot read image {name}: {why}. Fix or remove it")
+        checked = check_encoded(name, data)  # a cut or damaged file, which the loaders refuse
+        if checked.data is None:
+            raise DatasetError(f"cannot read image {name}: {checked.why}. Fix or remove it")
         with Image.open(io.BytesIO(data)) as opened:  # the header's size, as the store's boxes
             width, height = opened.size
         box = pixel_box(np.asarray(box, dtype=np.float64), height, width)

@@ -26,17 +26,21 @@ class AugmentConfig:
         lo, hi = self.scale
         if not 0 < lo <= hi <= 1:
             raise ConfigError(
-                f"--crop-scale must satisfy 0 < min <= max <= 1, got {_pair(self.scale)}"
+                "crop scale (--crop-scale) must satisfy 0 < min <= max <= 1, got "
+                f"{_pair(self.scale)}"
             )
         lo, hi = self.ratio
         if not (0 < lo <= hi and math.isfinite(hi) and math.isfinite(lo)):
             raise ConfigError(
-                f"--crop-ratio must be finite with 0 < min <= max, got {_pair(self.ratio)}"
+                "crop ratio (--crop-ratio) must be finite with 0 < min <= max, got "
+                f"{_pair(self.ratio)}"
             )
         if not 0 <= self.hflip <= 1:
-            raise ConfigError(f"--hflip is a probability in [0, 1], got {self.hflip}")
+            raise ConfigError(f"flip probability (--hflip) must be in [0, 1], got {self.hflip}")
         if not 0 < self.eval_crop_pct <= 1:
-            raise ConfigError(f"--eval-crop-pct must be in (0, 1], got {self.eval_crop_pct}")
+            raise ConfigError(
+                f"eval crop (--eval-crop-pct) must be in (0, 1], got {self.eval_crop_pct}"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> AugmentConfig:

@@ -4,7 +4,8 @@ A checkpoint is a user's file, and a file can carry code: a pickle runs whatever
 fastkd checkpoint's ``model_kwargs`` go to ``timm.create_model``, where ``checkpoint_path`` or
 ``pretrained_cfg_overlay={"file": ...}`` would make timm load a second file with its own loader.
 So every checkpoint and run state is read with ``torch.load(weights_only=True)`` and nothing
-else, whatever is installed; what it holds is checked (a mapping of tensors, or a fastkd
+else (torch >= 2.6, whose weights-only unpickler has no known way around it; timm >= 1.0.26,
+whose own loaders read weights only too, for its pretrained weights); what it holds is checked (a mapping of tensors, or a fastkd
 checkpoint with the fields it needs); and ``model_kwargs`` must be architecture arguments from an
 allow-list with plain values (numbers, strings, booleans, lists of them). A refusal is one
 ``CheckpointError`` naming the file and the key, and never suggests ``weights_only=False``.
@@ -13,6 +14,7 @@ allow-list with plain values (numbers, strings, booleans, lists of them). A refu
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import pickle
@@ -84,8 +86,6 @@ def save_checkpoint(
     (``num_classes``, ``img_size``, ...); ``extra`` holds anything else the caller wants back
     (optimizer state, epoch) under the key ``"extra"``.
     """
-    import json
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -93,11 +93,16 @@ def save_checkpoint(
         "version": CHECKPOINT_VERSION,
         "arch": arch,
         "model_kwargs": dict(model_kwargs),
-        "data_config": json.loads(json.dumps(dict(data_config))),
+        "data_config": json_data_config(data_config),
         "state_dict": model.state_dict(),
         "extra": dict(extra or {}),
     }
     return atomic_torch_save(path, payload)
+
+
+def json_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A timm data config as plain JSON types (tuples become lists), as stored in a manifest."""
+    return json.loads(json.dumps(dict(config)))
 
 
 def read_torch_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:

@@ -10,7 +10,6 @@ later refuse a training run that would pair its targets with other weights or ot
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -26,6 +25,7 @@ from timm.data import resolve_model_data_config
 from fastkd.checkpoints import (
     check_model_kwargs,
     is_fastkd_checkpoint,
+    json_data_config,
     plain_state_dict,
     read_checkpoint,
 )
@@ -150,11 +150,6 @@ def state_dict_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def json_data_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A timm data config as plain JSON types (tuples become lists), as stored in a manifest."""
-    return json.loads(json.dumps(dict(config)))
-
-
 def _classifier_rows(arch: str, state_dict: Mapping[str, torch.Tensor]) -> int | None:
     """The class count of a plain state dict, read from the weight of timm's classifier."""
     classifier = timm.models.get_pretrained_cfg_value(arch, "classifier") or "fc"
@@ -260,6 +255,12 @@ def load_model(
     """
     if isinstance(spec, str):
         spec = ModelSpec.parse(spec)
+    if spec.arch.lower().startswith("local-dir:"):  # timm would read the folder's files itself
+        raise ConfigError(
+            f"model {spec.name!r}: {spec.arch!r} has timm read a folder of yours with its own "
+            "loader and arguments; fastkd reads a weights file itself, weights only: give the "
+            "architecture and the file, ARCH=FILE (a .safetensors, .pt or .pth)"
+        )
     if ":" not in spec.arch and not timm.is_model(spec.arch):
         raise ConfigError(f"model {spec.name!r}: {spec.arch!r} is not a timm model name")
     kwargs: dict[str, Any] = dict(model_kwargs or {})
@@ -294,6 +295,9 @@ def load_model(
                 rows = _classifier_rows(spec.arch, state_dict)
                 if rows is not None:
                     kwargs["num_classes"] = rows
+        shape = _on_meta(spec, kwargs)  # the architecture, without memory: does it fit?
+        if shape is not None:  # then a crafted kwarg cannot make the real one huge
+            _check_fits(shape, state_dict, spec.arch, path)
         model = _create(spec, kwargs, f"checkpoint {path}", CheckpointError)
         _check_fits(model, state_dict, spec.arch, path)
         model.load_state_dict(state_dict)
@@ -334,13 +338,7 @@ def _check_head_size(
     above its real classes makes one), before it is allocated: the features it would read are
     the model's, or those of the architecture built on the meta device (no memory)."""
     if model is None:
-        try:
-            with torch.device("meta"):
-                model = timm.create_model(
-                    spec.arch, pretrained=False, **{**kwargs, "num_classes": 1}
-                )
-        except Exception:  # timm decides when it builds the real one
-            return
+        model = _on_meta(spec, {**kwargs, "num_classes": 1})
     features = int(getattr(model, "num_features", 0) or 0)
     if features * num_classes > MAX_HEAD_WEIGHTS:
         raise ConfigError(
@@ -348,6 +346,16 @@ def _check_head_size(
             f"would hold {features * num_classes:.3g} weights: is a label of the data far above "
             "its real classes? (labels are 0 to the number of classes - 1)"
         )
+
+
+def _on_meta(spec: ModelSpec, kwargs: Mapping[str, Any]) -> torch.nn.Module | None:
+    """The architecture built on the meta device (shapes, no memory, no init), or None where
+    timm cannot build it there (its real build then decides)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(spec.arch, pretrained=False, **kwargs)
+    except Exception:  # some constructors read values (``.item()``), which meta tensors lack
+        return None
 
 
 def _create(

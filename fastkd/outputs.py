@@ -22,6 +22,7 @@ from fastkd.files import atomic_write_text
 MARKER = ".fastkd-output"
 _RUN_FILES = ("state.pt", "history.json")  # what every training run wrote before the marker
 _SHOWN = 5
+_DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 
 def claim_output_folder(folder: Path, command: str, writes: Iterable[str] = ()) -> None:
@@ -36,7 +37,7 @@ def check_output_folder(folder: Path, command: str, writes: Iterable[str] = ()) 
     needs the marker (new, empty, or a run from before the marker), False when it has it; a
     ``ConfigError`` when it holds files fastkd's ``command`` did not write. ``writes``: the names
     the command writes in it, named first in a refusal. Ranks of a job all check, then one marks."""
-    folder = Path(folder)
+    folder, writes = Path(folder), set(writes)
     marked = owner(folder)
     if marked == command:
         return False
@@ -48,28 +49,39 @@ def check_output_folder(folder: Path, command: str, writes: Iterable[str] = ()) 
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output folder {folder} is a file: choose a folder (new or empty)")
     listed = os.listdir(folder) if folder.exists() else []
-    entries = sorted(name for name in listed if not _marker_being_written(name))
+    entries = sorted(name for name in listed if not _ignored(name))
     if entries and owner(folder) == command:  # another rank of the job marked it meanwhile
         return False
-    if entries and not _made_before_the_marker(folder, command):
-        raise ConfigError(_refusal(folder, command, entries, set(writes)))
+    if entries and not _made_before_the_marker(folder, command, entries, writes):
+        raise ConfigError(_refusal(folder, command, entries, writes))
     return True
 
 
-def _marker_being_written(name: str) -> bool:
-    """The temporary file of another rank's marker (``atomic_write``): not a user's file."""
-    return name.startswith(f".{MARKER}.") and name.endswith(".tmp")
+def _ignored(name: str) -> bool:
+    """The temporary file of another rank's marker (``atomic_write``), or a file manager's
+    metadata: nothing of the user's that a command could replace."""
+    return name in _DESKTOP_FILES or (name.startswith(f".{MARKER}.") and name.endswith(".tmp"))
 
 
-def _made_before_the_marker(folder: Path, command: str) -> bool:
+def _made_before_the_marker(
+    folder: Path, command: str, entries: list[str], writes: set[str]
+) -> bool:
     """A training run (or a folder of them, ``--all``) or a demo made before fastkd marked its
-    folders: what every one of them wrote first is there."""
+    folders: it holds only what the command writes (and the temporary files of a killed save),
+    and what every one of them wrote first is there."""
 
     def is_run(path: Path) -> bool:
         return all((path / name).is_file() for name in _RUN_FILES)
 
+    def written(name: str) -> bool:
+        return name in writes or any(
+            name.startswith(f".{w}.") and name.endswith(".tmp") for w in writes
+        )
+
+    if not all(written(name) for name in entries):
+        return False
     if command == "train":
-        return is_run(folder) or any(is_run(sub) for sub in folder.iterdir() if sub.is_dir())
+        return is_run(folder) or any(is_run(folder / name) for name in entries)
     if command == "demo":
         return (folder / "digits").is_dir() and (folder / "pool").is_dir()
     return False

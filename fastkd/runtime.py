@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -70,6 +70,37 @@ def init_distributed(device_kind: str) -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank())
+
+
+def join_job(device: torch.device) -> DistContext:
+    """This process in its torchrun job (``init_distributed``), its GPU the current one (the
+    job's collectives run there)."""
+    import torch
+
+    context = init_distributed(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return context
+
+
+def on_main(context: DistContext, action: Callable[[], None]) -> None:
+    """Run ``action`` on the main rank only; if it fails, every rank raises (the others say the
+    main rank stopped), so no rank waits forever at the job's next collective."""
+    failure: BaseException | None = None
+    if context.is_main:
+        try:
+            action()
+        except Exception as error:  # shared with the other ranks, then raised here as it is
+            failure = error
+    if context.enabled:
+        import torch.distributed as dist
+
+        shared = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+        dist.broadcast_object_list(shared, src=0)
+        if failure is None and shared[0] is not None:
+            raise ConfigError(f"the main rank stopped: {shared[0]}")
+    if failure is not None:
+        raise failure
 
 
 # Environment settings that pin the CPU code paths of torch (ATen), oneDNN and MKL to AVX2, so
@@ -132,10 +163,12 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError, TypeError):
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(
             f"--device {name!r} is not a device fastkd runs on: give auto, cpu, cuda or cuda:N"
         )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: this machine has no Apple GPU that torch can use")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank())
     if device.type == "cuda" and not torch.cuda.is_available():

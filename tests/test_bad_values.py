@@ -18,6 +18,7 @@ from test_cli_messages import assert_one_line_error, invoke
 from training_pool import config, make_pool
 
 from fastkd.augment import AugmentConfig
+from fastkd.data import Preprocess
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.errors import USER_ERROR_EXIT, ConfigError, NonFiniteError
 from fastkd.store import StoreReader
@@ -52,9 +53,9 @@ def test_crop_ranges_must_be_finite_and_positive(pool, tmp_path, flag, values, b
     result = invoke([*args, flag, *values, "--out", str(tmp_path / "s.zarr")])
     # a usage error of the view options (click's, exit 2), before anything runs
     assert result.exit_code == USER_ERROR_EXIT and "Traceback" not in result.output
-    assert f"Invalid value: {flag} must" in result.output, result.output
+    assert f"Invalid value: crop {flag.removeprefix('--crop-')} ({flag}) must" in result.output
     assert not (tmp_path / "s.zarr").exists()
-    with pytest.raises(ConfigError, match=f"{flag} must"):
+    with pytest.raises(ConfigError, match=rf"\({flag}\) must"):
         AugmentConfig(**{flag.removeprefix("--crop-"): tuple(float(v) for v in values)})
 
 
@@ -78,8 +79,10 @@ def test_momentum_is_below_one(pool, tmp_path, momentum):
 
 @pytest.mark.parametrize("device", ["banana", "cuda:x", "tpu", "cuda", "cuda:7"])
 def test_a_device_fastkd_cannot_use_is_one_line(pool, tmp_path, device):
-    if device.startswith("cuda") and torch.cuda.device_count() > 7:
-        pytest.skip("this machine has the GPU")
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has an eighth GPU")
     args = ["train", "--data", str(pool.train), "--store", str(pool.store)]
     args += ["--student", pool.specs["s"], "--device", device, "--out", str(tmp_path / "r")]
     line = assert_one_line_error(invoke(args))
@@ -160,3 +163,28 @@ def test_a_store_dumped_with_skipped_images_trains_without_them(pool, tmp_path, 
         result = trainer.fit()
     assert result.skipped == 1 and (tmp_path / "run" / "s.pt").is_file()
     assert "1 of 21 samples are left out of training: the dump skipped them" in caplog.text
+
+
+def test_a_data_config_beyond_any_input_or_without_its_statistics_is_refused():
+    """A checkpoint's or store's data config sizes every batch: refused, not allocated."""
+    config = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert Preprocess.from_data_config(config).height == 224
+    with pytest.raises(ConfigError, match=r"input_size \[3, 1000000, 224\]: each side in 1\.\."):
+        Preprocess.from_data_config({**config, "input_size": [3, 10**6, 224]})
+    with pytest.raises(ConfigError, match=r"has no mean"):
+        Preprocess.from_data_config({k: v for k, v in config.items() if k != "mean"})
+
+
+def test_the_cli_says_how_many_samples_a_skipping_dump_left_out(pool, tmp_path):
+    data, _ = _folder_with_a_broken_image(pool, tmp_path)
+    models = ["--model", pool.specs["a"], "--model", pool.specs["b"]]
+    store = str(tmp_path / "store.zarr")
+    common = ["--data", str(data), "--backend", "torch", "--workers", "0", "--no-progress"]
+    dumped = invoke(
+        ["dump", *common, *models, "--views", "1", "--out", store, "--on-bad-image", "skip"]
+    )
+    assert dumped.exit_code == 0, dumped.output
+    args = ["train", *common, "--store", store, "--student", pool.specs["s"], *models]
+    trained = invoke([*args, "--epochs", "1", "--lr", "1e-3", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    assert "1 sample(s) left out of training: the dump skipped them" in trained.stdout

@@ -195,3 +195,53 @@ def test_save_checkpoint_writes_what_read_checkpoint_accepts(tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", model, ARCH, {"num_classes": 2}, DATA_CONFIG)
     payload = read_checkpoint(path)
     assert payload["arch"] == ARCH and payload["model_kwargs"] == {"num_classes": 2}
+
+
+def test_every_read_is_weights_only_and_timm_never_loads_a_users_file(
+    crafted, monkeypatch, tmp_path
+):
+    """Whatever timm is installed: fastkd's reads go through torch.load(weights_only=True),
+    timm's own checkpoint loaders are never called for a user's file, and a refused argument
+    never reaches timm.create_model."""
+    reads = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        reads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    def never(*args, **kwargs):
+        raise AssertionError("timm loaded a user's file with its own loader")
+
+    created = []
+    real_create = timm.create_model
+    monkeypatch.setattr(torch, "load", load)
+    monkeypatch.setattr(timm.models, "load_checkpoint", never)
+    monkeypatch.setattr(timm.models._builder, "load_checkpoint", never, raising=False)
+    monkeypatch.setattr(
+        timm, "create_model", lambda *a, **k: created.append(k) or real_create(*a, **k)
+    )
+    good = _with_kwargs(crafted, "spy-good")
+    load_model(f"{ARCH}={good}")
+    bad = _with_kwargs(crafted, "spy-bad", checkpoint_path=str(crafted.evil))
+    with pytest.raises(CheckpointError):
+        load_model(f"{ARCH}={bad}")
+    assert reads and all(flag is True for flag in reads)
+    assert created and not any("checkpoint_path" in kwargs for kwargs in created)
+    assert not crafted.sentinel.exists()
+
+
+def test_a_local_dir_model_is_refused_for_a_weights_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"give the architecture and the file, ARCH=FILE"):
+        load_model(f"local-dir:{tmp_path}")
+
+
+@pytest.mark.parametrize("kwargs", [{"num_classes": 10**10}, {"dims": [10**5] * 4}])
+def test_architecture_arguments_that_do_not_fit_the_weights_are_refused_before_any_memory(
+    crafted, kwargs
+):
+    """Plain values, allowed keys, absurd sizes: the architecture is built on the meta device
+    and held to the checkpoint's tensors before a byte is allocated."""
+    path = _with_kwargs(crafted, "huge", **kwargs)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {path} does not fit architecture"):
+        load_model(f"{ARCH}={path}")

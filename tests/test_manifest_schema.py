@@ -127,7 +127,7 @@ MALFORMED: dict[str, tuple[Edit, str]] = {
     ),
     "augment range": (
         lambda m: m["augment"].update(hflip=2),
-        "hflip is a probability in [0, 1], got 2",
+        "flip probability (--hflip) must be in [0, 1], got 2",
     ),
     "extra layout key": (
         lambda m: m["layout"].update(shards=4),

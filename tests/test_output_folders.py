@@ -23,7 +23,7 @@ from training_pool import config, make_pool
 from fastkd.demo.config import DemoConfig
 from fastkd.demo.run import run_demo
 from fastkd.errors import CheckpointError, ConfigError, RunExistsError
-from fastkd.outputs import MARKER, owner
+from fastkd.outputs import MARKER, claim_output_folder, owner
 from fastkd.training import train
 
 
@@ -109,6 +109,42 @@ def test_a_run_folder_from_before_the_marker_still_resumes(pool, tmp_path):
     assert [r.epoch for r in resumed.history] == [1, 2] and owner(run) == "train"
 
 
+def test_a_folder_of_the_users_beside_an_old_run_is_not_taken_for_one(pool, tmp_path):
+    """Only a folder holding nothing but what a run writes passes for a run from before the
+    marker: ``--out runs`` where ``runs/old`` is an old run and ``runs/s.pt`` the user's."""
+    runs = tmp_path / "runs"
+    train(config(pool, tmp_path, out_dir=runs / "old"))
+    (runs / "old" / MARKER).unlink()
+    (runs / "s.pt").write_bytes(b"the user's own weights")
+    with pytest.raises(ConfigError, match=f"would replace {runs / 's.pt'}"):
+        train(config(pool, tmp_path, out_dir=runs))
+    assert (runs / "s.pt").read_bytes() == b"the user's own weights" and owner(runs) is None
+
+
+def test_overwrite_removes_what_the_run_it_replaces_wrote(pool, tmp_path):
+    run = tmp_path / "run"
+    train(config(pool, tmp_path, out_dir=run, epochs=2))
+    (run / "report.json").write_text("{}")  # as a run with a report leaves it
+    (run / "tensorboard").mkdir(exist_ok=True)
+    (run / "tensorboard" / "events.out").write_text("old scalars")
+    train(config(pool, tmp_path, out_dir=run, overwrite=True))
+    assert not (run / "report.json").exists() and not (run / "tensorboard" / "events.out").exists()
+    history = json.loads((run / "history.json").read_text())
+    assert [record["epoch"] for record in history] == [1]
+
+
+def test_a_students_checkpoint_named_as_its_initial_weights_is_an_input(pool, tmp_path):
+    """``--student s=OUT/s.init.pt``: the name of the file a run without a checkpoint writes,
+    here the user's input, never rewritten."""
+    run = tmp_path / "run"
+    claim_output_folder(run, "train")  # a run folder, which the user put the file in
+    inside = run / "s.init.pt"
+    inside.write_bytes(Path(pool.specs["s"].split("=", 1)[1]).read_bytes())
+    student = pool.specs["s"].split("=", 1)[0] + f"={inside}"
+    with pytest.raises(ConfigError, match=r"s.init.pt would replace the checkpoint of 's'"):
+        train(config(pool, tmp_path, out_dir=run, student=student))
+
+
 def test_another_commands_folder_is_refused(pool, tmp_path):
     out = tmp_path / "eval-out"
     out.mkdir()
@@ -162,13 +198,26 @@ def _damaged_states(state: dict, good: bytes, sentinel: Path) -> dict[str, objec
         "no-learners": {k: v for k, v in state.items() if k != "learners"},
         "wrong-model": {**state, "learners": {"s": {**state["learners"]["s"], "model": {}}}},
         "bad-history": {**state, "history": [{"epoch": 1, "banana": 2}]},
+        "string-loss": {**state, "history": [{**state["history"][0], "loss": "low"}]},
+        "bad-mode": {**state, "config": {**state["config"], "mode": "banana"}},
         "bad-rng": {**state, "rng": [{"torch": "x", "numpy": None, "python": 3}]},
     }
 
 
 @pytest.mark.parametrize(
     "case",
-    ["cut", "empty", "pickled", "list", "no-learners", "wrong-model", "bad-history", "bad-rng"],
+    [
+        "cut",
+        "empty",
+        "pickled",
+        "list",
+        "no-learners",
+        "wrong-model",
+        "bad-history",
+        "string-loss",
+        "bad-mode",
+        "bad-rng",
+    ],
 )
 def test_a_damaged_or_crafted_run_state_is_one_line_on_resume(pool, finished, tmp_path, case):
     path = finished / "state.pt"

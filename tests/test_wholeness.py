@@ -5,11 +5,14 @@ refuse, or skip, the same files with the same reason, with any number of workers
 
 The check is held to hand-made files (real photos, cut or damaged where it is known) and to PIL,
 which refuses the same cut files; the loaders to ``fastkd dump`` and ``fastkd eval`` on a data set
-holding one cut PNG or JPEG, the dump in a subprocess, where a crash shows as its exit code.
+holding one cut PNG or JPEG, the dump in a subprocess, where a crash shows as its exit code. A file
+that is not whole yet PIL decodes in full (a JPEG without its end marker) is still read, by PIL
+on both backends, as the torch backend read it before the check.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import struct
@@ -22,6 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import timm
+import torch
 import zarr
 from PIL import Image
 from test_cli_messages import DATA_CONFIG, LOG_LINE, assert_one_line_error, invoke
@@ -30,6 +34,7 @@ from typer.testing import CliRunner
 from fastkd.api import ViewTransform
 from fastkd.checkpoints import save_checkpoint
 from fastkd.cli.main import app
+from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.data.wholeness import incomplete
 from fastkd.errors import USER_ERROR_EXIT, DatasetError
 
@@ -173,14 +178,13 @@ def test_other_bytes_are_left_to_the_decoders(photo):
 def cut(tmp_path_factory: pytest.TempPathFactory, photo: Image.Image) -> SimpleNamespace:
     """Image folders of two classes of 16 random 16 px PNGs, sample ``BAD`` cut: in ``png``
     a PNG cut in half; in ``jpeg`` a tall photo JPEG (32 x 128) cut at 3/4 of its bytes, so its
-    eval view (the centre) lies before the cut; in ``png-end`` a PNG without its last byte (PIL
-    reads it, DALI failed on it); in ``both`` the PNG and the JPEG, as sample ``BAD + 1``. And an
-    untrained two-class timm model's checkpoint."""
+    eval view (the centre) lies before the cut; in ``both`` the PNG and the JPEG, as sample
+    ``BAD + 1``. And an untrained two-class timm model's checkpoint."""
     root = tmp_path_factory.mktemp("cut")
     rng = np.random.default_rng(0)
     keys = [f"{label}/{i:02d}.png" for label in "ab" for i in range(16)]
     images = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)) for _ in keys]
-    kinds = ("png", "jpeg", "png-end", "both")
+    kinds = ("png", "jpeg", "both")
     for kind in kinds:
         for key, image in zip(keys, images, strict=True):
             (root / kind / key).parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +195,7 @@ def cut(tmp_path_factory: pytest.TempPathFactory, photo: Image.Image) -> SimpleN
     jpeg = jpeg[: len(jpeg) * 3 // 4]
     as_jpeg = {key: key.replace(".png", ".jpg") for key in keys}
     bad = {"png": root / "png" / keys[BAD], "jpeg": root / "jpeg" / as_jpeg[keys[BAD]]}
-    bad["png-end"] = root / "png-end" / keys[BAD]
     bad["png"].write_bytes(png)
-    bad["png-end"].write_bytes(whole[:-1])
     (root / "jpeg" / keys[BAD]).unlink()
     bad["jpeg"].write_bytes(jpeg)
     (root / "both" / keys[BAD]).write_bytes(png)
@@ -264,7 +266,7 @@ def test_skipping_flags_exactly_the_cut_files(cut, backend, tmp_path):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["png", "jpeg", "png-end"])
+@pytest.mark.parametrize("kind", ["png", "jpeg"])
 def test_a_cut_file_ends_an_eval_in_one_line_on_every_backend(cut, kind, backend):
     needs(backend)
     args = ["eval", "--data", str(cut.data[kind]), "--model", cut.spec, "--backend", backend]
@@ -272,10 +274,64 @@ def test_a_cut_file_ends_an_eval_in_one_line_on_every_backend(cut, kind, backend
     assert line.startswith(refusal(cut.bad[kind]).strip()), line
 
 
-def test_view_transform_refuses_what_the_loaders_refuse(photo):
-    """A PNG without its last byte: PIL decodes it (so ``ViewTransform`` did), the loaders do not."""
+def _decoded_by_pil_in_full(photo: Image.Image, root: Path) -> tuple[ImageDataset, list[int]]:
+    """A folder whose samples 1 and 2 are not whole yet PIL decodes them in full (PNGs without
+    their IEND chunk, or without its last byte), among whole ones."""
+    jpeg = encode(photo, "JPEG", quality=90)
+    png = encode(photo.rotate(90, expand=True), "PNG")
+    files = {"a/0.png": png, "a/1.png": png[:-12], "a/2.png": png[:-1], "b/3.jpg": jpeg}
+    for key, data in files.items():
+        (root / key).parent.mkdir(parents=True, exist_ok=True)
+        (root / key).write_bytes(data)
+    assert incomplete(png[:-12]) and incomplete(png[:-1])  # not whole: never fed to DALI
+    assert not pil_refuses(png[:-12]) and not pil_refuses(png[:-1])  # yet PIL decodes them
+    assert pil_refuses(jpeg[:-2])  # a JPEG without its end marker: refused by both (tested above)
+    return open_dataset(root), [1, 2]
+
+
+def test_what_pil_decodes_in_full_is_decoded_by_pil_on_both_backends(photo, tmp_path):
+    """Such files were read by the torch backend before the check, so stores dumped from them
+    must keep training: both backends take them, DALI's rows of them being PIL's exactly."""
+    dataset, doubted = _decoded_by_pil_in_full(photo, tmp_path / "data")
+    samples = np.repeat(np.arange(4), 2)
+    boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.5, 0.6]], np.float32), (4, 1))
+    flips = np.tile([False, True], 4)
+    loaded = {}
+    for backend in ("torch", "dali"):
+        if backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
+            continue
+        batches = list(
+            view_loader(
+                dataset, samples, np.zeros(8, np.int64), boxes, flips, [DATA_CONFIG],
+                batch_size=8, backend=backend, num_workers=0,
+            )
+        )  # fmt: skip
+        assert len(batches) == 1 and not batches[0].skipped
+        loaded[backend] = batches[0].images[0]
+        assert loaded[backend].shape == (8, 3, 32, 32)
+    if "dali" in loaded:
+        rows = np.isin(samples, doubted)
+        torch.testing.assert_close(loaded["dali"][rows], loaded["torch"][rows], rtol=0, atol=0)
+
+
+def test_view_transform_takes_and_refuses_what_the_loaders_do(photo):
+    """A PNG without its last byte decodes as the whole one; a PNG cut in half is refused."""
     transform = ViewTransform(DATA_CONFIG)
     whole = encode(photo, "PNG")
-    assert transform(whole, (0.0, 0.0, 1.0, 1.0), False).shape == (3, 32, 32)
-    with pytest.raises(DatasetError, match=r"cannot read image <bytes>: truncated PNG: .* IEND"):
-        transform(whole[:-1], (0.0, 0.0, 1.0, 1.0), False)
+    full = transform(whole, (0.0, 0.0, 1.0, 1.0), False)
+    assert torch.equal(transform(whole[:-1], (0.0, 0.0, 1.0, 1.0), False), full)
+    with pytest.raises(DatasetError, match=r"cannot read image <bytes>: truncated PNG: its 'IDAT' chunk"):
+        transform(whole[: len(whole) // 2], (0.0, 0.0, 1.0, 1.0), False)
+
+
+def test_absurd_header_fields_are_damage_not_an_exception():
+    pgm = b"P5\n" + b"9" * 5000 + b" 3\n255\n" + bytes(10)  # a width of 5,000 digits
+    assert incomplete(pgm).startswith("damaged PNM: its header cannot be read")
+    big_tiff = b"II+\x00" + struct.pack("<HHQ", 8, 0, 16)  # BigTIFF, first directory at 16
+    strips = [(273, 16, 1, 2**63 + 5), (279, 16, 1, 10)]  # a LONG8 strip offset past 2^63
+    big_tiff += struct.pack("<Q", len(strips))
+    big_tiff += b"".join(struct.pack("<HHQQ", *entry) for entry in strips) + bytes(40)
+    assert incomplete(big_tiff) == (
+        f"truncated TIFF (strip 0): the file has {len(big_tiff)} bytes, its header describes "
+        f"{2**63 + 15}"
+    )

@@ -11,17 +11,19 @@
 - ``datasets``: image folders, file lists and tar shards (``open_dataset``, ``ImageDataset``):
   keys, labels, file sizes, header sizes, fingerprints; where a sample's bytes come from
   (``read_bytes``) and what messages call it (``name``).
-- ``batches``: what both loader backends share: ``Preprocess`` per data config, the item list,
-  ``plan_batches``, ``ViewBatch`` and the handling of unreadable images.
+- ``batches``: what both loader backends share: ``Preprocess`` per data config, the item list
+  and its one gate before decoding (``Items.checked_bytes``), PIL's decoding of a view
+  (``load_view``, ``normalize``), ``plan_batches``, ``ViewBatch`` and the handling of unreadable
+  images.
 - ``dali``: the DALI backend (the one module that imports ``nvidia.dali``, lazily).
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
-  ``DataLoader`` backend (``load_view``).
+  ``DataLoader`` backend.
 
 Imports go one way, no cycles: ``decoding``, ``labels``, ``shard_cache`` and ``wholeness``
 import no other module of the package; ``shards`` imports ``decoding``, ``labels`` and
 ``shard_cache``; ``datasets`` imports ``decoding``, ``labels`` and ``shards``; ``batches``
-imports ``datasets`` and ``wholeness``; ``dali`` imports ``batches`` and ``decoding``;
-``loader`` imports ``batches``, ``dali``, ``datasets`` and ``decoding``; this ``__init__``
+imports ``datasets``, ``decoding`` and ``wholeness``; ``dali`` imports ``batches`` and
+``decoding``; ``loader`` imports ``batches``, ``dali`` and ``datasets``; this ``__init__``
 re-exports the public names callers use (a shard data set is opened by ``open_dataset`` like
 any other). Outside the package they
 import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here
@@ -29,10 +31,10 @@ too), ``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); 
 fastkd.data.
 """
 
-from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, plan_batches
+from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, load_view, plan_batches
 from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, content_hashes, open_dataset
 from fastkd.data.decoding import decode_rgb
-from fastkd.data.loader import Backend, load_view, resolve_backend, view_loader
+from fastkd.data.loader import Backend, resolve_backend, view_loader
 from fastkd.errors import BadImageError, DatasetError
 
 __all__ = [

@@ -18,13 +18,15 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from fastkd.choices import OnBadImage
 from fastkd.data.datasets import ImageDataset
+from fastkd.data.decoding import decode_rgb
 from fastkd.data.wholeness import incomplete
 from fastkd.errors import BadImageError, ConfigError
 from fastkd.views import pixel_box
@@ -32,6 +34,7 @@ from fastkd.views import pixel_box
 log = logging.getLogger(__name__)
 
 PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling
+MAX_INPUT_SIDE = 16384  # px: a model input of more is a mistake (a batch of them fills memory)
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,17 @@ class Preprocess:
 
     @classmethod
     def from_data_config(cls, config: Mapping[str, Any]) -> Preprocess:
+        missing = [key for key in ("input_size", "mean", "std") if key not in config]
+        if missing:
+            raise ConfigError(f"data config {dict(config)} has no {', '.join(missing)}")
         channels, height, width = (int(v) for v in config["input_size"])
         interpolation = str(config.get("interpolation", "bilinear"))
         if channels != 3:
             raise ConfigError(f"data config input_size {config['input_size']}: need 3 channels")
+        if not (0 < height <= MAX_INPUT_SIDE and 0 < width <= MAX_INPUT_SIDE):
+            raise ConfigError(
+                f"data config input_size {config['input_size']}: each side in 1..{MAX_INPUT_SIDE}"
+            )
         if interpolation not in PIL_RESAMPLE:
             raise ConfigError(
                 f"data config interpolation {interpolation!r} is not supported for stored views; "
@@ -76,6 +86,28 @@ class ViewBatch:
     skipped: dict[int, str] = field(default_factory=dict)  # sample -> why, dropped from the batch
 
 
+class Encoded(NamedTuple):
+    """An item's encoded bytes as a backend may take them (``Items.checked_bytes``)."""
+
+    data: bytes | None  # None: not to be decoded (``why``)
+    why: str | None = None
+    pil_only: bool = False  # not whole, yet PIL decodes it in full: never fed to DALI
+
+
+def check_encoded(name: str, data: bytes) -> Encoded:
+    """``data`` as a backend may take it: whole (``fastkd.data.wholeness``); not whole but
+    decoded in full by PIL (``pil_only``); or refused, saying why. ``name``: the image in
+    messages."""
+    why = incomplete(data)
+    if why is None:
+        return Encoded(data)
+    try:  # the full decode, only for the rare file the structure check doubts
+        decode_rgb(name, data)
+    except Exception:  # PIL raises many types for bad files: the structure says why
+        return Encoded(None, why)
+    return Encoded(data, pil_only=True)
+
+
 @dataclass
 class Items:
     """The flat item list a loader works through."""
@@ -94,20 +126,21 @@ class Items:
         """The item's encoded image, wherever it lies (file or shard member)."""
         return self.dataset.read_bytes(int(self.samples[position]))
 
-    def checked_bytes(self, position: int) -> tuple[bytes, None] | tuple[None, str]:
-        """``(data, None)``: the item's encoded image, fit to be decoded; or ``(None, why)``: its
-        header is unreadable or refused (``ImageDataset.read_sizes``), the file cannot be read,
-        or the bytes are not a whole image (``fastkd.data.wholeness``). Both backends ask this
-        before decoding, so they refuse the same files for the same reasons."""
+    def checked_bytes(self, position: int) -> Encoded:
+        """The item's encoded image and whether it may be decoded, and by whom: refused (``why``)
+        when its header is unreadable or refused (``ImageDataset.read_sizes``), the file cannot
+        be read, or its bytes are not a whole image (``fastkd.data.wholeness``) that PIL does
+        not decode in full either; ``pil_only`` when they are not whole yet PIL decodes them (a
+        JPEG without its end marker): the torch backend decodes it as ever, DALI never sees it.
+        Both backends ask this before decoding, so they take the same files."""
         refused = self._unreadable.get(int(self.samples[position]))
         if refused is not None:
-            return None, refused
+            return Encoded(None, refused)
         try:
             data = self.read(position)
         except OSError as error:
-            return None, f"{type(error).__name__}: {error}"
-        why = incomplete(data)
-        return (None, why) if why is not None else (data, None)
+            return Encoded(None, f"{type(error).__name__}: {error}")
+        return check_encoded(self.name(position), data)
 
     @functools.cached_property
     def _unreadable(self) -> dict[int, str]:
@@ -180,3 +213,41 @@ def resolve_failures(
             log.warning("skipping unreadable image %s: %s", items.name(position), reason)
         skipped[sample] = reason
     return skipped
+
+
+def load_view(
+    path: str | Path,
+    box: Sequence[int],
+    flip: bool,
+    preps: Sequence[Preprocess],
+    data: bytes | None = None,
+) -> list[np.ndarray]:
+    """PIL: decode (``decode_rgb``; from ``data``, the image's bytes, when given: then ``path``
+    only names it, e.g. a shard member), crop the pixel box, resize per data config, flip:
+    uint8 [3, H, W] each."""
+    from PIL import Image
+
+    top, left, height, width = (int(v) for v in box)
+    crop = decode_rgb(path, data).crop((left, top, left + width, top + height))
+    out = []
+    for prep in preps:
+        resized = crop.resize((prep.width, prep.height), resample=PIL_RESAMPLE[prep.interpolation])
+        if flip:
+            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out.append(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
+    return out
+
+
+def normalize(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
+    """uint8 [b, 3, H, W] -> float32 ``(x - 255 mean) / (255 std)``, the formula DALI uses."""
+    mean, std = _normalize_constants(prep, images.device)
+    return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=64)
+def _normalize_constants(prep: Preprocess, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """255 mean and 255 std of ``prep`` as [1, 3, 1, 1] tensors on ``device``: built (one small
+    host-to-device copy each) once per data config and device, not every batch."""
+    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
+    return mean, std

@@ -12,8 +12,9 @@ No file DALI might fail on is fed to it if it can be told beforehand: DALI 2.4 c
 process (a segmentation fault in its prefetch threads) on some cut PNGs, and decodes cut JPEGs
 without a word when the crop lies before the cut. A file whose header the data set could not
 read, that cannot be read or that is not whole (``Items.checked_bytes``) is fed as a 1 x 1
-placeholder image and its rows are dropped from the outputs; only a whole file DALI still fails
-on takes the recovery path (PIL file by file, a fresh pipeline).
+placeholder image and its rows are dropped from the outputs, or, where PIL decodes it in full
+anyway (``pil_only``), filled with PIL's view of it, as the torch backend decodes it; only a
+whole file DALI still fails on takes the recovery path (PIL file by file, a fresh pipeline).
 
 Its own module because it is the one place that imports ``nvidia.dali`` (lazily, inside the
 functions), and its recovery from a failed batch is its own.
@@ -29,7 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastkd.data.batches import Items, LoadPlan, Preprocess, ViewBatch, resolve_failures
+from fastkd.data.batches import (
+    Items,
+    LoadPlan,
+    Preprocess,
+    ViewBatch,
+    load_view,
+    normalize,
+    resolve_failures,
+)
 from fastkd.data.decoding import decode_rgb
 from fastkd.hashing import content_hash
 
@@ -47,6 +56,7 @@ class _EncodedSource:
         self.items, self.batches = items, batches
         self.hashes: dict[int, int] = {}  # item position -> content hash of the bytes fed
         self.failed: dict[int, str] = {}  # item position -> why its placeholder was fed
+        self.by_pil: dict[int, bytes] = {}  # item position -> bytes PIL decodes instead of DALI
 
     def __iter__(self) -> Iterator[tuple[list[np.ndarray], ...]]:
         items = self.items
@@ -55,13 +65,17 @@ class _EncodedSource:
             flips = items.flips[positions].copy()
             encoded = []
             for row, position in enumerate(positions):
-                data, why = items.checked_bytes(position)
-                if data is None:
-                    self.failed[int(position)] = why
+                data, why, pil_only = items.checked_bytes(position)
+                if data is not None:
+                    self.hashes[int(position)] = content_hash(data)
+                if data is None or pil_only:  # DALI never sees it
+                    if data is None:
+                        self.failed[int(position)] = why
+                    else:
+                        self.by_pil[int(position)] = data
                     boxes[row], flips[row] = (0, 0, 1, 1), False
                     encoded.append(_placeholder())
                 else:
-                    self.hashes[int(position)] = content_hash(data)
                     encoded.append(np.frombuffer(data, dtype=np.uint8))
             yield (
                 encoded,
@@ -73,6 +87,10 @@ class _EncodedSource:
     def not_fed(self, positions: np.ndarray) -> dict[int, str]:
         """{position: why} of a batch's items whose placeholder was fed (their rows to drop)."""
         return {int(p): self.failed.pop(int(p)) for p in positions if int(p) in self.failed}
+
+    def for_pil(self, positions: np.ndarray) -> dict[int, bytes]:
+        """{position: bytes} of a batch's items that PIL decodes in their placeholders' rows."""
+        return {int(p): self.by_pil.pop(int(p)) for p in positions if int(p) in self.by_pil}
 
     def hashes_of(self, positions: np.ndarray) -> np.ndarray:
         """The content hashes of the files fed for these items (decoded, so all were read)."""
@@ -166,10 +184,30 @@ def _to_torch(output: Any, device: torch.device) -> torch.Tensor:
     return target
 
 
+def _decode_with_pil(
+    items: Items,
+    preps: Sequence[Preprocess],
+    positions: np.ndarray,
+    encoded: dict[int, bytes],
+    images: list[torch.Tensor],
+) -> None:
+    """Fill the rows of items DALI must not see but PIL decodes in full (``pil_only``) with the
+    torch backend's views of them, in place."""
+    for row, position in enumerate(positions.tolist()):
+        if position not in encoded:
+            continue
+        box = items.pixel_boxes(np.asarray([position]))[0]
+        views = load_view(
+            items.name(position), box, items.flips[position], preps, encoded[position]
+        )
+        for image, view, prep in zip(images, views, preps, strict=True):
+            image[row] = normalize(torch.from_numpy(view)[None].to(image.device), prep)[0]
+
+
 def _decode_error(items: Items, position: int) -> str | None:
     """Why the torch backend fails on an item's image (``checked_bytes``, then PIL's decoding by
     ``decode_rgb``), or None: the same reason either backend reports."""
-    data, why = items.checked_bytes(position)
+    data, why, _ = items.checked_bytes(position)
     if data is None:
         return why
     try:
@@ -217,6 +255,7 @@ def dali_batches(plan: LoadPlan, batch_size: int, num_threads: int) -> Iterator[
                     todo, skipped_in_first = todo[done + 1 :], {}
                 break
             images = [_to_torch(o, device) for o in outputs]
+            _decode_with_pil(items, preps, positions, source.for_pil(positions), images)
             failed = source.not_fed(positions)
             if failed:
                 skipped = {**skipped, **resolve_failures(items, failed, on_bad_image)}

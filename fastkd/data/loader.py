@@ -24,11 +24,9 @@ This module checks the arguments, picks the backend and holds the torch one; wha
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -36,18 +34,18 @@ import torch
 
 from fastkd.choices import Backend
 from fastkd.data.batches import (
-    PIL_RESAMPLE,
     Items,
     LoadPlan,
     OnBadImage,
     Preprocess,
     ViewBatch,
+    load_view,
+    normalize,
     plan_batches,
     resolve_failures,
 )
 from fastkd.data.dali import dali_batches
 from fastkd.data.datasets import ImageDataset
-from fastkd.data.decoding import decode_rgb
 from fastkd.errors import ConfigError
 from fastkd.hashing import content_hash
 
@@ -120,44 +118,6 @@ def view_loader(
 # -- torch backend -----------------------------------------------------------------------------
 
 
-def load_view(
-    path: str | Path,
-    box: Sequence[int],
-    flip: bool,
-    preps: Sequence[Preprocess],
-    data: bytes | None = None,
-) -> list[np.ndarray]:
-    """PIL: decode (``decode_rgb``; from ``data``, the image's bytes, when given: then ``path``
-    only names it, e.g. a shard member), crop the pixel box, resize per data config, flip:
-    uint8 [3, H, W] each."""
-    from PIL import Image
-
-    top, left, height, width = (int(v) for v in box)
-    crop = decode_rgb(path, data).crop((left, top, left + width, top + height))
-    out = []
-    for prep in preps:
-        resized = crop.resize((prep.width, prep.height), resample=PIL_RESAMPLE[prep.interpolation])
-        if flip:
-            resized = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
-    return out
-
-
-def normalize(images: torch.Tensor, prep: Preprocess) -> torch.Tensor:
-    """uint8 [b, 3, H, W] -> float32 ``(x - 255 mean) / (255 std)``, the formula DALI uses."""
-    mean, std = _normalize_constants(prep, images.device)
-    return (images.float() - mean) / std
-
-
-@functools.lru_cache(maxsize=64)
-def _normalize_constants(prep: Preprocess, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """255 mean and 255 std of ``prep`` as [1, 3, 1, 1] tensors on ``device``: built (one small
-    host-to-device copy each) once per data config and device, not every batch."""
-    mean = torch.tensor(prep.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(prep.std, device=device).view(1, 3, 1, 1) * 255
-    return mean, std
-
-
 class _BatchSource(torch.utils.data.Dataset):
     """Element ``j`` is planned batch ``j``, loaded whole in a worker (one message per batch)."""
 
@@ -174,7 +134,7 @@ class _BatchSource(torch.utils.data.Dataset):
         planes: list[list[np.ndarray]] = [[] for _ in self.preps]
         failed: dict[int, str] = {}
         for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
-            data, why = items.checked_bytes(position)  # read once: checked, decoded, hashed
+            data, why, _ = items.checked_bytes(position)  # read once: checked, decoded, hashed
             if data is None:
                 failed[int(position)] = why
                 continue

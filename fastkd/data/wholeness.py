@@ -46,7 +46,12 @@ def incomplete(data: bytes) -> str | None:
     """Why ``data`` is not a whole encoded image (``truncated ...`` or ``damaged ...``), or None:
     whole, or a format not checked here (the decoders then judge it)."""
     check = _check_of(bytes(data[:12]))
-    return None if check is None else check(memoryview(data))
+    if check is None:
+        return None
+    try:
+        return check(memoryview(data))
+    except (struct.error, ValueError, OverflowError, IndexError) as error:  # absurd header fields
+        return f"damaged {check.__name__.strip('_').upper()}: its header cannot be read ({error})"
 
 
 def _check_of(head: bytes) -> Check | None:
@@ -165,7 +170,7 @@ def _tiff(data: memoryview) -> str | None:
     (entries,) = struct.unpack_from(order + count, data, directory)
     if first + entries * entry_size + struct.calcsize(offset) > size:  # + the next's offset
         return f"truncated TIFF: the file ends at byte {size}, inside its first directory"
-    values: dict[int, np.ndarray] = {}
+    values: dict[int, np.ndarray] = {}  # object arrays of Python ints: no overflow
     for entry in range(first, first + entries * entry_size, entry_size):
         tag, kind, number = struct.unpack_from(order + "HH" + offset, data, entry)
         at = entry + 4 + struct.calcsize(offset)  # the values, or where they lie
@@ -176,14 +181,15 @@ def _tiff(data: memoryview) -> str | None:
             return f"truncated TIFF: the values of its tag {tag} end past the file's end"
         if kind in _TIFF_INTEGERS and any(tag in part[:2] for part in _TIFF_PARTS):
             dtype = np.dtype(_TIFF_INTEGERS[kind]).newbyteorder(order)
-            values[tag] = np.frombuffer(data, dtype, number, at).astype(np.int64)
+            values[tag] = np.frombuffer(data, dtype, number, at).astype(object)  # exact ints
     for offsets, counts, what in _TIFF_PARTS:  # strips or tiles: each in the file
         if offsets in values and counts in values:
             n = min(len(values[offsets]), len(values[counts]))
-            ends = values[offsets][:n] + values[counts][:n]
-            if n and int(ends.max()) > size:
-                last = int(np.argmax(ends))
-                return _need(f"TIFF ({what} {last})", size, int(ends[last]))
+            pairs = zip(values[offsets][:n], values[counts][:n], strict=True)
+            ends = [int(start) + int(length) for start, length in pairs]
+            if n and max(ends) > size:
+                last = ends.index(max(ends))
+                return _need(f"TIFF ({what} {last})", size, ends[last])
     return None
 
 

@@ -31,7 +31,7 @@ from fastkd.views import AugmentConfig
 INT64_MAX = 2**63 - 1  # numpy's shapes and indices
 MAX_SAMPLES = 2**32  # above any image data set (JFT-3B); the reader keeps 25 B a sample
 MAX_BLOCKS = 2**24  # a file per array and block; the reader keeps each block's hash row
-MAX_CLASSES = 2**32  # class ids are stored as uint16 or uint32 (encoding.id_dtype)
+MAX_CLASS_IDS = 2**32  # class ids are stored as uint16 or uint32 (encoding.id_dtype)
 MAX_SHOWN = 12  # problems named in one message; the rest are counted
 
 
@@ -83,8 +83,8 @@ MODEL_ENTRY = Object(
         "arch": Str(),
         "checkpoint_sha256": Str(nullable=True),
         "data_config": Object(),  # timm's, whatever keys it has
-        "num_classes": Int(1, MAX_CLASSES),
-        "topk": Int(0, MAX_CLASSES),
+        "num_classes": Int(1, MAX_CLASS_IDS),
+        "topk": Int(0, MAX_CLASS_IDS),
         "tail": Str(nullable=True),
         "tail_samples": Int(),
     }
@@ -116,7 +116,7 @@ MANIFEST = Object(
         "augment": AUGMENT,
         "fingerprint": Str(),
         "classes": List(Str()),
-        "num_classes": Int(1, MAX_CLASSES),
+        "num_classes": Int(1, MAX_CLASS_IDS),
         "layout": LAYOUT,
     },
     closed=False,

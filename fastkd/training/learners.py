@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd.checkpoints import json_data_config
 from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError
 from fastkd.input_size import announce_input
-from fastkd.models import LoadedModel, ModelSpec, json_data_config, load_model
+from fastkd.models import LoadedModel, ModelSpec, load_model
 from fastkd.runtime import DistContext
 from fastkd.training.config import TrainConfig
-from fastkd.training.steps import weight_norm
+from fastkd.training.steps import exploded_weights_error, weight_norm
 
 
 @dataclass
@@ -40,6 +41,15 @@ class Learner:
     stream: int  # which of the view loader's image streams it reads
     before: ModelSpec  # its weights before training, for the report
     start_norm: float = 0.0  # the L2 norm of its weights before training (exploding weights)
+    own_start: bool = False  # no checkpoint given: ``before`` is the run's own initial weights
+
+    def check_weights(self, epoch: int, state: Path) -> None:
+        """Stop the run (``NonFiniteError``) before weights that are not finite or exploded
+        after ``epoch`` are saved (``steps.exploded_weights_error``)."""
+        norm = weight_norm(self.model)
+        error = exploded_weights_error(self.name, norm, self.start_norm, epoch, state)
+        if error is not None:
+            raise error
 
 
 class ImageStreams:
@@ -138,6 +148,7 @@ def make_learner(
         stream=streams.index(loaded.data_config),
         before=before,
         start_norm=weight_norm(model),
+        own_start=spec.checkpoint is None,
     )
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 from fastkd.errors import ConfigError
 from fastkd.metrics import TransferReport
 from fastkd.models import ModelSpec, parse_pool
 from fastkd.outputs import check_output_folder, claim_output_folder
-from fastkd.runtime import resolve_device
+from fastkd.runtime import join_job, on_main, resolve_device
 from fastkd.store import StoreReader
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import spec_text
@@ -66,10 +65,10 @@ def train_all(cfg: TrainConfig) -> PoolResult:
             f"{missing} (the pool is {names})"
         )
     writes = [*names, f"{REPORT_STEM}.json", f"{REPORT_STEM}.png"]
-    if int(os.environ.get("RANK", "0")) == 0:
-        claim_output_folder(cfg.out_dir, "train", writes)
-    else:
-        check_output_folder(cfg.out_dir, "train", writes)
+    device = resolve_device(cfg.device)
+    job = join_job(device)
+    check_output_folder(cfg.out_dir, "train", writes)  # every rank, before the main one marks
+    on_main(job, lambda: claim_output_folder(cfg.out_dir, "train", writes))
     runs = {}
     for name in names:
         member = replace(
@@ -77,7 +76,7 @@ def train_all(cfg: TrainConfig) -> PoolResult:
         )
         runs[name] = train(member)
     report = None
-    if cfg.report and cfg.report_data is not None and int(os.environ.get("RANK", "0")) == 0:
+    if cfg.report and cfg.report_data is not None and job.is_main:
         after = [
             ModelSpec(pool[name].arch, run.checkpoints[name], name) for name, run in runs.items()
         ]
@@ -87,8 +86,5 @@ def train_all(cfg: TrainConfig) -> PoolResult:
             else None
         )
         changes = {name: c for run in runs.values() for name, c in run.weight_change.items()}
-        report = pool_report(
-            cfg, list(pool.values()), after, cfg.out_dir, resolve_device(cfg.device), changes,
-            control,
-        )  # fmt: skip
+        report = pool_report(cfg, list(pool.values()), after, cfg.out_dir, device, changes, control)
     return PoolResult(runs, report)

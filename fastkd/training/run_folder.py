@@ -9,13 +9,17 @@ here, before any rank writes: every rank checks, then the main one marks and cle
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import torch.distributed
 
 from fastkd.errors import RunExistsError
 from fastkd.files import sweep_temp_files
 from fastkd.models import ModelSpec
 from fastkd.outputs import check_not_input, check_output_folder, claim_output_folder
+from fastkd.runtime import DistContext, on_main
 from fastkd.training.learners import Learner, initial_weights_path
 from fastkd.training.report import CONTROL_DIR, REPORT_STEM
 from fastkd.training.state import STATE_FILE
@@ -38,19 +42,19 @@ def prepare_run_folder(
     *,
     resume: bool,
     overwrite: bool,
-    is_main: bool,
-    barrier: Callable[[], None],
+    dist: DistContext,
 ) -> bool:
     """Claim ``out`` for the run and say whether it resumes the state there. Refused: a folder
     of other files, a state without ``resume`` or ``overwrite``, a file of the run that would
-    replace one of its inputs. With ``overwrite`` the old state is removed, so a kill before the
-    first checkpoint cannot resume the run that was replaced."""
+    replace one of its inputs. With ``overwrite`` the old run's files are removed first, so
+    nothing of it (its state above all: a kill before the first checkpoint would resume it)
+    outlives the start. Every rank checks; the main one writes, and its failure stops all."""
     names = [learner.name for learner in learners]
     writes = run_files(out, names)
     check_output_folder(out, "train", writes)
     inputs = {f"the checkpoint of {name!r}": spec.checkpoint for name, spec in pool.items()}
     for learner in learners:
-        if learner.before.checkpoint != initial_weights_path(out, learner.name):  # not its own
+        if not learner.own_start:  # a checkpoint of the user's, wherever it lies
             inputs[f"the checkpoint of {learner.name!r}"] = learner.before.checkpoint
     for name in names:
         check_not_input(out / f"{name}.pt", inputs)
@@ -62,12 +66,26 @@ def prepare_run_folder(
             f"{state} exists: resume that run (--resume), start it over (--overwrite) or "
             "choose another --out"
         )
-    barrier()  # every rank has looked before the folder changes
-    if is_main:
+
+    def claim() -> None:
         claim_output_folder(out, "train", writes)
         for name in (STATE_FILE, *(f"{n}.pt" for n in names)):  # a kill during a save
             sweep_temp_files(out, name)
-        if not resume:
-            state.unlink(missing_ok=True)
-    barrier()
+        if exists and not resume:  # --overwrite: the run that was here is gone
+            _remove_run(out, names)
+
+    if dist.enabled:
+        torch.distributed.barrier()  # every rank has looked before the folder changes
+    on_main(dist, claim)
     return exists and resume
+
+
+def _remove_run(out: Path, names: Sequence[str]) -> None:
+    """The files of the run in ``out`` (a folder fastkd marked as a run's) that this run
+    writes again; its control run is the control's to start over."""
+    for name in run_files(out, names):
+        path = out / name
+        if name == TENSORBOARD_DIR and path.is_dir():
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()

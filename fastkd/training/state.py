@@ -97,7 +97,10 @@ def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) 
     and a state that is damaged or not one fastkd wrote (``CheckpointError``, one line)."""
     payload = read_torch_file(path, "run state")  # weights only: no pickled code runs
     _check_payload(path, payload, [learner.name for learner in learners])
-    saved = current_spelling(payload["config"])
+    try:
+        saved = current_spelling(payload["config"])
+    except (ValueError, TypeError) as error:  # a mode or score this fastkd does not know
+        raise damaged_state(path, f"its configuration cannot be read ({error})") from None
     changed = [k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k]]
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed)
@@ -110,7 +113,7 @@ def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) 
             if learner.scheduler is not None:
                 learner.scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, ValueError, KeyError, TypeError) as error:
-            raise _damaged(
+            raise damaged_state(
                 path, f"{learner.name}'s state does not fit its model ({_brief(error)})"
             ) from None
     return payload
@@ -131,26 +134,38 @@ _FIELDS = {
 def _check_payload(path: Path, payload: Any, names: list[str]) -> None:
     """The fields ``resume`` reads, with their types, for every learner of this run."""
     if not isinstance(payload, dict):
-        raise _damaged(path, f"it holds a {type(payload).__name__}, not a run state")
+        raise damaged_state(path, f"it holds a {type(payload).__name__}, not a run state")
     for field, kind in _FIELDS.items():
         if not isinstance(payload.get(field), kind) or isinstance(payload.get(field), bool):
-            raise _damaged(path, f"its {field!r} is missing or not a {kind.__name__}")
+            raise damaged_state(path, f"its {field!r} is missing or not a {kind.__name__}")
     for name in names:
         state = payload["learners"].get(name)
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-            raise _damaged(path, f"it has no state of the trained model {name!r}")
-    known = set(EpochRecord.__dataclass_fields__)
-    needed = {name for name, f in EpochRecord.__dataclass_fields__.items() if _required(f)}
+            raise damaged_state(path, f"it has no state of the trained model {name!r}")
     for record in payload["history"]:
-        if not isinstance(record, dict) or set(record) - known or needed - set(record):
-            raise _damaged(path, "its history is not a list of epoch records")
+        if not _is_epoch_record(record):
+            raise damaged_state(path, "its history is not a list of epoch records")
     for rng in payload["rng"]:
         if not isinstance(rng, dict) or not {"torch", "numpy", "python"} <= set(rng):
-            raise _damaged(path, "its random states are incomplete")
+            raise damaged_state(path, "its random states are incomplete")
 
 
-def _required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+def _is_epoch_record(record: Any) -> bool:
+    """``record`` makes an ``EpochRecord`` whose numbers are numbers (the loop formats them)."""
+    fields = EpochRecord.__dataclass_fields__
+    missing = dataclasses.MISSING
+    needed = {n for n, f in fields.items() if f.default is missing and f.default_factory is missing}
+    if not isinstance(record, dict) or set(record) - set(fields) or needed - set(record):
+        return False
+    numbers = (record.get(n, 0) for n in ("epoch", "steps", "loss", "taught", "seconds"))
+    tables = (record.get(n, {}) for n in ("val_top1", "lr"))
+    return all(_number(v) for v in numbers) and all(
+        isinstance(t, dict) and all(_number(v) for v in t.values()) for t in tables
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _brief(error: BaseException, limit: int = 160) -> str:
@@ -159,7 +174,8 @@ def _brief(error: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _damaged(path: Path, why: str) -> CheckpointError:
+def damaged_state(path: Path, why: str) -> CheckpointError:
+    """The one message of a run state that cannot be resumed, and the two ways on."""
     return CheckpointError(
         f"run state {path} cannot be resumed: {why}. Start the run over in another --out, or "
         "with --overwrite in this one"

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import CheckpointError, ConfigError, DatasetError
+from fastkd.errors import ConfigError, DatasetError
 from fastkd.files import write_json
 from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
@@ -47,7 +47,7 @@ from fastkd.partition import NO_TEACHER
 from fastkd.runtime import (
     DistContext,
     autocast,
-    init_distributed,
+    join_job,
     progress_bar,
     resolve_device,
 )
@@ -58,7 +58,6 @@ from fastkd.training.learners import (
     Learner,
     add_cosine_schedules,
     check_labels,
-    initial_weights_path,
     make_learner,
     spec_text,
 )
@@ -71,6 +70,7 @@ from fastkd.training.report import (
 from fastkd.training.run_folder import HISTORY_FILE, prepare_run_folder
 from fastkd.training.state import (
     STATE_FILE,
+    damaged_state,
     load_run_state,
     restore_rng,
     rng_state,
@@ -81,11 +81,9 @@ from fastkd.training.steps import (
     SkipFlag,
     StepRecord,
     StepResult,
-    exploded_weights_error,
     non_finite_error,
     rewind_schedule,
     skipping_step,
-    weight_norm,
 )
 from fastkd.training.strategy import RunContext, build_strategy
 from fastkd.training.summary import (
@@ -129,7 +127,7 @@ class Trainer:
             raise ConfigError("no student: give --student NAME[=CKPT] (or --joint, or --all)")
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        self.dist = dist_context or init_distributed(self.device.type)
+        self.dist = dist_context or join_job(self.device)
         if cfg.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"batch_size {cfg.batch_size} must be a multiple of the world size "
@@ -335,8 +333,7 @@ class Trainer:
             self.pool_specs,
             resume=cfg.resume,
             overwrite=cfg.overwrite,
-            is_main=self.dist.is_main,
-            barrier=self._barrier,
+            dist=self.dist,
         )
         if resuming:
             self.load_state(state_path)
@@ -429,12 +426,7 @@ class Trainer:
         """Keep each model's best weights on val (the latest without val data), then the state;
         weights that are not finite or exploded stop the run before anything is saved."""
         for learner in self.learners:
-            error = exploded_weights_error(
-                learner.name, weight_norm(learner.model), learner.start_norm, record.epoch,
-                self.out_dir / STATE_FILE,
-            )  # fmt: skip
-            if error is not None:
-                raise error
+            learner.check_weights(record.epoch, self.out_dir / STATE_FILE)
         if self.dist.is_main:
             for learner in self.learners:
                 score = record.val_top1.get(learner.name)
@@ -458,7 +450,7 @@ class Trainer:
     def _save_initial_weights(self) -> None:
         """A student without a checkpoint keeps its starting weights (``initial_weights_path``)."""
         for learner in self.learners:
-            if learner.before.checkpoint == initial_weights_path(self.out_dir, learner.name):
+            if learner.own_start:
                 self._save_weights(learner, learner.before.checkpoint, None)
 
     # -- checkpoint -------------------------------------------------------------------------------
@@ -498,10 +490,7 @@ class Trainer:
         try:
             restore_rng(rng[self.dist.rank], self.device)
         except (TypeError, ValueError, RuntimeError, KeyError) as error:
-            raise CheckpointError(
-                f"run state {path} cannot be resumed: its random states are damaged ({error}). "
-                "Start the run over in another --out, or with --overwrite in this one"
-            ) from None
+            raise damaged_state(path, f"its random states are damaged ({error})") from None
 
     # -- report -----------------------------------------------------------------------------------
 
