@@ -18,15 +18,10 @@ architecture, ``bench/results/compile-sm<arch>.json``. Triton must not be in int
 from __future__ import annotations
 
 import argparse
-import collections
 import concurrent.futures
-import contextlib
-import io
-import itertools
 import json
 import multiprocessing
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,35 +30,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastkd.bench.compile_configs import Config, capture, configurations
+from fastkd.bench.compile_sass import (
+    blocks_per_sm,
+    compile_launch,
+    loop_exps,
+    resource_usage,
+    sass_counts,
+)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SHAPES = "256x1000,1024x21841,4096x32000,8192x128256"
-BENCHMARK_SHAPE = (4096, 32000)  # the issue's case (docs/design.md's roofline)
-# Per-SM limits of the architectures checked: registers, threads, resident blocks, shared memory.
-SM_LIMITS = {
-    90: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024},
-    80: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 164 * 1024},
-}
-
-
-@dataclass(frozen=True)
-class Config:
-    """One kernel configuration at one shape."""
-
-    kernel: str  # partitioned | bidirectional | grad_scale
-    rows: int
-    classes: int
-    teacher: str = ""  # partitioned: dense-<dtype> or top<K>-<tail>-<id dtype>
-    mode: str = ""  # partitioned: live | fixed | best | plain; grad_scale: "tail" (remainder)
-    score: str = "label"  # partitioned: the partition score, label | confidence
-    models: int = 0  # bidirectional: N
-    stop_grad: bool = True
-    temperature: float = 1.0
-    dtype: str = "bfloat16"  # the student's (every model's) logits; grad_scale: the gradient's
-    per_row: bool = False  # grad_scale: one factor a row (reduction "none"), else a scalar
 
 
 @dataclass
 class Result:
+    """What the check records of one configuration compiled for one architecture."""
+
     config: Config
     arch: int
     ok: bool = True
@@ -82,243 +65,6 @@ class Result:
     mufu_ex2: int = 0  # MUFU.EX2 in the whole SASS (the masked head and tail included)
     ex2_per_element: float = 0.0  # exps per row element: tensor exps in the whole-tile loops
     compile_seconds: float = 0.0
-
-
-def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
-    """Every configuration the issue asks the check to cover, at every shape."""
-    teachers = [f"dense-{d}" for d in ("float16", "bfloat16", "float32")]
-    teachers += [f"top{k}-bucket-{i}" for k in (10, 100) for i in ("int32", "int64")]
-    teachers += [f"top10-{tail}-int64" for tail in ("uniform", "sampled")]
-    configs = [
-        Config("partitioned", rows, classes, teacher=teacher, mode=mode)
-        for (rows, classes), teacher, mode in itertools.product(
-            shapes, teachers, ("live", "fixed", "best")
-        )
-    ]
-    if BENCHMARK_SHAPE in shapes:  # plain KD's launch, and the label-free partition score
-        rows, classes = BENCHMARK_SHAPE
-        configs += [
-            Config("partitioned", rows, classes, teacher="dense-float32", mode="plain"),
-            Config("partitioned", rows, classes, "dense-bfloat16", "live", score="confidence"),
-        ]
-    configs += [
-        Config("partitioned", rows, classes, teacher=teacher, mode="live", temperature=t)
-        for (rows, classes), teacher, t in itertools.product(
-            shapes, ("dense-bfloat16", "top10-bucket-int64"), (2.0, 4.0)
-        )
-    ]
-    configs += [
-        Config("bidirectional", rows, classes, models=n, stop_grad=stop)
-        for (rows, classes), n, stop in itertools.product(shapes, (2, 3, 4), (True, False))
-    ]
-    configs += [  # the backward's scale pass (kernels.grad_scale)
-        Config("grad_scale", rows, classes, dtype=dtype)
-        for (rows, classes), dtype in itertools.product(shapes, ("bfloat16", "float16", "float32"))
-    ]
-    if BENCHMARK_SHAPE in shapes:
-        configs.append(Config("grad_scale", *BENCHMARK_SHAPE, per_row=True))
-    # the flat kernel's masked remainder (B x C not a whole number of blocks)
-    configs.append(Config("grad_scale", 33, 21841, mode="tail"))
-    return configs
-
-
-# ----------------------------------------------------------------------------------------------
-# Capturing the launch a launcher makes
-
-
-def _empty(shape: tuple[int, ...], dtype: Any) -> Any:
-    """Uninitialised CPU memory: the pages of a multi-GiB tensor are never touched."""
-    import torch
-
-    return torch.empty(shape, dtype=dtype)
-
-
-def capture(config: Config) -> Any:
-    """The one launch the config's launcher makes (kernels.launch.Launch)."""
-    import torch
-
-    from fastkd.kernels import PoolTargets, bidirectional_kd, grad_scale, partitioned_kd
-    from fastkd.kernels.launch import capture_launches
-
-    dtype = getattr(torch, config.dtype)
-    rows, classes = config.rows, config.classes
-    labels = torch.zeros(rows, dtype=torch.int64)
-    with capture_launches() as launches:
-        if config.kernel == "grad_scale":
-            factor = torch.ones(rows) if config.per_row else torch.tensor(1.0)
-            grad_scale.scale_rows_(_empty((rows, classes), dtype), factor)
-            launches[:] = launches[-1:] if config.mode == "tail" else launches[:1]
-        elif config.kernel == "bidirectional":
-            logits = [_empty((rows, classes), dtype) for _ in range(config.models)]
-            grads = [_empty((rows, classes), dtype) for _ in range(config.models)]
-            cfg = bidirectional_kd.BidirectionalKDConfig(
-                stop_grad=config.stop_grad, temperature=config.temperature, reduction="sum"
-            )
-            bidirectional_kd.launch_bidirectional_kd(logits, grads, labels, cfg)
-        else:
-            # plain: the launch after PoolTargets.mixture, one fp32 column read as best
-            members = 1 if config.mode == "plain" else 2
-            kind, *tail, teacher_dtype = config.teacher.split("-")
-            true_logprob = torch.zeros(rows, members)
-            if kind == "dense":
-                targets = PoolTargets(
-                    true_logprob,
-                    logprobs=_empty((rows, members, classes), getattr(torch, teacher_dtype)),
-                )
-            else:
-                k, ids = int(kind.removeprefix("top")), getattr(torch, teacher_dtype)
-                targets = PoolTargets(
-                    true_logprob,
-                    topk_logprobs=_empty((rows, members, k), torch.float16),
-                    topk_ids=torch.zeros(rows, members, k, dtype=ids),
-                    log_tail=torch.zeros(rows, members),
-                    log_tail_sqrt=torch.zeros(rows, members),
-                    tail_ids=torch.zeros(rows, members, 8, dtype=ids)
-                    if tail == ["sampled"]
-                    else None,
-                    tail=tail[0],
-                )
-            cfg = partitioned_kd.PartitionedKDConfig(
-                mode="best" if config.mode == "plain" else config.mode,
-                self_index=1 if config.mode == "fixed" else None,
-                partition_score=config.score,
-                temperature=config.temperature,
-                reduction="sum",
-            )
-            student = _empty((rows, classes), dtype)
-            partitioned_kd.launch_partitioned_kd(
-                student, torch.empty_like(student), labels, targets, cfg, scores=true_logprob
-            )
-    (launch,) = launches
-    return launch
-
-
-# ----------------------------------------------------------------------------------------------
-# Compiling and reading the machine code
-
-
-_PTXAS_LOGS: dict[str, str] = {}  # compiled kernel hash -> the ptxas -v log of its compile
-
-
-class _StandInDriver:
-    """The active driver while compiling: it names the target and launches nothing."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def get_current_target(self) -> Any:
-        return self.target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
-
-    def is_active(self) -> bool:
-        return True
-
-
-def _tool(name: str) -> str:
-    import triton
-
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
-
-
-def compile_launch(launch: Any, arch: int) -> tuple[Any, str]:
-    """``triton.compile`` of the recorded launch for ``sm_<arch>`` (JIT specialisation included)
-    and the ``ptxas -v`` log of that compile (empty when the kernel came from a cache)."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    previous = driver._active  # None until a driver was needed; reset_active would probe for one
-    driver.set_active(_StandInDriver(GPUTarget("cuda", arch, 32)))
-    log = io.StringIO()
-    try:
-        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
-            knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v and prints its log
-            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
-    finally:
-        driver._active = previous
-    # A kernel the same process compiled before comes from Triton's cache without a new log.
-    text = _PTXAS_LOGS.setdefault(compiled.metadata.hash, log.getvalue())
-    return compiled, text
-
-
-def resource_usage(cubin: bytes, ptxas_log: str) -> dict[str, int]:
-    """Registers, stack, local memory and static shared memory of the cubin (its cuobjdump
-    -res-usage), and the spill bytes of the ``ptxas -v`` log Triton's compile wrote."""
-    with tempfile.TemporaryDirectory() as folder:
-        binary = Path(folder) / "kernel.cubin"
-        binary.write_bytes(cubin)
-        usage = subprocess.run(
-            [_tool("cuobjdump"), "-res-usage", str(binary)],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-
-    def number(pattern: str, text: str) -> int:
-        found = re.search(pattern, text)
-        return int(found.group(1)) if found else 0
-
-    return {
-        "registers": number(r"REG:(\d+)", usage),
-        "stack_bytes": number(r"STACK:(\d+)", usage),
-        "local_bytes": number(r"LOCAL:(\d+)", usage),
-        "shared_bytes": number(r"SHARED:(\d+)", usage),
-        "spill_store_bytes": number(r"(\d+) bytes spill stores", ptxas_log),
-        "spill_load_bytes": number(r"(\d+) bytes spill loads", ptxas_log),
-    }
-
-
-def sass_counts(cubin: bytes) -> tuple[dict[str, int], dict[str, int], int]:
-    """Global loads and stores by opcode (width) and the MUFU.EX2 count in the SASS."""
-    with tempfile.TemporaryDirectory() as folder:
-        binary = Path(folder) / "kernel.cubin"
-        binary.write_bytes(cubin)
-        sass = subprocess.run(
-            [_tool("cuobjdump"), "-sass", str(binary)], capture_output=True, text=True, check=True
-        ).stdout
-    loads = collections.Counter(re.findall(r"\b(LDG\.E[.\w]*)", sass))
-    stores = collections.Counter(re.findall(r"\b(STG\.E[.\w]*)", sass))
-    return (
-        dict(sorted(loads.items())),
-        dict(sorted(stores.items())),
-        len(re.findall(r"MUFU\.EX2", sass)),
-    )
-
-
-def loop_exps(ttgir: str) -> int:
-    """Exponentials per row element: the tensor-valued exp / exp2 ops inside the ``scf.for``
-    loops over whole tiles (each loop visits every element of a row's body once; the masked
-    head and tail outside them are a few elements a row). Each lowers to one MUFU.EX2."""
-    count, depth, loop_depths = 0, 0, []
-    for line in ttgir.splitlines():
-        loop = re.search(r"scf\.for %\S+ = %\S+ to (%\S+) step", line)
-        if loop and line.rstrip().endswith("{"):
-            # whole-tile loops run to a row's tile count; a loop to a literal (the masked ends,
-            # two trips) is not one
-            whole_tiles = not re.fullmatch(r"%c\d+_i\d+(_\d+)?", loop.group(1))
-            loop_depths.append((depth, whole_tiles))
-        if any(w for _, w in loop_depths) and re.search(r"= math\.exp2? %\S+ : tensor<", line):
-            count += 1
-        depth += line.count("{") - line.count("}")
-        while loop_depths and depth <= loop_depths[-1][0]:
-            loop_depths.pop()
-    return count
-
-
-def blocks_per_sm(arch: int, registers: int, warps: int, shared: int) -> int:
-    """Resident blocks per SM: registers (per-warp allocation in 256-register units), threads,
-    the block limit and shared memory, whichever binds first."""
-    limits = SM_LIMITS[arch]
-    per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_registers = limits["registers"] // (per_warp * warps)
-    by_threads = limits["threads"] // (32 * warps)
-    by_shared = limits["shared"] // (shared + 1024) if shared else limits["blocks"]
-    return min(by_registers, by_threads, limits["blocks"], by_shared)
 
 
 def check(config: Config, arch: int) -> Result:

@@ -33,6 +33,7 @@ import timm
 import torch
 from PIL import Image
 
+from fastkd.bench.imagenet import IMAGENET_224
 from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, resolve_backend, view_loader
 from fastkd.digits import write_digits_folder
@@ -50,13 +51,6 @@ DIGITS_POOL = {
     "effnet": ("test_efficientnet", 48, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 PHOTO_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (400, 600))
-PHOTO_CONFIG = {
-    "input_size": [3, 224, 224],
-    "interpolation": "bicubic",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "crop_pct": 0.875,
-}
 
 
 def write_pool(folder: Path, num_classes: int) -> list[str]:
@@ -230,7 +224,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                     "loader": loader_rate(
                         photos,
                         photo_items,
-                        [PHOTO_CONFIG],
+                        [IMAGENET_224],
                         backend,
                         args.batch_size,
                         args.workers,

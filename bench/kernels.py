@@ -34,20 +34,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastkd.compression import TailModel
-from fastkd.kernels import (
-    TARGET_FIELDS,
-    BidirectionalKDConfig,
-    PartitionedKDConfig,
-    PoolTargets,
-    bidirectional_kd_loss,
-    bidirectional_kd_reference,
-    partitioned_kd_loss,
-    partitioned_kd_reference,
-)
+from fastkd.bench.kernel_cases import DEFAULT_SHAPES, Case, ideal_bytes, make_inputs, parse_shapes
+from fastkd.bench.kernel_methods import PEER_NOTES, PEERS, methods, peer_bytes
 from fastkd.runtime import machine_name, resolve_device
 
-DEFAULT_SHAPES = "256x1000,1024x21841,4096x32000,8192x128256"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Peak memory bandwidth in bytes/s by device name, most specific pattern first.
@@ -68,23 +58,6 @@ PEAK_BANDWIDTH = [
 ]
 
 
-# Methods that compute other losses than fastkd's (bandwidth peers): their own bytes, no speed-up.
-PEERS = ("liger_ce_peer", "liger_jsd_peer")
-PEER_NOTES = {
-    "liger_ce_peer": "other loss (CE only): bandwidth peer; GB/s of its own B x C read + write",
-    "liger_jsd_peer": "other loss (JSD on log-probs): bandwidth peer; GB/s of its 2 reads + write",
-}
-
-
-@dataclass(frozen=True)
-class Case:
-    kernel: str  # "partitioned" or "bidirectional"
-    rows: int
-    classes: int
-    teacher: str  # "dense", "topk" (partitioned) or "live" (bidirectional)
-    dtype: str
-
-
 @dataclass
 class Measurement:
     method: str
@@ -102,196 +75,6 @@ def peak_bandwidth(device_name: str) -> float | None:
         if re.search(pattern, device_name):
             return bandwidth
     return None
-
-
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    try:
-        return [tuple(int(n) for n in item.lower().split("x", 1)) for item in text.split(",")]
-    except ValueError:
-        raise SystemExit(f"--shapes: expected BxC[,BxC...], got {text!r}") from None
-
-
-def make_inputs(case: Case, args: argparse.Namespace, device: torch.device) -> dict:
-    """Student logits (leaf), labels and targets; teachers lean on the label like real models."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    dtype = getattr(torch, case.dtype)
-    rows, classes = case.rows, case.classes
-    labels = torch.randint(0, classes, (rows,), device=device, generator=gen)
-    row_index = torch.arange(rows, device=device)
-
-    def logits(*shape: int) -> torch.Tensor:
-        z = torch.randn(*shape, classes, device=device, generator=gen, dtype=dtype)
-        z[row_index, ..., labels] += 4.0
-        return z
-
-    if case.kernel == "bidirectional":
-        return {"logits": [logits(rows) for _ in range(2)], "labels": labels}
-    pool = logits(rows, args.members)
-    if case.teacher == "topk":
-        targets = PoolTargets.from_logits(pool, labels, args.topk, TailModel.BUCKET)
-        targets.topk_ids = targets.topk_ids.int()  # as the store keeps them (fp16 values already)
-    else:
-        targets = PoolTargets.from_logits(pool, labels, 0)
-    del pool
-    return {"student": logits(rows), "labels": labels, "targets": targets}
-
-
-def ideal_bytes(case: Case, inputs: dict) -> int:
-    """Bytes a perfect kernel moves: logits read, one teacher row read, gradient written."""
-    if case.kernel == "bidirectional":
-        return sum(2 * z.numel() * z.element_size() for z in inputs["logits"])
-    student, targets = inputs["student"], inputs["targets"]
-    logits_bytes = student.numel() * student.element_size()
-    if targets.is_sparse:
-        per_row = targets.topk * (
-            targets.topk_logprobs.element_size() + targets.topk_ids.element_size()
-        )
-        teacher_bytes = case.rows * per_row
-    else:
-        teacher_bytes = case.rows * case.classes * targets.logprobs.element_size()
-    return 2 * logits_bytes + teacher_bytes
-
-
-def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Callable | str]:
-    """Name -> a forward + backward step, or the reason the method is unavailable."""
-    temperature = args.temperature
-    labels = inputs["labels"]
-    if case.kernel == "bidirectional":
-        leaves = [z.requires_grad_() for z in inputs["logits"]]
-        config = BidirectionalKDConfig(temperature=temperature)
-
-        def fastkd() -> None:
-            bidirectional_kd_loss(leaves, labels, temperature=temperature)[0].backward()
-
-        def reference(za: torch.Tensor, zb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return bidirectional_kd_reference([za, zb], y, config)[0]
-
-        tensors = (*leaves, labels)
-        liger = "dense partitioned teachers only"
-    else:
-        student, targets = inputs["student"].requires_grad_(), inputs["targets"]
-        options = {"mode": "live", "temperature": temperature, "self_index": 0}
-        config = PartitionedKDConfig(**options)
-        leaves = [student]
-
-        def fastkd() -> None:
-            partitioned_kd_loss(student, labels, targets, **options)[0].backward()
-
-        def reference(z: torch.Tensor, y: torch.Tensor, *target_tensors) -> torch.Tensor:
-            fields = dict(zip(TARGET_FIELDS, target_tensors, strict=True))
-            pool = PoolTargets(**fields, tail=targets.tail)
-            return partitioned_kd_reference(z, y, pool, config)[0]
-
-        tensors = (student, labels, *(getattr(targets, name) for name in TARGET_FIELDS))
-        liger = liger_step(student, targets, temperature) if not targets.is_sparse else ""
-        if not liger:
-            liger = "dense teachers only"
-
-    def eager() -> None:
-        reference(*tensors).backward()
-
-    found: dict[str, Callable | str] = {"fastkd": fastkd, "torch_eager": eager}
-    if args.no_compile:
-        found["torch_compile"] = "disabled (--no-compile)"
-    else:
-        compiled = torch.compile(reference)
-        found["torch_compile"] = lambda: compiled(*tensors).backward()
-    found["liger_kl"] = liger
-    found.update(liger_peers(case, inputs))
-    for name, step in list(found.items()):
-        if callable(step):
-            found[name] = _clearing_grads(step, leaves)
-    return found
-
-
-def liger_step(student: torch.Tensor, targets: PoolTargets, temperature: float) -> Callable | str:
-    """Liger's KL path on the best teacher's dense log-probabilities, or why it is unavailable."""
-    try:
-        from liger_kernel.transformers import LigerKLDIVLoss
-    except ImportError:
-        return "liger-kernel not installed"
-    if not student.is_cuda:
-        return "needs CUDA"
-    teacher = targets.logprobs[:, 1]
-    kl = LigerKLDIVLoss(reduction="batchmean", log_target=True)
-
-    def step() -> None:
-        log_q = torch.log_softmax(student.float() / temperature, dim=-1)
-        log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
-        (kl(log_q, log_p) * temperature**2).backward()
-
-    return step
-
-
-def liger_peers(case: Case, inputs: dict) -> dict[str, Callable | str]:
-    """Liger's fused cross-entropy and JSD on this case's logits (module docstring: bandwidth
-    peers, other losses), each a forward + backward step on its own leaf, or why unavailable.
-
-    The CE kernel writes its gradient over its input, so it gets a copy of the student's logits;
-    the JSD takes log-probabilities, made once here (outside the timed step) from the student
-    and from a dense teacher: pool member 1 (the live-mode student is member 0), or model 1."""
-    student = inputs["logits"][0] if case.kernel == "bidirectional" else inputs["student"]
-    if not student.is_cuda:
-        return dict.fromkeys(PEERS, "needs CUDA")
-    try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-        from liger_kernel.transformers.jsd import LigerJSD
-    except Exception as error:  # not installed, or an import that fails on this machine
-        return dict.fromkeys(PEERS, f"liger-kernel not importable: {type(error).__name__}")
-    labels = inputs["labels"]
-    logits = student.detach().clone().requires_grad_()
-    cross_entropy = LigerCrossEntropyLoss()
-
-    def ce_step() -> None:
-        _loss_of(cross_entropy(logits, labels)).backward()
-        logits.grad = None
-
-    peers: dict[str, Callable | str] = {"liger_ce_peer": ce_step}
-    if case.kernel == "bidirectional":
-        teacher = inputs["logits"][1]
-    elif inputs["targets"].logprobs is not None:
-        teacher = inputs["targets"].logprobs[:, 1]
-    else:
-        peers["liger_jsd_peer"] = "dense teachers only"
-        return peers
-    with torch.no_grad():
-        log_q = torch.log_softmax(student.float(), dim=-1).to(student.dtype)
-        log_p = torch.log_softmax(teacher.float(), dim=-1).to(student.dtype)
-    log_q.requires_grad_()
-    jsd = LigerJSD(beta=0.5)
-
-    def jsd_step() -> None:
-        _loss_of(jsd(log_q, log_p)).backward()
-        log_q.grad = None
-
-    peers["liger_jsd_peer"] = jsd_step
-    return peers
-
-
-def peer_bytes(method: str, case: Case) -> int:
-    """Ideal bytes of a bandwidth peer: its B x C reads and its gradient write."""
-    element = torch.tensor([], dtype=getattr(torch, case.dtype)).element_size()
-    passes = {"liger_ce_peer": 2, "liger_jsd_peer": 3}[method]
-    return passes * case.rows * case.classes * element
-
-
-def _loss_of(output: object) -> torch.Tensor:
-    """The loss tensor of a Liger module's output (a tensor, a tuple, or an object with .loss,
-    depending on the version)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.loss
-
-
-def _clearing_grads(step: Callable, leaves: list[torch.Tensor]) -> Callable:
-    def run() -> None:
-        step()
-        for leaf in leaves:
-            leaf.grad = None
-
-    return run
 
 
 def measure(step: Callable, device: torch.device, reps: int) -> tuple[float, float | None]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.bench.imagenet import IMAGENET_224
 from fastkd.compression import DEFAULT_TAIL
 from fastkd.runtime import machine_name
 from fastkd.store import Manifest, ModelEntry, StoreReader, StoreWriter, summarize
@@ -35,13 +36,6 @@ SYNTHETIC_NOTE = (
     "SYNTHETIC logits: per sample N(0, 1.5^2) base logits, true class +U(4, 12), 4 confusable "
     "classes +U(2, 8); per view N(0, noise^2) on every logit"
 )
-DATA_CONFIG = {
-    "input_size": [3, 224, 224],
-    "interpolation": "bicubic",
-    "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225],
-    "crop_pct": 0.875,
-}
 
 
 def synthetic_logits(
@@ -77,7 +71,7 @@ def build_store(
                 f"top{k}" if k else "dense",
                 "synthetic",
                 None,
-                DATA_CONFIG,
+                IMAGENET_224,
                 num_classes,
                 k,
                 DEFAULT_TAIL.value if k else None,

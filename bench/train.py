@@ -36,6 +36,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.architectures import register as register_architectures
 from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
@@ -70,6 +71,7 @@ def make_pool(workdir: Path, arch: str, image_size: int, samples: int, views: in
         "std": [0.5, 0.5, 0.5],
         "crop_pct": 1.0,
     }
+    register_architectures()  # --arch may name fastkd's own (fastkd_mlp_mixer)
     specs = []
     for index in range(1 + max(POOL_SIZES)):
         torch.manual_seed(index)

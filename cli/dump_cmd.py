@@ -10,7 +10,6 @@ import typer
 from fastkd.augment import AugmentConfig
 from fastkd.choices import OnBadImage
 from fastkd.cli import options
-from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
 from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel
@@ -142,7 +141,6 @@ def dump(
     """
     from fastkd.dump import DumpConfig, run_dump
 
-    register_demo_architectures()
     config = DumpConfig(
         data=data,
         models=model,

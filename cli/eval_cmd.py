@@ -11,7 +11,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from fastkd.cli import options
-from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.guard import guarded
 
 
@@ -58,7 +57,6 @@ def eval_command(
     from fastkd.outputs import claim_output_folder
     from fastkd.training import REPORT_STEM
 
-    register_demo_architectures()
     console = Console()
     after = parse_pool(model)
     if out is not None:  # refused before any model runs: a folder of the user's is never written

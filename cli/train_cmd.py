@@ -13,11 +13,10 @@ from rich.text import Text
 from fastkd.augment import AugmentConfig
 from fastkd.choices import DEFAULT_BATCH_SIZE, DEFAULT_LR, PartitionMode, PartitionScore, Teachers
 from fastkd.cli import options
-from fastkd.cli.architectures import register_demo_architectures
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
 from fastkd.errors import ConfigError
-from fastkd.presets import PresetName, apply_preset, preset_help
+from fastkd.presets import PresetName, preset_help, preset_loss, preset_training
 
 if TYPE_CHECKING:  # the training imports torch, timm and the kernels: only when a command runs
     from fastkd.training import TrainResult
@@ -242,70 +241,63 @@ def train_command(
     from fastkd.training import REPORT_STEM, TrainConfig, train, train_all
     from fastkd.training.report import caveats
 
-    register_demo_architectures()
     console = Console()
     if train_every_member and (student is not None or joint):
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
-    refused = _views_with_store(views, store)
     run_lr, model_lr = _learning_rates(lr or [])
     if preset == PresetName.KL_DP and joint:
         raise ConfigError(
             "--preset kl-dp is one-way KL+DP from a store or live teachers; --joint trains "
             "Bi-KD (every model both ways): use --preset bi-kd with --joint"
         )
-    tuned = apply_preset(
-        {
-            "mode": mode,
-            "partition_score": partition_score,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "optimizer": optimizer,
-            "lr": run_lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "lr_schedule": lr_schedule,
-            "temperature": temperature,
-            "kd_weight": kd_weight,
-            "ce_weight": ce_weight,
-            "stop_grad": stop_grad,
-        },
+    loss = preset_loss(
         preset,
+        mode=mode,
+        partition_score=partition_score,
+        temperature=temperature,
+        kd_weight=kd_weight,
+        ce_weight=ce_weight,
+        stop_grad=stop_grad,
     )
-    try:
-        cfg = TrainConfig(
-            data=data,
-            data_root=data_root,
-            student=student,
-            store=store,
-            models=tuple(model or ()),
-            members=tuple(member or ()),
-            teachers=teachers,
-            joint=joint,
-            model_lr=model_lr,
-            **tuned,
-            seed=seed,
-            views=1 if views is None or refused else views,
-            augment=augment,
-            pretrained=not from_scratch,
-            input_size=input_size,
-            val_data=val_data,
-            eval_data=eval_data,
-            control=control,
-            out_dir=out,
-            resume=resume,
-            overwrite=overwrite,
-            device=device,
-            amp=amp,
-            backend=backend,
-            num_workers=workers,
-            progress=progress,
-        )
-    except ConfigError as error:
-        if refused is None:
-            raise
-        raise ConfigError(f"{error}; {refused}") from None  # every problem in one message
-    if refused is not None:
-        raise ConfigError(f"invalid training configuration: {refused}")
+    optimiser = preset_training(
+        preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=run_lr,
+        weight_decay=weight_decay,
+        momentum=momentum,
+        lr_schedule=lr_schedule,
+    )
+    cfg = TrainConfig(
+        data=data,
+        data_root=data_root,
+        student=student,
+        store=store,
+        models=tuple(model or ()),
+        members=tuple(member or ()),
+        teachers=teachers,
+        loss=loss,
+        joint=joint,
+        model_lr=model_lr,
+        **optimiser,
+        seed=seed,
+        views=views,
+        augment=augment,
+        pretrained=not from_scratch,
+        input_size=input_size,
+        val_data=val_data,
+        eval_data=eval_data,
+        control=control,
+        out_dir=out,
+        resume=resume,
+        overwrite=overwrite,
+        device=device,
+        amp=amp,
+        backend=backend,
+        num_workers=workers,
+        progress=progress,
+    )
     if train_every_member:
         pool = train_all(cfg)
         runs, report = pool.runs, pool.report
@@ -345,17 +337,6 @@ def _learning_rates(texts: list[str]) -> tuple[float | None, dict[str, float]]:
         else:
             run_lr = number
     return run_lr, model_lr
-
-
-def _views_with_store(views: int | None, store: Path | None) -> str | None:
-    """Why --views cannot go with --store (None when it is not given with one): the store's
-    views are the ones it was dumped with, so even --views 1 would be ignored."""
-    if views is None or store is None:
-        return None
-    return (
-        f"--views {views} with --store: a store has the views it was dumped with "
-        "(`fastkd dump --views`); leave out --views"
-    )
 
 
 def _print_runs(console: Console, runs: dict[str, TrainResult]) -> None:

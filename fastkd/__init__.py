@@ -8,7 +8,7 @@ that needs it is used:
   ``target_columns``, ``PoolTargets``;
 - a view rebuilt from one's own image file: ``ViewTransform``;
 - the losses: ``partitioned_kd_loss`` / ``PartitionedKDLoss``, ``bidirectional_kd_loss`` /
-  ``BidirectionalKDLoss``, ``KDStats``, ``PartitionMode``;
+  ``BidirectionalKDLoss``, their settings ``LossSettings``, ``KDStats``, ``PartitionMode``;
 - data and models: ``open_dataset``, ``load_model``;
 - the command's runs from Python: ``TrainConfig``, ``train``, ``train_all``;
 - the one error root: ``FastKDError``.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fastkd.version import __version__
 
 _HOMES = {
     "open_store": "fastkd.api",
@@ -33,7 +33,7 @@ _HOMES = {
     "read_targets": "fastkd.api",
     "ViewTransform": "fastkd.api",
     "StoreReader": "fastkd.store",
-    "target_columns": "fastkd.training.strategy",
+    "target_columns": "fastkd.targets",
     "PoolTargets": "fastkd.kernels",
     "KDStats": "fastkd.kernels",
     "partitioned_kd_loss": "fastkd.kernels",
@@ -41,6 +41,7 @@ _HOMES = {
     "bidirectional_kd_loss": "fastkd.kernels",
     "BidirectionalKDLoss": "fastkd.kernels",
     "PartitionMode": "fastkd.choices",
+    "LossSettings": "fastkd.loss_settings",
     "open_dataset": "fastkd.data",
     "load_model": "fastkd.models",
     "TrainConfig": "fastkd.training",
@@ -53,6 +54,7 @@ __all__ = [  # the names of _HOMES (a test holds them equal), literal for linter
     "BidirectionalKDLoss",
     "FastKDError",
     "KDStats",
+    "LossSettings",
     "PartitionMode",
     "PartitionedKDLoss",
     "PoolTargets",
@@ -99,7 +101,8 @@ if TYPE_CHECKING:
         bidirectional_kd_loss,
         partitioned_kd_loss,
     )
+    from fastkd.loss_settings import LossSettings
     from fastkd.models import load_model
     from fastkd.store import StoreReader
+    from fastkd.targets import target_columns
     from fastkd.training import TrainConfig, train, train_all
-    from fastkd.training.strategy import target_columns

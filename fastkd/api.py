@@ -26,15 +26,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastkd.augment import AugmentConfig
 from fastkd.data import ImageDataset, Preprocess, load_view, open_dataset
 from fastkd.data.batches import check_encoded, normalize
 from fastkd.errors import ConfigError, DatasetError
 from fastkd.kernels import PoolTargets
 from fastkd.runtime import DistContext
 from fastkd.store import StoreReader
-from fastkd.training.plan import EpochPlanner
-from fastkd.training.strategy import pool_targets
-from fastkd.views import AugmentConfig, pixel_box
+from fastkd.targets import pool_targets
+from fastkd.training import EpochPlanner
+from fastkd.views import pixel_box
 
 
 def open_store(

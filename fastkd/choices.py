@@ -2,7 +2,8 @@
 
 The CLI builds its options (their types, choices and defaults) from these at start-up, so
 ``fastkd --help`` and a typo answer without importing torch, timm or DALI. The library modules
-that act on them (``partition``, ``training``, ``data``) import them from here: one home each.
+that act on them (``partition``, ``loss_settings``, ``training``, ``data``, the kernels) import
+them from here, and so does every caller: one home each.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class PartitionScore(str, Enum):
 
     LABEL = "label"  # log p(y): needs the label
     CONFIDENCE = "confidence"  # max_c log p(c), the confidence in the top class: no label
+
+
+class Reduction(str, Enum):
+    """How a loss's per-row values become the loss."""
+
+    NONE = "none"
+    MEAN = "mean"  # over the rows whose label is not ignore_index; 0 when every row is ignored
+    SUM = "sum"
 
 
 def option_flag(field_name: str) -> str:

@@ -50,6 +50,9 @@ class TailModel(str, Enum):
     BUCKET = "bucket"
     SAMPLED = "sampled"
 
+    def __str__(self) -> str:  # as messages and tables name it: its option value
+        return self.value
+
 
 DEFAULT_TAIL = TailModel.BUCKET
 MAX_TAIL_SAMPLES = 64  # the kernel compares the draws pairwise in registers (checked at 64)

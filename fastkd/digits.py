@@ -8,7 +8,9 @@ the test image of one fold.
 
 It also defines the demo's pool: three architecture families from timm, small enough to train from
 scratch on two CPU cores in seconds, each on its own part of the data (``DIGITS_POOL``), so that
-each is right where another is wrong. Importing this module registers ``fastkd_mlp_mixer`` with timm (see there).
+each is right where another is wrong. Its mixer, ``fastkd_mlp_mixer``, is fastkd's own
+(``fastkd.architectures``, registered with timm where models are built); this module imports no
+timm.
 """
 
 from __future__ import annotations
@@ -21,13 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from timm.models import build_model_with_cfg, register_model
-from timm.models.mlp_mixer import MlpMixer
 
 from fastkd.errors import ConfigError
 from fastkd.files import atomic_write_text
 
-# Public names; timm's ``register_model`` appends the model it registers here.
 __all__ = [
     "DIGITS_POOL",
     "POOL_IMAGE_SIZE",
@@ -183,30 +182,6 @@ def write_sample_list(root: str | os.PathLike, name: str, samples: np.ndarray) -
     path = Path(root) / name
     atomic_write_text(path, "".join(f"{keys[i]} {labels[i]}\n" for i in samples))
     return path
-
-
-@register_model
-def fastkd_mlp_mixer(pretrained: bool = False, **kwargs: Any) -> MlpMixer:
-    """timm's MLP-Mixer with every size open (``img_size``, ``patch_size``, ``num_blocks``,
-    ``embed_dim``, ...): timm's registered mixers fix the patch, depth and width, so none fits a
-    16 px input. No pretrained weights; the default data config follows ``img_size``.
-
-    A checkpoint of this architecture loads in any process that imported ``fastkd.digits``
-    (every ``fastkd`` command does).
-    """
-    if pretrained:
-        raise ConfigError("fastkd_mlp_mixer has no pretrained weights: train it from scratch")
-    size = int(kwargs.get("img_size", 224))
-    kwargs["pretrained_cfg"] = kwargs.get("pretrained_cfg") or {
-        "input_size": (3, size, size),
-        "crop_pct": 1.0,
-        "interpolation": "bicubic",
-        "mean": (0.5, 0.5, 0.5),
-        "std": (0.5, 0.5, 0.5),
-        "first_conv": "stem.proj",
-        "classifier": "head",
-    }
-    return build_model_with_cfg(MlpMixer, "fastkd_mlp_mixer", pretrained=False, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from fastkd.augment import AugmentConfig
 from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.errors import ConfigError
 from fastkd.input_size import (
@@ -25,7 +26,7 @@ from fastkd.input_size import (
 from fastkd.metrics import TransferReport, transfer_report
 from fastkd.models import ModelSpec, load_model
 from fastkd.runtime import autocast
-from fastkd.views import AugmentConfig, view_params
+from fastkd.views import view_params
 
 
 @torch.no_grad()

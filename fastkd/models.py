@@ -1,4 +1,4 @@
-"""Pool members: ``[alias:]NAME[=CKPT]`` specs, timm models, fastkd checkpoint files.
+"""Pool members as timm models, from their specs (``fastkd.model_specs``) and weights files.
 
 A model is a timm architecture plus weights: timm's pretrained weights (the user is online), a
 fastkd checkpoint (``save_checkpoint``: arch, constructor kwargs, weights and the timm data config
@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import timm
 import torch
 from timm.data import resolve_model_data_config
 
+from fastkd.architectures import register as register_architectures
 from fastkd.checkpoints import (
     check_model_kwargs,
     is_fastkd_checkpoint,
@@ -37,84 +38,15 @@ from fastkd.errors import (
     is_disk_full,
 )
 from fastkd.input_size import CHECKPOINT_SOURCE, OVERRIDE_SOURCE, TIMM_SOURCE, with_input_size
+from fastkd.model_specs import ModelSpec
+from fastkd.model_specs import parse_pool as parse_pool  # re-exported: callers import it here
 from fastkd.pretrained import hub_access, offline_hub
 
 log = logging.getLogger(__name__)
 
 _HASH_CHUNK = 1 << 20
 MAX_HEAD_WEIGHTS = 1 << 31  # a fresh classifier larger than this (8 GiB in fp32) is refused
-_TIMM_SOURCES = ("hf-hub", "hf_hub", "local-dir")  # timm's own "source:" name prefixes
 _SHOWN_KEYS = 5  # mismatched state-dict keys named in an error
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One pool member as given on the command line: ``[alias:]NAME[=CKPT]``.
-
-    ``arch`` is a timm model name (``hf-hub:`` and ``local-dir:`` names included), ``checkpoint``
-    an optional weights file, ``name`` the member's key in the store: the alias if given, else
-    the checkpoint's stem, else the architecture.
-    """
-
-    arch: str
-    checkpoint: Path | None = None
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.arch:
-            raise ConfigError("model spec has an empty architecture name")
-        if not self.name:
-            default = self.checkpoint.stem if self.checkpoint else self.arch.rsplit("/", 1)[-1]
-            object.__setattr__(self, "name", default)
-
-    @classmethod
-    def parse(cls, text: str) -> ModelSpec:
-        """``resnet18``, ``resnet18=ckpt.pt``, ``teacher:resnet18=ckpt.pt``, ``hf-hub:timm/x``."""
-        alias, arch, checkpoint = _split_spec(text)
-        return cls(arch=arch, checkpoint=checkpoint, name=alias)
-
-
-def _split_spec(text: str) -> tuple[str, str, Path | None]:
-    """``[alias:]NAME[=CKPT]`` -> (alias or "", NAME, CKPT or None); timm's ``hf-hub:`` stays."""
-    text = text.strip()
-    arch, sep, checkpoint = text.partition("=")
-    if sep and not checkpoint:
-        raise ConfigError(f"model spec {text!r}: empty checkpoint path after '='")
-    alias = ""
-    prefix, colon, rest = arch.partition(":")
-    if colon and prefix.lower() not in _TIMM_SOURCES:
-        alias, arch = prefix, rest
-        if not alias:
-            raise ConfigError(f"model spec {text!r}: empty alias before ':'")
-    if not arch:
-        raise ConfigError(f"model spec {text!r}: no model name (expected [alias:]NAME[=CKPT])")
-    return alias, arch, Path(checkpoint) if sep else None
-
-
-def parse_pool(texts: Iterable[str]) -> list[ModelSpec]:
-    """Parse the pool's specs and give every member a unique store name.
-
-    Derived names (checkpoint stem or architecture) that collide get ``-2``, ``-3``, ... in order;
-    an alias is kept as given, so an alias used twice, or equal to an earlier name, is an error.
-    """
-    specs: list[ModelSpec] = []
-    taken: set[str] = set()
-    for text in texts:
-        alias, arch, checkpoint = _split_spec(text)
-        spec = ModelSpec(arch=arch, checkpoint=checkpoint, name=alias)
-        name = spec.name
-        if name in taken:
-            if alias:
-                raise ConfigError(f"model alias {alias!r} names two members of the pool")
-            suffix = 2
-            while f"{name}-{suffix}" in taken:
-                suffix += 1
-            name = f"{name}-{suffix}"
-        taken.add(name)
-        specs.append(ModelSpec(arch=arch, checkpoint=checkpoint, name=name))
-    if not specs:
-        raise ConfigError("the pool is empty: give at least one model")
-    return specs
 
 
 @dataclass
@@ -255,6 +187,7 @@ def load_model(
     """
     if isinstance(spec, str):
         spec = ModelSpec.parse(spec)
+    register_architectures()  # fastkd's own (the demo's mixer): its checkpoints load anywhere
     if spec.arch.lower().startswith("local-dir:"):  # timm would read the folder's files itself
         raise ConfigError(
             f"model {spec.name!r}: {spec.arch!r} has timm read a folder of yours with its own "

@@ -1,7 +1,8 @@
 """The papers' settings as ``fastkd train --preset``, and the one rule of what wins.
 
 A value given on the command line wins over the preset, the preset over fastkd's default (the
-``TrainConfig`` default). Each setting keeps its source in the paper's code; ``docs/method.md``
+``LossSettings`` or ``TrainConfig`` default): ``preset_loss`` makes the run's loss settings,
+``preset_training`` its optimiser's fields. Each setting keeps its source in the paper's code; ``docs/method.md``
 ("Presets") shows ``markdown_table()``. Light: the CLI builds its help from ``PRESETS``.
 """
 
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from fastkd.choices import DEFAULT_BATCH_SIZE, option_flag
+from fastkd.choices import DEFAULT_BATCH_SIZE, PartitionMode, PartitionScore, option_flag
+from fastkd.loss_settings import LossSettings
 
 FANTASTIC_GAINS = "ExplainableML/FantasticGains"
 BI_KD = "Syd-J/Bi-KD"
@@ -145,20 +147,53 @@ def markdown_table() -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def apply_preset(given: Mapping[str, Any], preset: PresetName | None) -> dict[str, Any]:
-    """TrainConfig values: the explicit ones (not None) over the preset's; fields set by neither
-    are left out, so TrainConfig's defaults apply. A preset's lr is scaled by the resolved batch
-    size when the paper scales it and --lr is not given."""
-    values = {name: value for name, value in given.items() if value is not None}
-    if preset is None:
-        return values
-    chosen = PRESETS[PresetName(preset)]
-    for name, setting in chosen.settings.items():
-        values.setdefault(name, setting.value)
-    if chosen.lr_batch is not None and given.get("lr") is None:
+def preset_loss(
+    preset: PresetName | None,
+    *,
+    mode: PartitionMode | None = None,
+    partition_score: PartitionScore | None = None,
+    temperature: float | None = None,
+    kd_weight: float | None = None,
+    ce_weight: float | None = None,
+    stop_grad: bool | None = None,
+) -> LossSettings:
+    """The run's ``LossSettings``: each value given (not None) over the preset's, the preset's
+    over ``LossSettings``' defaults."""
+    given = {name: value for name, value in locals().items() if name != "preset"}
+    return LossSettings(**_chosen(given, preset))
+
+
+def preset_training(
+    preset: PresetName | None,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
+    lr_schedule: str | None = None,
+) -> dict[str, Any]:
+    """The run's optimiser fields of ``TrainConfig``: each value given (not None) over the
+    preset's; fields set by neither are left out (``TrainConfig``'s defaults apply). A preset's
+    lr is scaled by the resolved batch size when the paper scales it and no lr is given."""
+    given = {name: value for name, value in locals().items() if name != "preset"}
+    values = _chosen(given, preset)
+    chosen = PRESETS[PresetName(preset)] if preset is not None else None
+    if chosen is not None and chosen.lr_batch is not None and lr is None:
         values["lr"] = (
             chosen.settings["lr"].value
             * values.get("batch_size", DEFAULT_BATCH_SIZE)
             / chosen.lr_batch
         )
+    return values
+
+
+def _chosen(given: Mapping[str, Any], preset: PresetName | None) -> dict[str, Any]:
+    """The given values (not None) over the preset's, for the fields of ``given``."""
+    values = {name: value for name, value in given.items() if value is not None}
+    if preset is not None:
+        for name, setting in PRESETS[PresetName(preset)].settings.items():
+            if name in given:
+                values.setdefault(name, setting.value)
     return values

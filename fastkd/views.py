@@ -41,7 +41,6 @@ _STREAM_TAIL = 0x7461696C  # "tail"
 
 _CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 _NEVER_FITS = float(2**62)  # a crop side larger than any image (and than int64 can't hold)
-_DRAWS_PER_ATTEMPT = 4  # scale, log-ratio, top, left
 
 
 def _mulhilo64(a: np.ndarray, m: np.uint64) -> tuple[np.ndarray, np.ndarray]:

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import Enum
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
+from fastkd.choices import Reduction
 from fastkd.errors import ConfigError
 from fastkd.kernels import grad_scale
+from fastkd.loss_settings import LossSettings
 
 try:
     import triton
@@ -42,12 +43,6 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
 MAX_TILE = 4096
 """Widest tile along C: at 8 warps, 16 elements a thread (two 16-byte vectors of bf16), few
 enough registers for two blocks per SM (``fastkd bench compile`` holds every launch to that)."""
-
-
-class Reduction(str, Enum):
-    NONE = "none"
-    MEAN = "mean"  # over the rows whose label is not ignore_index; 0 when every row is ignored
-    SUM = "sum"
 
 
 @dataclass
@@ -70,7 +65,9 @@ class KDStats:
 
 @dataclass(frozen=True)
 class KDLossConfig:
-    """What every KD loss takes besides its tensors (each loss's config adds its own fields)."""
+    """What a KD loss call takes besides its tensors: the fields of its ``LossSettings``
+    (temperature, weights, reduction here; each loss's config adds the ones it reads), checked
+    by ``LossSettings`` (one rule each), and how this call runs."""
 
     temperature: float = 1.0
     kd_weight: float = 1.0
@@ -85,9 +82,9 @@ class KDLossConfig:
     grad_output_is_one: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reduction", Reduction(self.reduction))
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature}")
+        checked = self.settings  # LossSettings checks and types the loss's fields
+        for name in _SETTING_NAMES & {f.name for f in fields(self)}:
+            object.__setattr__(self, name, getattr(checked, name))
         if not math.isfinite(self.scale):
             raise ConfigError(f"scale must be finite, got {self.scale}")
         if self.grad_output_is_one and self.reduction is Reduction.NONE:
@@ -96,15 +93,42 @@ class KDLossConfig:
                 "loss.backward() takes a scalar"
             )
 
+    @property
+    def settings(self) -> LossSettings:
+        """The loss settings this config holds (the others at their defaults)."""
+        own = {name: getattr(self, name) for name in _SETTING_NAMES if hasattr(self, name)}
+        return LossSettings(**own)
+
+    @classmethod
+    def of(cls: type[Config], settings: LossSettings | None, **given: Any) -> Config:
+        """The config of one call: ``settings`` (default ``LossSettings()``), the settings
+        given by keyword (not None) over them, and the call's own fields."""
+        values = {f.name: getattr(settings or LossSettings(), f.name) for f in fields(cls)
+                  if f.name in _SETTING_NAMES}  # fmt: skip
+        values |= {k: v for k, v in given.items() if v is not None or k not in _SETTING_NAMES}
+        return cls(**values)
+
+    @classmethod
+    def from_call(cls: type[Config], arguments: Mapping[str, Any]) -> Config:
+        """The config of a loss function's call from its arguments (``locals()``): its
+        ``settings`` and the keyword arguments that are this config's fields."""
+        names = {f.name for f in fields(cls)}
+        given = {k: v for k, v in arguments.items() if k in names}
+        return cls.of(arguments.get("settings"), **given)
+
+
+_SETTING_NAMES = frozenset(f.name for f in fields(LossSettings))
+Config = TypeVar("Config", bound=KDLossConfig)
+
 
 class KDLossModule(nn.Module):
     """A KD loss as a module: the config is fixed at construction, the tensors per call."""
 
     config_class: ClassVar[type[KDLossConfig]]
 
-    def __init__(self, **config: Any) -> None:
+    def __init__(self, settings: LossSettings | None = None, **given: Any) -> None:
         super().__init__()
-        self.config = self.config_class(**config)
+        self.config = self.config_class.of(settings, **given)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())

@@ -1,5 +1,6 @@
-"""Partitioned KD's configuration and its torch reference, beside the fused kernel
-(``kernels.partitioned_kd``), which re-implements the same rule in registers.
+"""Partitioned KD's torch reference, beside the fused kernel (``kernels.partitioned_kernel``),
+which re-implements the same rule in registers. The config it reads is
+``kernels.partitioned_kd``'s.
 
 Per row (one sample view), with student logits z, label y and M stored pool members:
 
@@ -23,39 +24,19 @@ Per row (one sample view), with student logits z, label y and M stored pool memb
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from fastkd.errors import ConfigError
+from fastkd.choices import PartitionMode, PartitionScore
 from fastkd.kernels import common
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.targets import PoolTargets
-from fastkd.partition import (
-    NO_TEACHER,
-    PartitionMode,
-    PartitionScore,
-    best_member,
-    logits_score,
-    select_teacher,
-)
+from fastkd.partition import NO_TEACHER, best_member, logits_score, select_teacher
 
-
-@dataclass(frozen=True)
-class PartitionedKDConfig(common.KDLossConfig):
-    """A partitioned KD loss: the partition mode and score, and the student's own pool column."""
-
-    mode: PartitionMode = PartitionMode.LIVE
-    self_index: int | None = None
-    partition_score: PartitionScore = PartitionScore.LABEL
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "mode", PartitionMode(self.mode))
-        object.__setattr__(self, "partition_score", PartitionScore(self.partition_score))
-        if self.mode is PartitionMode.FIXED and self.self_index is None:
-            raise ConfigError("partition mode 'fixed' needs the student's pool column self_index")
+if TYPE_CHECKING:  # a type hint only: the config's module imports this one
+    from fastkd.kernels.partitioned_kd import PartitionedKDConfig
 
 
 def plain_as_best(

@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from fastkd.choices import PartitionScore
 from fastkd.compression import (
     DEFAULT_TAIL,
     MAX_TAIL_SAMPLES,
@@ -42,7 +43,6 @@ from fastkd.compression import (
 )
 from fastkd.errors import ConfigError
 from fastkd.kernels.common import assert_all
-from fastkd.partition import PartitionScore
 
 MIXTURE_LOG_FLOOR = -1e4
 """A mixture's log-probability where every teacher puts 0 (undrawn ids of sampled tails): its

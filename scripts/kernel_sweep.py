@@ -36,13 +36,10 @@ def main() -> None:
 
     from fastkd.bench import kernels as bench
     from fastkd.kernels import common
-    from fastkd.kernels.bidirectional_kd import (
-        BidirectionalKDConfig,
-        bidirectional_kd_loss,
-        launch_bidirectional_kd,
-    )
-    from fastkd.kernels.partitioned_kd import launch_partitioned_kd, partitioned_kd_loss
-    from fastkd.kernels.partitioned_reference import PartitionedKDConfig
+    from fastkd.kernels.bidirectional_kd import BidirectionalKDConfig, bidirectional_kd_loss
+    from fastkd.kernels.bidirectional_kernel import launch_bidirectional_kd
+    from fastkd.kernels.partitioned_kd import PartitionedKDConfig, partitioned_kd_loss
+    from fastkd.kernels.partitioned_kernel import launch_partitioned_kd
 
     device = torch.device(args.device)
     if device.type == "cpu":  # a dry run of the code paths: one call, no timing

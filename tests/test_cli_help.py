@@ -37,7 +37,7 @@ OWNERS = {
     "cli/train_cmd.py": "train",
     "cli/eval_cmd.py": "eval",
     "cli/demo_cmd.py": "demo",
-    "fastkd/dump.py": "dump",
+    "fastkd/dump/": "dump",
     "fastkd/training/": "train",
     "fastkd/evaluation.py": "eval",
 }

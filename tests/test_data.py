@@ -14,6 +14,7 @@ import torchvision
 from PIL import Image
 from reference_views import reference_inputs
 
+from fastkd.augment import AugmentConfig
 from fastkd.data import (
     BadImageError,
     DatasetError,
@@ -23,7 +24,7 @@ from fastkd.data import (
     view_loader,
 )
 from fastkd.models import ModelSpec, load_model
-from fastkd.views import AugmentConfig, all_views, pixel_box
+from fastkd.views import all_views, pixel_box
 
 if TYPE_CHECKING:
     from digits_pool import PoolMember

@@ -466,7 +466,7 @@ def test_a_file_whose_views_read_different_bytes_is_refused(
     """Views of one sample in one batch must have read the same bytes (the last read no longer
     silently wins)."""
     from fastkd.data import ViewBatch, open_dataset
-    from fastkd.dump import _BlockBuffer
+    from fastkd.dump.run import _BlockBuffer
     from fastkd.errors import DatasetError
 
     class Writer:

@@ -153,7 +153,10 @@ def test_stores_of_file_lists_keep_opening_by_class_count(
     manifest = group.attrs[MANIFEST_ATTR]
     assert manifest["classes"] == [] and manifest["num_classes"] == 10
     assert StoreReader.for_data(store, open_dataset(listed)).num_samples == len(IMAGES)
-    group.attrs[MANIFEST_ATTR] = {**manifest, "classes": [str(c) for c in range(10)]}  # the old form
+    group.attrs[MANIFEST_ATTR] = {
+        **manifest,
+        "classes": [str(c) for c in range(10)],
+    }  # the old form
     assert StoreReader.for_data(store, open_dataset(listed)).num_samples == len(IMAGES)
     output = run_cli(dump)  # and the dump that made it resumes it (nothing left to do)
     assert "0 blocks to write, 1 already done" in " ".join(output.split()), output
@@ -186,5 +189,7 @@ def test_a_cached_scan_from_before_the_bound_is_scanned_again(
     identity = shard_cache.ShardIdentity.of(sharded)
     assert shard_cache.write_cached(cache, identity, scan) is None
     assert shard_cache.read_cached(cache, sharded) is not None  # what an older fastkd wrote
-    with pytest.raises(DatasetError, match=rf"^{re.escape(str(sharded))}:b\.cls: label 100000000000 is too large"):
+    with pytest.raises(
+        DatasetError, match=rf"^{re.escape(str(sharded))}:b\.cls: label 100000000000 is too large"
+    ):
         open_dataset(sharded)

@@ -7,7 +7,9 @@ statement of the code (functions included), so the document cannot drift from th
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,3 +93,47 @@ def test_the_allowed_imports_have_no_cycle():
     for unit in sorted(rules):
         if unit not in state:
             visit(unit, [])
+
+
+SYMBOL = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)`")
+
+
+def owned() -> dict[str, list[str]]:
+    """Module (or package) -> the Python names its "owns" cell names in backticks (file names,
+    options and expressions, which are not plain or dotted identifiers, are left out)."""
+    table = {}
+    for line in (ROOT / "docs" / "design.md").read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and NAME.fullmatch(cells[0]):
+            names = [n for n in SYMBOL.findall(cells[1]) if not n.startswith("fastkd")]
+            table[cells[0].strip("`")] = names
+    return table
+
+
+def _resolves(module: object, dotted: str) -> bool:
+    """``dotted`` names an attribute of ``module``, or a submodule (and what lies in it)."""
+    target = module
+    for part in dotted.split("."):
+        if hasattr(target, part):
+            target = getattr(target, part)
+            continue
+        name = getattr(target, "__name__", None)
+        if not isinstance(target, types.ModuleType) or name is None:
+            return False
+        try:
+            target = importlib.import_module(f"{name}.{part}")
+        except ModuleNotFoundError:
+            return False
+    return True
+
+
+def test_every_name_the_owns_column_gives_a_module_lies_in_it():
+    """The "owns" column is true to the code: each name it gives a module (a class, function,
+    constant, or a submodule of a package) exists there, so the table cannot drift."""
+    missing = []
+    for unit, names in sorted(owned().items()):
+        module = importlib.import_module(unit)
+        missing += [f"{unit}: {name}" for name in names if not _resolves(module, name)]
+    assert not missing, "names the design's owns column gives, not in the code:\n" + "\n".join(
+        missing
+    )

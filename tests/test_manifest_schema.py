@@ -18,6 +18,7 @@ import zarr
 from test_store import NUM_CLASSES, PER_SHARD, create, data, manifest, write  # noqa: F401
 from typer.testing import CliRunner
 
+from fastkd.augment import AugmentConfig
 from fastkd.cli.main import app
 from fastkd.errors import USER_ERROR_EXIT, ConfigError
 from fastkd.store import (
@@ -39,7 +40,6 @@ from fastkd.store.schema import (
     MODEL_ENTRY,
     manifest_problems,
 )
-from fastkd.views import AugmentConfig
 
 Edit = Callable[[dict], object]
 

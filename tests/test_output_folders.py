@@ -199,7 +199,10 @@ def _damaged_states(state: dict, good: bytes, sentinel: Path) -> dict[str, objec
         "wrong-model": {**state, "learners": {"s": {**state["learners"]["s"], "model": {}}}},
         "bad-history": {**state, "history": [{"epoch": 1, "banana": 2}]},
         "string-loss": {**state, "history": [{**state["history"][0], "loss": "low"}]},
-        "bad-mode": {**state, "config": {**state["config"], "mode": "banana"}},
+        "bad-mode": {
+            **state,
+            "config": {**state["config"], "loss": {**state["config"]["loss"], "mode": "banana"}},
+        },
         "bad-rng": {**state, "rng": [{"torch": "x", "numpy": None, "python": 3}]},
     }
 

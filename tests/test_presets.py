@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import fastkd.training
 from fastkd.cli.main import app
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 from fastkd.presets import PRESETS, PresetName, markdown_table
 from fastkd.training import TrainConfig, Trainer
 
@@ -50,7 +51,7 @@ def test_each_preset_sets_its_table_values(pool, tmp_path, monkeypatch, name):
     cfg, result = _train_config(monkeypatch, [*_args(pool, tmp_path), "--preset", name.value])
     assert result.exit_code == 0, result.output
     for field, setting in preset.settings.items():
-        value = getattr(cfg, field)
+        value = getattr(cfg.loss if field in LOSS_FIELDS else cfg, field)
         if field == "lr" and preset.lr_batch:
             assert value == pytest.approx(setting.value * cfg.batch_size / preset.lr_batch)
         else:
@@ -59,15 +60,20 @@ def test_each_preset_sets_its_table_values(pool, tmp_path, monkeypatch, name):
 
 def test_kl_dp_spot_checks_and_explicit_flags_win(pool, tmp_path, monkeypatch):
     cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), "--preset", "kl-dp"])
-    assert cfg.ce_weight == 0 and cfg.optimizer == "sgd" and cfg.weight_decay == 1e-4
-    assert cfg.mode.value == "fixed" and cfg.epochs == 20
+    assert cfg.loss.ce_weight == 0 and cfg.optimizer == "sgd" and cfg.weight_decay == 1e-4
+    assert cfg.loss.mode.value == "fixed" and cfg.epochs == 20
     explicit = ["--preset", "kl-dp", "--lr", "0.01", "--ce-weight", "0.5", "--epochs", "3"]
     cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), *explicit])
-    assert (cfg.lr, cfg.ce_weight, cfg.epochs, cfg.optimizer) == (0.01, 0.5, 3, "sgd")
+    assert (cfg.lr, cfg.loss.ce_weight, cfg.epochs, cfg.optimizer) == (0.01, 0.5, 3, "sgd")
     # a flag given with fastkd's own default still wins: given is not the same as default
     defaults = ["--preset", "kl-dp", "--epochs", "10", "--ce-weight", "1", "--optimizer", "adam"]
     cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), *defaults, "--no-stop-grad"])
-    assert (cfg.epochs, cfg.ce_weight, cfg.optimizer, cfg.stop_grad) == (10, 1.0, "adam", False)
+    assert (cfg.epochs, cfg.loss.ce_weight, cfg.optimizer, cfg.loss.stop_grad) == (
+        10,
+        1.0,
+        "adam",
+        False,
+    )
 
 
 def test_kl_dp_lr_scales_with_the_batch(pool, tmp_path, monkeypatch):
@@ -80,16 +86,17 @@ def test_kl_dp_lr_scales_with_the_batch(pool, tmp_path, monkeypatch):
 
 def test_bi_kd_turns_stop_grad_off_unless_given(pool, tmp_path, monkeypatch):
     cfg, _ = _train_config(monkeypatch, [*_args(pool, tmp_path), "--preset", "bi-kd"])
-    assert cfg.stop_grad is False and cfg.optimizer == "adam" and cfg.lr == 1e-6
+    assert cfg.loss.stop_grad is False and cfg.optimizer == "adam" and cfg.lr == 1e-6
     args = [*_args(pool, tmp_path), "--preset", "bi-kd", "--stop-grad"]
-    assert _train_config(monkeypatch, args)[0].stop_grad is True
+    assert _train_config(monkeypatch, args)[0].loss.stop_grad is True
 
 
 def test_without_a_preset_the_defaults_are_fastkds(pool, tmp_path, monkeypatch):
     cfg, _ = _train_config(monkeypatch, _args(pool, tmp_path))
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # fastkd's defaults
+    defaults |= {f.name: f.default for f in dataclasses.fields(LossSettings)}
     for field in ("mode", "epochs", "batch_size", "optimizer", "weight_decay", "stop_grad"):
-        assert getattr(cfg, field) == defaults[field], field
+        assert getattr(cfg.loss if field in LOSS_FIELDS else cfg, field) == defaults[field], field
     assert cfg.lr is None and cfg.model_lr == {}
 
 

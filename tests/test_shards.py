@@ -25,6 +25,7 @@ from test_dump import run_cli
 
 import fastkd.data.shard_cache
 import fastkd.data.shards
+from fastkd.augment import AugmentConfig
 from fastkd.data import (
     BadImageError,
     DatasetError,
@@ -32,7 +33,7 @@ from fastkd.data import (
     content_hashes,
     open_dataset,
 )
-from fastkd.views import AugmentConfig, all_views
+from fastkd.views import all_views
 
 if TYPE_CHECKING:
     from digits_pool import PoolMember

@@ -19,6 +19,7 @@ import pytest
 import torch
 import zarr
 
+from fastkd.augment import AugmentConfig
 from fastkd.store import (
     Expectation,
     Manifest,
@@ -36,7 +37,7 @@ from fastkd.store import (
 )
 from fastkd.store.arrays import hashed_arrays
 from fastkd.store.integrity import digest
-from fastkd.views import AugmentConfig, tail_uniforms, view_boxes, view_params
+from fastkd.views import tail_uniforms, view_boxes, view_params
 
 NUM_CLASSES = 300
 VIEWS = 3

@@ -23,9 +23,11 @@ from PIL import Image
 from training_pool import VIT, _subset, config, make_pool
 from typer.testing import CliRunner
 
+from fastkd.augment import AugmentConfig
 from fastkd.cli.main import app
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.errors import ConfigError
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 from fastkd.models import CheckpointError, ModelSpec, load_model
 from fastkd.outputs import claim_output_folder
 from fastkd.partition import logits_score, select_teacher
@@ -38,7 +40,7 @@ from fastkd.training import (
     train,
     train_all,
 )
-from fastkd.views import AugmentConfig, epoch_order, epoch_views, view_boxes, view_params
+from fastkd.views import epoch_order, epoch_views, view_boxes, view_params
 
 
 @pytest.fixture(scope="module")
@@ -431,12 +433,11 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
     """Mode "all" is read as "best"; a state saved before partition_score compared log p(y)."""
     from fastkd.training.state import current_spelling
 
-    assert config(pool, tmp_path, mode="all").mode.value == "best"
-    saved = {"mode": "all", "lr": 1e-3}
+    assert config(pool, tmp_path, mode="all").loss.mode.value == "best"
+    saved = {"mode": "all", "lr": 1e-3}  # the loss's settings were the config's own fields
     assert current_spelling(saved) == {
-        "mode": "best",
+        "loss": {**LossSettings().to_dict(), "mode": "best", "partition_score": "label"},
         "lr": 1e-3,
-        "partition_score": "label",
         "control": False,  # and before --control, no control
         "model_lr": {},  # and before --lr NAME=VALUE, one lr for all
     }
@@ -454,7 +455,10 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
 )
 def test_hyper_parameters_are_checked_before_training(tmp_path, field, value, message):
     with pytest.raises(ConfigError, match=message):
-        TrainConfig(data=tmp_path, teachers="none", **{field: value})
+        if field in LOSS_FIELDS:  # checked where they live, in the loss's settings
+            TrainConfig(data=tmp_path, teachers="none", loss=LossSettings(**{field: value}))
+        else:
+            TrainConfig(data=tmp_path, teachers="none", **{field: value})
 
 
 def test_cli_refuses_a_negative_kd_weight_naming_it(pool, tmp_path):

@@ -320,7 +320,9 @@ def test_view_transform_takes_and_refuses_what_the_loaders_do(photo):
     whole = encode(photo, "PNG")
     full = transform(whole, (0.0, 0.0, 1.0, 1.0), False)
     assert torch.equal(transform(whole[:-1], (0.0, 0.0, 1.0, 1.0), False), full)
-    with pytest.raises(DatasetError, match=r"cannot read image <bytes>: truncated PNG: its 'IDAT' chunk"):
+    with pytest.raises(
+        DatasetError, match=r"cannot read image <bytes>: truncated PNG: its 'IDAT' chunk"
+    ):
         transform(whole[: len(whole) // 2], (0.0, 0.0, 1.0, 1.0), False)
 
 

@@ -17,6 +17,7 @@ import torch
 from fastkd.checkpoints import save_checkpoint
 from fastkd.digits import write_digits_folder
 from fastkd.dump import DumpConfig, run_dump
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 from fastkd.training import TrainConfig
 
 VIT = {
@@ -102,5 +103,6 @@ def config(pool: SimpleNamespace, tmp_path: Path, **overrides) -> TrainConfig:
         "progress": False,
         "report": False,
     }
+    loss = {name: overrides.pop(name) for name in LOSS_FIELDS if name in overrides}
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**values, loss=LossSettings(**loss))

@@ -6,8 +6,10 @@
 - ``wholeness``: is this the whole encoded image? (``incomplete``: each format's structure
   from its bytes, no pixel decoded), asked before either loader decodes a file.
 - ``shard_cache``: each tar shard's scan cached on disk, keyed by the shard's path and stat.
+- ``shard_members``: a tar shard's image members read by offset (``ShardMembers.read``, one
+  ``pread``) or opened as files (``ShardMembers.open``).
 - ``shards``: WebDataset tar shards indexed on open (``index_shards``: each image member's
-  shard, offset and size; its key and ``cls`` label), read by offset (``ShardMembers.read``).
+  shard, offset and size; its key and ``cls`` label).
 - ``datasets``: image folders, file lists and tar shards (``open_dataset``, ``ImageDataset``):
   keys, labels, file sizes, header sizes, fingerprints; where a sample's bytes come from
   (``read_bytes``) and what messages call it (``name``).
@@ -19,15 +21,15 @@
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
   ``DataLoader`` backend.
 
-Imports go one way, no cycles: ``decoding``, ``labels``, ``shard_cache`` and ``wholeness``
-import no other module of the package; ``shards`` imports ``decoding``, ``labels`` and
-``shard_cache``; ``datasets`` imports ``decoding``, ``labels`` and ``shards``; ``batches``
-imports ``datasets``, ``decoding`` and ``wholeness``; ``dali`` imports ``batches`` and
-``decoding``; ``loader`` imports ``batches``, ``dali`` and ``datasets``; this ``__init__``
-re-exports the public names callers use (a shard data set is opened by ``open_dataset`` like
-any other). Outside the package they
-import only ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here
-too), ``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
+Imports go one way, no cycles: ``decoding``, ``labels``, ``shard_cache``, ``shard_members``
+and ``wholeness`` import no other module of the package; ``shards`` imports ``decoding``,
+``labels``, ``shard_cache`` and ``shard_members``; ``datasets`` imports ``decoding``, ``labels``,
+``shard_members`` and ``shards``; ``batches`` imports ``datasets``, ``decoding`` and
+``wholeness``; ``dali`` imports ``batches`` and ``decoding``; ``loader`` imports ``batches``,
+``dali`` and ``datasets``; this ``__init__`` re-exports the public names callers use (a shard
+data set is opened by ``open_dataset`` like any other). Outside the package they import only
+``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here too),
+``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
 fastkd.data.
 """
 

@@ -33,7 +33,8 @@ import numpy as np
 
 from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
 from fastkd.data.labels import parse_label
-from fastkd.data.shards import ShardMembers, expand_shards, index_shards, is_shard_spec
+from fastkd.data.shard_members import ShardMembers
+from fastkd.data.shards import expand_shards, index_shards, is_shard_spec
 from fastkd.errors import BadImageError, DatasetError
 from fastkd.hashing import content_hash
 

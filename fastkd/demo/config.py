@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fastkd.augment import AugmentConfig
 from fastkd.digits import DIGITS_POOL, POOL_IMAGE_SIZE, PoolMember, fold_list_name
 from fastkd.dump import DumpConfig
 from fastkd.errors import ConfigError
-from fastkd.views import AugmentConfig
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 
 IMAGE_SIZE = POOL_IMAGE_SIZE  # the digits folder; the pool's models take this input size
 _KEY_CHARS = 12  # hex digits of a cache folder's hash
@@ -39,6 +40,16 @@ class Arm:
     title: str  # what the papers call it
     train: Mapping[str, Any]
     description: str
+
+    @property
+    def loss(self) -> LossSettings:
+        """The arm's loss settings (its ``train`` values of ``LossSettings``' fields)."""
+        return LossSettings(**{k: v for k, v in self.train.items() if k in LOSS_FIELDS})
+
+    @property
+    def run_fields(self) -> dict[str, Any]:
+        """The arm's other ``TrainConfig`` fields (``teachers``, ``joint``)."""
+        return {k: v for k, v in self.train.items() if k not in LOSS_FIELDS}
 
     @property
     def flags(self) -> str:

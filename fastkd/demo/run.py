@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
+from fastkd.choices import Teachers
 from fastkd.data import open_dataset
 from fastkd.demo.config import ARMS, IMAGE_SIZE, PREDICTIONS_FILE, Arm, DemoConfig, DemoLayout
 from fastkd.demo.predictions import FoldPredictions
@@ -37,7 +38,7 @@ from fastkd.files import write_json
 from fastkd.models import ModelSpec, parse_pool
 from fastkd.outputs import claim_output_folder
 from fastkd.runtime import reproducible, resolve_device
-from fastkd.training import Teachers, TrainConfig, train, train_all
+from fastkd.training import TrainConfig, train, train_all
 
 
 @contextmanager
@@ -94,7 +95,8 @@ def _transfer_config(
         device=cfg.device,
         backend=cfg.backend,
         progress=cfg.progress,
-        **arm.train,
+        loss=arm.loss,
+        **arm.run_fields,
     )
 
 

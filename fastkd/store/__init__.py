@@ -12,7 +12,9 @@ StoreReader``), the modules' other names are the package's own business:
 - ``arrays``: the store's array names, shards, chunks and codecs; creating a new store;
   checking a store's arrays against its manifest.
 - ``claims``: a rank's part ``i/n`` of the blocks, the creation lock and the writers' claims.
+- ``creation``: creating a store, or checking that the one there is the same (resume).
 - ``writer``: ``StoreWriter``: create or resume a store, write blocks and their markers.
+- ``block_cache``: decoded blocks in a fixed arena, rows gathered with numpy, each block checked.
 - ``reader``: ``StoreReader``: validated, random access through a cache of decoded blocks.
 - ``summary``: ``summarize``: sizes and stored bytes (``fastkd inspect``).
 - ``integrity``: the content hash of every block of every array, checked as the reader decodes
@@ -20,15 +22,17 @@ StoreReader``), the modules' other names are the package's own business:
 
 Imports run one way, so there is no cycle (a module imports only those listed for it):
 
-    schema    <- (none of the others)
-    manifest  <- schema
-    encoding  <- manifest
-    arrays    <- manifest, encoding
-    claims    <- (none of the others)
-    integrity <- manifest, arrays
-    writer    <- manifest, encoding, arrays, claims, integrity
-    reader    <- manifest, encoding, arrays, integrity
-    summary   <- manifest, encoding, arrays
+    schema      <- (none of the others)
+    manifest    <- schema
+    encoding    <- manifest
+    arrays      <- manifest, encoding
+    claims      <- (none of the others)
+    integrity   <- manifest, arrays
+    creation    <- manifest, arrays, claims, integrity
+    writer      <- manifest, encoding, arrays, claims, integrity, creation
+    block_cache <- integrity
+    reader      <- manifest, encoding, arrays, integrity, block_cache
+    summary     <- manifest, encoding, arrays
 
 Vocabulary: a *shard* is zarr's (the sharding codec's file, ``samples_per_shard`` samples of one
 array) and a *block* is one shard of every array, the unit of writing and resume; a *part* is a

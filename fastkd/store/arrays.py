@@ -17,10 +17,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
+from fastkd.augment import AugmentConfig
 from fastkd.errors import StoreError
 from fastkd.store.encoding import model_arrays
 from fastkd.store.manifest import MANIFEST_ATTR, Manifest, StoreLayout
-from fastkd.views import AugmentConfig, view_boxes
+from fastkd.views import view_boxes
 
 ZSTD_LEVEL = 9  # inside blosc and for keys; decoding speed hardly depends on it
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastkd.compression import TailModel, compress_logits, id_bytes, parse_tail
+from fastkd.compression import TailModel, compress_logits, id_bytes
 from fastkd.errors import ConfigError
 from fastkd.store.manifest import ModelEntry
 from fastkd.views import tail_uniforms
@@ -79,7 +79,7 @@ def encode_logits(
         raise ConfigError(f"labels must be in [0, {num_classes}), got range [{y.min()}, {y.max()}]")
     if not torch.isfinite(z).all():
         raise ConfigError("logits contain NaN or infinity")
-    tail = parse_tail(entry.tail) if entry.topk else TailModel.UNIFORM
+    tail = entry.tail if entry.topk else TailModel.UNIFORM
     uniforms = None
     if entry.topk and tail is TailModel.SAMPLED:
         samples = np.repeat(np.arange(first_sample, first_sample + n), views)
@@ -105,6 +105,6 @@ def model_arrays(entry: ModelEntry, views: int) -> dict[str, tuple[tuple[int, ..
     arrays["topk_ids"] = ((views, entry.topk), ids)
     arrays["log_tail"] = ((views,), fp32)
     arrays["log_tail_sqrt"] = ((views,), fp16)
-    if entry.tail == TailModel.SAMPLED.value:
+    if entry.tail is TailModel.SAMPLED:
         arrays["tail_ids"] = ((views, entry.tail_samples), ids)
     return arrays

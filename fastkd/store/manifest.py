@@ -20,12 +20,12 @@ from typing import Any
 
 import zarr
 
-from fastkd import __version__
+from fastkd.augment import AugmentConfig
 from fastkd.compression import MAX_TAIL_SAMPLES, TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
 from fastkd.store.schema import MAX_BLOCKS, MAX_SAMPLES, brief, manifest_problems, one_line
-from fastkd.views import AugmentConfig
+from fastkd.version import __version__
 
 FORMAT_VERSION = 4  # 4: files' content hashes; 3: block content hashes; 2: log-probabilities,
 # exact tail masses, tail models; 1: logits + lse
@@ -49,8 +49,12 @@ class ModelEntry:
     data_config: dict
     num_classes: int
     topk: int  # stored top-k; 0 = dense (every class's log-probability in fp16)
-    tail: str | None = None  # sparse: the tail model (fastkd.compression.TailModel); dense: None
+    tail: TailModel | None = None  # sparse: how training reads the classes outside the top-k
     tail_samples: int = 0  # sampled tail: draws stored per view
+
+    def __post_init__(self) -> None:
+        if self.tail is not None and self.tail in set(TailModel):  # else named by Manifest
+            self.tail = TailModel(self.tail)
 
 
 @dataclass

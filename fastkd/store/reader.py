@@ -2,9 +2,9 @@
 
 Training asks for any batch of (sample, view) rows, in random order. A zarr lookup costs
 milliseconds, so the reader decodes whole shards (one block of an array) into a cache of decoded
-blocks and gathers rows from it with numpy: a shuffled epoch decodes every shard about once. What
-it returns is numpy (``ModelTargets``, ``PoolArrays``): the loss's tensor types are training's
-business, not the store's.
+blocks (``block_cache``) and gathers rows from it with numpy: a shuffled epoch decodes every shard
+about once. What it returns is numpy (``ModelTargets``, ``PoolArrays``): the loss's tensor types
+are training's business, not the store's.
 
 Every block is checked as it is decoded: against the content hash its writer recorded
 (``integrity``: a deleted, truncated or altered shard is an error naming the array, block,
@@ -15,7 +15,6 @@ the device. Opening a store reads and checks only the per-sample arrays it keeps
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,16 @@ from typing import Any
 import numpy as np
 import zarr
 
+from fastkd.compression import TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
+from fastkd.store.block_cache import BlockCache
 from fastkd.store.encoding import model_arrays
 from fastkd.store.integrity import (
     CLASS_ID_ARRAYS,
     damaged,
     digest,
     lost_hash_blocks,
-    out_of_range,
     read_block,
     shard_file,
 )
@@ -68,110 +68,7 @@ class PoolArrays:
     log_tail: np.ndarray | None = None  # [B, M]
     log_tail_sqrt: np.ndarray | None = None  # [B, M]
     tail_ids: np.ndarray | None = None  # [B, M, S]
-    tail: str | None = None
-
-
-class _BlockCache:
-    """Decoded blocks of a few arrays in a fixed arena of slots, evicted least recently used.
-
-    ``gather`` is vectorised: rows map to (slot, offset in block, view) by array lookups, so a
-    batch costs a handful of numpy calls once its blocks are resident, whatever its size.
-    """
-
-    def __init__(
-        self,
-        arrays: Mapping[str, zarr.Array],
-        samples_per_block: int,
-        max_bytes: int,
-        hashes: Mapping[str, tuple[str, np.ndarray]],
-        store: Path,
-        limits: Mapping[str, int] | None = None,
-        where: str = "",
-    ) -> None:
-        self._arrays = dict(arrays)
-        self._hashes = dict(hashes)  # array -> (its path in the store, its hash per block)
-        self._store = store
-        self._limits = dict(limits or {})  # array -> exclusive upper bound of its values
-        self._where = where
-        self._block = samples_per_block
-        first = next(iter(self._arrays.values()))
-        self._num_samples = first.shape[0]
-        num_blocks = -(-self._num_samples // samples_per_block)
-        block_bytes = sum(
-            samples_per_block * math.prod(a.shape[1:]) * a.dtype.itemsize
-            for a in self._arrays.values()
-        )
-        self.slots = max(1, min(num_blocks, max_bytes // max(1, block_bytes)))
-        self._arena = {
-            name: np.empty((self.slots, samples_per_block, *a.shape[1:]), dtype=a.dtype)
-            for name, a in self._arrays.items()
-        }
-        self._slot_of = np.full(num_blocks, -1, dtype=np.int64)
-        self._block_in = np.full(self.slots, -1, dtype=np.int64)
-        self._last_used = np.zeros(self.slots, dtype=np.int64)
-        self._clock = 0
-        self.loads = 0
-
-    def _load(self, blocks: np.ndarray, keep: np.ndarray) -> None:
-        """Decode ``blocks`` into the least recently used slots, never evicting ``keep``'s."""
-        used = self._last_used.copy()
-        used[self._slot_of[keep][self._slot_of[keep] >= 0]] = np.iinfo(np.int64).max
-        victims = np.argsort(used, kind="stable")[: blocks.size]
-        for block, slot in zip(blocks.tolist(), victims.tolist(), strict=True):
-            old = self._block_in[slot]
-            if old >= 0:
-                self._slot_of[old] = -1
-            start = block * self._block
-            stop = min(start + self._block, self._num_samples)
-            for name, array in self._arrays.items():
-                path, hashes = self._hashes[name]
-                values, bad = read_block(
-                    self._store, array, path, block, (start, stop), int(hashes[block])
-                )
-                if bad is not None:
-                    raise damaged(bad, self._store)
-                self._arena[name][slot, : stop - start] = values
-                if name in self._limits:
-                    self._check_range(name, self._arena[name][slot, : stop - start], start)
-            self._slot_of[block] = slot
-            self._block_in[slot] = block
-            self.loads += 1
-
-    def _check_range(self, name: str, values: np.ndarray, start: int) -> None:
-        """Values of a freshly decoded block must lie in [0, limit): one max (and min) pass."""
-        limit = self._limits[name]
-        found = out_of_range(values, limit)
-        if found is None:
-            return
-        row, value = found
-        raise StoreError(
-            f"{self._where}: {name} of sample {start + row} holds {value}, outside "
-            f"[0, {limit}): the store is damaged (rewrite its block with the same `fastkd dump` "
-            "command and --repair)"
-        )
-
-    def gather(self, samples: np.ndarray, views: np.ndarray) -> dict[str, np.ndarray]:
-        """Rows ``(samples[i], views[i])`` of every array."""
-        blocks = samples // self._block
-        needed = np.unique(blocks)
-        if needed.size > self.slots:  # more blocks than fit: split the batch by blocks
-            out = {
-                name: np.empty((samples.size, *a.shape[3:]), dtype=a.dtype)
-                for name, a in self._arena.items()
-            }
-            for group in np.array_split(needed, -(-needed.size // self.slots)):
-                mask = np.isin(blocks, group)
-                for name, rows in self.gather(samples[mask], views[mask]).items():
-                    out[name][mask] = rows
-            return out
-        missing = needed[self._slot_of[needed] < 0]
-        if missing.size:
-            self._load(missing, needed)
-        self._clock += 1
-        slot = self._slot_of[blocks]
-        self._last_used[slot] = self._clock
-        offset = samples - blocks * self._block
-        return {name: a[slot, offset, views] for name, a in self._arena.items()}
+    tail: TailModel | None = None  # the pool's tail model (None: dense)
 
 
 class StoreReader:
@@ -223,7 +120,7 @@ class StoreReader:
         self.file_hashes: np.ndarray = self._checked_whole("file_hashes")  # 0: not recorded
         self._keys: list[str] | None = None
         self._cache_bytes = cache_bytes
-        self._caches: dict[str | None, _BlockCache] = {}
+        self._caches: dict[str | None, BlockCache] = {}
 
     @classmethod
     def for_data(
@@ -322,7 +219,7 @@ class StoreReader:
 
     # -- random access -------------------------------------------------------------------------
 
-    def _cache(self, model: str | None) -> _BlockCache:
+    def _cache(self, model: str | None) -> BlockCache:
         """The block cache of one model's arrays (None: the view parameters), made on first use;
         zarr lookups cost milliseconds, so they happen only here."""
         cache = self._caches.get(model)
@@ -341,7 +238,7 @@ class StoreReader:
             hashes = {name: (path, self._hashes[path]) for name, path in paths.items()}
             share = self._cache_bytes // (len(self.manifest.models) + 1)
             where = f"store {self.path}, model {model!r}"
-            cache = _BlockCache(
+            cache = BlockCache(
                 arrays, self.layout.samples_per_shard, share, hashes, self.path, limits, where
             )
             self._caches[model] = cache

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fastkd.augment import AugmentConfig
 from fastkd.errors import ConfigError
-from fastkd.views import AugmentConfig
 
 INT64_MAX = 2**63 - 1  # numpy's shapes and indices
 MAX_SAMPLES = 2**32  # above any image data set (JFT-3B); the reader keeps 25 B a sample

@@ -5,12 +5,11 @@ write disjoint blocks (their parts, ``claims``); a block's arrays are written in
 marker in ``blocks_done`` (one unsharded chunk per block, so markers of different ranks never
 share a file). Resume rewrites the blocks without a marker, so a block torn by a crash is simply
 written again. A store is only reused when its manifest and labels equal the ones asked for, and
-a directory that is not a fastkd store is never touched.
+a directory that is not a fastkd store is never touched (``creation``).
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
+from fastkd.errors import ConfigError, StoreBusyError, StoreError
 from fastkd.files import write_json
 from fastkd.hashing import UNRECORDED
 from fastkd.store.arrays import (
@@ -30,8 +29,6 @@ from fastkd.store.arrays import (
     DONE_ARRAY,
     META_DIR,
     SHARED_ARRAYS,
-    array_differences,
-    create_store,
     hashed_arrays,
     write_sample_rows,
 )
@@ -41,26 +38,15 @@ from fastkd.store.claims import (
     check_part,
     claim_file,
     claim_part,
-    claims,
     creation_lock,
 )
+from fastkd.store.creation import check_samples, create_or_check
 from fastkd.store.encoding import encode_logits
-from fastkd.store.integrity import digest, read_block, shard_file
-from fastkd.store.manifest import (
-    STATUS_ATTR,
-    Manifest,
-    StoreLayout,
-    json_differences,
-    manifest_differences,
-    open_manifest,
-    parse_config,
-    read_config,
-)
+from fastkd.store.integrity import digest, shard_file
+from fastkd.store.manifest import STATUS_ATTR, Manifest, StoreLayout, open_manifest
 
 if TYPE_CHECKING:
     import torch
-
-_CREATING = "creating"  # marker file in META_DIR: creation started and has not finished
 
 
 class StoreWriter:
@@ -105,7 +91,7 @@ class StoreWriter:
         (``StoreBusyError``) unless ``force_claim``.
         """
         path = Path(path)
-        labels, sizes = _check_samples(manifest, keys, labels, sizes)
+        labels, sizes = check_samples(manifest, keys, labels, sizes)
         layout = StoreLayout.for_store(manifest.num_samples, manifest.views, samples_per_shard)
         check_part(part)
         if path.exists() and not path.is_dir():
@@ -118,7 +104,7 @@ class StoreWriter:
         run_id = uuid.uuid4().hex[:12]
         me = Holder.me(run_id, tuple(part))
         with creation_lock(meta, me):
-            layout = _create_or_check(
+            layout = create_or_check(
                 path,
                 manifest,
                 keys,
@@ -290,132 +276,3 @@ class StoreWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _create_or_check(
-    path: Path,
-    manifest: Manifest,
-    keys: Sequence[str],
-    labels: np.ndarray,
-    sizes: np.ndarray,
-    layout: StoreLayout,
-    explicit_layout: bool,
-    overwrite: bool,
-) -> StoreLayout:
-    """Under the creation lock: create the store, or check that the existing one matches.
-
-    Returns the layout in force (an existing store keeps its own unless one was asked for).
-    """
-    meta = path / META_DIR
-    stored = read_config(path)
-    if stored is None:
-        torn = (meta / _CREATING).exists()  # a creation that crashed before its manifest
-        if not torn and any(p.name != META_DIR for p in path.iterdir()):
-            raise StoreError(
-                f"{path} holds a zarr group that is not a fastkd store; choose another output path"
-            )
-    else:
-        try:
-            stored_manifest, stored_layout = parse_config(path, stored)
-        except StoreMismatchError as err:  # another format version: only overwrite helps
-            problems = err.differences
-        except StoreError as err:  # a manifest that fails its schema: only overwrite helps
-            if not overwrite:
-                raise  # one line, naming each field
-            problems = [str(err)]
-        else:
-            problems = manifest_differences(stored_manifest, manifest)
-            if explicit_layout and stored_layout != layout:
-                problems += json_differences(asdict(stored_layout), asdict(layout), "layout")
-            if not problems:  # the same manifest, but arrays of another shape (edited, foreign)
-                group = zarr.open_group(path, mode="r", zarr_format=3)
-                problems = array_differences(group, stored_manifest, stored_layout)
-            if not problems:
-                problems = _sample_differences(path, stored_manifest, stored_layout, labels)
-            if not problems:
-                return stored_layout
-        if not overwrite:
-            raise StoreMismatchError(
-                path,
-                problems,
-                "refusing to resume into it; pass --overwrite (overwrite=True) to replace it, "
-                "or write to another path",
-            )
-        live = [h for h in claims(meta) if h.is_live()]
-        if live:
-            raise StoreBusyError(
-                f"cannot overwrite {path}: live writers hold it: "
-                + "; ".join(h.describe() for h in live)
-            )
-    (meta / _CREATING).touch()
-    _clear_store(path)
-    create_store(path, manifest, layout, keys, labels, sizes)
-    (meta / _CREATING).unlink()
-    return layout
-
-
-def _clear_store(path: Path) -> None:
-    """Delete a store's data, keeping its lock and claims."""
-    for entry in path.iterdir():
-        if entry.name == META_DIR:
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-
-
-def _check_samples(
-    manifest: Manifest, keys: Sequence[str], labels: np.ndarray, sizes: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    n = manifest.num_samples
-    labels = np.asarray(labels)
-    sizes = np.asarray(sizes)
-    if len(keys) != n or labels.shape != (n,) or sizes.shape != (n, 2):
-        raise ConfigError(
-            f"the manifest has {n} samples but got {len(keys)} keys, labels of shape "
-            f"{labels.shape} and sizes of shape {sizes.shape} (need [{n}] and [{n}, 2])"
-        )
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"labels must be integers, got {labels.dtype}")
-    bad = np.flatnonzero((labels < 0) | (labels >= manifest.num_classes))
-    if bad.size:
-        s = int(bad[0])
-        raise ConfigError(
-            f"sample {s} ({keys[s]}) has label {labels[s]}, outside the {manifest.num_classes} "
-            f"classes of the pool ({bad.size} such samples)"
-        )
-    if (sizes < 1).any():
-        s = int(np.flatnonzero((sizes < 1).any(axis=1))[0])
-        raise ConfigError(f"sample {s} ({keys[s]}) has an empty image size {tuple(sizes[s])}")
-    return labels.astype(np.int64), sizes.astype(np.int32)
-
-
-def _sample_differences(
-    path: Path, manifest: Manifest, layout: StoreLayout, labels: np.ndarray
-) -> list[str]:
-    """Labels that differ from the store's (the fingerprint already covers keys and files), in
-    the written blocks whose labels are intact: a damaged block is ``--repair``'s to rewrite,
-    and the others are rewritten from the caller's labels anyway."""
-    group = zarr.open_group(path, mode="r", zarr_format=3)
-    done = group[DONE_ARRAY][:].astype(bool)
-    hashes = group[BLOCK_HASHES][:, hashed_arrays(manifest).index("labels")]
-    differ, first = 0, None
-    for block in np.flatnonzero(done).tolist():
-        start, stop = layout.block_samples(block, manifest.num_samples)
-        stored, bad = read_block(
-            path, group["labels"], "labels", block, (start, stop), int(hashes[block])
-        )
-        if bad is not None:
-            continue
-        diff = np.flatnonzero(stored != labels[start:stop])
-        differ += diff.size
-        if diff.size and first is None:
-            first = (start + int(diff[0]), stored[diff[0]])
-    if not differ:
-        return []
-    sample, value = first
-    return [
-        f"labels: {differ} differ, first sample {sample}: store has {value}, expected "
-        f"{labels[sample]}"
-    ]

@@ -7,15 +7,18 @@ joint Bi-KD), ``state`` (the resumable run state), ``steps`` (a step's record, r
 late; skipping a non-finite step on the device), ``validation`` (top-1 on held-out data, shared by
 the ranks), ``summary`` (summary.csv and TensorBoard scalars per epoch), ``report`` (the
 transfer report, the control), ``run_folder`` (what a run writes in its folder, and what it must
-not replace), ``trainer`` (the loop: plan, step, checkpoints, selection), ``run`` (train,
-train_all).
+not replace), ``store_match`` (the store is the data's, and each step's image files the dump's),
+``checkpointing`` (the weights selected on val, the run state saved and loaded), ``result``
+(``TrainResult``, the report's models), ``trainer`` (the loop: plan, step, epochs), ``run``
+(train, train_all).
 """
 
 from fastkd.errors import NonFiniteError
-from fastkd.training.config import DEFAULT_LR, Teachers, TrainConfig
+from fastkd.training.config import TrainConfig
 from fastkd.training.learners import Learner, spec_text
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
 from fastkd.training.report import REPORT_STEM
+from fastkd.training.result import TrainResult
 from fastkd.training.run import PoolResult, train, train_all
 from fastkd.training.run_folder import HISTORY_FILE
 from fastkd.training.state import STATE_FILE
@@ -29,10 +32,9 @@ from fastkd.training.strategy import (
     build_strategy,
 )
 from fastkd.training.summary import EpochRecord, describe_epoch
-from fastkd.training.trainer import Trainer, TrainResult, ViewsRepeatWarning
+from fastkd.training.trainer import Trainer, ViewsRepeatWarning
 
 __all__ = [
-    "DEFAULT_LR",
     "HISTORY_FILE",
     "REPORT_STEM",
     "STATE_FILE",
@@ -49,7 +51,6 @@ __all__ = [
     "StepRecord",
     "StepResult",
     "StoredTargets",
-    "Teachers",
     "TeachingStrategy",
     "TrainConfig",
     "TrainResult",

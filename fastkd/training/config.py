@@ -12,17 +12,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastkd.augment import AugmentConfig
 from fastkd.choices import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_LR,
-    PartitionMode,
     PartitionScore,
     Teachers,
-    option_flag,
 )
 from fastkd.errors import ConfigError
+from fastkd.loss_settings import LossSettings
 from fastkd.runtime import plain
-from fastkd.views import AugmentConfig
 
 
 @dataclass
@@ -41,8 +40,7 @@ class TrainConfig:
     models: tuple[str, ...] = ()  # pool member specs with checkpoints: live / joint / train_all
     members: tuple[str, ...] = ()  # store members that teach (default: all of them)
     teachers: Teachers = Teachers.OFFLINE
-    mode: PartitionMode = PartitionMode.LIVE  # live | fixed | best | plain ("all": best)
-    partition_score: PartitionScore = PartitionScore.LABEL  # label: log p(y); confidence: max log p
+    loss: LossSettings = field(default_factory=LossSettings)  # mode, score, T, weights, stop-grad
     joint: bool = False  # Bi-KD of all ``models`` at once (live, bidirectional kernel)
     epochs: int = 10
     batch_size: int = DEFAULT_BATCH_SIZE  # global: split across DDP ranks
@@ -52,12 +50,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     momentum: float = 0.9  # SGD only
     lr_schedule: str = "constant"  # constant | cosine (per step, to 0 at the last epoch)
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    ce_weight: float = 1.0
-    stop_grad: bool = True  # joint: the teaching side gets no KD gradient (standard KD)
     seed: int = 0  # sample order, view choice, torch init; views without a store
-    views: int = 1  # without a store: views per sample (view 0 is the eval view)
+    views: int | None = None  # without a store: views per sample (view 0 is the eval view; 1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # without a store
     pretrained: bool = True  # student without checkpoint: timm's weights; False: from scratch
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
@@ -84,23 +78,18 @@ class TrainConfig:
         self.members = tuple(self.members)
         if isinstance(self.augment, Mapping):
             self.augment = AugmentConfig.from_dict(self.augment)
+        if isinstance(self.loss, Mapping):
+            self.loss = LossSettings.from_dict(self.loss)
         problems = []
-        for name, kind in (
-            ("teachers", Teachers),
-            ("mode", PartitionMode),
-            ("partition_score", PartitionScore),
-        ):
-            try:
-                setattr(self, name, kind(getattr(self, name)))
-            except ValueError:
-                choices = [member.value for member in kind]
-                problems.append(
-                    f"{option_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
-                )
-        if self.epochs < 1 or self.batch_size < 1 or self.views < 1:
+        try:
+            self.teachers = Teachers(self.teachers)
+        except ValueError:
+            choices = [member.value for member in Teachers]
+            problems.append(f"--teachers must be one of {choices}, got {self.teachers!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_views < 1:
             problems.append(
                 f"--epochs, --batch-size and --views must be >= 1, got "
-                f"{self.epochs}, {self.batch_size}, {self.views}"
+                f"{self.epochs}, {self.batch_size}, {self.num_views}"
             )
         if self.optimizer not in DEFAULT_LR:
             problems.append(
@@ -112,12 +101,8 @@ class TrainConfig:
             problems.append(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.lr is not None and not self.lr > 0:
             problems.append(f"--lr must be positive, got {self.lr}")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            problems.append(f"--temperature must be positive and finite, got {self.temperature}")
-        for name in ("kd_weight", "ce_weight", "weight_decay"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                problems.append(f"{option_flag(name)} must be finite and >= 0, got {value}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            problems.append(f"--weight-decay must be finite and >= 0, got {self.weight_decay}")
         if not 0 <= self.momentum < 1:  # 1 and above: the velocity never decays, and grows
             problems.append(f"--momentum must be in [0, 1), got {self.momentum}")
         if self.lr is not None and not math.isfinite(self.lr):
@@ -125,12 +110,7 @@ class TrainConfig:
         problems += self._model_lr_problems()
         if self.joint and len(self.models) < 2:
             problems.append("joint training needs at least 2 models (--model NAME=CKPT each)")
-        if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:
-            problems.append(
-                "--partition-score: plain KD has no partition (the teachers' mixture teaches every "
-                "row); --partition-score applies to --mode live, fixed and best"
-            )
-        if self.joint and self.partition_score == PartitionScore.CONFIDENCE:
+        if self.joint and self.loss.partition_score == PartitionScore.CONFIDENCE:
             problems.append(
                 "--partition-score: joint Bi-KD compares p(y) (the bidirectional kernel); "
                 "--partition-score confidence is for --mode live|fixed|best"
@@ -144,9 +124,10 @@ class TrainConfig:
                 "view augmentation: the views of a store are the ones it was dumped with: leave out the "
                 "view augmentation options with a store (set them on `fastkd dump`)"
             )
-        if self.store is not None and self.views != 1:
+        if self.store is not None and self.views is not None:  # even --views 1 would be ignored
             problems.append(
-                f"--views: a store has its own views (its manifest's), got --views {self.views}"
+                f"--views {self.views} with --store: a store has the views it was dumped with "
+                "(`fastkd dump --views`); leave out --views"
             )
         if self.resume and self.overwrite:
             problems.append(
@@ -203,6 +184,15 @@ class TrainConfig:
         """The data of the final transfer report: ``eval_data``, else ``val_data``."""
         return self.eval_data or self.val_data
 
+    @property
+    def num_views(self) -> int:
+        """Views per sample without a store (``views``, else 1)."""
+        return 1 if self.views is None else self.views
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able: paths as strings, enums as values."""
-        return plain(asdict(self))
+        """JSON-able: paths as strings, enums as values; ``views`` as a run without a store
+        uses it (a saved state compares it)."""
+        values = plain(asdict(self))
+        values["loss"] = self.loss.to_dict()
+        values["views"] = None if self.store is not None else self.num_views
+        return values

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from torch import Tensor
 
+from fastkd.augment import AugmentConfig
 from fastkd.kernels import PoolTargets
 from fastkd.runtime import DistContext
 from fastkd.store import StoreReader
-from fastkd.views import AugmentConfig, epoch_order, epoch_views, view_params
+from fastkd.views import epoch_order, epoch_views, view_params
 
 
 @dataclass

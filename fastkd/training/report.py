@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from fastkd.checkpoints import plain_state_dict, read_checkpoint
+from fastkd.choices import Teachers
 from fastkd.data import open_dataset
 from fastkd.evaluation import predict_checkpoints
 from fastkd.metrics import TransferReport, transfer_report
 from fastkd.models import ModelSpec
 from fastkd.statistics import paired_bootstrap
-from fastkd.training.config import Teachers, TrainConfig
+from fastkd.training.config import TrainConfig
 
 REPORT_STEM = "report"  # report.json and report.png in the run's folder
 CONTROL_DIR = "control"  # the control run's folder, inside the run's
@@ -52,16 +53,16 @@ def provenance(cfg: TrainConfig) -> dict:
         "data": str(cfg.report_data),
         "data_selected_the_weights": selected,
         "teachers": cfg.teachers.value,
-        "mode": "joint" if cfg.joint else cfg.mode.value,
+        "mode": "joint" if cfg.joint else cfg.loss.mode.value,
         "optimizer": cfg.optimizer,
         "lr": cfg.learning_rate,
         "model_lr": dict(cfg.model_lr),  # --lr NAME=VALUE: these models' own
         "epochs": cfg.epochs,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
-        "temperature": cfg.temperature,
-        "kd_weight": cfg.kd_weight,
-        "ce_weight": cfg.ce_weight,
+        "temperature": cfg.loss.temperature,
+        "kd_weight": cfg.loss.kd_weight,
+        "ce_weight": cfg.loss.ce_weight,
         "store": None if cfg.store is None else str(cfg.store),
         "input_size": cfg.input_size,
     }

@@ -13,7 +13,8 @@ from fastkd.store import StoreReader
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import spec_text
 from fastkd.training.report import REPORT_STEM, control_config, pool_report
-from fastkd.training.trainer import Trainer, TrainResult
+from fastkd.training.result import TrainResult
+from fastkd.training.trainer import Trainer
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -18,7 +18,7 @@ import torch
 from fastkd.checkpoints import read_torch_file
 from fastkd.errors import CheckpointError, ConfigError
 from fastkd.files import atomic_torch_save
-from fastkd.partition import PartitionMode, PartitionScore
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 from fastkd.training.learners import Learner
 from fastkd.training.summary import EpochRecord
 
@@ -80,15 +80,18 @@ def save_run_state(
 
 
 def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved config as today's code writes it: mode "all" is "best"; a config from before
-    ``partition_score`` compared log p(y) ("label"); one from before ``control`` had none; one from
-    before ``model_lr`` trained every model at the run's lr."""
+    """A saved config as today's code writes it: the loss's settings under ``loss`` (they were
+    fields of the config itself), mode "all" is "best", a config from before ``partition_score``
+    compared log p(y) ("label"); one from before ``control`` had none; one from before
+    ``model_lr`` trained every model at the run's lr; a store's run has no ``views``."""
     saved = dict(saved)
-    if "mode" in saved:
-        saved["mode"] = PartitionMode(saved["mode"]).value
-    saved.setdefault("partition_score", PartitionScore.LABEL.value)
+    flat = {name: saved.pop(name) for name in LOSS_FIELDS if name in saved}
+    loss = {**flat, **saved.get("loss", {})}
+    saved["loss"] = LossSettings.from_dict(loss).to_dict()  # defaults for what it lacks
     saved.setdefault("control", False)  # before --control
     saved.setdefault("model_lr", {})  # before --lr NAME=VALUE: every model at the run's lr
+    if saved.get("store") is not None:
+        saved["views"] = None  # a store's views are its own (saved as 1 before)
     return saved
 
 

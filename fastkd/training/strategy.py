@@ -20,6 +20,8 @@ more class here.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import itertools
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -32,21 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastkd.compression import DEFAULT_TAIL
+from fastkd.choices import PartitionMode, Reduction, Teachers
 from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError, StoreMismatchError
 from fastkd.kernels import (
-    TARGET_FIELDS,
     KDStats,
     PoolTargets,
     bidirectional_kd_loss,
     partitioned_kd_loss,
 )
+from fastkd.loss_settings import LossSettings
 from fastkd.models import LoadedModel, ModelSpec, file_sha256
-from fastkd.partition import PartitionMode
 from fastkd.runtime import autocast
 from fastkd.store import Expectation, StoreReader
-from fastkd.training.config import Teachers, TrainConfig
+from fastkd.targets import pool_targets, target_columns
+from fastkd.training.config import TrainConfig
 from fastkd.training.learners import ImageStreams, load_for, load_student
 from fastkd.training.plan import Batch, EpochPlan
 from fastkd.training.transfer import PinnedRing
@@ -98,23 +100,17 @@ class TeachingStrategy:
         this loss alone (``grad_output_is_one``): back-propagate nothing derived from it."""
         raise NotImplementedError
 
-    def _kd_options(self, scale: float) -> dict[str, Any]:
-        cfg = self.cfg
-        return {
-            "temperature": cfg.temperature,
-            "kd_weight": cfg.kd_weight,
-            "ce_weight": cfg.ce_weight,
-            "reduction": "sum",
-            "scale": scale,
-            "grad_output_is_one": True,
-        }
+    def _settings(self) -> LossSettings:
+        """The run's loss settings as the loop takes them: summed over the rows (the trainer
+        divides by the global batch through ``scale``)."""
+        return dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
 
 
 class _PartitionedTeaching(TeachingStrategy):
     """A student taught per row by the pool member the partition rule chooses."""
 
     def _set_columns(self, pool: Sequence[str], student: str) -> None:
-        self.members, self.self_index = target_columns(pool, student, self.cfg.mode)
+        self.members, self.self_index = target_columns(pool, student, self.cfg.loss.mode)
 
     def _partitioned(
         self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
@@ -123,39 +119,11 @@ class _PartitionedTeaching(TeachingStrategy):
             logits[0],
             batch.labels,
             targets,
-            mode=self.cfg.mode,
+            self._settings(),
             self_index=self.self_index,
-            partition_score=self.cfg.partition_score,
-            **self._kd_options(scale),
+            scale=scale,
+            grad_output_is_one=True,
         )
-
-
-def target_columns(
-    pool: Sequence[str], student: str, mode: PartitionMode | str = PartitionMode.LIVE
-) -> tuple[list[str], int | None]:
-    """The target columns a student is taught from, and its own column: the pool's members but
-    the student (never its own teacher), and in ``fixed`` mode, last, the student's own initial
-    outputs (``self_index``; None in the other modes)."""
-    teachers = [name for name in pool if name != student]
-    if not teachers:
-        raise ConfigError(f"the pool {list(pool)} has no teacher besides the student {student!r}")
-    try:
-        mode = PartitionMode(mode)
-    except ValueError:
-        modes = ", ".join(m.value for m in PartitionMode)
-        raise ConfigError(f"partition mode {mode!r} is not one of {modes}") from None
-    if mode is PartitionMode.FIXED:
-        return [*teachers, student], len(teachers)
-    return teachers, None
-
-
-def pool_targets(arrays: Any, ring: PinnedRing | None = None, slot: int = 0) -> PoolTargets:
-    """The store's stacked numpy rows (``StoreReader.read_pool``) as the kernels' host tensors;
-    with a ``ring``, copied into its pinned buffers of ``slot`` (ids as int64 either way)."""
-    ring = ring or PinnedRing(1, torch.device("cpu"))
-    fields = {name: getattr(arrays, name) for name in TARGET_FIELDS}
-    ids = {"topk_ids": torch.int64, "tail_ids": torch.int64}
-    return PoolTargets(**ring.fill(slot, fields, ids), tail=arrays.tail or DEFAULT_TAIL)
 
 
 class StoredTargets(_PartitionedTeaching):
@@ -167,7 +135,7 @@ class StoredTargets(_PartitionedTeaching):
         name = student.spec.name
         if name in reader.model_names:
             self._check_student_in_store(student)
-        elif self.cfg.mode is PartitionMode.FIXED:
+        elif self.cfg.loss.mode is PartitionMode.FIXED:
             raise ConfigError(
                 f"partition mode 'fixed' needs the student's initial outputs in the store, but "
                 f"{name!r} is not in its pool {reader.model_names}; dump the student with the "
@@ -206,7 +174,8 @@ class StoredTargets(_PartitionedTeaching):
     ) -> PoolTargets:
         """The store's targets of the columns for rows (samples[i], views[i]), on the host (in
         ``ring``'s pinned buffers of ``slot``, when given)."""
-        return pool_targets(self.run.reader.read_pool(self.members, samples, views), ring, slot)
+        rows = self.run.reader.read_pool(self.members, samples, views)
+        return pool_targets(rows, functools.partial(ring.fill, slot))
 
     def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
         """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread into a ring of
@@ -309,7 +278,7 @@ class JointBiKD(TeachingStrategy):
         self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
     ) -> tuple[Tensor, KDStats]:
         return bidirectional_kd_loss(
-            list(logits), batch.labels, stop_grad=self.cfg.stop_grad, **self._kd_options(scale)
+            list(logits), batch.labels, self._settings(), scale=scale, grad_output_is_one=True
         )
 
 

@@ -1,15 +1,14 @@
 """The trainer: one loop for every way of teaching (``fastkd.training.strategy``).
 
 It plans each epoch's rows (``plan``), feeds their images and the strategy's targets to the step
-(``batches``), takes the step, and ends every epoch with model selection on held-out data
-(``val_data``; never the test split) and an atomic checkpoint from which ``resume`` continues
-bit-exactly. The loss is reduced as a sum over the global batch divided by its size, so one
-process and N DistributedDataParallel ranks (torchrun; each rank a disjoint slice of every global
-batch) take the same gradient steps. The selected weights of each trained model go to
-``<out_dir>/<name>.pt`` as a fastkd checkpoint, which ``timm.create_model(arch,
-checkpoint_path=...)`` also loads (its weights are under ``"state_dict"``); the transfer report to
-``report.json`` / ``.png``. Each epoch also rewrites ``summary.csv`` (timm's per-epoch columns)
-and logs TensorBoard scalars when tensorboard is installed (``fastkd.training.summary``).
+(``batches``; the images checked against the store's, ``store_match``), takes the step, and ends
+every epoch with model selection on held-out data (``val_data``; never the test split) and an
+atomic checkpoint from which ``resume`` continues bit-exactly (``checkpointing``). The loss is
+reduced as a sum over the global batch divided by its size, so one process and N
+DistributedDataParallel ranks (torchrun; each rank a disjoint slice of every global batch) take
+the same gradient steps. Each epoch also rewrites ``summary.csv`` (timm's per-epoch columns) and
+logs TensorBoard scalars when tensorboard is installed (``fastkd.training.summary``); the run
+ends with its result and transfer report (``result``).
 
 A step never waits on the host (``fastkd.training.steps``): the kernel writes the gradient
 already scaled, a non-finite step is skipped by the fused optimisers on the device, and the loop
@@ -20,14 +19,12 @@ top-k ids as the store reader decodes them.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -35,47 +32,21 @@ import torch.distributed as dist
 from rich.progress import Progress, TaskID, TextColumn
 from torch import Tensor
 
-from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, view_loader
-from fastkd.errors import ConfigError, DatasetError
+from fastkd.errors import ConfigError
 from fastkd.files import write_json
-from fastkd.hashing import UNRECORDED
 from fastkd.kernels import KDStats
 from fastkd.metrics import TransferReport
-from fastkd.models import ModelSpec, file_sha256, parse_pool
+from fastkd.models import ModelSpec, parse_pool
 from fastkd.partition import NO_TEACHER
-from fastkd.runtime import (
-    DistContext,
-    autocast,
-    join_job,
-    progress_bar,
-    resolve_device,
-)
-from fastkd.store import StoreReader
+from fastkd.runtime import DistContext, autocast, join_job, progress_bar, resolve_device
+from fastkd.training.checkpointing import RunCheckpoints
 from fastkd.training.config import TrainConfig
-from fastkd.training.learners import (
-    ImageStreams,
-    Learner,
-    add_cosine_schedules,
-    check_labels,
-    make_learner,
-    spec_text,
-)
+from fastkd.training.learners import ImageStreams, add_cosine_schedules, check_labels, make_learner
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
-from fastkd.training.report import (
-    pool_report,
-    warn_if_barely_moved,
-    weight_changes,
-)
+from fastkd.training.result import TrainResult, finish_run, report_specs, transfer_report
 from fastkd.training.run_folder import HISTORY_FILE, prepare_run_folder
-from fastkd.training.state import (
-    STATE_FILE,
-    damaged_state,
-    load_run_state,
-    restore_rng,
-    rng_state,
-    save_run_state,
-)
+from fastkd.training.state import STATE_FILE
 from fastkd.training.steps import (
     EpochTally,
     SkipFlag,
@@ -85,12 +56,9 @@ from fastkd.training.steps import (
     rewind_schedule,
     skipping_step,
 )
+from fastkd.training.store_match import check_unchanged, open_store
 from fastkd.training.strategy import RunContext, build_strategy
-from fastkd.training.summary import (
-    EpochRecord,
-    EpochSummary,
-    describe_epoch,
-)
+from fastkd.training.summary import EpochRecord, EpochSummary, describe_epoch
 from fastkd.training.transfer import to_device
 from fastkd.training.validation import top1
 
@@ -99,18 +67,6 @@ log = logging.getLogger(__name__)
 
 class ViewsRepeatWarning(UserWarning):
     """More epochs than stored views: a sample meets the same target again."""
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    checkpoints: dict[str, Path]  # trained model name -> selected weights (fastkd checkpoint)
-    state: Path  # resumable run state
-    history: list[EpochRecord]
-    report: TransferReport | None = None  # with eval_data or val_data
-    control: TrainResult | None = None  # the cross-entropy control's run (``--control``)
-    weight_change: dict[str, float] = field(default_factory=dict)  # ``report.weight_change``
-    skipped: int = 0  # samples left out: the store flags them unreadable (``--on-bad-image skip``)
 
 
 class Trainer:
@@ -139,7 +95,7 @@ class Trainer:
         self.dataset = open_dataset(cfg.data, root=cfg.data_root)
         check_labels(self.dataset, cfg.data)
         self.pool_specs = {spec.name: spec for spec in parse_pool(cfg.models)} if cfg.models else {}
-        self.reader = self._open_store() if cfg.store is not None else None
+        self.reader = None if cfg.store is None else open_store(cfg, self.dataset, self.pool_specs)
         self.streams = ImageStreams()
         torch.manual_seed(cfg.seed)  # initialisation from scratch: the same on every rank
         run = RunContext(cfg, self.device, self.dataset, self.reader, self.pool_specs, self.streams)
@@ -147,7 +103,7 @@ class Trainer:
         self.learners = [
             make_learner(s, cfg, self.device, self.dist, self.streams) for s in students
         ]
-        num_views = self.reader.num_views if self.reader is not None else cfg.views
+        num_views = self.reader.num_views if self.reader is not None else cfg.num_views
         # With a store, its rows and views: no image header is read, and the images the dump
         # skipped (unreadable) are left out of the plan. Without one, every image's size.
         sizes = self.reader.sizes if self.reader is not None else self.dataset.sizes
@@ -174,25 +130,10 @@ class Trainer:
             )
         self.epoch = 0  # epochs completed
         self.step = 0  # global steps completed
-        self.best: dict[str, float] = {}  # best val top-1 per trained model
         self.history: list[EpochRecord] = []
+        self.run_checkpoints = RunCheckpoints(cfg, self.learners, self.device, self.dist)
         self.summary = EpochSummary(self.out_dir, [m.name for m in self.learners])  # summary.csv
         self._skip = SkipFlag(self.device)  # the optimisers' found_inf (steps.SkipFlag)
-
-    def _open_store(self) -> StoreReader:
-        """Open the store, refusing one made for other data, classes or pool weights."""
-        cfg = self.cfg
-        return StoreReader.for_data(
-            cfg.store,
-            self.dataset,
-            models=list(cfg.members),
-            # each given pool checkpoint must be the one its stored outputs were made with
-            checkpoints={
-                name: file_sha256(spec.checkpoint)
-                for name, spec in self.pool_specs.items()
-                if spec.checkpoint is not None
-            },
-        )
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -229,7 +170,7 @@ class Trainer:
                     f"epoch {plan.epoch + 1} (expected samples {samples[:4].tolist()}...)"
                 )
             if self.reader is not None:
-                self._check_files(samples, view_batch.file_hashes)
+                check_unchanged(self.reader, self.dataset, samples, view_batch.file_hashes)
             yield Batch(
                 samples=samples,
                 views=plan.views[rows[step]],
@@ -237,20 +178,6 @@ class Trainer:
                 images=view_batch.images,
                 global_rows=plan.global_rows[step],
                 targets=step_targets,
-            )
-
-    def _check_files(self, samples: np.ndarray, read: np.ndarray) -> None:
-        """The files just read must be the ones the dump read: their content hashes against
-        the store's (the data fingerprint sees only names and sizes). One compare per step."""
-        stored = self.reader.file_hashes[samples]
-        changed = (stored != UNRECORDED) & (stored != read)
-        if changed.any():
-            names = sorted({self.dataset.name(int(s)) for s in samples[changed]})
-            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise DatasetError(
-                f"{len(names)} image(s) changed since the dump of {self.reader.path} (same name "
-                f"and size, other content): {shown}; restore them, or rewrite the blocks made from them: "
-                "the same `fastkd dump` command with --repair"
             )
 
     def loss(self, batch: Batch, scale: float = 1.0) -> tuple[Tensor, KDStats | None, list[Tensor]]:
@@ -339,7 +266,7 @@ class Trainer:
             self.load_state(state_path)
         else:
             if self.dist.is_main:
-                self._save_initial_weights()
+                self.run_checkpoints.save_initial_weights()
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout noise: its own on every rank
         loss_field = TextColumn("loss {task.fields[loss]:.4f}")
         enabled = cfg.progress and self.dist.is_main
@@ -359,23 +286,11 @@ class Trainer:
                         progress.console.log(describe_epoch(record, cfg.epochs), markup=False)
             finally:
                 self.summary.close()
-        checkpoints = {m.name: self.out_dir / f"{m.name}.pt" for m in self.learners}
-        changes = {}
-        if self.dist.is_main:
-            changes = weight_changes([m.before for m in self.learners], checkpoints)
-            warn_if_barely_moved(changes)
-        main = cfg.report and self.dist.is_main
-        report = self.transfer_report(checkpoints, changes) if main else None
-        self._barrier()
-        return TrainResult(
-            self.out_dir,
-            checkpoints,
-            state_path,
-            self.history,
-            report,
-            weight_change=changes,
-            skipped=self.skipped,
+        result = finish_run(
+            cfg, self.learners, self.pool_specs, self.history, self.device, self.dist, self.skipped
         )
+        self._barrier()
+        return result
 
     def _run_epoch(self, progress: Progress, task: TaskID) -> EpochRecord:
         start = time.perf_counter()
@@ -423,93 +338,36 @@ class Trainer:
         return top1(self.learners, self.val_dataset, self.cfg, self.device, self.dist)
 
     def _select_and_checkpoint(self, record: EpochRecord) -> None:
-        """Keep each model's best weights on val (the latest without val data), then the state;
-        weights that are not finite or exploded stop the run before anything is saved."""
-        for learner in self.learners:
-            learner.check_weights(record.epoch, self.out_dir / STATE_FILE)
+        """Keep each model's best weights on val, then the history and the run state."""
+        self.run_checkpoints.select(record, self.out_dir / STATE_FILE)
         if self.dist.is_main:
-            for learner in self.learners:
-                score = record.val_top1.get(learner.name)
-                if score is not None and score <= self.best.get(learner.name, -math.inf):
-                    continue
-                if score is not None:
-                    self.best[learner.name] = score
-                self._save_weights(learner, self.out_dir / f"{learner.name}.pt", record)
             write_json(self.out_dir / HISTORY_FILE, [asdict(r) for r in self.history])
             self.summary.write(self.history)
         self.save_state(self.out_dir / STATE_FILE)
 
-    def _save_weights(self, learner: Learner, path: Path, record: EpochRecord | None) -> None:
-        extra: dict[str, Any] = {"trained_from": spec_text(learner.before)}
-        if record is not None:
-            extra.update(epoch=record.epoch, step=record.steps, val_top1=record.val_top1)
-        save_checkpoint(
-            path, learner.model, learner.arch, learner.model_kwargs, learner.data_config, extra
-        )
-
-    def _save_initial_weights(self) -> None:
-        """A student without a checkpoint keeps its starting weights (``initial_weights_path``)."""
-        for learner in self.learners:
-            if learner.own_start:
-                self._save_weights(learner, learner.before.checkpoint, None)
-
     # -- checkpoint -------------------------------------------------------------------------------
 
     def save_state(self, path: Path) -> None:
-        """Atomically write all ``resume`` needs: rank 0 writes, with every rank's RNG state."""
-        rng = [rng_state(self.device)]
-        if self.dist.enabled:
-            rng = [None] * self.dist.world_size
-            dist.all_gather_object(rng, rng_state(self.device))
-        if self.dist.is_main:
-            progress = {
-                "config": self.cfg.to_dict(),
-                "epoch": self.epoch,
-                "step": self.step,
-                "best": dict(self.best),
-                "history": [asdict(r) for r in self.history],
-            }
-            save_run_state(path, self.learners, progress, rng)
-        self._barrier()
+        """Atomically write all ``resume`` needs (``RunCheckpoints.save_state``)."""
+        self.run_checkpoints.save_state(path, self.epoch, self.step, self.history)
 
     def load_state(self, path: Path) -> None:
-        """Continue the run in ``path``: refuse another configuration, restore every state."""
-        payload = load_run_state(path, self.cfg.to_dict(), self.learners)
-        self.epoch, self.step = payload["epoch"], payload["step"]
-        self.best = dict(payload["best"])
-        self.history = [EpochRecord(**record) for record in payload["history"]]
-        rng = payload["rng"]
-        if len(rng) != self.dist.world_size:
-            warnings.warn(
-                f"{path} was written by {len(rng)} rank(s), this run has {self.dist.world_size}: "
-                "random states are re-seeded, so dropout noise differs from an unbroken run",
-                stacklevel=2,
-            )
-            torch.manual_seed(self.cfg.seed + self.dist.rank + 1000 * self.epoch)
-            return
-        try:
-            restore_rng(rng[self.dist.rank], self.device)
-        except (TypeError, ValueError, RuntimeError, KeyError) as error:
-            raise damaged_state(path, f"its random states are damaged ({error})") from None
+        """Continue the run in ``path`` (``RunCheckpoints.load_state``)."""
+        self.epoch, self.step, self.history = self.run_checkpoints.load_state(path)
 
     # -- report -----------------------------------------------------------------------------------
 
     def report_specs(self, checkpoints: Mapping[str, Path]) -> tuple[list[ModelSpec], ...]:
         """The report's models: every pool member and student before, the trained ones after."""
-        before = {learner.name: learner.before for learner in self.learners}
-        for name, spec in self.pool_specs.items():
-            before.setdefault(name, spec)
-        after = [ModelSpec(m.arch, checkpoints[m.name], m.name) for m in self.learners]
-        return list(before.values()), after
+        return report_specs(self.learners, self.pool_specs, checkpoints)
 
     def transfer_report(
         self, checkpoints: Mapping[str, Path], weight_change: Mapping[str, float]
     ) -> TransferReport | None:
         """Before/after figures of the trained models against the pool, on the report data."""
-        if self.cfg.report_data is None:
-            return None
-        before, after = self.report_specs(checkpoints)
-        return pool_report(self.cfg, before, after, self.out_dir, self.device, weight_change)
+        return transfer_report(
+            self.cfg, self.learners, self.pool_specs, checkpoints, weight_change, self.device
+        )
 
     def _barrier(self) -> None:
         if self.dist.enabled:

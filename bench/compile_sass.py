@@ -1,0 +1,149 @@
+"""Compiling a captured launch for ``sm_<arch>`` without a GPU, and reading its machine code.
+
+``compile_launch`` runs ``triton.compile`` (the JIT's specialisation included) through a
+stand-in active driver that names the target; the Triton wheel's ptxas -v log and cuobjdump give
+registers, spills and shared memory (``resource_usage``), the SASS's global load and store widths
+and MUFU.EX2 count (``sass_counts``); the TTGIR gives exps per row element (``loop_exps``), and
+the per-SM limits the resident blocks (``blocks_per_sm``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Per-SM limits of the architectures checked: registers, threads, resident blocks, shared memory.
+SM_LIMITS = {
+    90: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 228 * 1024},
+    80: {"registers": 65536, "threads": 2048, "blocks": 32, "shared": 164 * 1024},
+}
+
+
+_PTXAS_LOGS: dict[str, str] = {}  # compiled kernel hash -> the ptxas -v log of its compile
+
+
+class _StandInDriver:
+    """The active driver while compiling: it names the target and launches nothing."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def get_current_target(self) -> Any:
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def is_active(self) -> bool:
+        return True
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_launch(launch: Any, arch: int) -> tuple[Any, str]:
+    """``triton.compile`` of the recorded launch for ``sm_<arch>`` (JIT specialisation included)
+    and the ``ptxas -v`` log of that compile (empty when the kernel came from a cache)."""
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    previous = driver._active  # None until a driver was needed; reset_active would probe for one
+    driver.set_active(_StandInDriver(GPUTarget("cuda", arch, 32)))
+    log = io.StringIO()
+    try:
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v and prints its log
+            compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
+    finally:
+        driver._active = previous
+    # A kernel the same process compiled before comes from Triton's cache without a new log.
+    text = _PTXAS_LOGS.setdefault(compiled.metadata.hash, log.getvalue())
+    return compiled, text
+
+
+def resource_usage(cubin: bytes, ptxas_log: str) -> dict[str, int]:
+    """Registers, stack, local memory and static shared memory of the cubin (its cuobjdump
+    -res-usage), and the spill bytes of the ``ptxas -v`` log Triton's compile wrote."""
+    with tempfile.TemporaryDirectory() as folder:
+        binary = Path(folder) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "-res-usage", str(binary)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    def number(pattern: str, text: str) -> int:
+        found = re.search(pattern, text)
+        return int(found.group(1)) if found else 0
+
+    return {
+        "registers": number(r"REG:(\d+)", usage),
+        "stack_bytes": number(r"STACK:(\d+)", usage),
+        "local_bytes": number(r"LOCAL:(\d+)", usage),
+        "shared_bytes": number(r"SHARED:(\d+)", usage),
+        "spill_store_bytes": number(r"(\d+) bytes spill stores", ptxas_log),
+        "spill_load_bytes": number(r"(\d+) bytes spill loads", ptxas_log),
+    }
+
+
+def sass_counts(cubin: bytes) -> tuple[dict[str, int], dict[str, int], int]:
+    """Global loads and stores by opcode (width) and the MUFU.EX2 count in the SASS."""
+    with tempfile.TemporaryDirectory() as folder:
+        binary = Path(folder) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", str(binary)], capture_output=True, text=True, check=True
+        ).stdout
+    loads = collections.Counter(re.findall(r"\b(LDG\.E[.\w]*)", sass))
+    stores = collections.Counter(re.findall(r"\b(STG\.E[.\w]*)", sass))
+    return (
+        dict(sorted(loads.items())),
+        dict(sorted(stores.items())),
+        len(re.findall(r"MUFU\.EX2", sass)),
+    )
+
+
+def loop_exps(ttgir: str) -> int:
+    """Exponentials per row element: the tensor-valued exp / exp2 ops inside the ``scf.for``
+    loops over whole tiles (each loop visits every element of a row's body once; the masked
+    head and tail outside them are a few elements a row). Each lowers to one MUFU.EX2."""
+    count, depth, loop_depths = 0, 0, []
+    for line in ttgir.splitlines():
+        loop = re.search(r"scf\.for %\S+ = %\S+ to (%\S+) step", line)
+        if loop and line.rstrip().endswith("{"):
+            # whole-tile loops run to a row's tile count; a loop to a literal (the masked ends,
+            # two trips) is not one
+            whole_tiles = not re.fullmatch(r"%c\d+_i\d+(_\d+)?", loop.group(1))
+            loop_depths.append((depth, whole_tiles))
+        if any(w for _, w in loop_depths) and re.search(r"= math\.exp2? %\S+ : tensor<", line):
+            count += 1
+        depth += line.count("{") - line.count("}")
+        while loop_depths and depth <= loop_depths[-1][0]:
+            loop_depths.pop()
+    return count
+
+
+def blocks_per_sm(arch: int, registers: int, warps: int, shared: int) -> int:
+    """Resident blocks per SM: registers (per-warp allocation in 256-register units), threads,
+    the block limit and shared memory, whichever binds first."""
+    limits = SM_LIMITS[arch]
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = limits["registers"] // (per_warp * warps)
+    by_threads = limits["threads"] // (32 * warps)
+    by_shared = limits["shared"] // (shared + 1024) if shared else limits["blocks"]
+    return min(by_registers, by_threads, limits["blocks"], by_shared)

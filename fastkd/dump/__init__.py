@@ -1,0 +1,31 @@
+"""``fastkd dump``: every pool member's outputs on every stored view, once, into the store.
+
+The work is cut into the store's blocks (a run of samples, all their views, all models). A block
+is fed to the models as a fixed sequence of batches (``data.plan_batches`` never lets a batch
+straddle a block) and written whole, then marked done, by ``StoreWriter.write_block``. So a dump
+killed at any point resumes with the blocks that carry no marker, feeds them the very batches an
+uninterrupted run would have, and the finished store is bit for bit the same. Ranks (``--part
+i/n``, or torchrun's RANK/WORLD_SIZE) each write their part, disjoint blocks of one store.
+
+Modules: ``config`` (``DumpConfig``, the manifest a dump writes), ``run`` (the blocks, their
+inference and writing: ``run_dump``), importing ``config``.
+"""
+
+from fastkd.dump.config import (
+    DEFAULT_TAIL_SAMPLES,
+    DumpConfig,
+    build_manifest,
+    check_classes,
+    model_entry,
+)
+from fastkd.dump.run import plan_blocks, run_dump
+
+__all__ = [
+    "DEFAULT_TAIL_SAMPLES",
+    "DumpConfig",
+    "build_manifest",
+    "check_classes",
+    "model_entry",
+    "plan_blocks",
+    "run_dump",
+]

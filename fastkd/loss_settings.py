@@ -1,0 +1,73 @@
+"""``LossSettings``: how a KD loss is computed, one typed value from the option to the kernel.
+
+The options of the loss (the partition mode and score, the temperature, the weights of the KD
+and cross-entropy terms, the stop-gradient of joint Bi-KD, the reduction) are one frozen
+dataclass, checked once here with one rule per field: the CLI and the presets make one,
+``TrainConfig`` holds it, the teaching strategies hand it to the loss functions and the kernels'
+configs are built from it. Light: no torch, so the CLI builds it at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from fastkd.choices import PartitionMode, PartitionScore, Reduction, option_flag
+from fastkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """A KD loss's settings; ``fastkd train``'s options of the same names (docs/method.md)."""
+
+    mode: PartitionMode = PartitionMode.LIVE  # who teaches each row (``fastkd.partition``)
+    partition_score: PartitionScore = PartitionScore.LABEL  # what the partition compares
+    temperature: float = 1.0  # T: distributions at softmax(z / T), the KD term times T^2
+    kd_weight: float = 1.0  # loss = ce_weight x CE + kd_weight x T^2 x KL
+    ce_weight: float = 1.0
+    stop_grad: bool = True  # joint Bi-KD: no KD gradient into the teaching model
+    reduction: Reduction = Reduction.MEAN
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, kind in (
+            ("mode", PartitionMode),
+            ("partition_score", PartitionScore),
+            ("reduction", Reduction),
+        ):
+            try:
+                object.__setattr__(self, name, kind(getattr(self, name)))
+            except ValueError:
+                choices = [member.value for member in kind]
+                problems.append(
+                    f"{option_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            problems.append(f"--temperature must be positive and finite, got {self.temperature}")
+        for name in ("kd_weight", "ce_weight"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                problems.append(f"{option_flag(name)} must be finite and >= 0, got {value}")
+        if self.mode == PartitionMode.PLAIN and self.partition_score == PartitionScore.CONFIDENCE:
+            problems.append(
+                "--partition-score: plain KD has no partition (the teachers' mixture teaches every "
+                "row); --partition-score applies to --mode live, fixed and best"
+            )
+        if problems:
+            raise ConfigError("invalid loss settings: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LossSettings:
+        """Inverse of ``to_dict`` (a saved run's configuration)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: enums as their values."""
+        return {k: v.value if isinstance(v, PartitionMode | PartitionScore | Reduction) else v
+                for k, v in asdict(self).items()}  # fmt: skip
+
+
+LOSS_FIELDS = tuple(f.name for f in fields(LossSettings))  # flat in the configs saved before

@@ -1,0 +1,65 @@
+"""The one adapter from a store to the loss: which columns teach a student, and the store's rows
+as the kernels' ``PoolTargets``.
+
+A store reads numpy (``fastkd.store``: ``PoolArrays``, the stacked rows of several models, the
+tail model already a ``TailModel``); the kernels take torch tensors (``PoolTargets``). Training,
+the Python API and the benchmarks all cross here, so the array names stay the same from disk to
+kernel and the columns a student is taught from follow one rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fastkd.choices import PartitionMode
+from fastkd.compression import DEFAULT_TAIL
+from fastkd.errors import ConfigError
+from fastkd.kernels import TARGET_FIELDS, PoolTargets
+from fastkd.store import PoolArrays
+
+# Host tensors from a batch's arrays, some converted (``fastkd.training.transfer.PinnedRing.fill``
+# of a slot stages them in pinned memory).
+ToTensors = Callable[
+    [Mapping[str, np.ndarray | None], Mapping[str, torch.dtype]], Mapping[str, torch.Tensor | None]
+]
+_IDS = {"topk_ids": torch.int64, "tail_ids": torch.int64}  # the kernels index with int64
+
+
+def target_columns(
+    pool: Sequence[str], student: str, mode: PartitionMode | str = PartitionMode.LIVE
+) -> tuple[list[str], int | None]:
+    """The target columns a student is taught from, and its own column: the pool's members but
+    the student (never its own teacher), and in ``fixed`` mode, last, the student's own initial
+    outputs (``self_index``; None in the other modes)."""
+    teachers = [name for name in pool if name != student]
+    if not teachers:
+        raise ConfigError(f"the pool {list(pool)} has no teacher besides the student {student!r}")
+    try:
+        mode = PartitionMode(mode)
+    except ValueError:
+        modes = ", ".join(m.value for m in PartitionMode)
+        raise ConfigError(f"partition mode {mode!r} is not one of {modes}") from None
+    if mode is PartitionMode.FIXED:
+        return [*teachers, student], len(teachers)
+    return teachers, None
+
+
+def pool_targets(arrays: PoolArrays, to_tensors: ToTensors | None = None) -> PoolTargets:
+    """A store's stacked rows (``StoreReader.read_pool``) as the kernels' host tensors, made by
+    ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 either way)."""
+    fields = {name: getattr(arrays, name) for name in TARGET_FIELDS}
+    tensors = (to_tensors or _as_tensors)(fields, _IDS)
+    return PoolTargets(**tensors, tail=arrays.tail or DEFAULT_TAIL)
+
+
+def _as_tensors(
+    arrays: Mapping[str, np.ndarray | None], dtypes: Mapping[str, torch.dtype]
+) -> dict[str, torch.Tensor | None]:
+    out: dict[str, torch.Tensor | None] = {}
+    for name, values in arrays.items():
+        tensor = None if values is None else torch.from_numpy(np.ascontiguousarray(values))
+        out[name] = tensor if tensor is None else tensor.to(dtypes.get(name, tensor.dtype))
+    return out
