@@ -16,7 +16,7 @@ from fastkd.cli import options
 from fastkd.cli.augment_options import with_view_options
 from fastkd.cli.guard import guarded
 from fastkd.errors import ConfigError
-from fastkd.presets import PresetName, preset_help, preset_loss, preset_training
+from fastkd.presets import PresetName, preset_help, preset_settings
 
 if TYPE_CHECKING:  # the training imports torch, timm and the kernels: only when a command runs
     from fastkd.training import TrainResult
@@ -250,7 +250,7 @@ def train_command(
             "--preset kl-dp is one-way KL+DP from a store or live teachers; --joint trains "
             "Bi-KD (every model both ways): use --preset bi-kd with --joint"
         )
-    loss = preset_loss(
+    chosen = preset_settings(
         preset,
         mode=mode,
         partition_score=partition_score,
@@ -258,9 +258,6 @@ def train_command(
         kd_weight=kd_weight,
         ce_weight=ce_weight,
         stop_grad=stop_grad,
-    )
-    optimiser = preset_training(
-        preset,
         epochs=epochs,
         batch_size=batch_size,
         optimizer=optimizer,
@@ -277,10 +274,10 @@ def train_command(
         models=tuple(model or ()),
         members=tuple(member or ()),
         teachers=teachers,
-        loss=loss,
+        loss=chosen.loss,
         joint=joint,
         model_lr=model_lr,
-        **optimiser,
+        **chosen.optimiser,
         seed=seed,
         views=views,
         augment=augment,

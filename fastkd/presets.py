@@ -1,8 +1,8 @@
 """The papers' settings as ``fastkd train --preset``, and the one rule of what wins.
 
 A value given on the command line wins over the preset, the preset over fastkd's default (the
-``LossSettings`` or ``TrainConfig`` default): ``preset_loss`` makes the run's loss settings,
-``preset_training`` its optimiser's fields. Each setting keeps its source in the paper's code; ``docs/method.md``
+``LossSettings`` or ``TrainConfig`` default): ``preset_settings`` makes the run's loss
+settings and its optimiser's fields. Each setting keeps its source in the paper's code; ``docs/method.md``
 ("Presets") shows ``markdown_table()``. Light: the CLI builds its help from ``PRESETS``.
 """
 
@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from fastkd.choices import DEFAULT_BATCH_SIZE, PartitionMode, PartitionScore, option_flag
-from fastkd.loss_settings import LossSettings
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 
 FANTASTIC_GAINS = "ExplainableML/FantasticGains"
 BI_KD = "Syd-J/Bi-KD"
@@ -147,7 +147,16 @@ def markdown_table() -> str:
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def preset_loss(
+@dataclass(frozen=True)
+class RunSettings:
+    """What the given options and a preset make: the run's loss settings, and the optimiser's
+    ``TrainConfig`` fields that either sets (``TrainConfig``'s defaults apply to the others)."""
+
+    loss: LossSettings
+    optimiser: dict[str, Any]
+
+
+def preset_settings(
     preset: PresetName | None,
     *,
     mode: PartitionMode | None = None,
@@ -156,16 +165,6 @@ def preset_loss(
     kd_weight: float | None = None,
     ce_weight: float | None = None,
     stop_grad: bool | None = None,
-) -> LossSettings:
-    """The run's ``LossSettings``: each value given (not None) over the preset's, the preset's
-    over ``LossSettings``' defaults."""
-    given = {name: value for name, value in locals().items() if name != "preset"}
-    return LossSettings(**_chosen(given, preset))
-
-
-def preset_training(
-    preset: PresetName | None,
-    *,
     epochs: int | None = None,
     batch_size: int | None = None,
     optimizer: str | None = None,
@@ -173,10 +172,10 @@ def preset_training(
     weight_decay: float | None = None,
     momentum: float | None = None,
     lr_schedule: str | None = None,
-) -> dict[str, Any]:
-    """The run's optimiser fields of ``TrainConfig``: each value given (not None) over the
-    preset's; fields set by neither are left out (``TrainConfig``'s defaults apply). A preset's
-    lr is scaled by the resolved batch size when the paper scales it and no lr is given."""
+) -> RunSettings:
+    """Each value given (not None) over the preset's, the preset's over the defaults. A
+    preset's lr is scaled by the resolved batch size when the paper scales it and no lr is
+    given."""
     given = {name: value for name, value in locals().items() if name != "preset"}
     values = _chosen(given, preset)
     chosen = PRESETS[PresetName(preset)] if preset is not None else None
@@ -186,7 +185,8 @@ def preset_training(
             * values.get("batch_size", DEFAULT_BATCH_SIZE)
             / chosen.lr_batch
         )
-    return values
+    loss = LossSettings(**{name: values.pop(name) for name in LOSS_FIELDS if name in values})
+    return RunSettings(loss, values)
 
 
 def _chosen(given: Mapping[str, Any], preset: PresetName | None) -> dict[str, Any]:
