@@ -33,6 +33,7 @@ import timm
 import torch
 from PIL import Image
 
+from fastkd.augment import AugmentConfig
 from fastkd.bench.imagenet import IMAGENET_224
 from fastkd.checkpoints import save_checkpoint
 from fastkd.data import ImageDataset, open_dataset, resolve_backend, view_loader
@@ -41,7 +42,7 @@ from fastkd.dump import DumpConfig, run_dump
 from fastkd.models import ModelSpec, load_model
 from fastkd.runtime import machine_name, resolve_device
 from fastkd.store import summarize
-from fastkd.views import AugmentConfig, all_views
+from fastkd.views import all_views
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKENDS = ("dali", "torch")

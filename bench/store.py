@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastkd.augment import AugmentConfig
 from fastkd.bench.imagenet import IMAGENET_224
 from fastkd.compression import DEFAULT_TAIL
 from fastkd.runtime import machine_name
 from fastkd.store import Manifest, ModelEntry, StoreReader, StoreWriter, summarize
-from fastkd.views import AugmentConfig, epoch_order, epoch_views
+from fastkd.views import epoch_order, epoch_views
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store-cpu.json"
 SYNTHETIC_NOTE = (

@@ -41,9 +41,8 @@ class LossSettings:
                 object.__setattr__(self, name, kind(getattr(self, name)))
             except ValueError:
                 choices = [member.value for member in kind]
-                problems.append(
-                    f"{option_flag(name)} must be one of {choices}, got {getattr(self, name)!r}"
-                )
+                label = "reduction" if name == "reduction" else option_flag(name)  # no option
+                problems.append(f"{label} must be one of {choices}, got {getattr(self, name)!r}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             problems.append(f"--temperature must be positive and finite, got {self.temperature}")
         for name in ("kd_weight", "ce_weight"):

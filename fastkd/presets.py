@@ -193,7 +193,10 @@ def _chosen(given: Mapping[str, Any], preset: PresetName | None) -> dict[str, An
     """The given values (not None) over the preset's, for the fields of ``given``."""
     values = {name: value for name, value in given.items() if value is not None}
     if preset is not None:
-        for name, setting in PRESETS[PresetName(preset)].settings.items():
-            if name in given:
-                values.setdefault(name, setting.value)
+        chosen = PRESETS[PresetName(preset)]
+        unknown = sorted(set(chosen.settings) - set(given))
+        if unknown:  # a bug: a preset must only set what preset_settings takes
+            raise RuntimeError(f"preset {chosen.name.value} sets {unknown}, not taken here")
+        for name, setting in chosen.settings.items():
+            values.setdefault(name, setting.value)
     return values

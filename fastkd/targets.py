@@ -2,9 +2,9 @@
 as the kernels' ``PoolTargets``.
 
 A store reads numpy (``fastkd.store``: ``PoolArrays``, the stacked rows of several models, the
-tail model already a ``TailModel``); the kernels take torch tensors (``PoolTargets``). Training,
-the Python API and the benchmarks all cross here, so the array names stay the same from disk to
-kernel and the columns a student is taught from follow one rule.
+tail model already a ``TailModel``); the kernels take torch tensors (``PoolTargets``). Training
+and the Python API (and the benchmarks, through training) cross here, so the array names stay
+the same from disk to kernel and the columns a student is taught from follow one rule.
 """
 
 from __future__ import annotations

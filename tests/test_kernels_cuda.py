@@ -661,7 +661,8 @@ def test_memcheck_grad_scale_rounds_the_fp32_product_once(dtype):
     the gradient's dtype, scalar and per-row factors, an odd row length. (torch's own mul_ with
     a 0-dim fp32 factor rounds the factor to a bf16 / fp16 gradient's dtype first: the H200 run
     of 2026-11-26 saw the two differ, docs/gpu-results.md.)"""
-    from fastkd.kernels.common import Reduction, scale_grad_
+    from fastkd.choices import Reduction
+    from fastkd.kernels.common import scale_grad_
 
     if DEVICE.type == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the interpreter casts fp32 -> bf16 by truncation (test_kernels_scale.py)")

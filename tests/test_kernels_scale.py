@@ -133,8 +133,9 @@ def test_grad_scale_kernel_rounds_once(dtype, layout):
     """The in-place scale is the fp32 product rounded once to the gradient's dtype: a scalar on
     a contiguous gradient of one whole block and a remainder (the flat kernel, twice), a factor
     per row read through a stride, and rows with a stride (the row kernel)."""
+    from fastkd.choices import Reduction
     from fastkd.kernels import grad_scale
-    from fastkd.kernels.common import Reduction, scale_grad_
+    from fastkd.kernels.common import scale_grad_
     from fastkd.kernels.launch import capture_launches
 
     gen = torch.Generator().manual_seed(3)
@@ -171,7 +172,8 @@ def test_grad_scale_kernel_rounds_once(dtype, layout):
 
 def test_grad_scale_of_a_gradient_strided_along_classes_falls_back_to_torch():
     """No kernel for a non-unit stride along C: torch, with the kernels' rounding."""
-    from fastkd.kernels.common import Reduction, scale_grad_
+    from fastkd.choices import Reduction
+    from fastkd.kernels.common import scale_grad_
     from fastkd.kernels.launch import capture_launches
 
     grad = torch.randn(4, 10).to(torch.bfloat16)[:, ::2]

@@ -203,6 +203,10 @@ def _damaged_states(state: dict, good: bytes, sentinel: Path) -> dict[str, objec
             **state,
             "config": {**state["config"], "loss": {**state["config"]["loss"], "mode": "banana"}},
         },
+        "bad-old-mode": {  # as a previous version saved it: the loss's fields flat
+            **state,
+            "config": {**{k: v for k, v in state["config"].items() if k != "loss"}, "mode": "x"},
+        },
         "bad-rng": {**state, "rng": [{"torch": "x", "numpy": None, "python": 3}]},
     }
 

@@ -186,8 +186,24 @@ def test_resume_is_bit_exact(pool, tmp_path):
 
     with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.01"):
         train(dataclasses.replace(first, epochs=2, resume=True, lr=1e-2))
+    hotter = dataclasses.replace(first.loss, temperature=2.0)  # a loss setting, by its path
+    with pytest.raises(
+        ValueError, match=r"with another configuration: loss\.temperature: 1\.0 -> 2\.0$"
+    ):
+        train(dataclasses.replace(first, epochs=2, resume=True, loss=hotter))
     with pytest.raises(FileExistsError, match="resume"):
         train(first)
+
+
+def test_stored_targets_read_without_a_ring_are_the_stores_rows(pool, tmp_path):
+    """``StoredTargets.read`` as the benchmarks call it (no pinned ring): the host tensors of
+    exactly the store's rows."""
+    trainer = Trainer(config(pool, tmp_path, student=pool.specs["a"], models=()))
+    samples, views = np.array([3, 0, 46]), np.array([1, 0, 1])
+    targets = trainer.teaching.read(samples, views)
+    stored = zarr.open_group(pool.store, mode="r")["models/b"]
+    expected = np.stack([stored["logprobs"][s, v] for s, v in zip(samples, views, strict=True)])
+    assert np.array_equal(targets.logprobs[:, 0].numpy(), expected)
 
 
 def test_live_teachers_match_the_stored_targets(pool, tmp_path):

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from fastkd.augment import AugmentConfig
 from fastkd.views import (
     _STREAM_VIEW,
-    AugmentConfig,
     epoch_order,
     epoch_views,
     philox4x64,

@@ -33,19 +33,17 @@ data set is opened by ``open_dataset`` like any other). Outside the package they
 fastkd.data.
 """
 
-from fastkd.data.batches import OnBadImage, Preprocess, ViewBatch, load_view, plan_batches
+from fastkd.data.batches import Preprocess, ViewBatch, load_view, plan_batches
 from fastkd.data.datasets import IMAGE_EXTENSIONS, ImageDataset, content_hashes, open_dataset
 from fastkd.data.decoding import decode_rgb
-from fastkd.data.loader import Backend, resolve_backend, view_loader
+from fastkd.data.loader import resolve_backend, view_loader
 from fastkd.errors import BadImageError, DatasetError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "Backend",
     "BadImageError",
     "DatasetError",
     "ImageDataset",
-    "OnBadImage",
     "Preprocess",
     "ViewBatch",
     "content_hashes",

@@ -12,12 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from fastkd.augment import AugmentConfig
+from fastkd.choices import Backend, OnBadImage
 from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel, parse_tail
-from fastkd.data import (
-    Backend,
-    ImageDataset,
-    OnBadImage,
-)
+from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel
 from fastkd.store import (

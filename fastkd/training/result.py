@@ -47,7 +47,7 @@ def report_specs(
     return list(before.values()), after
 
 
-def transfer_report(
+def run_report(
     cfg: TrainConfig,
     learners: list[Learner],
     pool_specs: Mapping[str, ModelSpec],
@@ -79,7 +79,7 @@ def finish_run(
         warn_if_barely_moved(changes)
     report = None
     if cfg.report and dist_context.is_main:
-        report = transfer_report(cfg, learners, pool_specs, checkpoints, changes, device)
+        report = run_report(cfg, learners, pool_specs, checkpoints, changes, device)
     return TrainResult(
         cfg.out_dir,
         checkpoints,

@@ -106,7 +106,11 @@ def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) 
         raise damaged_state(path, f"its configuration cannot be read ({error})") from None
     changed = [k for k in config if k not in RESUMABLE_CHANGES and saved.get(k) != config[k]]
     if changed:
-        details = "; ".join(f"{k}: {saved.get(k)!r} -> {config[k]!r}" for k in changed)
+        details = "; ".join(
+            f"{name}: {before!r} -> {after!r}"
+            for k in changed
+            for name, before, after in _differences(k, saved.get(k), config[k])
+        )
         raise ConfigError(f"cannot resume {path} with another configuration: {details}")
     for learner in learners:
         state = payload["learners"][learner.name]
@@ -120,6 +124,18 @@ def load_run_state(path: Path, config: dict[str, Any], learners: list[Learner]) 
                 path, f"{learner.name}'s state does not fit its model ({_brief(error)})"
             ) from None
     return payload
+
+
+def _differences(name: str, before: Any, after: Any) -> list[tuple[str, Any, Any]]:
+    """The fields that differ, nested ones by their path (``loss.temperature``)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [
+            difference
+            for key in dict.fromkeys([*before, *after])
+            if before.get(key) != after.get(key)
+            for difference in _differences(f"{name}.{key}", before.get(key), after.get(key))
+        ]
+    return [(name, before, after)]
 
 
 # What a run state holds at the top level, and the type of each (``save_run_state``).

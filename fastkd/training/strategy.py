@@ -175,7 +175,7 @@ class StoredTargets(_PartitionedTeaching):
         """The store's targets of the columns for rows (samples[i], views[i]), on the host (in
         ``ring``'s pinned buffers of ``slot``, when given)."""
         rows = self.run.reader.read_pool(self.members, samples, views)
-        return pool_targets(rows, functools.partial(ring.fill, slot))
+        return pool_targets(rows, None if ring is None else functools.partial(ring.fill, slot))
 
     def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
         """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread into a ring of

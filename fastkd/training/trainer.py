@@ -36,7 +36,6 @@ from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.errors import ConfigError
 from fastkd.files import write_json
 from fastkd.kernels import KDStats
-from fastkd.metrics import TransferReport
 from fastkd.models import ModelSpec, parse_pool
 from fastkd.partition import NO_TEACHER
 from fastkd.runtime import DistContext, autocast, join_job, progress_bar, resolve_device
@@ -44,7 +43,7 @@ from fastkd.training.checkpointing import RunCheckpoints
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import ImageStreams, add_cosine_schedules, check_labels, make_learner
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
-from fastkd.training.result import TrainResult, finish_run, report_specs, transfer_report
+from fastkd.training.result import TrainResult, finish_run, report_specs
 from fastkd.training.run_folder import HISTORY_FILE, prepare_run_folder
 from fastkd.training.state import STATE_FILE
 from fastkd.training.steps import (
@@ -360,14 +359,6 @@ class Trainer:
     def report_specs(self, checkpoints: Mapping[str, Path]) -> tuple[list[ModelSpec], ...]:
         """The report's models: every pool member and student before, the trained ones after."""
         return report_specs(self.learners, self.pool_specs, checkpoints)
-
-    def transfer_report(
-        self, checkpoints: Mapping[str, Path], weight_change: Mapping[str, float]
-    ) -> TransferReport | None:
-        """Before/after figures of the trained models against the pool, on the report data."""
-        return transfer_report(
-            self.cfg, self.learners, self.pool_specs, checkpoints, weight_change, self.device
-        )
 
     def _barrier(self) -> None:
         if self.dist.enabled:
