@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from fastkd.choices import Reduction
 from fastkd.errors import ConfigError
 from fastkd.kernels import grad_scale
-from fastkd.loss_settings import LossSettings
+from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 
 try:
     import triton
@@ -83,7 +83,7 @@ class KDLossConfig:
 
     def __post_init__(self) -> None:
         checked = self.settings  # LossSettings checks and types the loss's fields
-        for name in _SETTING_NAMES & {f.name for f in fields(self)}:
+        for name in {f.name for f in fields(self)}.intersection(LOSS_FIELDS):
             object.__setattr__(self, name, getattr(checked, name))
         if not math.isfinite(self.scale):
             raise ConfigError(f"scale must be finite, got {self.scale}")
@@ -96,16 +96,16 @@ class KDLossConfig:
     @property
     def settings(self) -> LossSettings:
         """The loss settings this config holds (the others at their defaults)."""
-        own = {name: getattr(self, name) for name in _SETTING_NAMES if hasattr(self, name)}
+        own = {name: getattr(self, name) for name in LOSS_FIELDS if hasattr(self, name)}
         return LossSettings(**own)
 
     @classmethod
     def of(cls: type[Config], settings: LossSettings | None, **given: Any) -> Config:
         """The config of one call: ``settings`` (default ``LossSettings()``), the settings
         given by keyword (not None) over them, and the call's own fields."""
-        values = {f.name: getattr(settings or LossSettings(), f.name) for f in fields(cls)
-                  if f.name in _SETTING_NAMES}  # fmt: skip
-        values |= {k: v for k, v in given.items() if v is not None or k not in _SETTING_NAMES}
+        base = settings or LossSettings()
+        values = {f.name: getattr(base, f.name) for f in fields(cls) if f.name in LOSS_FIELDS}
+        values |= {k: v for k, v in given.items() if v is not None or k not in LOSS_FIELDS}
         return cls(**values)
 
     @classmethod
@@ -117,7 +117,6 @@ class KDLossConfig:
         return cls.of(arguments.get("settings"), **given)
 
 
-_SETTING_NAMES = frozenset(f.name for f in fields(LossSettings))
 Config = TypeVar("Config", bound=KDLossConfig)
 
 

@@ -100,9 +100,10 @@ class TeachingStrategy:
         this loss alone (``grad_output_is_one``): back-propagate nothing derived from it."""
         raise NotImplementedError
 
+    @functools.cached_property
     def _settings(self) -> LossSettings:
         """The run's loss settings as the loop takes them: summed over the rows (the trainer
-        divides by the global batch through ``scale``)."""
+        divides by the global batch through ``scale``); made once, not every step."""
         return dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
 
 
@@ -119,7 +120,7 @@ class _PartitionedTeaching(TeachingStrategy):
             logits[0],
             batch.labels,
             targets,
-            self._settings(),
+            self._settings,
             self_index=self.self_index,
             scale=scale,
             grad_output_is_one=True,
@@ -278,7 +279,7 @@ class JointBiKD(TeachingStrategy):
         self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
     ) -> tuple[Tensor, KDStats]:
         return bidirectional_kd_loss(
-            list(logits), batch.labels, self._settings(), scale=scale, grad_output_is_one=True
+            list(logits), batch.labels, self._settings, scale=scale, grad_output_is_one=True
         )
 
 
