@@ -107,5 +107,10 @@ def test_a_training_step_never_waits_on_the_host(
 
     torch.cuda.synchronize()
     assert math.isfinite(step_loss(record))
+    # on a GPU the students and their images are channels_last (runtime.fast_memory_format)
+    for learner in trainer.learners:
+        convs = [m.weight for m in learner.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert all(i.is_contiguous(memory_format=torch.channels_last) for i in batches[1].images)
     moved = [not torch.equal(p.detach(), b) for p, b in zip(parameters, before, strict=True)]
     assert any(moved), "the step under the sync check left every parameter as it was"

@@ -1,4 +1,5 @@
-"""``runtime.reproducible``: what it pins, in a fresh interpreter (as ``fastkd demo`` runs it)."""
+"""``runtime.reproducible``: what it pins, in a fresh interpreter (as ``fastkd demo`` runs it);
+``runtime.fast_memory_format`` / ``in_fast_layout``: channels_last on a GPU only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import subprocess
 import sys
 
-from fastkd.runtime import PINNED_CPU_PATHS
+import torch
+
+from fastkd.runtime import PINNED_CPU_PATHS, fast_memory_format, in_fast_layout
 
 _PROBE = """
 import json, os, torch
@@ -49,3 +52,16 @@ def test_an_explicit_environment_value_wins():
     assert found["numerics"]["cpu_capability"] == "DEFAULT"
     assert found["numerics"]["ATEN_CPU_CAPABILITY"] == "default"
     assert found["env_after"]["ATEN_CPU_CAPABILITY"] == "default"
+
+
+def test_images_and_models_are_channels_last_on_a_gpu_only() -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert fast_memory_format(gpu) is torch.channels_last
+    assert fast_memory_format(cpu) is torch.preserve_format
+    images = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).reshape(2, 3, 4, 5)
+    assert in_fast_layout(images, cpu) is images  # no copy off the GPU
+    fast = in_fast_layout(images, gpu)  # the layout only depends on the device's kind
+    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
+    assert torch.equal(fast, images) and fast.stride() == (60, 1, 15, 3)
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=fast_memory_format(cpu))
+    assert conv.weight.is_contiguous()

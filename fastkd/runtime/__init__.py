@@ -5,13 +5,13 @@ below. torch is imported inside the functions that need it, so the torch-free pa
 ``fastkd inspect``, ``fastkd --help``) can use the JSON form without loading torch.
 
 Modules, in the order they import each other: ``job`` (the torchrun job: ``DistContext``, ranks,
-work on the main rank), ``device`` (``resolve_device``, ``autocast``), ``determinism``
-(``reproducible`` and what it pins), ``progress`` (progress bars, ``machine_name``);
-``json_form`` (``json_default``, ``plain``) stands alone.
+work on the main rank), ``device`` (``resolve_device``, ``autocast``, ``fast_memory_format``,
+``in_fast_layout``), ``determinism`` (``reproducible`` and what it pins), ``progress``
+(progress bars, ``machine_name``); ``json_form`` (``json_default``, ``plain``) stands alone.
 """
 
 from fastkd.runtime.determinism import CUBLAS_WORKSPACE, PINNED_CPU_PATHS, reproducible
-from fastkd.runtime.device import autocast, resolve_device
+from fastkd.runtime.device import autocast, fast_memory_format, in_fast_layout, resolve_device
 from fastkd.runtime.job import DistContext, init_distributed, join_job, local_rank, on_main
 from fastkd.runtime.json_form import json_default, plain
 from fastkd.runtime.progress import RateColumn, machine_name, progress_bar
@@ -22,6 +22,8 @@ __all__ = [
     "DistContext",
     "RateColumn",
     "autocast",
+    "fast_memory_format",
+    "in_fast_layout",
     "init_distributed",
     "join_job",
     "json_default",

@@ -1,4 +1,5 @@
-"""Which device a process computes on (``--device``, or this rank's GPU) and its autocast.
+"""Which device a process computes on (``--device``, or this rank's GPU), its autocast and the
+memory layout its models and images take there.
 
 torch is imported inside the functions, so ``import fastkd.runtime`` stays free of it.
 """
@@ -53,3 +54,22 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     if enabled and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def fast_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU: cuDNN's bf16 convolutions run NHWC on tensor cores, and an NCHW
+    model transposes every activation to get there. Elsewhere the default layout (the CPU's
+    convolutions are tuned for it, and CPU results stay exactly as tested)."""
+    import torch
+
+    return torch.channels_last if device.type == "cuda" else torch.preserve_format
+
+
+def in_fast_layout(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of images [b, c, h, w] in ``fast_memory_format(device)`` (one copy on a GPU,
+    where the loader hands NCHW; none elsewhere)."""
+    import torch
+
+    if device.type == "cuda" and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images

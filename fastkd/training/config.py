@@ -63,7 +63,7 @@ class TrainConfig:
     overwrite: bool = False  # start over in a run folder that holds a run (never a user's folder)
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
     amp: bool = True  # bf16 autocast on GPU
-    backend: str = "auto"  # view_loader backend: auto | dali | torch
+    backend: str = "auto"  # view_loader backend (choices.Backend): auto | dali | nvjpeg | torch
     num_workers: int | None = None
     progress: bool = True
     report: bool = True  # transfer report at the end (needs eval_data or val_data)

@@ -21,7 +21,7 @@ from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError
 from fastkd.input_size import announce_input
 from fastkd.models import LoadedModel, ModelSpec, load_model
-from fastkd.runtime import DistContext
+from fastkd.runtime import DistContext, fast_memory_format
 from fastkd.training.config import TrainConfig
 from fastkd.training.steps import exploded_weights_error, weight_norm
 
@@ -124,8 +124,9 @@ def make_learner(
     dist: DistContext,
     streams: ImageStreams,
 ) -> Learner:
-    """The model on ``device`` in train mode, its DDP wrapper on several ranks, its optimiser."""
-    model = loaded.model.to(device).train()
+    """The model on ``device`` (in its fast layout there) in train mode, its DDP wrapper on
+    several ranks, its optimiser."""
+    model = loaded.model.to(device, memory_format=fast_memory_format(device)).train()
     forward: nn.Module = model
     if dist.enabled:
         device_ids = [device.index] if device.type == "cuda" else None

@@ -45,7 +45,7 @@ from fastkd.kernels import (
 )
 from fastkd.loss_settings import LossSettings
 from fastkd.models import LoadedModel, ModelSpec, file_sha256
-from fastkd.runtime import autocast
+from fastkd.runtime import autocast, fast_memory_format
 from fastkd.store import Expectation, StoreReader
 from fastkd.targets import pool_targets, target_columns
 from fastkd.training.config import TrainConfig
@@ -238,7 +238,8 @@ class LiveTeachers(_PartitionedTeaching):
             loaded = student if column == name else run.load(pool[column])
             # The student's column is a frozen copy of its initial weights, never the learner.
             model = copy.deepcopy(loaded.model) if column == name else loaded.model
-            model = model.to(run.device).eval().requires_grad_(False)
+            model = model.to(run.device, memory_format=fast_memory_format(run.device))
+            model = model.eval().requires_grad_(False)
             self.teachers.append(LiveTeacher(column, model, run.streams.index(loaded.data_config)))
 
     def live_targets(self, batch: Batch) -> PoolTargets:

@@ -38,7 +38,14 @@ from fastkd.files import write_json
 from fastkd.kernels import KDStats
 from fastkd.models import ModelSpec, parse_pool
 from fastkd.partition import NO_TEACHER
-from fastkd.runtime import DistContext, autocast, join_job, progress_bar, resolve_device
+from fastkd.runtime import (
+    DistContext,
+    autocast,
+    in_fast_layout,
+    join_job,
+    progress_bar,
+    resolve_device,
+)
 from fastkd.training.checkpointing import RunCheckpoints
 from fastkd.training.config import TrainConfig
 from fastkd.training.learners import ImageStreams, add_cosine_schedules, check_labels, make_learner
@@ -174,7 +181,7 @@ class Trainer:
                 samples=samples,
                 views=plan.views[rows[step]],
                 labels=labels[rows[step]],
-                images=view_batch.images,
+                images=[in_fast_layout(image, self.device) for image in view_batch.images],
                 global_rows=plan.global_rows[step],
                 targets=step_targets,
             )
