@@ -126,6 +126,14 @@ def dump(
             show_default=False,
         ),
     ] = None,
+    write_queue: Annotated[
+        int,
+        typer.Option(
+            help="Blocks (count) waiting for the writer thread, which encodes and writes each "
+            "finished block while the next ones are inferred; each holds its logits in memory. "
+            "0 writes each block before inferring the next (no overlap).",
+        ),
+    ] = 2,
     input_size: options.InputSize = None,
     workers: options.Workers = None,
     root: options.DataRoot = None,
@@ -159,6 +167,7 @@ def dump(
         repair=repair,
         on_bad_image=on_bad_image,
         samples_per_shard=samples_per_shard,
+        write_queue=write_queue,
         input_size=input_size,
         num_workers=workers,
         data_root=root,

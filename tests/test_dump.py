@@ -1,14 +1,17 @@
 """``fastkd dump`` end to end on the digits with real timm models: the store read back by plain
 zarr against direct torch inference, DALI against torch, kill-and-resume and parts bit for bit,
-and bad input refused without losing what was written."""
+bad input refused without losing what was written, and the writer thread's failures and the
+dump's own stopping it cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -26,7 +29,10 @@ from typer.testing import CliRunner
 
 from fastkd.checkpoints import save_checkpoint
 from fastkd.cli.main import app
-from fastkd.dump import DumpConfig
+from fastkd.dump import DumpConfig, run_dump
+from fastkd.dump.block_writer import THREAD_NAME
+from fastkd.errors import BadImageError, StoreError
+from fastkd.store import StoreWriter, check_store
 
 if TYPE_CHECKING:
     from digits_pool import PoolMember
@@ -348,7 +354,8 @@ def test_cli_help_explains_every_option() -> None:
     text = run_cli(["dump", "--help"])
     for option in ("--data", "--model", "--out", "--views", "--topk", "--seed", "--batch-size",
                    "--backend", "--device", "--part", "--shard", "--overwrite", "--on-bad-image",
-                   "--crop-scale", "--crop-ratio", "--hflip", "--eval-crop-pct"):  # fmt: skip
+                   "--crop-scale", "--crop-ratio", "--hflip", "--eval-crop-pct",
+                   "--write-queue"):  # fmt: skip
         assert option in text
     assert "torchrun's RANK/WORLD_SIZE" in text
 
@@ -480,3 +487,238 @@ def test_a_file_whose_views_read_different_bytes_is_refused(
     )  # fmt: skip
     with pytest.raises(DatasetError, match=r"sample 3\) changed while the dump read it"):
         buffer.add(batch, [])
+
+
+# -- the writer thread ---------------------------------------------------------------------------
+
+
+def dump_config(data: Path, pool: list[PoolMember], out: Path, **options) -> DumpConfig:
+    """``dump_args`` with the torch backend, as a ``DumpConfig`` (the same store as the CLI's)."""
+    settings = {"views": 2, "seed": 3, "batch_size": 8, "samples_per_shard": SAMPLES_PER_SHARD,
+                "num_workers": 1, "backend": "torch", "progress": False}  # fmt: skip
+    return DumpConfig(data=data, models=[m.spec for m in pool], out=out, **{**settings, **options})
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail (rather than hang) when the body takes longer: a dump waiting on a dead writer."""
+
+    def expired(*_) -> None:
+        raise TimeoutError(f"still running after {seconds} s: the dump hangs")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+
+
+@pytest.fixture
+def cut_image_data(digits_small: Path, tmp_path: Path) -> tuple[Path, int]:
+    """A copy of the digits whose sample 29 (block 3) has a readable header and no pixels."""
+    data = Path(shutil.copytree(digits_small, tmp_path / "data"))
+    keys = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+    path = data / keys[29]
+    path.write_bytes(path.read_bytes()[:80])
+    return data, 29
+
+
+def assert_done_blocks_are_whole(out: Path, clean: Path) -> np.ndarray:
+    """The blocks marked done verify, and hold exactly the rows of an uninterrupted dump."""
+    assert check_store(out, progress=False) == []
+    done, arrays, reference = blocks_done(out), plain_arrays(out), plain_arrays(clean)
+    for block in np.flatnonzero(done):
+        rows = slice(block * SAMPLES_PER_SHARD, (block + 1) * SAMPLES_PER_SHARD)
+        for name in arrays:
+            if name not in ("blocks_done", "block_hashes"):
+                np.testing.assert_array_equal(arrays[name][rows], reference[name][rows], name)
+    return done
+
+
+def test_overlapped_writes_give_the_store_of_synchronous_ones(
+    digits_small: Path, digit_pool: list[PoolMember], torch_store: Path, tmp_path: Path
+) -> None:
+    """torch_store was written by the writer thread (the default queue of 2); --write-queue 0
+    writes each block in the dump's own thread: the same arrays, bit for bit, and manifest."""
+    out = tmp_path / "sync.zarr"
+    run_cli(dump_args(digits_small, digit_pool, out, "--backend", "torch", "--write-queue", "0"))
+    assert_same_store(out, torch_store)
+
+
+def test_a_failed_write_stops_the_dump_with_its_own_error_and_resumes(
+    digits_small: Path, digit_pool: list[PoolMember], torch_store: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Block 1's write fails in the writer thread once the dump has filled the queue (blocks
+    2-3) and waits to queue block 4: that very error comes out of run_dump at once, block 1
+    stays pending, and a resume finishes the store as an uninterrupted dump would have."""
+    write_block, error, threads = StoreWriter.write_block, StoreError("block 1: disk gone"), []
+    failed_at: list[float] = []
+    batches_at: list[float] = []
+
+    def fail_on_block_1(self, block: int, *args, **kwargs) -> None:
+        threads.append(threading.current_thread().name)
+        if block != 1:
+            return write_block(self, block, *args, **kwargs)
+        waited = time.monotonic()
+        while len(batches_at) < 10 and time.monotonic() < waited + 10:  # blocks 0-4 inferred
+            time.sleep(0.01)
+        time.sleep(0.1)  # the dump is now waiting for room in the queue
+        failed_at.append(time.monotonic())
+        raise error
+
+    monkeypatch.setattr(StoreWriter, "write_block", fail_on_block_1)
+    out = tmp_path / "store.zarr"
+    with deadline(60), pytest.raises(StoreError) as raised:
+        run_dump(dump_config(digits_small, digit_pool, out), on_batch=lambda n: batches_at.append(
+            time.monotonic()))  # fmt: skip
+    stopped = time.monotonic()
+    assert raised.value is error  # itself, not wrapped
+    assert threads == [THREAD_NAME, THREAD_NAME] and not writer_threads()
+    assert stopped - failed_at[0] < 5  # no hang on the full queue (it polls every 50 ms)
+    assert sum(t > failed_at[0] for t in batches_at) <= 2  # at most the batch in flight
+    assert blocks_done(out).tolist() == [1, 0, 0, 0, 0, 0, 0, 0]  # nothing after the failure
+
+    monkeypatch.setattr(StoreWriter, "write_block", write_block)
+    run_dump(dump_config(digits_small, digit_pool, out))
+    assert_same_store(out, torch_store)
+
+
+def _interrupt_on_block(
+    block: int, failed_at: list[float], failed: threading.Event, monkeypatch
+) -> None:
+    """The first pool member raises KeyboardInterrupt on the first batch of ``block``."""
+    import fastkd.dump.run as run
+
+    load_model, forwards = run.load_model, []
+
+    def interrupting(*args, **kwargs):
+        member = load_model(*args, **kwargs)
+        if not forwards:
+            forwards.append(0)
+
+            def hook(module, inputs) -> None:
+                forwards[0] += 1
+                if forwards[0] > 2 * block:  # two batches a block (8 samples x 2 views / 8)
+                    failed_at.append(time.monotonic())
+                    failed.set()
+                    raise KeyboardInterrupt
+
+            member.model.register_forward_pre_hook(hook)
+        return member
+
+    monkeypatch.setattr(run, "load_model", interrupting)
+
+
+def _record_failure(failed_at: list[float], failed: threading.Event, monkeypatch) -> None:
+    """Record when the view loader raises (a bad image)."""
+    import fastkd.dump.run as run
+
+    view_loader = run.view_loader
+
+    def recording(*args, **kwargs):
+        try:
+            yield from view_loader(*args, **kwargs)
+        except Exception:
+            failed_at.append(time.monotonic())
+            failed.set()
+            raise
+
+    monkeypatch.setattr(run, "view_loader", recording)
+
+
+@pytest.mark.parametrize("failure", ["bad image", "interrupt"])
+def test_a_failing_dump_joins_its_writer_and_marks_only_whole_blocks(
+    failure: str, cut_image_data: tuple[Path, int], digits_small: Path,
+    digit_pool: list[PoolMember], torch_store: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Blocks are queued and one is half written when the dump fails in its own thread (the
+    second model's encoding of block 1 waits for the failure): on a bad image in block 3 the
+    queued blocks 1-2 are still written; on Ctrl-C (a model interrupted in block 4) block 1 is
+    finished and the queued ones (2-3) dropped. Either way the thread is joined after that
+    write, and every block marked done is whole."""
+    import fastkd.store.writer as writer_module
+
+    encode, write_block = writer_module.encode_logits, StoreWriter.write_block
+    threads, ends, failed = set(), [], threading.Event()
+    failed_at: list[float] = []
+
+    def held_encode(*args, **kwargs):
+        if kwargs["first_sample"] == SAMPLES_PER_SHARD and kwargs["model_index"] == 1:
+            failed.wait(10)  # the first model's arrays of block 1 are written by now
+        return encode(*args, **kwargs)
+
+    def recording(self, *args, **kwargs) -> None:
+        threads.add(threading.current_thread().name)
+        write_block(self, *args, **kwargs)
+        ends.append(time.monotonic())
+
+    monkeypatch.setattr(writer_module, "encode_logits", held_encode)
+    monkeypatch.setattr(StoreWriter, "write_block", recording)
+    out = tmp_path / "store.zarr"
+    if failure == "bad image":
+        data, sample = cut_image_data
+        _record_failure(failed_at, failed, monkeypatch)
+        with deadline(60), pytest.raises(BadImageError, match=f"sample {sample}"):
+            run_dump(dump_config(data, digit_pool, out))
+    else:
+        _interrupt_on_block(4, failed_at, failed, monkeypatch)
+        with deadline(60), pytest.raises(KeyboardInterrupt):
+            run_dump(dump_config(digits_small, digit_pool, out))
+    assert threads == {THREAD_NAME} and not writer_threads()  # written there, and joined
+    assert len(failed_at) == 1 and max(ends) > failed_at[0]  # the dump waited for it
+    done = assert_done_blocks_are_whole(out, torch_store).tolist()
+    written = 3 if failure == "bad image" else 2  # blocks 0-2: every one before the bad image
+    assert done == [1] * written + [0] * (8 - written)
+
+
+def test_on_batch_counts_every_view_inferred(
+    cut_image_data: tuple[Path, int], digit_pool: list[PoolMember], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The hook runs in the dump's thread once a batch, with the batch's (sample, view) items:
+    they add up to the views the store holds targets for (every view of each sample not
+    skipped); the blocks are written by the writer thread."""
+    data, sample = cut_image_data
+    write_block, writers, calls = StoreWriter.write_block, set(), []
+
+    def recording(self, *args, **kwargs) -> None:
+        writers.add(threading.current_thread().name)
+        return write_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(StoreWriter, "write_block", recording)
+    out = tmp_path / "store.zarr"
+    run_dump(
+        dump_config(data, digit_pool, out, on_bad_image="skip"),
+        on_batch=lambda n: calls.append((n, threading.current_thread().name)),
+    )
+    group = zarr.open_group(out, mode="r")
+    skipped = group["skipped"][:]
+    assert np.flatnonzero(skipped).tolist() == [sample]
+    counts = [n for n, _ in calls]
+    assert sum(counts) == (~skipped).sum() * 2 == 118  # 59 samples x 2 views
+    assert len(counts) == 15 and sorted(set(counts)) == [6, 8]  # the cut image's batch: 6
+    assert {name for _, name in calls} == {threading.current_thread().name}
+    assert writers == {THREAD_NAME}
+
+
+def test_a_negative_write_queue_is_one_line_naming_the_option(
+    digits_small: Path, digit_pool: list[PoolMember], tmp_path: Path
+) -> None:
+    out = tmp_path / "s.zarr"
+    result = CliRunner().invoke(
+        app, dump_args(digits_small, digit_pool, out, "--write-queue", "-1"), env={"COLUMNS": "400"}
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: --write-queue must be >= 0 (blocks waiting to be written while the next are "
+        "inferred; 0 writes each block before the next), got -1"
+    ]
+    assert not out.exists()

@@ -158,7 +158,7 @@ class DemoConfig:
     tail_samples: int = 8  # draws per view of the sampled tail
     resamples: int = 2000  # paired bootstrap over test images
     device: str = "auto"  # cuda when there is one
-    backend: str = "auto"  # image pipeline: DALI when installed
+    backend: str = "auto"  # image pipeline: DALI when installed, else nvjpeg on a GPU, else torch
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -7,8 +7,14 @@ killed at any point resumes with the blocks that carry no marker, feeds them the
 uninterrupted run would have, and the finished store is bit for bit the same. Ranks (``--part
 i/n``, or torchrun's RANK/WORLD_SIZE) each write their part, disjoint blocks of one store.
 
-Modules: ``config`` (``DumpConfig``, the manifest a dump writes), ``run`` (the blocks, their
-inference and writing: ``run_dump``), importing ``config``.
+The writes run in one thread of their own (``block_writer``), fed a few whole blocks at a time,
+so inference goes on while a block is encoded, hashed and compressed; a block is still marked
+only once written, the thread is joined before the store is closed, and its failure is raised
+in the dump's own thread.
+
+Modules: ``block_writer`` (``BackgroundWrites``: the writer thread and its queue), ``config``
+(``DumpConfig``, the manifest a dump writes), ``run`` (the blocks, their inference and writing:
+``run_dump``), importing both.
 """
 
 from fastkd.dump.config import (

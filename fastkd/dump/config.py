@@ -15,6 +15,7 @@ from fastkd.augment import AugmentConfig
 from fastkd.choices import Backend, OnBadImage
 from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel, parse_tail
 from fastkd.data import ImageDataset
+from fastkd.dump.block_writer import DEFAULT_WRITE_QUEUE
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel
 from fastkd.store import (
@@ -40,7 +41,7 @@ class DumpConfig:
     tail_samples: int | None = None  # draws per view of the sampled tail (default 8)
     seed: int = 0  # view replay seed
     batch_size: int = 256  # (sample, view) items per forward
-    backend: Backend = "auto"  # "dali", "torch", or DALI when installed
+    backend: Backend = "auto"  # "dali", "nvjpeg", "torch"; auto: DALI, else nvjpeg on a GPU
     device: str | None = None  # default: cuda (cuda:LOCAL_RANK under torchrun) if present, else cpu
     part: str | None = None  # "i/n", this process's blocks; default torchrun's RANK/WORLD_SIZE
     overwrite: bool = False  # replace a store made with another configuration
@@ -53,6 +54,7 @@ class DumpConfig:
     input_size: int | None = None  # every model's image side, over its data config's (manifest)
     amp: bool = True  # bf16 autocast on a GPU (CPU always runs fp32)
     progress: bool = True  # rich progress bar (on a terminal; a log line per block otherwise)
+    write_queue: int = DEFAULT_WRITE_QUEUE  # blocks queued for the writer thread; 0: no thread
 
     def __post_init__(self) -> None:
         self.data, self.out = Path(self.data), Path(self.out)
@@ -61,6 +63,11 @@ class DumpConfig:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        if self.write_queue < 0:
+            raise ConfigError(
+                f"--write-queue must be >= 0 (blocks waiting to be written while the next are "
+                f"inferred; 0 writes each block before the next), got {self.write_queue}"
+            )
         if self.topk < 0:
             raise ConfigError(f"--topk must be >= 0 (0 = store all logits), got {self.topk}")
         if self.tail is not None:

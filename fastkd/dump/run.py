@@ -1,12 +1,14 @@
 """The dump's work: its blocks planned, each block's batches inferred by every pool member and
-written whole, then marked (``run_dump``); ``--repair`` finds the blocks to write again."""
+written whole, then marked (``run_dump``), the writes in a thread of their own
+(``block_writer``) while the next block is inferred; ``--repair`` finds the blocks to write
+again."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +23,19 @@ from fastkd.data import (
     open_dataset,
     view_loader,
 )
+from fastkd.dump.block_writer import BackgroundWrites
 from fastkd.dump.config import DumpConfig, build_manifest, check_classes
 from fastkd.errors import DatasetError
 from fastkd.hashing import UNRECORDED
 from fastkd.input_size import announce_input
 from fastkd.models import LoadedModel, fp32_classifier, load_model, parse_pool
-from fastkd.runtime import autocast, progress_bar, resolve_device
+from fastkd.runtime import (
+    autocast,
+    fast_memory_format,
+    in_fast_layout,
+    progress_bar,
+    resolve_device,
+)
 from fastkd.store import (
     StoreWriter,
     check_store,
@@ -123,20 +132,52 @@ class _BlockBuffer:
         device = next(iter(self.logits.values())).device
         rows, views = (batch.samples - self.start).to(device), batch.views.to(device)
         for member, images in zip(pool, batch.images, strict=True):
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = in_fast_layout(images, device)
             self.logits[member.spec.name][rows, views] = member.model(images).float()
 
+    def filled(self) -> _FilledBlock:
+        """The finished block as the writer thread gets it: its logits copied to the host by a
+        blocking ``.cpu()``, which on a GPU waits for the forwards that filled them (once a
+        block; the writer then touches no device state: no stream, event or allocator shared
+        across threads). The buffer is dropped after this, so nothing here changes again."""
+        return _FilledBlock(
+            block=self.block,
+            samples=(self.start, self.stop),
+            logits={name: logits.cpu() for name, logits in self.logits.items()},
+            skipped=sorted(s - self.start for s in self.skipped),
+            file_hashes=self.file_hashes,
+        )
+
+
+@dataclass(frozen=True)
+class _FilledBlock:
+    """A block ready to write: host logits per model, skipped offsets, file content hashes."""
+
+    block: int
+    samples: tuple[int, int]  # [start, stop)
+    logits: dict[str, torch.Tensor]
+    skipped: list[int]
+    file_hashes: np.ndarray
+
     def write(self, writer: StoreWriter) -> None:
-        offsets = sorted(s - self.start for s in self.skipped)
-        writer.write_block(self.block, self.logits, skipped=offsets, file_hashes=self.file_hashes)
+        with torch.inference_mode():  # as the logits were made (a thread's own setting)
+            writer.write_block(
+                self.block, self.logits, skipped=self.skipped, file_hashes=self.file_hashes
+            )
 
 
-def run_dump(cfg: DumpConfig) -> Path:
+def run_dump(cfg: DumpConfig, on_batch: Callable[[int], None] | None = None) -> Path:
     """Dump the pool's outputs on every (sample, view) of the data set into ``cfg.out``.
 
     Resumes an existing store with the same configuration; refuses one with another (unless
     ``overwrite``); checks everything it can (data set, models, classes) before touching it.
+    Blocks are written by a thread while the next ones are inferred (``cfg.write_queue`` of
+    them queued; 0 writes each in turn); it returns once every block is written.
+
+    on_batch: called in this thread after each batch's forward passes with the number of
+    (sample, view) items in the batch (0 for a batch of skipped images only), e.g. for a
+    benchmark to time a steady state apart from the warm-up. The forwards may still run on the
+    GPU then (they are queued, not waited for).
     """
     part = resolve_part(cfg.part)
     device = resolve_device(cfg.device)
@@ -185,7 +226,7 @@ def run_dump(cfg: DumpConfig) -> Path:
                     log.warning(
                         "skipping unreadable image %s: %s", dataset.name(sample), unreadable[sample]
                     )
-            _infer_blocks(cfg, writer, dataset, pool, plan, device)
+            _infer_blocks(cfg, writer, dataset, pool, plan, device, on_batch)
     log.info("dump finished: %s", cfg.out)
     return cfg.out
 
@@ -240,9 +281,11 @@ def _infer_blocks(
     pool: Sequence[LoadedModel],
     plan: _BlockPlan,
     device: torch.device,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the loader over the plan and the models over each batch; write each block once the
-    loader has moved past it (blocks with no readable image are written empty, all skipped)."""
+    """Run the loader over the plan and the models over each batch; hand each block to the
+    writer (thread) once the loader has moved past it (blocks with no readable image are written
+    empty, all skipped), and return once every block is written."""
     on_gpu = device.type == "cuda"
     for member in pool:
         # The stored numbers are fp32 computations whatever the backbone ran in.
@@ -252,9 +295,7 @@ def _infer_blocks(
                 "and so its stored targets, are only as precise as autocast's bf16",
                 member.spec.name,
             )
-        member.model.to(
-            device, memory_format=torch.channels_last if on_gpu else torch.preserve_format
-        )
+        member.model.to(device, memory_format=fast_memory_format(device))
     batches = view_loader(
         dataset,
         plan.samples,
@@ -273,11 +314,23 @@ def _infer_blocks(
         batches, key=lambda b: _block_of(b, writer.layout.samples_per_shard)
     )
     started, written = time.perf_counter(), 0
+
+    def write(filled: _FilledBlock) -> None:  # in the writer thread (write_queue > 0)
+        nonlocal written
+        filled.write(writer)
+        start, stop = filled.samples
+        written += (stop - start) * cfg.views
+        log.info(
+            "block %d written (samples %d-%d), %.0f img/s",
+            filled.block, start, stop - 1, written / (time.perf_counter() - started),
+        )  # fmt: skip
+
     description = "dump part {}/{}".format(*writer.part)
     with (
         progress_bar("img", enabled=cfg.progress) as bar,
         torch.inference_mode(),
         autocast(device, cfg.amp),
+        BackgroundWrites(write, cfg.write_queue) as writes,  # joined before the store closes
     ):
         task = bar.add_task(description, total=len(plan.samples))
         group = next(by_block, None)
@@ -287,14 +340,9 @@ def _infer_blocks(
             if group is not None and group[0] == block:
                 for batch in group[1]:
                     buffer.add(batch, pool)
+                    if on_batch is not None:
+                        on_batch(len(batch.samples))
                     bar.advance(task, len(batch.samples))
+                    writes.check()  # a failed write stops the dump at the next batch
                 group = next(by_block, None)
-            buffer.write(writer)
-            written += (buffer.stop - buffer.start) * cfg.views
-            log.info(
-                "block %d written (samples %d-%d), %.0f img/s",
-                block,
-                buffer.start,
-                buffer.stop - 1,
-                written / (time.perf_counter() - started),
-            )
+            writes.submit(buffer.filled())
