@@ -27,15 +27,20 @@ Device = Annotated[
 LoaderBackend = Annotated[
     Backend,
     typer.Option(
-        help="Image pipeline: NVIDIA DALI, or torch DataLoader + PIL; auto = DALI when installed."
+        help="Image pipeline: dali (NVIDIA DALI); nvjpeg (JPEGs decoded on the GPU by "
+        "torchvision's nvJPEG, other images by PIL in DataLoader workers; on the CPU, "
+        "torchvision's decoder); torch (DataLoader + PIL); auto = DALI when installed, else "
+        "nvjpeg on a GPU, else torch."
     ),
 ]
 Workers = Annotated[
     int | None,
     typer.Option(
         min=0,
-        help="Loader workers per process: DALI threads or DataLoader processes (default: the "
-        "CPU cores, at most 8).",
+        help="Loader workers per process: DALI threads (with one process per 8 reading and "
+        "hashing the files ahead) or DataLoader processes (default: on a "
+        "GPU, the cores this process may use, shared among a node's torchrun ranks, less one, "
+        "at most 32; on CPU those cores, at most 8).",
         show_default=False,
     ),
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 from enum import Enum
 from typing import Literal
 
-Backend = Literal["auto", "dali", "torch"]  # the image pipeline; auto = DALI when installed
+# The image pipeline; auto = DALI when installed, else nvjpeg (torchvision decodes the JPEGs on
+# the GPU) on a CUDA device, else torch (PIL in DataLoader workers).
+Backend = Literal["auto", "dali", "torch", "nvjpeg"]
 OnBadImage = Literal["fail", "skip"]  # an unreadable image: stop, or flag it and carry on
 
 DEFAULT_BATCH_SIZE = 128  # images per optimizer step, all ranks together

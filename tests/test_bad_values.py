@@ -26,7 +26,7 @@ from fastkd.training import Trainer
 from fastkd.training.steps import EXPLODED_NORM_RATIO, exploded_weights_error
 from fastkd.views import view_boxes
 
-BACKENDS = ["torch", "dali"]
+BACKENDS = ["torch", "dali", "nvjpeg"]
 
 
 @pytest.fixture(scope="module")

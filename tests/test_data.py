@@ -1,9 +1,12 @@
-"""Data sets (image folder, file list, fingerprint, header sizes) and the two view loaders, checked
+"""Data sets (image folder, file list, fingerprint, header sizes) and the view loaders, checked
 against torchvision (ImageFolder order; resized_crop + flip + normalise) and against each other."""
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +24,12 @@ from fastkd.data import (
     ImageDataset,
     open_dataset,
     plan_batches,
+    resolve_backend,
     view_loader,
 )
+from fastkd.data.nvjpeg import device_decodable
+from fastkd.data.wholeness import incomplete
+from fastkd.errors import ConfigError
 from fastkd.models import ModelSpec, load_model
 from fastkd.views import all_views, pixel_box
 
@@ -272,7 +279,7 @@ def test_dali_matches_torch(varied: Path, digits_small: Path, digit_pool: list[P
         assert (a.argmax(1) == b.argmax(1)).float().mean() >= TOP1_AGREEMENT
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "nvjpeg"])
 def test_images_do_not_depend_on_batching(varied: Path, backend: str) -> None:
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
@@ -286,7 +293,7 @@ def test_images_do_not_depend_on_batching(varied: Path, backend: str) -> None:
     assert torch.equal(whole, pieces)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "nvjpeg"])
 def test_bad_image_fails_or_is_skipped(digits_small: Path, tmp_path: Path, backend: str) -> None:
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
@@ -317,3 +324,240 @@ def test_bad_image_fails_or_is_skipped(digits_small: Path, tmp_path: Path, backe
     keep = items["samples"] != bad
     assert got.tolist() == items["samples"][keep].tolist()
     assert torch.equal(_stack(batches, 0), _stack(expected, 0)[torch.from_numpy(keep)])
+
+
+# -- the nvjpeg backend: JPEGs decoded by torchvision, the rest by PIL in the workers -------------
+
+# Configs that upscale and downscale with every interpolation; mean 0 and std 1/255, so the
+# loaders' output is the image itself in grey levels. Nearest and lanczos must be PIL's exactly
+# (nearest: PIL's own source pixels; lanczos: made by PIL in the workers).
+PHOTO_CONFIGS = [
+    {"input_size": [3, *size], "interpolation": interp, "mean": [0.0] * 3, "std": [1 / 255] * 3}
+    for size, interp in [
+        ((24, 24), "bilinear"),
+        ((80, 64), "bicubic"),
+        ((40, 50), "nearest"),
+        ((32, 32), "lanczos"),
+    ]
+]
+EXACT_INTERPOLATIONS = ("nearest", "lanczos")
+# file name -> taken by the device decoder (``device_decodable``)
+PHOTO_FILES = {
+    "rgb.jpg": True,  # 4:2:0 chroma
+    "progressive.jpg": True,
+    "grey.jpg": True,
+    "cmyk.jpg": False,  # 4 components: PIL's, by the rule's CMYK conversion
+    "rgb-coded.jpg": False,  # components R, G, B (Adobe transform 0): not YCbCr
+    "photo.png": False,
+}
+
+
+def _photo_file(image: Image.Image, name: str) -> bytes:
+    """The photo piece as ``name`` says: JPEG quality 90 unless a PNG."""
+    out = io.BytesIO()
+    if name == "photo.png":
+        image.save(out, "PNG")
+    else:
+        mode = {"grey.jpg": "L", "cmyk.jpg": "CMYK"}.get(name, "RGB")
+        options = {"progressive.jpg": {"progressive": True}, "rgb-coded.jpg": {"keep_rgb": True}}
+        image.convert(mode).save(out, "JPEG", quality=90, **options.get(name, {}))
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Small pieces (96 x 72, 61 x 83) of scikit-learn's two sample photos in every form of
+    ``PHOTO_FILES``, one class per photo."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("photos")
+    for index, photo in enumerate(load_sample_images().images):
+        folder = root / f"photo{index}"
+        folder.mkdir()
+        for piece, box in enumerate([(200, 100, 296, 172), (40, 300, 101, 383)]):
+            image = Image.fromarray(photo).crop(box)
+            for name in PHOTO_FILES:
+                (folder / f"{piece}-{name}").write_bytes(_photo_file(image, name))
+    return root
+
+
+def _count_decode_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of JPEGs in each ``torchvision.io.decode_jpeg`` call from now on."""
+    import torchvision.io
+
+    calls: list[int] = []
+    decode = torchvision.io.decode_jpeg
+
+    def counted(encoded, *args, **kwargs):
+        calls.append(len(encoded))
+        return decode(encoded, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", counted)
+    return calls
+
+
+def test_nvjpeg_matches_torch_on_jpegs_and_the_rest(
+    photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a CPU device torchvision's libjpeg-turbo decodes as PIL's (0 levels measured), and the
+    device resize is PIL's to 1 level (measured; bilinear and bicubic, border included), so the
+    tolerances of DALI's agreement hold over the whole image; nearest and lanczos are exact."""
+    dataset = open_dataset(photos)
+    taken = [PHOTO_FILES[key.partition("-")[2]] for key in dataset.keys]
+    assert [device_decodable(dataset.path(i).read_bytes()) for i in range(len(dataset))] == taken
+    items = _items(dataset)
+    torch_ = _load(dataset, items, PHOTO_CONFIGS, backend="torch")
+    calls = _count_decode_calls(monkeypatch)
+    nvjpeg = _load(dataset, items, PHOTO_CONFIGS, backend="nvjpeg")
+    # One batched decode a batch, of exactly its JPEGs the device takes.
+    decoded = [int(np.asarray(taken)[b.samples.numpy()].sum()) for b in nvjpeg]
+    assert calls == decoded and all(decoded)
+    assert [b.samples.tolist() for b in nvjpeg] == [b.samples.tolist() for b in torch_]
+    assert [b.views.tolist() for b in nvjpeg] == [b.views.tolist() for b in torch_]
+    assert [b.file_hashes.tolist() for b in nvjpeg] == [b.file_hashes.tolist() for b in torch_]
+    for index, config in enumerate(PHOTO_CONFIGS):
+        ours, theirs = _stack(nvjpeg, index), _stack(torch_, index)
+        if config["interpolation"] in EXACT_INTERPOLATIONS:
+            assert torch.equal(ours, theirs), config["interpolation"]
+        grey = (ours - theirs).abs()  # std 1/255: grey levels
+        assert grey.mean() < MEAN_GREY and grey.max() <= INTERIOR_MAX_GREY, config
+        # The rule: a grey JPEG decodes as its grey in R, G and B.
+        samples = torch.cat([b.samples for b in nvjpeg])
+        grey_rows = [dataset.keys[s].endswith("grey.jpg") for s in samples.tolist()]
+        grey_images = ours[torch.tensor(grey_rows)]
+        assert torch.equal(grey_images[:, :1].expand_as(grey_images), grey_images)
+
+
+def test_a_batch_mixing_jpegs_and_other_images_keeps_its_planned_order(photos: Path) -> None:
+    """One batch, its items in a shuffled order: each row is the item the plan put there, equal
+    (within the agreement's tolerance) to the torch backend's view of that item loaded alone."""
+    dataset = open_dataset(photos)
+    everything = _items(dataset, views=2)
+    order = np.random.default_rng(3).permutation(len(everything["samples"]))
+    items = {name: values[order] for name, values in everything.items()}
+    kinds = {dataset.keys[s].rpartition(".")[2] for s in items["samples"]}
+    assert kinds == {"jpg", "png"}
+    (batch,) = _load(dataset, items, PHOTO_CONFIGS, backend="nvjpeg", batch_size=len(order))
+    assert batch.samples.tolist() == items["samples"].tolist()
+    assert batch.views.tolist() == items["views"].tolist()
+    alone = _load(dataset, items, PHOTO_CONFIGS, backend="torch", batch_size=1)
+    for index in range(len(PHOTO_CONFIGS)):
+        grey = (batch.images[index] - _stack(alone, index)).abs()
+        assert grey.mean() < MEAN_GREY and grey.max() <= INTERIOR_MAX_GREY, index
+
+
+def _bogus_huffman_table(jpeg: bytes) -> bytes:
+    """``jpeg`` with its first Huffman table's count of 16-bit codes set to 255: the file's
+    structure is whole and its header reads, but no decoder can build the table."""
+    count = jpeg.index(b"\xff\xc4") + 4 + 1 + 15  # marker, length, table class/id, counts 1..16
+    return jpeg[:count] + b"\xff" + jpeg[count + 1 :]
+
+
+@pytest.mark.parametrize("on_bad_image", ["skip", "fail"])
+def test_a_jpeg_the_decoder_rejects_fails_alone(
+    photos: Path, tmp_path: Path, on_bad_image: str
+) -> None:
+    """The batch's one decode call fails; the JPEGs are then decoded one by one, and the bad
+    one is skipped (``skip``, its reason being the decoder's) or named (``fail``)."""
+    root = Path(shutil.copytree(photos, tmp_path / "data"))
+    clean = open_dataset(photos)
+    bad = clean.keys.index("photo1/0-rgb.jpg")
+    path = root / clean.keys[bad]
+    path.write_bytes(_bogus_huffman_table(path.read_bytes()))
+    broken = open_dataset(root)
+    assert broken.keys == clean.keys
+    assert incomplete(path.read_bytes()) is None and not broken.read_sizes()[1]
+    items = _items(broken, views=1)
+    config = PHOTO_CONFIGS[:1]
+    if on_bad_image == "fail":
+        with pytest.raises(BadImageError, match=rf"{path.name} \(sample {bad}\): RuntimeError"):
+            _load(broken, items, config, backend="nvjpeg", batch_size=64)
+        return
+    (batch,) = _load(broken, items, config, backend="nvjpeg", batch_size=64, on_bad_image="skip")
+    assert list(batch.skipped) == [bad] and "Bogus Huffman table" in batch.skipped[bad]
+    assert "\n" not in batch.skipped[bad]
+    keep = items["samples"] != bad
+    assert batch.samples.tolist() == items["samples"][keep].tolist()
+    (expected,) = _load(clean, items, config, backend="nvjpeg", batch_size=64)
+    assert torch.equal(batch.images[0], expected.images[0][torch.from_numpy(keep)])
+
+
+def test_auto_picks_nvjpeg_on_a_gpu_without_dali(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fastkd.data.loader as loader
+
+    monkeypatch.setattr(loader, "nvjpeg_unavailable", lambda device: None)
+    monkeypatch.setattr(loader, "_has_dali", lambda: False)
+    assert resolve_backend("auto", "cuda") == "nvjpeg"
+    assert resolve_backend("auto", "cuda:1") == "nvjpeg"
+    assert resolve_backend("auto", "cpu") == "torch"
+    assert resolve_backend("auto") == "torch"
+    monkeypatch.setattr(loader, "nvjpeg_unavailable", lambda device: "nvJPEG")
+    assert resolve_backend("auto", "cuda") == "torch"
+    with pytest.raises(ConfigError, match=r"backend 'nvjpeg' needs nvJPEG; use the torch backend"):
+        resolve_backend("nvjpeg", "cuda")
+    monkeypatch.setattr(loader, "_has_dali", lambda: True)
+    assert resolve_backend("auto", "cuda") == "dali"
+    with pytest.raises(ConfigError, match=r"one of 'auto', 'dali', 'torch', 'nvjpeg', got 'pil'"):
+        resolve_backend("pil")  # type: ignore[arg-type]
+
+
+def test_nvjpeg_without_torchvision_decode_jpeg_is_refused(monkeypatch: pytest.MonkeyPatch):
+    assert resolve_backend("nvjpeg", "cpu") == "nvjpeg"  # torchvision's CPU decoder
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)  # import fails
+    with pytest.raises(ConfigError, match=r"needs torchvision\.io\.decode_jpeg, which cannot"):
+        resolve_backend("nvjpeg", "cpu")
+
+
+def test_default_workers_are_sized_to_the_cores_a_process_may_use(monkeypatch) -> None:
+    from fastkd.data.loader import MAX_WORKERS, default_workers
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (default_workers(gpu), default_workers(cpu)) == (15, 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on a 16-core node: 2 cores each
+    assert (default_workers(gpu), default_workers(cpu)) == (1, 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(256)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers(gpu) == MAX_WORKERS
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert (default_workers(gpu), default_workers(cpu)) == (1, 1)
+
+
+def test_dali_reads_checks_and_hashes_files_off_the_main_thread(
+    varied: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DALI runs its plain source in the thread that drives the pipeline (and, on a GPU, the
+    pool's forward): the files are read, checked and hashed in worker processes instead."""
+    pytest.importorskip("nvidia.dali")
+    import threading
+
+    from fastkd.data import dali
+    from fastkd.data.batches import Items
+    from fastkd.hashing import content_hash
+
+    calls = tmp_path / "calls.txt"  # the workers are other processes: they append here
+
+    def spied(name: str, function):
+        def spy(*args, **kwargs):
+            with calls.open("a") as out:
+                main = threading.current_thread() is threading.main_thread()
+                out.write(f"{name} {os.getpid()} {main}\n")
+            return function(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(Items, "checked_bytes", spied("check", Items.checked_bytes))
+    monkeypatch.setattr(dali, "content_hash", spied("hash", dali.content_hash))
+    dataset = open_dataset(varied)
+    items = _items(dataset)
+    config = [{"input_size": [3, 8, 8], "mean": [0.5] * 3, "std": [0.5] * 3}]
+    batches = _load(dataset, items, config, backend="dali", batch_size=4, num_workers=2)
+
+    records = [line.split() for line in calls.read_text().splitlines()]
+    assert sorted(name for name, _, _ in records) == ["check"] * 15 + ["hash"] * 15
+    assert [r for r in records if r[1:] == [str(os.getpid()), "True"]] == []  # none here
+    assert torch.cat([b.samples for b in batches]).tolist() == items["samples"].tolist()
+    hashes = np.concatenate([b.file_hashes for b in batches])  # of the bytes the workers read
+    files = [dataset.path(int(s)).read_bytes() for s in items["samples"]]
+    assert hashes.tolist() == [content_hash(data) for data in files]

@@ -1,5 +1,5 @@
-"""One decoding rule for both view loaders (``fastkd.data.decoding``): every image mode gives
-DALI and torch the same pixels, and those pixels are the rule's.
+"""One decoding rule for the view loaders (``fastkd.data.decoding``): every image mode gives
+DALI, nvjpeg and torch the same pixels, and those pixels are the rule's.
 
 Each case writes a 37 x 29 image in one mode with PIL (smooth gradients; the 16-bit ones use
 many low bytes, so a high-byte cut and a rounding differ) and loads two views of it with each
@@ -16,8 +16,12 @@ backend through ``view_loader``. Tolerances, in grey levels (0-255), the tightes
   outside these: 16-bit grey clipped by PIL was 222 levels off, a CMYK JPEG without an Adobe
   marker 213, a 16-bit colour PNG cut to its high bytes 1 (which the exact view catches).
 
-The rule itself is checked without DALI, against the samples each image was written from
-(``test_decode_rgb_follows_the_rule``); modes without a shared rule are refused by both backends.
+nvjpeg against torch (``test_nvjpeg_decodes_every_mode_as_torch``): on a CPU device its JPEG
+decoder is torchvision's libjpeg-turbo, PIL's bytes exactly, and its other files are PIL's in the
+workers, so the exact view agrees exactly and the resized ones to ``RESIZED_GREY`` (its resize
+is PIL's in float32, 1 level measured). The rule itself is checked without DALI, against the
+samples each image was written from (``test_decode_rgb_follows_the_rule``); modes without a
+shared rule are refused by every backend.
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ def _load(images: Path, case: str, backend: str) -> list[torch.Tensor]:
         CONFIGS,
         batch_size=2,
         backend=backend,
-        num_workers=0 if backend == "torch" else 1,
+        num_workers=1 if backend == "dali" else 0,
     )
     return batch.images
 
@@ -174,6 +178,17 @@ def test_backends_decode_every_mode_alike(images: Path, case: str) -> None:
             grey = grey[1:]  # the exact view is checked above
         assert grey.max() <= (STEP_GREY if case == "1-png" else RESIZED_GREY) + 1e-3, case
         assert grey.mean() <= MEAN_GREY, case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_nvjpeg_decodes_every_mode_as_torch(images: Path, case: str) -> None:
+    """Grey and colour JPEGs go to torchvision's decoder, the CMYK ones and the other formats
+    to PIL in the workers: either way the rule's pixels."""
+    nvjpeg, torch_ = _load(images, case, "nvjpeg"), _load(images, case, "torch")
+    assert torch.equal(nvjpeg[0][0], torch_[0][0]), f"{case}: the decoded pixels differ"
+    for config in range(len(CONFIGS)):
+        grey = (nvjpeg[config] - torch_[config]).abs()
+        assert grey.max() <= RESIZED_GREY + 1e-3 and grey.mean() <= MEAN_GREY, case
 
 
 def _grey(samples: np.ndarray) -> np.ndarray:
@@ -224,7 +239,7 @@ def test_decode_rgb_follows_the_rule(images: Path, case: str) -> None:
     assert error <= (JPEG_GREY if name.endswith(".jpg") else 0), f"{case}: off by {error}"
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["torch", "dali", "nvjpeg"])
 @pytest.mark.parametrize("case", REFUSED)
 def test_modes_without_a_rule_are_refused(images: Path, case: str, backend: str) -> None:
     """Both backends fail on them naming the file (DALI would decode some its own way), and

@@ -1,13 +1,13 @@
 """Decoding that cannot crash: a cut or damaged image file is refused from its bytes
 (``fastkd.data.wholeness``) before any decoder sees it, so DALI never gets one (it crashed the
-whole process on cut PNGs and decoded cut JPEGs without a word), and both view-loader backends
-refuse, or skip, the same files with the same reason, with any number of workers.
+whole process on cut PNGs and decoded cut JPEGs without a word), and every view-loader backend
+refuses, or skips, the same files with the same reason, with any number of workers.
 
 The check is held to hand-made files (real photos, cut or damaged where it is known) and to PIL,
 which refuses the same cut files; the loaders to ``fastkd dump`` and ``fastkd eval`` on a data set
 holding one cut PNG or JPEG, the dump in a subprocess, where a crash shows as its exit code. A file
 that is not whole yet PIL decodes in full (a JPEG without its end marker) is still read, by PIL
-on both backends, as the torch backend read it before the check.
+on every backend, as the torch backend read it before the check.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from fastkd.data import ImageDataset, open_dataset, view_loader
 from fastkd.data.wholeness import incomplete
 from fastkd.errors import USER_ERROR_EXIT, DatasetError
 
-BACKENDS = ["torch", "dali"]
+BACKENDS = ["torch", "dali", "nvjpeg"]
 BAD = 20  # the cut file's sample: with 8 views a sample, in the second batch of 128 items
 
 
@@ -171,7 +171,7 @@ def test_other_bytes_are_left_to_the_decoders(photo):
     assert incomplete(b"not an image at all") is None
 
 
-# -- both backends, through the CLI ---------------------------------------------------------------
+# -- every backend, through the CLI ---------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,7 @@ def needs(backend: str) -> None:
 
 
 def refusal(path: Path, sample: int = BAD) -> str:
-    """The one line both backends end with: the check's reason, computed here from the file."""
+    """The one line every backend ends with: the check's reason, computed here from the file."""
     return f"error: cannot read image {path} (sample {sample}): {incomplete(path.read_bytes())}. "
 
 
@@ -289,15 +289,16 @@ def _decoded_by_pil_in_full(photo: Image.Image, root: Path) -> tuple[ImageDatase
     return open_dataset(root), [1, 2]
 
 
-def test_what_pil_decodes_in_full_is_decoded_by_pil_on_both_backends(photo, tmp_path):
+def test_what_pil_decodes_in_full_is_decoded_by_pil_on_every_backend(photo, tmp_path):
     """Such files were read by the torch backend before the check, so stores dumped from them
-    must keep training: both backends take them, DALI's rows of them being PIL's exactly."""
+    must keep training: every backend takes them, DALI's and nvjpeg's rows of them being PIL's
+    exactly."""
     dataset, doubted = _decoded_by_pil_in_full(photo, tmp_path / "data")
     samples = np.repeat(np.arange(4), 2)
     boxes = np.tile(np.array([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.5, 0.6]], np.float32), (4, 1))
     flips = np.tile([False, True], 4)
     loaded = {}
-    for backend in ("torch", "dali"):
+    for backend in BACKENDS:
         if backend == "dali" and importlib.util.find_spec("nvidia.dali") is None:
             continue
         batches = list(
@@ -309,9 +310,9 @@ def test_what_pil_decodes_in_full_is_decoded_by_pil_on_both_backends(photo, tmp_
         assert len(batches) == 1 and not batches[0].skipped
         loaded[backend] = batches[0].images[0]
         assert loaded[backend].shape == (8, 3, 32, 32)
-    if "dali" in loaded:
-        rows = np.isin(samples, doubted)
-        torch.testing.assert_close(loaded["dali"][rows], loaded["torch"][rows], rtol=0, atol=0)
+    rows = np.isin(samples, doubted)
+    for backend in loaded.keys() - {"torch"}:
+        torch.testing.assert_close(loaded[backend][rows], loaded["torch"][rows], rtol=0, atol=0)
 
 
 def test_view_transform_takes_and_refuses_what_the_loaders_do(photo):

@@ -1,6 +1,6 @@
 """Data sets and the loaders that replay stored views, preprocessed for every model of a pool.
 
-- ``decoding``: the one rule both loaders decode an image file by, mode by mode (``decode_rgb``;
+- ``decoding``: the one rule all loaders decode an image file by, mode by mode (``decode_rgb``;
   ``refusal`` of the modes it has no rule for); the image file extensions.
 - ``labels``: the one rule a label's text is read by (``parse_label``), below ``MAX_CLASSES``.
 - ``wholeness``: is this the whole encoded image? (``incomplete``: each format's structure
@@ -13,11 +13,13 @@
 - ``datasets``: image folders, file lists and tar shards (``open_dataset``, ``ImageDataset``):
   keys, labels, file sizes, header sizes, fingerprints; where a sample's bytes come from
   (``read_bytes``) and what messages call it (``name``).
-- ``batches``: what both loader backends share: ``Preprocess`` per data config, the item list
+- ``batches``: what the loader backends share: ``Preprocess`` per data config, the item list
   and its one gate before decoding (``Items.checked_bytes``), PIL's decoding of a view
-  (``load_view``, ``normalize``), ``plan_batches``, ``ViewBatch`` and the handling of unreadable
-  images.
+  (``load_view``, ``normalize``), ``plan_batches``, ``ViewBatch``, the handling of unreadable
+  images and the workers' ``DataLoader`` (``worker_loader``).
 - ``dali``: the DALI backend (the one module that imports ``nvidia.dali``, lazily).
+- ``nvjpeg``: the nvjpeg backend: JPEGs decoded on the device by torchvision (nvJPEG on a GPU)
+  and resized there as PIL resizes (``resize_like_pil``), the other images by PIL in the workers.
 - ``loader``: ``view_loader`` (checks, picks the backend: ``resolve_backend``) and the torch
   ``DataLoader`` backend.
 
@@ -25,9 +27,10 @@ Imports go one way, no cycles: ``decoding``, ``labels``, ``shard_cache``, ``shar
 and ``wholeness`` import no other module of the package; ``shards`` imports ``decoding``,
 ``labels``, ``shard_cache`` and ``shard_members``; ``datasets`` imports ``decoding``, ``labels``,
 ``shard_members`` and ``shards``; ``batches`` imports ``datasets``, ``decoding`` and
-``wholeness``; ``dali`` imports ``batches`` and ``decoding``; ``loader`` imports ``batches``,
-``dali`` and ``datasets``; this ``__init__`` re-exports the public names callers use (a shard
-data set is opened by ``open_dataset`` like any other). Outside the package they import only
+``wholeness``; ``dali`` imports ``batches`` and ``decoding``; ``nvjpeg`` imports ``batches``;
+``loader`` imports ``batches``, ``dali``, ``datasets`` and ``nvjpeg``; this ``__init__``
+re-exports the public names callers use (a shard data set is opened by ``open_dataset`` like any
+other). Outside the package they import only
 ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here too),
 ``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
 fastkd.data.

@@ -1,14 +1,15 @@
-"""What both view loaders share: the per-config preprocessing, the item list, the batch plan.
+"""What the view loaders share: the per-config preprocessing, the item list, the batch plan.
 
 A loader works through a flat list of (sample, view) items with their crop boxes and flips
 (``fastkd.views.view_params``), cut into planned batches, and yields ``ViewBatch``es holding one
-image tensor per timm data config. Both backends (``fastkd.data.loader`` for torch,
-``fastkd.data.dali`` for DALI) crop the same integer pixel box (``Items.pixel_boxes``), resize it
-per ``Preprocess``, take each file's bytes through the same checks before decoding them
-(``Items.checked_bytes``: a cut or damaged file must never reach DALI, see
-``fastkd.data.wholeness``) and report unreadable files the same way (``resolve_failures``); a
-``LoadPlan`` is what the loader hands either one. This module is that common ground, so neither
-backend imports the other.
+image tensor per timm data config. The backends (``fastkd.data.loader`` for torch,
+``fastkd.data.dali`` for DALI, ``fastkd.data.nvjpeg`` for nvjpeg) crop the same integer pixel
+box (``Items.pixel_boxes``), resize it per ``Preprocess``, take each file's bytes through the same
+checks before decoding them (``Items.checked_bytes``: a cut or damaged file must never reach
+DALI, see ``fastkd.data.wholeness``) and report unreadable files the same way
+(``resolve_failures``); a ``LoadPlan`` is what the loader hands each one, and the two that load
+in ``DataLoader`` workers share ``worker_loader``. This module is that common ground, so no
+backend imports another.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class Items:
         return self.dataset.read_sizes()[1]
 
     def pixel_boxes(self, positions: np.ndarray) -> np.ndarray:
-        """int64 [b, 4] = (top, left, h, w): the integer crop both backends cut."""
+        """int64 [b, 4] = (top, left, h, w): the integer crop every backend cuts."""
         sizes, _ = self.dataset.read_sizes()
         return np.array(
             [pixel_box(self.boxes[p], *sizes[self.samples[p]]) for p in positions],
@@ -213,6 +214,27 @@ def resolve_failures(
             log.warning("skipping unreadable image %s: %s", items.name(position), reason)
         skipped[sample] = reason
     return skipped
+
+
+def worker_loader(
+    source: torch.utils.data.Dataset, num_workers: int, device: torch.device
+) -> torch.utils.data.DataLoader:
+    """The ``DataLoader`` of the worker-process backends (torch, nvjpeg): element ``j`` of
+    ``source`` is planned batch ``j``, loaded whole in a worker and kept as the worker made it."""
+    return torch.utils.data.DataLoader(
+        source,
+        batch_size=None,
+        collate_fn=_as_loaded,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if num_workers else None,
+    )
+
+
+def _as_loaded(batch: Any) -> Any:
+    """The DataLoader's collate: keep a loaded batch as it is (numpy positions stay numpy)."""
+    return batch
 
 
 def load_view(

@@ -1,25 +1,27 @@
 """The view loader: stored views replayed as batches, preprocessed for every model of a pool.
 
 ``view_loader`` turns a list of (sample, view) items with their crop boxes and flips
-(``fastkd.views.view_params``) into batches holding one image tensor per timm data config. Both
-backends do the same thing in the same order: decode, crop the view's integer pixel box
+(``fastkd.views.view_params``) into batches holding one image tensor per timm data config. Every
+backend does the same thing in the same order: decode, crop the view's integer pixel box
 (``views.pixel_box``), resize the crop to the config's input size with its interpolation, flip,
-normalise. Both decode every image mode by one rule (``fastkd.data.decoding``: DALI's, measured;
+normalise. All decode every image mode by one rule (``fastkd.data.decoding``: DALI's, measured;
 e.g. 16-bit samples become ``round(v / 257)``, alpha is dropped, modes without a shared rule are
-refused by both), so they see the same pixels. The crop is the same integer box in both; the
-resize kernels differ slightly (DALI's resampling vs PIL's), so the two backends agree to within
+refused by all), so they see the same pixels. The crop is the same integer box in all; the
+resize kernels differ slightly (DALI's resampling vs PIL's), so the backends agree to within
 a few grey levels, not bit for bit.
 
 - ``backend="dali"``: an NVIDIA DALI pipeline (``fastkd.data.dali``).
+- ``backend="nvjpeg"``: JPEGs decoded on the device by torchvision (nvJPEG on a GPU), resized
+  there as PIL resizes; other images by PIL in ``DataLoader`` workers (``fastkd.data.nvjpeg``).
 - ``backend="torch"``: a torch ``DataLoader`` whose workers load whole batches with PIL (here).
 
-Both check each file's bytes before decoding them (``Items.checked_bytes``, whose structure
+All check each file's bytes before decoding them (``Items.checked_bytes``, whose structure
 check is ``fastkd.data.wholeness``): DALI crashes the process on some cut files and decodes
-others silently, so a cut or damaged file never reaches it, and both backends refuse (or skip)
+others silently, so a cut or damaged file never reaches it, and every backend refuses (or skips)
 the same files with the same reason.
 
-This module checks the arguments, picks the backend and holds the torch one; what both share
-(items, preprocessing, batch plan) is in ``fastkd.data.batches``.
+This module checks the arguments, picks the backend and holds the torch one; what they share
+(items, preprocessing, batch plan, the workers' ``DataLoader``) is in ``fastkd.data.batches``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -43,25 +45,62 @@ from fastkd.data.batches import (
     normalize,
     plan_batches,
     resolve_failures,
+    worker_loader,
 )
 from fastkd.data.dali import dali_batches
 from fastkd.data.datasets import ImageDataset
+from fastkd.data.nvjpeg import nvjpeg_batches, nvjpeg_unavailable
 from fastkd.errors import ConfigError
 from fastkd.hashing import content_hash
 
 
-def resolve_backend(backend: Backend) -> Literal["dali", "torch"]:
-    """``auto``: DALI when it can be imported, else torch."""
-    if backend not in ("auto", "dali", "torch"):
-        raise ConfigError(f"backend must be 'auto', 'dali' or 'torch', got {backend!r}")
+def resolve_backend(
+    backend: Backend, device: torch.device | str | None = None
+) -> Literal["dali", "torch", "nvjpeg"]:
+    """``auto``: DALI when it can be imported, else nvjpeg when ``device`` is a GPU that
+    torchvision decodes JPEGs on, else torch. An explicit backend that cannot run here is a
+    ``ConfigError`` saying why."""
+    choices = get_args(Backend)
+    if backend not in choices:
+        raise ConfigError(
+            f"backend must be one of {', '.join(map(repr, choices))}, got {backend!r}"
+        )
     if backend == "torch":
         return "torch"
-    has_dali = importlib.util.find_spec("nvidia.dali") is not None
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if backend == "nvjpeg":
+        why = nvjpeg_unavailable(device)
+        if why is not None:
+            raise ConfigError(f"backend 'nvjpeg' needs {why}; use the torch backend")
+        return "nvjpeg"
+    has_dali = _has_dali()
     if backend == "dali" and not has_dali:
         raise ConfigError(
             "backend 'dali' needs NVIDIA DALI (pip install nvidia-dali-cuda130); use torch"
         )
-    return "dali" if has_dali else "torch"
+    if has_dali:
+        return "dali"
+    return "nvjpeg" if device.type == "cuda" and nvjpeg_unavailable(device) is None else "torch"
+
+
+def _has_dali() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
+MAX_WORKERS = 32  # beyond this, more DataLoader processes only add start-up time and memory
+
+
+def default_workers(device: torch.device) -> int:
+    """Loader workers (DALI threads or DataLoader processes) when none are given, sized to the
+    cores this process may use, shared with the other ranks of its node under torchrun
+    (LOCAL_WORLD_SIZE). On a GPU all of them but one: decoding scales with workers, and the
+    main process only drives the GPU. On a CPU device the
+    forward needs the same cores: at most 8, as before."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if device.type == "cuda":
+        return max(1, min(MAX_WORKERS, share - 1))
+    return min(8, share)
 
 
 def view_loader(
@@ -109,9 +148,12 @@ def view_loader(
         device=torch.device(device) if device is not None else torch.device("cpu"),
         on_bad_image=on_bad_image,
     )
-    workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-    if resolve_backend(backend) == "dali":
+    workers = num_workers if num_workers is not None else default_workers(plan.device)
+    chosen = resolve_backend(backend, plan.device)
+    if chosen == "dali":
         return dali_batches(plan, batch_size, max(1, workers))
+    if chosen == "nvjpeg":
+        return nvjpeg_batches(plan, workers)
     return _torch_batches(plan, workers)
 
 
@@ -158,22 +200,9 @@ class _BatchSource(torch.utils.data.Dataset):
         return np.asarray(kept, dtype=np.int64), images, failed, np.asarray(hashes, np.int64)
 
 
-def _as_loaded(batch: Any) -> Any:
-    """The DataLoader's collate: keep a loaded batch as it is (numpy positions stay numpy)."""
-    return batch
-
-
 def _torch_batches(plan: LoadPlan, num_workers: int) -> Iterator[ViewBatch]:
     items, preps, device = plan.items, plan.preps, plan.device
-    loader = torch.utils.data.DataLoader(
-        _BatchSource(items, preps, plan.batches),
-        batch_size=None,
-        collate_fn=_as_loaded,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=2 if num_workers else None,
-    )
+    loader = worker_loader(_BatchSource(items, preps, plan.batches), num_workers, device)
     for kept, images, failed, hashes in loader:
         skipped = resolve_failures(items, failed, plan.on_bad_image)
         images = [
