@@ -1,242 +1,323 @@
-"""Dump benchmark: images/s of the DALI and torch paths in one run, and bytes per stored view.
+"""Dump benchmark: a pool's whole dump against its ceiling, the pool's pure forward, per backend.
 
-Two workloads, each through both backends on the same items and data configs:
+On one folder of photo-like JPEGs (``fastkd.bench.photos``: ImageNet's sizes and file sizes) and
+the same stored views, one run measures three figures in steady state (the first
+``--warmup-batches`` batches of each left out; start-up on its own line):
 
-- ``digits``: the embedded digits (train split, 1,078 32 px PNGs) upscaled to the pool's inputs;
-  the loader alone, then the whole ``fastkd dump`` (loader + every model + store writes). Bytes
-  per stored view per model come from the DALI run's store (``fastkd.store.summarize``).
-- ``photos``: a SYNTHETIC folder of ImageNet-sized JPEGs (smooth random colour fields, 500x375
-  and similar, quality 90), preprocessed to 224 px: the loader alone, since on a CPU the forward
-  pass of any 224 px model would hide the loader.
+- ceiling: the pool's forward alone, on batches already on the device (the same images, in the
+  layout and autocast the dump uses): what the dump would reach if loading and writing were free;
+- loader: ``view_loader`` alone (read, check, hash, decode, crop, resize per data config, flip,
+  normalise, to the device), per backend;
+- dump: the whole ``fastkd dump`` (loader + every model + encoding, hashing and zarr writes),
+  per backend, with block writes overlapped with inference (``--write-queues``' first depth) and
+  for comparison as the other depths given (0: written synchronously, as before they were
+  overlapped).
 
-The pool is random-init timm models saved as fastkd checkpoints (speed does not depend on the
-weights; no pretrained weights can be downloaded here), unless ``--model NAME=CKPT`` is given. A
-view is one decoded image; images/s counts views, samples/s = images/s / views.
+The headline is dump / ceiling per backend. The backends are those present: DALI when installed,
+torch (PIL decoding on the CPU in DataLoader workers), and nvjpeg (torchvision's GPU decoder) on a
+GPU. The pool is random-init timm models (``fastkd.bench.pool``: speed does not depend on the
+weights) unless ``--pool`` names checkpoints. A view is one decoded image; images/s counts views.
 
-Run: ``python -m fastkd.bench.dump`` (or ``main([...])``); results go to
-``bench/results/dump-cpu.json`` (``dump-gpu.json`` on a GPU).
+Run: ``fastkd bench dump`` (``--help`` for the options); results go to
+``bench/results/dump-<machine>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
-from PIL import Image
+from rich.console import Console
+from rich.table import Table
 
 from fastkd.augment import AugmentConfig
-from fastkd.bench.imagenet import IMAGENET_224
-from fastkd.checkpoints import save_checkpoint
-from fastkd.data import ImageDataset, open_dataset, resolve_backend, view_loader
-from fastkd.digits import write_digits_folder
+from fastkd.bench.photos import describe, write_photos
+from fastkd.bench.pool import CPU_INPUT_SIZE, model_specs, parse_pool
+from fastkd.data import ImageDataset, ViewBatch, open_dataset, view_loader
 from fastkd.dump import DumpConfig, run_dump
-from fastkd.models import ModelSpec, load_model
-from fastkd.runtime import machine_name, resolve_device
+from fastkd.models import LoadedModel, ModelSpec, load_model
+from fastkd.runtime import (
+    autocast,
+    fast_memory_format,
+    in_fast_layout,
+    machine_name,
+    resolve_device,
+)
 from fastkd.store import summarize
 from fastkd.views import all_views
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BACKENDS = ("dali", "torch")
-# Random-init digits pool: two input sizes, interpolations and normalisations.
-DIGITS_POOL = {
-    "convnext": ("test_convnext", 64, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "effnet": ("test_efficientnet", 48, "bilinear", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+DEFAULTS = {  # (GPU, CPU): the CPU's end in a few minutes on 2 cores
+    "images": (1024, 384),
+    "views": (8, 4),
+    "batch_size": (256, 64),
 }
-PHOTO_SIZES = ((375, 500), (500, 375), (333, 500), (500, 500), (400, 600))
 
 
-def write_pool(folder: Path, num_classes: int) -> list[str]:
-    """Random-init DIGITS_POOL members as fastkd checkpoints; their ``--model`` specs."""
-    specs = []
-    for name, (arch, size, interpolation, mean, std) in DIGITS_POOL.items():
-        torch.manual_seed(0)
-        model = timm.create_model(arch, num_classes=num_classes)
-        config = {
-            "input_size": [3, size, size],
-            "interpolation": interpolation,
-            "mean": list(mean),
-            "std": list(std),
-            "crop_pct": 0.875,
-            "crop_mode": "center",
-        }
-        path = save_checkpoint(
-            folder / f"{name}.pt", model, arch, {"num_classes": num_classes}, config
+def present_backends(device: torch.device) -> list[str]:
+    """The backends this machine has: DALI when installed, torch, nvjpeg on a GPU."""
+    backends = ["dali"] if importlib.util.find_spec("nvidia.dali") is not None else []
+    return [*backends, "torch", *(["nvjpeg"] if device.type == "cuda" else [])]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _loader(
+    dataset: ImageDataset, items: dict, configs: list[dict], backend: str, args, device
+) -> Any:
+    return view_loader(
+        dataset,
+        items["samples"],
+        items["views"],
+        items["boxes"],
+        items["flips"],
+        configs,
+        batch_size=args.batch_size,
+        backend=backend,
+        num_workers=args.workers,
+        device=device,
+    )
+
+
+def steady_rate(stamps: Sequence[tuple[float, int]], warmup: int, end: float) -> dict[str, float]:
+    """Images/s from the end of batch ``warmup`` to ``end``, from (time, images) per batch; the
+    start-up is the time to the first batch (``stamps`` count from the start, time 0)."""
+    if len(stamps) <= warmup:
+        raise SystemExit(
+            f"only {len(stamps)} batches: need more than --warmup-batches {warmup} "
+            "(give more --images or a smaller --batch-size)"
         )
-        specs.append(f"{arch}={path}")
-    return specs
+    start = stamps[warmup - 1][0] if warmup else 0.0
+    images = sum(count for _, count in stamps[warmup:])
+    return {
+        "startup_s": round(stamps[0][0], 3),
+        "timed_batches": len(stamps) - warmup,
+        "timed_s": round(end - start, 3),
+        "images_per_s": round(images / (end - start), 1),
+    }
 
 
-def write_photos(root: Path, count: int, seed: int = 0) -> Path:
-    """SYNTHETIC ImageNet-sized JPEGs: bicubic-upsampled random colour fields, 10 classes."""
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        height, width = PHOTO_SIZES[index % len(PHOTO_SIZES)]
-        folder = root / f"class{index % 10}"
-        folder.mkdir(parents=True, exist_ok=True)
-        coarse = (rng.random((height // 16, width // 16, 3)) * 255).astype(np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-        image.save(folder / f"{index:05d}.jpg", quality=90)
-    return root
-
-
-def dataset_views(dataset: ImageDataset, views: int, seed: int) -> dict[str, np.ndarray]:
-    return all_views(seed, np.arange(len(dataset)), views, dataset.sizes, AugmentConfig())
-
-
-def loader_rate(
-    dataset: ImageDataset,
-    items: dict[str, np.ndarray],
-    configs: list[dict],
-    backend: str,
-    batch_size: int,
-    workers: int,
-    device: torch.device,
-    repeats: int,
+def ceiling_rate(
+    pool: list[LoadedModel], batches: list[ViewBatch], timed: int, warmup: int, amp: bool, device
 ) -> dict[str, float]:
-    """Best of ``repeats`` passes of the loader alone (first batch to last, startup included)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        count = 0
-        for batch in view_loader(
-            dataset,
-            items["samples"],
-            items["views"],
-            items["boxes"],
-            items["flips"],
-            configs,
-            batch_size=batch_size,
-            backend=backend,
-            num_workers=workers,
-            device=device,
-        ):
-            count += len(batch.samples)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return {"seconds": round(best, 3), "images_per_s": round(count / best, 1)}
-
-
-def dump_rate(cfg: DumpConfig, num_views: int) -> dict[str, float]:
-    """The whole dump, model loading and store creation included."""
-    start = time.perf_counter()
-    run_dump(cfg)
+    """The pool's forward alone on ``batches`` (on the device), cycled for ``warmup + timed``
+    batches, as the dump runs it: fast layout, inference mode, bf16 autocast on a GPU."""
+    images = [[in_fast_layout(image, device) for image in batch.images] for batch in batches]
+    count = 0
+    with torch.inference_mode(), autocast(device, amp):
+        for step in range(warmup + timed):
+            if step == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            for member, image in zip(pool, images[step % len(images)], strict=True):
+                member.model(image).float()
+            count += len(batches[step % len(batches)].samples) if step >= warmup else 0
+        _sync(device)
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 3), "images_per_s": round(num_views / seconds, 1)}
+    return {
+        "timed_batches": timed,
+        "timed_s": round(seconds, 3),
+        "images_per_s": round(count / seconds, 1),
+    }
+
+
+def loader_rate(dataset, items, configs, backend, args, device) -> dict[str, float]:
+    """``view_loader`` alone over every item, steady state (``steady_rate``)."""
+    stamps, start = [], time.perf_counter()
+    for batch in _loader(dataset, items, configs, backend, args, device):
+        if len(stamps) + 1 == args.warmup_batches:
+            _sync(device)
+        stamps.append((time.perf_counter() - start, len(batch.samples)))
+    _sync(device)
+    return steady_rate(stamps, args.warmup_batches, time.perf_counter() - start)
+
+
+def dump_rate(cfg: DumpConfig, warmup: int, device: torch.device) -> dict[str, float]:
+    """The whole dump, steady state: from the end of batch ``warmup`` (the device synchronised
+    there) to ``run_dump``'s return (every block written); start-up: models, checksums, store,
+    workers and the first batch."""
+    stamps: list[tuple[float, int]] = []
+    start = time.perf_counter()
+
+    def on_batch(images: int) -> None:
+        if len(stamps) + 1 == warmup:
+            _sync(device)
+        stamps.append((time.perf_counter() - start, images))
+
+    run_dump(cfg, on_batch=on_batch)
+    return steady_rate(stamps, warmup, time.perf_counter() - start)
+
+
+def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--pool",
+        default=None,
+        help="comma-separated timm names (random init) or NAME=CKPT; default on a GPU: "
+        "resnet50,convnext_tiny,vit_small_patch16_224; on CPU: test_resnet,test_convnext,test_vit",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help=f"px (default: timm's; {CPU_INPUT_SIZE} on CPU)",
+    )
+    parser.add_argument("--images", type=int, default=None, help="photos (default 1024; CPU 384)")
+    parser.add_argument("--views", type=int, default=None, help="views a photo (default 8; CPU 4)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 256; CPU 64")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="DALI threads / DataLoader processes "
+        "(default: the loader's, sized to the machine)"
+    )  # fmt: skip
+    parser.add_argument("--warmup-batches", type=int, default=3, help="left out of every rate")
+    parser.add_argument(
+        "--block-samples", type=int, default=None, help="samples a store block (default: a "
+        "power of two giving at least 8 blocks, so writes overlap inference as in a long dump)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--backends", default=None, help="comma-separated: dali, torch, nvjpeg (default: present)"
+    )
+    parser.add_argument(
+        "--write-queues", default="2,0", help="dump block-write queue depths to run (0: sync)"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("--views", type=int, default=4, help="views per sample")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=os.cpu_count() or 1,
-        help="DALI threads / DataLoader processes",
-    )
-    parser.add_argument("--photos", type=int, default=256, help="synthetic 224 px images (0: skip)")
-    parser.add_argument("--repeats", type=int, default=2, help="loader passes; the best is kept")
-    parser.add_argument(
-        "--model", action="append", default=None, help="NAME=CKPT (default: a random-init pool)"
-    )
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = resolve_device()
-    backends = [b for b in BACKENDS if b == "torch" or resolve_backend("auto") == "dali"]
-    out = args.out or RESULTS / f"dump-{'gpu' if device.type == 'cuda' else 'cpu'}.json"
+    args = parse_args(argv, prog)
+    device = resolve_device(args.device)
+    on_gpu = device.type == "cuda"
+    for name, (gpu, cpu) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, gpu if on_gpu else cpu)
+    if args.block_samples is None:  # at least 8 blocks
+        args.block_samples = 1 << max(0, (args.images // 8).bit_length() - 1)
+    entries = parse_pool(args.pool, on_gpu)
+    input_size = args.input_size or (None if on_gpu or args.pool else CPU_INPUT_SIZE)
+    backends = args.backends.split(",") if args.backends else present_backends(device)
+    queues = [int(q) for q in args.write_queues.split(",")]
+    machine = machine_name(device)
+    out = args.out or RESULTS / f"dump-{'cpu' if not on_gpu else machine.split()[-1].lower()}.json"
+    console = Console()
 
     with tempfile.TemporaryDirectory(prefix="fastkd-bench-dump-") as tmp:
         tmp = Path(tmp)
-        digits = write_digits_folder(tmp / "digits") / "train"
-        dataset = open_dataset(digits)
-        specs = args.model or write_pool(tmp, dataset.num_classes)
-        configs = [load_model(ModelSpec.parse(spec)).data_config for spec in specs]
-        items = dataset_views(dataset, args.views, seed=0)
+        console.log(f"writing {args.images} photo-like JPEGs")
+        dataset = open_dataset(write_photos(tmp / "photos", args.images))
+        specs = model_specs(entries, tmp, dataset.num_classes, input_size)
+        pool = [load_model(ModelSpec.parse(spec)) for spec in specs]
+        configs = [member.data_config for member in pool]
+        items = all_views(0, np.arange(len(dataset)), args.views, dataset.sizes, AugmentConfig())
         result: dict[str, Any] = {
-            "machine": machine_name(device),
+            "benchmark": "dump: pool forward (ceiling) vs loader vs whole dump, steady state",
+            "machine": machine,
             "platform": platform.platform(),
             "torch": torch.__version__,
-            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],  # a shared machine?
+            "cpus": os.cpu_count(),
+            "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
             "settings": {
+                "pool": entries,
+                "input_sizes": [m.data_config["input_size"][1:] for m in pool],
                 "views": args.views,
                 "batch_size": args.batch_size,
-                "workers": args.workers,
+                "workers": args.workers or "loader default",
+                "warmup_batches": args.warmup_batches,
+                "block_samples": args.block_samples,
                 "device": str(device),
-                "pool": specs if args.model else list(DIGITS_POOL),
-                "weights": "given checkpoints" if args.model else "random init",
+                "amp": on_gpu,
+                "weights": "given checkpoints" if all("=" in e for e in entries) else "random init",
             },
-            "digits": {"samples": len(dataset), "views": len(items["samples"])},
+            "photos": describe(tmp / "photos"),
+            "views": len(items["samples"]),
         }
-        stores = {}
+        console.log("ceiling: the pool's forward on batches already on the device")
+        cached = []
+        for batch in _loader(dataset, items, configs, "torch", args, device):
+            cached.append(batch)
+            if len(cached) == 2:
+                break
+        for member in pool:
+            member.model.to(device, memory_format=fast_memory_format(device)).eval()
+        timed = max(20, -(-len(items["samples"]) // args.batch_size) - args.warmup_batches)
+        result["ceiling"] = ceiling_rate(pool, cached, timed, args.warmup_batches, on_gpu, device)
+        del cached
+        for member in pool:
+            member.model.cpu()
+        result["backends"] = {}
         for backend in backends:
-            stores[backend] = tmp / f"store-{backend}"
-            cfg = DumpConfig(
-                data=digits,
-                models=specs,
-                out=stores[backend],
-                views=args.views,
-                topk=10,
-                batch_size=args.batch_size,
-                backend=backend,
-                num_workers=args.workers,
-                device=str(device),
-                progress=False,
-            )
-            result["digits"][backend] = {
-                "loader": loader_rate(
-                    dataset,
-                    items,
-                    configs,
-                    backend,
-                    args.batch_size,
-                    args.workers,
-                    device,
-                    args.repeats,
-                ),
-                "dump": dump_rate(cfg, len(items["samples"])),
+            console.log(f"{backend}: the loader alone, then the whole dump")
+            entry: dict[str, Any] = {
+                "loader": loader_rate(dataset, items, configs, backend, args, device)
             }
-        summary = summarize(stores[backends[0]])
-        result["digits"]["bytes_per_view"] = {
-            entry.name: round(summary.bytes_per_view(entry.name), 2)
-            for entry in summary.manifest.models
+            for queue in queues:
+                cfg = DumpConfig(
+                    data=tmp / "photos",
+                    models=specs,
+                    out=tmp / f"store-{backend}-{queue}",
+                    views=args.views,
+                    batch_size=args.batch_size,
+                    backend=backend,
+                    num_workers=args.workers,
+                    device=str(device),
+                    write_queue=queue,
+                    samples_per_shard=args.block_samples,
+                    progress=False,
+                )
+                entry[f"dump_write_queue_{queue}"] = dump_rate(cfg, args.warmup_batches, device)
+            ceiling = result["ceiling"]["images_per_s"]
+            entry["loader_vs_ceiling"] = round(entry["loader"]["images_per_s"] / ceiling, 3)
+            for queue in queues:
+                rate = entry[f"dump_write_queue_{queue}"]["images_per_s"]
+                entry[f"dump_write_queue_{queue}_vs_ceiling"] = round(rate / ceiling, 3)
+            result["backends"][backend] = entry
+        summary = summarize(tmp / f"store-{backends[0]}-{queues[0]}")
+        result["bytes_per_view"] = {
+            e.name: round(summary.bytes_per_view(e.name), 2) for e in summary.manifest.models
         }
-        result["digits"]["bytes_per_view"]["shared"] = round(summary.bytes_per_view(None), 2)
-
-        if args.photos:
-            photos = open_dataset(write_photos(tmp / "photos", args.photos))
-            photo_items = dataset_views(photos, args.views, seed=0)
-            result["photos_224"] = {
-                "note": "SYNTHETIC JPEGs (random colour fields), sizes " + str(PHOTO_SIZES),
-                "samples": len(photos),
-                "views": len(photo_items["samples"]),
-            }
-            for backend in backends:
-                result["photos_224"][backend] = {
-                    "loader": loader_rate(
-                        photos,
-                        photo_items,
-                        [IMAGENET_224],
-                        backend,
-                        args.batch_size,
-                        args.workers,
-                        device,
-                        args.repeats,
-                    ),
-                }
+        result["headline"] = {
+            backend: result["backends"][backend][f"dump_write_queue_{queues[0]}_vs_ceiling"]
+            for backend in backends
+        }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    print_table(console, result, queues)
+    console.print(f"wrote {out}")
+
+
+def print_table(console: Console, result: dict, queues: list[int]) -> None:
+    ceiling = result["ceiling"]["images_per_s"]
+    table = Table(title=f"dump, {result['machine']}: ceiling (pool forward) {ceiling} images/s")
+    for column in ("backend", "loader img/s", "x ceiling", *[f"dump q{q} img/s" for q in queues],
+                   *[f"q{q} x ceiling" for q in queues], "dump start-up s"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for backend, entry in result["backends"].items():
+        dumps = [entry[f"dump_write_queue_{q}"] for q in queues]
+        table.add_row(
+            backend,
+            f"{entry['loader']['images_per_s']}",
+            f"{entry['loader_vs_ceiling']:.2f}",
+            *[f"{d['images_per_s']}" for d in dumps],
+            *[f"{entry[f'dump_write_queue_{q}_vs_ceiling']:.2f}" for q in queues],
+            f"{dumps[0]['startup_s']}",
+        )
+    console.print(table)
 
 
 if __name__ == "__main__":

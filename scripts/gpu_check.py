@@ -154,26 +154,30 @@ def check_kernels(path: Path) -> int:
 
 
 def check_train(path: Path) -> int:
+    """Print the training benchmark's headline: each variant's images/s over plain CE's."""
     report = json.loads(path.read_text())
-    ratios = ", ".join(f"{k} {v:.2f}" for k, v in sorted(report["ratio_to_ce"].items()))
-    print(f"training step, x plain CE (best of {report['rounds']} rounds): {ratios}")
-    print(
-        f"offline within {report['offline_target']}x of CE: {report['offline_within_target']}; "
-        f"live grows with every teacher: {report['live_grows_with_teachers']}"
-    )
+    for name, entry in report["variants"].items():
+        print(
+            f"{name}: {entry['loader']['images_per_s']} images/s through the loader "
+            f"({entry['loader_ratio_to_ce']:.3f} x CE), {entry['decoded']['images_per_s']} "
+            f"decoded beforehand, peak {entry.get('peak_gpu_mib', '-')} MiB"
+        )
+    headline = report["headline"]
+    print(f"offline >= {headline['target']} x CE: {headline['offline_within_target']}")
     return 0
 
 
 def check_dump(path: Path) -> int:
+    """Print the dump benchmark's headline: the whole dump over the pool's pure forward."""
     report = json.loads(path.read_text())
-    for workload in ("digits", "photos_224"):
-        for backend, value in report.get(workload, {}).items():
-            if isinstance(value, dict) and "loader" in value:
-                dump = value.get("dump", {}).get("images_per_s")
-                print(
-                    f"{workload} {backend}: loader {value['loader']['images_per_s']} images/s"
-                    + (f", whole dump {dump} images/s" if dump else "")
-                )
+    print(f"ceiling (pool forward): {report['ceiling']['images_per_s']} images/s")
+    for backend, entry in report["backends"].items():
+        dumps = {k: v for k, v in entry.items() if k.startswith("dump_") and isinstance(v, dict)}
+        rates = ", ".join(f"{k[5:]} {v['images_per_s']}" for k, v in dumps.items())
+        print(
+            f"{backend}: loader {entry['loader']['images_per_s']} images/s, dump {rates} "
+            f"images/s; dump / ceiling {report['headline'][backend]}"
+        )
     return 0
 
 
