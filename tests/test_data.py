@@ -458,7 +458,8 @@ def test_a_jpeg_the_decoder_rejects_fails_alone(
     photos: Path, tmp_path: Path, on_bad_image: str
 ) -> None:
     """The batch's one decode call fails; the JPEGs are then decoded one by one, and the bad
-    one is skipped (``skip``, its reason being the decoder's) or named (``fail``)."""
+    one, which PIL cannot decode either, is skipped (``skip``) or named (``fail``) as the torch
+    backend skips or names it."""
     root = Path(shutil.copytree(photos, tmp_path / "data"))
     clean = open_dataset(photos)
     bad = clean.keys.index("photo1/0-rgb.jpg")
@@ -470,12 +471,15 @@ def test_a_jpeg_the_decoder_rejects_fails_alone(
     items = _items(broken, views=1)
     config = PHOTO_CONFIGS[:1]
     if on_bad_image == "fail":
-        with pytest.raises(BadImageError, match=rf"{path.name} \(sample {bad}\): RuntimeError"):
+        with pytest.raises(BadImageError) as by_torch:
+            _load(broken, items, config, backend="torch", batch_size=64)
+        with pytest.raises(BadImageError, match=rf"{path.name} \(sample {bad}\)") as by_nvjpeg:
             _load(broken, items, config, backend="nvjpeg", batch_size=64)
+        assert str(by_nvjpeg.value) == str(by_torch.value)
         return
     (batch,) = _load(broken, items, config, backend="nvjpeg", batch_size=64, on_bad_image="skip")
-    assert list(batch.skipped) == [bad] and "Bogus Huffman table" in batch.skipped[bad]
-    assert "\n" not in batch.skipped[bad]
+    (by_torch,) = _load(broken, items, config, backend="torch", batch_size=64, on_bad_image="skip")
+    assert list(batch.skipped) == [bad] and batch.skipped == by_torch.skipped
     keep = items["samples"] != bad
     assert batch.samples.tolist() == items["samples"][keep].tolist()
     (expected,) = _load(clean, items, config, backend="nvjpeg", batch_size=64)
@@ -561,3 +565,38 @@ def test_dali_reads_checks_and_hashes_files_off_the_main_thread(
     hashes = np.concatenate([b.file_hashes for b in batches])  # of the bytes the workers read
     files = [dataset.path(int(s)).read_bytes() for s in items["samples"]]
     assert hashes.tolist() == [content_hash(data) for data in files]
+
+
+def test_a_jpeg_the_decoder_rejects_but_pil_reads_is_made_by_pil(
+    photos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the torch backend would: the row is PIL's view, exactly; the device's own failures
+    (out of memory) are raised, never taken for a bad file."""
+    import fastkd.data.nvjpeg as nvjpeg
+
+    dataset = open_dataset(photos)
+    target = dataset.keys.index("photo1/0-rgb.jpg")
+    refused = dataset.path(target).read_bytes()
+    decode = nvjpeg._decode_jpegs
+
+    def pickier(encoded: list, device: torch.device) -> list:
+        if any(t.numpy().tobytes() == refused for t in encoded):
+            raise RuntimeError("decode_jpeg: this decoder does not take it")
+        return decode(encoded, device)
+
+    monkeypatch.setattr(nvjpeg, "_decode_jpegs", pickier)
+    items = _items(dataset, views=1)
+    configs = PHOTO_CONFIGS[:2]
+    (batch,) = _load(dataset, items, configs, backend="nvjpeg", batch_size=64)
+    (by_torch,) = _load(dataset, items, configs, backend="torch", batch_size=64)
+    assert not batch.skipped and batch.samples.tolist() == by_torch.samples.tolist()
+    row = batch.samples.tolist().index(target)
+    for ours, theirs in zip(batch.images, by_torch.images, strict=True):
+        assert torch.equal(ours[row], theirs[row])
+
+    def out_of_memory(encoded: list, device: torch.device) -> list:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(nvjpeg, "_decode_jpegs", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        _load(dataset, items, configs, backend="nvjpeg", batch_size=64, on_bad_image="skip")

@@ -18,8 +18,10 @@ kind of uint8 images, in planned order.
 - Lanczos: torch has no such kernel, so a data config that asks for it gets every item's view
   from PIL in the workers, JPEGs included (decoded there too); the other configs' JPEG views are
   still made on the device.
-- A JPEG the device decoder rejects (a ``RuntimeError``) fails that item alone: the batch's JPEGs
-  are then decoded one by one to find it, and its reason goes to ``resolve_failures``.
+- A JPEG the device decoder rejects (a ``RuntimeError`` other than the device's own: out of
+  memory, a CUDA error) is found by decoding the batch's JPEGs one by one, and made by PIL as the
+  torch backend makes it; one PIL cannot decode either fails alone, through
+  ``resolve_failures``, with PIL's reason, as on the torch backend.
 
 torchvision is imported lazily: importing ``fastkd.data`` does not import it.
 """
@@ -165,12 +167,13 @@ class _HostSource(torch.utils.data.Dataset):
         kept, hashes, on_device, encoded, boxes = [], [], [], [], []
         planes: list[list[np.ndarray]] = [[] for _ in preps]
         failed: dict[int, str] = {}
+        all_here = all(_made_on_host(prep) for prep in preps)  # nothing left for the device
         for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
             data, why, pil_only = items.checked_bytes(position)  # read once: checked, hashed
             if data is None:
                 failed[int(position)] = why
                 continue
-            to_device = not pil_only and device_decodable(data)
+            to_device = not pil_only and not all_here and device_decodable(data)
             here = [i for i, prep in enumerate(preps) if not to_device or _made_on_host(prep)]
             flip, name = items.flips[position], items.name(position)
             try:
@@ -249,33 +252,71 @@ def _decode(
     encoded: list[torch.Tensor], device: torch.device
 ) -> tuple[list[torch.Tensor | None], dict[int, str]]:
     """The batch's JPEGs decoded in one call; if it fails, one by one: the images (None where
-    the decoder rejected the file) and {index: why} of the rejected."""
+    the decoder rejected the file) and {index: why} of the rejected. The device's own failures
+    (out of memory, a CUDA error) are raised: they say nothing about a file."""
     if not encoded:
         return [], {}
     try:
         return list(_decode_jpegs(encoded, device)), {}
-    except RuntimeError:
-        pass
+    except RuntimeError as error:
+        if _device_failure(error):
+            raise
     images: list[torch.Tensor | None] = []
     rejected: dict[int, str] = {}
     for index, data in enumerate(encoded):
         try:
             (image,) = _decode_jpegs([data], device)
         except RuntimeError as error:
+            if _device_failure(error):
+                raise
             image, rejected[index] = None, f"{type(error).__name__}: {' '.join(str(error).split())}"
         images.append(image)
     return images, rejected
 
 
+def _device_failure(error: RuntimeError) -> bool:
+    """Whether a decoder error is the device's (out of memory, a CUDA error), not the file's."""
+    return isinstance(error, torch.OutOfMemoryError) or str(error).startswith("CUDA error")
+
+
+def _by_pil(
+    items: Items,
+    part: _HostPart,
+    encoded: list[torch.Tensor],
+    rejected: dict[int, str],
+    preps: Sequence[Preprocess],
+) -> tuple[dict[int, list[np.ndarray]], dict[int, str]]:
+    """The device items the decoder rejected, made by PIL as the torch backend makes them
+    (``load_view``): {device index: views per data config}, and {position: why} of those PIL
+    cannot decode either, which fail."""
+    positions = part.kept[part.on_device]
+    views, failed = {}, {}
+    for index in rejected:
+        position = int(positions[index])
+        try:
+            views[index] = load_view(
+                items.name(position),
+                part.boxes[index],
+                items.flips[position],
+                preps,
+                encoded[index].numpy().tobytes(),
+            )
+        except Exception as error:  # PIL raises many types for bad files
+            failed[position] = f"{type(error).__name__}: {error}"
+    return views, failed
+
+
 def _assemble(
     part: _HostPart,
     decoded: Sequence[torch.Tensor | None],
+    by_pil: dict[int, list[np.ndarray]],
     flips: np.ndarray,
     preps: Sequence[Preprocess],
     device: torch.device,
 ) -> list[torch.Tensor]:
     """Per data config uint8 [k, 3, H, W] on ``device`` in the part's order: the workers' views
-    copied in, each decoded JPEG cropped, resized and flipped here (rows of rejected ones are
+    copied in, each decoded JPEG cropped, resized and flipped here, PIL's views of the ones the
+    decoder rejected (``by_pil``, by device index) copied in (rows of files neither decodes are
     left unset: the caller drops them)."""
     device_rows = np.flatnonzero(part.on_device)
     out = []
@@ -286,8 +327,11 @@ def _assemble(
         if rows.size:
             images[torch.from_numpy(rows).to(device)] = host.to(device, non_blocking=True)
         out.append(images)
-    for row, image, box in zip(device_rows, decoded, part.boxes, strict=True):
+    for index, (row, image, box) in enumerate(zip(device_rows, decoded, part.boxes, strict=True)):
         if image is None:
+            for prep, images, view in zip(preps, out, by_pil.get(index, ()), strict=False):
+                if not _made_on_host(prep):
+                    images[row] = torch.from_numpy(view).to(device)
             continue
         top, left, height, width = (int(v) for v in box)
         crop = image[:, top : top + height, left : left + width]
@@ -306,11 +350,12 @@ def nvjpeg_batches(plan: LoadPlan, num_workers: int) -> Iterator[ViewBatch]:
     items, preps, device = plan.items, plan.preps, plan.device
     loader = worker_loader(_HostSource(items, preps, plan.batches), num_workers, device)
     for part in loader:
-        decoded, rejected = _decode(list(part.encoded.split(part.sizes.tolist())), device)
-        device_positions = part.kept[part.on_device]
-        failed = {**part.failed, **{int(device_positions[i]): why for i, why in rejected.items()}}
+        encoded = list(part.encoded.split(part.sizes.tolist()))
+        decoded, rejected = _decode(encoded, device)
+        by_pil, unreadable = _by_pil(items, part, encoded, rejected, preps)
+        failed = {**part.failed, **unreadable}
         skipped = resolve_failures(items, failed, plan.on_bad_image)
-        images = _assemble(part, decoded, items.flips[part.kept], preps, device)
+        images = _assemble(part, decoded, by_pil, items.flips[part.kept], preps, device)
         keep = np.isin(part.kept, list(failed), invert=True)
         if not keep.all():
             index = torch.from_numpy(np.flatnonzero(keep)).to(device)
