@@ -722,3 +722,34 @@ def test_a_negative_write_queue_is_one_line_naming_the_option(
         "inferred; 0 writes each block before the next), got -1"
     ]
     assert not out.exists()
+
+
+def test_a_second_interrupt_while_stopping_still_joins_the_writer(monkeypatch) -> None:
+    """Ctrl-C, then Ctrl-C again while the stop is being queued: the thread still ends and is
+    joined (the store is never closed under a live writer)."""
+    import threading
+
+    from fastkd.dump.block_writer import THREAD_NAME, BackgroundWrites
+
+    written, release = [], threading.Event()
+
+    def slow_write(item: int) -> None:
+        release.wait(5)
+        written.append(item)
+
+    writes = BackgroundWrites(slow_write, depth=1)
+    real_put = writes._put
+
+    def interrupted_put(item: object, raise_failure: bool = True) -> None:
+        if raise_failure is False:  # the stop, queued on the way out
+            release.set()
+            raise KeyboardInterrupt
+        real_put(item, raise_failure)
+
+    monkeypatch.setattr(writes, "_put", interrupted_put)
+    with pytest.raises(KeyboardInterrupt), writes:
+        writes.submit(1)
+        writes.submit(2)  # queued behind the write in progress
+        raise KeyboardInterrupt
+    assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]
+    assert written == [1]  # the write in progress finished; the queued one was dropped

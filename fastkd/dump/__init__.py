@@ -14,7 +14,8 @@ in the dump's own thread.
 
 Modules: ``block_writer`` (``BackgroundWrites``: the writer thread and its queue), ``config``
 (``DumpConfig``, the manifest a dump writes), ``run`` (the blocks, their inference and writing:
-``run_dump``), importing both.
+``run_dump``; the pool as it runs, ``prepare_pool`` and ``member_logits``, which the benchmarks'
+ceiling shares), importing both.
 """
 
 from fastkd.dump.config import (
@@ -24,14 +25,16 @@ from fastkd.dump.config import (
     check_classes,
     model_entry,
 )
-from fastkd.dump.run import plan_blocks, run_dump
+from fastkd.dump.run import member_logits, plan_blocks, prepare_pool, run_dump
 
 __all__ = [
     "DEFAULT_TAIL_SAMPLES",
     "DumpConfig",
     "build_manifest",
     "check_classes",
+    "member_logits",
     "model_entry",
     "plan_blocks",
+    "prepare_pool",
     "run_dump",
 ]

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 # Blocks waiting for the writer thread. Each holds its logits in host memory (samples per block
 # x views x classes x 4 bytes per model: 32 MiB a model for 8192 views of 1000 classes), beside
-# the one being written and the one being filled: 2 lets a slow write catch up without stalling
-# inference, and bounds that memory. 0 writes each block in the caller's thread (no overlap).
+# the one being written, the one waiting to be queued and the one being filled (on the device):
+# depth + 2 blocks on the host at most. 2 lets a slow write catch up without stalling inference,
+# and bounds that memory. 0 writes each block in the caller's thread (no overlap).
 DEFAULT_WRITE_QUEUE = 2
 THREAD_NAME = "fastkd-block-writer"
 POLL_S = 0.05  # how often a caller waiting on the writer looks whether it has died
@@ -84,13 +85,27 @@ class BackgroundWrites(Generic[T]):
             return
         if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: out quickly
             self._cancel.set()
-        self._put(_STOP, raise_failure=False)
-        self._join()
+        stopped = False
+        try:
+            self._put(_STOP, raise_failure=False)
+            stopped = True
+        finally:  # even through a second Ctrl-C: the store must not close under the thread
+            if not stopped:
+                self._cancel.set()  # no stop queued: the thread ends once the queue is empty
+            self._join()
         if self._error is not None and self._error is not error:
             log.error("the block writer stopped too: %s", self._error)
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
+        while True:
+            try:
+                item = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                if self._cancel.is_set():  # cancelled, and no stop will come
+                    return
+                continue
+            if item is _STOP:
+                return
             if self._cancel.is_set():
                 continue  # dropped: the stop comes after it
             try:

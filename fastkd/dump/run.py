@@ -132,8 +132,7 @@ class _BlockBuffer:
         device = next(iter(self.logits.values())).device
         rows, views = (batch.samples - self.start).to(device), batch.views.to(device)
         for member, images in zip(pool, batch.images, strict=True):
-            images = in_fast_layout(images, device)
-            self.logits[member.spec.name][rows, views] = member.model(images).float()
+            self.logits[member.spec.name][rows, views] = member_logits(member, images, device)
 
     def filled(self) -> _FilledBlock:
         """The finished block as the writer thread gets it: its logits copied to the host by a
@@ -164,6 +163,26 @@ class _FilledBlock:
             writer.write_block(
                 self.block, self.logits, skipped=self.skipped, file_hashes=self.file_hashes
             )
+
+
+def prepare_pool(pool: Sequence[LoadedModel], device: torch.device, amp: bool) -> None:
+    """Each member as the dump runs it, in place: its classifier in fp32 (the stored numbers are
+    fp32 computations whatever the backbone ran in; warned where a model has none), on
+    ``device`` in its fast layout there. The benchmarks' ceiling runs the pool the same way."""
+    for member in pool:
+        if not fp32_classifier(member.model) and amp and device.type == "cuda":
+            log.warning(
+                "model %r has no timm classifier (get_classifier) to run in fp32: its logits, "
+                "and so its stored targets, are only as precise as autocast's bf16",
+                member.spec.name,
+            )
+        member.model.to(device, memory_format=fast_memory_format(device))
+
+
+def member_logits(member: LoadedModel, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A prepared member's fp32 logits on a batch of its images (``prepare_pool``), under the
+    caller's inference mode and autocast."""
+    return member.model(in_fast_layout(images, device)).float()
 
 
 def run_dump(cfg: DumpConfig, on_batch: Callable[[int], None] | None = None) -> Path:
@@ -286,16 +305,7 @@ def _infer_blocks(
     """Run the loader over the plan and the models over each batch; hand each block to the
     writer (thread) once the loader has moved past it (blocks with no readable image are written
     empty, all skipped), and return once every block is written."""
-    on_gpu = device.type == "cuda"
-    for member in pool:
-        # The stored numbers are fp32 computations whatever the backbone ran in.
-        if not fp32_classifier(member.model) and cfg.amp and on_gpu:
-            log.warning(
-                "model %r has no timm classifier (get_classifier) to run in fp32: its logits, "
-                "and so its stored targets, are only as precise as autocast's bf16",
-                member.spec.name,
-            )
-        member.model.to(device, memory_format=fast_memory_format(device))
+    prepare_pool(pool, device, cfg.amp)
     batches = view_loader(
         dataset,
         plan.samples,
