@@ -10,8 +10,9 @@ ImageNet's photos were downscaled from larger ones, at a shape drawn from ImageN
 (500 x 375, 375 x 500, 500 x 333, ...), each tile flipped at random, the whole given a random
 brightness, contrast, saturation and hue and a luminance grain (sigma 6-10 levels, a camera's
 noise), then written as a quality-90 baseline JPEG with 4:2:0 chroma, as ImageNet's files
-mostly are, in the 80-150 KB that ImageNet's files mostly take. ``describe`` reports what was
-made, so a benchmark's result says what it decoded.
+mostly are, at file sizes near ImageNet's (docs/throughput.md). ``describe`` reports what
+was made, so a benchmark's result says what it decoded. ``label_list`` gives them ImageNet's
+1000 classes.
 
 Every benchmark that needs photographs calls ``write_photos``: one home for the workload.
 """
@@ -94,6 +95,21 @@ def write_photos(root: Path, count: int, *, classes: int = 10, seed: int = 0) ->
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(write, range(count)))
     return root
+
+
+def label_list(root: Path, classes: int) -> Path:
+    """A file list (``relative/path label`` per line, ``root/labels.txt``) of the photos under
+    ``root`` with labels dealt round-robin over ``classes``, the last image given the last class:
+    a data set of ``classes`` classes (ImageNet's 1000 by default in the benchmarks), so the
+    pool's heads, the store's top-k and tail and the loss run at the size users run."""
+    files = sorted(root.rglob("*.jpg"), key=lambda f: f.name)
+    labels = [index % classes for index in range(len(files))]
+    if files:
+        labels[-1] = classes - 1
+    lines = [f"{f.relative_to(root)} {label}\n" for f, label in zip(files, labels, strict=True)]
+    listing = root / "labels.txt"
+    listing.write_text("".join(lines))
+    return listing
 
 
 def describe(root: Path) -> dict[str, float | int | str]:

@@ -20,10 +20,12 @@ BENCHMARKS: dict[str, str] = {
     "time, GB/s, % of peak bandwidth, peak memory.",
     "store": "Store: bytes per stored view (synthetic 1000-class logits) and random-access "
     "read throughput in views/s on one core.",
-    "dump": "Dump: images/s of the DALI and torch paths in one run (loader alone and whole "
-    "dump), bytes per stored view.",
-    "train": "Training step: plain cross-entropy vs offline stored targets vs live teachers "
-    "(1, 2, 4), as ratios to cross-entropy.",
+    "dump": "Dump in steady state on photo-like JPEGs: the pool's forward alone (the ceiling), "
+    "the loader alone and the whole dump per backend (DALI, torch, nvjpeg on a GPU), as ratios "
+    "to the ceiling; bytes per stored view.",
+    "train": "Training images/s through the real loader: plain cross-entropy vs offline stored "
+    "targets vs live teachers (1, 2, 4), as ratios to cross-entropy, and the same steps on "
+    "images decoded beforehand.",
     "targets": "Compressed targets vs the dense teacher: KL and gradient errors of each tail "
     "model at equal bytes (synthetic 1000 classes, the demo's pool) and the demo's accuracy "
     "with sparse vs dense targets.",

@@ -13,8 +13,9 @@ from PIL import Image, JpegImagePlugin
 
 from fastkd.bench import dump as bench_dump
 from fastkd.bench import train as bench_train
-from fastkd.bench.photos import IMAGENET_SHAPES, QUALITY, describe, write_photos
+from fastkd.bench.photos import IMAGENET_SHAPES, QUALITY, describe, label_list, write_photos
 from fastkd.bench.pool import CPU_POOL, GPU_POOL, model_specs, parse_pool
+from fastkd.data import open_dataset
 from fastkd.errors import ConfigError
 from fastkd.models import ModelSpec, load_model
 
@@ -41,6 +42,15 @@ def test_photos_are_imagenet_like_jpegs_made_from_the_sample_photographs(photos:
     described = describe(photos)
     assert described["images"] == 12 and described["jpeg_quality"] == QUALITY
     assert described["mean_kb"] == round(float(np.mean(sizes)), 1)
+
+
+def test_the_photos_carry_imagenets_classes(photos: Path) -> None:
+    dataset = open_dataset(label_list(photos, 1000))
+    assert dataset.num_classes == 1000 and len(dataset) == 12
+    names = sorted(f.name for f in photos.rglob("*.jpg"))
+    labels = dict(zip(dataset.keys, dataset.labels.tolist(), strict=True))
+    assert [labels[k] for k in sorted(labels, key=lambda k: Path(k).name)] == [*range(11), 999]
+    assert sorted(Path(k).name for k in labels) == names
 
 
 def test_photos_are_the_same_for_a_seed_whatever_the_threads(photos: Path, tmp_path: Path) -> None:
@@ -77,7 +87,7 @@ def test_steady_rate_leaves_out_the_warm_up() -> None:
     rate = bench_dump.steady_rate(stamps, warmup=2, end=3.0)
     # timed: batches 3 and 4 (20 images), from the end of batch 2 (1.5 s) to the end (3.0 s)
     assert rate == {"startup_s": 1.0, "timed_batches": 2, "timed_s": 1.5, "images_per_s": 13.3}
-    with pytest.raises(SystemExit, match="only 4 batches"):
+    with pytest.raises(ConfigError, match="only 4 batches"):
         bench_dump.steady_rate(stamps, warmup=4, end=3.0)
 
 
@@ -90,17 +100,21 @@ def test_bench_dump_reports_its_three_figures(tmp_path: Path) -> None:
     )  # fmt: skip
     result = json.loads(out.read_text())
     assert result["views"] == 48 and result["photos"]["images"] == 24
+    assert result["settings"]["classes"] == 1000  # ImageNet's: stored as top-k and a tail
     torch_ = result["backends"]["torch"]
     for key in ("loader", "dump_write_queue_2", "dump_write_queue_0"):
         assert torch_[key]["timed_batches"] == 48 // 8 - 1
         assert torch_[key]["images_per_s"] > 0
     ceiling = result["ceiling"]["images_per_s"]
-    assert result["ceiling"]["timed_batches"] == 20  # at least 20, cycling the cached batches
+    first, last = result["ceiling"]["first_and_last"]  # timed before and after the backends
+    assert first["timed_batches"] == last["timed_batches"] == 20  # at least 20, cycled batches
+    assert ceiling == round((first["images_per_s"] + last["images_per_s"]) / 2, 1)
     assert torch_["dump_write_queue_2_vs_ceiling"] == pytest.approx(
         torch_["dump_write_queue_2"]["images_per_s"] / ceiling, abs=1e-3
     )
     assert result["headline"] == {"torch": torch_["dump_write_queue_2_vs_ceiling"]}
     assert set(result["bytes_per_view"]) == {"test_vit", "test_resnet"}
+    assert all(0 < size < 1000 for size in result["bytes_per_view"].values())  # not dense fp16
 
 
 def test_bench_train_reports_every_variant_against_ce(tmp_path: Path) -> None:
@@ -122,7 +136,10 @@ def test_bench_train_reports_every_variant_against_ce(tmp_path: Path) -> None:
             entry["loader"]["images_per_s"] / variants["ce"]["loader"]["images_per_s"], abs=1e-3
         )
     assert variants["ce"]["loader_ratio_to_ce"] == 1.0
+    assert result["settings"]["classes"] == 1000
+    assert result["photos"]["images"] == 4 * (1 + 2)  # --batch x (--warmup + --steps)
     headline = result["headline"]
+    assert headline["ce_loader_bound"] == (variants["ce"]["loader_vs_decoded"] < 0.9)
     assert set(headline["offline_ratio_to_ce"]) == {"offline-1", "offline-2", "offline-4"}
     assert headline["offline_within_target"] == all(
         r >= headline["target"] for r in headline["offline_ratio_to_ce"].values()
