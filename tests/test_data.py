@@ -600,3 +600,10 @@ def test_a_jpeg_the_decoder_rejects_but_pil_reads_is_made_by_pil(
     monkeypatch.setattr(nvjpeg, "_decode_jpegs", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         _load(dataset, items, configs, backend="nvjpeg", batch_size=64, on_bad_image="skip")
+
+    def wrapped(encoded: list, device: torch.device) -> list:  # as torchvision's GPU path says it
+        raise RuntimeError("Error while decoding JPEG images: CUDA out of memory (2.00 GiB)")
+
+    monkeypatch.setattr(nvjpeg, "_decode_jpegs", wrapped)
+    with pytest.raises(RuntimeError, match="Error while decoding JPEG images: CUDA out of"):
+        _load(dataset, items, configs, backend="nvjpeg", batch_size=64, on_bad_image="skip")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -49,6 +50,8 @@ from fastkd.data.batches import (
     worker_loader,
 )
 from fastkd.hashing import content_hash
+
+log = logging.getLogger(__name__)
 
 DEVICE_RESIZE = frozenset({"nearest", "bilinear", "bicubic"})  # PIL's filters torch can match
 _SOF_DEVICE = frozenset({0xC0, 0xC2})  # frame headers: baseline, progressive (Huffman coding)
@@ -274,9 +277,15 @@ def _decode(
     return images, rejected
 
 
+# What torchvision's GPU decoder says of the device's own failures, inside the plain
+# RuntimeError("Error while decoding JPEG images: ...") it wraps every error in
+_DEVICE_FAILURES = ("out of memory", "CUDA error", "Failed to synchronize CUDA stream")
+
+
 def _device_failure(error: RuntimeError) -> bool:
     """Whether a decoder error is the device's (out of memory, a CUDA error), not the file's."""
-    return isinstance(error, torch.OutOfMemoryError) or str(error).startswith("CUDA error")
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or any(s in text for s in _DEVICE_FAILURES)
 
 
 def _by_pil(
@@ -287,18 +296,20 @@ def _by_pil(
     preps: Sequence[Preprocess],
 ) -> tuple[dict[int, list[np.ndarray]], dict[int, str]]:
     """The device items the decoder rejected, made by PIL as the torch backend makes them
-    (``load_view``): {device index: views per data config}, and {position: why} of those PIL
-    cannot decode either, which fail."""
+    (``load_view``): {device index: views per data config the device resizes}, and
+    {position: why} of those PIL cannot decode either, which fail."""
     positions = part.kept[part.on_device]
+    on_device = [prep for prep in preps if not _made_on_host(prep)]  # the others: made already
     views, failed = {}, {}
-    for index in rejected:
+    for index, why in rejected.items():
         position = int(positions[index])
+        log.warning("the GPU decoder rejected %s (%s): PIL makes it", items.name(position), why)
         try:
             views[index] = load_view(
                 items.name(position),
                 part.boxes[index],
                 items.flips[position],
-                preps,
+                on_device,
                 encoded[index].numpy().tobytes(),
             )
         except Exception as error:  # PIL raises many types for bad files
@@ -329,9 +340,10 @@ def _assemble(
         out.append(images)
     for index, (row, image, box) in enumerate(zip(device_rows, decoded, part.boxes, strict=True)):
         if image is None:
-            for prep, images, view in zip(preps, out, by_pil.get(index, ()), strict=False):
-                if not _made_on_host(prep):
-                    images[row] = torch.from_numpy(view).to(device)
+            on_device = [images for prep, images in zip(preps, out, strict=True)
+                         if not _made_on_host(prep)]  # fmt: skip
+            for images, view in zip(on_device, by_pil.get(index, ()), strict=False):
+                images[row] = torch.from_numpy(view).to(device)
             continue
         top, left, height, width = (int(v) for v in box)
         crop = image[:, top : top + height, left : left + width]

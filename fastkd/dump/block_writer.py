@@ -6,7 +6,8 @@ the thread is joined before the caller leaves the ``with``, so before it closes 
 write's failure ends the thread and is raised, as itself, in the caller's thread at its next
 ``check``, ``submit`` or at the end (never a hang on a full queue). A failure of the caller stops
 the thread: the blocks already queued are whole and are still written, unless the caller was
-interrupted (KeyboardInterrupt), when only the block being written finishes; a block counts once
+interrupted (KeyboardInterrupt, SystemExit, GeneratorExit), when only the block being written
+finishes; a block counts once
 ``write`` has returned (it marks the block last), so nothing partial is ever marked done.
 """
 
@@ -77,9 +78,13 @@ class BackgroundWrites(Generic[T]):
         if self._thread is None:
             return
         if error is None:
+            stopped = False
             try:
                 self._put(_STOP)  # after every queued write
-            finally:
+                stopped = True
+            finally:  # a Ctrl-C while the queue is full: drop what is queued, still join
+                if not stopped:
+                    self._cancel.set()
                 self._join()
             self.check()
             return
