@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -54,6 +55,7 @@ from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel, ModelSpec, load_model
 from fastkd.runtime import (
     autocast,
+    fast_memory_format,
     machine_name,
     resolve_device,
 )
@@ -143,6 +145,15 @@ def ceiling_rate(
         "timed_s": round(seconds, 3),
         "images_per_s": round(count / seconds, 1),
     }
+
+
+def park(pool: list[LoadedModel], batches: list[ViewBatch], device: torch.device) -> None:
+    """Move the ceiling's pool (already made ready: ``prepare_pool``) and batches to
+    ``device``, in its fast layout there."""
+    for member in pool:
+        member.model.to(device, memory_format=fast_memory_format(device))
+    for batch in batches:
+        batch.images = [image.to(device) for image in batch.images]
 
 
 def loader_rate(dataset, items, configs, backend, args, device) -> dict[str, float]:
@@ -262,12 +273,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         }
         console.log("ceiling: the pool's forward on batches already on the device")
         batches = _loader(dataset, items, configs, "torch", args, device)
-        cached = [next(batches), next(batches)]
+        cached = list(itertools.islice(batches, 2))
         batches.close()  # its workers stopped: they must not decode ahead during the ceiling
         gc.collect()
         timed = max(20, -(-len(items["samples"]) // args.batch_size) - args.warmup_batches)
-        prepare_pool(pool, device, on_gpu)  # kept ready on the device for the last ceiling
+        prepare_pool(pool, device, on_gpu)
         ceilings = [ceiling_rate(pool, cached, timed, args.warmup_batches, on_gpu, device)]
+        park(pool, cached, torch.device("cpu"))  # off the GPU while each dump loads its own
         result["backends"] = {}
         for backend in backends:
             console.log(f"{backend}: the loader alone, then the whole dump")
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 entry[f"dump_write_queue_{queue}"] = dump_rate(cfg, args.warmup_batches, device)
             result["backends"][backend] = entry
         console.log("the ceiling again: the machine may have changed pace meanwhile")
+        park(pool, cached, device)
         ceilings.append(ceiling_rate(pool, cached, timed, args.warmup_batches, on_gpu, device))
         del cached
         ceiling = round(statistics.mean(c["images_per_s"] for c in ceilings), 1)

@@ -3,8 +3,9 @@
 The logits are SYNTHETIC (no 1000-class model can be downloaded here), generated to look like a
 classifier's: per sample, base logits ~ N(0, 1.5^2) over all classes, the true class raised by
 U(4, 12) and four confusable classes by U(2, 8); per view, independent N(0, noise^2) perturbation of
-every logit (noise 0.7 by default: crops of one image mostly agree on the top classes). Real
-digits logits (10 classes, dense) are measured by the dump benchmark.
+every logit (noise 0.7 by default: crops of one image mostly agree on the top classes). The
+dump benchmark's stores hold real models' outputs (random-init timm models on photo-like JPEGs,
+1000 classes) and report their bytes per view too.
 
 Run: ``python -m fastkd.bench.store`` (or ``main([...])``); results go to
 ``bench/results/store-cpu.json``.

@@ -14,7 +14,7 @@ store's targets prefetched in a thread; ``Trainer.train_step``, read one step la
 Each variant is timed twice in steady state (the first ``--warmup`` steps left out, the device
 synchronised at both ends): through the loader, and on the first ``--cached`` batches decoded
 beforehand and cycled (the model-only ceiling: what it would reach with free loading). The
-variants take ``--rounds`` turns, and each keeps its fastest round. bf16
+variants take ``--rounds`` turns, and each keeps its fastest rate of each kind. bf16
 autocast and channels_last on a GPU, where peak memory is reported too. The loss runs the fused
 Triton kernel on a GPU and its torch reference on CPU. The headline is each variant's images/s
 over ``ce``'s through the loader (flagged when CE itself waits on the loader: then every
@@ -162,10 +162,11 @@ def measure(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
     cached: list[Batch] = [None] * args.cached  # type: ignore[list-item]
     loader = timed_steps(trainer, trainer.batches(trainer.plan(0)), args.warmup, keep=cached)
+    cached = [batch for batch in cached if batch is not None]  # an epoch shorter than --cached
     cycle = (cached[i % len(cached)] for i in range(args.warmup + loader["timed_steps"]))
     decoded = timed_steps(trainer, cycle, args.warmup)
     entry = {"loader": loader, "decoded": decoded}
-    if device.type == "cuda":  # the peak holds the kept batches too: their size beside it
+    if device.type == "cuda":  # the peak holds the kept batches too: their images' size beside it
         entry["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
         kept = sum(image.nbytes for batch in cached for image in batch.images)
         entry["kept_batches_gpu_mib"] = round(kept / 2**20)
@@ -173,14 +174,16 @@ def measure(trainer: Trainer, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fastest(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """A variant's rounds as one entry: the fastest round's rate of each kind (the one least
-    disturbed by other processes, as ``timeit`` takes the least time), every round's beside."""
+    """A variant's rounds as one entry: the fastest rate of each kind, through the loader and
+    decoded beforehand, each from its own fastest round (the one least disturbed by other
+    processes, as ``timeit`` takes the least time), every round's beside."""
     entry: dict[str, Any] = {}
     for kind in ("loader", "decoded"):
         best = max(rounds, key=lambda r: r[kind]["images_per_s"])[kind]
         entry[kind] = {**best, "rounds_images_per_s": [r[kind]["images_per_s"] for r in rounds]}
     if "peak_gpu_mib" in rounds[0]:
         entry["peak_gpu_mib"] = max(r["peak_gpu_mib"] for r in rounds)
+        entry["kept_batches_gpu_mib"] = rounds[0]["kept_batches_gpu_mib"]
     return entry
 
 
