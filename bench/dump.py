@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fastkd.augment import AugmentConfig
+from fastkd.bench.device_defaults import resolve_with_defaults, synchronize
 from fastkd.bench.photos import describe, label_list, write_photos
 from fastkd.bench.pool import CPU_INPUT_SIZE, model_specs, parse_pool
 from fastkd.data import ImageDataset, ViewBatch, open_dataset, resolve_backend, view_loader
@@ -57,7 +58,6 @@ from fastkd.runtime import (
     autocast,
     fast_memory_format,
     machine_name,
-    resolve_device,
 )
 from fastkd.store import summarize
 from fastkd.views import all_views
@@ -81,11 +81,6 @@ def present_backends(device: torch.device) -> list[str]:
         except ConfigError as why:
             print(f"no nvjpeg backend here: {why}")
     return backends
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _loader(
@@ -133,12 +128,12 @@ def ceiling_rate(
     with torch.inference_mode(), autocast(device, amp):
         for step in range(warmup + timed):
             if step == warmup:
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
             for member, image in zip(pool, batches[step % len(batches)].images, strict=True):
                 member_logits(member, image, device)
             count += len(batches[step % len(batches)].samples) if step >= warmup else 0
-        _sync(device)
+        synchronize(device)
     seconds = time.perf_counter() - start
     return {
         "timed_batches": timed,
@@ -161,9 +156,9 @@ def loader_rate(dataset, items, configs, backend, args, device) -> dict[str, flo
     stamps, start = [], time.perf_counter()
     for batch in _loader(dataset, items, configs, backend, args, device):
         if len(stamps) + 1 == args.warmup_batches:
-            _sync(device)
+            synchronize(device)
         stamps.append((time.perf_counter() - start, len(batch.samples)))
-    _sync(device)
+    synchronize(device)
     return steady_rate(stamps, args.warmup_batches, time.perf_counter() - start)
 
 
@@ -176,7 +171,7 @@ def dump_rate(cfg: DumpConfig, warmup: int, device: torch.device) -> dict[str, f
 
     def on_batch(images: int) -> None:
         if len(stamps) + 1 == warmup:
-            _sync(device)
+            synchronize(device)
         stamps.append((time.perf_counter() - start, images))
 
     run_dump(cfg, on_batch=on_batch)
@@ -224,11 +219,8 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
-    device = resolve_device(args.device)
+    device = resolve_with_defaults(args, DEFAULTS)
     on_gpu = device.type == "cuda"
-    for name, (gpu, cpu) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, gpu if on_gpu else cpu)
     if args.block_samples is None:  # at least 8 blocks
         args.block_samples = 1 << max(0, (args.images // 8).bit_length() - 1)
     entries = parse_pool(args.pool, on_gpu)

@@ -40,13 +40,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fastkd.bench.device_defaults import resolve_with_defaults, synchronize
 from fastkd.bench.photos import describe, label_list, write_photos
 from fastkd.bench.pool import CPU_INPUT_SIZE, random_checkpoint
 from fastkd.choices import Backend
 from fastkd.data import open_dataset, resolve_backend
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.errors import ConfigError
-from fastkd.runtime import machine_name, resolve_device
+from fastkd.runtime import machine_name
 from fastkd.training import Batch, TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,11 +59,6 @@ DEFAULTS = {  # (GPU, CPU): the CPU's end in a few minutes on 2 cores
     "batch": (256, 32),
     "steps": (20, 20),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_pool(workdir: Path, args: argparse.Namespace, device: torch.device) -> dict:
@@ -130,7 +126,7 @@ def timed_steps(
     ``len(keep)`` batches are kept in ``keep`` (replaced in place), to train on again."""
     device, pending, count, start, steps = trainer.device, None, 0, None, 0
     if warmup == 0:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
     for index, batch in enumerate(batches):
         if keep is not None and index < len(keep):
@@ -142,11 +138,11 @@ def timed_steps(
         if index >= warmup:
             count, steps = count + len(batch.samples), steps + 1
         if index + 1 == warmup:
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
     if pending is not None:
         trainer.read_step(pending)
-    _sync(device)
+    synchronize(device)
     if start is None or not count:
         raise ConfigError(f"no steps left to time after --warmup {warmup}: give more --steps")
     seconds = time.perf_counter() - start
@@ -215,11 +211,8 @@ def parse_args(argv: list[str] | None, prog: str | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parse_args(argv, prog)
-    device = resolve_device(args.device)
+    device = resolve_with_defaults(args, DEFAULTS)
     on_gpu = device.type == "cuda"
-    for name, (gpu, cpu) in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, gpu if on_gpu else cpu)
     if args.input_size is None and not on_gpu and args.arch == DEFAULTS["arch"][1]:
         args.input_size = CPU_INPUT_SIZE
     args.images = args.batch * (args.warmup + args.steps)  # one epoch: the steps timed

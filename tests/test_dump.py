@@ -724,12 +724,13 @@ def test_a_negative_write_queue_is_one_line_naming_the_option(
     assert not out.exists()
 
 
-def test_a_second_interrupt_while_stopping_still_joins_the_writer(monkeypatch) -> None:
-    """Ctrl-C, then Ctrl-C again while the stop is being queued: the thread still ends and is
+@pytest.mark.parametrize("when", ["after an interrupt", "at the end"])
+def test_an_interrupt_while_the_stop_is_queued_still_joins_the_writer(monkeypatch, when) -> None:
+    """Ctrl-C while the stop waits on a full queue, after a first Ctrl-C or at the dump's normal
+    end: what is queued is dropped, the write in progress finishes, and the thread ends and is
     joined (the store is never closed under a live writer)."""
-    import threading
-
-    from fastkd.dump.block_writer import THREAD_NAME, BackgroundWrites
+    from fastkd.dump import block_writer
+    from fastkd.dump.block_writer import BackgroundWrites
 
     written, release = [], threading.Event()
 
@@ -741,7 +742,7 @@ def test_a_second_interrupt_while_stopping_still_joins_the_writer(monkeypatch) -
     real_put = writes._put
 
     def interrupted_put(item: object, raise_failure: bool = True) -> None:
-        if raise_failure is False:  # the stop, queued on the way out
+        if item is block_writer._STOP:  # the stop, queued on the way out
             release.set()
             raise KeyboardInterrupt
         real_put(item, raise_failure)
@@ -750,37 +751,7 @@ def test_a_second_interrupt_while_stopping_still_joins_the_writer(monkeypatch) -
     with deadline(10), pytest.raises(KeyboardInterrupt), writes:
         writes.submit(1)
         writes.submit(2)  # queued behind the write in progress
-        raise KeyboardInterrupt
-    assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]
-    assert written == [1]  # the write in progress finished; the queued one was dropped
-
-
-def test_an_interrupt_while_the_queue_is_full_at_the_end_still_joins_the_writer(monkeypatch):
-    """The dump's last block queued, Ctrl-C while the stop waits on a full queue: what is queued
-    is dropped, the write in progress finishes, the thread ends and is joined."""
-    import threading
-
-    from fastkd.dump import block_writer
-    from fastkd.dump.block_writer import THREAD_NAME, BackgroundWrites
-
-    written, release = [], threading.Event()
-
-    def slow_write(item: int) -> None:
-        release.wait(5)
-        written.append(item)
-
-    writes = BackgroundWrites(slow_write, depth=1)
-    real_put = writes._put
-
-    def interrupted_put(item: object, raise_failure: bool = True) -> None:
-        if item is block_writer._STOP:
-            release.set()
+        if when == "after an interrupt":
             raise KeyboardInterrupt
-        real_put(item, raise_failure)
-
-    monkeypatch.setattr(writes, "_put", interrupted_put)
-    with deadline(10), pytest.raises(KeyboardInterrupt), writes:
-        writes.submit(1)
-        writes.submit(2)
-    assert not [t for t in threading.enumerate() if t.name == THREAD_NAME]
-    assert written == [1]
+    assert not writer_threads()
+    assert written == [1]  # the write in progress finished; the queued one was dropped
