@@ -7,8 +7,8 @@ image tensor per timm data config. The backends (``fastkd.data.loader`` for torc
 box (``Items.pixel_boxes``), resize it per ``Preprocess``, take each file's bytes through the same
 checks before decoding them (``Items.checked_bytes``: a cut or damaged file must never reach
 DALI, see ``fastkd.data.wholeness``) and report unreadable files the same way
-(``resolve_failures``); a ``LoadPlan`` is what the loader hands each one, and the two that load
-in ``DataLoader`` workers share ``worker_loader``. This module is that common ground, so no
+(``resolve_failures``); a ``LoadPlan`` is what the loader hands each one, and their work in
+``DataLoader`` workers runs through ``worker_loader``. This module is that common ground, so no
 backend imports another.
 """
 
@@ -219,8 +219,9 @@ def resolve_failures(
 def worker_loader(
     source: torch.utils.data.Dataset, num_workers: int, device: torch.device
 ) -> torch.utils.data.DataLoader:
-    """The ``DataLoader`` of the worker-process backends (torch, nvjpeg): element ``j`` of
-    ``source`` is planned batch ``j``, loaded whole in a worker and kept as the worker made it."""
+    """The ``DataLoader`` of the work done in worker processes (the torch and nvjpeg backends,
+    DALI's feeding): element ``j`` of ``source`` is planned batch ``j``, loaded whole in a worker
+    and kept as the worker made it."""
     return torch.utils.data.DataLoader(
         source,
         batch_size=None,
@@ -235,6 +236,19 @@ def worker_loader(
 def _as_loaded(batch: Any) -> Any:
     """The DataLoader's collate: keep a loaded batch as it is (numpy positions stay numpy)."""
     return batch
+
+
+def stack_views(
+    planes: Sequence[Sequence[np.ndarray]], preps: Sequence[Preprocess]
+) -> list[torch.Tensor]:
+    """Per data config, its views (uint8 [3, H, W] each, ``load_view``) as one uint8 tensor
+    [m, 3, H, W], empty [0, 3, H, W] when there are none: what a worker hands back."""
+    return [
+        torch.from_numpy(np.stack(plane))
+        if plane
+        else torch.empty(0, 3, prep.height, prep.width, dtype=torch.uint8)
+        for plane, prep in zip(planes, preps, strict=True)
+    ]
 
 
 def load_view(

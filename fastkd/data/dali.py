@@ -20,8 +20,9 @@ DALI calls a plain ``external_source`` from the thread that runs the pipeline: t
 which on a GPU must also drive the pool's forward. So the reading, checking and hashing happen
 ahead in ``DataLoader`` worker processes (``_Feeder``, ``batches.worker_loader``, as the torch and
 nvjpeg backends load), which hand each planned batch over whole, in one shared-memory tensor,
-and the source only passes it on (``no_copy``): ~4 ms of the main thread a batch of 256 instead
-of ~22 ms here. Rather than DALI's parallel external source: the hashes, the reasons and PIL's
+and the source only passes it on (``no_copy``): a few milliseconds of the main thread a batch
+instead of every file's read, check and hash (docs/throughput.md has the figures). Rather than
+DALI's parallel external source: the hashes, the reasons and PIL's
 bytes then stay plain Python values in the main process, with no side channel for them.
 
 Its own module because it is the one place that imports ``nvidia.dali`` (lazily, inside the
@@ -281,11 +282,9 @@ def _decode_error(items: Items, position: int) -> str | None:
 def split_workers(workers: int) -> tuple[int, int]:
     """(DALI threads, ``DataLoader`` workers) out of the loader's ``workers``. DALI's threads
     decode, crop and resize, most of the work: they keep all ``workers``. Feeding (read, check,
-    hash) measured 0.1 ms an image on 2 cores (90 KB JPEGs; 0.26 ms on the brief's machine)
-    against ~3 ms of core time an image for the rest, and a feeder sleeps once its prefetch is
+    hash) costs a small fraction of that per image, and a feeder sleeps once its prefetch is
     full: one per 8 threads (at least one, so the main thread never feeds) beside them costs
-    little. On 2 cores, 1 or 2 DALI threads beside 1 or 2 feeders gave the same rate within
-    noise (596-669 images/s)."""
+    little (docs/throughput.md has the measured split)."""
     workers = max(1, workers)
     return workers, max(1, workers // 8)
 

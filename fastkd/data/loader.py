@@ -45,6 +45,7 @@ from fastkd.data.batches import (
     normalize,
     plan_batches,
     resolve_failures,
+    stack_views,
     worker_loader,
 )
 from fastkd.data.dali import dali_batches
@@ -94,8 +95,8 @@ def default_workers(device: torch.device) -> int:
     """Loader workers (DALI threads or DataLoader processes) when none are given, sized to the
     cores this process may use, shared with the other ranks of its node under torchrun
     (LOCAL_WORLD_SIZE). On a GPU all of them but one: decoding scales with workers, and the
-    main process only drives the GPU. On a CPU device the
-    forward needs the same cores: at most 8, as before."""
+    main process only drives the GPU. On a CPU device the forward needs the same cores: at most
+    8, as before."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     share = max(1, (cores or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if device.type == "cuda":
@@ -151,7 +152,7 @@ def view_loader(
     workers = num_workers if num_workers is not None else default_workers(plan.device)
     chosen = resolve_backend(backend, plan.device)
     if chosen == "dali":
-        return dali_batches(plan, batch_size, max(1, workers))
+        return dali_batches(plan, batch_size, workers)
     if chosen == "nvjpeg":
         return nvjpeg_batches(plan, workers)
     return _torch_batches(plan, workers)
@@ -191,12 +192,7 @@ class _BatchSource(torch.utils.data.Dataset):
             hashes.append(content_hash(data))
             for plane, image in zip(planes, views, strict=True):
                 plane.append(image)
-        images = [
-            torch.from_numpy(np.stack(plane))
-            if plane
-            else torch.empty(0, 3, prep.height, prep.width, dtype=torch.uint8)
-            for plane, prep in zip(planes, self.preps, strict=True)
-        ]
+        images = stack_views(planes, self.preps)
         return np.asarray(kept, dtype=np.int64), images, failed, np.asarray(hashes, np.int64)
 
 

@@ -47,6 +47,7 @@ from fastkd.data.batches import (
     load_view,
     normalize,
     resolve_failures,
+    stack_views,
     worker_loader,
 )
 from fastkd.hashing import content_hash
@@ -105,8 +106,8 @@ def resize_like_pil(
     """uint8 [3, h, w] -> uint8 [3, height, width] as PIL's ``resize`` makes it, on the crop's
     device. Bilinear and bicubic: torch's antialiased kernels (PIL's, with a = -0.5) in float32,
     one axis at a time as PIL does, width first, each pass rounded and clamped to uint8 as PIL
-    stores it (a single pass differed from PIL by up to 5 levels on a bicubic upscale, two by
-    1-3). Nearest: PIL's own source rows and columns (``_pil_nearest``), so exactly PIL's."""
+    stores it (a single pass differs from PIL by several levels on upscales; docs/throughput.md).
+    Nearest: PIL's own source rows and columns (``_pil_nearest``), so exactly PIL's."""
     if interpolation == "nearest":
         rows = _pil_nearest(crop.shape[1], height, crop.device)
         columns = _pil_nearest(crop.shape[2], width, crop.device)
@@ -127,8 +128,8 @@ def resize_like_pil(
 def _pil_nearest(size_in: int, size_out: int, device: torch.device) -> torch.Tensor:
     """The source index of each output pixel of PIL's nearest resize: PIL adds the scale
     ``size_in / size_out`` to ``scale / 2`` pixel by pixel in doubles and truncates, so its
-    choice at exact ties is its sum's (``torch``'s nearest-exact differed on 5% of the pixels
-    of a 160 -> 300 px upscale). Built once per pair of sizes and device."""
+    choice at exact ties is its sum's (``torch``'s nearest-exact differs from it at some ties;
+    docs/throughput.md). Built once per pair of sizes and device."""
     scale = size_in / size_out
     sums = np.cumsum(np.r_[scale * 0.5, np.full(size_out - 1, scale)])  # sequential, as PIL
     index = np.minimum(sums.astype(np.int64), size_in - 1)
@@ -201,12 +202,7 @@ class _HostSource(torch.utils.data.Dataset):
             else torch.empty(0, dtype=torch.uint8),
             sizes=np.asarray([len(data) for data in encoded], dtype=np.int64),
             boxes=np.asarray(boxes, dtype=np.int64).reshape(-1, 4),
-            host_images=[
-                torch.from_numpy(np.stack(plane))
-                if plane
-                else torch.empty(0, 3, prep.height, prep.width, dtype=torch.uint8)
-                for plane, prep in zip(planes, preps, strict=True)
-            ],
+            host_images=stack_views(planes, preps),
             failed=failed,
         )
 
