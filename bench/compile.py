@@ -1,7 +1,8 @@
 """Compile check of the KD kernels for GPUs, without a GPU: registers, spills, loads, exps.
 
 ``fastkd bench compile [--arch 90,80] [--shapes ...] [--out DIR]``. For every configuration the
-launchers pick at the benchmark shapes (dense teachers in fp16 / bf16 / fp32, top-k 10 and 100
+launchers pick at the benchmark shapes, each KD one at T = 1 and 2 with bf16 and fp32 logits
+(dense teachers in fp16 / bf16 / fp32, with and without their lse at T given, top-k 10 and 100
 with int32 / int64 ids, partition modes live / fixed / best; at the benchmark shape
 4096 x 32000 also plain KD (the teachers' mixture: one fp32 column read as best) and live with
 the label-free confidence score; bidirectional N = 2, 3, 4 with stop_grad on and off; the
@@ -10,7 +11,10 @@ masked remainder at 33 x 21841), it
 records the launch the launcher makes on CPU tensors of that shape
 (``kernels.launch.capture_launches``), compiles it with ``triton.compile`` for the target through
 a stand-in active driver, runs the wheel's ptxas -v (registers, spills, shared memory) and reads
-the SASS with its cuobjdump (global load and store widths, MUFU.EX2 per element). One JSON per
+the SASS with its cuobjdump (global load and store widths, MUFU.EX2 per element, the
+asynchronous copies in each loop: the software pipeline's loads ahead). It fails on a compile
+error, a spill or stack frame, fewer than two blocks per SM, or a KD kernel's whole-tile loop
+without asynchronous copies (``problems``). One JSON per
 architecture, ``bench/results/compile-sm<arch>.json``. Triton must not be in interpreter mode
 (the command clears TRITON_INTERPRET for itself).
 """
@@ -34,9 +38,12 @@ from fastkd.bench.compile_configs import Config, capture, configurations
 from fastkd.bench.compile_sass import (
     blocks_per_sm,
     compile_launch,
+    loop_async_copies,
     loop_exps,
     resource_usage,
     sass_counts,
+    sass_of,
+    whole_tile_loops,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,7 +71,14 @@ class Result:
     stores: dict[str, int] = field(default_factory=dict)  # SASS STG opcodes by width
     mufu_ex2: int = 0  # MUFU.EX2 in the whole SASS (the masked head and tail included)
     ex2_per_element: float = 0.0  # exps per row element: tensor exps in the whole-tile loops
+    whole_tile_loops: int = 0  # the TTGIR's loops over a row's whole tiles
+    loop_async_copies: list[int] = field(default_factory=list)  # LDGSTS in each SASS loop
     compile_seconds: float = 0.0
+
+    @property
+    def pipelined_loops(self) -> int:
+        """SASS loops that issue asynchronous copies (the software pipeline's loads ahead)."""
+        return sum(1 for copies in self.loop_async_copies if copies)
 
 
 def check(config: Config, arch: int) -> Result:
@@ -85,7 +99,10 @@ def check(config: Config, arch: int) -> Result:
     for key, value in resource_usage(compiled.asm["cubin"], ptxas_log).items():
         setattr(result, key, value)
     result.shared_bytes = max(result.shared_bytes, compiled.metadata.shared)
-    result.loads, result.stores, result.mufu_ex2 = sass_counts(compiled.asm["cubin"])
+    sass = sass_of(compiled.asm["cubin"])
+    result.loads, result.stores, result.mufu_ex2 = sass_counts(sass)
+    result.loop_async_copies = loop_async_copies(sass)
+    result.whole_tile_loops = whole_tile_loops(compiled.asm["ttgir"])
     # per element of each model's row (the partitioned kernel: of the student's, with its
     # teacher's matching element)
     result.ex2_per_element = loop_exps(compiled.asm["ttgir"]) / max(1, config.models)
@@ -104,17 +121,33 @@ def check_arch(arch: int, configs: list[Config]) -> list[Result]:
     return [check(config, arch) for config in configs]
 
 
+MIN_BLOCKS_PER_SM = 2
+PIPELINED_KERNELS = ("partitioned", "bidirectional")  # their whole-tile loops read B x C
+
+
 def problems(results: list[Result]) -> list[str]:
-    """What fails the check: a compile error or any spill."""
+    """What fails the check: a compile error, any spill or stack frame, fewer than two resident
+    blocks per SM, or a whole-tile loop of a KD kernel that issues no asynchronous copy."""
     out = []
     for r in results:
         where = f"sm_{r.arch} {r.config}"
         if not r.ok:
             out.append(f"{where}: {r.error}")
-        elif r.spill_store_bytes or r.spill_load_bytes or r.local_bytes:
+            continue
+        if r.spill_store_bytes or r.spill_load_bytes or r.local_bytes or r.stack_bytes:
             out.append(
                 f"{where}: spills ({r.spill_store_bytes} B stored, {r.spill_load_bytes} B "
                 f"loaded, {r.local_bytes} B local, {r.stack_bytes} B stack)"
+            )
+        if r.blocks_per_sm < MIN_BLOCKS_PER_SM:
+            out.append(
+                f"{where}: {r.blocks_per_sm} block(s) per SM ({r.registers} registers x "
+                f"{r.num_warps} warps, {r.shared_bytes} B shared)"
+            )
+        if r.config.kernel in PIPELINED_KERNELS and r.pipelined_loops < r.whole_tile_loops:
+            out.append(
+                f"{where}: {r.whole_tile_loops} whole-tile loops, {r.pipelined_loops} issue "
+                f"asynchronous copies (LDGSTS per SASS loop: {r.loop_async_copies})"
             )
     return out
 
@@ -158,7 +191,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             "arch": f"sm_{arch}",
             "triton": triton.__version__,
             "configurations": len(results),
-            "results": [asdict(r) for r in results],
+            "results": [asdict(r) | {"pipelined_loops": r.pipelined_loops} for r in results],
         }
         out.write_text(json.dumps(payload, indent=1) + "\n")
         failures += problems(results)
@@ -167,7 +200,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             f"sm_{arch}: {len(results)} configurations, {len(results) - len(good)} failed to "
             f"compile; registers {min(r.registers for r in good)}-{max(r.registers for r in good)}, "
             f"blocks/SM >= {min(r.blocks_per_sm for r in good)}, exps per element <= "
-            f"{max(r.ex2_per_element for r in good)} -> {out}"
+            f"{max(r.ex2_per_element for r in good)}, stack <= "
+            f"{max(r.stack_bytes for r in good)} B -> {out}"
             if good
             else f"sm_{arch}: nothing compiled -> {out}"
         )

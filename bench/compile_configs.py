@@ -30,34 +30,54 @@ class Config:
     temperature: float = 1.0
     dtype: str = "bfloat16"  # the student's (every model's) logits; grad_scale: the gradient's
     per_row: bool = False  # grad_scale: one factor a row (reduction "none"), else a scalar
+    teacher_lse: bool = False  # partitioned, dense, T != 1: the teacher's lse at T is given
+
+
+TEMPERATURES = (1.0, 2.0)  # every KD configuration at both (T = 2 has its own compiled path)
+STUDENT_DTYPES = ("bfloat16", "float32")  # many loops cast the logits to fp32 first
 
 
 def configurations(shapes: list[tuple[int, int]]) -> list[Config]:
-    """Every configuration the issue asks the check to cover, at every shape."""
+    """Every configuration the issue asks the check to cover, at every shape: each KD kernel's
+    at T = 1 and 2 with bf16 and fp32 logits."""
     teachers = [f"dense-{d}" for d in ("float16", "bfloat16", "float32")]
     teachers += [f"top{k}-bucket-{i}" for k in (10, 100) for i in ("int32", "int64")]
     teachers += [f"top10-{tail}-int64" for tail in ("uniform", "sampled")]
+    kd_axes = list(itertools.product(TEMPERATURES, STUDENT_DTYPES))
     configs = [
-        Config("partitioned", rows, classes, teacher=teacher, mode=mode)
-        for (rows, classes), teacher, mode in itertools.product(
-            shapes, teachers, ("live", "fixed", "best")
+        Config("partitioned", rows, classes, teacher, mode, temperature=t, dtype=dtype)
+        for (rows, classes), teacher, mode, (t, dtype) in itertools.product(
+            shapes, teachers, ("live", "fixed", "best"), kd_axes
         )
     ]
+    configs += [  # training's dense targets at T != 1 carry the teacher's lse at T
+        Config("partitioned", rows, classes, teacher, mode, temperature=2.0, dtype=dtype,
+               teacher_lse=True)
+        for (rows, classes), teacher, mode, dtype in itertools.product(
+            shapes, teachers[:3], ("live", "fixed", "best"), STUDENT_DTYPES
+        )
+    ]  # fmt: skip
     if BENCHMARK_SHAPE in shapes:  # plain KD's launch, and the label-free partition score
         rows, classes = BENCHMARK_SHAPE
-        configs += [
-            Config("partitioned", rows, classes, teacher="dense-float32", mode="plain"),
-            Config("partitioned", rows, classes, "dense-bfloat16", "live", score="confidence"),
-        ]
-    configs += [
-        Config("partitioned", rows, classes, teacher=teacher, mode="live", temperature=t)
-        for (rows, classes), teacher, t in itertools.product(
-            shapes, ("dense-bfloat16", "top10-bucket-int64"), (2.0, 4.0)
+        for t, dtype in kd_axes:
+            configs += [
+                Config("partitioned", rows, classes, "dense-float32", "plain", temperature=t,
+                       dtype=dtype),
+                Config("partitioned", rows, classes, "dense-bfloat16", "live", "confidence",
+                       temperature=t, dtype=dtype),
+            ]  # fmt: skip
+    configs += [  # any other T: its own compiled path
+        Config("partitioned", rows, classes, teacher, "live", temperature=4.0, teacher_lse=lse)
+        for (rows, classes), (teacher, lse) in itertools.product(
+            shapes,
+            (("dense-bfloat16", False), ("dense-bfloat16", True), ("top10-bucket-int64", False)),
         )
     ]
     configs += [
-        Config("bidirectional", rows, classes, models=n, stop_grad=stop)
-        for (rows, classes), n, stop in itertools.product(shapes, (2, 3, 4), (True, False))
+        Config("bidirectional", rows, classes, models=n, stop_grad=stop, temperature=t, dtype=dtype)
+        for (rows, classes), n, stop, (t, dtype) in itertools.product(
+            shapes, (2, 3, 4), (True, False), kd_axes
+        )
     ]
     configs += [  # the backward's scale pass (kernels.grad_scale)
         Config("grad_scale", rows, classes, dtype=dtype)
@@ -115,6 +135,8 @@ def capture(config: Config) -> Any:
                 targets = PoolTargets(
                     true_logprob,
                     logprobs=_empty((rows, members, classes), getattr(torch, teacher_dtype)),
+                    logprobs_lse=torch.zeros(rows, members) if config.teacher_lse else None,
+                    lse_temperature=config.temperature if config.teacher_lse else None,
                 )
             else:
                 k, ids = int(kind.removeprefix("top")), getattr(torch, teacher_dtype)

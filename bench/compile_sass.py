@@ -3,8 +3,10 @@
 ``compile_launch`` runs ``triton.compile`` (the JIT's specialisation included) through a
 stand-in active driver that names the target; the Triton wheel's ptxas -v log and cuobjdump give
 registers, spills and shared memory (``resource_usage``), the SASS's global load and store widths
-and MUFU.EX2 count (``sass_counts``); the TTGIR gives exps per row element (``loop_exps``), and
-the per-SM limits the resident blocks (``blocks_per_sm``).
+and MUFU.EX2 count (``sass_counts``) and the asynchronous copies its loops issue
+(``loop_async_copies``: how the software pipeline of ``tl.range(num_stages=...)`` shows in the
+machine code); the TTGIR gives exps per row element (``loop_exps``) and the whole-tile loops
+(``whole_tile_loops``), and the per-SM limits the resident blocks (``blocks_per_sm``).
 """
 
 from __future__ import annotations
@@ -101,21 +103,54 @@ def resource_usage(cubin: bytes, ptxas_log: str) -> dict[str, int]:
     }
 
 
-def sass_counts(cubin: bytes) -> tuple[dict[str, int], dict[str, int], int]:
-    """Global loads and stores by opcode (width) and the MUFU.EX2 count in the SASS."""
+def sass_of(cubin: bytes) -> str:
+    """The cubin's SASS (cuobjdump -sass)."""
     with tempfile.TemporaryDirectory() as folder:
         binary = Path(folder) / "kernel.cubin"
         binary.write_bytes(cubin)
-        sass = subprocess.run(
+        return subprocess.run(
             [_tool("cuobjdump"), "-sass", str(binary)], capture_output=True, text=True, check=True
         ).stdout
-    loads = collections.Counter(re.findall(r"\b(LDG\.E[.\w]*)", sass))
+
+
+def sass_counts(sass: str) -> tuple[dict[str, int], dict[str, int], int]:
+    """Global loads (plain, and asynchronous copies to shared memory: LDGSTS) and stores by
+    opcode (width) and the MUFU.EX2 count in the SASS."""
+    loads = collections.Counter(re.findall(r"\b(LDG(?:STS)?\.E[.\w]*)", sass))
     stores = collections.Counter(re.findall(r"\b(STG\.E[.\w]*)", sass))
     return (
         dict(sorted(loads.items())),
         dict(sorted(stores.items())),
         len(re.findall(r"MUFU\.EX2", sass)),
     )
+
+
+def loop_async_copies(sass: str) -> list[int]:
+    """The asynchronous global-to-shared copies (LDGSTS) in each loop of the SASS, in address
+    order: a loop is a backward branch's span, from its target to the branch. A pipelined tile
+    loop issues the copies of a later tile while it computes this one (and waits on them with
+    LDGDEPBAR / DEPBAR), so its span holds LDGSTS; a loop that loads only what it uses holds
+    none."""
+    code = [
+        (int(address, 16), text)
+        for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    ]
+    spans = []
+    for address, text in code:
+        branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) <= address:
+            spans.append((int(branch.group(1), 16), address))
+    return [
+        sum(1 for address, text in code if start <= address <= end and "LDGSTS" in text)
+        for start, end in sorted(spans)
+    ]
+
+
+def whole_tile_loops(ttgir: str) -> int:
+    """The ``scf.for`` loops over a row's whole tiles in the TTGIR (to a row's tile count, not
+    to a literal: the masked ends' two-trip loop is not one)."""
+    loops = re.findall(r"scf\.for %\S+ = %\S+ to (%\S+) step", ttgir)
+    return sum(1 for bound in loops if not re.fullmatch(r"%c\d+_i\d+(_\d+)?", bound))
 
 
 def loop_exps(ttgir: str) -> int:

@@ -18,6 +18,7 @@ from fastkd.choices import PartitionMode
 from fastkd.compression import DEFAULT_TAIL
 from fastkd.errors import ConfigError
 from fastkd.kernels import TARGET_FIELDS, PoolTargets
+from fastkd.kernels.targets import teacher_lse
 from fastkd.store import PoolArrays
 
 # Host tensors from a batch's arrays, some converted (``fastkd.training.transfer.PinnedRing.fill``
@@ -47,12 +48,21 @@ def target_columns(
     return teachers, None
 
 
-def pool_targets(arrays: PoolArrays, to_tensors: ToTensors | None = None) -> PoolTargets:
+def pool_targets(
+    arrays: PoolArrays, to_tensors: ToTensors | None = None, temperature: float = 1.0
+) -> PoolTargets:
     """A store's stacked rows (``StoreReader.read_pool``) as the kernels' host tensors, made by
-    ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 either way)."""
-    fields = {name: getattr(arrays, name) for name in TARGET_FIELDS}
+    ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 either way). Dense
+    rows read for a loss at ``temperature`` != 1 carry the teachers' log-sum-exp at it
+    (``PoolTargets.logprobs_lse``), computed here, in the reading thread, so the kernel's first
+    pass reads the student alone."""
+    fields = {name: getattr(arrays, name, None) for name in TARGET_FIELDS}
+    lse_temperature = None
+    if arrays.logprobs is not None and float(temperature) != 1.0:
+        lse = teacher_lse(torch.from_numpy(np.ascontiguousarray(arrays.logprobs)), temperature)
+        fields["logprobs_lse"], lse_temperature = lse.numpy(), float(temperature)
     tensors = (to_tensors or _as_tensors)(fields, _IDS)
-    return PoolTargets(**tensors, tail=arrays.tail or DEFAULT_TAIL)
+    return PoolTargets(**tensors, tail=arrays.tail or DEFAULT_TAIL, lse_temperature=lse_temperature)
 
 
 def _as_tensors(

@@ -7,9 +7,10 @@ Modules, each importing only those listed before it: ``launch`` (every launch, o
 ``grad_scale`` (the backward's grad_output pass), ``common`` (what the losses share), ``targets``
 (``PoolTargets``), ``sparse_target`` and ``partitioned_tiles`` (the partitioned kernel's work in
 registers); then for each loss, partitioned then bidirectional, ``*_kernel`` (the Triton kernel
-and its launcher), ``*_reference`` (the torch reference, which defines the rule) and ``*_kd``
-(the config and the public loss, which runs one or the other). A kernel and its reference name
-their loss's config in type hints only.
+and its launcher) and ``*_reference`` (the torch reference, which defines the rule); ``ops``
+(both losses registered with torch as custom ops, ``fastkd::*_kd``, which run one or the other);
+then for each loss ``*_kd`` (the config and the public loss, which calls its op). A kernel, its
+reference and the ops name the losses' configs in type hints only.
 """
 
 from fastkd.choices import Reduction
@@ -17,6 +18,7 @@ from fastkd.kernels.bidirectional_kd import (
     BidirectionalKDConfig,
     BidirectionalKDLoss,
     bidirectional_kd_loss,
+    bidirectional_kd_trusted,
 )
 from fastkd.kernels.bidirectional_reference import bidirectional_kd_reference
 from fastkd.kernels.common import KDStats
@@ -24,6 +26,7 @@ from fastkd.kernels.partitioned_kd import (
     PartitionedKDConfig,
     PartitionedKDLoss,
     partitioned_kd_loss,
+    partitioned_kd_trusted,
 )
 from fastkd.kernels.partitioned_reference import partitioned_kd_reference
 from fastkd.kernels.targets import TARGET_FIELDS, PoolTargets
@@ -39,6 +42,8 @@ __all__ = [
     "Reduction",
     "bidirectional_kd_loss",
     "bidirectional_kd_reference",
+    "bidirectional_kd_trusted",
     "partitioned_kd_loss",
     "partitioned_kd_reference",
+    "partitioned_kd_trusted",
 ]

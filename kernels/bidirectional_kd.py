@@ -1,10 +1,11 @@
 """Live bidirectional KD for N models trained together: the public loss and its config.
 
-``bidirectional_kd_loss`` (``BidirectionalKDLoss`` as a module) checks its inputs once, then runs
-the fused Triton kernel (``kernels.bidirectional_kernel``) on CUDA tensors, or on CPU under the
-interpreter, and the torch reference (``kernels.bidirectional_reference``, which defines the rule
-per row) otherwise. The kernel writes every model's gradient in the forward pass; the autograd
-Function keeps them for the backward (``common.forward_with_gradients``).
+``bidirectional_kd_loss`` (``BidirectionalKDLoss`` as a module) checks its inputs once, then calls
+the registered op ``fastkd::bidirectional_kd`` (``kernels.ops``), which runs the fused Triton
+kernel (``kernels.bidirectional_kernel``) on CUDA tensors, or on CPU under the interpreter, and
+the torch reference (``kernels.bidirectional_reference``, which defines the rule per row)
+otherwise. The kernel writes every model's gradient in the forward pass; the op's autograd keeps
+them for the backward. ``bidirectional_kd_trusted`` is the training loop's call.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from torch import Tensor
 
 from fastkd.choices import Reduction
 from fastkd.errors import ConfigError
-from fastkd.kernels import common
+from fastkd.kernels import common, ops
 from fastkd.kernels.bidirectional_kernel import _bidirectional_kd_kernel, launch_bidirectional_kd
-from fastkd.kernels.bidirectional_reference import bidirectional_kd_reference
 from fastkd.kernels.common import KDStats
 from fastkd.loss_settings import LossSettings
 
@@ -64,10 +64,19 @@ def bidirectional_kd_loss(
     return _bidirectional(logits, labels, BidirectionalKDConfig.from_call(locals()))
 
 
-def _bidirectional(
+def bidirectional_kd_trusted(
     logits: Sequence[Tensor], labels: Tensor, config: BidirectionalKDConfig
 ) -> tuple[Tensor, KDStats]:
-    """The loss of one call, its inputs checked once: the kernel, or the torch reference."""
+    """``bidirectional_kd_loss`` for a caller that has checked the labels itself, with a config
+    it made once (``fastkd train``: labels checked when the run is built)."""
+    return _bidirectional(logits, labels, config, checked=True)
+
+
+def _bidirectional(
+    logits: Sequence[Tensor], labels: Tensor, config: BidirectionalKDConfig, checked: bool = False
+) -> tuple[Tensor, KDStats]:
+    """The loss of one call, its inputs checked once (``checked``: the labels by the caller):
+    the registered op (``kernels.ops``), which runs the kernel or the torch reference."""
     if len(logits) < 2:
         raise ConfigError(f"bidirectional KD needs at least 2 models, got {len(logits)}")
     logits = [common.check_logits(z, f"logits[{m}]") for m, z in enumerate(logits)]
@@ -77,10 +86,11 @@ def _bidirectional(
                 f"logits[{m}] is {tuple(z.shape)} on {z.device}, "
                 f"logits[0] is {tuple(logits[0].shape)} on {logits[0].device}"
             )
-    common.check_labels(labels, logits[0], config.ignore_index)
-    if common.triton_backend(_bidirectional_kd_kernel, logits):
+    if not checked:
+        common.check_labels(labels, logits[0], config.ignore_index)
+    if config.inplace_grad and common.triton_backend(_bidirectional_kd_kernel, logits):
         return common.run_function(_BidirectionalKDFunction, labels, config, *logits)
-    return bidirectional_kd_reference(logits, labels, config)
+    return ops.bidirectional_kd(logits, labels, config)
 
 
 class BidirectionalKDLoss(common.KDLossModule):
@@ -93,7 +103,8 @@ class BidirectionalKDLoss(common.KDLossModule):
 
 
 class _BidirectionalKDFunction(torch.autograd.Function):
-    """Triton forward that writes every model's gradient; backward scales them by grad_output."""
+    """``inplace_grad``: the Triton forward writes every model's gradient over its logits, which a
+    custom op may not return; backward scales them by grad_output."""
 
     @staticmethod
     def forward(ctx, labels, config, *logits):

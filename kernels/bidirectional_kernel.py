@@ -13,7 +13,8 @@ element at T = 1); without stop_grad also, for every ordered pair (t, m), E_{p_t
 Pass 2 reads the rows again, last tile first, computes each model's q (one exp2 per element at
 T = 1; the teacher's own q at T is its target p), writes all N gradients (in each model's dtype)
 and, with stop_grad, sums each learner's KL on the way. Two exps per model element at T = 1. The
-tile along C shrinks with N so that the N tiles fit in registers.
+tile along C shrinks with N so that the N tiles fit in registers (``TILES``); the whole-tile
+loops are software-pipelined (``num_stages``: asynchronous copies of the next tiles in flight).
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 
+TILES: dict[int, tuple[common.TileRule, ...]] = {
+    2: ((8, 4096, 8, 3, 128),),
+    4: ((8, 1024, 4, 3, 168),),
+}
+"""Tiles by the model count (padded to a power of two) and the widest element: two models,
+4 KB of each row a tile at 8 warps (2048 bf16 columns a model, 1024 fp32), at most 128
+registers; three or four, 1 KB at 4 warps (the widest that compiles without a spill for every
+C; ``fastkd bench compile``), at most 168 (at 128 ptxas spilled 4-8 bytes; three blocks per
+SM); three stages (two tiles of every model in flight as asynchronous copies)."""
+
+
 def launch_bidirectional_kd(
     logits: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -46,11 +58,8 @@ def launch_bidirectional_kd(
     num_rows, num_classes = logits[0].shape
     num_models = len(logits)
     padded_models = triton.next_power_of_2(num_models)
-    # Three or four models: half as wide a tile a model, at 4 warps (the widest that compiles
-    # without a spill for every C; `fastkd bench compile`).
-    per_model = common.MAX_TILE // padded_models // (2 if padded_models >= 4 else 1)
-    cap = config.max_block or max(16, per_model)
-    block = common.tile_width(num_classes, cap)
+    widest = max(z.element_size() for z in (*logits, *grads))
+    tiling = common.pick_tiling(TILES[padded_models], num_classes, widest, config.max_block)
     stats, chosen = common.stat_buffers(num_rows, logits[0].device)
     vec = min(common.vector_width(z) for z in logits)
     aligned = all(
@@ -72,10 +81,12 @@ def launch_bidirectional_kd(
         NUM_MODELS=num_models,
         STOP_GRAD=config.stop_grad,
         TEMPERATURE=common.temperature_code(config.temperature),
-        BLOCK_C=block,
+        BLOCK_C=tiling.block,
         BLOCK_N=max(2, padded_models),
         VEC=vec if aligned else 1,
-        num_warps=4 if padded_models >= 4 else common.num_warps_for(block * padded_models),
+        STAGES=tiling.stages,
+        num_warps=tiling.num_warps,
+        maxnreg=tiling.max_registers,
     )
     return common.row_outputs(stats, chosen)
 
@@ -83,7 +94,15 @@ def launch_bidirectional_kd(
 if triton is None:  # pragma: no cover
     _bidirectional_kd_kernel = None
 else:
-    from fastkd.kernels.common import LN2, LOG2E, T_HALF, T_UNIT, split_row, store_row_stats
+    from fastkd.kernels.common import (
+        LN2,
+        LOG2E,
+        STREAM,
+        T_HALF,
+        T_UNIT,
+        split_row,
+        store_row_stats,
+    )
 
     @triton.jit
     def _pick(vector, index, models):
@@ -218,10 +237,11 @@ else:
             if not STOP_GRAD:
                 g += tl.where(has_teacher & (teacher == m), kd_coef * p * teacher_grad, 0.0)
             pointer = grads[m] + grad_offsets[m] + lanes
+            g = g.to(grads[m].dtype.element_ty)
             if MASKED:
-                tl.store(pointer, g.to(grads[m].dtype.element_ty), mask=mask)
+                tl.store(pointer, g, mask=mask, eviction_policy=STREAM)  # not read again here
             else:
-                tl.store(pointer, g.to(grads[m].dtype.element_ty))
+                tl.store(pointer, g, eviction_policy=STREAM)
         return learner_cross
 
     # Not specialised on shapes and strides (see the partitioned kernel).
@@ -247,6 +267,7 @@ else:
         BLOCK_C: tl.constexpr,
         BLOCK_N: tl.constexpr,
         VEC: tl.constexpr,  # elements per 16 bytes when every row shares model 0's phase, else 1
+        STAGES: tl.constexpr,  # software-pipeline stages of the whole-tile loops
     ):
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
@@ -276,7 +297,7 @@ else:
                 tiles, head_mask, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
                 NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
             )  # fmt: skip
-        for tile in tl.range(0, full_tiles):
+        for tile in tl.range(0, full_tiles, num_stages=STAGES):
             start = head + tile * BLOCK_C
             offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
             tiles = _load_tiles(logits, offsets, lanes, None, 0.0, NUM_MODELS, False)
@@ -331,7 +352,7 @@ else:
         kd_coef = kd_weight * temperature * scale
         ce_coef = ce_weight * scale
         learner_cross = tl.zeros([BLOCK_N], tl.float32)
-        for tile in tl.range(0, full_tiles):
+        for tile in tl.range(0, full_tiles, num_stages=STAGES):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
             offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
             grad_offsets = _row_offsets(grad_strides, row, start, VEC, NUM_MODELS)

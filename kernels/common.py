@@ -19,6 +19,8 @@ tensors it raises ``ConfigError`` at once (``assert_all``).
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -92,6 +94,10 @@ class KDLossConfig:
                 "grad_output_is_one needs a reduced loss (reduction 'mean' or 'sum'): "
                 "loss.backward() takes a scalar"
             )
+        # The registered ops' string argument (``kernels.ops``), made here once: a compiled
+        # step reads it as a constant instead of tracing its making.
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        object.__setattr__(self, "_op_key", json.dumps({"config": type(self).__name__, **values}))
 
     @property
     def settings(self) -> LossSettings:
@@ -130,7 +136,7 @@ class KDLossModule(nn.Module):
         self.config = self.config_class.of(settings, **given)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in vars(self.config).items())
+        return ", ".join(f"{f.name}={getattr(self.config, f.name)}" for f in fields(self.config))
 
 
 def stat_buffers(num_rows: int, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -220,6 +226,41 @@ def num_warps_for(block: int) -> int:
     return 4 if block <= 512 else 8 if block <= 4096 else 16
 
 
+@dataclass(frozen=True)
+class Tiling:
+    """How a launch cuts its rows: the tile along C, its warps, the software-pipeline stages of
+    the whole-tile loops (``tl.range(num_stages=...)``: stages - 1 tiles in flight as
+    asynchronous copies while one is computed) and the registers a thread may use (ptxas's
+    ``maxnreg``, None: ptxas's own choice, which sometimes stops at 64 or 128 registers and
+    spills 4-8 bytes; given a cap, ptxas may use up to it)."""
+
+    block: int
+    num_warps: int
+    stages: int
+    max_registers: int | None
+
+
+TileRule = tuple[int, int, int, int, int | None]
+"""A row of a launcher's tile table: (up to this many element bytes, tile bytes of a model's row,
+warps, stages, max registers); the first row whose bytes bound holds is taken."""
+
+
+def pick_tiling(
+    rules: Sequence[TileRule], num_classes: int, element_size: int, max_block: int | None
+) -> Tiling:
+    """The tiling of a launch from its launcher's table, by the widest element read a row
+    (``element_size``): the rule's tile bytes as elements, the whole row if it is narrower. A
+    caller's ``max_block`` caps the tile instead (warps then by ``num_warps_for``)."""
+    _, tile_bytes, warps, stages, registers = next(
+        (rule for rule in rules if element_size <= rule[0]), rules[-1]
+    )
+    if max_block is not None:
+        block = tile_width(num_classes, max_block)
+        return Tiling(block, num_warps_for(block), stages, registers)
+    block = tile_width(num_classes, max(16, tile_bytes // element_size))
+    return Tiling(block, min(warps, num_warps_for(block)), stages, registers)
+
+
 def check_labels(labels: Tensor, logits: Tensor, ignore_index: int) -> None:
     """Labels [B] of integers on the logits' device, in [0, C) or ignore_index."""
     num_rows, num_classes = logits.shape
@@ -273,9 +314,24 @@ def reduce_rows(
 
 def reduce_loss(row_loss: Tensor, labels: Tensor, config: KDLossConfig) -> Tensor:
     """The loss a KD function returns: the config's reduction of the row losses, times its
-    ``scale`` (the kernel path and the torch reference alike)."""
+    ``scale`` (the kernel path and the torch reference alike). A scaled sum, training's, is one
+    operation: the row losses' dot product with ``scale`` a row."""
+    if config.reduction is Reduction.SUM and config.scale != 1.0:
+        weights = constant(config.scale, row_loss.shape, row_loss.dtype, row_loss.device)
+        return torch.dot(row_loss, weights)
     loss = reduce_rows(row_loss, labels, config.ignore_index, config.reduction)
     return loss if config.scale == 1.0 else loss * config.scale
+
+
+@functools.lru_cache(maxsize=64)
+def constant(
+    value: float, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """A tensor of ``value``, made once per (value, shape, dtype, device) and kept (a training
+    run's steps share one): read it, never write it. Made outside inference mode, so autograd
+    may save it."""
+    with torch.inference_mode(False):
+        return torch.full(shape, float(value), dtype=dtype, device=device)
 
 
 def counted_rows(labels: Tensor, ignore_index: int) -> Tensor:
@@ -287,11 +343,12 @@ def row_scale(
     labels: Tensor, ignore_index: int, reduction: Reduction, scale: float = 1.0
 ) -> Tensor:
     """[1] fp32 factor the kernels bake into the gradient: ``scale`` / counted rows for mean,
-    else ``scale`` (the config's ``scale``; made on the device, no host sync)."""
+    else ``scale`` (the config's ``scale``; made on the device, no host sync; kept per scale
+    and device, ``constant``)."""
     if reduction is Reduction.MEAN:
         factor = counted_rows(labels, ignore_index).reciprocal().reshape(1)
         return factor if scale == 1.0 else factor * scale
-    return torch.full((1,), float(scale), device=labels.device)
+    return constant(scale, (1,), torch.float32, labels.device)
 
 
 def scale_grad_(
@@ -322,6 +379,7 @@ if triton is not None:
     import triton.language as tl
 
     LOG2E = tl.constexpr(1.4426950408889634)
+    STREAM = tl.constexpr("evict_first")  # the eviction hint of a store not read again here
     LN2 = tl.constexpr(0.6931471805599453)
     T_UNIT = tl.constexpr(T_UNIT)
     T_HALF = tl.constexpr(T_HALF)

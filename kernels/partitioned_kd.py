@@ -1,10 +1,12 @@
 """Partitioned KD against stored pool targets: the public loss and its config.
 
-``partitioned_kd_loss`` (``PartitionedKDLoss`` as a module) checks its inputs once, then runs the
-fused Triton kernel (``kernels.partitioned_kernel``) on CUDA tensors, or on CPU under the
-interpreter, and the torch reference (``kernels.partitioned_reference``, which defines the rule
-per row) otherwise. The kernel writes the gradient in the forward pass; the autograd Function
-keeps it for the backward (``common.forward_with_gradients``).
+``partitioned_kd_loss`` (``PartitionedKDLoss`` as a module) checks its inputs once, then calls
+the registered op ``fastkd::partitioned_kd`` (``kernels.ops``), which runs the fused Triton kernel
+(``kernels.partitioned_kernel``) on CUDA tensors, or on CPU under the interpreter, and the torch
+reference (``kernels.partitioned_reference``, which defines the rule per row) otherwise: the same
+code eager, under ``torch.compile`` and in a CUDA graph. The kernel writes the gradient in the
+forward pass; the op's autograd keeps it for the backward. ``partitioned_kd_trusted`` is the
+training loop's call: no check the run has made already, a config made once.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from torch import Tensor
 
 from fastkd.choices import PartitionMode, PartitionScore, Reduction
 from fastkd.errors import ConfigError
-from fastkd.kernels import common
+from fastkd.kernels import common, ops
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.partitioned_kernel import _partitioned_kd_kernel, launch_partitioned_kd
-from fastkd.kernels.partitioned_reference import partitioned_kd_reference, plain_as_best
+from fastkd.kernels.partitioned_reference import plain_as_best
 from fastkd.kernels.targets import PoolTargets
 from fastkd.loss_settings import LossSettings
 
@@ -76,18 +78,34 @@ def partitioned_kd_loss(
     return _partitioned(student_logits, labels, targets, PartitionedKDConfig.from_call(locals()))
 
 
-def _partitioned(
+def partitioned_kd_trusted(
     student_logits: Tensor, labels: Tensor, targets: PoolTargets, config: PartitionedKDConfig
 ) -> tuple[Tensor, KDStats]:
-    """The loss of one call, its inputs checked once: the kernel, or the torch reference."""
+    """``partitioned_kd_loss`` for a caller that has checked the labels (in [0, C) or
+    ``ignore_index``, on the logits' device) and the targets (rows, classes, ids in range)
+    itself, with a config it made once: ``fastkd train`` checks labels when the run is built and
+    stored ids as the store reader decodes them, so a step runs no check again."""
+    return _partitioned(student_logits, labels, targets, config, checked=True)
+
+
+def _partitioned(
+    student_logits: Tensor,
+    labels: Tensor,
+    targets: PoolTargets,
+    config: PartitionedKDConfig,
+    checked: bool = False,
+) -> tuple[Tensor, KDStats]:
+    """The loss of one call, its inputs checked once (``checked``: by the caller): the
+    registered op (``kernels.ops``), which runs the kernel or the torch reference."""
     student_logits = common.check_logits(student_logits, "student_logits")
-    common.check_labels(labels, student_logits, config.ignore_index)
-    targets.check(*student_logits.shape, device=student_logits.device)
-    if common.triton_backend(_partitioned_kd_kernel, [student_logits]):
+    if not checked:
+        common.check_labels(labels, student_logits, config.ignore_index)
+        targets.check(*student_logits.shape, device=student_logits.device)
+    if config.inplace_grad and common.triton_backend(_partitioned_kd_kernel, [student_logits]):
         safe_labels = torch.where(labels != config.ignore_index, labels, 0)
         targets, config = plain_as_best(targets, safe_labels, student_logits.shape[1], config)
         return common.run_function(_PartitionedKDFunction, student_logits, labels, targets, config)
-    return partitioned_kd_reference(student_logits, labels, targets, config)
+    return ops.partitioned_kd(student_logits, labels, targets, config)
 
 
 class PartitionedKDLoss(common.KDLossModule):
@@ -102,7 +120,8 @@ class PartitionedKDLoss(common.KDLossModule):
 
 
 class _PartitionedKDFunction(torch.autograd.Function):
-    """Triton forward that writes the gradient; backward scales it by grad_output."""
+    """``inplace_grad``: the Triton forward writes the gradient over the logits, which a custom op
+    may not return (an output may not alias an input); backward scales it by grad_output."""
 
     @staticmethod
     def forward(ctx, student_logits, labels, targets, config):

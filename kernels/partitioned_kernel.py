@@ -9,13 +9,18 @@ loss are in ``kernels.partitioned_kd``; the work on one tile of a pass in
 The Triton kernel runs one program per row, built for the bandwidth bound (docs/design.md has
 the bytes and exps per row). Each row is cut at the student's first 16-byte boundary: a masked
 head, whole tiles read without masks (16-byte loads; the gradient, and a dense teacher whose rows
-keep the same phase, too: ``common.aligned_width``), a masked tail. Pass 1 reads only the student
-(at T = 1): its online log-sum-exps at T = 1 and T in base 2 (one exp2 per element; at T = 2 one
-exp2 serves both); a dense teacher is read in pass 1 only at T != 1, for its log-sum-exp at T
-(at T = 1 its stored log-probabilities are used as they are); the uniform tail adds the
+keep the same phase, too: ``common.aligned_width``), a masked tail. The whole-tile loops are
+software-pipelined (``num_stages``: the next tiles' asynchronous copies are in flight while one
+is computed), with tiles, warps and stages from a table by the widest element read
+(``DENSE_TILES``, ``SPARSE_TILES``). Pass 1 reads only the student: its online log-sum-exps at
+T = 1 and T in base 2 (one exp2 per element; at T = 2 one exp2 serves both); a dense teacher
+is read in pass 1 only at T != 1 when its log-sum-exp at T does not come with the targets
+(``PoolTargets.logprobs_lse``, made where the rows are read; at T = 1 its stored
+log-probabilities are used as they are); the uniform tail adds the
 student's row sum, which gives the tail's sum of log q. Pass 2 runs the
 tiles last-first, so the student's re-read is likeliest to hit in cache, reads the teacher once,
-writes the gradient ce_weight * (softmax(z) - onehot(y)) + kd_weight * T * (q_T - p_T) and sums
+writes the gradient (streamed out: evict_first) ce_weight * (softmax(z) - onehot(y)) +
+kd_weight * T * (q_T - p_T) and sums
 the KL on the way (two exps per element at T = 1: three a row element in all). For sparse
 targets pass 2 writes the tail's gradient (kd T (a q_T - b): uniform a = 1, b = P_T / n;
 bucket a = 1 - P_T / Q_T, b = 0; sampled a = 1, b = 0), then the known ids and the drawn ids are
@@ -56,11 +61,17 @@ def _mode_code(mode: PartitionMode) -> int:
     return _MODE_CODE[mode]
 
 
-SPARSE_MAX_TILE = 1024
+DENSE_TILES: tuple[common.TileRule, ...] = ((8, 8192, 8, 3, 128),)
+"""Dense teachers, by the widest element a row reads (the student's or the teacher's): 8 KB
+tiles at 8 warps, two 16-byte vectors a thread of each row (4096 bf16 / fp16 columns, 2048
+fp32: 4096 fp32 columns took 192 registers, one block per SM), three stages (two tiles in
+flight as asynchronous copies), at most 128 registers (two blocks per SM)."""
+SPARSE_TILES: tuple[common.TileRule, ...] = ((2, 2048, 4, 4, None), (8, 4096, 4, 4, None))
 """Top-k teachers: 1024-wide tiles at 4 warps (8 elements a thread). The student's row is then
 the only B x C read, and more resident programs hide its latency better than wider tiles
-(``bench/results/kernel-sweep-h200.json``: 2048 columns at 8 warps took 1.3x as long)."""
-SPARSE_NUM_WARPS = 4
+(``bench/results/kernel-sweep-h200.json``: 2048 columns at 8 warps took 1.3x as long); four
+stages (three small tiles in flight); no register cap (with one of 128, ptxas took 99 registers
+where it takes 48 alone: 4 blocks per SM instead of 10)."""
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
 
@@ -98,9 +109,22 @@ def launch_partitioned_kd(
     else:
         tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
-    block = common.tile_width(num_classes, config.max_block)
-    if targets.is_sparse:
-        block = min(block, SPARSE_MAX_TILE)
+    widest = max(student_logits.element_size(), target_values.element_size())
+    tiling = common.pick_tiling(
+        SPARSE_TILES if targets.is_sparse else DENSE_TILES,
+        num_classes,
+        student_logits.element_size() if targets.is_sparse else widest,
+        config.max_block,
+    )
+    # A dense teacher's log-sum-exp at T, computed outside the kernel at this T: pass 1 then
+    # reads only the student (PoolTargets.with_lse).
+    teacher_lse = (
+        not targets.is_sparse
+        and config.temperature != 1.0
+        and targets.logprobs_lse is not None
+        and targets.lse_temperature == config.temperature
+    )
+    lse = targets.logprobs_lse.float().contiguous() if teacher_lse else true_logprob
     vec = common.vector_width(student_logits)
     row_stride, member_stride = target_values.stride()[:2]
     launch(
@@ -115,6 +139,7 @@ def launch_partitioned_kd(
         true_logprob,
         log_tail,
         log_tail_sqrt,
+        lse,
         true_logprob.stride(0),
         target_values,
         row_stride,
@@ -139,7 +164,8 @@ def launch_partitioned_kd(
         SPARSE=targets.is_sparse,
         TAIL=_TAIL_CODE[targets.tail],
         TEMPERATURE=common.temperature_code(config.temperature),
-        BLOCK_C=block,
+        TEACHER_LSE=teacher_lse,
+        BLOCK_C=tiling.block,
         BLOCK_M=max(2, triton.next_power_of_2(targets.num_members)),
         BLOCK_K=max(2, triton.next_power_of_2(targets.topk)),
         BLOCK_S=max(2, triton.next_power_of_2(targets.tail_samples)),
@@ -148,7 +174,9 @@ def launch_partitioned_kd(
         TEACHER_VEC=1
         if targets.is_sparse
         else common.aligned_width(target_values, student_logits, vec, (row_stride, member_stride)),
-        num_warps=SPARSE_NUM_WARPS if targets.is_sparse else common.num_warps_for(block),
+        STAGES=tiling.stages,
+        num_warps=tiling.num_warps,
+        maxnreg=tiling.max_registers,
     )
     return common.row_outputs(stats, chosen)
 
@@ -156,7 +184,7 @@ def launch_partitioned_kd(
 if triton is None:  # pragma: no cover
     _partitioned_kd_kernel = None
 else:
-    from fastkd.kernels.common import LN2, T_UNIT, split_row, store_row_stats
+    from fastkd.kernels.common import LN2, LOG2E, T_UNIT, split_row, store_row_stats
     from fastkd.kernels.partitioned_tiles import gradient_tile, pass1_part
     from fastkd.kernels.sparse_target import (
         TAIL_BUCKET,
@@ -186,6 +214,7 @@ else:
         true_logprob_ptr,  # pool_row_stride (the sparse terms read the chosen member's p(y))
         log_tail_ptr,
         log_tail_sqrt_ptr,
+        target_lse_ptr,  # a dense teacher's natural log-sum-exp of logprobs / T (TEACHER_LSE)
         pool_row_stride,
         target_ptr,
         target_row_stride,
@@ -214,6 +243,7 @@ else:
         SPARSE: tl.constexpr,
         TAIL: tl.constexpr,  # sparse_target.TAIL_UNIFORM, TAIL_BUCKET or TAIL_SAMPLED
         TEMPERATURE: tl.constexpr,  # T_UNIT, T_HALF or any other T
+        TEACHER_LSE: tl.constexpr,  # dense, T != 1: the teacher's lse at T is given, not summed
         BLOCK_C: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -222,9 +252,12 @@ else:
         # start at the student's 16-byte boundaries (common.aligned_width)
         GRAD_VEC: tl.constexpr,  # the gradient's alignment in its elements there (1: none)
         TEACHER_VEC: tl.constexpr,  # a dense teacher's alignment in its elements there (1: none)
+        STAGES: tl.constexpr,  # software-pipeline stages of the whole-tile loops
     ):
         SUM_Z: tl.constexpr = SPARSE and TAIL == TAIL_UNIFORM
         SUM_REST: tl.constexpr = SPARSE and TAIL == TAIL_BUCKET
+        # Pass 1 reads a dense teacher only at T != 1 and only when its lse at T is not given.
+        READ_TEACHER: tl.constexpr = not SPARSE and TEMPERATURE != T_UNIT and not TEACHER_LSE
         row = tl.program_id(0).to(tl.int64)
         label = tl.load(labels_ptr + row).to(tl.int64)
         valid = label != ignore_index
@@ -268,22 +301,22 @@ else:
         if head > 0:
             m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
-                SUM_REST, True,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                SUM_Z, SUM_REST, True,
             )  # fmt: skip
-        for tile in tl.range(0, full_tiles):
+        for tile in tl.range(0, full_tiles, num_stages=STAGES):
             start = head + tile * BLOCK_C
             m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
                 student_ptr + tl.multiple_of(student_offset + start, VEC),
                 target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
-                SUM_REST, False,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                SUM_Z, SUM_REST, False,
             )  # fmt: skip
         if tail_start < num_classes:
             m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
                 student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, SPARSE, SUM_Z,
-                SUM_REST, True,
+                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                SUM_Z, SUM_REST, True,
             )  # fmt: skip
 
         # Row statistics (log2 units for the passes, natural units for the loss).
@@ -320,6 +353,8 @@ else:
                 inv_temperature, temperature, kd_weight, ce_weight,
                 TAIL, TEMPERATURE, BLOCK_K, BLOCK_S,
             )  # fmt: skip
+        elif TEACHER_LSE:
+            target_lse_t = tl.load(target_lse_ptr + member_offset) * LOG2E
         elif TEMPERATURE != T_UNIT:
             target_lse_t = tm + tl.log2(ts)
 
@@ -341,7 +376,7 @@ else:
                 label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
                 inv_temperature, tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
             )  # fmt: skip
-        for tile in tl.range(0, full_tiles):
+        for tile in tl.range(0, full_tiles, num_stages=STAGES):
             start = head + (full_tiles - 1 - tile) * BLOCK_C
             z_offset = tl.multiple_of(student_offset + start, VEC)
             g_offset = grad_offset + start

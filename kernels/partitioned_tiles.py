@@ -13,7 +13,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 if triton is not None:
-    from fastkd.kernels.common import LOG2E, T_HALF, T_UNIT
+    from fastkd.kernels.common import LOG2E, STREAM, T_HALF, T_UNIT
 
     @triton.jit
     def student_stats(
@@ -86,16 +86,17 @@ if triton is not None:
     @triton.jit
     def pass1_part(
         z_row, t_row, cols, mask, m, s1, s_t, rest, z_sum, tm, ts, inv_temperature,
-        TEMPERATURE: tl.constexpr, SPARSE: tl.constexpr, SUM_Z: tl.constexpr,
+        TEMPERATURE: tl.constexpr, READ_TEACHER: tl.constexpr, SUM_Z: tl.constexpr,
         SUM_REST: tl.constexpr, MASKED: tl.constexpr,
     ):  # fmt: skip
-        """Pass 1 on the columns ``cols`` of the student's row (and of a dense teacher's at
-        T != 1, whose log-sum-exp at T it needs; at T = 1 it is normalised as stored)."""
+        """Pass 1 on the columns ``cols`` of the student's row (and, with ``READ_TEACHER``, of
+        a dense teacher's at T != 1 whose log-sum-exp at T was not given: at T = 1 it is
+        normalised as stored)."""
         m, s1, s_t, rest, z_sum = student_stats(
             z_row + cols, mask, m, s1, s_t, rest, z_sum, inv_temperature, TEMPERATURE, SUM_Z,
             SUM_REST, MASKED,
         )  # fmt: skip
-        if not SPARSE and TEMPERATURE != T_UNIT:
+        if READ_TEACHER:
             tm, ts = teacher_stats(t_row + cols, mask, tm, ts, inv_temperature, MASKED)
         return m, s1, s_t, rest, z_sum, tm, ts
 
@@ -156,8 +157,12 @@ if triton is not None:
             g += kd_coef * (q_t - p)
             cross += tl.sum(p * (t - z), axis=0)
             p_sum += tl.sum(p, axis=0)
+        # The gradient is written once and not read here again: streamed out (evict_first), so
+        # the rows still to be re-read keep L2. (No load hint: the whole tiles' loads are
+        # asynchronous copies, which Triton 3.8 issues without one; on the masked ends a hint
+        # cost 20-30 registers.)
         if MASKED:
-            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=mask)
+            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), mask=mask, eviction_policy=STREAM)
         else:
-            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty))
+            tl.store(g_ptrs, g.to(g_ptrs.dtype.element_ty), eviction_policy=STREAM)
         return cross, p_sum

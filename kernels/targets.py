@@ -26,6 +26,7 @@ all the same); at other T, softmax(logprobs / T).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -56,8 +57,16 @@ TARGET_FIELDS = (
     "log_tail",
     "log_tail_sqrt",
     "tail_ids",
+    "logprobs_lse",
 )
-"""The tensor fields of ``PoolTargets``, in the order the store's ``PoolArrays`` carries them."""
+"""The tensor fields of ``PoolTargets``: the store's ``PoolArrays``' own, in its order, then
+``logprobs_lse`` (made from them, ``teacher_lse``)."""
+
+
+def teacher_lse(logprobs: Tensor, temperature: float) -> Tensor:
+    """[..., M] fp32 logsumexp(logprobs / T) over the classes of dense targets [..., M, C]: the
+    normaliser of their target at T, which the partitioned kernel otherwise sums in pass 1."""
+    return (logprobs.float() / temperature).logsumexp(-1)
 
 
 @dataclass
@@ -72,9 +81,15 @@ class PoolTargets:
     log_tail_sqrt: Tensor | None = None  # [B, M] fp16 (sparse) log sum of sqrt(p) there
     tail_ids: Tensor | None = None  # [B, M, S] (sampled tail) sorted draws from the tail
     tail: TailModel = DEFAULT_TAIL  # how a sparse target's unknown classes are read
+    # [B, M] fp32 (dense) teacher_lse(logprobs, lse_temperature): the kernel reads it instead of
+    # summing the teacher in pass 1 when the loss runs at that temperature (``with_lse``)
+    logprobs_lse: Tensor | None = None
+    lse_temperature: float | None = None
 
     def __post_init__(self) -> None:
         self.tail = parse_tail(self.tail)
+        if (self.logprobs_lse is None) != (self.lse_temperature is None):
+            raise ConfigError("PoolTargets.logprobs_lse is given with its lse_temperature")
         if self.true_logprob.dim() != 2:
             raise ConfigError(
                 f"PoolTargets.true_logprob must be [B, M], got {tuple(self.true_logprob.shape)}"
@@ -91,7 +106,15 @@ class PoolTargets:
                     f"PoolTargets.logprobs must be [B, M, C] with [B, M] = {rows_members}, "
                     f"got {tuple(self.logprobs.shape)}"
                 )
+            lse = self.logprobs_lse
+            if lse is not None and tuple(lse.shape) != rows_members:
+                raise ConfigError(
+                    f"PoolTargets.logprobs_lse must be [B, M] = {rows_members}, got "
+                    f"{tuple(lse.shape)}"
+                )
             return
+        if self.logprobs_lse is not None:
+            raise ConfigError("PoolTargets.logprobs_lse belongs to dense targets only")
         if any(
             getattr(self, name) is None
             for name in ("topk_logprobs", "topk_ids", "log_tail", "log_tail_sqrt")
@@ -136,9 +159,11 @@ class PoolTargets:
         tail: TailModel | str = DEFAULT_TAIL,
         tail_samples: int = 0,
         generator: torch.Generator | None = None,
+        temperature: float = 1.0,
     ) -> PoolTargets:
         """Targets of live logits [B, M, C], kept as a store would keep them (``topk`` > 0:
-        sparse with ``tail``; the sampled tail draws its uniforms from ``generator``).
+        sparse with ``tail``; the sampled tail draws its uniforms from ``generator``); dense
+        ones at a ``temperature`` other than 1 carry their log-sum-exp at it (``with_lse``).
 
         Labels outside [0, C) (ignore_index rows) are read as class 0.
         """
@@ -152,7 +177,20 @@ class PoolTargets:
                 labels.shape, generator=generator, device=logits.device, dtype=torch.float64
             )
         kept = compress_logits(logits.detach(), labels, topk, tail, tail_samples, uniforms)
-        return cls(**kept, tail=tail if topk else DEFAULT_TAIL)
+        return cls(**kept, tail=tail if topk else DEFAULT_TAIL).with_lse(temperature)
+
+    def with_lse(self, temperature: float) -> PoolTargets:
+        """These targets carrying ``teacher_lse`` at ``temperature`` (dense, T != 1; else as
+        they are), so the partitioned kernel's pass 1 at that T reads the student alone."""
+        if self.logprobs is None or float(temperature) == 1.0:
+            return self
+        if self.lse_temperature == float(temperature):
+            return self
+        return dataclasses.replace(
+            self,
+            logprobs_lse=teacher_lse(self.logprobs, temperature),
+            lse_temperature=float(temperature),
+        )
 
     @property
     def is_sparse(self) -> bool:
@@ -201,7 +239,7 @@ class PoolTargets:
             else torch.cat([getattr(self, name)[:, m : m + 1] for m in members], dim=1)
             for name in TARGET_FIELDS
         }
-        return PoolTargets(**picked, tail=self.tail)
+        return PoolTargets(**picked, tail=self.tail, lse_temperature=self.lse_temperature)
 
     def mixture(
         self,
@@ -249,7 +287,7 @@ class PoolTargets:
             else getattr(self, name).to(device, non_blocking=non_blocking)
             for name in TARGET_FIELDS
         }
-        return PoolTargets(**moved, tail=self.tail)
+        return PoolTargets(**moved, tail=self.tail, lse_temperature=self.lse_temperature)
 
     def check(self, num_rows: int, num_classes: int, device: torch.device | None = None) -> None:
         """Raise ConfigError unless these targets fit ``num_rows`` rows of ``num_classes`` logits

@@ -1,6 +1,8 @@
-"""The kernels compile for H100 (sm_90) and A100 (sm_80) at every benchmark configuration, with
-no spill, and keep the bandwidth design: two resident blocks per SM, at most 3 exps per element
-at T = 1, 16-byte loads on the aligned body of a row (odd C = 21841 included).
+"""The kernels compile for H100 (sm_90) and A100 (sm_80) at every benchmark configuration (each
+KD one at T = 1 and 2, with bf16 and fp32 logits), with no spill and no stack frame, and keep the
+bandwidth design: two resident blocks per SM, at most 3 exps per element at T = 1, whole-tile
+loops software-pipelined (asynchronous copies of later tiles in the SASS of every one), 16-byte
+loads on the aligned body of a row (odd C = 21841 included).
 
 One run of ``fastkd bench compile`` (ahead-of-time compile through Triton, ptxas -v and
 cuobjdump from the Triton wheel; no GPU) feeds every test here; conftest.py starts it when the
@@ -9,6 +11,7 @@ tests are collected.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -42,12 +45,28 @@ def test_every_configuration_compiles_for_both_architectures(compiled):
         }
         # 9 teachers, N = 2, 3, 4, the grad_output scale pass
         assert len(compiled[arch]) >= 100 and len(kinds) == 9 + 3 + 1
-        # 164 at the default shapes: 4 x (9 teachers x 3 modes + 2 teachers x 2 T + 3 N x 2 +
-        # 3 scale dtypes), at 4096 x 32000 plain KD's launch (the mixture, one fp32 column), live
-        # with the confidence score and the per-row scale, and the scale's masked remainder.
-        assert len(compiled[arch]) == 164
+        # 634 at the default shapes: 4 x (4 (T = 1, 2 x bf16, fp32 logits) x (9 teachers x
+        # 3 modes + 3 N x 2 stop_grad) + 3 dense teachers x 3 modes x 2 dtypes with the
+        # teacher's lse given at T = 2 + 3 at T = 4 + 3 scale dtypes), at 4096 x 32000 plain KD's
+        # launch (the mixture, one fp32 column) and live with the confidence score, each at the
+        # 4 (T, dtype), and the per-row scale; the scale's masked remainder.
+        assert len(compiled[arch]) == 634
         extra = {(r["config"]["mode"], r["config"]["score"]) for r in compiled[arch]}
         assert {("plain", "label"), ("live", "confidence")} <= extra
+
+
+def test_every_kd_configuration_is_checked_at_t_1_and_2_with_bf16_and_fp32_logits(compiled):
+    seen: dict[tuple, set] = {}
+    for r in compiled[90]:
+        config = r["config"]
+        if config["kernel"] == "grad_scale" or config["teacher_lse"] or config["temperature"] > 2:
+            continue
+        variant = tuple(v for k, v in sorted(config.items()) if k not in ("temperature", "dtype"))
+        seen.setdefault(variant, set()).add((config["temperature"], config["dtype"]))
+    axes = {(t, d) for t in (1.0, 2.0) for d in ("bfloat16", "float32")}
+    assert len(seen) > 100
+    partial = [v for v, got in seen.items() if got != axes]
+    assert not partial, partial[:5]
 
 
 def test_no_configuration_spills(compiled):
@@ -84,6 +103,19 @@ def test_at_most_three_exps_per_element_at_unit_temperature(compiled):
         if r["config"]["temperature"] == 2.0 and r["config"]["teacher"].startswith("dense")
     ]
     assert dense_t2 and all(r["ex2_per_element"] <= 4 for r in dense_t2)
+    # With the teacher's lse at T given, pass 1 reads the student alone: 3 exps at T = 2 too.
+    given = [r for r in dense_t2 if r["config"]["teacher_lse"]]
+    assert given and all(r["ex2_per_element"] == 3 for r in given)
+
+
+def test_whole_tile_loops_are_pipelined_with_asynchronous_copies(compiled):
+    for arch in (90, 80):
+        kd = [r for r in compiled[arch] if r["config"]["kernel"] != "grad_scale"]
+        assert kd
+        for r in kd:
+            # pass 1 and pass 2; each loop's SASS issues the copies of later tiles (LDGSTS)
+            assert r["whole_tile_loops"] == 2, r["config"]
+            assert r["pipelined_loops"] >= 2, (r["config"], r["loop_async_copies"])
 
 
 def test_whole_tiles_use_16_byte_loads_and_stores_on_odd_rows(compiled):
@@ -97,5 +129,25 @@ def test_whole_tiles_use_16_byte_loads_and_stores_on_odd_rows(compiled):
     ]
     assert {r["config"]["kernel"] for r in odd} == {"partitioned", "bidirectional", "grad_scale"}
     for r in odd:
-        assert r["loads"].get("LDG.E.128", 0) > 0, (r["config"], r["loads"])
-        assert r["stores"].get("STG.E.128", 0) > 0, (r["config"], r["stores"])
+        # plain 16-byte loads, or 16-byte asynchronous copies (the pipelined tile loops)
+        wide = [op for op in r["loads"] if op.startswith("LDG") and op.endswith(".128")]
+        assert wide, (r["config"], r["loads"])
+        # the gradient's 16-byte stores, with or without the evict_first hint (STG.E.EF.128)
+        assert any(op.endswith(".128") for op in r["stores"]), (r["config"], r["stores"])
+
+
+def test_a_stack_frame_one_block_per_sm_or_an_unpipelined_loop_fails_the_check():
+    from fastkd.bench.compile import Result, problems
+    from fastkd.bench.compile_configs import Config
+
+    config = Config("partitioned", 4096, 32000, teacher="dense-bfloat16", mode="live")
+    good = Result(config, 90, registers=80, num_warps=8, blocks_per_sm=3, whole_tile_loops=2)
+    good.loop_async_copies = [2, 0, 4, 0]
+    assert problems([good]) == []
+    stack = dataclasses.replace(good, stack_bytes=8)  # ptxas's stack frame, no spill counted
+    crowded = dataclasses.replace(good, registers=192, blocks_per_sm=1)
+    unpipelined = dataclasses.replace(good, loop_async_copies=[0, 0, 4, 0])
+    found = problems([stack, crowded, unpipelined])
+    assert len(found) == 3
+    assert "8 B stack" in found[0] and "1 block(s) per SM" in found[1]
+    assert "2 whole-tile loops, 1 issue asynchronous copies" in found[2]

@@ -38,10 +38,12 @@ from fastkd.choices import PartitionMode, Reduction, Teachers
 from fastkd.data import ImageDataset
 from fastkd.errors import ConfigError, StoreMismatchError
 from fastkd.kernels import (
+    BidirectionalKDConfig,
     KDStats,
+    PartitionedKDConfig,
     PoolTargets,
-    bidirectional_kd_loss,
-    partitioned_kd_loss,
+    bidirectional_kd_trusted,
+    partitioned_kd_trusted,
 )
 from fastkd.loss_settings import LossSettings
 from fastkd.models import LoadedModel, ModelSpec, file_sha256
@@ -106,6 +108,24 @@ class TeachingStrategy:
         divides by the global batch through ``scale``); made once, not every step."""
         return dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
 
+    @functools.cached_property
+    def _configs(self) -> dict[float, Any]:
+        """The loss's config per ``scale``, made on first use (the kernels' ``*_trusted`` calls:
+        labels were checked when the run was built, stored ids as the reader decoded them)."""
+        return {}
+
+    def loss_config(self, scale: float) -> Any:
+        """The loss's config at ``scale`` (None without a kernel), made once per scale: the
+        run's batches, and its last short one. A compiled step (``training.compiled``) makes it
+        before its trace, which cannot build a config."""
+        config = self._configs.get(scale)
+        if config is None:
+            config = self._configs[scale] = self._make_config(scale)
+        return config
+
+    def _make_config(self, scale: float) -> Any:
+        return None
+
 
 class _PartitionedTeaching(TeachingStrategy):
     """A student taught per row by the pool member the partition rule chooses."""
@@ -116,14 +136,11 @@ class _PartitionedTeaching(TeachingStrategy):
     def _partitioned(
         self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
     ) -> tuple[Tensor, KDStats]:
-        return partitioned_kd_loss(
-            logits[0],
-            batch.labels,
-            targets,
-            self._settings,
-            self_index=self.self_index,
-            scale=scale,
-            grad_output_is_one=True,
+        return partitioned_kd_trusted(logits[0], batch.labels, targets, self.loss_config(scale))
+
+    def _make_config(self, scale: float) -> PartitionedKDConfig:
+        return PartitionedKDConfig.of(
+            self._settings, self_index=self.self_index, scale=scale, grad_output_is_one=True
         )
 
 
@@ -176,7 +193,8 @@ class StoredTargets(_PartitionedTeaching):
         """The store's targets of the columns for rows (samples[i], views[i]), on the host (in
         ``ring``'s pinned buffers of ``slot``, when given)."""
         rows = self.run.reader.read_pool(self.members, samples, views)
-        return pool_targets(rows, None if ring is None else functools.partial(ring.fill, slot))
+        fill = None if ring is None else functools.partial(ring.fill, slot)
+        return pool_targets(rows, fill, self.cfg.loss.temperature)
 
     def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
         """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread into a ring of
@@ -246,6 +264,8 @@ class LiveTeachers(_PartitionedTeaching):
         """Dense targets from the live teachers' logits on the batch's views."""
         with torch.no_grad(), autocast(self.run.device, self.cfg.amp):
             logits = [t.model(batch.images[t.stream]) for t in self.teachers]
+        # No log-sum-exp at T here (PoolTargets.with_lse): for live logits it would read every
+        # member's row on the device, more than pass 1's read of the one chosen teacher.
         return PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
 
     def loss(
@@ -279,9 +299,10 @@ class JointBiKD(TeachingStrategy):
     def loss(
         self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
     ) -> tuple[Tensor, KDStats]:
-        return bidirectional_kd_loss(
-            list(logits), batch.labels, self._settings, scale=scale, grad_output_is_one=True
-        )
+        return bidirectional_kd_trusted(list(logits), batch.labels, self.loss_config(scale))
+
+    def _make_config(self, scale: float) -> BidirectionalKDConfig:
+        return BidirectionalKDConfig.of(self._settings, scale=scale, grad_output_is_one=True)
 
 
 def strategy_class(cfg: TrainConfig) -> type[TeachingStrategy]:
