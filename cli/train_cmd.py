@@ -224,6 +224,25 @@ def train_command(
     ] = False,
     device: options.Device = "auto",
     amp: Annotated[bool, typer.Option(help="bf16 autocast on GPU.")] = True,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            help="Replay each full batch's training step as a CUDA graph, captured after 3 "
+            "warm-up steps (the short last batch of an epoch runs eagerly): one launch instead "
+            "of hundreds, for small models or images whose steps wait on the host. One GPU."
+        ),
+    ] = False,
+    torch_compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile each step's forward and loss as one graph (fullgraph: the "
+            "learners, the live teachers, the KD op). The first steps are slow while it "
+            "compiles, once for full batches and once for an epoch's short last batch. Needs a "
+            "C++ compiler on CPU, Triton on a GPU (backend: $FASTKD_COMPILE_BACKEND, default "
+            "inductor).",
+        ),
+    ] = False,
     backend: options.LoaderBackend = "auto",
     workers: options.Workers = None,
     progress: options.ShowProgress = True,
@@ -291,6 +310,8 @@ def train_command(
         overwrite=overwrite,
         device=device,
         amp=amp,
+        cuda_graphs=cuda_graphs,
+        torch_compile=torch_compile,
         backend=backend,
         num_workers=workers,
         progress=progress,

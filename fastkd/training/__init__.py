@@ -8,7 +8,8 @@ late; skipping a non-finite step on the device), ``validation`` (top-1 on held-o
 the ranks), ``summary`` (summary.csv and TensorBoard scalars per epoch), ``report`` (the
 transfer report, the control), ``run_folder`` (what a run writes in its folder, and what it must
 not replace), ``store_match`` (the store is the data's, and each step's image files the dump's),
-``checkpointing`` (the weights selected on val, the run state saved and loaded), ``result``
+``checkpointing`` (the weights selected on val, the run state saved and loaded), ``compiled``
+(--compile: the forward and loss as one compiled function), ``result``
 (``TrainResult``, the report's models), ``trainer`` (the loop: plan, step, epochs), ``run``
 (train, train_all).
 """

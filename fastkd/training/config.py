@@ -63,6 +63,8 @@ class TrainConfig:
     overwrite: bool = False  # start over in a run folder that holds a run (never a user's folder)
     device: str = "auto"  # auto: cuda:LOCAL_RANK if available, else cpu
     amp: bool = True  # bf16 autocast on GPU
+    cuda_graphs: bool = False  # full batches' steps by CUDA-graph replay (training.graphed_step)
+    torch_compile: bool = False  # forward and loss as one torch.compile'd function (compiled)
     backend: str = "auto"  # view_loader backend (choices.Backend): auto | dali | nvjpeg | torch
     num_workers: int | None = None
     progress: bool = True
@@ -143,6 +145,11 @@ class TrainConfig:
                 "--control trains a student with --teachers none beside the run; a run without "
                 "teachers is its own control, and --joint has no single student (train each with "
                 "--teachers none for its control)"
+            )
+        if self.torch_compile and self.cuda_graphs:
+            problems.append(
+                "--compile and --cuda-graphs: a compiled step has not been captured in a CUDA "
+                "graph yet; give one of them"
             )
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))

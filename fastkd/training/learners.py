@@ -181,6 +181,32 @@ def make_optimizer(
     return optimizer
 
 
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """The optimiser as a CUDA graph replays it (``capturable``), or as an eager step runs it.
+
+    In a graph the learning rate must be a device tensor: a number is frozen into the captured
+    launch, so the schedule would stop applying; the schedule fills the tensor in place
+    (``LambdaLR`` sets a tensor lr with ``fill_``). fp32, the dtype the fused CUDA kernels read
+    it in. Adam's groups are marked capturable, which torch requires of a step it captures
+    (its warning about eager capturable steps is muted: the warm-up and short batches are
+    eager on purpose). Without graphs the lr is a number again; applied after a run state is
+    loaded too, whichever way the state was saved.
+    """
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if capturable and not isinstance(lr, torch.Tensor):
+            device = group["params"][0].device
+            group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device)
+        elif capturable and lr.device != group["params"][0].device:  # loaded on the host
+            group["lr"] = lr.to(group["params"][0].device, torch.float32)
+        elif not capturable and isinstance(lr, torch.Tensor):
+            group["lr"] = float(lr)  # one host read, at set-up
+        if "capturable" in group:  # Adam's; fused SGD reads a tensor lr as it is
+            group["capturable"] = capturable
+    if capturable:
+        optimizer._warned_capturable_if_run_uncaptured = True  # type: ignore[attr-defined]
+
+
 def add_cosine_schedules(learners: list[Learner], total_steps: int) -> None:
     """Cosine decay of every learner's lr to 0 over the run's steps, per step."""
     total = max(1, total_steps)

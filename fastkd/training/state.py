@@ -36,6 +36,8 @@ RESUMABLE_CHANGES = frozenset(
         "report",
         "eval_data",
         "control",  # the control is a run of its own: the main run computes the same
+        "cuda_graphs",  # the same steps, launched by graph replay
+        "torch_compile",  # the same steps, the forward and loss compiled
     }
 )
 

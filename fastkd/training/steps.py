@@ -135,6 +135,7 @@ class SkipFlag:
 
     It must be exactly 0 or 1: fused Adam subtracts it from the step count it has just added 1
     to. Sticky, because the step after a bad one is queued before the host sees the bad one.
+    One tensor, updated in place: a CUDA graph of the step reads and writes the one it captured.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -142,11 +143,11 @@ class SkipFlag:
 
     def update(self, non_finite: Tensor) -> Tensor:
         """Raise the flag if ``non_finite`` (a count of ranks with a bad loss) is positive."""
-        self.value = torch.maximum(self.value, (non_finite > 0).float())
+        torch.maximum(self.value, (non_finite > 0).float(), out=self.value)
         return self.value
 
     def reset(self) -> None:
-        self.value = torch.zeros_like(self.value)
+        self.value.zero_()
 
 
 def skipping_step(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:

@@ -47,8 +47,23 @@ from fastkd.runtime import (
     resolve_device,
 )
 from fastkd.training.checkpointing import RunCheckpoints
+from fastkd.training.compiled import CompiledLoss
 from fastkd.training.config import TrainConfig
-from fastkd.training.learners import ImageStreams, add_cosine_schedules, check_labels, make_learner
+from fastkd.training.graphed_step import (
+    WARMUP_STEPS,
+    CudaGraphs,
+    GraphBackend,
+    GraphedStep,
+    StepOutputs,
+    graph_problems,
+)
+from fastkd.training.learners import (
+    ImageStreams,
+    add_cosine_schedules,
+    check_labels,
+    make_learner,
+    set_capturable,
+)
 from fastkd.training.plan import Batch, EpochPlan, EpochPlanner
 from fastkd.training.result import TrainResult, finish_run, report_specs
 from fastkd.training.run_folder import HISTORY_FILE, prepare_run_folder
@@ -80,7 +95,8 @@ class Trainer:
 
     The pieces are public for tests and benchmarks: ``plan(epoch)`` (which rows, in which order),
     ``batches(plan)`` (images and targets of each step), ``loss``, ``train_step`` (queues a
-    step, returns its record), ``read_step`` (reads a record on the host), and ``teaching``,
+    step, returns its record), ``device_step`` (the step's device work, what ``--cuda-graphs``
+    replays: ``graphed``), ``read_step`` (reads a record on the host), and ``teaching``,
     the strategy (its target columns, its targets, its loss).
     """
 
@@ -95,6 +111,9 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be a multiple of the world size "
                 f"{self.dist.world_size} (it is the global batch)"
             )
+        problems = graph_problems(cfg, self.device, self.dist.world_size) if cfg.cuda_graphs else []
+        if problems:
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.out_dir = cfg.out_dir
@@ -140,6 +159,14 @@ class Trainer:
         self.run_checkpoints = RunCheckpoints(cfg, self.learners, self.device, self.dist)
         self.summary = EpochSummary(self.out_dir, [m.name for m in self.learners])  # summary.csv
         self._skip = SkipFlag(self.device)  # the optimisers' found_inf (steps.SkipFlag)
+        self.graphed: GraphedStep | None = None  # --cuda-graphs (use_cuda_graphs)
+        self._compiled = (  # --compile: the forward and the loss as one compiled function
+            CompiledLoss(self.learners, self.teaching, self.device, cfg.amp)
+            if cfg.torch_compile
+            else None
+        )
+        if cfg.cuda_graphs:
+            self.use_cuda_graphs()
 
     # -- the steps --------------------------------------------------------------------------------
 
@@ -188,19 +215,53 @@ class Trainer:
 
     def loss(self, batch: Batch, scale: float = 1.0) -> tuple[Tensor, KDStats | None, list[Tensor]]:
         """The loss summed over the batch's rows times ``scale``, the kernel's per-row
-        statistics (None without KD) and the learners' logits."""
+        statistics (None without KD) and the learners' logits (``compiled`` with --compile)."""
+        if self._compiled is not None:
+            return self._compiled(batch, scale)
         with autocast(self.device, self.cfg.amp):
             logits = [learner.forward(batch.images[learner.stream]) for learner in self.learners]
         loss, stats = self.teaching.loss(logits, batch, scale)
         return loss, stats, logits
+
+    def use_cuda_graphs(
+        self, backend: GraphBackend | None = None, warmup: int = WARMUP_STEPS
+    ) -> None:
+        """Take every full batch's step by CUDA-graph replay after ``warmup`` eager ones
+        (``graphed_step``; ``backend``: a stand-in for ``CudaGraphs`` in tests), the optimisers
+        made capturable."""
+        for learner in self.learners:
+            set_capturable(learner.optimizer, True)
+        rows = self.cfg.batch_size // self.dist.world_size
+        backend = backend or CudaGraphs(self.device)
+        self.graphed = GraphedStep(self.device_step, rows, self.cfg.batch_size, backend, warmup)
 
     def train_step(self, batch: Batch) -> StepRecord:
         """Queue one optimiser step on the global batch; nothing in it waits on the host.
 
         Returns the step's record (device tensors; ``StepRecord.result`` reads them). A step
         whose loss is not finite on any rank, and every step after it until the host has read
-        it, is skipped by the optimisers on the device (``steps.SkipFlag``).
+        it, is skipped by the optimisers on the device (``steps.SkipFlag``). With CUDA graphs
+        (``use_cuda_graphs``) a full batch's ``device_step`` is a graph's replay.
         """
+        step = self.device_step if self.graphed is None else self.graphed.run
+        totals, finite_rows, distils = step(batch)
+        for learner in self.learners:  # on the host: a graph reads the lr tensor they fill
+            if learner.scheduler is not None:
+                learner.scheduler.step()
+        self.step += 1
+        return StepRecord(
+            step=self.step,
+            epoch=self.epoch + 1,
+            samples=batch.samples,
+            global_rows=batch.global_rows,
+            totals=totals,
+            finite_rows=list(finite_rows),
+            distils=distils,
+        )
+
+    def device_step(self, batch: Batch) -> StepOutputs:
+        """The step's device work, all that a CUDA graph captures (``graphed_step``): forward,
+        loss, backward, the optimisers (skipping on the device), the record's tensors."""
         for learner in self.learners:
             learner.optimizer.zero_grad(set_to_none=True)
         # This rank's sum / the global batch size, times the world size DDP averages over: the
@@ -219,18 +280,8 @@ class Trainer:
         skip = self._skip.update(totals[2])
         for learner in self.learners:
             skipping_step(learner.optimizer, skip)
-            if learner.scheduler is not None:
-                learner.scheduler.step()
-        self.step += 1
-        return StepRecord(
-            step=self.step,
-            epoch=self.epoch + 1,
-            samples=batch.samples,
-            global_rows=batch.global_rows,
-            totals=totals,
-            finite_rows=[torch.isfinite(z.detach()).all(dim=1) for z in logits],
-            distils=stats is not None,
-        )
+        finite_rows = tuple(torch.isfinite(z.detach()).all(dim=1) for z in logits)
+        return StepOutputs(totals, finite_rows, stats is not None)
 
     def read_step(self, record: StepRecord) -> StepResult:
         """Read a queued step on the host (the loop does it one step late). A non-finite step
@@ -360,6 +411,10 @@ class Trainer:
     def load_state(self, path: Path) -> None:
         """Continue the run in ``path`` (``RunCheckpoints.load_state``)."""
         self.epoch, self.step, self.history = self.run_checkpoints.load_state(path)
+        for learner in self.learners:  # the saved lr as this run takes it (graphs or not)
+            set_capturable(learner.optimizer, self.graphed is not None)
+        if self.graphed is not None:  # new optimiser state tensors: capture them again
+            self.graphed.reset()
 
     # -- report -----------------------------------------------------------------------------------
 
