@@ -1,4 +1,5 @@
-"""The cases ``fastkd bench kernels`` times: a kernel, a shape B x C and a teacher kind.
+"""The cases ``fastkd bench kernels`` times (a kernel, a shape B x C, a teacher kind and, for
+``--alone``, a temperature) and the row each method's measurement makes.
 
 A case's inputs are made as training sees them (teachers lean on the label like real models; a
 top-k teacher as the store keeps it), and its ideal bytes are what a perfect kernel moves: the
@@ -27,6 +28,26 @@ class Case:
     classes: int
     teacher: str  # "dense", "topk" (partitioned) or "live" (bidirectional)
     dtype: str
+    temperature: float | None = None  # --alone: each case at one T (else --temperature)
+
+
+@dataclass
+class Measurement:
+    """One method on one case. ``pct_copy``, ``timing``, ``host_us`` and ``fastkd_speedup``
+    (this method's time over fastkd's) are ``--alone``'s (``bench.kernel_alone``)."""
+
+    method: str
+    time_ms: float | None = None
+    gbps: float | None = None
+    pct_peak: float | None = None
+    peak_extra_mib: float | None = None
+    extra_vs_grad: float | None = None  # peak extra memory / bytes of one B x C gradient
+    speedup_vs_eager: float | None = None
+    pct_copy: float | None = None  # GB/s of the ideal bytes as a % of a measured copy's GB/s
+    timing: str = ""  # how time_ms was measured: CUDA-graph replay, or as called (why)
+    host_us: float | None = None  # the Python call's wall time with the device idle
+    fastkd_speedup: float | None = None
+    note: str = ""
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:

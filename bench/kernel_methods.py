@@ -3,12 +3,16 @@
 fastkd's kernel, the torch reference in eager mode and under torch.compile, Liger-Kernel's KL
 path, and Liger's fused cross-entropy and JSD as bandwidth peers (other losses: ``PEERS``, timed
 against their own ideal bytes, ``peer_bytes``). A method that cannot run here is the reason why,
-a string, in place of its step.
+a string, in place of its step. ``training_call`` is the loss as ``fastkd train`` calls it
+(summed rows, the mean folded into ``scale``, ``grad_output_is_one``); ``training_methods`` puts
+torch.compile of the reference and Liger's KL path beside it at one temperature
+(``fastkd bench kernels --alone``, ``fastkd bench host``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -19,11 +23,13 @@ from fastkd.kernels import (
     BidirectionalKDConfig,
     PartitionedKDConfig,
     PoolTargets,
+    Reduction,
     bidirectional_kd_loss,
     bidirectional_kd_reference,
     partitioned_kd_loss,
     partitioned_kd_reference,
 )
+from fastkd.loss_settings import LossSettings
 
 # Methods that compute other losses than fastkd's (bandwidth peers): their own bytes, no speed-up.
 PEERS = ("liger_ce_peer", "liger_jsd_peer")
@@ -60,7 +66,7 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
 
         def reference(z: torch.Tensor, y: torch.Tensor, *target_tensors) -> torch.Tensor:
             fields = dict(zip(TARGET_FIELDS, target_tensors, strict=True))
-            pool = PoolTargets(**fields, tail=targets.tail)
+            pool = dataclasses.replace(targets, **fields)  # its tail, the T of its lse
             return partitioned_kd_reference(z, y, pool, config)[0]
 
         tensors = (student, labels, *(getattr(targets, name) for name in TARGET_FIELDS))
@@ -82,6 +88,54 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
     for name, step in list(found.items()):
         if callable(step):
             found[name] = _clearing_grads(step, leaves)
+    return found
+
+
+def training_call(case: Case, inputs: dict, temperature: float) -> Callable:
+    """The partitioned loss's forward + backward as ``fastkd train`` runs it on one batch:
+    rows summed, the batch mean folded into ``scale``, ``grad_output_is_one`` (the strategy's
+    call, ``training.strategy``); the student is pool member 0 (``live``)."""
+    student, labels, targets = inputs["student"], inputs["labels"], inputs["targets"]
+    student.requires_grad_()
+    settings = LossSettings(temperature=temperature, reduction=Reduction.SUM)
+    scale = 1.0 / case.rows
+
+    def call() -> None:
+        partitioned_kd_loss(
+            student, labels, targets, settings, self_index=0, scale=scale, grad_output_is_one=True
+        )[0].backward()
+
+    return _clearing_grads(call, [student])
+
+
+def training_methods(
+    case: Case, inputs: dict, temperature: float, compile_reference: bool
+) -> dict[str, Callable | str]:
+    """The training call (``fastkd``), torch.compile of the torch reference with the same
+    settings and Liger's KL path (dense teachers), each a forward + backward step, or the reason
+    it is unavailable."""
+    student, labels, targets = inputs["student"], inputs["labels"], inputs["targets"]
+    student.requires_grad_()
+    config = PartitionedKDConfig(
+        temperature=temperature, reduction=Reduction.SUM, self_index=0, scale=1.0 / case.rows
+    )
+    found: dict[str, Callable | str] = {"fastkd": training_call(case, inputs, temperature)}
+    if compile_reference:
+
+        def reference(z: torch.Tensor, y: torch.Tensor, *target_tensors) -> torch.Tensor:
+            fields = dict(zip(TARGET_FIELDS, target_tensors, strict=True))
+            pool = dataclasses.replace(targets, **fields)  # its tail, the T of its lse
+            return partitioned_kd_reference(z, y, pool, config)[0]
+
+        torch._dynamo.reset()  # a fresh compile per case: no recompile limit, no dynamic shapes
+        compiled = torch.compile(reference, dynamic=False)
+        tensors = (student, labels, *(getattr(targets, name) for name in TARGET_FIELDS))
+        found["torch_compile"] = _clearing_grads(lambda: compiled(*tensors).backward(), [student])
+    else:
+        found["torch_compile"] = "disabled (--no-compile)"
+    liger = liger_step(student, targets, temperature) if not targets.is_sparse else ""
+    liger = liger or "dense teachers only"
+    found["liger_kl"] = _clearing_grads(liger, [student]) if callable(liger) else liger
     return found
 
 

@@ -1,13 +1,13 @@
 """Benchmark of the fused KD kernels: forward + backward time, bandwidth, peak memory.
 
-``python -m fastkd.bench.kernels [--shapes 256x1000,...] [--out PATH]``. For each shape B x C and
-teacher kind (dense, top-k) it times, in one run: fastkd's kernel (Triton on a GPU, the torch
-reference on CPU unless TRITON_INTERPRET=1), the torch reference in eager mode, torch.compile of
-the reference, and Liger-Kernel's KL path (log_softmax + LigerKLDIVLoss, dense teachers, KL only)
-when liger-kernel is importable. GB/s counts ideal bytes: the student read, the teacher read (one
-pool member's row, or its K ids and log-probabilities) and the gradient write. Peak memory is
-what a step allocates beyond its inputs. Results go to JSON with the device name (the error of
-sparse targets against the dense teacher is ``fastkd bench targets``).
+``python -m fastkd.bench.kernels [--alone] [--shapes 256x1000,...] [--out PATH]``. For each
+shape B x C and teacher kind (dense, top-k) it times, in one run: fastkd's kernel (Triton on a
+GPU, the torch reference on CPU unless TRITON_INTERPRET=1), the torch reference in eager mode,
+torch.compile of the reference, and Liger-Kernel's KL path (log_softmax + LigerKLDIVLoss, dense
+teachers, KL only) when liger-kernel is importable. GB/s counts ideal bytes: the student read,
+the teacher read (one pool member's row, or its K ids and log-probabilities) and the gradient
+write. Peak memory is what a step allocates beyond its inputs. Results go to JSON with the device
+name (the error of sparse targets against the dense teacher is ``fastkd bench targets``).
 
 With liger-kernel installed (and CUDA) two more rows per case are *bandwidth peers*, not the same
 loss: Liger's fused cross-entropy (``liger_ce_peer``: CE alone on the student's logits, its
@@ -16,6 +16,10 @@ gradient written over them in the forward; it reads B x C and writes B x C) and 
 made before the timed step; it reads 2 B x C and writes B x C). They are the closest fused
 kernels: one vocabulary-wide pass, the gradient written in the forward. Their GB/s counts their
 own ideal bytes, and they get no speed-up vs eager (other math).
+
+``--alone`` measures instead the training call alone on the device by CUDA-graph replay, as a
+percentage of a measured copy of its ideal bytes, at T = 1 and 2, with the host microseconds per
+call (``bench.kernel_alone``; JSON ``kernels-alone-<device>.json``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,22 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from fastkd.bench.kernel_cases import DEFAULT_SHAPES, Case, ideal_bytes, make_inputs, parse_shapes
+from fastkd.bench.kernel_alone import ALONE_SHAPES, ALONE_TOPK, alone_cases, run_alone_case
+from fastkd.bench.kernel_cases import (
+    DEFAULT_SHAPES,
+    Case,
+    Measurement,
+    ideal_bytes,
+    make_inputs,
+    parse_shapes,
+)
 from fastkd.bench.kernel_methods import PEER_NOTES, PEERS, methods, peer_bytes
 from fastkd.runtime import machine_name, resolve_device
 
@@ -56,18 +68,6 @@ PEAK_BANDWIDTH = [
     (r"A10G|A10\b", 0.6e12),
     (r"RTX 4090", 1.008e12),
 ]
-
-
-@dataclass
-class Measurement:
-    method: str
-    time_ms: float | None = None
-    gbps: float | None = None
-    pct_peak: float | None = None
-    peak_extra_mib: float | None = None
-    extra_vs_grad: float | None = None  # peak extra memory / bytes of one B x C gradient
-    speedup_vs_eager: float | None = None
-    note: str = ""
 
 
 def peak_bandwidth(device_name: str) -> float | None:
@@ -146,19 +146,41 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         prog=prog or "python -m fastkd.bench.kernels", description=__doc__
     )
     parser.add_argument(
-        "--shapes", default=DEFAULT_SHAPES, help="B x C list, e.g. 256x1000,4096x32000"
+        "--alone",
+        action="store_true",
+        help="the training call alone by CUDA-graph replay vs a copy of its ideal bytes, at each "
+        "--temperatures, with host us per call (bench.kernel_alone); partitioned kernel only",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help=f"B x C list (default {DEFAULT_SHAPES}; --alone: {ALONE_SHAPES})",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--teachers", default="dense,topk", help="dense, topk (partitioned)")
     parser.add_argument("--kernels", default="partitioned,bidirectional")
-    parser.add_argument("--topk", type=int, default=100, help="K of the top-k teacher")
+    parser.add_argument(
+        "--topk", type=int, default=None, help=f"K of a top-k teacher (100; --alone: {ALONE_TOPK})"
+    )
     parser.add_argument("--members", type=int, default=2, help="pool members (the student is 0)")
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--reps", type=int, default=20, help="timed repetitions (CPU)")
+    parser.add_argument("--temperatures", default="1,2", help="--alone: the T of each case")
+    parser.add_argument("--reps", type=int, default=20, help="timed repetitions (CPU; --alone)")
+    parser.add_argument(
+        "--graph-calls", type=int, default=20, help="--alone: calls captured in one CUDA graph"
+    )
+    parser.add_argument(
+        "--host-calls", type=int, default=100, help="--alone: calls timed for host us"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.shapes is None:
+        args.shapes = ALONE_SHAPES if args.alone else DEFAULT_SHAPES
+    if args.topk is None:
+        args.topk = ALONE_TOPK if args.alone else 100
+    return args
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
@@ -166,48 +188,46 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     device = resolve_device(args.device)
     name = machine_name(device)
     peak = peak_bandwidth(name) if device.type == "cuda" else None
-    cases = [
-        Case(kernel, rows, classes, teacher, args.dtype)
-        for kernel in args.kernels.split(",")
-        for rows, classes in parse_shapes(args.shapes)
-        for teacher in (args.teachers.split(",") if kernel == "partitioned" else ["live"])
-    ]
+    shapes = parse_shapes(args.shapes)
+    if args.alone:
+        cases = alone_cases(args, shapes)
+        title = f"KD training call alone (forward + backward), {args.dtype}, {name}"
+        columns = ("ms", "GB/s", "% copy", "% peak", "host us", "fastkd x", "timing / note")
+        keys = ("time_ms", "gbps", "pct_copy", "pct_peak", "host_us", "fastkd_speedup")
+    else:
+        cases = [
+            Case(kernel, rows, classes, teacher, args.dtype)
+            for kernel in args.kernels.split(",")
+            for rows, classes in shapes
+            for teacher in (args.teachers.split(",") if kernel == "partitioned" else ["live"])
+        ]
+        title = f"KD kernels, forward + backward, {args.dtype}, {name}"
+        columns = ("ms", "GB/s", "% peak", "extra MiB", "x eager", "note")
+        keys = ("time_ms", "gbps", "pct_peak", "peak_extra_mib", "speedup_vs_eager")
     console = Console(width=160)
-    table = Table(title=f"KD kernels, forward + backward, {args.dtype}, {name}")
-    for column in (
-        "kernel",
-        "BxC",
-        "teacher",
-        "method",
-        "ms",
-        "GB/s",
-        "% peak",
-        "extra MiB",
-        "x eager",
-        "note",
-    ):
+    table = Table(title=title)
+    for column in ("kernel", "BxC", "teacher", "T", "method", *columns):
         table.add_column(column)
     report = []
     for case in cases:
-        entry = run_case(case, args, device, peak)
+        entry = (run_alone_case if args.alone else run_case)(case, args, device, peak)
         report.append(entry)
         for m in entry["results"]:
             table.add_row(
                 case.kernel,
                 f"{case.rows}x{case.classes}",
                 case.teacher,
+                _fmt(args.temperature if case.temperature is None else case.temperature),
                 m["method"],
-                *(
-                    _fmt(m[key])
-                    for key in ("time_ms", "gbps", "pct_peak", "peak_extra_mib", "speedup_vs_eager")
-                ),
-                m["note"],
+                *(_fmt(m[key]) for key in keys),
+                " ".join(filter(None, (m["timing"] if args.alone else "", m["note"]))),
             )
     console.print(table)
 
+    stem = "kernels-alone" if args.alone else "kernels"
     out = (
         args.out
-        or RESULTS / f"kernels-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
+        or RESULTS / f"{stem}-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-').lower()}.json"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

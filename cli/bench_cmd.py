@@ -1,4 +1,4 @@
-"""`fastkd bench compile|kernels|store|dump|train|targets`: the benchmarks in ``fastkd.bench``.
+"""`fastkd bench compile|kernels|host|store|dump|train|graphs|targets`: the benchmarks in ``fastkd.bench``.
 
 Each benchmark keeps its own argument parser (so ``python -m fastkd.bench.<name>`` and the CLI
 take the same options); this module only forwards the arguments after the benchmark's name.
@@ -18,6 +18,8 @@ BENCHMARKS: dict[str, str] = {
     "spills, resident blocks per SM, load and store widths, exps per element (fails on a spill).",
     "kernels": "Fused KD kernels vs torch eager, torch.compile and Liger: forward + backward "
     "time, GB/s, % of peak bandwidth, peak memory.",
+    "host": "Host microseconds per training loss call (forward + backward) with the device "
+    "idle: on CPU with the Triton launches recorded, not run; the ATen operations it dispatches.",
     "store": "Store: bytes per stored view (synthetic 1000-class logits) and random-access "
     "read throughput in views/s on one core.",
     "dump": "Dump in steady state on photo-like JPEGs: the pool's forward alone (the ceiling), "
@@ -26,6 +28,8 @@ BENCHMARKS: dict[str, str] = {
     "train": "Training images/s through the real loader: plain cross-entropy vs offline stored "
     "targets vs live teachers (1, 2, 4), as ratios to cross-entropy, and the same steps on "
     "images decoded beforehand.",
+    "graphs": "Training images/s eagerly and by CUDA-graph replay (fastkd train --cuda-graphs), "
+    "resnet18 at 32 px on batches decoded beforehand: CE, offline, live and joint steps.",
     "targets": "Compressed targets vs the dense teacher: KL and gradient errors of each tail "
     "model at equal bytes (synthetic 1000 classes, the demo's pool) and the demo's accuracy "
     "with sparse vs dense targets.",

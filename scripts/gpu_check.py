@@ -4,7 +4,8 @@
 CUDA, driver, liger-kernel, compute-sanitizer) as JSON; prints the device's short name (its
 slug: ``NVIDIA H100 80GB HBM3`` -> ``h100``). Exit status 3 without a usable CUDA device.
 ``check-kernels FILE``: the kernel benchmark's JSON has a fastkd time for every case (exit 1 if
-not); prints fastkd's GB/s and share of peak per case, and Liger's peers beside them.
+not); prints fastkd's GB/s and share of peak per case (``--alone``: with T, its share of the
+copy and its host us), and Liger's peers beside them.
 ``check-train FILE`` / ``check-dump FILE``: the training and dump benchmarks' JSON, summarised.
 ``summary --stages TSV --info FILE --out FILE``: the stages' table on stdout and the run's JSON
 (stages, device, versions) to ``--out``.
@@ -128,29 +129,37 @@ def check_kernels(path: Path) -> int:
     report = json.loads(path.read_text())
     problems = []
     print(
-        f"{'kernel':<14} {'BxC':<13} {'teacher':<7} {'fastkd ms':>9} {'GB/s':>7} {'% peak':>7}  peers"
+        f"{'kernel':<14} {'BxC':<17} {'teacher':<7} {'fastkd ms':>9} {'GB/s':>7} {'% peak':>7}"
+        f" {'% copy':>7} {'host us':>7}  peers"
     )
     for entry in report["cases"]:
         case = entry["case"]
         results = {m["method"]: m for m in entry["results"]}
         fastkd = results.get("fastkd", {})
         shape = f"{case['rows']}x{case['classes']}"
+        if case.get("temperature") is not None:  # bench kernels --alone: a case per T
+            shape += f" T={case['temperature']:g}"
         if fastkd.get("time_ms") is None:
             problems.append(f"{case['kernel']} {shape} {case['teacher']}: {fastkd.get('note')}")
             continue
         peers = ", ".join(
             f"{name} {m['gbps']:.0f} GB/s"
             for name, m in results.items()
-            if name.startswith("liger") and m.get("gbps") is not None
+            if name.startswith(("liger", "torch_compile")) and m.get("gbps") is not None
         )
         pct = fastkd.get("pct_peak")
         print(
-            f"{case['kernel']:<14} {shape:<13} {case['teacher']:<7} {fastkd['time_ms']:>9.3f} "
-            f"{fastkd['gbps']:>7.0f} {'-' if pct is None else f'{pct:.0f}':>7}  {peers or '-'}"
+            f"{case['kernel']:<14} {shape:<17} {case['teacher']:<7} {fastkd['time_ms']:>9.3f} "
+            f"{fastkd['gbps']:>7.0f} {_or_dash(pct):>7} {_or_dash(fastkd.get('pct_copy')):>7}"
+            f" {_or_dash(fastkd.get('host_us')):>7}  {peers or '-'}"
         )
     for line in problems:
         print(f"FAIL no fastkd time: {line}", file=sys.stderr)
     return 1 if problems else 0
+
+
+def _or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def check_train(path: Path) -> int:
