@@ -16,6 +16,7 @@ from torch.library import opcheck
 
 from fastkd.kernels import (
     TARGET_FIELDS,
+    PartitionedKDLoss,
     PoolTargets,
     bidirectional_kd_trusted,
     ops,
@@ -92,8 +93,11 @@ def _student() -> torch.nn.Module:
     return timm.create_model("test_resnet", num_classes=CLASSES).eval()
 
 
-@pytest.mark.parametrize("joint", [False, True], ids=["partitioned", "joint"])
-def test_compile_fullgraph_of_a_timm_student_and_the_loss_matches_eager(joint):
+@pytest.mark.parametrize("call", ["partitioned", "joint", "module"])
+def test_compile_fullgraph_of_a_timm_student_and_the_loss_matches_eager(call):
+    """The training calls (configs made once, before the steps) and the public module form
+    (its config made at construction; its input checks traced too)."""
+    joint = call == "joint"
     labels, targets = _targets(10)
     images = torch.randn(ROWS, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     models = [_student(), _student()] if joint else [_student()]
@@ -105,11 +109,14 @@ def test_compile_fullgraph_of_a_timm_student_and_the_loss_matches_eager(joint):
         )
     else:
         config = PartitionedKDConfig.of(None, mode="live", temperature=2.0)
+    criterion = PartitionedKDLoss(mode="live", temperature=2.0)
 
     def step(images):
         logits = [m(images) for m in models]
         if joint:
             return bidirectional_kd_trusted(logits, labels, config)
+        if call == "module":
+            return criterion(logits[0], labels, targets)
         return partitioned_kd_trusted(logits[0], labels, targets, config)
 
     def run(fn):
