@@ -8,8 +8,8 @@ work is timed: what is left is the host's (checks, small tensor operations, auto
 each call starts on an idle device (synchronised before it), so its wall time is the host's
 while the launches queue. Host time hardly depends on C (nothing in it reads a row), so the
 inputs are made without values: a large case costs no memory it does not touch. Each case also
-counts what one call dispatches: ATen operations (views and metadata included) and Triton
-launches. Results: ``bench/results/host-cpu.json`` on CPU, ``host-<device>.json`` on a GPU.
+counts what one call dispatches: the operations that would launch a GPU kernel
+(``kernels.launch.CountOperations``) and the Triton launches. Results: ``bench/results/host-cpu.json`` on CPU, ``host-<device>.json`` on a GPU.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.bench.device_defaults import synchronize
 from fastkd.errors import ConfigError
@@ -63,25 +62,17 @@ def host_us(step: Callable[[], None], device: torch.device, calls: int) -> dict[
     return {"median_us": 1e6 * statistics.median(times), "min_us": 1e6 * min(times)}
 
 
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket.__name__))
-        return func(*args, **(kwargs or {}))
-
-
 def dispatched(step: Callable[[], None]) -> dict[str, object]:
-    """What one call dispatches: its ATen operations (in order) and its Triton launches."""
-    from fastkd.kernels.launch import capture_launches
+    """What one call dispatches: the operations that would launch a GPU kernel
+    (``kernels.launch.CountOperations``, the three-operation test's counter), by name, and its
+    Triton launches."""
+    from fastkd.kernels.launch import CountOperations, capture_launches
 
-    with capture_launches() as launches, _OpCounter() as counter:
+    with capture_launches() as launches, CountOperations() as counter:
         step()
     return {
-        "aten_ops": len(counter.ops),
-        "aten_op_names": counter.ops,
+        "operations": counter.total,
+        "operation_names": dict(sorted(counter.operations.items())),
         "triton_launches": [
             getattr(launch.kernel, "__name__", str(launch.kernel)) for launch in launches
         ],
@@ -165,7 +156,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
                 print(
                     f"{rows}x{classes} {teacher:<5} T={temperature:g}: host "
                     f"{timing['median_us']:.0f} us per call (fastest {timing['min_us']:.0f})"
-                    f", {entry['aten_ops']} ATen ops, {len(entry['triton_launches'])} launches"
+                    f", {entry['operations']} operations besides {len(entry['triton_launches'])} launch(es)"
                 )
                 del step
     name = machine_name(device)

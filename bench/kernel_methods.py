@@ -28,6 +28,7 @@ from fastkd.kernels import (
     bidirectional_kd_reference,
     partitioned_kd_loss,
     partitioned_kd_reference,
+    partitioned_kd_trusted,
 )
 from fastkd.loss_settings import LossSettings
 
@@ -92,18 +93,20 @@ def methods(case: Case, inputs: dict, args: argparse.Namespace) -> dict[str, Cal
 
 
 def training_call(case: Case, inputs: dict, temperature: float) -> Callable:
-    """The partitioned loss's forward + backward as ``fastkd train`` runs it on one batch:
-    rows summed, the batch mean folded into ``scale``, ``grad_output_is_one`` (the strategy's
-    call, ``training.strategy``); the student is pool member 0 (``live``)."""
+    """The partitioned loss's forward + backward as ``fastkd train`` runs it on one batch
+    (``training.strategy``'s call: ``partitioned_kd_trusted`` with a config made once, rows
+    summed, the batch mean folded into ``scale``, ``grad_output_is_one``); the student is pool
+    member 0 (``live``)."""
     student, labels, targets = inputs["student"], inputs["labels"], inputs["targets"]
     student.requires_grad_()
     settings = LossSettings(temperature=temperature, reduction=Reduction.SUM)
-    scale = 1.0 / case.rows
+    # made once, as the strategy's cache makes it; the run checked labels and ids already
+    config = PartitionedKDConfig.of(
+        settings, self_index=0, scale=1.0 / case.rows, grad_output_is_one=True
+    )
 
     def call() -> None:
-        partitioned_kd_loss(
-            student, labels, targets, settings, self_index=0, scale=scale, grad_output_is_one=True
-        )[0].backward()
+        partitioned_kd_trusted(student, labels, targets, config)[0].backward()
 
     return _clearing_grads(call, [student])
 

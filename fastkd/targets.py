@@ -49,20 +49,33 @@ def target_columns(
 
 
 def pool_targets(
-    arrays: PoolArrays, to_tensors: ToTensors | None = None, temperature: float = 1.0
+    arrays: PoolArrays,
+    to_tensors: ToTensors | None = None,
+    temperature: float = 1.0,
+    mixing: Callable[[PoolTargets], PoolTargets] | None = None,
 ) -> PoolTargets:
     """A store's stacked rows (``StoreReader.read_pool``) as the kernels' host tensors, made by
     ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 either way). Dense
     rows read for a loss at ``temperature`` != 1 carry the teachers' log-sum-exp at it
     (``PoolTargets.logprobs_lse``), computed here, in the reading thread, so the kernel's first
-    pass reads the student alone."""
+    pass reads the student alone. ``mixing`` (plain KD's ``plain_targets``) turns the rows into
+    the one column the loss reads, here on the host too, before ``to_tensors``."""
     fields = {name: getattr(arrays, name, None) for name in TARGET_FIELDS}
+    tail = arrays.tail or DEFAULT_TAIL
     lse_temperature = None
-    if arrays.logprobs is not None and float(temperature) != 1.0:
-        lse = teacher_lse(torch.from_numpy(np.ascontiguousarray(arrays.logprobs)), temperature)
+    if mixing is not None:
+        mixed = mixing(PoolTargets(**_as_tensors(fields, _IDS), tail=tail))
+        fields = {name: _numpy(getattr(mixed, name)) for name in TARGET_FIELDS}
+        tail, lse_temperature = mixed.tail, mixed.lse_temperature
+    elif fields["logprobs"] is not None and float(temperature) != 1.0:
+        lse = teacher_lse(torch.from_numpy(np.ascontiguousarray(fields["logprobs"])), temperature)
         fields["logprobs_lse"], lse_temperature = lse.numpy(), float(temperature)
     tensors = (to_tensors or _as_tensors)(fields, _IDS)
-    return PoolTargets(**tensors, tail=arrays.tail or DEFAULT_TAIL, lse_temperature=lse_temperature)
+    return PoolTargets(**tensors, tail=tail, lse_temperature=lse_temperature)
+
+
+def _numpy(tensor: torch.Tensor | None) -> np.ndarray | None:
+    return None if tensor is None else tensor.numpy()
 
 
 def _as_tensors(

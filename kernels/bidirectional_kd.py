@@ -1,11 +1,12 @@
 """Live bidirectional KD for N models trained together: the public loss and its config.
 
-``bidirectional_kd_loss`` (``BidirectionalKDLoss`` as a module) checks its inputs once, then calls
-the registered op ``fastkd::bidirectional_kd`` (``kernels.ops``), which runs the fused Triton
-kernel (``kernels.bidirectional_kernel``) on CUDA tensors, or on CPU under the interpreter, and
-the torch reference (``kernels.bidirectional_reference``, which defines the rule per row)
-otherwise. The kernel writes every model's gradient in the forward pass; the op's autograd keeps
-them for the backward. ``bidirectional_kd_trusted`` is the training loop's call.
+``bidirectional_kd_loss`` (``BidirectionalKDLoss`` as a module) checks its inputs once, then runs
+the fused Triton kernel (``kernels.bidirectional_kernel``) on CUDA tensors, or on CPU under the
+interpreter, and the torch reference (``kernels.bidirectional_reference``, which defines the rule
+per row) otherwise; eagerly through an autograd Function, traced by ``torch.compile`` through the
+registered op ``fastkd::bidirectional_kd`` (``kernels.ops``). The kernel writes every model's
+gradient in the forward pass; the backward returns them. ``bidirectional_kd_trusted`` is the
+training loop's call.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fastkd.choices import Reduction
 from fastkd.errors import ConfigError
 from fastkd.kernels import common, ops
 from fastkd.kernels.bidirectional_kernel import _bidirectional_kd_kernel, launch_bidirectional_kd
+from fastkd.kernels.bidirectional_reference import bidirectional_kd_reference
 from fastkd.kernels.common import KDStats
 from fastkd.loss_settings import LossSettings
 
@@ -75,8 +77,9 @@ def bidirectional_kd_trusted(
 def _bidirectional(
     logits: Sequence[Tensor], labels: Tensor, config: BidirectionalKDConfig, checked: bool = False
 ) -> tuple[Tensor, KDStats]:
-    """The loss of one call, its inputs checked once (``checked``: the labels by the caller):
-    the registered op (``kernels.ops``), which runs the kernel or the torch reference."""
+    """The loss of one call, its inputs checked once (``checked``: the labels by the caller).
+    Traced by ``torch.compile``: the registered op (``kernels.ops``); eager: the kernel through
+    a lean autograd Function, or the torch reference (as ``partitioned_kd``'s)."""
     if len(logits) < 2:
         raise ConfigError(f"bidirectional KD needs at least 2 models, got {len(logits)}")
     logits = [common.check_logits(z, f"logits[{m}]") for m, z in enumerate(logits)]
@@ -88,9 +91,11 @@ def _bidirectional(
             )
     if not checked:
         common.check_labels(labels, logits[0], config.ignore_index)
-    if config.inplace_grad and common.triton_backend(_bidirectional_kd_kernel, logits):
+    if torch.compiler.is_compiling():
+        return ops.bidirectional_kd(logits, labels, config)
+    if common.triton_backend(_bidirectional_kd_kernel, logits):
         return common.run_function(_BidirectionalKDFunction, labels, config, *logits)
-    return ops.bidirectional_kd(logits, labels, config)
+    return bidirectional_kd_reference(logits, labels, config)
 
 
 class BidirectionalKDLoss(common.KDLossModule):
@@ -103,8 +108,8 @@ class BidirectionalKDLoss(common.KDLossModule):
 
 
 class _BidirectionalKDFunction(torch.autograd.Function):
-    """``inplace_grad``: the Triton forward writes every model's gradient over its logits, which a
-    custom op may not return; backward scales them by grad_output."""
+    """Triton forward that writes every model's gradient (over its logits with ``inplace_grad``);
+    backward scales them by grad_output (``common.scaled_gradients``)."""
 
     @staticmethod
     def forward(ctx, labels, config, *logits):

@@ -161,6 +161,7 @@ def forward_with_gradients(
     """An autograd forward whose kernel wrote ``grads``: keep them for ``scaled_gradients`` and
     return the reduced loss and the four stats (not differentiable)."""
     row_loss, *stats = outputs
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the stats (never used)
     ctx.save_for_backward(*(g.detach() for g in grads))
     ctx.reduction = config.reduction
     ctx.grad_output_is_one = config.grad_output_is_one
@@ -188,9 +189,11 @@ def kernel_scalars(config: KDLossConfig) -> tuple[int, float, float, float, floa
 
 
 def scaled_gradients(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, ...]:
-    """The backward of ``forward_with_gradients``: the saved gradients times ``grad_loss``."""
+    """The backward of ``forward_with_gradients``: the saved gradients times ``grad_loss``,
+    detached (a tensor of its own, which autograd hands to a leaf's ``.grad`` without a copy)."""
     return tuple(
-        scale_grad_(g, grad_loss, ctx.reduction, ctx.grad_output_is_one) for g in ctx.saved_tensors
+        scale_grad_(g.detach(), grad_loss, ctx.reduction, ctx.grad_output_is_one)
+        for g in ctx.saved_tensors
     )
 
 

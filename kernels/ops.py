@@ -1,8 +1,9 @@
 """The KD losses registered with torch: ``fastkd::partitioned_kd`` and ``fastkd::bidirectional_kd``.
 
 ``torch.library`` custom ops, so ``torch.compile`` traces a model and its loss as one graph (the
-op is opaque to it: the fake implementation gives its outputs' shapes) and a CUDA graph captures
-the launch like any other. Each op takes tensors and one string: the targets flattened in
+op is opaque to it: the fake implementation gives its outputs' shapes). The public losses call
+them only while ``torch.compile`` traces: eagerly they run the same launcher through an autograd
+Function, which costs the host less than a custom op's Python dispatch. Each op takes tensors and one string: the targets flattened in
 ``TARGET_FIELDS`` order (optional tensors for absent fields, so a new field flows through), their
 tail model, and the call's config as JSON (decoded once per distinct config). It returns the loss,
 the per-row statistics as one fp32 [B, 4] (kl, p_student, p_teacher after the row loss's column:
@@ -130,8 +131,7 @@ def _partitioned_op(
         )
         return loss, stats, chosen, grad
     if cfg.mode is PartitionMode.PLAIN:
-        safe_labels = torch.where(labels != cfg.ignore_index, labels, 0)
-        pool, cfg = plain_as_best(pool, safe_labels, student_logits.shape[1], cfg)
+        pool, cfg = plain_as_best(pool, labels, student_logits.shape[1], cfg)
     grad = torch.empty_like(student_logits)
     outputs = launch_partitioned_kd(student_logits, grad, labels, pool, cfg)
     return *_kernel_outputs(outputs, labels, cfg), grad
@@ -198,7 +198,17 @@ def _reference(
     loss_of: Any, logits: Sequence[Tensor], config: KDLossConfig
 ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...]]:
     """The torch reference inside an op: its loss, statistics, chosen and, by autograd, the
-    gradient each logits tensor gets (per row for ``reduction="none"``)."""
+    gradient each logits tensor gets (per row for ``reduction="none"``). Under inference mode, or
+    on inference tensors, nothing can be differentiated: the loss alone, the gradients left
+    unwritten (no backward will read them)."""
+    if torch.is_inference_mode_enabled() or any(z.is_inference() for z in logits):
+        loss, stats = loss_of(list(logits))
+        return (
+            loss,
+            _table(loss, stats),
+            stats.chosen.long(),
+            tuple(torch.empty_like(z) for z in logits),
+        )
     keys = torch._C.DispatchKey
     exclude = torch._C._dispatch_tls_local_exclude_set()  # the op runs below autograd: undo
     for key in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor):
@@ -209,9 +219,13 @@ def _reference(
         loss, stats = loss_of(leaves)
         total = loss if loss.dim() == 0 else loss.sum()  # rows are independent
         grads = torch.autograd.grad(total, leaves, allow_unused=True, materialize_grads=True)
-    columns = (stats.kl, stats.kl, stats.p_student, stats.p_teacher)  # the first is not read
-    table = torch.stack([t.detach().to(loss.dtype) for t in columns], dim=1)
-    return loss.detach(), table, stats.chosen.long(), tuple(grads)
+    return loss.detach(), _table(loss, stats), stats.chosen.long(), tuple(grads)
+
+
+def _table(loss: Tensor, stats: KDStats) -> Tensor:
+    """The reference's statistics as the op's [B, 4] (its first column is not read)."""
+    columns = (stats.kl, stats.kl, stats.p_student, stats.p_teacher)
+    return torch.stack([t.detach().to(loss.dtype) for t in columns], dim=1)
 
 
 # -- autograd: the gradient was written in the forward ---------------------------------------------

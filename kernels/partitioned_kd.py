@@ -1,12 +1,13 @@
 """Partitioned KD against stored pool targets: the public loss and its config.
 
-``partitioned_kd_loss`` (``PartitionedKDLoss`` as a module) checks its inputs once, then calls
-the registered op ``fastkd::partitioned_kd`` (``kernels.ops``), which runs the fused Triton kernel
-(``kernels.partitioned_kernel``) on CUDA tensors, or on CPU under the interpreter, and the torch
-reference (``kernels.partitioned_reference``, which defines the rule per row) otherwise: the same
-code eager, under ``torch.compile`` and in a CUDA graph. The kernel writes the gradient in the
-forward pass; the op's autograd keeps it for the backward. ``partitioned_kd_trusted`` is the
-training loop's call: no check the run has made already, a config made once.
+``partitioned_kd_loss`` (``PartitionedKDLoss`` as a module) checks its inputs once, then runs the
+fused Triton kernel (``kernels.partitioned_kernel``) on CUDA tensors, or on CPU under the
+interpreter, and the torch reference (``kernels.partitioned_reference``, which defines the rule
+per row) otherwise. Eagerly the kernel runs through an autograd Function; traced by
+``torch.compile``, through the registered op ``fastkd::partitioned_kd`` (``kernels.ops``), the
+same launcher either way. The kernel writes the gradient in the forward pass; the backward
+returns it (``common.forward_with_gradients``). ``partitioned_kd_trusted`` is the training loop's
+call: no check the run has made already, a config made once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastkd.errors import ConfigError
 from fastkd.kernels import common, ops
 from fastkd.kernels.common import KDStats
 from fastkd.kernels.partitioned_kernel import _partitioned_kd_kernel, launch_partitioned_kd
-from fastkd.kernels.partitioned_reference import plain_as_best
+from fastkd.kernels.partitioned_reference import partitioned_kd_reference, plain_as_best
 from fastkd.kernels.targets import PoolTargets
 from fastkd.loss_settings import LossSettings
 
@@ -95,17 +96,20 @@ def _partitioned(
     config: PartitionedKDConfig,
     checked: bool = False,
 ) -> tuple[Tensor, KDStats]:
-    """The loss of one call, its inputs checked once (``checked``: by the caller): the
-    registered op (``kernels.ops``), which runs the kernel or the torch reference."""
+    """The loss of one call, its inputs checked once (``checked``: by the caller). Traced by
+    ``torch.compile``: the registered op (``kernels.ops``). Eager: the kernel through a lean
+    autograd Function (a custom op's Python dispatch costs tens of microseconds a call), or the
+    torch reference."""
     student_logits = common.check_logits(student_logits, "student_logits")
     if not checked:
         common.check_labels(labels, student_logits, config.ignore_index)
         targets.check(*student_logits.shape, device=student_logits.device)
-    if config.inplace_grad and common.triton_backend(_partitioned_kd_kernel, [student_logits]):
-        safe_labels = torch.where(labels != config.ignore_index, labels, 0)
-        targets, config = plain_as_best(targets, safe_labels, student_logits.shape[1], config)
+    if torch.compiler.is_compiling():
+        return ops.partitioned_kd(student_logits, labels, targets, config)
+    if common.triton_backend(_partitioned_kd_kernel, [student_logits]):
+        targets, config = plain_as_best(targets, labels, student_logits.shape[1], config)
         return common.run_function(_PartitionedKDFunction, student_logits, labels, targets, config)
-    return ops.partitioned_kd(student_logits, labels, targets, config)
+    return partitioned_kd_reference(student_logits, labels, targets, config)
 
 
 class PartitionedKDLoss(common.KDLossModule):
@@ -120,8 +124,8 @@ class PartitionedKDLoss(common.KDLossModule):
 
 
 class _PartitionedKDFunction(torch.autograd.Function):
-    """``inplace_grad``: the Triton forward writes the gradient over the logits, which a custom op
-    may not return (an output may not alias an input); backward scales it by grad_output."""
+    """Triton forward that writes the gradient (over the logits with ``inplace_grad``); backward
+    scales it by grad_output (``common.scaled_gradients``)."""
 
     @staticmethod
     def forward(ctx, student_logits, labels, targets, config):

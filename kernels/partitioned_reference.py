@@ -42,16 +42,31 @@ if TYPE_CHECKING:  # a type hint only: the config's module imports this one
 def plain_as_best(
     targets: PoolTargets, labels: Tensor, num_classes: int, config: PartitionedKDConfig
 ) -> tuple[PoolTargets, PartitionedKDConfig]:
-    """``plain`` as the kernels run it: the teachers' mixture at T as one column, read as
-    ``best`` (the one column teaches every row); other modes unchanged."""
+    """``plain`` as the kernels run it: the teachers' mixture at T as one column
+    (``plain_targets``), read as ``best`` (``plain_config``); other modes unchanged."""
     if config.mode is not PartitionMode.PLAIN:
         return targets, config
+    return plain_targets(targets, labels, num_classes, config), plain_config(config)
+
+
+def plain_targets(
+    targets: PoolTargets, labels: Tensor, num_classes: int, config: PartitionedKDConfig
+) -> PoolTargets:
+    """Plain KD's one column: the teachers' mixture at T (``PoolTargets.mixture``; labels of
+    ignored rows are read as class 0), carrying its log-sum-exp at T. Training makes it where
+    its targets are made (the store reader's thread, the live teachers' step), not in the loss."""
     mixed = targets.mixture(config.temperature, labels, num_classes, exclude=config.self_index)
-    # One column teaches every row: there is nothing to partition, so no score is compared.
-    best = dataclasses.replace(
+    return mixed.with_lse(config.temperature)
+
+
+def plain_config(config: PartitionedKDConfig) -> PartitionedKDConfig:
+    """A ``plain`` config as the kernels run it on ``plain_targets``: ``best`` on one column,
+    which teaches every row, so there is nothing to partition and no score is compared."""
+    if config.mode is not PartitionMode.PLAIN:
+        return config
+    return dataclasses.replace(
         config, mode=PartitionMode.BEST, self_index=None, partition_score=PartitionScore.LABEL
     )
-    return mixed, best
 
 
 def partitioned_kd_reference(

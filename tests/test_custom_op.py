@@ -137,3 +137,21 @@ def test_compile_fullgraph_of_a_timm_student_and_the_loss_matches_eager(call):
     torch.testing.assert_close(chosen, eager_chosen)
     for grad, eager in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(grad, eager)
+
+
+def test_the_reference_inside_the_op_runs_under_inference_mode():
+    """Evaluation loops on CPU (the torch reference backs the op there) run the loss under
+    ``torch.inference_mode``: nothing to differentiate, the loss as outside it."""
+    from fastkd.kernels import bidirectional_kd_loss, partitioned_kd_loss
+
+    labels, targets = _targets(10)
+    logits = torch.randn(ROWS, CLASSES, dtype=torch.float64)
+    expected, _ = partitioned_kd_loss(logits, labels, targets, mode="live")
+    joint = [logits, logits.flip(0)]
+    expected_joint, _ = bidirectional_kd_loss(joint, labels)
+    with torch.inference_mode():
+        loss, stats = partitioned_kd_loss(logits.clone(), labels, targets, mode="live")
+        joint_loss, _ = bidirectional_kd_loss([z.clone() for z in joint], labels)
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(joint_loss, expected_joint)
+    assert stats.chosen.shape == (ROWS,)

@@ -1,15 +1,11 @@
 """A loss call as ``fastkd train`` makes it launches at most three tensor operations besides the
 Triton loss kernel, forward and backward together.
 
-Counted on CPU: ``capture_launches`` records the Triton launches instead of running them, and a
-``TorchDispatchMode`` counts every aten operation that would launch a kernel on a GPU, across the
-strategy's loss call and ``loss.backward()``. Not counted (``_FREE``), since none launches a
-kernel on a GPU: views (``OpOverload.is_view``: slices, selects, expands, reshapes that alias),
-``detach`` / ``alias`` (a new tensor over the same memory), and empty allocations (``empty*``,
-``new_empty*``: the caching allocator hands out memory without a kernel). Fills, copies, casts,
-reductions, comparisons and arithmetic all count, as does each ``fastkd`` custom op's own body
-(the mode steps into it: the op is not a place to hide work). Each count is of a run's second
-call, as in every step after its first.
+Counted on CPU: ``capture_launches`` records the Triton launches instead of running them, and
+``kernels.launch.CountOperations`` counts every aten operation that would launch a kernel on a GPU
+(not views, detach / alias or empty allocations; each ``fastkd`` custom op's own body counts)
+across the strategy's loss call and ``loss.backward()``. Each count is of a run's second call, as
+in every step after its first.
 """
 
 from __future__ import annotations
@@ -20,46 +16,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastkd.choices import Reduction
 from fastkd.kernels import PoolTargets
-from fastkd.kernels.launch import capture_launches
+from fastkd.kernels.launch import CountOperations, capture_launches
+from fastkd.kernels.partitioned_reference import plain_targets
 from fastkd.loss_settings import LossSettings
 from fastkd.training.strategy import JointBiKD, LiveTeachers, StoredTargets
 
 MAX_OPS = 3  # issue 25: at most three operations besides the loss kernel a training call
 ROWS, MEMBERS, CLASSES = 8, 3, 40
-_FREE = {
-    "aten::empty",
-    "aten::empty_like",
-    "aten::empty_strided",
-    "aten::new_empty",
-    "aten::new_empty_strided",
-    "aten::detach",
-    "aten::alias",
-}
-
-
-_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)  # below this mode's key
-
-
-class CountOps(TorchDispatchMode):
-    """Counts the aten operations that would launch a GPU kernel (module docstring)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        if name.startswith("fastkd::"):  # step into the registered op: its body counts
-            with self:
-                return func.redispatch(_CPU, *args, **kwargs)
-        if not (func.is_view or name in _FREE):
-            self.ops[name] += 1
-        return func(*args, **kwargs)
 
 
 def _stored(topk: int) -> PoolTargets:
@@ -87,24 +53,29 @@ def _count(call, leaves: list[torch.Tensor]) -> tuple[Counter, int]:
         call()[0].backward()
     for leaf in leaves:
         leaf.grad = None
-    with capture_launches() as launches, CountOps() as counter:
+    with capture_launches() as launches, CountOperations() as counter:
         loss, _stats = call()
         loss.backward()
     assert all(leaf.grad is not None for leaf in leaves)
-    return counter.ops, len(launches)
+    return counter.operations, len(launches)
 
 
 def _batch(labels: torch.Tensor, targets: PoolTargets | None = None) -> SimpleNamespace:
     return SimpleNamespace(labels=labels, targets=targets)
 
 
+@pytest.mark.parametrize("mode", ["live", "plain"])
 @pytest.mark.parametrize("topk", [0, 10], ids=["dense", "top-10"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_stored_targets_call_launches_at_most_three_operations(topk, dtype):
+def test_a_stored_targets_call_launches_at_most_three_operations(topk, dtype, mode):
+    """Plain KD's mixture is made with the targets, where the store's rows are read (here as
+    ``StoredTargets.read`` makes it), not in the loss call."""
     targets = _stored(topk)
     labels = torch.randint(0, CLASSES, (ROWS,))
     logits = torch.randn(ROWS, CLASSES, dtype=dtype, requires_grad=True)
-    strategy = _strategy(StoredTargets)
+    strategy = _strategy(StoredTargets, mode)
+    if mode == "plain":
+        targets = plain_targets(targets, labels, CLASSES, strategy._plain)
     batch = _batch(labels, targets)
     ops, launches = _count(lambda: strategy.loss([logits], batch, 0.125), [logits])
     assert launches == 1, "the loss is one kernel launch"

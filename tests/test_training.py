@@ -27,11 +27,13 @@ from fastkd.augment import AugmentConfig
 from fastkd.cli.main import app
 from fastkd.dump import DumpConfig, run_dump
 from fastkd.errors import ConfigError
+from fastkd.kernels import partitioned_kd_loss
 from fastkd.loss_settings import LOSS_FIELDS, LossSettings
 from fastkd.models import CheckpointError, ModelSpec, load_model
 from fastkd.outputs import claim_output_folder
 from fastkd.partition import logits_score, select_teacher
 from fastkd.store import StoreMismatchError
+from fastkd.targets import pool_targets
 from fastkd.training import (
     NonFiniteError,
     TrainConfig,
@@ -127,6 +129,13 @@ def test_each_partition_mode_chooses_as_the_partition_rule(
     _, stats, (logits,) = trainer.loss(batch)
     if mode == "plain":  # the teachers' mixture, one column, on every row
         assert (stats.chosen == 0).all()
+        # made where the rows are read, it is the loss of the stored columns (fp64 reference)
+        rows = trainer.reader.read_pool(members, batch.samples, batch.views)
+        loss, _ = trainer.loss(batch)[:2]
+        expected, _ = partitioned_kd_loss(
+            logits.detach().double(), batch.labels, pool_targets(rows), trainer.cfg.loss
+        )
+        torch.testing.assert_close(loss.double(), expected * len(batch.labels), rtol=1e-4, atol=0)
         return
     expected = select_teacher(
         batch.targets.partition_scores(score),

@@ -45,6 +45,7 @@ from fastkd.kernels import (
     bidirectional_kd_trusted,
     partitioned_kd_trusted,
 )
+from fastkd.kernels.partitioned_reference import plain_config, plain_targets
 from fastkd.loss_settings import LossSettings
 from fastkd.models import LoadedModel, ModelSpec, file_sha256
 from fastkd.runtime import autocast, fast_memory_format
@@ -139,9 +140,20 @@ class _PartitionedTeaching(TeachingStrategy):
         return partitioned_kd_trusted(logits[0], batch.labels, targets, self.loss_config(scale))
 
     def _make_config(self, scale: float) -> PartitionedKDConfig:
-        return PartitionedKDConfig.of(
+        """The loss's config; ``plain`` as the kernel runs it (``plain_config``): the targets
+        are already the teachers' mixture, made with them (``plain_targets``), not in the loss."""
+        config = PartitionedKDConfig.of(
             self._settings, self_index=self.self_index, scale=scale, grad_output_is_one=True
         )
+        return plain_config(config)
+
+    @functools.cached_property
+    def _plain(self) -> PartitionedKDConfig | None:
+        """The config ``plain_targets`` mixes by (its T, the student's own column), or None
+        unless the mode is ``plain``."""
+        if self.cfg.loss.mode is not PartitionMode.PLAIN:
+            return None
+        return PartitionedKDConfig.of(self._settings, self_index=self.self_index)
 
 
 class StoredTargets(_PartitionedTeaching):
@@ -194,7 +206,14 @@ class StoredTargets(_PartitionedTeaching):
         ``ring``'s pinned buffers of ``slot``, when given)."""
         rows = self.run.reader.read_pool(self.members, samples, views)
         fill = None if ring is None else functools.partial(ring.fill, slot)
-        return pool_targets(rows, fill, self.cfg.loss.temperature)
+        mixing = None
+        if self._plain is not None:  # plain KD: the teachers' mixture, made here on the host
+            labels = torch.from_numpy(self.run.dataset.labels[samples].astype(np.int64))
+            dataset_classes = self.run.dataset.num_classes
+            mixing = functools.partial(
+                plain_targets, labels=labels, num_classes=dataset_classes, config=self._plain
+            )
+        return pool_targets(rows, fill, self.cfg.loss.temperature, mixing)
 
     def step_targets(self, plan: EpochPlan) -> Iterator[PoolTargets]:
         """Each step's stored rows, read ``PREFETCH_STEPS`` ahead in a thread into a ring of
@@ -266,7 +285,10 @@ class LiveTeachers(_PartitionedTeaching):
             logits = [t.model(batch.images[t.stream]) for t in self.teachers]
         # No log-sum-exp at T here (PoolTargets.with_lse): for live logits it would read every
         # member's row on the device, more than pass 1's read of the one chosen teacher.
-        return PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
+        targets = PoolTargets.from_logits(torch.stack(logits, dim=1).float(), batch.labels)
+        if self._plain is None:
+            return targets
+        return plain_targets(targets, batch.labels, logits[0].shape[1], self._plain)
 
     def loss(
         self, logits: Sequence[Tensor], batch: Batch, scale: float = 1.0
