@@ -259,7 +259,10 @@ def pick_tiling(
     )
     if max_block is not None:
         block = tile_width(num_classes, max_block)
-        return Tiling(block, num_warps_for(block), stages, registers)
+        warps = num_warps_for(block)
+        if registers is not None:  # a cap the SM's 64K registers hold at these warps
+            registers = min(registers, 65536 // (32 * warps) // 8 * 8)
+        return Tiling(block, warps, stages, registers)
     block = tile_width(num_classes, max(16, tile_bytes // element_size))
     return Tiling(block, min(warps, num_warps_for(block)), stages, registers)
 

@@ -227,6 +227,8 @@ def test_the_refusals_name_the_option(pool, tmp_path):
         Trainer(config(pool, tmp_path, cuda_graphs=True), dist_context=DistContext(0, 2, 0))
     with pytest.raises(ConfigError, match=r"--compile and --cuda-graphs"):
         config(pool, tmp_path, cuda_graphs=True, torch_compile=True)
+    with pytest.raises(ConfigError, match=r"--compile under torchrun \(world size 2\)"):
+        Trainer(config(pool, tmp_path, torch_compile=True), dist_context=DistContext(0, 2, 0))
 
 
 def test_cli_refuses_cuda_graphs_without_a_gpu_in_one_line(pool, tmp_path):

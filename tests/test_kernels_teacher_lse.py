@@ -50,7 +50,7 @@ def test_the_kernel_reads_the_given_lse_and_only_at_its_own_temperature():
     assert_matches_reference(student, labels, shifted, mode="best", temperature=1.0)
 
 
-def test_live_targets_carry_their_lse_and_plain_pool_targets_refuse_a_stray_one():
+def test_from_logits_at_t_carries_its_lse_and_pool_targets_refuse_a_stray_one():
     gen = torch.Generator().manual_seed(1)
     pool, labels = torch.randn(3, 2, 50, generator=gen), torch.tensor([0, 4, 49])
     live = PoolTargets.from_logits(pool, labels, temperature=3.0)

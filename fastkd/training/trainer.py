@@ -112,6 +112,12 @@ class Trainer:
                 f"{self.dist.world_size} (it is the global batch)"
             )
         problems = graph_problems(cfg, self.device, self.dist.world_size) if cfg.cuda_graphs else []
+        if cfg.torch_compile and self.dist.world_size > 1:
+            problems.append(
+                f"--compile under torchrun (world size {self.dist.world_size}): one fullgraph "
+                "of DistributedDataParallel models and the loss is not tested yet; leave out "
+                "--compile or train in one process"
+            )
         if problems:
             raise ConfigError("invalid training configuration: " + "; ".join(problems))
         if self.device.type == "cuda":
