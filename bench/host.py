@@ -94,7 +94,8 @@ def make_host_inputs(case, args: argparse.Namespace, device: torch.device) -> di
     pool = torch.randn(rows, args.members, small, device=device, generator=gen)
     if case.teacher == "topk":
         targets = PoolTargets.from_logits(pool, labels, args.topk, TailModel.BUCKET)
-        targets.topk_ids = targets.topk_ids.int()  # as the store keeps them
+        # as training's store reader hands them over (fastkd.targets.pool_targets)
+        targets.log_tail_sqrt = targets.log_tail_sqrt.float()
     else:
         targets = PoolTargets.from_logits(pool, labels, 0).with_lse(case.temperature)
         wide = torch.empty(rows, args.members, classes, device=device, dtype=targets.logprobs.dtype)

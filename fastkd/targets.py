@@ -26,7 +26,15 @@ from fastkd.store import PoolArrays
 ToTensors = Callable[
     [Mapping[str, np.ndarray | None], Mapping[str, torch.dtype]], Mapping[str, torch.Tensor | None]
 ]
-_IDS = {"topk_ids": torch.int64, "tail_ids": torch.int64}  # the kernels index with int64
+# The dtypes the kernels take, made here on the host (not a cast a step on the device): int64
+# ids, fp32 row statistics (a store keeps log_tail_sqrt in fp16).
+_DTYPES = {
+    "topk_ids": torch.int64,
+    "tail_ids": torch.int64,
+    "log_tail": torch.float32,
+    "log_tail_sqrt": torch.float32,
+    "true_logprob": torch.float32,
+}
 
 
 def target_columns(
@@ -55,7 +63,8 @@ def pool_targets(
     mixing: Callable[[PoolTargets], PoolTargets] | None = None,
 ) -> PoolTargets:
     """A store's stacked rows (``StoreReader.read_pool``) as the kernels' host tensors, made by
-    ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 either way). Dense
+    ``to_tensors`` (default: tensors over the arrays' memory; ids as int64 and row statistics as
+    fp32 either way). Dense
     rows read for a loss at ``temperature`` != 1 carry the teachers' log-sum-exp at it
     (``PoolTargets.logprobs_lse``), computed here, in the reading thread, so the kernel's first
     pass reads the student alone. ``mixing`` (plain KD's ``plain_targets``) turns the rows into
@@ -64,13 +73,13 @@ def pool_targets(
     tail = arrays.tail or DEFAULT_TAIL
     lse_temperature = None
     if mixing is not None:
-        mixed = mixing(PoolTargets(**_as_tensors(fields, _IDS), tail=tail))
+        mixed = mixing(PoolTargets(**_as_tensors(fields, _DTYPES), tail=tail))
         fields = {name: _numpy(getattr(mixed, name)) for name in TARGET_FIELDS}
         tail, lse_temperature = mixed.tail, mixed.lse_temperature
     elif fields["logprobs"] is not None and float(temperature) != 1.0:
         lse = teacher_lse(torch.from_numpy(np.ascontiguousarray(fields["logprobs"])), temperature)
         fields["logprobs_lse"], lse_temperature = lse.numpy(), float(temperature)
-    tensors = (to_tensors or _as_tensors)(fields, _IDS)
+    tensors = (to_tensors or _as_tensors)(fields, _DTYPES)
     return PoolTargets(**tensors, tail=tail, lse_temperature=lse_temperature)
 
 

@@ -33,7 +33,10 @@ def _stored(topk: int) -> PoolTargets:
     gen = torch.Generator().manual_seed(topk)
     pool = torch.randn(ROWS, MEMBERS, CLASSES, generator=gen) * 3
     labels = torch.randint(0, CLASSES, (ROWS,), generator=gen)
-    return PoolTargets.from_logits(pool, labels, topk)
+    targets = PoolTargets.from_logits(pool, labels, topk)
+    if targets.is_sparse:  # a store keeps it in fp16; its reader hands it over in fp32
+        targets.log_tail_sqrt = targets.log_tail_sqrt.float()
+    return targets
 
 
 def _strategy(kind: type, mode: str = "live") -> SimpleNamespace:
