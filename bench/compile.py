@@ -12,7 +12,9 @@ records the launch the launcher makes on CPU tensors of that shape
 (``kernels.launch.capture_launches``), compiles it with ``triton.compile`` for the target through
 a stand-in active driver, runs the wheel's ptxas -v (registers, spills, shared memory) and reads
 the SASS with its cuobjdump (global load and store widths, MUFU.EX2 per element, the
-asynchronous copies in each loop: the software pipeline's loads ahead). It fails on a compile
+asynchronous copies in each loop: the software pipeline's loads ahead). Each distinct kernel is
+compiled and read once: many configurations compile to the same one (shapes are not
+specialised on), and they share its record (``kernel_hash``). It fails on a compile
 error, a spill or stack frame, fewer than two blocks per SM, or a KD kernel's whole-tile loop
 without asynchronous copies (``problems``). One JSON per
 architecture, ``bench/results/compile-sm<arch>.json``. Triton must not be in interpreter mode
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +75,8 @@ class Result:
     ex2_per_element: float = 0.0  # exps per row element: tensor exps in the whole-tile loops
     whole_tile_loops: int = 0  # the TTGIR's loops over a row's whole tiles
     loop_async_copies: list[int] = field(default_factory=list)  # LDGSTS in each SASS loop
-    compile_seconds: float = 0.0
+    compile_seconds: float = 0.0  # 0 where the record is another configuration's (kernel_hash)
+    kernel_hash: str = ""  # the compiled kernel's: configurations sharing it share one compile
 
     @property
     def pipelined_loops(self) -> int:
@@ -81,7 +84,12 @@ class Result:
         return sum(1 for copies in self.loop_async_copies if copies)
 
 
-def check(config: Config, arch: int) -> Result:
+def check(config: Config, arch: int, checked: dict[str, Result] | None = None) -> Result:
+    """One configuration compiled for ``arch`` and its machine code read. ``checked``: the
+    records made so far by compiled kernel hash; a configuration whose launch compiles to one
+    of them (the launchers' shapes and strides are not specialised on, so e.g. 8192 x 128256
+    compiles to 4096 x 32000's kernel) takes its record: Triton's own cache returns the kernel,
+    and its SASS is not read again."""
     result = Result(config, arch)
     start = time.perf_counter()
     try:
@@ -92,23 +100,29 @@ def check(config: Config, arch: int) -> Result:
         result.error = f"{type(error).__name__}: {error}"[:2000]
         return result
     result.compile_seconds = round(time.perf_counter() - start, 2)
+    result.kernel_hash = compiled.metadata.hash
+    if checked is not None and result.kernel_hash in checked:
+        return replace(checked[result.kernel_hash], config=config, compile_seconds=0.0)
     result.constexprs = {
         k: v for k, v in launch.options.items() if isinstance(v, int | bool | float | str)
     }
     result.num_warps = compiled.metadata.num_warps
-    for key, value in resource_usage(compiled.asm["cubin"], ptxas_log).items():
+    cubin = compiled.asm["cubin"]
+    for key, value in resource_usage(cubin, ptxas_log).items():
         setattr(result, key, value)
     result.shared_bytes = max(result.shared_bytes, compiled.metadata.shared)
-    sass = sass_of(compiled.asm["cubin"])
+    sass = sass_of(cubin)
     result.loads, result.stores, result.mufu_ex2 = sass_counts(sass)
     result.loop_async_copies = loop_async_copies(sass)
     result.whole_tile_loops = whole_tile_loops(compiled.asm["ttgir"])
     # per element of each model's row (the partitioned kernel: of the student's, with its
-    # teacher's matching element)
+    # teacher's matching element); one kernel serves one model count (a constexpr)
     result.ex2_per_element = loop_exps(compiled.asm["ttgir"]) / max(1, config.models)
     result.blocks_per_sm = blocks_per_sm(
         arch, result.registers, result.num_warps, result.shared_bytes
     )
+    if checked is not None:
+        checked[result.kernel_hash] = result
     return result
 
 
@@ -116,9 +130,23 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in part.split("x")) for part in text.split(",") if part]
 
 
-def check_arch(arch: int, configs: list[Config]) -> list[Result]:
-    """Every config compiled for one architecture (one process: its kernel cache is shared)."""
-    return [check(config, arch) for config in configs]
+_CHECKED: dict[str, Result] = {}  # a compiling process's records, by compiled kernel hash
+
+
+def check_group(arch: int, configs: list[Config]) -> list[Result]:
+    """Configurations compiled for one architecture in a compiling process, each distinct
+    kernel compiled and read once per process (``check``'s ``checked``, kept across groups;
+    Triton's kernel cache keeps each architecture apart: ``compile_sass.compile_launch``)."""
+    return [check(config, arch, _CHECKED) for config in configs]
+
+
+def compile_groups(configs: list[Config]) -> list[list[int]]:
+    """The configurations' indices grouped by all but their shape: a group's launches often
+    compile to one kernel (shapes are not specialised on), so one process takes the group."""
+    groups: dict[Config, list[int]] = {}
+    for index, config in enumerate(configs):
+        groups.setdefault(replace(config, rows=0, classes=0), []).append(index)
+    return list(groups.values())
 
 
 MIN_BLOCKS_PER_SM = 2
@@ -177,9 +205,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     with tempfile.TemporaryDirectory() as cache:
         # A fresh Triton cache: every kernel is compiled here, so ptxas -v logs exist.
         os.environ["TRITON_CACHE_DIR"] = cache
+        # Every core takes (architecture, group) tasks as it frees up: no core waits for the
+        # slower architecture's last kernels.
+        tasks = [(arch, group) for group in compile_groups(configs) for arch in archs]
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(len(archs), mp_context=context) as pool:
-            per_arch = list(pool.map(check_arch, archs, [configs] * len(archs)))
+        workers = max(1, min(os.cpu_count() or 1, len(tasks)))
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            done = pool.map(
+                check_group,
+                [arch for arch, _ in tasks],
+                [[configs[i] for i in group] for _, group in tasks],
+            )
+            found = {
+                (arch, i): result
+                for (arch, group), results in zip(tasks, done, strict=True)
+                for i, result in zip(group, results, strict=True)
+            }
+        per_arch = [[found[arch, i] for i in range(len(configs))] for arch in archs]
     import triton
 
     failures = []
@@ -191,13 +233,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
             "arch": f"sm_{arch}",
             "triton": triton.__version__,
             "configurations": len(results),
+            "distinct_kernels": len({r.kernel_hash for r in results if r.ok}),
             "results": [asdict(r) | {"pipelined_loops": r.pipelined_loops} for r in results],
         }
         out.write_text(json.dumps(payload, indent=1) + "\n")
         failures += problems(results)
         good = [r for r in results if r.ok]
         print(
-            f"sm_{arch}: {len(results)} configurations, {len(results) - len(good)} failed to "
+            f"sm_{arch}: {len(results)} configurations ({len({r.kernel_hash for r in good})} "
+            f"distinct kernels), {len(results) - len(good)} failed to "
             f"compile; registers {min(r.registers for r in good)}-{max(r.registers for r in good)}, "
             f"blocks/SM >= {min(r.blocks_per_sm for r in good)}, exps per element <= "
             f"{max(r.ex2_per_element for r in good)}, stack <= "

@@ -40,7 +40,9 @@ class _StandInDriver:
         return self.target
 
     def get_current_device(self) -> int:
-        return 0
+        # One device per architecture: the JIT's per-device kernel caches keep each apart, so
+        # one process compiles for several.
+        return self.target.arch
 
     def get_current_stream(self, device: int | None = None) -> int:
         return 0
@@ -66,8 +68,10 @@ def compile_launch(launch: Any, arch: int) -> tuple[Any, str]:
     driver.set_active(_StandInDriver(GPUTarget("cuda", arch, 32)))
     log = io.StringIO()
     try:
-        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True  # Triton runs ptxas -v and prints its log
+            # No line tables: nothing here reads them, and the same SASS compiles sooner.
+            knobs.compilation.disable_line_info = True
             compiled = launch.kernel.warmup(*launch.args, grid=launch.grid, **launch.options)
     finally:
         driver._active = previous
@@ -126,11 +130,12 @@ def sass_counts(sass: str) -> tuple[dict[str, int], dict[str, int], int]:
 
 
 def loop_async_copies(sass: str) -> list[int]:
-    """The asynchronous global-to-shared copies (LDGSTS) in each loop of the SASS, in address
-    order: a loop is a backward branch's span, from its target to the branch. A pipelined tile
-    loop issues the copies of a later tile while it computes this one (and waits on them with
-    LDGDEPBAR / DEPBAR), so its span holds LDGSTS; a loop that loads only what it uses holds
-    none."""
+    """The asynchronous global-to-shared copies (LDGSTS) in each innermost loop of the SASS, in
+    address order: a loop is a backward branch's span, from its target to the branch; a span
+    that holds another (the kernels' row loop around its tile loops) is not counted. A pipelined
+    tile loop issues the copies of a later tile while it computes this one (and waits on them
+    with LDGDEPBAR / DEPBAR), so its span holds LDGSTS; a loop that loads only what it uses
+    holds none."""
     code = [
         (int(address, 16), text)
         for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
@@ -140,37 +145,56 @@ def loop_async_copies(sass: str) -> list[int]:
         branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) <= address:
             spans.append((int(branch.group(1), 16), address))
+    innermost = [
+        (start, end)
+        for start, end in spans
+        if not any((s, e) != (start, end) and start <= s and e <= end for s, e in spans)
+    ]
     return [
         sum(1 for address, text in code if start <= address <= end and "LDGSTS" in text)
-        for start, end in sorted(spans)
+        for start, end in sorted(innermost)
     ]
 
 
+def _tile_loop_spans(ttgir: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """The TTGIR's lines and the (first, last) line of each loop over a row's whole tiles: an
+    innermost ``scf.for`` to a computed bound (a row's tile count; the masked ends' two-trip
+    loop runs to a literal, and the row loop around the tile loops holds them)."""
+    lines = ttgir.splitlines()
+    loops, open_loops, depth = [], [], 0
+    for index, line in enumerate(lines):
+        loop = re.search(r"scf\.for %\S+ = %\S+ to (%\S+) step", line)
+        if loop and line.rstrip().endswith("{"):
+            open_loops.append((depth, index, loop.group(1)))
+        depth += line.count("{") - line.count("}")
+        while open_loops and depth <= open_loops[-1][0]:
+            _, first, bound = open_loops.pop()
+            loops.append((first, index, bound))
+    spans = [
+        (first, last)
+        for first, last, bound in loops
+        if not re.fullmatch(r"%c\d+_i\d+(_\d+)?", bound)
+        and not any(first < f <= last for f, _, _ in loops)
+    ]
+    return lines, spans
+
+
 def whole_tile_loops(ttgir: str) -> int:
-    """The ``scf.for`` loops over a row's whole tiles in the TTGIR (to a row's tile count, not
-    to a literal: the masked ends' two-trip loop is not one)."""
-    loops = re.findall(r"scf\.for %\S+ = %\S+ to (%\S+) step", ttgir)
-    return sum(1 for bound in loops if not re.fullmatch(r"%c\d+_i\d+(_\d+)?", bound))
+    """The ``scf.for`` loops over a row's whole tiles in the TTGIR (``_tile_loop_spans``)."""
+    return len(_tile_loop_spans(ttgir)[1])
 
 
 def loop_exps(ttgir: str) -> int:
-    """Exponentials per row element: the tensor-valued exp / exp2 ops inside the ``scf.for``
-    loops over whole tiles (each loop visits every element of a row's body once; the masked
-    head and tail outside them are a few elements a row). Each lowers to one MUFU.EX2."""
-    count, depth, loop_depths = 0, 0, []
-    for line in ttgir.splitlines():
-        loop = re.search(r"scf\.for %\S+ = %\S+ to (%\S+) step", line)
-        if loop and line.rstrip().endswith("{"):
-            # whole-tile loops run to a row's tile count; a loop to a literal (the masked ends,
-            # two trips) is not one
-            whole_tiles = not re.fullmatch(r"%c\d+_i\d+(_\d+)?", loop.group(1))
-            loop_depths.append((depth, whole_tiles))
-        if any(w for _, w in loop_depths) and re.search(r"= math\.exp2? %\S+ : tensor<", line):
-            count += 1
-        depth += line.count("{") - line.count("}")
-        while loop_depths and depth <= loop_depths[-1][0]:
-            loop_depths.pop()
-    return count
+    """Exponentials per row element: the tensor-valued exp / exp2 ops inside the loops over
+    whole tiles (each visits every element of a row's body once; the masked head and tail
+    outside them are a few elements a row). Each lowers to one MUFU.EX2."""
+    lines, spans = _tile_loop_spans(ttgir)
+    return sum(
+        1
+        for first, last in spans
+        for line in lines[first : last + 1]
+        if re.search(r"= math\.exp2? %\S+ : tensor<", line)
+    )
 
 
 def blocks_per_sm(arch: int, registers: int, warps: int, shared: int) -> int:

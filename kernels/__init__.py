@@ -4,7 +4,8 @@ Triton on CUDA tensors, the Triton interpreter on CPU when ``TRITON_INTERPRET=1`
 this import, the torch reference otherwise (see ``fastkd.kernels.common``).
 
 Modules, each importing only those listed before it: ``launch`` (every launch, or its record),
-``grad_scale`` (the backward's grad_output pass), ``common`` (what the losses share), ``targets``
+``grad_scale`` (the backward's grad_output pass), ``common`` (what the losses share),
+``row_grid`` (how many programs a launch runs, each taking several rows), ``targets``
 (``PoolTargets``), ``sparse_target`` and ``partitioned_tiles`` (the partitioned kernel's work in
 registers); then for each loss, partitioned then bidirectional, ``*_kernel`` (the Triton kernel
 and its launcher) and ``*_reference`` (the torch reference, which defines the rule); ``ops``

@@ -4,8 +4,9 @@ The rule per row (the partition, the loss, ``stop_grad``) is defined by the torc
 beside it, ``kernels.bidirectional_reference``; the config and the public loss are in
 ``kernels.bidirectional_kd``.
 
-The Triton kernel runs one program per row and takes the N logits as a tuple (each keeps its own
-dtype and row stride). Rows are cut as in the partitioned kernel (a masked head to model 0's
+The Triton kernel runs rows p, p + G, ... in program p of G (``kernels.row_grid``, as the
+partitioned kernel, with every model's row in a row's bytes) and takes the N logits as a tuple
+(each keeps its own dtype and row stride). Rows are cut as in the partitioned kernel (a masked head to model 0's
 16-byte boundary, unmasked whole tiles, a masked tail) when every row shares that phase. Pass 1
 reads every row once, keeping per model the online log-sum-exp at T = 1 and T (one exp2 per
 element at T = 1); without stop_grad also, for every ordered pair (t, m), E_{p_t}[(z_t - z_m) / T]
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from fastkd.kernels import common
+from fastkd.kernels import common, row_grid
 from fastkd.kernels.launch import launch
 
 if TYPE_CHECKING:  # a type hint only: the config's module imports this one
@@ -39,13 +40,14 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
 
 TILES: dict[int, tuple[common.TileRule, ...]] = {
     2: ((8, 4096, 8, 3, 128),),
-    4: ((8, 1024, 4, 3, 168),),
+    4: ((8, 1024, 4, 3, 255),),
 }
 """Tiles by the model count (padded to a power of two) and the widest element: two models,
 4 KB of each row a tile at 8 warps (2048 bf16 columns a model, 1024 fp32), at most 128
 registers; three or four, 1 KB at 4 warps (the widest that compiles without a spill for every
-C; ``fastkd bench compile``), at most 168 (at 128 ptxas spilled 4-8 bytes; three blocks per
-SM); three stages (two tiles of every model in flight as asynchronous copies)."""
+C; ``fastkd bench compile``), at most 255 registers (two blocks per SM: with the row loop, four
+models spilled 4-36 bytes at 168, the most for three blocks); three stages (two tiles of every
+model in flight as asynchronous copies)."""
 
 
 def launch_bidirectional_kd(
@@ -65,9 +67,10 @@ def launch_bidirectional_kd(
     aligned = all(
         common.aligned_width(t, logits[0], vec, (t.stride(0),)) == vec for t in (*logits, *grads)
     )
+    row_bytes = num_classes * sum(z.element_size() for z in logits)
     launch(
         _bidirectional_kd_kernel,
-        (num_rows,),
+        (row_grid.row_programs(num_rows, row_bytes, tiling, logits[0].device),),
         tuple(logits),
         tuple(z.stride(0) for z in logits),
         tuple(grads),
@@ -76,6 +79,7 @@ def launch_bidirectional_kd(
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
         stats,
         chosen,
+        num_rows,
         num_classes,
         *common.kernel_scalars(config),
         NUM_MODELS=num_models,
@@ -245,7 +249,9 @@ else:
         return learner_cross
 
     # Not specialised on shapes and strides (see the partitioned kernel).
-    @triton.jit(do_not_specialize=["logit_strides", "grad_strides", "num_classes", "ignore_index"])
+    @triton.jit(
+        do_not_specialize=["logit_strides", "grad_strides", "num_rows", "num_classes", "ignore_index"]
+    )
     def _bidirectional_kd_kernel(
         logits,
         logit_strides,
@@ -255,6 +261,7 @@ else:
         scale_ptr,
         stats_ptr,
         chosen_ptr,
+        num_rows,
         num_classes,
         ignore_index,
         inv_temperature,
@@ -269,121 +276,122 @@ else:
         VEC: tl.constexpr,  # elements per 16 bytes when every row shares model 0's phase, else 1
         STAGES: tl.constexpr,  # software-pipeline stages of the whole-tile loops
     ):
-        row = tl.program_id(0).to(tl.int64)
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
-        label = tl.where(valid, label, 0)
-        models = tl.arange(0, BLOCK_N)
-        in_models = models < NUM_MODELS
-        row_offsets = _row_offsets(logit_strides, row, 0, 1, NUM_MODELS)
-        grad_row_offsets = _row_offsets(grad_strides, row, 0, 1, NUM_MODELS)
+        # Rows p, p + G, ... (G programs: kernels.row_grid); int64 offsets.
+        for row in tl.range(tl.program_id(0).to(tl.int64), num_rows, tl.num_programs(0)):
+            label = tl.load(labels_ptr + row).to(tl.int64)
+            valid = label != ignore_index
+            label = tl.where(valid, label, 0)
+            models = tl.arange(0, BLOCK_N)
+            in_models = models < NUM_MODELS
+            row_offsets = _row_offsets(logit_strides, row, 0, 1, NUM_MODELS)
+            grad_row_offsets = _row_offsets(grad_strides, row, 0, 1, NUM_MODELS)
 
-        # Columns: a head up to model 0's first 16-byte boundary, whole tiles without masks,
-        # a masked tail (every model's row shares that phase, or VEC is 1).
-        head, full_tiles, tail_start = split_row(row * logit_strides[0], num_classes, VEC, BLOCK_C)
-        lanes = tl.arange(0, BLOCK_C)
-        head_mask = lanes < head
-        tail_cols = tail_start + lanes
-        tail_mask = tail_cols < num_classes
+            # Columns: a head up to model 0's first 16-byte boundary, whole tiles without masks,
+            # a masked tail (every model's row shares that phase, or VEC is 1).
+            head, full_tiles, tail_start = split_row(row * logit_strides[0], num_classes, VEC, BLOCK_C)
+            lanes = tl.arange(0, BLOCK_C)
+            head_mask = lanes < head
+            tail_cols = tail_start + lanes
+            tail_mask = tail_cols < num_classes
 
-        # Pass 1: every model's log-sum-exps (and, without stop_grad, the pairs' cross terms).
-        row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        sum_exp = tl.zeros([BLOCK_N], tl.float32)
-        sum_exp_t = tl.zeros([BLOCK_N], tl.float32)
-        cross = tl.zeros([BLOCK_N, BLOCK_N], tl.float32)
-        if head > 0:
-            tiles = _load_tiles(logits, row_offsets, lanes, head_mask, 0.0, NUM_MODELS, True)
-            row_max, sum_exp, sum_exp_t, cross = _stats_tile(
-                tiles, head_mask, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
-                NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
-            )  # fmt: skip
-        for tile in tl.range(0, full_tiles, num_stages=STAGES):
-            start = head + tile * BLOCK_C
-            offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
-            tiles = _load_tiles(logits, offsets, lanes, None, 0.0, NUM_MODELS, False)
-            row_max, sum_exp, sum_exp_t, cross = _stats_tile(
-                tiles, None, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
-                NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
-            )  # fmt: skip
-        if tail_start < num_classes:
-            tiles = _load_tiles(logits, row_offsets, tail_cols, tail_mask, 0.0, NUM_MODELS, True)
-            row_max, sum_exp, sum_exp_t, cross = _stats_tile(
-                tiles, tail_mask, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
-                NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
-            )  # fmt: skip
-
-        row_max = tl.where(in_models, row_max, 0.0)  # padding: finite, never read
-        lse1 = row_max + tl.log2(tl.where(in_models, sum_exp, 1.0))  # log2 units of z
-        if TEMPERATURE == T_UNIT:
-            lse_t = lse1
-        else:
-            lse_t = row_max * inv_temperature + tl.log2(tl.where(in_models, sum_exp_t, 1.0))
-        lse = lse1 * LN2
-        z_label = tl.zeros([BLOCK_N], tl.float32)
-        for m in tl.static_range(NUM_MODELS):
-            logit = tl.load(logits[m] + row * logit_strides[m] + label).to(tl.float32)
-            z_label = tl.where(models == m, logit, z_label)
-        logprob = tl.where(in_models, z_label - lse, float("-inf"))
-
-        # The partition (fastkd.partition.select_pool_teacher), in registers.
-        best_logprob = tl.max(logprob, axis=0)
-        first_best = tl.argmax(logprob, axis=0, tie_break_left=True)
-        runner_up_logprob = tl.max(tl.where(models == first_best, float("-inf"), logprob), axis=0)
-        if NUM_MODELS == 2:
-            teacher = tl.where(_pick(logprob, 0, models) > _pick(logprob, 1, models), 0, 1)
-        else:
-            teacher = tl.where(runner_up_logprob < best_logprob, first_best, -1)
-        has_teacher = valid & (teacher >= 0)
-        learner = in_models & (models != teacher) & has_teacher
-        teacher_lse_t = _pick(lse_t, teacher, models)
-
-        # Without stop_grad the teacher's gradient needs every KL(p_teacher || q_m) before pass
-        # 2: from pass 1's cross terms. With it, pass 2 sums the KLs' terms on the way.
-        kl = tl.zeros([BLOCK_N], tl.float32)
-        if not STOP_GRAD:
-            teacher_cross = tl.sum(tl.where(models[:, None] == teacher, cross, 0.0), axis=0)
-            teacher_sum_exp_t = tl.where(teacher >= 0, _pick(sum_exp_t, teacher, models), 1.0)
-            kl = teacher_cross * inv_temperature / teacher_sum_exp_t + (lse_t - teacher_lse_t) * LN2
-            kl = tl.where(learner, kl, 0.0)
-
-        # Pass 2, last whole tile first, then the masked ends: every model's gradient, scaled
-        # for the reduction; zero on ignored rows.
-        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-        kd_coef = kd_weight * temperature * scale
-        ce_coef = ce_weight * scale
-        learner_cross = tl.zeros([BLOCK_N], tl.float32)
-        for tile in tl.range(0, full_tiles, num_stages=STAGES):
-            start = head + (full_tiles - 1 - tile) * BLOCK_C
-            offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
-            grad_offsets = _row_offsets(grad_strides, row, start, VEC, NUM_MODELS)
-            tiles = _load_tiles(logits, offsets, lanes, None, 0.0, NUM_MODELS, False)
-            learner_cross = _gradient_tiles(
-                tiles, grads, grad_offsets, lanes, start + lanes, None, label, models, lse1, lse_t,
-                teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
-                learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
-            )  # fmt: skip
-        for part in tl.static_range(2):  # the masked tail, then the masked head
-            start = tail_start if part == 0 else 0
-            limit = num_classes if part == 0 else head
-            if start < limit:
-                cols = start + lanes
-                mask = cols < limit
-                tiles = _load_tiles(logits, row_offsets, cols, mask, 0.0, NUM_MODELS, True)
-                learner_cross = _gradient_tiles(
-                    tiles, grads, grad_row_offsets, cols, cols, mask, label, models, lse1, lse_t,
-                    teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
-                    learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
+            # Pass 1: every model's log-sum-exps (and, without stop_grad, the pairs' cross terms).
+            row_max = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            sum_exp = tl.zeros([BLOCK_N], tl.float32)
+            sum_exp_t = tl.zeros([BLOCK_N], tl.float32)
+            cross = tl.zeros([BLOCK_N, BLOCK_N], tl.float32)
+            if head > 0:
+                tiles = _load_tiles(logits, row_offsets, lanes, head_mask, 0.0, NUM_MODELS, True)
+                row_max, sum_exp, sum_exp_t, cross = _stats_tile(
+                    tiles, head_mask, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
+                    NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
                 )  # fmt: skip
-        if STOP_GRAD:
-            # KL(p || q_m) = sum p (z_t - z_m) / T - lse_t,teacher + lse_t,m (p sums to 1).
-            kl = learner_cross * inv_temperature + (lse_t - teacher_lse_t) * LN2
-            kl = tl.where(learner, kl, 0.0)
+            for tile in tl.range(0, full_tiles, num_stages=STAGES):
+                start = head + tile * BLOCK_C
+                offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
+                tiles = _load_tiles(logits, offsets, lanes, None, 0.0, NUM_MODELS, False)
+                row_max, sum_exp, sum_exp_t, cross = _stats_tile(
+                    tiles, None, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
+                    NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
+                )  # fmt: skip
+            if tail_start < num_classes:
+                tiles = _load_tiles(logits, row_offsets, tail_cols, tail_mask, 0.0, NUM_MODELS, True)
+                row_max, sum_exp, sum_exp_t, cross = _stats_tile(
+                    tiles, tail_mask, models, row_max, sum_exp, sum_exp_t, cross, inv_temperature,
+                    NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
+                )  # fmt: skip
 
-        kl_sum = tl.sum(kl, axis=0)
-        ce_sum = tl.sum(tl.where(in_models, lse - z_label, 0.0), axis=0)
-        row_loss = ce_weight * ce_sum + kd_weight * temperature * temperature * kl_sum
-        store_row_stats(
-            stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
-            tl.where(valid, teacher, -1), kl_sum, tl.where(valid, tl.exp(runner_up_logprob), 0.0),
-            tl.where(valid, tl.exp(best_logprob), 0.0),
-        )  # fmt: skip
+            row_max = tl.where(in_models, row_max, 0.0)  # padding: finite, never read
+            lse1 = row_max + tl.log2(tl.where(in_models, sum_exp, 1.0))  # log2 units of z
+            if TEMPERATURE == T_UNIT:
+                lse_t = lse1
+            else:
+                lse_t = row_max * inv_temperature + tl.log2(tl.where(in_models, sum_exp_t, 1.0))
+            lse = lse1 * LN2
+            z_label = tl.zeros([BLOCK_N], tl.float32)
+            for m in tl.static_range(NUM_MODELS):
+                logit = tl.load(logits[m] + row * logit_strides[m] + label).to(tl.float32)
+                z_label = tl.where(models == m, logit, z_label)
+            logprob = tl.where(in_models, z_label - lse, float("-inf"))
+
+            # The partition (fastkd.partition.select_pool_teacher), in registers.
+            best_logprob = tl.max(logprob, axis=0)
+            first_best = tl.argmax(logprob, axis=0, tie_break_left=True)
+            runner_up_logprob = tl.max(tl.where(models == first_best, float("-inf"), logprob), axis=0)
+            if NUM_MODELS == 2:
+                teacher = tl.where(_pick(logprob, 0, models) > _pick(logprob, 1, models), 0, 1)
+            else:
+                teacher = tl.where(runner_up_logprob < best_logprob, first_best, -1)
+            has_teacher = valid & (teacher >= 0)
+            learner = in_models & (models != teacher) & has_teacher
+            teacher_lse_t = _pick(lse_t, teacher, models)
+
+            # Without stop_grad the teacher's gradient needs every KL(p_teacher || q_m) before pass
+            # 2: from pass 1's cross terms. With it, pass 2 sums the KLs' terms on the way.
+            kl = tl.zeros([BLOCK_N], tl.float32)
+            if not STOP_GRAD:
+                teacher_cross = tl.sum(tl.where(models[:, None] == teacher, cross, 0.0), axis=0)
+                teacher_sum_exp_t = tl.where(teacher >= 0, _pick(sum_exp_t, teacher, models), 1.0)
+                kl = teacher_cross * inv_temperature / teacher_sum_exp_t + (lse_t - teacher_lse_t) * LN2
+                kl = tl.where(learner, kl, 0.0)
+
+            # Pass 2, last whole tile first, then the masked ends: every model's gradient, scaled
+            # for the reduction; zero on ignored rows.
+            scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+            kd_coef = kd_weight * temperature * scale
+            ce_coef = ce_weight * scale
+            learner_cross = tl.zeros([BLOCK_N], tl.float32)
+            for tile in tl.range(0, full_tiles, num_stages=STAGES):
+                start = head + (full_tiles - 1 - tile) * BLOCK_C
+                offsets = _row_offsets(logit_strides, row, start, VEC, NUM_MODELS)
+                grad_offsets = _row_offsets(grad_strides, row, start, VEC, NUM_MODELS)
+                tiles = _load_tiles(logits, offsets, lanes, None, 0.0, NUM_MODELS, False)
+                learner_cross = _gradient_tiles(
+                    tiles, grads, grad_offsets, lanes, start + lanes, None, label, models, lse1, lse_t,
+                    teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
+                    learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, False,
+                )  # fmt: skip
+            for part in tl.static_range(2):  # the masked tail, then the masked head
+                start = tail_start if part == 0 else 0
+                limit = num_classes if part == 0 else head
+                if start < limit:
+                    cols = start + lanes
+                    mask = cols < limit
+                    tiles = _load_tiles(logits, row_offsets, cols, mask, 0.0, NUM_MODELS, True)
+                    learner_cross = _gradient_tiles(
+                        tiles, grads, grad_row_offsets, cols, cols, mask, label, models, lse1, lse_t,
+                        teacher, teacher_lse_t, has_teacher, kl, kd_coef, ce_coef, inv_temperature,
+                        learner_cross, NUM_MODELS, STOP_GRAD, TEMPERATURE, True,
+                    )  # fmt: skip
+            if STOP_GRAD:
+                # KL(p || q_m) = sum p (z_t - z_m) / T - lse_t,teacher + lse_t,m (p sums to 1).
+                kl = learner_cross * inv_temperature + (lse_t - teacher_lse_t) * LN2
+                kl = tl.where(learner, kl, 0.0)
+
+            kl_sum = tl.sum(kl, axis=0)
+            ce_sum = tl.sum(tl.where(in_models, lse - z_label, 0.0), axis=0)
+            row_loss = ce_weight * ce_sum + kd_weight * temperature * temperature * kl_sum
+            store_row_stats(
+                stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
+                tl.where(valid, teacher, -1), kl_sum, tl.where(valid, tl.exp(runner_up_logprob), 0.0),
+                tl.where(valid, tl.exp(best_logprob), 0.0),
+            )  # fmt: skip

@@ -6,12 +6,14 @@ teachers' mixture, one column read as ``best`` (``plain_as_best``). The config a
 loss are in ``kernels.partitioned_kd``; the work on one tile of a pass in
 ``kernels.partitioned_tiles``, a sparse target's terms in ``kernels.sparse_target``.
 
-The Triton kernel runs one program per row, built for the bandwidth bound (docs/design.md has
-the bytes and exps per row). Each row is cut at the student's first 16-byte boundary: a masked
-head, whole tiles read without masks (16-byte loads; the gradient, and a dense teacher whose rows
+The Triton kernel is built for the bandwidth bound (docs/design.md has the bytes and exps per
+row). Program p of G runs rows p, p + G, ... (``kernels.row_grid`` picks G: the GPU filled,
+several rows a program, at small C; at long C no more programs than rows whose bytes fit in
+L2, so pass 2's re-read hits there; not measured on a GPU yet). Each row is cut at the
+student's first 16-byte boundary: a masked head, whole tiles read without masks (16-byte loads; the gradient, and a dense teacher whose rows
 keep the same phase, too: ``common.aligned_width``), a masked tail. The whole-tile loops are
 software-pipelined (``num_stages``: the next tiles' asynchronous copies are in flight while one
-is computed), with tiles, warps and stages from a table by the widest element read
+is computed), with tiles, warps and stages from a table by the student's element
 (``DENSE_TILES``, ``SPARSE_TILES``). Pass 1 reads only the student: its online log-sum-exps at
 T = 1 and T in base 2 (one exp2 per element; at T = 2 one exp2 serves both); a dense teacher
 is read in pass 1 only at T != 1 when its log-sum-exp at T does not come with the targets
@@ -38,7 +40,7 @@ from torch import Tensor
 from fastkd.choices import PartitionMode, PartitionScore
 from fastkd.compression import TailModel
 from fastkd.errors import ConfigError
-from fastkd.kernels import common
+from fastkd.kernels import common, row_grid
 from fastkd.kernels.launch import launch
 from fastkd.kernels.targets import PoolTargets
 
@@ -61,17 +63,20 @@ def _mode_code(mode: PartitionMode) -> int:
     return _MODE_CODE[mode]
 
 
-DENSE_TILES: tuple[common.TileRule, ...] = ((8, 8192, 8, 3, 128),)
-"""Dense teachers, by the widest element a row reads (the student's or the teacher's): 8 KB
-tiles at 8 warps, two 16-byte vectors a thread of each row (4096 bf16 / fp16 columns, 2048
-fp32: 4096 fp32 columns took 192 registers, one block per SM), three stages (two tiles in
-flight as asynchronous copies), at most 128 registers (two blocks per SM)."""
-SPARSE_TILES: tuple[common.TileRule, ...] = ((2, 2048, 4, 4, None), (8, 4096, 4, 4, None))
+DENSE_TILES: tuple[common.TileRule, ...] = ((8, 4096, 8, 3, 128),)
+"""Dense teachers, by the student's element: 4 KB of its row a tile at 8 warps, one 16-byte
+vector a thread (2048 bf16 / fp16 columns, 1024 fp32; an fp32 teacher under a bf16 student is
+read as two; with the row loop, 4096 bf16 columns spilled 116-220 bytes, and 2048 fp32 ones
+24-40), three stages (two tiles in flight as asynchronous copies), at most 128 registers (two
+blocks per SM)."""
+SPARSE_TILES: tuple[common.TileRule, ...] = ((2, 2048, 4, 4, None), (8, 4096, 4, 4, 128))
 """Top-k teachers: 1024-wide tiles at 4 warps (8 elements a thread). The student's row is then
 the only B x C read, and more resident programs hide its latency better than wider tiles
 (``bench/results/kernel-sweep-h200.json``: 2048 columns at 8 warps took 1.3x as long); four
-stages (three small tiles in flight); no register cap (with one of 128, ptxas took 99 registers
-where it takes 48 alone: 4 blocks per SM instead of 10)."""
+stages (three small tiles in flight); no register cap for bf16 / fp16 students (with one of
+128, ptxas took 99 registers where it takes 48 alone), 128 for fp32 ones (with the row loop,
+ptxas alone took 72 and spilled 4 bytes on sm_80, at 96 it spilled 4-8 on sm_90; four blocks
+per SM)."""
 _TAIL_CODE = {TailModel.UNIFORM: 0, TailModel.BUCKET: 1, TailModel.SAMPLED: 2}  # sparse_target's
 
 
@@ -109,11 +114,10 @@ def launch_partitioned_kd(
     else:
         tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
-    widest = max(student_logits.element_size(), target_values.element_size())
     tiling = common.pick_tiling(
         SPARSE_TILES if targets.is_sparse else DENSE_TILES,
         num_classes,
-        student_logits.element_size() if targets.is_sparse else widest,
+        student_logits.element_size(),
         config.max_block,
     )
     # A dense teacher's log-sum-exp at T, computed outside the kernel at this T: pass 1 then
@@ -127,9 +131,12 @@ def launch_partitioned_kd(
     lse = targets.logprobs_lse.float().contiguous() if teacher_lse else true_logprob
     vec = common.vector_width(student_logits)
     row_stride, member_stride = target_values.stride()[:2]
+    row_bytes = num_classes * (
+        student_logits.element_size() + (0 if targets.is_sparse else target_values.element_size())
+    )
     launch(
         _partitioned_kd_kernel,
-        (num_rows,),
+        (row_grid.row_programs(num_rows, row_bytes, tiling, student_logits.device),),
         student_logits,
         student_logits.stride(0),
         grad,
@@ -153,6 +160,7 @@ def launch_partitioned_kd(
         common.row_scale(labels, config.ignore_index, config.reduction, config.scale),
         stats,
         chosen,
+        num_rows,
         num_classes,
         targets.num_members,
         targets.topk,
@@ -200,7 +208,7 @@ else:
         do_not_specialize=[
             "student_stride", "grad_stride", "pool_row_stride", "target_row_stride",
             "target_member_stride", "ids_row_stride", "ids_member_stride", "draws_row_stride",
-            "draws_member_stride", "num_classes", "num_members", "topk", "tail_samples",
+            "draws_member_stride", "num_rows", "num_classes", "num_members", "topk", "tail_samples",
             "self_index", "ignore_index",
         ]
     )  # fmt: skip
@@ -228,6 +236,7 @@ else:
         scale_ptr,
         stats_ptr,
         chosen_ptr,
+        num_rows,
         num_classes,
         num_members,
         topk,
@@ -258,159 +267,160 @@ else:
         SUM_REST: tl.constexpr = SPARSE and TAIL == TAIL_BUCKET
         # Pass 1 reads a dense teacher only at T != 1 and only when its lse at T is not given.
         READ_TEACHER: tl.constexpr = not SPARSE and TEMPERATURE != T_UNIT and not TEACHER_LSE
-        row = tl.program_id(0).to(tl.int64)
-        label = tl.load(labels_ptr + row).to(tl.int64)
-        valid = label != ignore_index
-        label = tl.where(valid, label, 0)
-        student_offset = row * student_stride
-        grad_offset = row * grad_stride
+        # Rows p, p + G, ... (G programs: kernels.row_grid); int64 offsets.
+        for row in tl.range(tl.program_id(0).to(tl.int64), num_rows, tl.num_programs(0)):
+            label = tl.load(labels_ptr + row).to(tl.int64)
+            valid = label != ignore_index
+            label = tl.where(valid, label, 0)
+            student_offset = row * student_stride
+            grad_offset = row * grad_stride
 
-        # The partition's candidate, from stored scores only (T = 1, first of equal best).
-        members = tl.arange(0, BLOCK_M)
-        in_pool = members < num_members
-        pool_score = tl.load(score_ptr + row * pool_row_stride + members, mask=in_pool)
-        teachers_score = tl.where(in_pool & (members != self_index), pool_score, float("-inf"))
-        teacher = tl.argmax(teachers_score, axis=0, tie_break_left=True)
-        teacher_score = tl.max(teachers_score, axis=0)
-        if MODE == 1:
-            self_score = tl.sum(tl.where(members == self_index, pool_score, 0.0), axis=0)
-            candidate = tl.where(teacher_score > self_score, teacher, self_index)
-        else:
-            candidate = teacher
-        candidate = candidate.to(tl.int64)
-        target_offset = row * target_row_stride + candidate * target_member_stride
-        member_offset = row * pool_row_stride + candidate
+            # The partition's candidate, from stored scores only (T = 1, first of equal best).
+            members = tl.arange(0, BLOCK_M)
+            in_pool = members < num_members
+            pool_score = tl.load(score_ptr + row * pool_row_stride + members, mask=in_pool)
+            teachers_score = tl.where(in_pool & (members != self_index), pool_score, float("-inf"))
+            teacher = tl.argmax(teachers_score, axis=0, tie_break_left=True)
+            teacher_score = tl.max(teachers_score, axis=0)
+            if MODE == 1:
+                self_score = tl.sum(tl.where(members == self_index, pool_score, 0.0), axis=0)
+                candidate = tl.where(teacher_score > self_score, teacher, self_index)
+            else:
+                candidate = teacher
+            candidate = candidate.to(tl.int64)
+            target_offset = row * target_row_stride + candidate * target_member_stride
+            member_offset = row * pool_row_stride + candidate
 
-        # Columns: a head to the student's first 16-byte boundary, whole tiles read without
-        # masks (16-byte loads), a masked tail.
-        head, full_tiles, tail_start = split_row(student_offset, num_classes, VEC, BLOCK_C)
-        lanes = tl.arange(0, BLOCK_C)
-        head_mask = lanes < head
-        tail_cols = tail_start + lanes
-        tail_mask = tail_cols < num_classes
+            # Columns: a head to the student's first 16-byte boundary, whole tiles read without
+            # masks (16-byte loads), a masked tail.
+            head, full_tiles, tail_start = split_row(student_offset, num_classes, VEC, BLOCK_C)
+            lanes = tl.arange(0, BLOCK_C)
+            head_mask = lanes < head
+            tail_cols = tail_start + lanes
+            tail_mask = tail_cols < num_classes
 
-        # Pass 1: the student's log-sum-exps (and a dense teacher's at T != 1; at T = 1 its
-        # stored log-probabilities are used as they are and it is not read here).
-        m = float("-inf")
-        s1 = 0.0
-        s_t = 0.0
-        rest = 0.0
-        z_sum = 0.0
-        tm = float("-inf")
-        ts = 0.0
-        if head > 0:
-            m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
-                student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
-                SUM_Z, SUM_REST, True,
-            )  # fmt: skip
-        for tile in tl.range(0, full_tiles, num_stages=STAGES):
-            start = head + tile * BLOCK_C
-            m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
-                student_ptr + tl.multiple_of(student_offset + start, VEC),
-                target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
-                SUM_Z, SUM_REST, False,
-            )  # fmt: skip
-        if tail_start < num_classes:
-            m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
-                student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
-                m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
-                SUM_Z, SUM_REST, True,
-            )  # fmt: skip
+            # Pass 1: the student's log-sum-exps (and a dense teacher's at T != 1; at T = 1 its
+            # stored log-probabilities are used as they are and it is not read here).
+            m = float("-inf")
+            s1 = 0.0
+            s_t = 0.0
+            rest = 0.0
+            z_sum = 0.0
+            tm = float("-inf")
+            ts = 0.0
+            if head > 0:
+                m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
+                    student_ptr + student_offset, target_ptr + target_offset, lanes, head_mask,
+                    m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                    SUM_Z, SUM_REST, True,
+                )  # fmt: skip
+            for tile in tl.range(0, full_tiles, num_stages=STAGES):
+                start = head + tile * BLOCK_C
+                m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
+                    student_ptr + tl.multiple_of(student_offset + start, VEC),
+                    target_ptr + tl.multiple_of(target_offset + start, TEACHER_VEC), lanes, None,
+                    m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                    SUM_Z, SUM_REST, False,
+                )  # fmt: skip
+            if tail_start < num_classes:
+                m, s1, s_t, rest, z_sum, tm, ts = pass1_part(
+                    student_ptr + student_offset, target_ptr + target_offset, tail_cols, tail_mask,
+                    m, s1, s_t, rest, z_sum, tm, ts, inv_temperature, TEMPERATURE, READ_TEACHER,
+                    SUM_Z, SUM_REST, True,
+                )  # fmt: skip
 
-        # Row statistics (log2 units for the passes, natural units for the loss).
-        lse1 = m + tl.log2(s1)
-        lse_t = lse1 if TEMPERATURE == T_UNIT else m * inv_temperature + tl.log2(s_t)
-        lse = lse1 * LN2
-        z_label = tl.load(student_ptr + student_offset + label, mask=valid, other=0.0).to(
-            tl.float32
-        )
-        student_logprob = z_label - lse
-        # The student's score: log q(y), or max_c log q(c) = (max - lse1) ln 2 from pass 1's
-        # base-2 sums (s1 is the sum of exp2(u - max)).
-        student_score = -tl.log2(s1) * LN2 if CONFIDENCE else student_logprob
-        has_target = valid
-        if MODE == 0:
-            has_target = has_target & (teacher_score > student_score)
-
-        tail_scale = 1.0
-        tail_p = 0.0
-        target_lse_t = 0.0
-        if SPARSE:
-            (
-                kl, tail_scale, tail_p, tail_total, ids, known, grad_known, label_is_extra,
-                grad_label, draws,
-            ) = sparse_target_terms(
-                student_ptr + student_offset,
-                ids_ptr + row * ids_row_stride + candidate * ids_member_stride,
-                target_ptr + target_offset,
-                draws_ptr + row * draws_row_stride + candidate * draws_member_stride,
-                label, tl.load(true_logprob_ptr + member_offset),
-                tl.load(log_tail_ptr + member_offset), tl.load(log_tail_sqrt_ptr + member_offset),
-                z_label, z_sum, lse, lse_t * LN2, m, s1 if TEMPERATURE == T_UNIT else s_t, rest,
-                num_classes, topk, tail_samples,
-                inv_temperature, temperature, kd_weight, ce_weight,
-                TAIL, TEMPERATURE, BLOCK_K, BLOCK_S,
-            )  # fmt: skip
-        elif TEACHER_LSE:
-            target_lse_t = tl.load(target_lse_ptr + member_offset) * LOG2E
-        elif TEMPERATURE != T_UNIT:
-            target_lse_t = tm + tl.log2(ts)
-
-        # Pass 2: the masked ends, then the whole tiles last first (what pass 1 read last is the
-        # likeliest still in cache): the gradient, already scaled for the reduction; zero on
-        # ignored rows.
-        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-        kd_coef = tl.where(has_target, kd_weight * temperature, 0.0) * scale
-        ce_coef = ce_weight * scale
-        self_to_t = tl.exp2(2.0 * lse_t - lse1)
-        cross = 0.0
-        p_sum = 0.0
-        for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
-            start = tl.where(part == 0, tail_start, 0)
-            cols = start + lanes
-            cross, p_sum = gradient_tile(
-                student_ptr + student_offset + cols, target_ptr + target_offset + cols,
-                grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
-                label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
-                inv_temperature, tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
-            )  # fmt: skip
-        for tile in tl.range(0, full_tiles, num_stages=STAGES):
-            start = head + (full_tiles - 1 - tile) * BLOCK_C
-            z_offset = tl.multiple_of(student_offset + start, VEC)
-            g_offset = grad_offset + start
-            g_offset = tl.multiple_of(g_offset, GRAD_VEC)
-            t_offset = target_offset + start
-            t_offset = tl.multiple_of(t_offset, TEACHER_VEC)
-            cross, p_sum = gradient_tile(
-                student_ptr + z_offset + lanes, target_ptr + t_offset + lanes,
-                grad_ptr + g_offset + lanes, start + lanes, None, label, lse1, lse_t,
-                target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature,
-                tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, False,
-            )  # fmt: skip
-        if SPARSE:
-            tl.debug_barrier()  # the dense stores above land before the known-id corrections
-            grad_row = grad_ptr + grad_offset
-            element = grad_ptr.dtype.element_ty
-            tl.store(grad_row + ids, (grad_known * scale).to(element), mask=known & has_target)
-            tl.store(
-                grad_row + label,
-                (grad_label * scale).to(element),
-                mask=has_target & label_is_extra,
+            # Row statistics (log2 units for the passes, natural units for the loss).
+            lse1 = m + tl.log2(s1)
+            lse_t = lse1 if TEMPERATURE == T_UNIT else m * inv_temperature + tl.log2(s_t)
+            lse = lse1 * LN2
+            z_label = tl.load(student_ptr + student_offset + label, mask=valid, other=0.0).to(
+                tl.float32
             )
-            if TAIL == TAIL_SAMPLED:
-                weight = kd_coef * tail_total / tail_samples
-                correct_drawn_gradient(grad_row, draws, weight, BLOCK_S)
-        else:
-            # sum p log p - sum p z / T + lse_q with log p = t / T - lse_p: KL(p || q_T) when p
-            # sums to 1 (see partitioned_kd_reference).
-            kl = cross * inv_temperature + (lse_t - target_lse_t * p_sum) * LN2
+            student_logprob = z_label - lse
+            # The student's score: log q(y), or max_c log q(c) = (max - lse1) ln 2 from pass 1's
+            # base-2 sums (s1 is the sum of exp2(u - max)).
+            student_score = -tl.log2(s1) * LN2 if CONFIDENCE else student_logprob
+            has_target = valid
+            if MODE == 0:
+                has_target = has_target & (teacher_score > student_score)
 
-        kl = tl.where(has_target, kl, 0.0)
-        row_loss = ce_weight * (lse - z_label) + kd_weight * temperature * temperature * kl
-        store_row_stats(
-            stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
-            tl.where(has_target, candidate, -1), kl, tl.where(valid, tl.exp(student_score), 0.0),
-            tl.where(valid, tl.exp(teacher_score), 0.0),
-        )  # fmt: skip
+            tail_scale = 1.0
+            tail_p = 0.0
+            target_lse_t = 0.0
+            if SPARSE:
+                (
+                    kl, tail_scale, tail_p, tail_total, ids, known, grad_known, label_is_extra,
+                    grad_label, draws,
+                ) = sparse_target_terms(
+                    student_ptr + student_offset,
+                    ids_ptr + row * ids_row_stride + candidate * ids_member_stride,
+                    target_ptr + target_offset,
+                    draws_ptr + row * draws_row_stride + candidate * draws_member_stride,
+                    label, tl.load(true_logprob_ptr + member_offset),
+                    tl.load(log_tail_ptr + member_offset), tl.load(log_tail_sqrt_ptr + member_offset),
+                    z_label, z_sum, lse, lse_t * LN2, m, s1 if TEMPERATURE == T_UNIT else s_t, rest,
+                    num_classes, topk, tail_samples,
+                    inv_temperature, temperature, kd_weight, ce_weight,
+                    TAIL, TEMPERATURE, BLOCK_K, BLOCK_S,
+                )  # fmt: skip
+            elif TEACHER_LSE:
+                target_lse_t = tl.load(target_lse_ptr + member_offset) * LOG2E
+            elif TEMPERATURE != T_UNIT:
+                target_lse_t = tm + tl.log2(ts)
+
+            # Pass 2: the masked ends, then the whole tiles last first (what pass 1 read last is the
+            # likeliest still in cache): the gradient, already scaled for the reduction; zero on
+            # ignored rows.
+            scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+            kd_coef = tl.where(has_target, kd_weight * temperature, 0.0) * scale
+            ce_coef = ce_weight * scale
+            self_to_t = tl.exp2(2.0 * lse_t - lse1)
+            cross = 0.0
+            p_sum = 0.0
+            for part in tl.range(0, 2):  # the masked tail, then the masked head (either may be empty)
+                start = tl.where(part == 0, tail_start, 0)
+                cols = start + lanes
+                cross, p_sum = gradient_tile(
+                    student_ptr + student_offset + cols, target_ptr + target_offset + cols,
+                    grad_ptr + grad_offset + cols, cols, cols < tl.where(part == 0, num_classes, head),
+                    label, lse1, lse_t, target_lse_t, self_to_t, has_target, kd_coef, ce_coef,
+                    inv_temperature, tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, True,
+                )  # fmt: skip
+            for tile in tl.range(0, full_tiles, num_stages=STAGES):
+                start = head + (full_tiles - 1 - tile) * BLOCK_C
+                z_offset = tl.multiple_of(student_offset + start, VEC)
+                g_offset = grad_offset + start
+                g_offset = tl.multiple_of(g_offset, GRAD_VEC)
+                t_offset = target_offset + start
+                t_offset = tl.multiple_of(t_offset, TEACHER_VEC)
+                cross, p_sum = gradient_tile(
+                    student_ptr + z_offset + lanes, target_ptr + t_offset + lanes,
+                    grad_ptr + g_offset + lanes, start + lanes, None, label, lse1, lse_t,
+                    target_lse_t, self_to_t, has_target, kd_coef, ce_coef, inv_temperature,
+                    tail_scale, tail_p, cross, p_sum, TEMPERATURE, SPARSE, False,
+                )  # fmt: skip
+            if SPARSE:
+                tl.debug_barrier()  # the dense stores above land before the known-id corrections
+                grad_row = grad_ptr + grad_offset
+                element = grad_ptr.dtype.element_ty
+                tl.store(grad_row + ids, (grad_known * scale).to(element), mask=known & has_target)
+                tl.store(
+                    grad_row + label,
+                    (grad_label * scale).to(element),
+                    mask=has_target & label_is_extra,
+                )
+                if TAIL == TAIL_SAMPLED:
+                    weight = kd_coef * tail_total / tail_samples
+                    correct_drawn_gradient(grad_row, draws, weight, BLOCK_S)
+            else:
+                # sum p log p - sum p z / T + lse_q with log p = t / T - lse_p: KL(p || q_T) when p
+                # sums to 1 (see partitioned_kd_reference).
+                kl = cross * inv_temperature + (lse_t - target_lse_t * p_sum) * LN2
+
+            kl = tl.where(has_target, kl, 0.0)
+            row_loss = ce_weight * (lse - z_label) + kd_weight * temperature * temperature * kl
+            store_row_stats(
+                stats_ptr, chosen_ptr, row, tl.where(valid, row_loss, 0.0),
+                tl.where(has_target, candidate, -1), kl, tl.where(valid, tl.exp(student_score), 0.0),
+                tl.where(valid, tl.exp(teacher_score), 0.0),
+            )  # fmt: skip

@@ -8,6 +8,7 @@ the rest of the suite runs meanwhile.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,11 @@ def pytest_collection_modifyitems(session: pytest.Session, config, items: list) 
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its compiling workers in its process group
     )
     config.stash[COMPILE_RUN] = (process, out)
+    # A session that ends first (-x, a -k of a few tests) stops the run and its workers.
+    config.add_cleanup(lambda: process.poll() is None and os.killpg(process.pid, signal.SIGTERM))
 
 
 COMPILE_RUN = pytest.StashKey[tuple]()

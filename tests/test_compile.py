@@ -151,3 +151,63 @@ def test_a_stack_frame_one_block_per_sm_or_an_unpipelined_loop_fails_the_check()
     assert len(found) == 3
     assert "8 B stack" in found[0] and "1 block(s) per SM" in found[1]
     assert "2 whole-tile loops, 1 issue asynchronous copies" in found[2]
+
+
+def test_configurations_compiled_to_one_kernel_share_one_compile_and_its_record(compiled):
+    fields = ("registers", "stack_bytes", "blocks_per_sm", "loads", "stores", "loop_async_copies")
+    for arch in (90, 80):
+        by_kernel: dict[str, list[dict]] = {}
+        for r in compiled[arch]:
+            by_kernel.setdefault(r["kernel_hash"], []).append(r)
+        # 634 configurations, under half as many kernels (shapes are not specialised on)
+        assert len(by_kernel) < len(compiled[arch]) / 2
+        for records in by_kernel.values():
+            assert sum(1 for r in records if r["compile_seconds"] > 0) == 1  # compiled once
+            assert all([r[f] for f in fields] == [records[0][f] for f in fields] for r in records)
+        # the same launch at 4096 x 32000 and 8192 x 128256 is one kernel
+        shapes = {
+            (r["config"]["rows"], r["config"]["classes"]): r["kernel_hash"]
+            for r in compiled[arch]
+            if r["config"]["kernel"] == "bidirectional"
+            and r["config"]["models"] == 3
+            and r["config"]["temperature"] == 1.0
+            and r["config"]["stop_grad"]
+            and r["config"]["dtype"] == "bfloat16"
+        }
+        assert shapes[(4096, 32000)] == shapes[(8192, 128256)]
+
+
+def test_the_row_loop_around_the_tile_loops_is_not_a_tile_loop():
+    from fastkd.bench.compile_sass import loop_async_copies, loop_exps, whole_tile_loops
+
+    ttgir = "\n".join(
+        [
+            "scf.for %row = %1 to %3 step %4  : i64 {",  # the row loop
+            "  %t:2 = scf.for %i = %c0_i64 to %full_tiles step %c1_i64 iter_args(...) -> (f32) {",
+            "    %e = math.exp2 %x : tensor<1024xf32, #blocked>",
+            "  }",
+            "  %m = math.exp2 %y : tensor<1024xf32, #blocked>",  # a masked end: not counted
+            "  scf.for %part = %c0_i32 to %c2_i32 step %c1_i32  : i32 {",  # two trips
+            "    %n = math.exp2 %z : tensor<1024xf32, #blocked>",
+            "  }",
+            "  %p = scf.for %j = %c0_i64 to %full_tiles step %c1_i64 iter_args(...) -> (f32) {",
+            "    %a = math.exp2 %u : tensor<1024xf32, #blocked>",
+            "    %b = math.exp %v : tensor<1024xf32, #blocked>",
+            "  }",
+            "}",
+        ]
+    )
+    assert whole_tile_loops(ttgir) == 2
+    assert loop_exps(ttgir) == 3
+    sass = "\n".join(
+        f"        /*{address:04x}*/                   {text} ;"
+        for address, text in [
+            (0x10, "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]"),  # the row loop's start
+            (0x20, "LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64]"),  # pass 1's tile loop
+            (0x30, "@P0 BRA 0x20"),
+            (0x40, "FADD R1, R2, R3"),  # pass 2's tile loop, no copies
+            (0x50, "@P1 BRA 0x40"),
+            (0x60, "@P2 BRA 0x10"),  # back to the next row
+        ]
+    )
+    assert loop_async_copies(sass) == [1, 0]
