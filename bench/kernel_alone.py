@@ -29,7 +29,7 @@ from dataclasses import asdict
 import torch
 
 from fastkd.bench.host import host_us
-from fastkd.bench.kernel_cases import Case, Measurement, ideal_bytes, make_inputs
+from fastkd.bench.kernel_cases import Case, Measurement, ideal_bytes, make_inputs, timed
 from fastkd.bench.kernel_methods import training_methods
 
 ALONE_SHAPES = "8192x1000,4096x32000,8192x128256"
@@ -135,15 +135,13 @@ def run_alone_case(case: Case, args: argparse.Namespace, device: torch.device, p
         if isinstance(step, str):
             results.append(Measurement(name, note=step))
             continue
-        try:
-            ms, timing = replay_ms(step, device, args.graph_calls, args.reps)
-        except torch.OutOfMemoryError:
-            results.append(Measurement(name, note="out of memory"))
-            torch.cuda.empty_cache()
+        outcome = timed(
+            name, lambda step=step: replay_ms(step, device, args.graph_calls, args.reps)
+        )
+        if isinstance(outcome, Measurement):
+            results.append(outcome)
             continue
-        except Exception as error:  # a comparison method failing must not end the run
-            results.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
-            continue
+        ms, timing = outcome
         gbps = nbytes / ms / 1e6
         measured = Measurement(
             name,

@@ -9,7 +9,9 @@ student read, one teacher row read (or its K ids and log-probabilities) and the 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -96,3 +98,15 @@ def ideal_bytes(case: Case, inputs: dict) -> int:
     else:
         teacher_bytes = case.rows * case.classes * targets.logprobs.element_size()
     return 2 * logits_bytes + teacher_bytes
+
+
+def timed(name: str, run: Callable[[], tuple[float, Any]]) -> tuple[float, Any] | Measurement:
+    """``run()``'s time and extra, or the ``Measurement`` of ``name`` that says why there is
+    none (out of memory, a failure): a comparison method failing must not end the run."""
+    try:
+        return run()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return Measurement(name, note="out of memory")
+    except Exception as error:
+        return Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200])

@@ -46,6 +46,7 @@ from fastkd.bench.kernel_cases import (
     ideal_bytes,
     make_inputs,
     parse_shapes,
+    timed,
 )
 from fastkd.bench.kernel_methods import PEER_NOTES, PEERS, methods, peer_bytes
 from fastkd.runtime import machine_name, resolve_device
@@ -111,15 +112,11 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device, peak: f
         if isinstance(step, str):
             results.append(Measurement(name, note=step))
             continue
-        try:
-            ms, extra = measure(step, device, args.reps)
-        except torch.OutOfMemoryError:
-            results.append(Measurement(name, note="out of memory"))
-            torch.cuda.empty_cache()
+        outcome = timed(name, lambda step=step: measure(step, device, args.reps))
+        if isinstance(outcome, Measurement):
+            results.append(outcome)
             continue
-        except Exception as error:  # a comparison method failing must not end the run
-            results.append(Measurement(name, note=f"failed: {type(error).__name__}: {error}"[:200]))
-            continue
+        ms, extra = outcome
         peer = name in PEERS
         gbps = (peer_bytes(name, case) if peer else nbytes) / ms / 1e6
         results.append(
