@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fastkd.kernels import common, row_grid
 from fastkd.kernels.launch import launch
+from fastkd.kernels.tiling import TileRule, pick_tiling
 
 if TYPE_CHECKING:  # a type hint only: the config's module imports this one
     from fastkd.kernels.bidirectional_kd import BidirectionalKDConfig
@@ -38,7 +39,7 @@ except ImportError:  # pragma: no cover - triton is a Linux-only dependency
     triton = None
 
 
-TILES: dict[int, tuple[common.TileRule, ...]] = {
+TILES: dict[int, tuple[TileRule, ...]] = {
     2: ((8, 4096, 8, 3, 128),),
     4: ((8, 1024, 4, 3, 255),),
 }
@@ -61,7 +62,7 @@ def launch_bidirectional_kd(
     num_models = len(logits)
     padded_models = triton.next_power_of_2(num_models)
     widest = max(z.element_size() for z in (*logits, *grads))
-    tiling = common.pick_tiling(TILES[padded_models], num_classes, widest, config.max_block)
+    tiling = pick_tiling(TILES[padded_models], num_classes, widest, config.max_block)
     stats, chosen = common.stat_buffers(num_rows, logits[0].device)
     vec = min(common.vector_width(z) for z in logits)
     aligned = all(

@@ -43,6 +43,7 @@ from fastkd.errors import ConfigError
 from fastkd.kernels import common, row_grid
 from fastkd.kernels.launch import launch
 from fastkd.kernels.targets import PoolTargets
+from fastkd.kernels.tiling import TileRule, pick_tiling
 
 if TYPE_CHECKING:  # a type hint only: the config's module imports this one
     from fastkd.kernels.partitioned_kd import PartitionedKDConfig
@@ -63,13 +64,13 @@ def _mode_code(mode: PartitionMode) -> int:
     return _MODE_CODE[mode]
 
 
-DENSE_TILES: tuple[common.TileRule, ...] = ((8, 4096, 8, 3, 128),)
+DENSE_TILES: tuple[TileRule, ...] = ((8, 4096, 8, 3, 128),)
 """Dense teachers, by the student's element: 4 KB of its row a tile at 8 warps, one 16-byte
 vector a thread (2048 bf16 / fp16 columns, 1024 fp32; an fp32 teacher under a bf16 student is
 read as two; with the row loop, 4096 bf16 columns spilled 116-220 bytes, and 2048 fp32 ones
 24-40), three stages (two tiles in flight as asynchronous copies), at most 128 registers (two
 blocks per SM)."""
-SPARSE_TILES: tuple[common.TileRule, ...] = ((2, 2048, 4, 4, None), (8, 4096, 4, 4, 128))
+SPARSE_TILES: tuple[TileRule, ...] = ((2, 2048, 4, 4, None), (8, 4096, 4, 4, 128))
 """Top-k teachers: 1024-wide tiles at 4 warps (8 elements a thread). The student's row is then
 the only B x C read, and more resident programs hide its latency better than wider tiles
 (``bench/results/kernel-sweep-h200.json``: 2048 columns at 8 warps took 1.3x as long); four
@@ -114,7 +115,7 @@ def launch_partitioned_kd(
     else:
         tail_ids, tail_strides = true_logprob, (0, 0)
     stats, chosen = common.stat_buffers(num_rows, student_logits.device)
-    tiling = common.pick_tiling(
+    tiling = pick_tiling(
         SPARSE_TILES if targets.is_sparse else DENSE_TILES,
         num_classes,
         student_logits.element_size(),

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # a type hint only
-    from fastkd.kernels.common import Tiling
+    from fastkd.kernels.tiling import Tiling
 
 
 @dataclass(frozen=True)

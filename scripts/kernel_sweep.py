@@ -35,7 +35,7 @@ def main() -> None:
     import triton.testing
 
     from fastkd.bench import kernels as bench
-    from fastkd.kernels import common
+    from fastkd.kernels import tiling
     from fastkd.kernels.bidirectional_kd import BidirectionalKDConfig, bidirectional_kd_loss
     from fastkd.kernels.bidirectional_kernel import launch_bidirectional_kd
     from fastkd.kernels.partitioned_kd import PartitionedKDConfig, partitioned_kd_loss
@@ -49,7 +49,7 @@ def main() -> None:
     rows, classes = (int(n) for n in args.shape.split("x"))
     blocks = [int(b) for b in args.blocks.split(",")]
     warps_options = [int(w) for w in args.warps.split(",")]
-    chosen_warps = common.num_warps_for
+    chosen_warps = tiling.num_warps_for
     results: dict = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -94,7 +94,7 @@ def main() -> None:
             for warps in warps_options:
                 if temperature == 1.0 and (block, warps) != (4096, chosen_warps(4096)):
                     continue
-                common.num_warps_for = lambda _block, w=warps: w
+                tiling.num_warps_for = lambda _block, w=warps: w
                 config = PartitionedKDConfig(
                     mode="live", temperature=temperature, self_index=0, max_block=block
                 )
@@ -106,7 +106,7 @@ def main() -> None:
                     warps=warps,
                     temperature=temperature,
                 )
-    common.num_warps_for = chosen_warps
+    tiling.num_warps_for = chosen_warps
     leaf = student.detach().requires_grad_()
 
     def step(**options):
@@ -130,7 +130,7 @@ def main() -> None:
     ideal_bi = bench.ideal_bytes(bi_case, inputs)
     for block in blocks:
         for warps in warps_options:
-            common.num_warps_for = lambda _block, w=warps: w
+            tiling.num_warps_for = lambda _block, w=warps: w
             config = BidirectionalKDConfig(temperature=2.0, max_block=block)
             timed(
                 "kernel bidirectional",
@@ -140,7 +140,7 @@ def main() -> None:
                 warps=warps,
                 temperature=2.0,
             )
-    common.num_warps_for = chosen_warps
+    tiling.num_warps_for = chosen_warps
     leaves = [z.detach().requires_grad_() for z in logits]
 
     def bi_step():
@@ -157,7 +157,7 @@ def main() -> None:
     ideal_topk = bench.ideal_bytes(topk_case, inputs)
     for block in (1024, 2048, 4096):
         for warps in warps_options:
-            common.num_warps_for = lambda _block, w=warps: w
+            tiling.num_warps_for = lambda _block, w=warps: w
             config = PartitionedKDConfig(
                 mode="live", temperature=2.0, self_index=0, max_block=block
             )
@@ -169,7 +169,7 @@ def main() -> None:
                 warps=warps,
                 temperature=2.0,
             )
-    common.num_warps_for = chosen_warps
+    tiling.num_warps_for = chosen_warps
 
     print(f"wrote {args.out}", file=sys.stderr)
 

@@ -13,10 +13,10 @@ from test_kernels_bidirectional import make_logits
 from test_kernels_partitioned import TARGETS, assert_matches_reference, make_case
 
 from fastkd.kernels import PartitionedKDConfig, row_grid
-from fastkd.kernels.common import Tiling
 from fastkd.kernels.launch import capture_launches
 from fastkd.kernels.partitioned_kernel import launch_partitioned_kd
 from fastkd.kernels.row_grid import DeviceLimits, row_programs
+from fastkd.kernels.tiling import Tiling
 from fastkd.partition import NO_TEACHER
 
 CPU = torch.device("cpu")
