@@ -141,11 +141,12 @@ def check_group(arch: int, configs: list[Config]) -> list[Result]:
 
 
 def compile_groups(configs: list[Config]) -> list[list[int]]:
-    """The configurations' indices grouped by all but their shape: a group's launches often
-    compile to one kernel (shapes are not specialised on), so one process takes the group."""
+    """The configurations' indices grouped by their launch at no shape (``Config.launched``):
+    a group's launches compile to one kernel, so one process takes the group and compiles and
+    reads it once."""
     groups: dict[Config, list[int]] = {}
     for index, config in enumerate(configs):
-        groups.setdefault(replace(config, rows=0, classes=0), []).append(index)
+        groups.setdefault(config.launched, []).append(index)
     return list(groups.values())
 
 

@@ -9,7 +9,7 @@ the kernels are imported only when a launch is captured (in the compiling proces
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 BENCHMARK_SHAPE = (4096, 32000)  # the issue's case (docs/design.md's roofline)
@@ -31,6 +31,13 @@ class Config:
     dtype: str = "bfloat16"  # the student's (every model's) logits; grad_scale: the gradient's
     per_row: bool = False  # grad_scale: one factor a row (reduction "none"), else a scalar
     teacher_lse: bool = False  # partitioned, dense, T != 1: the teacher's lse at T is given
+
+    @property
+    def launched(self) -> Config:
+        """The configuration as its launch is made, at no shape: launches that differ only in
+        shape compile to one kernel (shapes are not specialised on), and ``plain`` launches
+        as ``best`` over the teachers' mixture (one column)."""
+        return replace(self, rows=0, classes=0, mode="best" if self.mode == "plain" else self.mode)
 
 
 TEMPERATURES = (1.0, 2.0)  # every KD configuration at both (T = 2 has its own compiled path)
@@ -152,7 +159,7 @@ def capture(config: Config) -> Any:
                     tail=tail[0],
                 )
             cfg = partitioned_kd.PartitionedKDConfig(
-                mode="best" if config.mode == "plain" else config.mode,
+                mode=config.launched.mode,
                 self_index=1 if config.mode == "fixed" else None,
                 partition_score=config.score,
                 temperature=config.temperature,

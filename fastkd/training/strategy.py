@@ -85,6 +85,13 @@ class TeachingStrategy:
         self.run = run
         self.cfg = run.cfg
         self.members = []
+        # Plain attributes, made here, not cached properties: a compiled step's trace reads
+        # them, and Python 3.11's cached_property takes a lock Dynamo cannot trace.
+        # The run's loss settings as the loop takes them: summed over the rows (the trainer
+        # divides by the global batch through ``scale``).
+        self._settings: LossSettings = dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
+        # The loss's config per ``scale``, made on first use (``loss_config``).
+        self._configs: dict[float, Any] = {}
 
     @classmethod
     def students(cls, run: RunContext) -> list[LoadedModel]:
@@ -103,21 +110,10 @@ class TeachingStrategy:
         this loss alone (``grad_output_is_one``): back-propagate nothing derived from it."""
         raise NotImplementedError
 
-    @functools.cached_property
-    def _settings(self) -> LossSettings:
-        """The run's loss settings as the loop takes them: summed over the rows (the trainer
-        divides by the global batch through ``scale``); made once, not every step."""
-        return dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
-
-    @functools.cached_property
-    def _configs(self) -> dict[float, Any]:
-        """The loss's config per ``scale``, made on first use (the kernels' ``*_trusted`` calls:
-        labels were checked when the run was built, stored ids as the reader decoded them)."""
-        return {}
-
     def loss_config(self, scale: float) -> Any:
         """The loss's config at ``scale`` (None without a kernel), made once per scale: the
-        run's batches, and its last short one. A compiled step (``training.compiled``) makes it
+        run's batches, and its last short one; for the kernels' ``*_trusted`` calls (labels
+        were checked when the run was built, stored ids as the reader decoded them). A compiled step (``training.compiled``) makes it
         before its trace, which cannot build a config."""
         config = self._configs.get(scale)
         if config is None:
@@ -131,8 +127,14 @@ class TeachingStrategy:
 class _PartitionedTeaching(TeachingStrategy):
     """A student taught per row by the pool member the partition rule chooses."""
 
+    _plain: PartitionedKDConfig | None = None
+
     def _set_columns(self, pool: Sequence[str], student: str) -> None:
         self.members, self.self_index = target_columns(pool, student, self.cfg.loss.mode)
+        # The config ``plain_targets`` mixes by (its T, the student's own column), or None
+        # unless the mode is ``plain``.
+        if self.cfg.loss.mode is PartitionMode.PLAIN:
+            self._plain = PartitionedKDConfig.of(self._settings, self_index=self.self_index)
 
     def _partitioned(
         self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
@@ -146,14 +148,6 @@ class _PartitionedTeaching(TeachingStrategy):
             self._settings, self_index=self.self_index, scale=scale, grad_output_is_one=True
         )
         return plain_config(config)
-
-    @functools.cached_property
-    def _plain(self) -> PartitionedKDConfig | None:
-        """The config ``plain_targets`` mixes by (its T, the student's own column), or None
-        unless the mode is ``plain``."""
-        if self.cfg.loss.mode is not PartitionMode.PLAIN:
-            return None
-        return PartitionedKDConfig.of(self._settings, self_index=self.self_index)
 
 
 class StoredTargets(_PartitionedTeaching):
