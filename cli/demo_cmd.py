@@ -59,26 +59,48 @@ def demo_command(
         ),
     ] = 5,
     seeds: Annotated[
-        int, typer.Option(min=1, help="Transfer seeds per fold, numbered 0, 1, ... (count).")
+        int,
+        typer.Option(
+            min=1,
+            help="Transfer seeds per fold, numbered 0, 1, ... (count). With more than one, every "
+            "interval resamples the seeds as well as the test images (so it covers the spread "
+            "of training); the time grows with folds x seeds.",
+        ),
     ] = 1,
+    report_from: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Train nothing: recompute every table, interval and verdict from a saved "
+            "report.json (its per-image predictions), print them, say whether they equal the "
+            "saved numbers, and write them to --out when given.",
+            show_default=False,
+        ),
+    ] = None,
     device: options.Device = "auto",
     backend: options.LoaderBackend = "auto",
     progress: options.ShowProgress = True,
 ) -> None:
-    """Does deciding roles per sample beat plain distillation? Real data, about 9-10 minutes
+    """Does deciding roles per sample beat plain distillation? Real data, about EXPECTED
     on 2 CPU cores without a GPU (longer on a busy or slower machine).
 
     On scikit-learn's digits (16 px), per cross-validation fold: trains a pool of three timm
     architectures from scratch, each on its own part of the training split (all of six digits,
     a share of the rest) with its own recipe; dumps their outputs on 3 views of every training
-    image; trains every member from the others in seven arms, each a mode of `fastkd train`:
-    CE fine-tuning, plain KD, best-teacher KD, KL+DP, offline Bi-KD, joint Bi-KD and
-    KL+DP with a label-free partition; evaluates every run on the fold's test images.
+    image; trains every member from the others in nine arms, each a mode of `fastkd train`:
+    CE fine-tuning, plain KD, best-teacher KD, the KL+DP partition, offline Bi-KD, joint Bi-KD
+    (no stop-gradient, as its code) and a label-free KL+DP partition, all with CE on the labels
+    as Bi-KD's loss; and Roth et al.'s plain KL and KL+DP with their loss (KL only, T = 1, SGD);
+    evaluates every run on the fold's test images.
 
     The report (printed, and report.json / .png / .txt in OUT) gives each member's change per
-    arm with a 95% paired-bootstrap interval over test images, knowledge gain and loss, Roth et
-    al.'s transfer metrics, the pool's agreement, and the verdict on the two declared
-    questions: offline Bi-KD minus plain KD (primary) and minus CE fine-tuning (secondary).
+    arm with a 95% paired-bootstrap interval over test images (and seeds, with --seeds > 1),
+    knowledge gain and loss, whether each member's change beats CE fine-tuning's, Roth et al.'s
+    transfer metrics, the pool's agreement, and the verdict on three declared questions:
+    offline Bi-KD minus plain KD (primary), minus CE fine-tuning (secondary), and Roth's KL+DP
+    minus plain KL (third, with the knowledge each loses). report.json keeps every prediction
+    and the code's commit: --report-from recomputes the report from it.
 
     Reuse: the digits folder, each fold's pool and store, and finished transfer runs are kept
     under OUT in folders keyed by a hash of their settings and of fastkd's code, and reused (or
@@ -86,6 +108,11 @@ def demo_command(
     over.
     """
     console = Console()
+    if report_from is not None:
+        from fastkd.demo import recompute_report
+
+        recompute_report(report_from, out, console)
+        return
     console.print(expected_duration(quick, folds, seeds), style="dim", highlight=False)
     from fastkd.demo import DemoConfig, run_demo
 

@@ -22,11 +22,13 @@ from typer.testing import CliRunner
 
 from fastkd.demo import (
     ARMS,
+    ARMS_BY_NAME,
     QUESTIONS,
     DemoConfig,
     DemoLayout,
     DemoReport,
     FoldPredictions,
+    recompute_report,
     run_demo,
 )
 from fastkd.digits import DIGITS_POOL, digits_labels, fold_indices
@@ -92,9 +94,80 @@ def test_report_files_hold_every_arm_member_and_question(demo):
     with Image.open(out / "report.png") as plot:
         assert plot.format == "PNG" and plot.width > 1000
     table = (out / "report.txt").read_text()
-    for text in ["plain KD", "joint Bi-KD", "rate (Roth)", "Primary:", "Secondary:"]:
+    for text in ["plain KD", "joint Bi-KD", "rate (Roth)", "Primary:", "Secondary:", "Third:",
+                 "KL+DP (Roth)", "knowledge loss"]:  # fmt: skip
         assert text in table and text in printed
     assert saved["numerics"]["cpu_capability"]
+
+
+def test_the_report_records_its_code_and_every_prediction(demo):
+    from fastkd.demo.config import code_version
+
+    out, _, saved, _ = demo
+    made = saved["provenance"]
+    assert made["code_version"] == code_version()
+    assert made["git"] is None or len(made["git"]["commit"]) == 40
+    assert {"fastkd", "python", "torch", "timm", "numpy"} <= set(made["versions"])
+    found = saved["predictions"]
+    assert list(found["after"]) == ARM_NAMES
+    # the predictions in the report are the very files each run wrote
+    assert found["before"]["0"] == _predictions(out, "pool/*/test-predictions.json").to_dict()
+    for arm in ARM_NAMES:
+        run = _predictions(out, f"transfer/*/seed-0/{arm}/test-predictions.json")
+        assert found["after"][arm]["0"]["0"] == run.to_dict()
+
+
+def test_report_from_recomputes_every_number_without_training(demo, tmp_path):
+    from fastkd.cli.main import app
+
+    out, _, saved, _ = demo
+    result = CliRunner().invoke(
+        app, ["demo", "--report-from", str(out / "report.json"), "--out", str(tmp_path)],
+        terminal_width=200,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "every number equals the saved report's" in result.output
+    again = json.loads((tmp_path / "report.json").read_text())
+    assert again["summary"] == saved["summary"]
+    assert not list(tmp_path.rglob("*.pt"))  # nothing trained
+    # a report whose predictions were altered recomputes to other numbers, and says so
+    altered = json.loads((out / "report.json").read_text())
+    first = altered["predictions"]["after"]["bikd"]["0"]["0"]["predictions"]["resnet"]
+    labels = altered["predictions"]["after"]["bikd"]["0"]["0"]["labels"]
+    first[:] = labels  # resnet now right on every test image
+    (tmp_path / "altered.json").write_text(json.dumps(altered))
+    report, same = recompute_report(tmp_path / "altered.json", console=Console(file=io.StringIO()))
+    assert not same
+    assert report.summary["arms"]["bikd"]["members"]["resnet"]["top1_after"] == 100.0
+
+
+def test_the_papers_arms_run_their_own_settings(tmp_path):
+    """Roth et al.'s arms: KL only, T = 1, SGD (momentum 0.9, weight decay 1e-4) at the demo's
+    base lr per 256 images; joint Bi-KD: no stop-gradient, as the Bi-KD code's one backward."""
+    from fastkd.demo.config import ROTH_BASE_LR
+    from fastkd.demo.run import _transfer_config
+
+    cfg = DemoConfig.quick(out_dir=tmp_path)
+    layout = DemoLayout.of(cfg, 0)
+    specs = ["a:resnet10t=a.pt", "b:resnet10t=b.pt"]  # joint needs two models to build
+    for name in ("kl", "kl_dp_roth"):
+        train = _transfer_config(cfg, layout, specs, ARMS_BY_NAME[name], 0)
+        assert (train.loss.ce_weight, train.loss.kd_weight, train.loss.temperature) == (0, 1, 1)
+        assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.9, 1e-4)
+        assert train.learning_rate == pytest.approx(ROTH_BASE_LR * cfg.batch_size / 256)
+        assert "--ce-weight 0.0" in ARMS_BY_NAME[name].flags(cfg.transfer_lr, cfg.batch_size)
+    assert _transfer_config(cfg, layout, specs, ARMS_BY_NAME["kl"], 0).loss.mode.value == "plain"
+    assert _transfer_config(cfg, layout, specs, ARMS_BY_NAME["kl_dp_roth"], 0).loss.mode.value == (
+        "fixed"
+    )
+    joint = _transfer_config(cfg, layout, specs, ARMS_BY_NAME["joint"], 0)
+    assert joint.joint and joint.loss.stop_grad is False
+    assert "--no-stop-grad" in ARMS_BY_NAME["joint"].flags(cfg.transfer_lr, cfg.batch_size)
+    others = [a for a in ARMS if a.name not in ("kl", "kl_dp_roth")]
+    for arm in others:  # the Bi-KD-style arms: the demo's Adam lr, CE kept
+        train = _transfer_config(cfg, layout, specs, arm, 0)
+        assert train.optimizer == "adam" and train.learning_rate == cfg.transfer_lr
+        assert train.loss.ce_weight == 1.0
 
 
 def test_saved_predictions_match_a_plain_evaluation_of_the_checkpoints(demo):
@@ -212,6 +285,79 @@ def test_members_and_seeds_share_their_images_in_the_bootstrap():
     )  # fmt: skip
     spread = half.summary["questions"][0]["difference"]
     assert spread["estimate"] == 25.0 and spread["low"] < 25.0 < spread["high"]
+
+
+def test_success_needs_a_change_beyond_the_control_arm():
+    """Roth's rate counts every member that improved; the demo's counts a member only where its
+    change beats its change under CE fine-tuning with the interval above zero, and does not
+    score CE against itself."""
+    pool = {0: [{"name": "a"}, {"name": "b"}]}
+    before = {0: _fold(0, {"a": [0] * 60, "b": [0] * 60})}
+    ce = {0: {0: _fold(0, {"a": [1] * 20 + [0] * 40, "b": [1] * 20 + [0] * 40})}}
+    # a: right on 50 of 60 images (CE: 20), b: the same 20 as CE
+    kd = {0: {0: _fold(0, {"a": [1] * 50 + [0] * 10, "b": [1] * 20 + [0] * 40})}}
+    report = DemoReport.build(
+        config={"folds": 5}, pool=pool, before=before, after={"ce": ce, "plain": kd},
+        resamples=500,
+    )  # fmt: skip
+    arms = report.summary["arms"]
+    assert arms["ce"]["success_rate"] is None and arms["ce"]["success_rate_roth"] == 100.0
+    assert arms["plain"]["success_rate_roth"] == 100.0  # both improved on the pool before
+    assert arms["plain"]["success_rate"] == 50.0  # only a beat CE
+    a, b = arms["plain"]["members"]["a"], arms["plain"]["members"]["b"]
+    assert a["vs_control"]["estimate"] == pytest.approx(50.0) and a["success"]
+    assert b["vs_control"]["estimate"] == 0.0 and not b["success"]
+    assert "vs_control" not in arms["ce"]["members"]["a"]
+
+
+def test_questions_report_the_knowledge_each_arm_loses():
+    """Knowledge loss: right before transfer, wrong after (% of test images per member)."""
+    from fastkd.demo.config import Question
+
+    pool = {0: [{"name": "a"}]}
+    before = {0: _fold(0, {"a": [1] * 30 + [0] * 10})}
+    # plain KL forgets 12 of a's 30 right images and learns 4; KL+DP forgets 2, learns 4
+    kl = {0: {0: _fold(0, {"a": [0] * 12 + [1] * 18 + [1] * 4 + [0] * 6})}}
+    kl_dp = {0: {0: _fold(0, {"a": [0] * 2 + [1] * 28 + [1] * 4 + [0] * 6})}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            "fastkd.demo.analysis.QUESTIONS", (Question("kl_dp_roth", "kl", "third"),)
+        )
+        report = DemoReport.build(
+            config={"folds": 5}, pool=pool, before=before,
+            after={"kl": kl, "kl_dp_roth": kl_dp}, resamples=500,
+        )  # fmt: skip
+    (q,) = report.summary["questions"]
+    assert q["difference"]["estimate"] == pytest.approx(100 * 10 / 40)
+    lost = q["knowledge_loss"]
+    assert (lost["arm"], lost["control"]) == pytest.approx((100 * 2 / 40, 100 * 12 / 40))
+    assert lost["difference"]["estimate"] == pytest.approx(-25.0)
+    assert lost["difference"]["high"] < 0
+    assert "Knowledge lost: 5.00% vs 30.00%" in report.conclusion()[0]
+
+
+def test_a_saved_report_recomputes_to_the_same_numbers(tmp_path):
+    pool = {f: [{"name": "a"}, {"name": "b"}] for f in (0, 1)}
+    before = {f: _fold(f, {"a": [0] * 30 + [1] * 10, "b": [1] * 20 + [0] * 20}) for f in (0, 1)}
+    runs = {
+        arm: {f: {s: _fold(f, {"a": [(i * (s + 3) + f + k) % 3 == 0 for i in range(40)],
+                               "b": [(i + s + k) % 2 == 0 for i in range(40)]})
+                  for s in (0, 1, 2)} for f in (0, 1)}
+        for k, arm in enumerate(("ce", "plain", "bikd"))
+    }  # fmt: skip
+    report = DemoReport.build(
+        config={"folds": 5, "resamples": 300}, pool=pool, before=before, after=runs,
+        resamples=300, provenance={"code_version": "x"},
+    )  # fmt: skip
+    assert report.summary["seeds"] == [0, 1, 2]
+    assert report.summary["questions"][0]["difference"]["seeds"] == 3  # seeds resampled
+    saved = json.loads(json.dumps(report.to_dict()))
+    again = DemoReport.recompute(saved)
+    assert json.dumps(again.summary, sort_keys=True) == json.dumps(saved["summary"], sort_keys=True)
+    assert again.provenance == {"code_version": "x"}
+    del saved["predictions"]
+    with pytest.raises(ValueError, match="holds no predictions"):
+        DemoReport.recompute(saved)
 
 
 def test_config_refuses_bad_folds_and_epochs(tmp_path):

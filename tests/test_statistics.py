@@ -67,6 +67,31 @@ def test_rows_of_a_stratum_share_their_images():
     assert (opposite.low, opposite.estimate, opposite.high) == pytest.approx((0.0, 0.0, 0.0))
 
 
+def test_seeds_are_resampled_with_the_images():
+    """(f) Additive seed and image effects, d[s, i] = a_s + e_i: the two-level bootstrap's
+    variance is var_pop(a) / S + var_pop(e) / n (independent draws of seeds and images); one
+    seed, or seeds that agree, give the image-only bootstrap's."""
+    rng = np.random.default_rng(8)
+    a, e = rng.normal(0.0, 2.0, size=6), rng.normal(0.0, 1.0, size=500)
+    d = (a[:, None] + e[None, :])[None]  # [rows 1, seeds 6, images 500]
+    variance = a.var(ddof=0) / a.size + e.var(ddof=0) / e.size
+    means = bootstrap_means([d], resamples=RESAMPLES, seed=9)
+    assert means.var() == pytest.approx(variance, rel=0.06)
+    interval = paired_bootstrap([d], resamples=RESAMPLES, seed=9, scale=1.0)
+    assert (interval.n, interval.seeds) == (500, 6)
+    assert interval.estimate == pytest.approx(d.mean())
+    images_only = paired_bootstrap([d.reshape(6, 500)], resamples=RESAMPLES, seed=9, scale=1.0)
+    assert interval.high - interval.low > 2 * (images_only.high - images_only.low)
+    agree = np.broadcast_to(e, (1, 4, 500))  # four seeds, one outcome
+    assert bootstrap_means([agree], resamples=RESAMPLES, seed=9).var() == pytest.approx(
+        e.var(ddof=0) / e.size, rel=0.05
+    )
+    one = paired_bootstrap([d[:, :1]], resamples=500, seed=3)
+    assert one == paired_bootstrap([d[0, :1]], resamples=500, seed=3)  # [1, 1, n] is [1, n]
+    with pytest.raises(ConfigError, match="same number of seeds"):
+        paired_bootstrap([d, d[:, :2]])
+
+
 def test_deterministic_given_the_seed():
     """(d)"""
     rng = np.random.default_rng(6)
@@ -90,12 +115,12 @@ def test_verdict_says_only_what_the_interval_supports():
     assert Interval(0.1, -0.2, 0.4, 0.95, 1, 1).verdict() == "no difference detected"
     assert Interval(0.0, 0.0, 0.0, 0.95, 1, 1).verdict() == "no difference detected"
     assert set(Interval(0.0, 0.0, 0.0, 0.95, 1, 1).to_dict()) == {
-        "estimate", "low", "high", "level", "resamples", "n"
+        "estimate", "low", "high", "level", "resamples", "n", "seeds"
     }  # fmt: skip
 
 
 def test_bad_input_is_refused():
-    for bad in ([], [np.array([])], [np.zeros((2, 2, 2))]):
+    for bad in ([], [np.array([])], [np.zeros((2, 2, 2, 2))]):
         with pytest.raises(ConfigError):
             paired_bootstrap(bad)
     with pytest.raises(ConfigError):

@@ -13,13 +13,16 @@ the library code a ``fastkd`` command runs; the demo only picks the settings:
 3. dump: every member's outputs on ``views`` augmented views of every training image into one
    store (``dump.run_dump``, as ``fastkd dump``);
 4. transfer: for each arm (``config.ARMS``, each a mode of ``fastkd train``) and seed, every member
-   trained on the whole train split and its stored views for the same steps at the same lr
+   trained on the whole train split and its stored views for the same steps (the Bi-KD-style
+   arms at the demo's Adam lr, Roth et al.'s two arms with their SGD recipe)
    (``training.train_all``, as ``fastkd train --all``; joint Bi-KD: ``train`` with ``joint``);
    each run's test predictions are kept beside it;
 5. report: ``analysis`` turns the predictions into the change per member and arm with paired
-   bootstrap intervals over test images, Roth et al.'s metrics and the stricter ones, and the
-   declared questions (``config.QUESTIONS``: offline Bi-KD vs plain KD, then vs CE) with verdicts
-   that say what the intervals support; ``report`` renders them (JSON, PNG, text).
+   bootstrap intervals over test images (and transfer seeds, when several), Roth et al.'s
+   metrics and the stricter ones, each member's success against CE fine-tuning, and the
+   declared questions (``config.QUESTIONS``: offline Bi-KD vs plain KD, then vs CE; Roth's
+   KL+DP vs plain KL) with verdicts that say what the intervals support; ``report`` renders
+   them (JSON with every prediction and the provenance, PNG, text).
 
 Reproducible: ``runtime.reproducible`` pins the CPU code paths and torch's deterministic
 algorithms before anything is computed; the same command and seed give the same numbers on any
@@ -34,9 +37,12 @@ The package, one idea a module; each imports only the ones above it (no cycles):
 
 - ``config``: the arms and questions, ``DemoConfig`` (and ``.quick``), ``DemoLayout``;
 - ``predictions``: ``FoldPredictions``, a fold's test predictions as JSON;
+- ``provenance``: the code (commit, source hash), versions and machine of a run; imports
+  ``config``;
 - ``analysis``: the report's numbers from the predictions; imports ``config``, ``predictions``;
-- ``report``: ``DemoReport`` (tables, verdict, JSON / PNG / TXT); imports the three above;
-- ``run``: the stages and ``run_demo``; imports all of the above.
+- ``report``: ``DemoReport`` (tables, verdict, JSON / PNG / TXT, every prediction; recomputed
+  from a saved report); imports ``config``, ``predictions``, ``analysis``;
+- ``run``: the stages, ``run_demo`` and ``recompute_report``; imports all of the above.
 
 This module re-exports their public names and imports nothing else.
 """
@@ -53,7 +59,7 @@ from fastkd.demo.config import (
 )
 from fastkd.demo.predictions import FoldPredictions
 from fastkd.demo.report import REPORT_STEM, DemoReport
-from fastkd.demo.run import pretrain_pool, run_demo
+from fastkd.demo.run import pretrain_pool, recompute_report, run_demo
 
 __all__ = [
     "ARMS",
@@ -68,5 +74,6 @@ __all__ = [
     "FoldPredictions",
     "Question",
     "pretrain_pool",
+    "recompute_report",
     "run_demo",
 ]

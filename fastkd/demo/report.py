@@ -1,8 +1,11 @@
 """The demo's report: tables, the verdict on the declared questions, JSON, PNG and text.
 
 Everything printed or saved is rendered from one ``summary`` (``fastkd.demo.analysis``), so the
-tables, the plot and the verdict cannot disagree. A report can be built from predictions alone
-(the tests build one by hand); it reads the arms and questions from ``fastkd.demo.config``.
+tables, the plot and the verdict cannot disagree. A report is built from predictions alone (the
+tests build one by hand) and saves them, every member's on every test image for every arm and
+seed, with its provenance: ``DemoReport.recompute`` rebuilds every number from a saved report
+without training (``fastkd demo --report-from``). It reads the arms and questions from
+``fastkd.demo.config``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from rich.table import Table
 from fastkd.demo.analysis import Runs, analyse
 from fastkd.demo.config import ARMS_BY_NAME
 from fastkd.demo.predictions import FoldPredictions
+from fastkd.errors import ConfigError
 from fastkd.files import write_json
 from fastkd.statistics import Interval
 
@@ -31,13 +35,16 @@ _VERDICT_COLOUR = {"better": "green", "worse": "red"}
 
 @dataclass
 class DemoReport:
-    """The demo's settings, pool, timings and the numbers ``analyse`` computed."""
+    """The demo's settings, pool, timings, predictions and the numbers ``analyse`` computed."""
 
     config: dict[str, Any]
     pool: dict[int, list[dict[str, Any]]]  # fold -> each member's description
     summary: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     numerics: dict[str, Any] = field(default_factory=dict)  # runtime.reproducible()
+    before: dict[int, FoldPredictions] = field(default_factory=dict)  # the pool, per fold
+    after: dict[str, dict[int, dict[int, FoldPredictions]]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # demo.provenance
 
     @classmethod
     def build(
@@ -50,10 +57,49 @@ class DemoReport:
         resamples: int,
         seconds: dict[str, float] | None = None,
         numerics: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
     ) -> DemoReport:
         members = [member["name"] for member in next(iter(pool.values()))]
         summary = analyse(members, before, after, resamples=resamples)
-        return cls(config, pool, summary, dict(seconds or {}), dict(numerics or {}))
+        return cls(
+            config,
+            pool,
+            summary,
+            dict(seconds or {}),
+            dict(numerics or {}),
+            dict(before),
+            {arm: {f: dict(by_seed) for f, by_seed in runs.items()} for arm, runs in after.items()},
+            dict(provenance or {}),
+        )
+
+    @classmethod
+    def recompute(cls, saved: Mapping[str, Any]) -> DemoReport:
+        """Every table, interval and verdict of a saved report (``to_dict``), computed again
+        from its predictions by this code; its timings and provenance as saved."""
+        if "predictions" not in saved:
+            raise ConfigError(
+                "this report holds no predictions (saved by an older fastkd): it cannot be "
+                "recomputed; run the demo again"
+            )
+        found = saved["predictions"]
+        before = {int(f): FoldPredictions.from_dict(p) for f, p in found["before"].items()}
+        after = {
+            arm: {
+                int(f): {int(s): FoldPredictions.from_dict(p) for s, p in by_seed.items()}
+                for f, by_seed in runs.items()
+            }
+            for arm, runs in found["after"].items()
+        }
+        return cls.build(
+            config=saved["config"],
+            pool={int(f): members for f, members in saved["pool"].items()},
+            before=before,
+            after=after,
+            resamples=int(saved["config"]["resamples"]),
+            seconds=saved.get("seconds"),
+            numerics=saved.get("numerics"),
+            provenance=saved.get("provenance"),
+        )
 
     @property
     def members(self) -> list[str]:
@@ -70,6 +116,17 @@ class DemoReport:
             "summary": self.summary,
             "seconds": self.seconds,
             "numerics": self.numerics,
+            "provenance": self.provenance,
+            "predictions": {
+                "before": {str(f): p.to_dict() for f, p in self.before.items()},
+                "after": {
+                    arm: {
+                        str(f): {str(s): p.to_dict() for s, p in by_seed.items()}
+                        for f, by_seed in runs.items()
+                    }
+                    for arm, runs in self.after.items()
+                },
+            },
         }
 
     # -- text ----------------------------------------------------------------------------------
@@ -81,6 +138,13 @@ class DemoReport:
             f"{s['images']} test images ({folds} fold{'s' * (folds > 1)} of "
             f"{self.config['folds']}), {len(self.members)} members, {seeds} seed{'s' * (seeds > 1)}"
         )
+
+    def _resampled(self) -> str:
+        """What the intervals resample: images, and the transfer seeds when there are several."""
+        seeds = len(self.summary["seeds"])
+        if seeds > 1:
+            return f"test images and the {seeds} transfer seeds, within folds"
+        return "test images within folds; one transfer seed, so not the spread of training"
 
     def tables(self) -> list[Table]:
         s = self.summary
@@ -100,11 +164,14 @@ class DemoReport:
                 member["name"], member["arch"], seen, f"{s['top1_before'][member['name']]:.1f}%"
             )
 
+        control = ARMS_BY_NAME[s["control"]].title
         arms = Table(
             title="Change in test top-1 per arm (points; 95% paired-bootstrap interval over "
-            "test images within folds)",
+            f"{self._resampled()})",
             caption="gain / loss: % of test images a member got wrong before and right after / "
-            "the reverse; success: % of (teachers, student) runs whose delta is > 0.",
+            f"the reverse; success: % of members whose change beats their change under {control} "
+            "with the interval above 0 (in brackets: Roth et al.'s rate, % of runs whose change "
+            "is > 0).",
         )
         arms.add_column("arm")
         for member in self.members:
@@ -121,7 +188,8 @@ class DemoReport:
                 *cells,
                 _interval_cell(a["pool_delta"]),
                 f"{gain:.1f} / {loss:.1f}",
-                f"{a['success_rate']:.0f}% of {a['runs']}",
+                ("control" if a["success_rate"] is None else f"{a['success_rate']:.0f}%")
+                + f" ({a['success_rate_roth']:.0f}%)",
             )
 
         roth = Table(
@@ -143,11 +211,17 @@ class DemoReport:
                 _fmt(_pairs_mean(figures, "transfer_rate_per_sample"), ".0f", "%"),
             )
 
-        questions = Table(title="The declared questions: arm minus control on the same images")
-        for column in ("role", "arm", "control", "difference", "95% interval", "verdict"):
+        questions = Table(
+            title="The declared questions: arm minus control on the same images",
+            caption="knowledge loss: % of test images a member got right before transfer and "
+            "wrong after (Roth et al.'s forgotten samples), arm / control, and their difference.",
+        )
+        columns = ("role", "arm", "control", "difference", "95% interval", "verdict",
+                   "knowledge loss", "loss difference")  # fmt: skip
+        for column in columns:
             questions.add_column(column, justify="right" if column in ("difference",) else "left")
         for q in s["questions"]:
-            d = q["difference"]
+            d, lost = q["difference"], q["knowledge_loss"]
             colour = _VERDICT_COLOUR.get(q["verdict"], "white")
             questions.add_row(
                 q["role"],
@@ -156,6 +230,8 @@ class DemoReport:
                 f"{d['estimate']:+.2f}",
                 f"[{d['low']:+.2f}, {d['high']:+.2f}]",
                 f"[{colour}]{q['verdict']}[/{colour}]",
+                f"{lost['arm']:.2f} / {lost['control']:.2f}",
+                _interval_text(lost["difference"]),
             )
         return [pool, arms, roth, questions]
 
@@ -163,12 +239,14 @@ class DemoReport:
         """One sentence per declared question, saying what its interval supports."""
         lines = []
         for q in self.summary["questions"]:
-            d = q["difference"]
+            d, lost = q["difference"], q["knowledge_loss"]
             lines.append(
                 f"{q['role'].capitalize()}: {ARMS_BY_NAME[q['arm']].title} minus "
                 f"{ARMS_BY_NAME[q['control']].title}: {d['estimate']:+.2f} points per member and "
                 f"test image, 95% interval [{d['low']:+.2f}, {d['high']:+.2f}] over "
-                f"{self._scope()}: {q['verdict']}."
+                f"{self._scope()} (resampling {self._resampled()}): {q['verdict']}. Knowledge "
+                f"lost: {lost['arm']:.2f}% vs {lost['control']:.2f}% of test images, difference "
+                f"{_interval_text(lost['difference'])}."
             )
         return lines
 
@@ -283,6 +361,10 @@ def _pairs_mean(figures: Mapping[str, Mapping[str, Any]], name: str) -> float:
     """The mean of a per-teacher figure over every (teacher, student) pair that defines it."""
     values = [v for member in figures.values() for v in member[name].values() if not math.isnan(v)]
     return float(np.mean(values)) if values else math.nan
+
+
+def _interval_text(interval: Mapping[str, Any]) -> str:
+    return f"{interval['estimate']:+.2f} [{interval['low']:+.2f}, {interval['high']:+.2f}]"
 
 
 def _interval_cell(interval: Mapping[str, Any]) -> str:

@@ -20,8 +20,17 @@ from rich.text import Text
 
 from fastkd.choices import Teachers
 from fastkd.data import open_dataset
-from fastkd.demo.config import ARMS, IMAGE_SIZE, PREDICTIONS_FILE, Arm, DemoConfig, DemoLayout
+from fastkd.demo.config import (
+    ARMS,
+    IMAGE_SIZE,
+    PREDICTIONS_FILE,
+    Arm,
+    DemoConfig,
+    DemoLayout,
+    code_version,
+)
 from fastkd.demo.predictions import FoldPredictions
+from fastkd.demo.provenance import provenance
 from fastkd.demo.report import REPORT_STEM, DemoReport
 from fastkd.digits import (
     PoolMember,
@@ -33,6 +42,7 @@ from fastkd.digits import (
     write_sample_list,
 )
 from fastkd.dump import DumpConfig, run_dump
+from fastkd.errors import ConfigError
 from fastkd.evaluation import predict_checkpoints
 from fastkd.files import write_json
 from fastkd.models import ModelSpec, parse_pool
@@ -85,7 +95,7 @@ def _transfer_config(
         store=layout.store,
         models=tuple(pool_specs),
         epochs=cfg.transfer_epochs,
-        lr=cfg.transfer_lr,
+        lr=arm.lr(cfg.transfer_lr, cfg.batch_size),
         batch_size=cfg.batch_size,
         seed=seed,
         val_data=layout.split("val"),
@@ -239,7 +249,8 @@ def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> De
         with _stage(console, title, seconds, "transfer"):
             for seed in cfg.seeds:
                 for arm in ARMS:
-                    console.print(f"[bold]{arm.title}[/bold] ({arm.flags}), seed {seed}")
+                    flags = arm.flags(cfg.transfer_lr, cfg.batch_size)
+                    console.print(f"[bold]{arm.title}[/bold] ({flags}), seed {seed}")
                     found = _transfer(cfg, layout, specs, arm, seed)
                     after[arm.name].setdefault(fold, {})[seed] = found
     seconds["total"] = round(time.perf_counter() - start, 2)
@@ -252,9 +263,42 @@ def _run_demo(cfg: DemoConfig, console: Console, numerics: dict[str, Any]) -> De
         seconds=seconds,
         numerics=numerics,
         resamples=cfg.resamples,
+        provenance=provenance(cfg.device),
     )
     console.rule("[bold]report")
     report.print(console)
     paths = report.save(cfg.out_dir)
     console.print(Text(f"report: {paths['json']}, {paths['plot']}, {paths['table']}"))
     return report
+
+
+def recompute_report(
+    path: Path, out_dir: Path | None = None, console: Console | None = None
+) -> tuple[DemoReport, bool]:
+    """Every table, interval and verdict of the saved report ``path`` computed again from its
+    predictions, without training: the report, and whether its numbers equal the saved ones
+    (they differ where the analysis code changed). Written to ``out_dir`` when given."""
+    console = console or Console()
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--report-from {path}: cannot read a demo report: {error}") from error
+    report = DemoReport.recompute(saved)
+    same = json.dumps(report.summary, sort_keys=True) == json.dumps(
+        saved.get("summary"), sort_keys=True
+    )
+    made = saved.get("provenance", {})
+    verdict = "every number equals" if same else "some numbers differ from"
+    console.rule(f"[bold]report recomputed from {path}")
+    report.print(console)
+    console.print(
+        Text(
+            f"measured with code {made.get('code_version', '?')[:12]} "
+            f"(commit {(made.get('git') or {}).get('commit', 'unknown')}), "
+            f"recomputed with {code_version()[:12]}: {verdict} the saved report's"
+        )
+    )
+    if out_dir is not None:
+        paths = report.save(out_dir)
+        console.print(Text(f"report: {paths['json']}, {paths['plot']}, {paths['table']}"))
+    return report, same
