@@ -45,6 +45,7 @@ def _strategy(kind: type, mode: str = "live") -> SimpleNamespace:
     settings = LossSettings(mode=mode, temperature=2.0)
     strategy.cfg = SimpleNamespace(loss=settings)
     strategy.self_index = None
+    strategy._prepare_loss()
     return strategy
 
 

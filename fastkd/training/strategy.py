@@ -85,13 +85,21 @@ class TeachingStrategy:
         self.run = run
         self.cfg = run.cfg
         self.members = []
-        # Plain attributes, made here, not cached properties: a compiled step's trace reads
-        # them, and Python 3.11's cached_property takes a lock Dynamo cannot trace.
+        self._prepare_loss()
+
+    def _prepare_loss(self) -> None:
+        """What the loss reads every step, made here (again once the columns are known), as
+        plain attributes, not cached properties: a compiled step's trace reads them, and Python
+        3.11's cached_property takes a lock Dynamo cannot trace."""
         # The run's loss settings as the loop takes them: summed over the rows (the trainer
         # divides by the global batch through ``scale``).
         self._settings: LossSettings = dataclasses.replace(self.cfg.loss, reduction=Reduction.SUM)
-        # The loss's config per ``scale``, made on first use (``loss_config``).
-        self._configs: dict[float, Any] = {}
+        self._configs: dict[float, Any] = {}  # the loss's config per ``scale`` (loss_config)
+        # The config ``plain_targets`` mixes by (its T, the student's own column), or None
+        # unless the mode is ``plain``.
+        self._plain: PartitionedKDConfig | None = None
+        if self.cfg.loss.mode is PartitionMode.PLAIN:
+            self._plain = PartitionedKDConfig.of(self._settings, self_index=self.self_index)
 
     @classmethod
     def students(cls, run: RunContext) -> list[LoadedModel]:
@@ -113,8 +121,8 @@ class TeachingStrategy:
     def loss_config(self, scale: float) -> Any:
         """The loss's config at ``scale`` (None without a kernel), made once per scale: the
         run's batches, and its last short one; for the kernels' ``*_trusted`` calls (labels
-        were checked when the run was built, stored ids as the reader decoded them). A compiled step (``training.compiled``) makes it
-        before its trace, which cannot build a config."""
+        were checked when the run was built, stored ids as the reader decoded them). A compiled
+        step (``training.compiled``) makes it before its trace, which cannot build a config."""
         config = self._configs.get(scale)
         if config is None:
             config = self._configs[scale] = self._make_config(scale)
@@ -127,14 +135,9 @@ class TeachingStrategy:
 class _PartitionedTeaching(TeachingStrategy):
     """A student taught per row by the pool member the partition rule chooses."""
 
-    _plain: PartitionedKDConfig | None = None
-
     def _set_columns(self, pool: Sequence[str], student: str) -> None:
         self.members, self.self_index = target_columns(pool, student, self.cfg.loss.mode)
-        # The config ``plain_targets`` mixes by (its T, the student's own column), or None
-        # unless the mode is ``plain``.
-        if self.cfg.loss.mode is PartitionMode.PLAIN:
-            self._plain = PartitionedKDConfig.of(self._settings, self_index=self.self_index)
+        self._prepare_loss()  # plain KD's mixture config takes the student's column
 
     def _partitioned(
         self, logits: Sequence[Tensor], batch: Batch, targets: PoolTargets, scale: float
