@@ -15,6 +15,10 @@ sparse target sits on.
   same top-k, the sampled tail trades top-k classes for draws (every split that fills it). The sampled
   tail is random: one draw per row is the main figure, the mean of ``--draws`` draws (as the
   stored views and epochs average it) a second one.
+* populations: every tail model at top-k 5 and 10 (the sampled one with the dump's default draws)
+  on four row populations: confident, high-entropy and label-smoothed 1000-class rows
+  (``POPULATIONS``) and the demo pool's real outputs (10 classes); and the default tail model
+  that docs/method.md's criterion picks from them (``default_choice``).
 * pool: the logits of the demo's trained pool (``fastkd.demo``; 10 classes) on the digits' eval
   view, every ordered (teacher, student) pair, top-k 1..5.
 * transfer: the demo run end to end with dense targets and with top-3 sparse targets under each
@@ -24,7 +28,8 @@ sparse target sits on.
 Run: ``python -m fastkd.bench.targets`` (``--quick``: fewer rows, the quick pool, no transfer);
 results go to ``bench/results/targets-cpu.json`` (fp64 on the CPU, whatever the host has).
 
-Each part has its module (``targets_synthetic``, ``targets_pool``, ``targets_transfer``) and
+Each part has its module (``targets_synthetic``, ``targets_populations``, ``targets_pool``,
+``targets_transfer``) and
 shares the measure of ``target_errors``; this one parses the arguments, runs the parts and
 writes the JSON.
 """
@@ -44,14 +49,16 @@ from rich.console import Console
 
 from fastkd.bench.target_errors import Setting
 from fastkd.bench.targets_pool import pool_part
+from fastkd.bench.targets_populations import populations_part
 from fastkd.bench.targets_synthetic import budget_settings, synthetic_part
 from fastkd.bench.targets_transfer import transfer_part
+from fastkd.dump import DEFAULT_TAIL_SAMPLES
 from fastkd.runtime import machine_name
 
 __all__ = ["budget_settings", "main", "parse_args"]  # budget_settings: its tests call it here
 
 RESULTS = Path(__file__).resolve().parent / "results" / "targets-cpu.json"
-PARTS = ("synthetic", "pool", "transfer")
+PARTS = ("synthetic", "populations", "pool", "transfer")
 
 # -- entry point --------------------------------------------------------------------------------
 
@@ -68,13 +75,18 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
     parser = argparse.ArgumentParser(
         prog=prog or "python -m fastkd.bench.targets", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--parts", default=",".join(PARTS), help="synthetic,pool,transfer")
+    parser.add_argument("--parts", default=",".join(PARTS), help=",".join(PARTS))
     parser.add_argument("--quick", action="store_true", help="fewer rows, quick pool, no transfer")
     parser.add_argument("--rows", type=int, default=None, help="synthetic rows (2048; quick 256)")
     parser.add_argument("--classes", type=int, default=1000, help="synthetic classes")
     parser.add_argument("--budgets", type=_ints, default=[24, 48], help="raw bytes per view")
     parser.add_argument("--temperatures", type=_floats, default=[1.0, 2.0, 4.0])
     parser.add_argument("--draws", type=int, default=8, help="sampled-tail draws averaged")
+    parser.add_argument(
+        "--population-rows", type=int, default=None, help="rows per population (2000; quick 256)"
+    )
+    parser.add_argument("--population-topk", type=_ints, default=[5, 10])
+    parser.add_argument("--population-tail-samples", type=int, default=DEFAULT_TAIL_SAMPLES)
     parser.add_argument("--pool-topk", type=_ints, default=[1, 2, 3, 4, 5])
     parser.add_argument("--pool-tail-samples", type=_ints, default=[2, 4])
     parser.add_argument("--pool-splits", default="train,val", help="digits splits")
@@ -100,10 +112,12 @@ def parse_args(argv: list[str] | None, prog: str | None = None) -> argparse.Name
         args.parts = [p for p in args.parts if p != "transfer"]
     if args.rows is None:
         args.rows = 256 if args.quick else 2048
+    if args.population_rows is None:
+        args.population_rows = 256 if args.quick else 2000
     args.pool_splits = [s for s in args.pool_splits.split(",") if s]
     args.pairs_splits = [s for s in args.pairs_splits.split(",") if s]
-    if args.draws < 1 or args.rows < 1:
-        parser.error("--draws and --rows must be >= 1")
+    if min(args.draws, args.rows, args.population_rows) < 1:
+        parser.error("--draws, --rows and --population-rows must be >= 1")
     return args
 
 
@@ -118,6 +132,16 @@ def _summary_lines(result: dict[str, Any]) -> list[str]:
                 f"{Setting(r['tail'], r['topk'], r['tail_samples']).label:18s} "
                 f"T={r['temperature']:g}  grad err median {g['median']:.3g} p90 {g['p90']:.3g}"
             )
+    populations = result.get("populations", {})
+    for r in populations.get("results", []):
+        if r["temperature"] in (1.0, 2.0) and r["tail"] != "dense":
+            g, setting = r["grad_rel_l2"], Setting(r["tail"], r["topk"], r["tail_samples"])
+            lines.append(
+                f"{r['population']:14s} {setting.label:18s} "
+                f"T={r['temperature']:g}  grad err median {g['median']:.3g} p90 {g['p90']:.3g}"
+            )
+    if populations:
+        lines.append(f"default tail by the criterion: {populations['default_choice']['chosen']}")
     for r in result.get("pool", {}).get("all_pairs", []):
         if r["temperature"] in (1.0, 2.0) and r["topk"] in (0, 3):
             g = r["grad_rel_l2"]
@@ -192,6 +216,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict[str, An
     seconds = {}
     for part, run in (
         ("synthetic", lambda: synthetic_part(args)),
+        ("populations", lambda: populations_part(args, console)),
         ("pool", lambda: pool_part(args, console)),
         ("transfer", lambda: transfer_part(args, console)),
     ):

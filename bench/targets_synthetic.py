@@ -9,7 +9,7 @@ stored dense target is measured too, the floor of every sparse one.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,34 +116,50 @@ GENERATORS = (
 )
 
 
+@dataclass(frozen=True)
+class Rows:
+    """One generator's rows, their description for the JSON and the dense reference per T."""
+
+    teacher: Tensor
+    student: Tensor
+    labels: Tensor
+    info: dict[str, Any]
+    references: dict[float, tuple[Tensor, Tensor]]
+
+
+def make_rows(
+    row_gen: RowGenerator, rows: int, classes: int, seed: int, temperatures: Sequence[float]
+) -> Rows:
+    """``rows`` rows of ``row_gen`` from ``seed``, described, with the dense fp64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher, student, labels = row_gen.make(rows, classes, gen, row_gen.params)
+    references = {t: dense_kl(teacher, student, t) for t in temperatures}
+    info = {
+        "formula": row_gen.formula,
+        "params": row_gen.params,
+        "seed": seed,
+        "entropy_nats": entropy_range(teacher),
+        "label_is_teacher_argmax": rounded((teacher.argmax(-1) == labels).double().mean().item()),
+        "dense_kl_median": {str(t): quantile(references[t][0], 0.5) for t in temperatures},
+    }
+    return Rows(teacher, student, labels, info, references)
+
+
 @one_thread()
 def synthetic_part(args: argparse.Namespace) -> dict[str, Any]:
     """Every budget's settings (and the stored dense floor) on each generator's rows."""
     generators, results, best = {}, [], []
     for number, row_gen in enumerate(GENERATORS):
-        gen = torch.Generator().manual_seed(args.seed + number)
-        teacher, student, labels = row_gen.make(args.rows, args.classes, gen, row_gen.params)
-        generators[row_gen.name] = {
-            "formula": row_gen.formula,
-            "params": row_gen.params,
-            "seed": args.seed + number,
-            "entropy_nats": entropy_range(teacher),
-            "label_is_teacher_argmax": rounded(
-                (teacher.argmax(-1) == labels).double().mean().item()
-            ),
-        }
-        references = {t: dense_kl(teacher, student, t) for t in args.temperatures}
-        generators[row_gen.name]["dense_kl_median"] = {
-            str(t): quantile(references[t][0], 0.5) for t in args.temperatures
-        }
+        made = make_rows(row_gen, args.rows, args.classes, args.seed + number, args.temperatures)
+        generators[row_gen.name] = made.info
         draw_gen = torch.Generator().manual_seed(args.seed + 100 + number)
         budgets = [(None, DENSE)] + [
             (budget, s) for budget in args.budgets for s in budget_settings(budget, args.classes)
         ]
         for budget, setting in budgets:
             stats = measure_setting(
-                teacher, student, labels, setting, args.temperatures, references, args.draws,
-                draw_gen,
+                made.teacher, made.student, made.labels, setting, args.temperatures,
+                made.references, args.draws, draw_gen,
             )  # fmt: skip
             for temperature, figures in stats.items():
                 results.append(

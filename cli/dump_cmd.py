@@ -55,10 +55,11 @@ def dump(
     tail: Annotated[
         TailModel | None,
         typer.Option(
-            help="How training reads the classes outside the top-k: 'bucket' (one bucket, the "
-            "student's shape inside it left free), 'uniform' (shared equally) or 'sampled' "
-            f"(--tail-samples ids drawn from the tail). Default: {DEFAULT_TAIL.value}, which "
-            "measured best (docs/store-format.md). Naming one stores sparse targets even for few "
+            help="How training reads the classes outside the top-k: 'uniform' (shared equally), "
+            "'bucket' (one bucket, the student's shape inside it left free) or 'sampled' "
+            f"(--tail-samples ids drawn from the tail). Default: {DEFAULT_TAIL.value}, the "
+            "lowest worst-case gradient error over confident, high-entropy, label-smoothed and "
+            "real rows (docs/store-format.md). Naming one stores sparse targets even for few "
             "classes.",
             show_default=False,
         ),

@@ -54,7 +54,7 @@ class TailModel(str, Enum):
         return self.value
 
 
-DEFAULT_TAIL = TailModel.BUCKET
+DEFAULT_TAIL = TailModel.UNIFORM
 MAX_TAIL_SAMPLES = 64  # the kernel compares the draws pairwise in registers (checked at 64)
 
 

@@ -36,7 +36,7 @@ def _targets(topk: int, seed: int = 0) -> tuple[torch.Tensor, PoolTargets]:
     labels = torch.randint(0, CLASSES, (ROWS,), generator=gen)
     pool = torch.randn(ROWS, MEMBERS, CLASSES, generator=gen) * 3
     labels[1] = -100
-    return labels, PoolTargets.from_logits(pool, labels, topk)
+    return labels, PoolTargets.from_logits(pool, labels, topk, "bucket")
 
 
 def _partitioned_args(topk, dtype, **config):

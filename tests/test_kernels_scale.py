@@ -33,7 +33,7 @@ def _case(topk: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, Poo
     pool[torch.arange(ROWS), :, labels] += torch.rand(ROWS, 3, generator=gen) * 8
     student = torch.randn(ROWS, CLASSES, generator=gen) * 2
     labels[1] = -100
-    return student, labels, PoolTargets.from_logits(pool, labels, topk)
+    return student, labels, PoolTargets.from_logits(pool, labels, topk, "bucket")
 
 
 def _partitioned(student, labels, targets, grad_output=None, **options):

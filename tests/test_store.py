@@ -20,6 +20,7 @@ import torch
 import zarr
 
 from fastkd.augment import AugmentConfig
+from fastkd.compression import TailModel
 from fastkd.store import (
     Expectation,
     Manifest,
@@ -37,6 +38,7 @@ from fastkd.store import (
 )
 from fastkd.store.arrays import hashed_arrays
 from fastkd.store.integrity import digest
+from fastkd.targets import pool_targets
 from fastkd.views import tail_uniforms, view_boxes, view_params
 
 NUM_CLASSES = 300
@@ -607,6 +609,20 @@ def test_read_pool_stacks_models(finished: Path, data: dict) -> None:
     assert dense.topk_logprobs is None and dense.log_tail is None and dense.tail is None
     for name in ("true_logprob", "logprobs"):
         np.testing.assert_array_equal(getattr(dense, name)[:, 0], getattr(wide, name))
+
+
+@pytest.mark.parametrize("tail", ["bucket", "uniform"])
+def test_a_store_is_read_with_the_tail_it_was_written_with(
+    tmp_path: Path, data: dict, tail: str
+) -> None:
+    """The tail model is the manifest's, not today's DEFAULT_TAIL: a store written while bucket
+    was the default still trains with the bucket tail."""
+    sparse = replace(manifest().models[0], tail=tail, tail_samples=0)
+    with create(tmp_path / "s", data, manifest(models=[sparse, manifest().models[1]])) as writer:
+        write(writer, data)
+    arrays = StoreReader(tmp_path / "s").read_pool(["small"], np.array([0, 39]), np.array([2, 0]))
+    assert arrays.tail is TailModel(tail) and arrays.tail_ids is None
+    assert pool_targets(arrays).tail is TailModel(tail)
 
 
 def test_summary_counts_bytes(finished: Path) -> None:
