@@ -150,7 +150,11 @@ def train_command(
     ] = None,
     stop_grad: Annotated[
         bool | None,
-        typer.Option(help="--joint: no KD gradient into the teaching model. Default --stop-grad."),
+        typer.Option(
+            help="--joint: no KD gradient into the teaching model. Default --stop-grad. Only "
+            "--joint reads it (stored and live teachers never learn): --no-stop-grad without "
+            "--joint is refused, and --preset bi-kd without --joint leaves it out and says so."
+        ),
     ] = None,
     seed: Annotated[
         int,
@@ -264,13 +268,10 @@ def train_command(
     if train_every_member and (student is not None or joint):
         raise ConfigError("--all trains every pool member in turn: leave out --student/--joint")
     run_lr, model_lr = _learning_rates(lr or [])
-    if preset == PresetName.KL_DP and joint:
-        raise ConfigError(
-            "--preset kl-dp is one-way KL+DP from a store or live teachers; --joint trains "
-            "Bi-KD (every model both ways): use --preset bi-kd with --joint"
-        )
     chosen = preset_settings(
         preset,
+        joint=joint,
+        teachers=teachers,
         mode=mode,
         partition_score=partition_score,
         temperature=temperature,
@@ -295,6 +296,8 @@ def train_command(
         teachers=teachers,
         loss=chosen.loss,
         joint=joint,
+        preset=None if chosen.preset is None else chosen.preset.value,
+        preset_not_applied=chosen.not_applied,
         model_lr=model_lr,
         **chosen.optimiser,
         seed=seed,
@@ -316,6 +319,8 @@ def train_command(
         num_workers=workers,
         progress=progress,
     )
+    if chosen.note is not None:
+        console.print(Text(chosen.note, style="yellow"))
     if train_every_member:
         pool = train_all(cfg)
         runs, report = pool.runs, pool.report

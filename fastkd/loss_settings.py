@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from fastkd.choices import PartitionMode, PartitionScore, Reduction, option_flag
+from fastkd.choices import PartitionMode, PartitionScore, Reduction, Teachers, option_flag
 from fastkd.errors import ConfigError
 
 
@@ -70,3 +70,42 @@ class LossSettings:
 
 
 LOSS_FIELDS = tuple(f.name for f in fields(LossSettings))  # flat in the configs saved before
+
+
+# The loss settings each way of teaching reads (its loss's config: tests/test_presets.py checks
+# them against the kernels'), and for some it does not read, the value it acts as: stored and
+# frozen teachers get no gradient (stop_grad), joint Bi-KD's partition is always the current
+# models' p(y) (live, label), cross-entropy alone is CE at weight 1.
+_PARTITIONED = frozenset({"mode", "partition_score", "temperature", "kd_weight", "ce_weight"})
+TEACHING_READS: dict[str, tuple[frozenset[str], dict[str, Any]]] = {
+    "joint": (
+        frozenset({"temperature", "kd_weight", "ce_weight", "stop_grad"}),
+        {"mode": PartitionMode.LIVE, "partition_score": PartitionScore.LABEL},
+    ),
+    Teachers.OFFLINE.value: (_PARTITIONED, {"stop_grad": True}),
+    Teachers.LIVE.value: (_PARTITIONED, {"stop_grad": True}),
+    Teachers.NONE.value: (frozenset(), {"ce_weight": 1.0, "stop_grad": True}),
+}
+TEACHING_TEXT = {  # each way of teaching as messages name it
+    "joint": "--joint (every --model trains at once, the bidirectional loss)",
+    Teachers.OFFLINE.value: "--teachers offline (one student, the store's targets)",
+    Teachers.LIVE.value: "--teachers live (one student, frozen teachers run every step)",
+    Teachers.NONE.value: "--teachers none (cross-entropy alone, no teacher)",
+}
+
+
+def teaching_way(joint: bool, teachers: Teachers | str) -> str:
+    """The key of a run's way of teaching in ``TEACHING_READS``: joint, else its teachers."""
+    return "joint" if joint else Teachers(teachers).value
+
+
+def unapplied(values: Mapping[str, Any], joint: bool, teachers: Teachers | str) -> list[str]:
+    """The loss settings of ``values`` that the way of teaching does not apply: it does not read
+    them and does not act as their value either (``--no-stop-grad`` without ``--joint``)."""
+    reads, acts_as = TEACHING_READS[teaching_way(joint, teachers)]
+    absent = object()
+    return [
+        name
+        for name, value in values.items()
+        if name in LOSS_FIELDS and name not in reads and acts_as.get(name, absent) != value
+    ]

@@ -465,7 +465,14 @@ def test_a_config_saved_before_best_and_partition_score_still_loads_and_resumes(
         "lr": 1e-3,
         "control": False,  # and before --control, no control
         "model_lr": {},  # and before --lr NAME=VALUE, one lr for all
+        "preset": None,  # and before the preset was recorded, none
+        "preset_not_applied": [],
     }
+    # a run without --joint never read stop_grad (--preset bi-kd saved it False there)
+    unread = current_spelling({"joint": False, "loss": {"stop_grad": False}})
+    assert unread["loss"]["stop_grad"] is True
+    joint = current_spelling({"joint": True, "loss": {"stop_grad": False}})
+    assert joint["loss"]["stop_grad"] is False
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from fastkd.choices import (
 )
 from fastkd.errors import ConfigError
 from fastkd.loss_settings import LossSettings
+from fastkd.presets import PresetName
 from fastkd.runtime import plain
 
 
@@ -42,6 +43,8 @@ class TrainConfig:
     teachers: Teachers = Teachers.OFFLINE
     loss: LossSettings = field(default_factory=LossSettings)  # mode, score, T, weights, stop-grad
     joint: bool = False  # Bi-KD of all ``models`` at once (live, bidirectional kernel)
+    preset: str | None = None  # --preset's name (fastkd.presets), so a run names its source
+    preset_not_applied: tuple[str, ...] = ()  # the preset's settings this run leaves out
     epochs: int = 10
     batch_size: int = DEFAULT_BATCH_SIZE  # global: split across DDP ranks
     optimizer: str = "adam"  # adam | sgd
@@ -78,6 +81,7 @@ class TrainConfig:
                 setattr(self, name, Path(value))
         self.models = tuple(self.models)
         self.members = tuple(self.members)
+        self.preset_not_applied = tuple(self.preset_not_applied)
         if isinstance(self.augment, Mapping):
             self.augment = AugmentConfig.from_dict(self.augment)
         if isinstance(self.loss, Mapping):
@@ -88,6 +92,11 @@ class TrainConfig:
         except ValueError:
             choices = [member.value for member in Teachers]
             problems.append(f"--teachers must be one of {choices}, got {self.teachers!r}")
+        try:
+            self.preset = None if self.preset is None else PresetName(self.preset).value
+        except ValueError:
+            choices = [member.value for member in PresetName]
+            problems.append(f"--preset must be one of {choices}, got {self.preset!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.num_views < 1:
             problems.append(
                 f"--epochs, --batch-size and --views must be >= 1, got "

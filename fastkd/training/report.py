@@ -54,6 +54,8 @@ def provenance(cfg: TrainConfig) -> dict:
         "data_selected_the_weights": selected,
         "teachers": cfg.teachers.value,
         "mode": "joint" if cfg.joint else cfg.loss.mode.value,
+        "preset": cfg.preset,  # --preset's name, None without one
+        "preset_not_applied": list(cfg.preset_not_applied),  # its settings this run left out
         "optimizer": cfg.optimizer,
         "lr": cfg.learning_rate,
         "model_lr": dict(cfg.model_lr),  # --lr NAME=VALUE: these models' own
@@ -179,6 +181,16 @@ def barely_moved(name: str, change: float) -> str:
     )
 
 
+def _preset_text(context: Mapping) -> str:
+    """The run line's preset, and its settings the run left out (its way of teaching)."""
+    if not context.get("preset"):
+        return ""
+    left_out = context.get("preset_not_applied") or []
+    return f", preset {context['preset']}" + (
+        f" (not applied: {', '.join(left_out)})" if left_out else ""
+    )
+
+
 def caveats(report: TransferReport) -> list[str]:
     """What a reader must know before crediting a change in ``report`` to teaching, a line each."""
     context, lines = report.context, []
@@ -188,7 +200,7 @@ def caveats(report: TransferReport) -> list[str]:
             f"run: teachers {context['teachers']}, mode {context['mode']}, "
             f"{context['optimizer']} lr {context['lr']:g}, {context['epochs']} epochs, "
             f"batch {context['batch_size']}, seed {context['seed']}, input size "
-            f"{size}, store {context.get('store')}"
+            f"{size}, store {context.get('store')}{_preset_text(context)}"
         )
     if context.get("data_selected_the_weights"):
         lines.append(

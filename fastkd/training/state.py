@@ -38,6 +38,8 @@ RESUMABLE_CHANGES = frozenset(
         "control",  # the control is a run of its own: the main run computes the same
         "cuda_graphs",  # the same steps, launched by graph replay
         "torch_compile",  # the same steps, the forward and loss compiled
+        "preset",  # where the values came from: the values themselves are compared
+        "preset_not_applied",
     }
 )
 
@@ -85,13 +87,19 @@ def current_spelling(saved: dict[str, Any]) -> dict[str, Any]:
     """A saved config as today's code writes it: the loss's settings under ``loss`` (they were
     fields of the config itself), mode "all" is "best", a config from before ``partition_score``
     compared log p(y) ("label"); one from before ``control`` had none; one from before
-    ``model_lr`` trained every model at the run's lr; a store's run has no ``views``."""
+    ``model_lr`` trained every model at the run's lr; a store's run has no ``views``; one from
+    before ``preset`` names none. A run without ``joint`` never read ``stop_grad``: it is the
+    default (``--preset bi-kd`` saved False there before its unread settings were left out)."""
     saved = dict(saved)
     flat = {name: saved.pop(name) for name in LOSS_FIELDS if name in saved}
     loss = {**flat, **saved.get("loss", {})}
+    if not saved.get("joint", False):
+        loss.pop("stop_grad", None)
     saved["loss"] = LossSettings.from_dict(loss).to_dict()  # defaults for what it lacks
     saved.setdefault("control", False)  # before --control
     saved.setdefault("model_lr", {})  # before --lr NAME=VALUE: every model at the run's lr
+    saved.setdefault("preset", None)  # before the preset was recorded
+    saved.setdefault("preset_not_applied", [])
     if saved.get("store") is not None:
         saved["views"] = None  # a store's views are its own (saved as 1 before)
     return saved
