@@ -12,25 +12,23 @@ from rich.console import Console
 from fastkd.cli import options
 from fastkd.cli.guard import guarded
 
-# Measured on 2 CPU cores without a GPU (README): the full demo (5 folds x 1 seed) in 9 min 2 s
-# to 9 min 29 s over three runs, --quick in about a minute. Each fold's pool and dump are shared
-# by its seeds, so more seeds cost less than proportionally.
-_FULL_MINUTES = (9.0, 9.5)
-_FULL_RUNS = 5  # folds x seeds of the measured full demo
+# Measured on 2 CPU cores without a GPU (README, bench/results/demo-cpu.json): the full demo
+# (5 folds x 1 seed) in 11 min 43 s: 2.96 min of pools and dumps, shared by a fold's seeds, and
+# 8.75 min of transfer per seed. --quick took about 5 minutes on the same cores while other
+# jobs ran.
+_POOL_MINUTES = 3.0  # every fold's pool and dump, 5 folds
+_TRANSFER_MINUTES = 8.75  # every fold's transfer runs, 5 folds, one seed
+_FOLDS = 5
 
 
 def expected_duration(quick: bool, folds: int, seeds: int) -> str:
     """The one line the demo starts with: how long it should take, and on what, so that a wait
     on a slower or busy machine is expected rather than a hang."""
-    low, high = _FULL_MINUTES
-    full = f"{math.floor(low)}-{math.ceil(high)} min"
     if quick:
-        took = "about 1 min"
-    elif folds * seeds == _FULL_RUNS:
-        took = f"about {full}"
+        took = "a few minutes"
     else:
-        low, high = low * folds / _FULL_RUNS, high * folds * seeds / _FULL_RUNS
-        took = f"about {math.floor(low)}-{math.ceil(high)} min (the default's {full}, scaled)"
+        minutes = (_POOL_MINUTES + _TRANSFER_MINUTES * seeds) * folds / _FOLDS
+        took = f"about {math.floor(minutes)}-{math.ceil(minutes) + 1} min"
     return f"expected: {took} on 2 CPU cores without a GPU; longer on a busy or slower machine"
 
 
@@ -38,7 +36,7 @@ def demo_command(
     quick: Annotated[
         bool,
         typer.Option(
-            help="About a minute: the same stages, arms and report on one fold with far fewer "
+            help="A few minutes: the same stages, arms and report on one fold with far fewer "
             "steps (a smoke test, not a result)."
         ),
     ] = False,
@@ -74,7 +72,9 @@ def demo_command(
             dir_okay=False,
             help="Train nothing: recompute every table, interval and verdict from a saved "
             "report.json (its per-image predictions), print them, say whether they equal the "
-            "saved numbers, and write them to --out when given.",
+            "saved numbers (exit code 1 when they do not), and write them to --out when given "
+            "(never over the saved report). The training options are not read. Without it, "
+            "the demo trains (or reuses) its runs and reports them.",
             show_default=False,
         ),
     ] = None,
@@ -82,8 +82,8 @@ def demo_command(
     backend: options.LoaderBackend = "auto",
     progress: options.ShowProgress = True,
 ) -> None:
-    """Does deciding roles per sample beat plain distillation? Real data, about EXPECTED
-    on 2 CPU cores without a GPU (longer on a busy or slower machine).
+    """Does deciding roles per sample beat plain distillation? Real data, about 12 minutes on
+    2 CPU cores without a GPU (longer on a busy or slower machine).
 
     On scikit-learn's digits (16 px), per cross-validation fold: trains a pool of three timm
     architectures from scratch, each on its own part of the training split (all of six digits,
@@ -110,8 +110,17 @@ def demo_command(
     console = Console()
     if report_from is not None:
         from fastkd.demo import recompute_report
+        from fastkd.demo.report import REPORT_STEM
+        from fastkd.errors import ConfigError
 
-        recompute_report(report_from, out, console)
+        if out is not None and (out / f"{REPORT_STEM}.json").resolve() == report_from.resolve():
+            raise ConfigError(
+                f"--out {out} holds the report being recomputed ({report_from}): give another "
+                "folder, so the saved report is kept"
+            )
+        _, same = recompute_report(report_from, out, console)
+        if not same:
+            raise typer.Exit(1)
         return
     console.print(expected_duration(quick, folds, seeds), style="dim", highlight=False)
     from fastkd.demo import DemoConfig, run_demo

@@ -29,6 +29,7 @@ FOREIGN = {  # other tools' options, named in docs and messages
     "--no-deps": "pip install",
     "--no-build-isolation": "pip install",
     "--nproc-per-node": "torchrun",
+    "--porcelain": "git status (the demo's provenance)",
 }
 # Source files whose strings speak for one command: the option must be that command's.
 OWNERS = {
