@@ -126,7 +126,7 @@ def test_report_from_recomputes_every_number_without_training(demo, tmp_path):
         terminal_width=200,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "every number equals the saved report's" in result.output
+    assert "every number equals the saved report's" in " ".join(result.output.split())
     again = json.loads((tmp_path / "report.json").read_text())
     assert again["summary"] == saved["summary"]
     assert not list(tmp_path.rglob("*.pt"))  # nothing trained
@@ -139,6 +139,20 @@ def test_report_from_recomputes_every_number_without_training(demo, tmp_path):
     report, same = recompute_report(tmp_path / "altered.json", console=Console(file=io.StringIO()))
     assert not same
     assert report.summary["arms"]["bikd"]["members"]["resnet"]["top1_after"] == 100.0
+    differs = CliRunner().invoke(
+        app, ["demo", "--report-from", str(tmp_path / "altered.json")], terminal_width=200
+    )
+    assert differs.exit_code == 1, differs.output
+    assert "some numbers differ" in " ".join(differs.output.split())
+    # the saved report is never written over
+    before = (out / "report.json").read_bytes()
+    refused = CliRunner().invoke(
+        app, ["demo", "--report-from", str(out / "report.json"), "--out", str(out)],
+        terminal_width=200,
+    )  # fmt: skip
+    assert refused.exit_code != 0
+    assert "holds the report being recomputed" in " ".join(refused.output.split())
+    assert (out / "report.json").read_bytes() == before
 
 
 def test_the_papers_arms_run_their_own_settings(tmp_path):
@@ -146,6 +160,7 @@ def test_the_papers_arms_run_their_own_settings(tmp_path):
     base lr per 256 images; joint Bi-KD: no stop-gradient, as the Bi-KD code's one backward."""
     from fastkd.demo.config import ROTH_BASE_LR
     from fastkd.demo.run import _transfer_config
+    from fastkd.presets import KL_DP
 
     cfg = DemoConfig.quick(out_dir=tmp_path)
     layout = DemoLayout.of(cfg, 0)
@@ -156,6 +171,14 @@ def test_the_papers_arms_run_their_own_settings(tmp_path):
         assert (train.optimizer, train.momentum, train.weight_decay) == ("sgd", 0.9, 1e-4)
         assert train.learning_rate == pytest.approx(ROTH_BASE_LR * cfg.batch_size / 256)
         assert "--ce-weight 0.0" in ARMS_BY_NAME[name].flags(cfg.transfer_lr, cfg.batch_size)
+        # the kl-dp preset's recipe, but its lr (scaled to these models) and epochs (the demo's)
+        recipe = {k: v.value for k, v in KL_DP.settings.items() if k not in ("lr", "epochs")}
+        assert recipe.pop("mode") == "fixed" and recipe.pop("partition_score") == "label"
+        assert recipe.pop("lr_schedule") == "constant" == train.lr_schedule
+        assert recipe.pop("stop_grad") is True is train.loss.stop_grad
+        for key, value in recipe.items():
+            found = getattr(train.loss, key) if hasattr(train.loss, key) else getattr(train, key)
+            assert found == value, key
     assert _transfer_config(cfg, layout, specs, ARMS_BY_NAME["kl"], 0).loss.mode.value == "plain"
     assert _transfer_config(cfg, layout, specs, ARMS_BY_NAME["kl_dp_roth"], 0).loss.mode.value == (
         "fixed"

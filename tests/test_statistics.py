@@ -92,6 +92,16 @@ def test_seeds_are_resampled_with_the_images():
         paired_bootstrap([d, d[:, :2]])
 
 
+def test_each_fold_draws_its_own_seeds():
+    """Seeds are runs of one fold: resampled within each fold, independently, so two folds
+    whose seed effects are opposite do not cancel (a draw shared across folds would give zero
+    seed variance here): var = sum_f (1/F)^2 var_pop(a_f) / S."""
+    a = np.array([-1.0, 0.0, 2.0, 3.0])
+    folds = [np.broadcast_to(a[:, None], (1, 4, 50)), np.broadcast_to(-a[:, None], (1, 4, 50))]
+    means = bootstrap_means(folds, resamples=RESAMPLES, seed=10)
+    assert means.var() == pytest.approx(2 * 0.25 * a.var(ddof=0) / a.size, rel=0.05)
+
+
 def test_deterministic_given_the_seed():
     """(d)"""
     rng = np.random.default_rng(6)
