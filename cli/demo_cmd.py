@@ -14,7 +14,7 @@ from fastkd.cli.guard import guarded
 
 # Measured on 2 CPU cores without a GPU (README, bench/results/demo-cpu.json): the full demo
 # (5 folds x 1 seed) in 11 min 43 s: 2.96 min of pools and dumps, shared by a fold's seeds, and
-# 8.75 min of transfer per seed. --quick took about 5 minutes on the same cores while other
+# 8.75 min of transfer per seed. --quick (with its tests) took 77 s alone, about 5 min while other
 # jobs ran.
 _POOL_MINUTES = 3.0  # every fold's pool and dump, 5 folds
 _TRANSFER_MINUTES = 8.75  # every fold's transfer runs, 5 folds, one seed
@@ -25,7 +25,7 @@ def expected_duration(quick: bool, folds: int, seeds: int) -> str:
     """The one line the demo starts with: how long it should take, and on what, so that a wait
     on a slower or busy machine is expected rather than a hang."""
     if quick:
-        took = "a few minutes"
+        took = "about 1-2 min"
     else:
         minutes = (_POOL_MINUTES + _TRANSFER_MINUTES * seeds) * folds / _FOLDS
         took = f"about {math.floor(minutes)}-{math.ceil(minutes) + 1} min"
@@ -36,7 +36,7 @@ def demo_command(
     quick: Annotated[
         bool,
         typer.Option(
-            help="A few minutes: the same stages, arms and report on one fold with far fewer "
+            help="About 1-2 minutes: the same stages, arms and report on one fold with far fewer "
             "steps (a smoke test, not a result)."
         ),
     ] = False,
