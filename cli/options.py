@@ -17,6 +17,19 @@ DATA_FORMS = (
     "the class index); a label is a class index in plain ASCII digits, below 16,777,216 (2^24)"
 )
 
+StorageOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--storage-option",
+        metavar="KEY=VALUE",
+        help="For s3:// stores and shards, beside the standard AWS environment variables "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL "
+        "for MinIO, Ceph, R2...): any obstore S3 or client setting (endpoint, region, profile, "
+        "skip_signature, timeout...), max_retries, retry_timeout (s) or concurrency; repeat it "
+        "for several. Secrets given here are never printed.",
+        show_default=False,
+    ),
+]
 Device = Annotated[
     str,
     typer.Option(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import errno
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -53,11 +54,16 @@ class StoreError(FastKDError, RuntimeError):
     """A store that cannot be used as asked (the message names the store)."""
 
 
+class StorageError(FastKDError, OSError):
+    """Object storage that failed a request after its retries (the message names the URL)."""
+
+
 class StoreMismatchError(StoreError, ValueError):
     """The store's configuration differs from the requested one; ``differences`` says how."""
 
     def __init__(self, path: Path | str, differences: Sequence[str], hint: str = "") -> None:
-        self.path = Path(path)
+        remote = "://" in str(path) or not isinstance(path, str | os.PathLike)
+        self.path = path if remote else Path(path)  # an s3:// URL is no local Path
         self.differences = list(differences)
         lines = "\n".join(f"  {d}" for d in self.differences)
         super().__init__(

@@ -53,3 +53,26 @@ def compile_run(request: pytest.FixtureRequest) -> tuple[int, Path]:
     """The compile check's exit code and output folder (compile-sm90.json, compile-sm80.json)."""
     process, out = request.config.stash[COMPILE_RUN]
     return process.wait(timeout=1800), out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server behind a fault-injecting proxy, on 127.0.0.1 (tests/s3_server.py)."""
+    pytest.importorskip("moto.server")
+    from s3_server import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the test S3 server, reached the usual way (AWS_* environment
+    variables); faults cleared before and after. Yields ``(server, bucket)``."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    s3_server.faults.clear()
+    yield s3_server, s3_server.new_bucket()
+    s3_server.faults.clear()

@@ -1,0 +1,64 @@
+"""obstore clients, one per (process, bucket, settings): made on first use in each process, since
+a client's runtime does not survive a fork (DataLoader workers, torchrun's children)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from fastkd.errors import ConfigError
+from fastkd.storage.options import StorageOptions
+
+_clients: dict[tuple[Any, ...], Any] = {}
+_lock = threading.Lock()
+
+
+def bucket_client(scheme: str, bucket: str, options: StorageOptions) -> Any:
+    """A client for the whole bucket (keys are full paths)."""
+    return prefixed_client(scheme, bucket, "", options)
+
+
+def prefixed_client(scheme: str, bucket: str, prefix: str, options: StorageOptions) -> Any:
+    """A client whose keys are relative to ``prefix`` (what zarr's ``ObjectStore`` takes)."""
+    key = (os.getpid(), scheme, bucket, prefix, options)
+    with _lock:
+        client = _clients.get(key)
+        if client is None:
+            client = _clients[key] = _make(bucket, prefix, options)
+        return client
+
+
+def _make(bucket: str, prefix: str, options: StorageOptions) -> Any:
+    from obstore.store import S3Store
+
+    kwargs: dict[str, Any] = {
+        "config": options.s3_config(),
+        "client_options": options.client_options(),
+        "retry_config": options.retry_config(),
+    }
+    profile = options.profile()
+    if profile:
+        kwargs["credential_provider"] = _profile_credentials(profile)
+    try:
+        return S3Store(bucket, prefix=prefix or None, **kwargs)
+    except BaseException as error:  # obstore raises config errors as panics, too
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            raise
+        raise ConfigError(
+            f"cannot set up access to bucket {bucket!r} with storage options "
+            f"{options.redacted()}: {str(error).splitlines()[0] if str(error) else error!r}"
+        ) from None
+
+
+def _profile_credentials(profile: str) -> Any:
+    """An AWS profile's credentials, resolved by boto3 as the AWS CLI does."""
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+    except ImportError:
+        raise ConfigError(
+            f"AWS profile {profile!r}: reading ~/.aws profiles needs boto3 (pip install boto3); "
+            "or set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        ) from None
+    return Boto3CredentialProvider(boto3.Session(profile_name=profile))

@@ -1,0 +1,362 @@
+"""A place that holds files: a local folder or file, or a key prefix in an object store.
+
+The store (``fastkd.store``) and the tar shards (``fastkd.data.shards``) do a few things with
+their files beside what zarr does: read and replace small JSON records, create one only if it is
+absent (the writers' claims), list and delete, learn an object's size and version, read byte
+ranges. ``Location`` is those operations, for both kinds of place, so each caller has one code
+path. Local locations keep the guarantees the store always had (atomic replace, ``O_EXCL``);
+object locations use obstore (``docs/design.md`` says why obstore rather than fsspec/s3fs): a
+create-if-absent is a conditional PUT (``If-None-Match: *``), transient errors are retried with
+backoff by obstore itself, and an error that persists is raised as ``StorageError`` naming the
+URL. A location pickles as its URL and settings; clients are made per process (fork-safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fastkd.errors import ConfigError, StorageError
+from fastkd.files import atomic_write
+from fastkd.storage.options import StorageOptions, default_options, is_url, split_url
+
+
+class ObjectInfo(NamedTuple):
+    """What identifies an object's content: any rewrite changes ``version``."""
+
+    size: int
+    version: str  # an ETag, or a local file's (mtime, inode, ctime) in ns
+
+
+class Location(ABC):
+    """A file or folder by its place; ``/`` gives a place below it."""
+
+    is_remote: bool
+
+    @abstractmethod
+    def __truediv__(self, name: str) -> Location: ...
+
+    @property
+    @abstractmethod
+    def name(self) -> str: ...
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether a file (object) is here."""
+
+    @abstractmethod
+    def has_contents(self) -> bool:
+        """Whether anything lies below this place (a folder, a key prefix)."""
+
+    @abstractmethod
+    def read_bytes(self) -> bytes:
+        """The whole file; ``FileNotFoundError`` when there is none."""
+
+    @abstractmethod
+    def write_bytes(self, data: bytes) -> None:
+        """Replace the file at once: a reader sees the old content or the new, never half."""
+
+    @abstractmethod
+    def create(self, data: bytes) -> bool:
+        """Write the file only if none is here; False (nothing written) when one is."""
+
+    @abstractmethod
+    def delete(self) -> None:
+        """Remove the file; nothing when there is none."""
+
+    @abstractmethod
+    def files(self) -> Iterator[tuple[str, int]]:
+        """(path relative to here, size) of every file below this place."""
+
+    @abstractmethod
+    def info(self) -> ObjectInfo:
+        """Size and version of the file; ``FileNotFoundError`` when there is none."""
+
+    @abstractmethod
+    def read_ranges(self, starts: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
+        """Byte ranges of the file, each whole (remote: in concurrent requests)."""
+
+    @abstractmethod
+    def zarr_store(self, read_only: bool) -> Any:
+        """What ``zarr.open_group`` takes for a group here."""
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def delete_below(self, keep: Callable[[str], bool] = lambda _: False) -> None:
+        """Remove every file below this place whose relative path ``keep`` refuses."""
+        for relative, _ in list(self.files()):
+            if not keep(relative):
+                (self / relative).delete()
+
+
+class LocalLocation(Location):
+    """A local (or mounted) path."""
+
+    is_remote = False
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> LocalLocation:
+        return LocalLocation(self.path / name)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"LocalLocation({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalLocation) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def has_contents(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def write_bytes(self, data: bytes) -> None:
+        atomic_write(self.path, lambda handle: handle.write(data))
+
+    def create(self, data: bytes) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return True
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def files(self) -> Iterator[tuple[str, int]]:
+        if not self.path.is_dir():
+            return
+        for file in sorted(self.path.rglob("*")):
+            if file.is_file():
+                yield file.relative_to(self.path).as_posix(), file.stat().st_size
+
+    def info(self) -> ObjectInfo:
+        stat = self.path.stat()
+        return ObjectInfo(stat.st_size, f"{stat.st_mtime_ns}-{stat.st_ino}-{stat.st_ctime_ns}")
+
+    def read_ranges(self, starts: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return [_pread_all(fd, size, start) for start, size in zip(starts, sizes, strict=True)]
+        finally:
+            os.close(fd)
+
+    def zarr_store(self, read_only: bool) -> Any:
+        return self.path
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset`` (network file systems may return short reads); fewer only at
+    the end of the file."""
+    parts = [os.pread(fd, size, offset)]
+    got = len(parts[0])
+    while parts[-1] and got < size:
+        parts.append(os.pread(fd, size - got, offset + got))
+        got += len(parts[-1])
+    return b"".join(parts) if len(parts) > 1 else parts[0]
+
+
+class ObjectLocation(Location):
+    """A key (or key prefix) in an S3-compatible bucket, reached with obstore."""
+
+    is_remote = True
+
+    def __init__(self, url: str, options: StorageOptions | None = None) -> None:
+        self.scheme, self.bucket, self.key = split_url(url)
+        self.options = options or StorageOptions()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.bucket}/{self.key}".rstrip("/")
+
+    def __truediv__(self, name: str) -> ObjectLocation:
+        key = f"{self.key}/{name.strip('/')}" if self.key else name.strip("/")
+        return ObjectLocation(f"{self.scheme}://{self.bucket}/{key}", self.options)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"ObjectLocation({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectLocation) and (other.url, other.options) == (
+            self.url,
+            self.options,
+        )
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return ObjectLocation, (self.url, self.options)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+    @property
+    def client(self) -> Any:
+        from fastkd.storage.clients import bucket_client
+
+        return bucket_client(self.scheme, self.bucket, self.options)
+
+    def _call(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``, obstore's errors as ``FileNotFoundError`` or ``StorageError`` naming the
+        URL (obstore has already retried the transient ones)."""
+        import obstore.exceptions as oe
+
+        try:
+            return call()
+        except (oe.NotFoundError, FileNotFoundError):
+            raise FileNotFoundError(f"{self.url}: no such object") from None
+        except (oe.BaseError, OSError, RuntimeError) as error:
+            raise StorageError(
+                f"{self.url}: {what} failed after obstore's retries "
+                f"(up to {self.options.retry_config()['max_retries']} per request): "
+                f"{_first_line(error)}"
+            ) from error
+
+    def exists(self) -> bool:
+        try:
+            self.info()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def has_contents(self) -> bool:
+        import obstore
+
+        def first() -> bool:
+            stream = obstore.list(self.client, prefix=self.key + "/" if self.key else None, chunk_size=1)
+            return any(len(batch) for batch in stream)
+
+        return self._call("list", first)
+
+    def read_bytes(self) -> bytes:
+        import obstore
+
+        return self._call("read", lambda: obstore.get(self.client, self.key).bytes().to_bytes())
+
+    def write_bytes(self, data: bytes) -> None:
+        import obstore
+
+        self._call("write", lambda: obstore.put(self.client, self.key, data))
+
+    def create(self, data: bytes) -> bool:
+        import obstore
+        import obstore.exceptions as oe
+
+        def put() -> bool:
+            try:
+                obstore.put(self.client, self.key, data, mode="create")
+            except oe.AlreadyExistsError:
+                return False
+            return True
+
+        return self._call("create-if-absent", put)
+
+    def delete(self) -> None:
+        import obstore
+
+        with contextlib.suppress(FileNotFoundError):
+            self._call("delete", lambda: obstore.delete(self.client, self.key))
+
+    def files(self) -> Iterator[tuple[str, int]]:
+        import obstore
+
+        prefix = self.key + "/" if self.key else ""
+
+        def listing() -> list[tuple[str, int]]:
+            out = []
+            for batch in obstore.list(self.client, prefix=prefix or None):
+                out += [(m["path"][len(prefix):], int(m["size"])) for m in batch]
+            return sorted(out)
+
+        yield from self._call("list", listing)
+
+    def info(self) -> ObjectInfo:
+        import obstore
+
+        meta = self._call("head", lambda: obstore.head(self.client, self.key))
+        return ObjectInfo(int(meta["size"]), str(meta.get("e_tag") or meta.get("version") or ""))
+
+    def read_ranges(self, starts: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
+        import obstore
+
+        if not len(starts):
+            return []
+        ends = [start + size for start, size in zip(starts, sizes, strict=True)]
+
+        def get() -> list[bytes]:
+            got = obstore.get_ranges(self.client, self.key, starts=list(starts), ends=ends)
+            return [bytes(part) for part in got]
+
+        return self._call("ranged read", get)
+
+    def zarr_store(self, read_only: bool) -> Any:
+        from zarr.storage import ObjectStore
+
+        from fastkd.storage.clients import prefixed_client
+
+        client = prefixed_client(self.scheme, self.bucket, self.key, self.options)
+        return ObjectStore(client, read_only=read_only)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+def as_location(
+    spec: Location | str | os.PathLike[str], storage_options: Any = None
+) -> Location:
+    """A location from what a user passes: a ``Location`` as it is, a URL, or a local path.
+
+    ``storage_options``: ``--storage-option`` items or a mapping (``StorageOptions.parse``),
+    for URLs (default: the command's, ``options.configure``); refused with a local path, where
+    they would silently do nothing."""
+    if isinstance(spec, Location):
+        return spec
+    options = StorageOptions.parse(storage_options)
+    if is_url(spec):
+        return ObjectLocation(str(spec), options if options.values else default_options())
+    if options.values:
+        raise ConfigError(
+            f"--storage-option is for object storage URLs (s3://...), and {spec} is a local path"
+        )
+    return LocalLocation(spec)
+
+
+def local_or_url(spec: str | os.PathLike[str]) -> Path | str:
+    """A data or store argument as configs keep it: a ``Path``, or a URL string as given (a
+    ``Path`` would fold ``s3://b/k`` into ``s3:/b/k``)."""
+    if isinstance(spec, Location):
+        return spec.path if isinstance(spec, LocalLocation) else str(spec)
+    return str(spec) if is_url(spec) else Path(spec)
