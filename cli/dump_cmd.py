@@ -34,8 +34,13 @@ def dump(
         ),
     ],
     out: Annotated[
-        Path,
-        typer.Option(help="The store directory to create, or to resume.", show_default=False),
+        str,
+        typer.Option(
+            help="The store to create, or to resume: a directory, or a prefix on S3-compatible "
+            "object storage (s3://bucket/prefix/store.zarr; credentials and endpoint as for "
+            "the AWS CLI, or --storage-option).",
+            show_default=False,
+        ),
     ],
     views: Annotated[
         int,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -83,7 +82,12 @@ def _render(summary: StoreSummary, console: Console) -> None:
 
 
 def inspect(
-    store: Annotated[Path, typer.Argument(help="A fastkd store directory (from `fastkd dump`).")],
+    store: Annotated[
+        str,
+        typer.Argument(
+            help="A fastkd store (from `fastkd dump`): a directory or an s3://bucket/prefix URL."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verify: Annotated[
         bool,

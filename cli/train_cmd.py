@@ -32,7 +32,11 @@ def train_command(
     data: Annotated[Path, typer.Option(help=f"Training images: {options.DATA_FORMS}.")],
     data_root: options.DataRoot = None,
     store: Annotated[
-        Path | None, typer.Option(help="Stored targets from `fastkd dump` (offline teachers).")
+        str | None,
+        typer.Option(
+            help="Stored targets from `fastkd dump` (offline teachers): a directory or an "
+            "s3://bucket/prefix URL."
+        ),
     ] = None,
     student: Annotated[
         str | None,

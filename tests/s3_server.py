@@ -10,7 +10,9 @@ leaves the loopback address; both servers stop with ``stop()`` (the fixture's te
 from __future__ import annotations
 
 import http.client
+import logging
 import re
+import socket
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -36,8 +38,10 @@ class Faults:
             self._rules.append([count, kind, re.compile(method), re.compile(path)])
 
     def clear(self) -> None:
+        """No faults, counters at zero."""
         with self._lock:
             self._rules.clear()
+            self.injected = self.requests = 0
 
     def take(self, method: str, path: str) -> int | str | None:
         with self._lock:
@@ -57,6 +61,10 @@ class _Proxy(BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:  # quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()  # headers and body go out as separate writes: no Nagle delay between
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -109,6 +117,8 @@ class S3Server:
 
     def __init__(self) -> None:
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self._moto.start()

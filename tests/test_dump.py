@@ -388,8 +388,8 @@ def test_damaged_blocks_are_listed_and_repaired_exactly(
     shutil.copytree(torch_store, store)
     group = zarr.open_group(store, mode="r")
     member = sorted(group["models"].group_keys())[0]
-    deleted = shard_file(store, group[f"models/{member}/true_logprob"], 2)
-    flipped = shard_file(store, group["boxes"], 5)
+    deleted = Path(shard_file(store, group[f"models/{member}/true_logprob"], 2))
+    flipped = Path(shard_file(store, group["boxes"], 5))
     deleted.unlink()
     raw = bytearray(flipped.read_bytes())
     raw[8:24] = bytes(b ^ 0x5A for b in raw[8:24])
@@ -440,9 +440,9 @@ def test_repair_by_part_restores_labels_lost_hashes_and_changed_files(
     store = tmp_path / "store.zarr"
     shutil.copytree(torch_store, store)
     group = zarr.open_group(store, mode="r")
-    labels = shard_file(store, group["labels"], 1)
+    labels = Path(shard_file(store, group["labels"], 1))
     labels.write_bytes(labels.read_bytes()[:-9])  # truncated
-    hashes = shard_file(store, group["block_hashes"], 4)
+    hashes = Path(shard_file(store, group["block_hashes"], 4))
     hashes.unlink()
     key = str(group["keys"][50])  # block 6 (samples 48-55)
     changed = data / key

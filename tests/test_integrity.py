@@ -35,7 +35,7 @@ def store(tmp_path: Path, pristine: Path) -> Path:
 
 
 def shard(store: Path, array: str, block: int) -> Path:
-    file = shard_file(store, zarr.open_group(store, mode="r")[array], block)
+    file = Path(shard_file(store, zarr.open_group(store, mode="r")[array], block))
     assert file.is_file(), file
     return file
 
@@ -60,7 +60,7 @@ def test_a_deleted_model_shard_is_named_not_read_as_zeros(store: Path) -> None:
     assert "models/small/topk_logprobs, block 1 (samples 8-15)" in message
     assert f"file {file}: missing" in message and "--repair" in message
     (bad,) = check_store(store, progress=False)
-    assert (bad.array, bad.block, bad.samples, bad.file) == (
+    assert (bad.array, bad.block, bad.samples, Path(bad.file)) == (
         "models/small/topk_logprobs", 1, (8, 16), file,
     )  # fmt: skip
 

@@ -531,7 +531,7 @@ def test_cli_train_refuses_a_damaged_store_naming_the_file(pool, tmp_path):
     shutil.copytree(pool.store, store)
     group = zarr.open_group(store, mode="r")
     teacher = next(name for name in group["models"].group_keys() if name != "s")
-    missing = shard_file(store, group[f"models/{teacher}/true_logprob"], 0)
+    missing = Path(shard_file(store, group[f"models/{teacher}/true_logprob"], 0))
     missing.unlink()
     args = ["train", "--data", str(pool.train), "--store", str(store)]
     args += ["--student", pool.specs["s"], "--epochs", "1", "--batch-size", "25"]

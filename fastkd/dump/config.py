@@ -18,6 +18,7 @@ from fastkd.data import ImageDataset
 from fastkd.dump.block_writer import DEFAULT_WRITE_QUEUE
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel
+from fastkd.storage import local_or_url
 from fastkd.store import (
     Manifest,
     ModelEntry,
@@ -34,7 +35,7 @@ class DumpConfig:
 
     data: Path  # image folder, file list ("relative/path label" per line) or tar shards
     models: Sequence[str]  # "[alias:]NAME[=CKPT]" per pool member
-    out: Path  # the store
+    out: Path | str  # the store: a folder, or an s3:// URL
     views: int = 8  # stored views per sample; view 0 is the eval view
     topk: int = 10  # stored top-k classes per view (dense when that is about as small)
     tail: TailModel | None = None  # tail model of sparse targets; None: the default, dense if small
@@ -57,7 +58,7 @@ class DumpConfig:
     write_queue: int = DEFAULT_WRITE_QUEUE  # blocks queued for the writer thread; 0: no thread
 
     def __post_init__(self) -> None:
-        self.data, self.out = Path(self.data), Path(self.out)
+        self.data, self.out = local_or_url(self.data), local_or_url(self.out)  # s3:// as given
         for name in ("views", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(

@@ -185,7 +185,7 @@ def member_logits(member: LoadedModel, images: torch.Tensor, device: torch.devic
     return member.model(in_fast_layout(images, device)).float()
 
 
-def run_dump(cfg: DumpConfig, on_batch: Callable[[int], None] | None = None) -> Path:
+def run_dump(cfg: DumpConfig, on_batch: Callable[[int], None] | None = None) -> Path | str:
     """Dump the pool's outputs on every (sample, view) of the data set into ``cfg.out``.
 
     Resumes an existing store with the same configuration; refuses one with another (unless

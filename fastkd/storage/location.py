@@ -170,6 +170,13 @@ class LocalLocation(Location):
     def zarr_store(self, read_only: bool) -> Any:
         return self.path
 
+    def delete_below(self, keep: Callable[[str], bool] = lambda _: False) -> None:
+        super().delete_below(keep)
+        folders = sorted((p for p in self.path.rglob("*") if p.is_dir()), reverse=True)
+        for folder in folders:  # deepest first: the folders left empty go too
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
     """``size`` bytes at ``offset`` (network file systems may return short reads); fewer only at
@@ -319,6 +326,15 @@ class ObjectLocation(Location):
             return [bytes(part) for part in got]
 
         return self._call("ranged read", get)
+
+    def delete_below(self, keep: Callable[[str], bool] = lambda _: False) -> None:
+        import obstore
+
+        prefix = f"{self.key}/" if self.key else ""
+        doomed = [prefix + rel for rel, _ in self.files() if not keep(rel)]
+        for start in range(0, len(doomed), 1000):  # one bulk request per 1000 keys
+            batch = doomed[start : start + 1000]
+            self._call("bulk delete", lambda batch=batch: obstore.delete(self.client, batch))
 
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import ObjectStore

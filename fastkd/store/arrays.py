@@ -19,8 +19,9 @@ from zarr.codecs import BloscCodec, TransposeCodec, ZstdCodec
 
 from fastkd.augment import AugmentConfig
 from fastkd.errors import StoreError
+from fastkd.storage import Location
 from fastkd.store.encoding import model_arrays
-from fastkd.store.manifest import MANIFEST_ATTR, Manifest, StoreLayout
+from fastkd.store.manifest import MANIFEST_ATTR, Manifest, StoreLayout, open_group
 from fastkd.views import view_boxes
 
 ZSTD_LEVEL = 9  # inside blosc and for keys; decoding speed hardly depends on it
@@ -105,7 +106,7 @@ def _create_sharded(
 
 
 def create_store(
-    path: Path,
+    path: Path | Location,
     manifest: Manifest,
     layout: StoreLayout,
     keys: Sequence[str],
@@ -115,7 +116,7 @@ def create_store(
     """Write a new store: shared arrays, empty model arrays, markers, then the manifest last."""
     n, v = manifest.num_samples, manifest.views
     shared = shared_arrays(n, v)
-    group = zarr.open_group(path, mode="a", zarr_format=3)
+    group = open_group(path, mode="a")
     _create_sharded(group, "keys", shared["keys"][0], str, layout, fill_value="")
     _create_sharded(group, "labels", *shared["labels"], layout)
     _create_sharded(group, "sizes", *shared["sizes"], layout)
@@ -243,7 +244,7 @@ def _shard_differences(array: zarr.Array, layout: StoreLayout) -> list[str]:
     return out
 
 
-def check_arrays(path: Path, group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> None:
+def check_arrays(path: Path | Location, group: zarr.Group, manifest: Manifest, layout: StoreLayout) -> None:
     """Refuse a store whose arrays disagree with its manifest (``array_differences``, naming
     each), before any array is read by what the manifest claims: the reader and ``fastkd
     inspect`` (with ``--verify`` too) check this on open."""

@@ -5,18 +5,25 @@ decodes a whole shard (one block of an array) into a slot of a fixed arena and g
 the resident blocks with numpy; a shuffled epoch decodes every shard about once. A block is
 checked as it is decoded: against the content hash its writer recorded (``integrity``), and its
 class ids against their bound (one max over the block, in the reading thread).
+
+On object storage a block read is a few requests of a millisecond or more each, so the blocks a
+batch misses are read by ``concurrency`` threads at once (every array of every missing block is
+one job), and a shuffled epoch is not bound by the server's latency; locally they are read in
+turn, as one core decodes them about as fast.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 from fastkd.errors import StoreError
+from fastkd.storage import Location
 from fastkd.store.integrity import damaged, out_of_range, read_block
 
 
@@ -33,9 +40,10 @@ class BlockCache:
         samples_per_block: int,
         max_bytes: int,
         hashes: Mapping[str, tuple[str, np.ndarray]],
-        store: Path,
+        store: Path | Location,
         limits: Mapping[str, int] | None = None,
         where: str = "",
+        concurrency: int = 1,
     ) -> None:
         self._arrays = dict(arrays)
         self._hashes = dict(hashes)  # array -> (its path in the store, its hash per block)
@@ -60,31 +68,47 @@ class BlockCache:
         self._last_used = np.zeros(self.slots, dtype=np.int64)
         self._clock = 0
         self.loads = 0
+        self._concurrency = max(1, concurrency)
+        self._pool: ThreadPoolExecutor | None = None  # made on the first concurrent load
 
     def _load(self, blocks: np.ndarray, keep: np.ndarray) -> None:
         """Decode ``blocks`` into the least recently used slots, never evicting ``keep``'s."""
         used = self._last_used.copy()
         used[self._slot_of[keep][self._slot_of[keep] >= 0]] = np.iinfo(np.int64).max
         victims = np.argsort(used, kind="stable")[: blocks.size]
-        for block, slot in zip(blocks.tolist(), victims.tolist(), strict=True):
+        placed = list(zip(blocks.tolist(), victims.tolist(), strict=True))
+        for _, slot in placed:  # the slots are emptied first: a failed load leaves none stale
             old = self._block_in[slot]
             if old >= 0:
                 self._slot_of[old] = -1
-            start = block * self._block
-            stop = min(start + self._block, self._num_samples)
-            for name, array in self._arrays.items():
-                path, hashes = self._hashes[name]
-                values, bad = read_block(
-                    self._store, array, path, block, (start, stop), int(hashes[block])
-                )
-                if bad is not None:
-                    raise damaged(bad, self._store)
-                self._arena[name][slot, : stop - start] = values
-                if name in self._limits:
-                    self._check_range(name, self._arena[name][slot, : stop - start], start)
+                self._block_in[slot] = -1
+        jobs = [(block, slot, name) for block, slot in placed for name in self._arrays]
+        if self._concurrency > 1 and len(jobs) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self._concurrency, "fastkd-block-read")
+            list(self._pool.map(self._read_into, jobs))  # raises the first job's error
+        else:
+            for job in jobs:
+                self._read_into(job)
+        for block, slot in placed:
             self._slot_of[block] = slot
             self._block_in[slot] = block
             self.loads += 1
+
+    def _read_into(self, job: tuple[int, int, str]) -> None:
+        """Decode one array's block into its slot, checked against its hash and bound."""
+        block, slot, name = job
+        start = block * self._block
+        stop = min(start + self._block, self._num_samples)
+        path, hashes = self._hashes[name]
+        values, bad = read_block(
+            self._store, self._arrays[name], path, block, (start, stop), int(hashes[block])
+        )
+        if bad is not None:
+            raise damaged(bad, self._store)
+        self._arena[name][slot, : stop - start] = values
+        if name in self._limits:
+            self._check_range(name, self._arena[name][slot, : stop - start], start)
 
     def _check_range(self, name: str, values: np.ndarray, start: int) -> None:
         """Values of a freshly decoded block must lie in [0, limit): one max (and min) pass."""

@@ -6,6 +6,11 @@ must not lock the store for good; so each writer records itself (host, pid, run 
 heartbeat) in ``STORE/.fastkd/``: a lock file while it creates or checks the store, and a claim
 while it writes. A live overlapping claim refuses a new writer; a dead one (stale heartbeat, or a
 pid gone on this host) is removed. Files and processes, no arrays: the writer is its only user.
+
+The lock is taken by creating its file only if none exists: ``O_EXCL`` on a local disk, a
+conditional PUT (``If-None-Match: *``) on object storage, where there is no lock file to share
+(``fastkd.storage.Location.create``). Both are atomic, so ranks on different hosts sharing only
+a bucket still create a store once.
 """
 
 from __future__ import annotations
@@ -18,10 +23,9 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from fastkd.errors import ConfigError, StoreBusyError
-from fastkd.files import write_json
+from fastkd.storage import Location
 
 HEARTBEAT_S = 30.0  # a writer refreshes its claim this often
 CLAIM_STALE_S = 300.0  # a claim (or the creation lock) not refreshed for this long is dead
@@ -73,7 +77,7 @@ class Holder:
         return cls(socket.gethostname(), os.getpid(), run_id, part, now, now)
 
     @classmethod
-    def load(cls, path: Path) -> Holder | None:
+    def load(cls, path: Location) -> Holder | None:
         """The holder in a lock or claim file; None when it vanished or is still being written.
 
         Files written before the rename of ``shard`` to ``part`` are read too."""
@@ -89,6 +93,9 @@ class Holder:
         if time.time() - self.heartbeat > CLAIM_STALE_S:
             return False
         return self.host != socket.gethostname() or _pid_alive(self.pid)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
     def describe(self) -> str:
         i, n = self.part
@@ -107,65 +114,60 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def creation_lock(meta: Path, holder: Holder) -> Iterator[None]:
+def creation_lock(store: Location, meta: Location, holder: Holder) -> Iterator[None]:
     """Exclusive lock file while a store is created or checked; others wait, a dead holder's lock
     is broken."""
     lock = meta / "lock"
     deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            other = Holder.load(lock)
-            if other is not None and not other.is_live():
-                lock.unlink(missing_ok=True)
-                continue
-            if time.monotonic() > deadline:
-                who = other.describe() if other else "a writer"
-                raise StoreBusyError(
-                    f"store {meta.parent} stayed locked by {who} for {LOCK_WAIT_S:.0f} s; "
-                    f"if no fastkd process is creating it, delete {lock}"
-                ) from None
-            time.sleep(0.2)
+    while not lock.create(holder.to_json()):
+        other = Holder.load(lock)
+        if other is not None and not other.is_live():
+            lock.delete()
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(holder), f)
-        break
+        if time.monotonic() > deadline:
+            who = other.describe() if other else "a writer"
+            raise StoreBusyError(
+                f"store {store} stayed locked by {who} for {LOCK_WAIT_S:.0f} s; "
+                f"if no fastkd process is creating it, delete {lock}"
+            )
+        time.sleep(0.2)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.delete()
 
 
-def claim_file(meta: Path, run_id: str) -> Path:
+def claim_file(meta: Location, run_id: str) -> Location:
     """The claim of the writer ``run_id``."""
     return meta / "claims" / f"{run_id}.json"
 
 
-def claims(meta: Path) -> list[Holder]:
+def claims(meta: Location) -> list[Holder]:
     """The writers holding claims (live or not) on the store of ``meta``."""
     holders = []
-    for file in sorted((meta / "claims").glob("*.json")):
-        holder = Holder.load(file)
+    for name, _ in (meta / "claims").files():
+        if "/" in name or not name.endswith(".json") or name.startswith("."):
+            continue  # an atomic write's temp file, or something not ours
+        holder = Holder.load(meta / "claims" / name)
         if holder is not None:
             holders.append(holder)
     return holders
 
 
-def claim_part(meta: Path, me: Holder, num_blocks: int, force: bool) -> None:
+def claim_part(store: Location, meta: Location, me: Holder, num_blocks: int, force: bool) -> None:
     """Record this writer's claim; refuse when a live writer holds an overlapping part."""
     for holder in claims(meta):
         file = claim_file(meta, holder.run_id)
         if not holder.is_live():
-            file.unlink(missing_ok=True)
+            file.delete()
         elif parts_overlap(holder.part, me.part, num_blocks):
             if not force:
                 i, n = me.part
                 raise StoreBusyError(
-                    f"store {meta.parent}: part {i}/{n} overlaps the live claim of "
+                    f"store {store}: part {i}/{n} overlaps the live claim of "
                     f"{holder.describe()}. Two uncoordinated dumps into one store are refused: give "
                     f"each rank its own --part i/n. If that dump is dead, wait {CLAIM_STALE_S:.0f} s "
                     f"after its last heartbeat or delete {file}."
                 )
-            file.unlink(missing_ok=True)
-    write_json(claim_file(meta, me.run_id), asdict(me), indent=None)
+            file.delete()
+    claim_file(meta, me.run_id).write_bytes(me.to_json())

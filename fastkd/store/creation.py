@@ -9,15 +9,13 @@ a fastkd store is never touched, and a creation that crashed before its manifest
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
-import zarr
 
 from fastkd.errors import ConfigError, StoreBusyError, StoreError, StoreMismatchError
+from fastkd.storage import Location
 from fastkd.store.arrays import (
     BLOCK_HASHES,
     DONE_ARRAY,
@@ -33,6 +31,7 @@ from fastkd.store.manifest import (
     StoreLayout,
     json_differences,
     manifest_differences,
+    open_group,
     parse_config,
     read_config,
 )
@@ -41,7 +40,7 @@ _CREATING = "creating"  # marker file in META_DIR: creation started and has not 
 
 
 def create_or_check(
-    path: Path,
+    path: Location,
     manifest: Manifest,
     keys: Sequence[str],
     labels: np.ndarray,
@@ -58,7 +57,7 @@ def create_or_check(
     stored = read_config(path)
     if stored is None:
         torn = (meta / _CREATING).exists()  # a creation that crashed before its manifest
-        if not torn and any(p.name != META_DIR for p in path.iterdir()):
+        if not torn and any(not rel.startswith(f"{META_DIR}/") for rel, _ in path.files()):
             raise StoreError(
                 f"{path} holds a zarr group that is not a fastkd store; choose another output path"
             )
@@ -76,7 +75,7 @@ def create_or_check(
             if explicit_layout and stored_layout != layout:
                 problems += json_differences(asdict(stored_layout), asdict(layout), "layout")
             if not problems:  # the same manifest, but arrays of another shape (edited, foreign)
-                group = zarr.open_group(path, mode="r", zarr_format=3)
+                group = open_group(path, mode="r")
                 problems = array_differences(group, stored_manifest, stored_layout)
             if not problems:
                 problems = _sample_differences(path, stored_manifest, stored_layout, labels)
@@ -95,22 +94,11 @@ def create_or_check(
                 f"cannot overwrite {path}: live writers hold it: "
                 + "; ".join(h.describe() for h in live)
             )
-    (meta / _CREATING).touch()
-    _clear_store(path)
+    (meta / _CREATING).write_bytes(b"")
+    path.delete_below(keep=lambda rel: rel.startswith(f"{META_DIR}/"))  # the lock and claims stay
     create_store(path, manifest, layout, keys, labels, sizes)
-    (meta / _CREATING).unlink()
+    (meta / _CREATING).delete()
     return layout
-
-
-def _clear_store(path: Path) -> None:
-    """Delete a store's data, keeping its lock and claims."""
-    for entry in path.iterdir():
-        if entry.name == META_DIR:
-            continue
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
 
 
 def check_samples(
@@ -142,12 +130,12 @@ def check_samples(
 
 
 def _sample_differences(
-    path: Path, manifest: Manifest, layout: StoreLayout, labels: np.ndarray
+    path: Location, manifest: Manifest, layout: StoreLayout, labels: np.ndarray
 ) -> list[str]:
     """Labels that differ from the store's (the fingerprint already covers keys and files), in
     the written blocks whose labels are intact: a damaged block is ``--repair``'s to rewrite,
     and the others are rewritten from the caller's labels anyway."""
-    group = zarr.open_group(path, mode="r", zarr_format=3)
+    group = open_group(path, mode="r")
     done = group[DONE_ARRAY][:].astype(bool)
     hashes = group[BLOCK_HASHES][:, hashed_arrays(manifest).index("labels")]
     differ, first = 0, None

@@ -23,8 +23,9 @@ import zarr
 
 from fastkd.errors import StoreError
 from fastkd.hashing import content_hash
+from fastkd.storage import Location, as_location
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
-from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
+from fastkd.store.manifest import Manifest, StoreLayout, open_group, open_manifest
 
 CLASS_ID_ARRAYS = ("topk_ids", "tail_ids")  # a model's arrays of class ids: below num_classes
 
@@ -36,10 +37,10 @@ def digest(values: np.ndarray) -> int:
     return content_hash(np.ascontiguousarray(values).view(np.uint8).data)
 
 
-def shard_file(store: Path, array: zarr.Array, block: int) -> Path:
-    """The file holding ``block`` of an array stored one shard (or chunk) per block."""
+def shard_file(store: Path | str | Location, array: zarr.Array, block: int) -> Location:
+    """The file (object) holding ``block`` of an array stored one shard (or chunk) per block."""
     coords = (block,) + (0,) * (array.ndim - 1)
-    return store / array.path / array.metadata.encode_chunk_key(coords)
+    return as_location(store) / array.path / array.metadata.encode_chunk_key(coords)
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class BadBlock:
     array: str
     block: int
     samples: tuple[int, int]  # [start, stop)
-    file: Path
+    file: Location
     reason: str
 
     def describe(self) -> str:
@@ -60,7 +61,12 @@ class BadBlock:
 
 
 def read_block(
-    store: Path, array: zarr.Array, name: str, block: int, samples: tuple[int, int], expected: int
+    store: Path | str | Location,
+    array: zarr.Array,
+    name: str,
+    block: int,
+    samples: tuple[int, int],
+    expected: int,
 ) -> tuple[np.ndarray | None, BadBlock | None]:
     """Decode one block of ``array`` and check it: (values, None), or (None, why it is bad)."""
     file = shard_file(store, array, block)
@@ -100,7 +106,7 @@ def class_id_limits(manifest: Manifest) -> dict[str, int]:
     }
 
 
-def damaged(bad: BadBlock, store: Path) -> StoreError:
+def damaged(bad: BadBlock, store: Path | str | Location) -> StoreError:
     """The error for a bad block met while reading: what, where, and the CLI way out."""
     return StoreError(
         f"store {store} is damaged: {bad.describe()}; rewrite the damaged blocks with the same "
@@ -109,12 +115,15 @@ def damaged(bad: BadBlock, store: Path) -> StoreError:
 
 
 def verify_store(
-    path: Path | str, manifest: Manifest, layout: StoreLayout, blocks: list[int] | None = None
+    path: Path | str | Location,
+    manifest: Manifest,
+    layout: StoreLayout,
+    blocks: list[int] | None = None,
 ) -> Iterator[BadBlock | int]:
     """Check every done block (or ``blocks``) of every array, its class ids too: yields each bad
     (array, block) as a ``BadBlock`` and, after each block, the block's number (for progress)."""
-    path = Path(path)
-    group = zarr.open_group(path, mode="r", zarr_format=3)
+    path = as_location(path)
+    group = open_group(path, mode="r")
     done = group[DONE_ARRAY][:].astype(bool)
     hashes = group[BLOCK_HASHES][:]
     lost = set(lost_hash_blocks(done, hashes).tolist())
@@ -153,20 +162,21 @@ def done_blocks(done: np.ndarray, blocks: list[int] | None = None) -> list[int]:
 
 
 def check_store(
-    path: Path | str, blocks: list[int] | None = None, progress: bool = True
+    path: Path | str | Location, blocks: list[int] | None = None, progress: bool = True
 ) -> list[BadBlock]:
     """``verify_store`` of the store at ``path`` (every done block, or ``blocks``) with a
     progress bar: the damaged (array, block) pairs, none when every byte is as written."""
     from fastkd.runtime import progress_bar  # rich only: the store stays free of torch
 
+    path = as_location(path)
     manifest, layout = open_manifest(path)
-    group = zarr.open_group(path, mode="r", zarr_format=3)
-    check_arrays(Path(path), group, manifest, layout)
+    group = open_group(path, mode="r")
+    check_arrays(path, group, manifest, layout)
     done = group[DONE_ARRAY][:].astype(bool)
     total = len(done_blocks(done, blocks))
     bad: list[BadBlock] = []
     with progress_bar("blocks", enabled=progress) as bar:
-        task = bar.add_task(f"verify {Path(path).name}", total=total)
+        task = bar.add_task(f"verify {path.name}", total=total)
         for found in verify_store(path, manifest, layout, blocks):
             if isinstance(found, BadBlock):
                 bad.append(found)

@@ -24,6 +24,7 @@ from fastkd.augment import AugmentConfig
 from fastkd.compression import MAX_TAIL_SAMPLES, TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
 from fastkd.runtime import plain
+from fastkd.storage import Location, as_location
 from fastkd.store.schema import MAX_BLOCKS, MAX_SAMPLES, brief, manifest_problems, one_line
 from fastkd.version import __version__
 
@@ -293,16 +294,22 @@ class Expectation:
 # The manifest of a store on disk
 
 
-def read_config(path: Path) -> dict | None:
+def open_group(path: Path | str | Location, mode: str = "r") -> zarr.Group:
+    """The store's zarr group, wherever it lies (a local folder, an ``s3://`` prefix)."""
+    store = as_location(path).zarr_store(read_only=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3)
+
+
+def read_config(path: Path | str | Location) -> dict | None:
     """The manifest attribute of the zarr group at ``path``, or None when there is none."""
     try:
-        group = zarr.open_group(path, mode="r", zarr_format=3)
+        group = open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError):
         return None
     return group.attrs.get(MANIFEST_ATTR)
 
 
-def parse_config(path: Path, config: Any) -> tuple[Manifest, StoreLayout]:
+def parse_config(path: Path | str | Location, config: Any) -> tuple[Manifest, StoreLayout]:
     """Manifest and layout of a stored manifest attribute. Another format version is refused
     first (``StoreMismatchError``), then a manifest that fails its schema or the ``Manifest``
     checks (``StoreError``, every problem named by its field's path, in one line)."""
@@ -329,9 +336,9 @@ def parse_config(path: Path, config: Any) -> tuple[Manifest, StoreLayout]:
     )
 
 
-def open_manifest(path: Path | str) -> tuple[Manifest, StoreLayout]:
+def open_manifest(path: Path | str | Location) -> tuple[Manifest, StoreLayout]:
     """The manifest and layout of the store at ``path`` (any fastkd store, finished or not)."""
-    path = Path(path)
+    path = as_location(path)
     config = read_config(path)
     if config is None:
         raise StoreError(

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from fastkd.compression import TailModel
 from fastkd.errors import ConfigError, StoreError, StoreMismatchError
+from fastkd.storage import Location, as_location, local_or_url
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
 from fastkd.store.block_cache import BlockCache
 from fastkd.store.encoding import model_arrays
@@ -36,7 +36,7 @@ from fastkd.store.integrity import (
     read_block,
     shard_file,
 )
-from fastkd.store.manifest import Expectation, open_manifest
+from fastkd.store.manifest import Expectation, open_group, open_manifest
 from fastkd.views import box_fractions
 
 DEFAULT_CACHE_BYTES = 4 << 30  # reader: decoded blocks kept in memory, all models together
@@ -80,22 +80,23 @@ class StoreReader:
 
     def __init__(
         self,
-        path: Path | str,
+        path: Path | str | Location,
         expect: Expectation | None = None,
         *,
         allow_incomplete: bool = False,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
-        self.path = Path(path)
-        self.manifest, self.layout = open_manifest(self.path)
+        self.location = as_location(path)
+        self.path = local_or_url(self.location)  # messages name it; a Path when local
+        self.manifest, self.layout = open_manifest(self.location)
         if expect is not None:
             problems = expect.differences(self.manifest)
             if problems:
                 raise StoreMismatchError(
                     self.path, problems, "refusing targets made for other data or models"
                 )
-        self._group = zarr.open_group(self.path, mode="r", zarr_format=3)
-        check_arrays(self.path, self._group, self.manifest, self.layout)
+        self._group = open_group(self.location, mode="r")
+        check_arrays(self.location, self._group, self.manifest, self.layout)
         self._done = self._group[DONE_ARRAY][:].astype(bool)
         if not self._done.all() and not allow_incomplete:
             pending = np.flatnonzero(~self._done)
@@ -107,7 +108,7 @@ class StoreReader:
         hashes = self._group[BLOCK_HASHES][:]
         lost = lost_hash_blocks(self._done, hashes)
         if lost.size:
-            file = shard_file(self.path, self._group[BLOCK_HASHES], int(lost[0]))
+            file = shard_file(self.location, self._group[BLOCK_HASHES], int(lost[0]))
             raise StoreError(
                 f"store {self.path} is damaged: the content hashes of {lost.size} written "
                 f"block(s) are lost (first block {int(lost[0])}, file {file}); rewrite those "
@@ -125,7 +126,7 @@ class StoreReader:
     @classmethod
     def for_data(
         cls,
-        path: Path | str,
+        path: Path | str | Location,
         dataset: Any,
         *,
         models: Sequence[str] | None = None,
@@ -183,7 +184,7 @@ class StoreReader:
         ):
             return values
         for b, rows in blocks:
-            _, bad = read_block(self.path, array, name, b, rows, int(hashes[b]))
+            _, bad = read_block(self.location, array, name, b, rows, int(hashes[b]))
             if bad is not None:
                 raise damaged(bad, self.path)
         return array[:]  # every block checks now: what changed was not on disk
@@ -239,7 +240,14 @@ class StoreReader:
             share = self._cache_bytes // (len(self.manifest.models) + 1)
             where = f"store {self.path}, model {model!r}"
             cache = BlockCache(
-                arrays, self.layout.samples_per_shard, share, hashes, self.path, limits, where
+                arrays,
+                self.layout.samples_per_shard,
+                share,
+                hashes,
+                self.location,
+                limits,
+                where,
+                concurrency=self.location.options.concurrency if self.location.is_remote else 1,
             )
             self._caches[model] = cache
         return cache

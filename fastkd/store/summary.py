@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from fastkd.storage import Location, as_location
 from fastkd.store.arrays import DONE_ARRAY, META_DIR, SHARED_ARRAYS, check_arrays
 from fastkd.store.encoding import model_arrays
-from fastkd.store.manifest import Manifest, StoreLayout, open_manifest
+from fastkd.store.manifest import Manifest, StoreLayout, open_group, open_manifest
 
 
 @dataclass
@@ -55,11 +56,11 @@ class StoreSummary:
         return sum(a.nbytes for a in self.arrays) / max(1, stored)
 
 
-def summarize(path: Path | str) -> StoreSummary:
+def summarize(path: Path | str | Location) -> StoreSummary:
     """Manifest, array sizes and stored bytes of a store (finished or not)."""
-    path = Path(path)
+    path = as_location(path)
     manifest, layout = open_manifest(path)
-    group = zarr.open_group(path, mode="r", zarr_format=3)
+    group = open_group(path, mode="r")
     check_arrays(path, group, manifest, layout)
     names = [*SHARED_ARRAYS] + [
         f"models/{m.name}/{a}" for m in manifest.models for a in model_arrays(m, manifest.views)
@@ -87,7 +88,7 @@ def summarize(path: Path | str) -> StoreSummary:
         blocks_done=int(group[DONE_ARRAY][:].sum()),
         arrays=arrays,
         skipped=skipped,
-        num_files=sum(1 for p in path.rglob("*") if p.is_file() and META_DIR not in p.parts),
+        num_files=sum(1 for rel, _ in path.files() if not rel.startswith(f"{META_DIR}/")),
         unreadable=unreadable,
     )
 

@@ -14,16 +14,14 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
-from fastkd.errors import ConfigError, StoreBusyError, StoreError
-from fastkd.files import write_json
+from fastkd.errors import ConfigError, StorageError, StoreBusyError, StoreError
 from fastkd.hashing import UNRECORDED
+from fastkd.storage import Location, as_location, local_or_url
 from fastkd.store.arrays import (
     BLOCK_HASHES,
     DONE_ARRAY,
@@ -43,7 +41,9 @@ from fastkd.store.claims import (
 from fastkd.store.creation import check_samples, create_or_check
 from fastkd.store.encoding import encode_logits
 from fastkd.store.integrity import digest, shard_file
-from fastkd.store.manifest import STATUS_ATTR, Manifest, StoreLayout, open_manifest
+from fastkd.store.manifest import STATUS_ATTR, Manifest, StoreLayout, open_group, open_manifest
+
+STORE_MARKER = "store"  # in META_DIR: a fastkd store lives here (an object store has no folders)
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +55,15 @@ class StoreWriter:
     Use ``create_or_resume`` and close it (or use it as a context manager) to release the claim.
     """
 
-    def __init__(self, path: Path, part: tuple[int, int], run_id: str) -> None:
-        self.path = path
+    def __init__(self, path: Path | str | Location, part: tuple[int, int], run_id: str) -> None:
+        self.location = as_location(path)
+        self.path = local_or_url(self.location)  # messages name it; a Path when local
         self.part = part
         self.run_id = run_id
-        self.manifest, self.layout = open_manifest(path)
-        self._group = zarr.open_group(path, mode="r+", zarr_format=3)
+        self.manifest, self.layout = open_manifest(self.location)
+        self._group = open_group(self.location, mode="r+")
         self._done = self._group[DONE_ARRAY]
-        self._claim = claim_file(path / META_DIR, run_id)
+        self._claim = claim_file(self.location / META_DIR, run_id)
         self._stop = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="fastkd-claim", daemon=True)
         self._lost_claim = False
@@ -71,7 +72,7 @@ class StoreWriter:
     @classmethod
     def create_or_resume(
         cls,
-        path: Path | str,
+        path: Path | str | Location,
         manifest: Manifest,
         keys: Sequence[str],
         labels: np.ndarray,
@@ -90,20 +91,23 @@ class StoreWriter:
         validate. The writer then claims ``part``; a live writer whose part overlaps is refused
         (``StoreBusyError``) unless ``force_claim``.
         """
-        path = Path(path)
+        path = as_location(path)
         labels, sizes = check_samples(manifest, keys, labels, sizes)
         layout = StoreLayout.for_store(manifest.num_samples, manifest.views, samples_per_shard)
         check_part(part)
-        if path.exists() and not path.is_dir():
+        if path.exists():
             raise StoreError(f"{path} is a file, not a store directory")
-        if path.is_dir() and any(path.iterdir()) and not (path / META_DIR).is_dir():
-            raise StoreError(f"{path} exists and is not a fastkd store; choose another output path")
         meta = path / META_DIR
-        (meta / "claims").mkdir(parents=True, exist_ok=True)
+        ours = (meta / STORE_MARKER).exists() or (
+            not path.is_remote and Path(path).joinpath(META_DIR).is_dir()  # before the marker
+        )
+        if not ours and path.has_contents():
+            raise StoreError(f"{path} exists and is not a fastkd store; choose another output path")
+        (meta / STORE_MARKER).create(b"a fastkd store: docs/store-format.md\n")
 
         run_id = uuid.uuid4().hex[:12]
         me = Holder.me(run_id, tuple(part))
-        with creation_lock(meta, me):
+        with creation_lock(path, meta, me):
             layout = create_or_check(
                 path,
                 manifest,
@@ -114,7 +118,7 @@ class StoreWriter:
                 samples_per_shard is not None,
                 overwrite,
             )
-            claim_part(meta, me, layout.num_blocks, force_claim)
+            claim_part(path, meta, me, layout.num_blocks, force_claim)
         writer = cls(path, me.part, run_id)
         writer._samples = (list(keys), labels, sizes)
         writer._heartbeat.start()
@@ -237,7 +241,7 @@ class StoreWriter:
             self._done[block] = 0
         for block in blocks:
             for name in hashed_arrays(self.manifest):
-                shard_file(self.path, self._group[name], block).unlink(missing_ok=True)
+                shard_file(self.location, self._group[name], block).delete()
         if blocks and STATUS_ATTR in self._group.attrs:
             del self._group.attrs[STATUS_ATTR]
 
@@ -252,8 +256,8 @@ class StoreWriter:
             if holder is not None:
                 holder.heartbeat = time.time()
                 try:
-                    write_json(self._claim, asdict(holder), indent=None)
-                except OSError:  # a full disk, say: the writer reports it; beat again next time
+                    self._claim.write_bytes(holder.to_json())
+                except (OSError, StorageError):  # a full disk, a network out: beat again later
                     continue
 
     def close(self) -> None:
@@ -261,7 +265,7 @@ class StoreWriter:
         self._stop.set()
         if self._heartbeat.is_alive():
             self._heartbeat.join()
-        self._claim.unlink(missing_ok=True)
+        self._claim.delete()
         done = self._done[:]
         if done.all() and STATUS_ATTR not in self._group.attrs:
             skipped = np.flatnonzero(self._group["skipped"][:])

@@ -23,6 +23,7 @@ from fastkd.errors import ConfigError
 from fastkd.loss_settings import LossSettings
 from fastkd.presets import PresetName
 from fastkd.runtime import plain
+from fastkd.storage import local_or_url
 
 
 @dataclass
@@ -37,7 +38,7 @@ class TrainConfig:
     data: Path  # training images: image folder, file list or tar shards (fastkd.data.open_dataset)
     data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     student: str | None = None  # [alias:]ARCH[=CKPT], its name its key in the store (all: None)
-    store: Path | None = None  # stored targets (teachers="offline"); optional for the others
+    store: Path | str | None = None  # stored targets (a folder or an s3:// URL) (teachers="offline"); optional for the others
     models: tuple[str, ...] = ()  # pool member specs with checkpoints: live / joint / train_all
     members: tuple[str, ...] = ()  # store members that teach (default: all of them)
     teachers: Teachers = Teachers.OFFLINE
@@ -75,10 +76,14 @@ class TrainConfig:
     control: bool = False  # also train the cross-entropy control; report the difference to it
 
     def __post_init__(self) -> None:
-        for name in ("data", "data_root", "store", "val_data", "eval_data", "out_dir"):
+        for name in ("data_root", "out_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
+        for name in ("data", "store", "val_data", "eval_data"):  # s3:// URLs stay as given
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, local_or_url(value))
         self.models = tuple(self.models)
         self.members = tuple(self.members)
         self.preset_not_applied = tuple(self.preset_not_applied)
