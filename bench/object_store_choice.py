@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -138,10 +139,13 @@ def obstore_store(
     return ObjectStore(prefixed_client("s3", bucket, prefix, options), read_only=read_only)
 
 
-def fsspec_store(endpoint: str, bucket: str, prefix: str, read_only: bool, pool: int = 64):
+def fsspec_store(
+    endpoint: str, bucket: str, prefix: str, read_only: bool, one_request: bool = False
+):
     """zarr's FsspecStore over an asynchronous s3fs file system, with s3fs's and botocore's
-    default retries and a connection pool of ``pool`` (botocore's default, 10, would cap the
-    32-request case)."""
+    default retries and a connection pool of 64 (botocore's default, 10, would cap the
+    32-request case). s3fs reads a whole object with a HEAD first (its size decides whether to
+    split the GET); ``one_request`` (``max_concurrency=1``) makes it one GET, as obstore's."""
     import s3fs
     from zarr.storage import FsspecStore
 
@@ -151,7 +155,8 @@ def fsspec_store(endpoint: str, bucket: str, prefix: str, read_only: bool, pool:
         secret=secret,
         endpoint_url=endpoint,
         client_kwargs={"region_name": REGION},
-        config_kwargs={"max_pool_connections": pool},
+        config_kwargs={"max_pool_connections": 64},
+        max_concurrency=1 if one_request else 10,  # 10: s3fs's default
         asynchronous=True,
         skip_instance_cache=True,
     )
@@ -504,20 +509,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         for name in ARRAYS:
             for b in range(layout.num_blocks):
                 stored[b] += (local_root / shard_key(name, b)).stat().st_size
-        # The same bytes into the bucket, written by obstore (its write time is the write check).
-        write_s = {}
-        for backend, make in (("obstore", obstore_store), ("fsspec", fsspec_store)):
+        # Write times; then the array the reads read, written by obstore.
+        write_s: dict[str, float] = {}  # the whole array through each backend (not --quick)
+        writers = [("obstore", obstore_store), ("fsspec", fsspec_store)] if not args.quick else []
+        for backend, make in writers:
             start = time.perf_counter()
             create_arrays(make(server.moto_endpoint, bucket, f"w-{backend}", False), values, layout)
             write_s[backend] = round(time.perf_counter() - start, 3)
-        start = time.perf_counter()
-        create_arrays(local_store(workdir / "w-local", False), values, layout)
-        write_s["local"] = round(time.perf_counter() - start, 3)
+        if writers:
+            start = time.perf_counter()
+            create_arrays(local_store(workdir / "w-local", False), values, layout)
+            write_s["local"] = round(time.perf_counter() - start, 3)
         create_arrays(obstore_store(server.moto_endpoint, bucket, PREFIX, False), values, layout)
 
         backends = {
             "obstore": lambda: obstore_store(server.moto_endpoint, bucket, PREFIX, True),
             "fsspec": lambda: fsspec_store(server.moto_endpoint, bucket, PREFIX, True),
+            "fsspec_one_request": lambda: fsspec_store(
+                server.moto_endpoint, bucket, PREFIX, True, one_request=True
+            ),
             "local": lambda: local_store(local_root, True),
         }
         reads: dict[str, dict] = {}
@@ -551,7 +561,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         # The same through the proxy with a network's latency added to every request.
         latency: dict[str, Any] = {}
         if args.latency_ms and server.faults is not None:
-            for backend, make in (("obstore", obstore_store), ("fsspec", fsspec_store)):
+            for backend in ("obstore", "fsspec", "fsspec_one_request"):
+                make = {"obstore": obstore_store, "fsspec": fsspec_store}.get(
+                    backend, functools.partial(fsspec_store, one_request=True)
+                )
                 arrays = open_arrays(make(server.endpoint, bucket, PREFIX, True))
                 with proxy_hook(server, delay_s=args.latency_ms / 1000):
                     latency[backend] = measure(arrays, args.concurrency)
@@ -610,7 +623,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> dict:
         "reads_per_repeat": args.reads,
         "repeats": args.repeats,
         "statistic": "median of the repeats",
-        "fsspec_settings": "s3fs asynchronous=True, max_pool_connections=64, default retries",
+        "fsspec_settings": (
+            "s3fs asynchronous=True, max_pool_connections=64, default retries; "
+            "fsspec_one_request: the same with max_concurrency=1 (no HEAD before each GET)"
+        ),
         "obstore_settings": "fastkd.storage's client: max_retries 10, backoff 0.1-15 s",
         "write_seconds_whole_array": write_s,
         "reads_note": (
