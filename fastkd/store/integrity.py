@@ -15,6 +15,8 @@ reads.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import zarr
 
 from fastkd.errors import StoreError
 from fastkd.hashing import content_hash
-from fastkd.storage import Location, as_location
+from fastkd.storage import Location, ObjectLocation, as_location
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_group, open_manifest
 
@@ -121,7 +123,10 @@ def verify_store(
     blocks: list[int] | None = None,
 ) -> Iterator[BadBlock | int]:
     """Check every done block (or ``blocks``) of every array, its class ids too: yields each bad
-    (array, block) as a ``BadBlock`` and, after each block, the block's number (for progress)."""
+    (array, block) as a ``BadBlock`` and, after each block, the block's number (for progress).
+
+    On object storage ``concurrency`` blocks are checked at once (each is a few requests), in
+    order of their numbers all the same."""
     path = as_location(path)
     group = open_group(path, mode="r")
     done = group[DONE_ARRAY][:].astype(bool)
@@ -130,13 +135,14 @@ def verify_store(
     names = hashed_arrays(manifest)
     arrays = [group[name] for name in names]
     limits = class_id_limits(manifest)
-    for block in done_blocks(done, blocks):
+
+    def check(block: int) -> list[BadBlock]:
         start, stop = layout.block_samples(block, manifest.num_samples)
         if block in lost:
             file = shard_file(path, group[BLOCK_HASHES], block)
-            yield BadBlock(BLOCK_HASHES, block, (start, stop), file, "the block's hashes are lost")
-            yield block
-            continue
+            reason = "the block's hashes are lost"
+            return [BadBlock(BLOCK_HASHES, block, (start, stop), file, reason)]
+        found_bad = []
         for column, (name, array) in enumerate(zip(names, arrays, strict=True)):
             expected = int(hashes[block, column])
             values, bad = read_block(path, array, name, block, (start, stop), expected)
@@ -151,8 +157,16 @@ def verify_store(
                 )
                 bad = BadBlock(name, block, (start, stop), shard_file(path, array, block), reason)
             if bad is not None:
-                yield bad
-        yield block
+                found_bad.append(bad)
+        return found_bad
+
+    todo = done_blocks(done, blocks)
+    workers = path.options.concurrency if isinstance(path, ObjectLocation) else 1
+    with ThreadPoolExecutor(workers, "fastkd-verify") if workers > 1 else nullcontext() as pool:
+        results = pool.map(check, todo) if pool is not None else map(check, todo)
+        for block, found_bad in zip(todo, results, strict=True):
+            yield from found_bad
+            yield block
 
 
 def done_blocks(done: np.ndarray, blocks: list[int] | None = None) -> list[int]:
