@@ -32,6 +32,7 @@ from fastkd.data.batches import check_encoded, normalize
 from fastkd.errors import ConfigError, DatasetError
 from fastkd.kernels import PoolTargets
 from fastkd.runtime import DistContext
+from fastkd.storage import as_location
 from fastkd.store import StoreReader
 from fastkd.targets import pool_targets
 from fastkd.training import EpochPlanner
@@ -39,15 +40,20 @@ from fastkd.views import pixel_box
 
 
 def open_store(
-    path: str | os.PathLike, data: str | os.PathLike | ImageDataset | None = None
+    path: str | os.PathLike,
+    data: str | os.PathLike | ImageDataset | None = None,
+    *,
+    storage_options: Mapping[str, Any] | Sequence[str] | None = None,
 ) -> StoreReader:
-    """The finished store at ``path``. With ``data`` (an image folder, a file list or tar shards,
-    or the ``open_dataset`` of one), refuse a store made from other images, keys or labels, as
-    ``fastkd train`` does."""
+    """The finished store at ``path`` (a folder, or an ``s3://`` URL: ``storage_options`` as
+    ``--storage-option``'s, beside the AWS environment variables). With ``data`` (an image
+    folder, a file list or tar shards, or the ``open_dataset`` of one), refuse a store made from
+    other images, keys or labels, as ``fastkd train`` does."""
+    location = as_location(path, storage_options)
     if data is None:
-        return StoreReader(path)
+        return StoreReader(location)
     dataset = data if isinstance(data, ImageDataset) else open_dataset(data)
-    return StoreReader.for_data(path, dataset)
+    return StoreReader.for_data(location, dataset)
 
 
 def epoch_rows(store: StoreReader, epoch: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -22,6 +22,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+import fastkd
 from fastkd.cli.main import app
 from fastkd.errors import StoreBusyError
 from fastkd.store import StoreReader, StoreWriter, open_manifest
@@ -132,6 +133,11 @@ def test_dump_inspect_repair_train_eval_on_s3(
     for key, value in local["learners"][member]["model"].items():
         assert torch.equal(remote["learners"][member]["model"][key], value), key
     samples, views = np.arange(60), np.arange(60) % 2
+    server.faults.clear()  # the Python API's storage options win over the environment's endpoint
+    direct = {"endpoint": server.moto_endpoint, "max_retries": "2"}
+    opened = fastkd.open_store(url, digits_small, storage_options=direct)
+    assert opened.location.options.as_dict()["endpoint"] == server.moto_endpoint
+    assert opened.keys and server.faults.requests == 0  # nothing went through the proxy
     remote_rows = StoreReader(url).read(member, samples, views)
     local_rows = StoreReader(local_store).read(member, samples, views)
     for field in dataclasses.fields(local_rows):
