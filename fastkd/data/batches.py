@@ -134,14 +134,26 @@ class Items:
         not decode in full either; ``pil_only`` when they are not whole yet PIL decodes them (a
         JPEG without its end marker): the torch backend decodes it as ever, DALI never sees it.
         Both backends ask this before decoding, so they take the same files."""
-        refused = self._unreadable.get(int(self.samples[position]))
-        if refused is not None:
-            return Encoded(None, refused)
-        try:
-            data = self.read(position)
-        except OSError as error:
-            return Encoded(None, f"{type(error).__name__}: {error}")
-        return check_encoded(self.name(position), data)
+        return self.checked_batch([position])[0]
+
+    def checked_batch(self, positions: Sequence[int] | np.ndarray) -> list[Encoded]:
+        """``checked_bytes`` of a batch's items, their images read at once
+        (``ImageDataset.read_many``: shards on object storage in a few concurrent ranged reads,
+        not one request an image); a storage error that persists is raised, not skipped."""
+        positions = [int(position) for position in positions]
+        refused = {p: self._unreadable.get(int(self.samples[p])) for p in positions}
+        wanted = [p for p in positions if refused[p] is None]
+        read = dict(zip(wanted, self.dataset.read_many(self.samples[wanted]), strict=True))
+        out = []
+        for position in positions:
+            data = read.get(position)
+            if refused[position] is not None:
+                out.append(Encoded(None, refused[position]))
+            elif isinstance(data, OSError):
+                out.append(Encoded(None, f"{type(data).__name__}: {data}"))
+            else:
+                out.append(check_encoded(self.name(position), data))
+        return out
 
     @functools.cached_property
     def _unreadable(self) -> dict[int, str]:

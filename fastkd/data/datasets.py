@@ -34,7 +34,7 @@ import numpy as np
 from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
 from fastkd.data.labels import parse_label
 from fastkd.data.shard_members import ShardMembers
-from fastkd.data.shards import expand_shards, index_shards, is_shard_spec
+from fastkd.data.shards import expand_shards, index_shards, is_remote_spec, is_shard_spec
 from fastkd.errors import BadImageError, DatasetError
 from fastkd.hashing import content_hash
 
@@ -52,7 +52,7 @@ class ImageDataset:
     has them (a folder's class folders); empty where classes are named by their index (file
     lists, shards), so no list is built from a label (``fastkd.data.labels``)."""
 
-    root: Path
+    root: Path | str  # a URL string for shards on object storage
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     classes: list[str]
@@ -89,6 +89,20 @@ class ImageDataset:
         if self.members is not None:
             return self.members.read(sample)
         return self.path(sample).read_bytes()
+
+    def read_many(self, samples: Sequence[int] | np.ndarray) -> list[bytes | OSError]:
+        """``read_bytes`` of many samples, an ``OSError`` in place of an image that cannot be
+        read: what a loader's batch reads (shards on object storage: at once, concurrently,
+        ``ShardMembers.read_many``; errors of the storage itself are raised)."""
+        if self.members is not None:
+            return self.members.read_many(samples)
+        out: list[bytes | OSError] = []
+        for sample in samples:
+            try:
+                out.append(self.read_bytes(int(sample)))
+            except OSError as error:
+                out.append(error)
+        return out
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (key, file size) pairs."""
@@ -211,6 +225,12 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
         if root is not None:
             raise DatasetError(f"--root is only for file lists; {os.fspath(path)} names tar shards")
         return _open_shards(os.fspath(path))
+    if is_remote_spec(path):
+        raise DatasetError(
+            f"data set {path}: on object storage fastkd reads WebDataset tar shards (a .tar URL "
+            "or a brace pattern, e.g. 's3://bucket/train-{000000..000146}.tar'); image folders "
+            "and file lists must be local (or mounted)"
+        )
     path = Path(path)
     if path.is_dir():
         if root is not None:
@@ -224,8 +244,9 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
 def _open_shards(spec: str) -> ImageDataset:
     shards = expand_shards(spec)
     keys, labels, members = index_shards(shards)
+    first = shards[0]
     return ImageDataset(
-        root=shards[0].parent,
+        root=first.parent if isinstance(first, Path) else str(first).rsplit("/", 1)[0],
         keys=keys,
         labels=labels,
         classes=[],
