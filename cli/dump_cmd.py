@@ -17,7 +17,7 @@ from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel
 
 def dump(
     data: Annotated[
-        Path,
+        str,
         typer.Option(
             help=f"The images: {options.DATA_FORMS}.",
             show_default=False,
@@ -139,6 +139,7 @@ def dump(
     workers: options.Workers = None,
     root: options.DataRoot = None,
     progress: options.ShowProgress = True,
+    storage_option: options.StorageOption = None,
     *,
     augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
@@ -148,6 +149,9 @@ def dump(
 
     A killed dump resumes where it stopped when run again with the same options.
     """
+    from fastkd.storage import configure
+
+    configure(storage_option)  # first: every s3:// URL of the command uses them
     from fastkd.dump import DumpConfig, run_dump
 
     config = DumpConfig(

@@ -30,6 +30,7 @@ from fastkd.data.datasets import ImageDataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.data.wholeness import incomplete
 from fastkd.errors import BadImageError, ConfigError
+from fastkd.storage.clients import fresh_process_context
 from fastkd.views import pixel_box
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,10 @@ def worker_loader(
 ) -> torch.utils.data.DataLoader:
     """The ``DataLoader`` of the work done in worker processes (the torch and nvjpeg backends,
     DALI's feeding): element ``j`` of ``source`` is planned batch ``j``, loaded whole in a worker
-    and kept as the worker made it."""
+    and kept as the worker made it. Workers reading object storage are not forked from this
+    process, which has used it (``fresh_process_context``: obstore does not survive a fork)."""
+    items = getattr(source, "items", None)
+    remote = num_workers > 0 and isinstance(items, Items) and items.dataset.is_remote
     return torch.utils.data.DataLoader(
         source,
         batch_size=None,
@@ -242,6 +246,7 @@ def worker_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers else None,
+        multiprocessing_context=fresh_process_context() if remote else None,
     )
 
 

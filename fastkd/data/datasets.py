@@ -35,7 +35,7 @@ from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
 from fastkd.data.labels import parse_label
 from fastkd.data.shard_members import ShardMembers
 from fastkd.data.shards import expand_shards, index_shards, is_remote_spec, is_shard_spec
-from fastkd.errors import BadImageError, DatasetError
+from fastkd.errors import BadImageError, DatasetError, ShardChangedError, StorageError
 from fastkd.hashing import content_hash
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,11 @@ class ImageDataset:
                 "read it with read_bytes"
             )
         return self.root / self.keys[sample]
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the images are on object storage (tar shards: ``ShardMembers.is_remote``)."""
+        return self.members is not None and self.members.is_remote
 
     def name(self, sample: int) -> str:
         """What messages call the image: its file, or ``shard.tar:member``."""
@@ -171,6 +176,8 @@ def _header_size(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], s
             refused = refusal(image)
     except UnidentifiedImageError:
         return (1, 1), f"UnidentifiedImageError: cannot identify image file {name!r}"
+    except (StorageError, ShardChangedError):
+        raise  # the storage failed, not the image: never an unreadable (skippable) image
     except Exception as error:  # PIL raises many types for bad files
         return (1, 1), f"{type(error).__name__}: {error}"
     if width < 1 or height < 1:

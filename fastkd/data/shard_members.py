@@ -42,6 +42,11 @@ class ShardMembers:
     member: tuple[str, ...]  # the image member's name in its shard
     versions: tuple[str | None, ...] = ()  # per shard: the ETag indexed (remote), else None
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether the shards are on object storage (their readers must not be forked)."""
+        return any(isinstance(shard, ObjectLocation) for shard in self.shards)
+
     def name(self, sample: int) -> str:
         """``shards/train-000003.tar:n01440764_10026.jpg``: what messages call the image."""
         return f"{self.shards[self.shard[sample]]}:{self.member[sample]}"

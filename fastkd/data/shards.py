@@ -63,6 +63,7 @@ from fastkd.data.shard_cache import (
 from fastkd.data.shard_members import ShardMembers
 from fastkd.errors import DatasetError, ObjectChangedError, ShardChangedError
 from fastkd.storage import ObjectLocation, as_location
+from fastkd.storage.clients import fresh_process_context
 from fastkd.storage.options import SCHEMES, URL
 from fastkd.storage.ranges import ObjectReader
 
@@ -210,7 +211,8 @@ def _scan_all(
     processes = min(len(todo), _scan_cores(), _MAX_PROCESSES)
     size = sum(os.path.getsize(s) if i is None else i.size for s, i in todo)
     if processes > 1 and size >= _PROCESS_BYTES:
-        context = multiprocessing.get_context()  # the platform's default, as DataLoader's
+        remote = any(identity is not None for _, identity in todo)  # obstore is not fork-safe
+        context = fresh_process_context() if remote else multiprocessing.get_context()
         with ProcessPoolExecutor(processes, mp_context=context) as pool:
             done = list(pool.map(work, *zip(*todo, strict=True)))
     else:

@@ -18,6 +18,7 @@ from fastkd.data import ImageDataset
 from fastkd.dump.block_writer import DEFAULT_WRITE_QUEUE
 from fastkd.errors import ConfigError
 from fastkd.models import LoadedModel
+from fastkd.storage import local_or_url
 from fastkd.store import (
     Manifest,
     ModelEntry,
@@ -32,7 +33,7 @@ DEFAULT_TAIL_SAMPLES = 8  # draws per view of the sampled tail when --tail-sampl
 class DumpConfig:
     """Everything a dump needs; the CLI only fills this in."""
 
-    data: Path  # image folder, file list ("relative/path label" per line) or tar shards
+    data: Path | str  # image folder, file list ("relative/path label" per line), tar shards (s3://)
     models: Sequence[str]  # "[alias:]NAME[=CKPT]" per pool member
     out: Path  # the store
     views: int = 8  # stored views per sample; view 0 is the eval view
@@ -57,7 +58,7 @@ class DumpConfig:
     write_queue: int = DEFAULT_WRITE_QUEUE  # blocks queued for the writer thread; 0: no thread
 
     def __post_init__(self) -> None:
-        self.data, self.out = Path(self.data), Path(self.out)
+        self.data, self.out = local_or_url(self.data), Path(self.out)  # a URL stays a str
         for name in ("views", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(
@@ -93,7 +94,9 @@ class DumpConfig:
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
 
-def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path) -> None:
+def check_classes(
+    dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path | str
+) -> None:
     """Every model must predict exactly the data set's classes."""
     for member in pool:
         if member.num_classes != dataset.num_classes:

@@ -23,6 +23,7 @@ from fastkd.errors import ConfigError
 from fastkd.loss_settings import LossSettings
 from fastkd.presets import PresetName
 from fastkd.runtime import plain
+from fastkd.storage import local_or_url
 
 
 @dataclass
@@ -34,7 +35,7 @@ class TrainConfig:
     usually want a larger lr; training from scratch needs one (e.g. Adam 1e-3).
     """
 
-    data: Path  # training images: image folder, file list or tar shards (fastkd.data.open_dataset)
+    data: Path | str  # training images: folder, file list, tar shards (s3:// URLs: str)
     data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     student: str | None = None  # [alias:]ARCH[=CKPT], its name its key in the store (all: None)
     store: Path | None = None  # stored targets (teachers="offline"); optional for the others
@@ -59,8 +60,8 @@ class TrainConfig:
     pretrained: bool = True  # student without checkpoint: timm's weights; False: from scratch
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
     input_size: int | None = None  # the students' image side, over their data config's
-    val_data: Path | None = None  # held out from the training data: model selection
-    eval_data: Path | None = None  # the final report's data (default: val_data)
+    val_data: Path | str | None = None  # held out from the training data: model selection
+    eval_data: Path | str | None = None  # the final report's data (default: val_data)
     out_dir: Path = Path("runs/train")
     resume: bool = False
     overwrite: bool = False  # start over in a run folder that holds a run (never a user's folder)
@@ -75,10 +76,14 @@ class TrainConfig:
     control: bool = False  # also train the cross-entropy control; report the difference to it
 
     def __post_init__(self) -> None:
-        for name in ("data", "data_root", "store", "val_data", "eval_data", "out_dir"):
+        for name in ("data_root", "store", "out_dir"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
+        for name in ("data", "val_data", "eval_data"):  # a URL of tar shards stays a str
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, local_or_url(value))
         self.models = tuple(self.models)
         self.members = tuple(self.members)
         self.preset_not_applied = tuple(self.preset_not_applied)
@@ -196,7 +201,7 @@ class TrainConfig:
         return problems
 
     @property
-    def report_data(self) -> Path | None:
+    def report_data(self) -> Path | str | None:
         """The data of the final transfer report: ``eval_data``, else ``val_data``."""
         return self.eval_data or self.val_data
 
