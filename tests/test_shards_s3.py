@@ -12,7 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_shards import PATTERN, SHARDS, _images, _load, _views, write_shards
+from file_edits import same_size_other_png
+from test_dump import run_cli
+from test_shards import (
+    PATTERN,
+    SHARDS,
+    _dump_args,
+    _first_per_class,
+    _images,
+    _load,
+    _rewrite_member,
+    _views,
+    write_shards,
+)
 
 import fastkd.data.shards
 import fastkd.storage
@@ -31,15 +43,20 @@ def local_shards(digits_small: Path, tmp_path_factory: pytest.TempPathFactory) -
     return write_shards(digits_small, tmp_path_factory.mktemp("shards"))
 
 
+def _put_shards(server, bucket: str, pattern: str, prefix: str) -> str:
+    """The local shards of ``pattern`` uploaded under ``prefix``: their URL pattern."""
+    client = server.client()
+    for shard in sorted(Path(pattern).parent.glob("*.tar")):
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{shard.name}", Body=shard.read_bytes())
+    return f"s3://{bucket}/{prefix}/{PATTERN}"
+
+
 @pytest.fixture
 def remote(s3, local_shards: str) -> str:
     """The local shards uploaded to a fresh bucket: their URL pattern (retries kept short)."""
     server, bucket = s3
-    client = server.client()
-    for shard in sorted(Path(local_shards).parent.glob("*.tar")):
-        client.put_object(Bucket=bucket, Key=f"data/{shard.name}", Body=shard.read_bytes())
     fastkd.storage.configure(FAST_RETRIES)
-    yield f"s3://{bucket}/data/{PATTERN}"
+    yield _put_shards(server, bucket, local_shards, "data")
     fastkd.storage.configure(None)
 
 
@@ -138,17 +155,18 @@ def test_a_rewritten_shard_is_indexed_anew_and_refused_by_the_old_index(
 def test_transient_faults_are_retried(s3, remote: str, local_shards: str) -> None:
     server, _ = s3
     local = open_dataset(local_shards)
+    injected = server.faults.injected  # counted over the session
     server.faults.fail(2, 503, method="HEAD")
     server.faults.fail(2, 503, method="GET")
     server.faults.fail(1, "drop", method="GET")
     _assert_same_index(open_dataset(remote), local)
-    assert server.faults.injected == 5
+    assert server.faults.injected - injected == 5
     sharded = open_dataset(remote)
     server.faults.fail(2, 500, method="GET")
     server.faults.fail(2, "drop", method="GET")
     samples = np.arange(len(local))
     assert sharded.read_many(samples) == local.read_many(samples)
-    assert server.faults.injected == 9
+    assert server.faults.injected - injected == 9
 
 
 def test_persistent_faults_name_the_shard(s3, remote: str) -> None:
@@ -192,3 +210,49 @@ def test_spans_join_near_ranges_only() -> None:
         (10_000_000, 10_000_010, [2]),
     ]
     assert spans([300, 0], [10, 200], gap=100, max_span=250) == [(0, 200, [1]), (300, 310, [0])]
+
+
+def test_dump_train_and_eval_on_remote_shards(
+    s3, digits_small: Path, digit_pool, tmp_path: Path
+) -> None:
+    """The commands take s3:// shards (and --storage-option); a member rewritten at its size
+    after the dump is refused by its content hash, a resized one by the store's fingerprint."""
+    server, bucket = s3
+    small = _first_per_class(digits_small, tmp_path / "small", 2)  # 20 images: CPU time
+    local = write_shards(small, tmp_path / "shards")
+    data = _put_shards(server, bucket, local, "small")
+    options = ["--storage-option", "init_backoff=0.01"]
+    store, pool = tmp_path / "store.zarr", digit_pool[:1]
+    run_cli(_dump_args(data, pool, store, *options))
+    assert run_cli(_dump_args(data, pool, store)).count("2 already done") == 1  # resumed
+
+    convnext = digit_pool[0]
+    val = data.split("{")[0] + "000002.tar"  # one shard: digits 7-9
+    train = [*("train", "--data", data, "--store", str(store), "--val-data", val, *options)]
+    train += [*("--student", f"s:{convnext.arch}={convnext.checkpoint}", "--epochs", "1")]
+    train += ["--lr", "1e-3"]
+    train += [*("--batch-size", "16", "--backend", "torch", "--workers", "0", "--no-progress")]
+    run_cli([*train, "--out", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "s.pt").is_file()
+    evaluate = ["eval", "--model", convnext.spec, "--backend", "torch", *options, "--out"]
+    run_cli([*evaluate, str(tmp_path / "eval"), "--data", data])
+    run_cli([*evaluate, str(tmp_path / "local"), "--data", local])
+    assert (tmp_path / "eval" / "report.json").read_text() == (
+        tmp_path / "local" / "report.json"
+    ).read_text()
+
+    def other(png: bytes) -> bytes:
+        (tmp_path / "x.png").write_bytes(png)
+        return same_size_other_png(tmp_path / "x.png")
+
+    shard = data.split("{")[0] + "000001.tar"
+    for change, why in [(other, "changed since the dump"), (_grown, "fingerprint: store has")]:
+        member = _rewrite_member(local, 1, 2, change).rpartition(":")[2]
+        _put_shards(server, bucket, local, "small")
+        refused = run_cli([*train, "--out", str(tmp_path / why[:7])], expect_code=2)
+        assert why in refused, refused
+        assert change is _grown or f"{shard}:{member}" in refused, refused
+
+
+def _grown(png: bytes) -> bytes:
+    return png + b"\0" * 16

@@ -143,7 +143,7 @@ class ImageDataset:
         (1, 1): they have no pixels to crop and are never fed to a model.
         """
         if self._sizes is None:
-            with ThreadPoolExecutor(_IO_THREADS) as pool:
+            with ThreadPoolExecutor(self._io_threads()) as pool:
                 results = list(pool.map(self._header_size, range(len(self))))
             sizes = np.ones((len(self), 2), dtype=np.int64)
             for sample, (size, error) in enumerate(results):
@@ -153,6 +153,13 @@ class ImageDataset:
                     self._unreadable[sample] = error
             self._sizes = sizes
         return self._sizes, dict(self._unreadable)
+
+    def _io_threads(self) -> int:
+        """Threads for per-image reads: a remote store's requests wait on latency, so as many
+        as its ``--storage-option concurrency`` allows."""
+        if not self.is_remote:
+            return _IO_THREADS
+        return max(_IO_THREADS, self.members.shards[0].options.concurrency)  # type: ignore[union-attr]
 
     def _header_size(self, sample: int) -> tuple[tuple[int, int], str | None]:
         if self.members is None:
@@ -197,7 +204,7 @@ def content_hashes(dataset: ImageDataset, samples: Sequence[int]) -> list[int | 
         except OSError:
             return None
 
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
+    with ThreadPoolExecutor(dataset._io_threads()) as pool:
         return list(pool.map(one, samples))
 
 
