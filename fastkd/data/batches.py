@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +29,7 @@ from fastkd.choices import OnBadImage
 from fastkd.data.datasets import ImageDataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.data.wholeness import incomplete
-from fastkd.errors import BadImageError, ConfigError
+from fastkd.errors import BadImageError, ConfigError, DatasetError, FastKDError, StorageError
 from fastkd.storage.clients import fresh_process_context
 from fastkd.views import pixel_box
 
@@ -238,7 +238,7 @@ def worker_loader(
     process, which has used it (``fresh_process_context``: obstore does not survive a fork)."""
     items = getattr(source, "items", None)
     remote = num_workers > 0 and isinstance(items, Items) and items.dataset.is_remote
-    return torch.utils.data.DataLoader(
+    return _WorkerLoader(
         source,
         batch_size=None,
         collate_fn=_as_loaded,
@@ -248,6 +248,33 @@ def worker_loader(
         prefetch_factor=2 if num_workers else None,
         multiprocessing_context=fresh_process_context() if remote else None,
     )
+
+
+class _WorkerLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose workers' storage and data set errors come back as they were
+    raised: torch re-raises them with the worker's traceback in the message, which the CLI
+    would print whole instead of its one line."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (StorageError, DatasetError) as error:
+                raise _unwrapped(error) from None
+            yield batch
+
+
+def _unwrapped(error: FastKDError) -> FastKDError:
+    """``error`` as its worker raised it (the traceback's last line), else as it is."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text or isinstance(error, BadImageError):
+        return error
+    name = type(error).__name__
+    lines = [line for line in text.splitlines() if line.split(": ", 1)[0].endswith(name)]
+    return type(error)(lines[-1].split(": ", 1)[1]) if lines else error
 
 
 def _as_loaded(batch: Any) -> Any:
