@@ -36,8 +36,10 @@ class Faults:
             self._rules.append([count, kind, re.compile(method), re.compile(path)])
 
     def clear(self) -> None:
+        """No faults, and the counts from zero (each test's own: the server is the session's)."""
         with self._lock:
             self._rules.clear()
+            self.injected = self.requests = 0
 
     def take(self, method: str, path: str) -> int | str | None:
         with self._lock:
