@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,7 +16,7 @@ from fastkd.compression import DEFAULT_TAIL, MAX_TAIL_SAMPLES, TailModel
 
 def dump(
     data: Annotated[
-        Path,
+        str,
         typer.Option(
             help=f"The images: {options.DATA_FORMS}.",
             show_default=False,
@@ -144,6 +143,7 @@ def dump(
     workers: options.Workers = None,
     root: options.DataRoot = None,
     progress: options.ShowProgress = True,
+    storage_option: options.StorageOption = None,
     *,
     augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
@@ -153,6 +153,9 @@ def dump(
 
     A killed dump resumes where it stopped when run again with the same options.
     """
+    from fastkd.storage import configure
+
+    configure(storage_option)  # first: every s3:// URL of the command uses them
     from fastkd.dump import DumpConfig, run_dump
 
     config = DumpConfig(

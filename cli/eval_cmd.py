@@ -16,7 +16,7 @@ from fastkd.cli.guard import guarded
 
 def eval_command(
     data: Annotated[
-        Path,
+        str,
         typer.Option(help=f"Evaluation images (e.g. the test split): {options.DATA_FORMS}."),
     ],
     model: Annotated[
@@ -46,10 +46,14 @@ def eval_command(
     input_size: options.InputSize = None,
     device: options.Device = "cpu",
     backend: options.LoaderBackend = "auto",
+    storage_option: options.StorageOption = None,
 ) -> None:
     """Top-1 of every model; with --before, the transfer report: delta, knowledge gain and
     loss, positive flips against each other member before and after, transfer rates (Roth's
     per class, and per sample), how many trained models improved."""
+    from fastkd.storage import configure
+
+    configure(storage_option)  # first: every s3:// URL of the command uses them
     from fastkd.data import open_dataset
     from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
     from fastkd.files import write_json

@@ -100,8 +100,12 @@ def inspect(
         ),
     ] = False,
     progress: options.ShowProgress = True,
+    storage_option: options.StorageOption = None,
 ) -> None:
     """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
+    from fastkd.storage import configure
+
+    configure(storage_option)  # first: every s3:// URL of the command uses them
     from fastkd.store import check_store, summarize
 
     summary = summarize(store)

@@ -13,8 +13,9 @@ from fastkd.choices import Backend
 DATA_FORMS = (
     "an image folder (one subfolder per class), a file list with a 'relative/path label' line "
     "per image, or WebDataset tar shards: a .tar or a brace pattern such as "
-    "'shards/train-{000000..000127}.tar' (per key an image member and a .cls member holding "
-    "the class index); a label is a class index in plain ASCII digits, below 16,777,216 (2^24)"
+    "'shards/train-{000000..000127}.tar', local or on object storage "
+    "('s3://bucket/train-{000000..000127}.tar', see --storage-option; per key an image member "
+    "and a .cls member holding the class index); a label is a class index in plain ASCII digits, below 16,777,216 (2^24)"
 )
 
 StorageOption = Annotated[
@@ -26,7 +27,8 @@ StorageOption = Annotated[
         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL "
         "for MinIO, Ceph, R2...): any obstore S3 or client setting (endpoint, region, profile, "
         "skip_signature, timeout...), max_retries, retry_timeout (s) or concurrency; repeat it "
-        "for several. Secrets given here are never printed.",
+        "for several. Secrets given here are never printed. Without it: the environment's "
+        "settings alone.",
         show_default=False,
     ),
 ]

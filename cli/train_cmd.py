@@ -29,7 +29,7 @@ _MODEL_HELP = (
 
 
 def train_command(
-    data: Annotated[Path, typer.Option(help=f"Training images: {options.DATA_FORMS}.")],
+    data: Annotated[str, typer.Option(help=f"Training images: {options.DATA_FORMS}.")],
     data_root: options.DataRoot = None,
     store: Annotated[
         str | None,
@@ -188,14 +188,14 @@ def train_command(
         ),
     ] = None,
     val_data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             help="Held-out split of the training data: model selection (never test); a folder, "
             "a file list or tar shards, as --data."
         ),
     ] = None,
     eval_data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--test-data",
             "--eval-data",
@@ -254,6 +254,7 @@ def train_command(
     backend: options.LoaderBackend = "auto",
     workers: options.Workers = None,
     progress: options.ShowProgress = True,
+    storage_option: options.StorageOption = None,
     *,
     augment: AugmentConfig,  # the view options (augment_options.with_view_options)
 ) -> None:
@@ -265,6 +266,9 @@ def train_command(
     launch with torchrun (one process per GPU). Without --store, views are drawn from --seed
     with the view-augmentation options; with one, they are the store's.
     """
+    from fastkd.storage import configure
+
+    configure(storage_option)  # first: every s3:// URL of the command uses them
     from fastkd.training import REPORT_STEM, TrainConfig, train, train_all
     from fastkd.training.report import caveats
 

@@ -58,6 +58,19 @@ class StorageError(FastKDError, OSError):
     """Object storage that failed a request after its retries (the message names the URL)."""
 
 
+class ObjectChangedError(StorageError):
+    """An object rewritten since its version was taken: a read conditioned on that version
+    (``If-Match``) was refused, so no bytes of the new content were taken for the old."""
+
+    def __init__(self, url: str, version: str | None) -> None:
+        super().__init__(f"{url}: changed since its version {version} was read")
+        self.url, self.version = url, version
+
+
+class ShardChangedError(DatasetError):
+    """A tar shard rewritten since its members were indexed: its offsets no longer hold."""
+
+
 class StoreMismatchError(StoreError, ValueError):
     """The store's configuration differs from the requested one; ``differences`` says how."""
 

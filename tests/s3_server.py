@@ -80,7 +80,8 @@ class _Proxy(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            if self.command != "HEAD":  # a HEAD's answer has no body: the client reads none
+                self.wfile.write(payload)
             return
         upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
         try:

@@ -536,8 +536,8 @@ def test_dali_reads_checks_and_hashes_files_off_the_main_thread(
     pytest.importorskip("nvidia.dali")
     import threading
 
+    from fastkd.data import batches as common
     from fastkd.data import dali
-    from fastkd.data.batches import Items
     from fastkd.hashing import content_hash
 
     calls = tmp_path / "calls.txt"  # the workers are other processes: they append here
@@ -551,7 +551,8 @@ def test_dali_reads_checks_and_hashes_files_off_the_main_thread(
 
         return spy
 
-    monkeypatch.setattr(Items, "checked_bytes", spied("check", Items.checked_bytes))
+    # each item's check (Items.checked_batch reads a batch's files at once, then checks each)
+    monkeypatch.setattr(common, "check_encoded", spied("check", common.check_encoded))
     monkeypatch.setattr(dali, "content_hash", spied("hash", dali.content_hash))
     dataset = open_dataset(varied)
     items = _items(dataset)

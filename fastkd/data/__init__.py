@@ -5,16 +5,18 @@
 - ``labels``: the one rule a label's text is read by (``parse_label``), below ``MAX_CLASSES``.
 - ``wholeness``: is this the whole encoded image? (``incomplete``: each format's structure
   from its bytes, no pixel decoded), asked before either loader decodes a file.
-- ``shard_cache``: each tar shard's scan cached on disk, keyed by the shard's path and stat.
+- ``shard_cache``: each tar shard's scan cached on disk, keyed by the shard's path and stat (on
+  object storage: URL, size and ETag).
 - ``shard_members``: a tar shard's image members read by offset (``ShardMembers.read``, one
-  ``pread``) or opened as files (``ShardMembers.open``).
+  ``pread``; on object storage by byte range, a batch at once: ``read_many``) or opened as files
+  (``ShardMembers.open``).
 - ``shards``: WebDataset tar shards indexed on open (``index_shards``: each image member's
   shard, offset and size; its key and ``cls`` label).
 - ``datasets``: image folders, file lists and tar shards (``open_dataset``, ``ImageDataset``):
   keys, labels, file sizes, header sizes, fingerprints; where a sample's bytes come from
   (``read_bytes``) and what messages call it (``name``).
 - ``batches``: what the loader backends share: ``Preprocess`` per data config, the item list
-  and its one gate before decoding (``Items.checked_bytes``), PIL's decoding of a view
+  and its one gate before decoding (``Items.checked_bytes``, ``checked_batch``), PIL's decoding of a view
   (``load_view``, ``normalize``), ``plan_batches``, ``ViewBatch``, the handling of unreadable
   images and the workers' ``DataLoader`` (``worker_loader``).
 - ``dali``: the DALI backend (the one module that imports ``nvidia.dali``, lazily).
@@ -32,7 +34,8 @@ and ``wholeness`` import no other module of the package; ``shards`` imports ``de
 re-exports the public names callers use (a shard data set is opened by ``open_dataset`` like any
 other). Outside the package they import only
 ``fastkd.errors`` (whose ``DatasetError`` and ``BadImageError`` are re-exported here too),
-``fastkd.hashing`` and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
+``fastkd.hashing``, ``fastkd.storage`` (shards on object storage; in ``batches`` the workers'
+process context) and, in ``batches``, ``fastkd.views`` (``pixel_box``); none imports
 fastkd.data.
 """
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,7 +29,8 @@ from fastkd.choices import OnBadImage
 from fastkd.data.datasets import ImageDataset
 from fastkd.data.decoding import decode_rgb
 from fastkd.data.wholeness import incomplete
-from fastkd.errors import BadImageError, ConfigError
+from fastkd.errors import BadImageError, ConfigError, DatasetError, FastKDError, StorageError
+from fastkd.storage.clients import fresh_process_context
 from fastkd.views import pixel_box
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,26 @@ class Items:
         not decode in full either; ``pil_only`` when they are not whole yet PIL decodes them (a
         JPEG without its end marker): the torch backend decodes it as ever, DALI never sees it.
         Both backends ask this before decoding, so they take the same files."""
-        refused = self._unreadable.get(int(self.samples[position]))
-        if refused is not None:
-            return Encoded(None, refused)
-        try:
-            data = self.read(position)
-        except OSError as error:
-            return Encoded(None, f"{type(error).__name__}: {error}")
-        return check_encoded(self.name(position), data)
+        return self.checked_batch([position])[0]
+
+    def checked_batch(self, positions: Sequence[int] | np.ndarray) -> list[Encoded]:
+        """``checked_bytes`` of a batch's items, their images read at once
+        (``ImageDataset.read_many``: shards on object storage in a few concurrent ranged reads,
+        not one request an image); a storage error that persists is raised, not skipped."""
+        positions = [int(position) for position in positions]
+        refused = {p: self._unreadable.get(int(self.samples[p])) for p in positions}
+        wanted = [p for p in positions if refused[p] is None]
+        read = dict(zip(wanted, self.dataset.read_many(self.samples[wanted]), strict=True))
+        out = []
+        for position in positions:
+            data = read.get(position)
+            if refused[position] is not None:
+                out.append(Encoded(None, refused[position]))
+            elif isinstance(data, OSError):
+                out.append(Encoded(None, f"{type(data).__name__}: {data}"))
+            else:
+                out.append(check_encoded(self.name(position), data))
+        return out
 
     @functools.cached_property
     def _unreadable(self) -> dict[int, str]:
@@ -221,8 +234,11 @@ def worker_loader(
 ) -> torch.utils.data.DataLoader:
     """The ``DataLoader`` of the work done in worker processes (the torch and nvjpeg backends,
     DALI's feeding): element ``j`` of ``source`` is planned batch ``j``, loaded whole in a worker
-    and kept as the worker made it."""
-    return torch.utils.data.DataLoader(
+    and kept as the worker made it. Workers reading object storage are not forked from this
+    process, which has used it (``fresh_process_context``: obstore does not survive a fork)."""
+    items = getattr(source, "items", None)
+    remote = num_workers > 0 and isinstance(items, Items) and items.dataset.is_remote
+    return _WorkerLoader(
         source,
         batch_size=None,
         collate_fn=_as_loaded,
@@ -230,7 +246,35 @@ def worker_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=2 if num_workers else None,
+        multiprocessing_context=fresh_process_context() if remote else None,
     )
+
+
+class _WorkerLoader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose workers' storage and data set errors come back as they were
+    raised: torch re-raises them with the worker's traceback in the message, which the CLI
+    would print whole instead of its one line."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (StorageError, DatasetError) as error:
+                raise _unwrapped(error) from None
+            yield batch
+
+
+def _unwrapped(error: FastKDError) -> FastKDError:
+    """``error`` as its worker raised it (the traceback's last line), else as it is."""
+    text = str(error)
+    if "\nOriginal Traceback" not in text or isinstance(error, BadImageError):
+        return error
+    name = type(error).__name__
+    lines = [line for line in text.splitlines() if line.split(": ", 1)[0].endswith(name)]
+    return type(error)(lines[-1].split(": ", 1)[1]) if lines else error
 
 
 def _as_loaded(batch: Any) -> Any:

@@ -90,8 +90,10 @@ class _Feeder(torch.utils.data.Dataset):
         hashes: dict[int, int] = {}
         failed: dict[int, str] = {}
         by_pil: dict[int, bytes] = {}
-        for row, position in enumerate(positions.tolist()):
-            data, why, pil_only = items.checked_bytes(position)
+        checked = items.checked_batch(positions)  # read together: one batch of requests
+        for row, (position, (data, why, pil_only)) in enumerate(
+            zip(positions.tolist(), checked, strict=True)
+        ):
             if data is not None:
                 hashes[position] = content_hash(data)
             if data is None or pil_only:  # DALI never sees it

@@ -34,8 +34,8 @@ import numpy as np
 from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
 from fastkd.data.labels import parse_label
 from fastkd.data.shard_members import ShardMembers
-from fastkd.data.shards import expand_shards, index_shards, is_shard_spec
-from fastkd.errors import BadImageError, DatasetError
+from fastkd.data.shards import expand_shards, index_shards, is_remote_spec, is_shard_spec
+from fastkd.errors import BadImageError, DatasetError, ShardChangedError, StorageError
 from fastkd.hashing import content_hash
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ImageDataset:
     has them (a folder's class folders); empty where classes are named by their index (file
     lists, shards), so no list is built from a label (``fastkd.data.labels``)."""
 
-    root: Path
+    root: Path | str  # a URL string for shards on object storage
     keys: list[str]
     labels: np.ndarray  # int64 [n]
     classes: list[str]
@@ -78,6 +78,11 @@ class ImageDataset:
             )
         return self.root / self.keys[sample]
 
+    @property
+    def is_remote(self) -> bool:
+        """Whether the images are on object storage (tar shards: ``ShardMembers.is_remote``)."""
+        return self.members is not None and self.members.is_remote
+
     def name(self, sample: int) -> str:
         """What messages call the image: its file, or ``shard.tar:member``."""
         if self.members is not None:
@@ -89,6 +94,20 @@ class ImageDataset:
         if self.members is not None:
             return self.members.read(sample)
         return self.path(sample).read_bytes()
+
+    def read_many(self, samples: Sequence[int] | np.ndarray) -> list[bytes | OSError]:
+        """``read_bytes`` of many samples, an ``OSError`` in place of an image that cannot be
+        read: what a loader's batch reads (shards on object storage: at once, concurrently,
+        ``ShardMembers.read_many``; errors of the storage itself are raised)."""
+        if self.members is not None:
+            return self.members.read_many(samples)
+        out: list[bytes | OSError] = []
+        for sample in samples:
+            try:
+                out.append(self.read_bytes(int(sample)))
+            except OSError as error:
+                out.append(error)
+        return out
 
     def fingerprint(self) -> str:
         """sha256 over the sorted (key, file size) pairs."""
@@ -124,7 +143,7 @@ class ImageDataset:
         (1, 1): they have no pixels to crop and are never fed to a model.
         """
         if self._sizes is None:
-            with ThreadPoolExecutor(_IO_THREADS) as pool:
+            with ThreadPoolExecutor(self._io_threads()) as pool:
                 results = list(pool.map(self._header_size, range(len(self))))
             sizes = np.ones((len(self), 2), dtype=np.int64)
             for sample, (size, error) in enumerate(results):
@@ -134,6 +153,13 @@ class ImageDataset:
                     self._unreadable[sample] = error
             self._sizes = sizes
         return self._sizes, dict(self._unreadable)
+
+    def _io_threads(self) -> int:
+        """Threads for per-image reads: a remote store's requests wait on latency, so as many
+        as its ``--storage-option concurrency`` allows."""
+        if not self.is_remote:
+            return _IO_THREADS
+        return max(_IO_THREADS, self.members.shards[0].options.concurrency)  # type: ignore[union-attr]
 
     def _header_size(self, sample: int) -> tuple[tuple[int, int], str | None]:
         if self.members is None:
@@ -157,6 +183,8 @@ def _header_size(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], s
             refused = refusal(image)
     except UnidentifiedImageError:
         return (1, 1), f"UnidentifiedImageError: cannot identify image file {name!r}"
+    except (StorageError, ShardChangedError):
+        raise  # the storage failed, not the image: never an unreadable (skippable) image
     except Exception as error:  # PIL raises many types for bad files
         return (1, 1), f"{type(error).__name__}: {error}"
     if width < 1 or height < 1:
@@ -176,7 +204,7 @@ def content_hashes(dataset: ImageDataset, samples: Sequence[int]) -> list[int | 
         except OSError:
             return None
 
-    with ThreadPoolExecutor(_IO_THREADS) as pool:
+    with ThreadPoolExecutor(dataset._io_threads()) as pool:
         return list(pool.map(one, samples))
 
 
@@ -211,6 +239,12 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
         if root is not None:
             raise DatasetError(f"--root is only for file lists; {os.fspath(path)} names tar shards")
         return _open_shards(os.fspath(path))
+    if is_remote_spec(path):
+        raise DatasetError(
+            f"data set {path}: on object storage fastkd reads WebDataset tar shards (a .tar URL "
+            "or a brace pattern, e.g. 's3://bucket/train-{000000..000146}.tar'); image folders "
+            "and file lists must be local (or mounted)"
+        )
     path = Path(path)
     if path.is_dir():
         if root is not None:
@@ -224,8 +258,9 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
 def _open_shards(spec: str) -> ImageDataset:
     shards = expand_shards(spec)
     keys, labels, members = index_shards(shards)
+    first = shards[0]
     return ImageDataset(
-        root=shards[0].parent,
+        root=first.parent if isinstance(first, Path) else str(first).rsplit("/", 1)[0],
         keys=keys,
         labels=labels,
         classes=[],

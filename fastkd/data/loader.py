@@ -176,8 +176,9 @@ class _BatchSource(torch.utils.data.Dataset):
         hashes: list[int] = []
         planes: list[list[np.ndarray]] = [[] for _ in self.preps]
         failed: dict[int, str] = {}
-        for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
-            data, why, _ = items.checked_bytes(position)  # read once: checked, decoded, hashed
+        checked = items.checked_batch(positions)  # read once, together: checked, decoded, hashed
+        boxes = items.pixel_boxes(positions)
+        for position, box, (data, why, _) in zip(positions, boxes, checked, strict=True):
             if data is None:
                 failed[int(position)] = why
                 continue

@@ -172,8 +172,11 @@ class _HostSource(torch.utils.data.Dataset):
         planes: list[list[np.ndarray]] = [[] for _ in preps]
         failed: dict[int, str] = {}
         all_here = all(_made_on_host(prep) for prep in preps)  # nothing left for the device
-        for position, box in zip(positions, items.pixel_boxes(positions), strict=True):
-            data, why, pil_only = items.checked_bytes(position)  # read once: checked, hashed
+        checked = items.checked_batch(positions)  # read once, together: checked, hashed
+        boxes_here = items.pixel_boxes(positions)
+        for position, box, (data, why, pil_only) in zip(
+            positions, boxes_here, checked, strict=True
+        ):
             if data is None:
                 failed[int(position)] = why
                 continue

@@ -5,8 +5,9 @@ Each command and torchrun rank opens its data anew, and ``tarfile`` parses a hea
 (ImageNet's scan: two CPU minutes). So each shard's scan is an ``.npz`` in
 ``$FASTKD_CACHE_DIR/shard-index``, else ``$XDG_CACHE_HOME/fastkd/shard-index``, else
 ``~/.cache/fastkd/shard-index`` (shards are often on read-only storage), named by the shard's
-real path, size, mtime, inode and ctime (``cp -p`` keeps an mtime): a rewritten shard is scanned
-again; old entries stay (no eviction). Only clean scans of shards unchanged for ``RECENT_NS`` are
+real path, size, mtime, inode and ctime (``cp -p`` keeps an mtime), or a shard on object storage
+by its URL, size and ETag: a rewritten shard is scanned again, and an entry for another ETag is
+never used; old entries stay (no eviction). Only clean scans of shards unchanged for ``RECENT_NS`` are
 cached; an entry that fails any check is ignored and written again (never trusted); a cache that
 cannot be written costs a debug line, never the open.
 """
@@ -20,9 +21,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fastkd.storage import ObjectLocation
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +75,44 @@ class ShardIdentity(NamedTuple):
         return cls(os.path.realpath(shard), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
     def cache_file(self, cache: Path) -> Path:
-        digest = hashlib.sha256(repr(self).encode("utf-8", "surrogateescape")).hexdigest()
-        return cache / f"{digest[:32]}.npz"
+        return _entry(repr(self), cache)
 
 
-def read_cached(cache: Path | None, shard: Path) -> ShardScan | None:
-    """The shard's cached scan; None where there is none, or it is unreadable or fails a check
-    (it is scanned and written again: a cache file is never trusted)."""
+class ObjectIdentity(NamedTuple):
+    """What a cached scan of a shard on object storage is valid for: its URL (and endpoint: two
+    servers may hold one bucket name), size and ETag, which any rewrite changes."""
+
+    url: str
+    endpoint: str
+    size: int
+    etag: str
+
+    @classmethod
+    def of(cls, shard: ObjectLocation) -> ObjectIdentity:
+        """From one HEAD request; ``FileNotFoundError`` where there is no such object."""
+        info = shard.info()
+        return cls(shard.url, shard.options.endpoint() or "", info.size, info.version)
+
+    def cache_file(self, cache: Path) -> Path:
+        return _entry(repr(self), cache)
+
+
+def _entry(identity: str, cache: Path) -> Path:
+    """The cache file of a shard's identity (its ``repr``, also stored inside and checked)."""
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+    return cache / f"{digest[:32]}.npz"
+
+
+def read_cached(
+    cache: Path | None, shard: Path | ShardIdentity | ObjectIdentity
+) -> ShardScan | None:
+    """The shard's cached scan (a local shard by its path or identity, a remote one by its
+    ``ObjectIdentity``); None where there is none, or it is unreadable or fails a check (it is
+    scanned and written again: a cache file is never trusted)."""
     if cache is None:
         return None
     try:
-        identity = ShardIdentity.of(shard)
+        identity = shard if isinstance(shard, tuple) else ShardIdentity.of(shard)
         with np.load(identity.cache_file(cache), allow_pickle=False) as data:
             return _unpack(data, identity)
     except FileNotFoundError:
@@ -91,7 +122,7 @@ def read_cached(cache: Path | None, shard: Path) -> ShardScan | None:
         return None
 
 
-def _unpack(data: np.lib.npyio.NpzFile, identity: ShardIdentity) -> ShardScan:
+def _unpack(data: np.lib.npyio.NpzFile, identity: ShardIdentity | ObjectIdentity) -> ShardScan:
     """The scan ``write_cached`` stored; ``ValueError`` unless whole and for this shard."""
     if int(data["version"]) != CACHE_VERSION or str(data["identity"]) != repr(identity):
         raise ValueError("written by another format version or for another file")
@@ -110,12 +141,16 @@ def _unpack(data: np.lib.npyio.NpzFile, identity: ShardIdentity) -> ShardScan:
     return ShardScan(keys, names, offsets, sizes, labels)
 
 
-def write_cached(cache: Path, identity: ShardIdentity, scan: ShardScan) -> str | None:
+def write_cached(
+    cache: Path, identity: ShardIdentity | ObjectIdentity, scan: ShardScan
+) -> str | None:
     """Cache a shard's clean scan; why not, where it could not be (None: cached). Stored as
     arrays (keys and names UTF-8, each ending in a NUL), atomically: a temporary file in the
-    folder, renamed, so ranks opening the data at once never read half a file. A shard changed
-    within ``RECENT_NS`` is not cached: a same-size rewrite in one clock tick keeps its name."""
-    if time.time_ns() - identity.ctime_ns < RECENT_NS:
+    folder, renamed, so ranks opening the data at once never read half a file. A local shard
+    changed within ``RECENT_NS`` is not cached: a same-size rewrite in one clock tick keeps its
+    name (an ETag has no such tick)."""
+    recent = isinstance(identity, ShardIdentity) and time.time_ns() - identity.ctime_ns < RECENT_NS
+    if recent:
         return None
     blobs = {
         field: "".join(f"{text}\0" for text in texts).encode("utf-8", "surrogateescape")

@@ -19,6 +19,12 @@ descriptor (fork-safe: a DataLoader worker shares nothing), then decode them exa
 file's. The dump visits the samples in order, so its reads stream through each shard.
 Compressed shards (``.tar.gz``, ``.tgz``, ...) have no offsets to read at: refused.
 
+Shards on object storage (``s3://bucket/train-{000000..000146}.tar``) are indexed and read the
+same way by byte range: the walk reads a shard through a window of a few MiB
+(``fastkd.storage.ranges.ObjectReader``), members are read a batch at a time
+(``ShardMembers.read_many``), and every request is conditioned on the ETag the shard had when
+indexed, so a rewritten shard is refused, never read at its old offsets.
+
 The index is what a folder's listing is: keys, labels and image sizes (the fingerprint's), so a
 store made from shards refuses other shards and resumes on the same ones.
 
@@ -46,9 +52,22 @@ from braceexpand import braceexpand
 
 from fastkd.data.decoding import IMAGE_EXTENSIONS
 from fastkd.data.labels import MAX_CLASSES, parse_label
-from fastkd.data.shard_cache import ShardIdentity, ShardScan, cache_dir, read_cached, write_cached
+from fastkd.data.shard_cache import (
+    ObjectIdentity,
+    ShardIdentity,
+    ShardScan,
+    cache_dir,
+    read_cached,
+    write_cached,
+)
 from fastkd.data.shard_members import ShardMembers
-from fastkd.errors import DatasetError
+from fastkd.errors import DatasetError, ObjectChangedError, ShardChangedError
+from fastkd.storage import ObjectLocation, as_location
+from fastkd.storage.clients import fresh_process_context
+from fastkd.storage.options import SCHEMES, URL
+from fastkd.storage.ranges import ObjectReader
+
+Shard = Path | ObjectLocation  # a local (or mounted) shard, or one on object storage
 
 SHARD_SUFFIX = ".tar"
 COMPRESSED_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
@@ -77,13 +96,22 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
     return "{" in text and not os.path.exists(text) and list(braceexpand(text)) != [text]
 
 
-def expand_shards(spec: str | os.PathLike) -> list[Path]:
-    """The shard paths of a spec, in order; every one an existing uncompressed ``.tar``."""
+def is_remote_spec(spec: str | os.PathLike) -> bool:
+    """Whether a data spec is a URL of object storage fastkd reads (``s3://``)."""
+    match = URL.match(spec) if isinstance(spec, str) else None
+    return match is not None and match[1].lower() in SCHEMES
+
+
+def expand_shards(spec: str | os.PathLike) -> list[Shard]:
+    """The shards of a spec, in order, each an uncompressed ``.tar``: local paths that exist,
+    or objects (whether each exists is asked when it is indexed: ``_identities``)."""
     text = os.fspath(spec)
-    if _STREAM.match(text):
+    remote = is_remote_spec(text)
+    if _STREAM.match(text) and not remote:
         raise DatasetError(
-            f"data spec {text!r} is a stream: fastkd reads shard members by offset from local "
-            "(or mounted) .tar files; copy or mount the shards and give their paths"
+            f"data spec {text!r} is a stream: fastkd reads shard members by offset, from local "
+            f"(or mounted) .tar files or from {', '.join(s + '://' for s in SCHEMES)} objects; "
+            "copy or mount the shards and give their paths"
         )
     names = list(braceexpand(text))
     compressed = [n for n in names if n.lower().endswith(COMPRESSED_SUFFIXES)]
@@ -102,6 +130,8 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     repeated = [n for n, count in Counter(names).items() if count > 1]
     if repeated:
         raise DatasetError(f"data spec {text!r} names shard {repeated[0]} more than once")
+    if remote:
+        return [as_location(name) for name in names]
     missing = [n for n in names if not os.path.isfile(n)]
     if missing:
         raise DatasetError(
@@ -125,11 +155,11 @@ class _Sample:
     label: _Member | None = None
 
 
-def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMembers]:
+def index_shards(shards: Sequence[Shard]) -> tuple[list[str], np.ndarray, ShardMembers]:
     """(keys, labels int64 [n], members) of the shards' samples, shard by shard, each shard's
     in member order; a key in two shards, or one without exactly one image and one integer
     ``cls``, is refused naming its shard."""
-    scans = _scan_all(shards)
+    scans, identities = _scan_all(shards)
     keys = [key for scan in scans for key in scan.keys]
     where = np.repeat(np.arange(len(shards), dtype=np.int32), [len(scan.keys) for scan in scans])
     if len(set(keys)) != len(keys):  # a shard's keys are unique (its scan's): two shards share one
@@ -152,34 +182,71 @@ def index_shards(shards: Sequence[Path]) -> tuple[list[str], np.ndarray, ShardMe
         offset=np.concatenate([scan.offsets for scan in scans]),
         size=np.concatenate([scan.sizes for scan in scans]),
         member=tuple(name for scan in scans for name in scan.names),
+        versions=tuple(getattr(identity, "etag", None) for identity in identities),
     )
     return keys, np.concatenate([scan.labels for scan in scans]), members
 
 
-def _scan_all(shards: Sequence[Path]) -> list[ShardScan]:
-    """Every shard's scan, in order: from the cache, else parsed (and cached). ``tarfile`` parses
-    a header in Python (about 30-60 us a member: a minute for ImageNet's 2.6 million members on
-    one core), so large data sets are scanned in processes, one shard each; small ones in threads
-    (no process start-up)."""
+def _scan_all(
+    shards: Sequence[Shard],
+) -> tuple[list[ShardScan], list[ObjectIdentity | None]]:
+    """Every shard's scan, in order, and the identity of each remote one (None: local): from
+    the cache, else parsed (and cached). ``tarfile`` parses a header in Python (about 30-60 us
+    a member: a minute for ImageNet's 2.6 million members on one core), so large data sets are
+    scanned in processes, one shard each; small ones in threads (no process start-up)."""
     cache = cache_dir()
-    scans = [_bounded(read_cached(cache, shard)) for shard in shards]
-    todo = [shard for shard, scan in zip(shards, scans, strict=True) if scan is None]
+    identities = _identities(shards)
+    scans = [
+        _bounded(read_cached(cache, shard if identity is None else identity))
+        for shard, identity in zip(shards, identities, strict=True)
+    ]
+    todo = [
+        (shard, identity)
+        for shard, identity, scan in zip(shards, identities, scans, strict=True)
+        if scan is None
+    ]
     if not todo:
-        return scans
+        return scans, identities
     work = functools.partial(_scan_and_cache, cache=cache)
     processes = min(len(todo), _scan_cores(), _MAX_PROCESSES)
-    if processes > 1 and sum(os.path.getsize(shard) for shard in todo) >= _PROCESS_BYTES:
-        context = multiprocessing.get_context()  # the platform's default, as DataLoader's
+    size = sum(os.path.getsize(s) if i is None else i.size for s, i in todo)
+    if processes > 1 and size >= _PROCESS_BYTES:
+        remote = any(identity is not None for _, identity in todo)  # obstore is not fork-safe
+        context = fresh_process_context() if remote else multiprocessing.get_context()
         with ProcessPoolExecutor(processes, mp_context=context) as pool:
-            done = list(pool.map(work, todo))
+            done = list(pool.map(work, *zip(*todo, strict=True)))
     else:
         with ThreadPoolExecutor(min(_IO_THREADS, len(todo))) as pool:
-            done = list(pool.map(work, todo))
+            done = list(pool.map(work, *zip(*todo, strict=True)))
     fresh = iter(scan for scan, _ in done)
     unwritten = [why for _, why in done if why is not None]
     if unwritten:
         log.debug("%d shard index(es) not cached in %s: %s", len(unwritten), cache, unwritten[0])
-    return [next(fresh) if scan is None else scan for scan in scans]
+    return [next(fresh) if scan is None else scan for scan in scans], identities
+
+
+def _identities(shards: Sequence[Shard]) -> list[ObjectIdentity | None]:
+    """Each remote shard's URL, size and ETag (one HEAD each, in threads), None for a local
+    one; a missing object is refused as a missing file is (``expand_shards``)."""
+    remote = [shard for shard in shards if isinstance(shard, ObjectLocation)]
+    if not remote:
+        return [None] * len(shards)
+
+    def head(shard: ObjectLocation) -> ObjectIdentity | None:
+        try:
+            return ObjectIdentity.of(shard)
+        except FileNotFoundError:
+            return None
+
+    with ThreadPoolExecutor(min(_IO_THREADS, len(remote))) as pool:
+        found = dict(zip(remote, pool.map(head, remote), strict=True))
+    missing = [shard for shard, identity in found.items() if identity is None]
+    if missing:
+        raise DatasetError(
+            f"shard {missing[0]} does not exist ({len(missing)} of the {len(shards)} shards "
+            "are missing)"
+        )
+    return [found.get(shard) if isinstance(shard, ObjectLocation) else None for shard in shards]
 
 
 def _bounded(scan: ShardScan | None) -> ShardScan | None:
@@ -198,9 +265,15 @@ def _scan_cores() -> int:
     return max(1, (cores or 1) // max(1, int(ranks) if ranks.isdigit() else 1))
 
 
-def _scan_and_cache(shard: Path, cache: Path | None) -> tuple[ShardScan, str | None]:
+def _scan_and_cache(
+    shard: Shard, remote: ObjectIdentity | None, cache: Path | None
+) -> tuple[ShardScan, str | None]:
     """The shard's scan, and why it was not cached where the cache failed (the caller logs it
-    once). Only a clean scan of a shard that did not change while it was read is cached."""
+    once). Only a clean scan of a shard that did not change while it was read is cached (a
+    remote one's reads are all of the ETag ``remote`` names)."""
+    if remote is not None:
+        scan = _scan_shard(shard, remote)
+        return scan, None if cache is None else write_cached(cache, remote, scan)
     identity = ShardIdentity.of(shard)
     scan = _scan_shard(shard)
     if cache is None or ShardIdentity.of(shard) != identity:
@@ -208,9 +281,22 @@ def _scan_and_cache(shard: Path, cache: Path | None) -> tuple[ShardScan, str | N
     return scan, write_cached(cache, identity, scan)
 
 
-def _scan_shard(shard: Path) -> ShardScan:
-    """One shard's samples (key, image member, class index), in the order of the images."""
-    with open(shard, "rb") as file:
+def _scan_shard(shard: Shard, remote: ObjectIdentity | None = None) -> ShardScan:
+    """One shard's samples (key, image member, class index), in the order of the images; a
+    remote one's (``remote``: its identity) read in windows of that ETag only."""
+    if remote is None:
+        return _scan_file(shard, open(shard, "rb"))  # closed by _scan_file
+    try:
+        return _scan_file(shard, ObjectReader(shard, remote.size, remote.etag))
+    except ObjectChangedError:
+        raise ShardChangedError(
+            f"shard {shard} changed while it was being indexed; open the data again"
+        ) from None
+
+
+def _scan_file(shard: Shard, opened: BinaryIO | ObjectReader) -> ShardScan:
+    """``_scan_shard`` of a shard opened (and closed here)."""
+    with opened as file:
         head = file.read(6)
         kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
         if kind is not None:
@@ -218,14 +304,15 @@ def _scan_shard(shard: Path) -> ShardScan:
                 f"shard {shard} is {kind}-compressed: its members cannot be read by offset; "
                 "store the shards as plain .tar"
             )
-        end = os.fstat(file.fileno()).st_size
+        end = file.size if isinstance(file, ObjectReader) else os.fstat(file.fileno()).st_size
         file.seek(0)
         samples: dict[str, _Sample] = {}
         dotted: dict[str, str] = {}
+        texts: dict[int, bytes] = {}  # label member offset -> its bytes, read on the walk
         try:
-            with tarfile.open(fileobj=file, mode="r:") as tar:
+            with tarfile.open(fileobj=file, mode="r:") as tar:  # type: ignore[call-overload]
                 for info in tar:
-                    _add_member(shard, info, samples, dotted, end)
+                    _add_member(shard, info, samples, dotted, end, texts, file)
                 archive_end = tar.offset
         except tarfile.TarError as error:
             raise DatasetError(
@@ -239,19 +326,22 @@ def _scan_shard(shard: Path) -> ShardScan:
             names=[image.name for image in images],
             offsets=np.asarray([image.offset for image in images], dtype=np.int64),
             sizes=np.asarray([image.size for image in images], dtype=np.int64),
-            labels=np.asarray([_label(shard, s, file) for s in complete.values()], dtype=np.int64),
+            labels=np.asarray([_label(shard, s, texts) for s in complete.values()], dtype=np.int64),
         )
 
 
 def _add_member(
-    shard: Path,
+    shard: Shard,
     info: tarfile.TarInfo,
     samples: dict[str, _Sample],
     dotted: dict[str, str],
     end: int,
+    texts: dict[int, bytes],
+    file: BinaryIO | ObjectReader,
 ) -> None:
     """File ``info`` under its key if it is an image or a label (WebDataset's grouping); note in
-    ``dotted`` a member that would be one but for a dot in its key (``img.0001.jpg``)."""
+    ``dotted`` a member that would be one but for a dot in its key (``img.0001.jpg``). A label's
+    bytes are read now, where the walk is (a remote shard's window holds them)."""
     name = info.name
     if not info.isreg() or ("/" not in name and name.startswith("__") and name.endswith("__")):
         return  # WebDataset skips these too
@@ -277,9 +367,14 @@ def _add_member(
         what = f"two .{_LABEL_FIELD} members" if slot == "label" else "two images"
         raise DatasetError(f"shard {shard}: key {key!r} has {what}: {held.name} and {info.name}")
     setattr(sample, slot, _Member(info.name, info.offset_data, info.size))
+    if slot == "label" and info.size <= _MAX_LABEL_BYTES:
+        file.seek(info.offset_data)  # tarfile seeks to the next header itself
+        texts[info.offset_data] = file.read(info.size)
 
 
-def _check_end_marker(shard: Path, file: BinaryIO, archive_end: int, end: int) -> None:
+def _check_end_marker(
+    shard: Shard, file: BinaryIO | ObjectReader, archive_end: int, end: int
+) -> None:
     """A tar ends with zero blocks; anything else after the last member means the shard was cut
     inside a header (``tarfile`` stops there without a word)."""
     file.seek(archive_end)
@@ -292,7 +387,7 @@ def _check_end_marker(shard: Path, file: BinaryIO, archive_end: int, end: int) -
 
 
 def _complete(
-    shard: Path, samples: dict[str, _Sample], dotted: dict[str, str]
+    shard: Shard, samples: dict[str, _Sample], dotted: dict[str, str]
 ) -> dict[str, _Sample]:
     """The samples in the order of their image members; a key without both members refused, and
     images or labels that a dot in their key hides from every sample (never dropped unsaid)."""
@@ -318,7 +413,7 @@ def _complete(
     return dict(sorted(samples.items(), key=lambda item: item[1].image.offset))
 
 
-def _label(shard: Path, sample: _Sample, file: BinaryIO) -> int:
+def _label(shard: Shard, sample: _Sample, texts: dict[int, bytes]) -> int:
     """The class index in the key's ``cls`` member (``fastkd.data.labels``' rule; whitespace
     and a UTF-8 BOM around it)."""
     if sample.label.size > _MAX_LABEL_BYTES:
@@ -326,6 +421,5 @@ def _label(shard: Path, sample: _Sample, file: BinaryIO) -> int:
             f"shard {shard}: {sample.label.name} holds {sample.label.size} bytes, not a class "
             "index (0, 1, 2, ... as text)"
         )
-    file.seek(sample.label.offset)
-    text = file.read(sample.label.size).decode("utf-8-sig", errors="replace")
+    text = texts[sample.label.offset].decode("utf-8-sig", errors="replace")
     return parse_label(text, f"{shard}:{sample.label.name}")

@@ -33,7 +33,7 @@ DEFAULT_TAIL_SAMPLES = 8  # draws per view of the sampled tail when --tail-sampl
 class DumpConfig:
     """Everything a dump needs; the CLI only fills this in."""
 
-    data: Path  # image folder, file list ("relative/path label" per line) or tar shards
+    data: Path | str  # image folder, file list ("relative/path label" per line), tar shards (s3://)
     models: Sequence[str]  # "[alias:]NAME[=CKPT]" per pool member
     out: Path | str  # the store: a folder, or an s3:// URL
     views: int = 8  # stored views per sample; view 0 is the eval view
@@ -94,7 +94,9 @@ class DumpConfig:
             raise ConfigError(f"--on-bad-image must be 'fail' or 'skip', got {self.on_bad_image!r}")
 
 
-def check_classes(dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path) -> None:
+def check_classes(
+    dataset: ImageDataset, pool: Sequence[LoadedModel], data: Path | str
+) -> None:
     """Every model must predict exactly the data set's classes."""
     for member in pool:
         if member.num_classes != dataset.num_classes:

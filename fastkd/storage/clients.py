@@ -1,8 +1,15 @@
 """obstore clients, one per (process, bucket, settings): made on first use in each process, since
-a client's runtime does not survive a fork (DataLoader workers, torchrun's children)."""
+a client's runtime does not survive a fork (DataLoader workers, torchrun's children).
+
+Nor does obstore's one tokio runtime (a process-wide static, its threads gone in a forked child,
+where the first request hangs; obstore does not detect it). So processes that use object storage
+after their parent has are started from a fresh interpreter (``fresh_process_context``).
+"""
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.context
 import os
 import threading
 from typing import Any
@@ -27,6 +34,15 @@ def prefixed_client(scheme: str, bucket: str, prefix: str, options: StorageOptio
         if client is None:
             client = _clients[key] = _make(bucket, prefix, options)
         return client
+
+
+def fresh_process_context() -> multiprocessing.context.BaseContext:
+    """A multiprocessing context whose children may use object storage: forkserver (a server
+    started fresh, before any request, forks the children), preloading what the data loaders'
+    workers import so each child starts quickly."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fastkd.data.batches"])
+    return context
 
 
 def _make(bucket: str, prefix: str, options: StorageOptions) -> Any:

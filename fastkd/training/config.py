@@ -35,10 +35,10 @@ class TrainConfig:
     usually want a larger lr; training from scratch needs one (e.g. Adam 1e-3).
     """
 
-    data: Path  # training images: image folder, file list or tar shards (fastkd.data.open_dataset)
+    data: Path | str  # training images: folder, file list, tar shards (s3:// URLs: str)
     data_root: Path | None = None  # root of a file list's paths (default: the list's folder)
     student: str | None = None  # [alias:]ARCH[=CKPT], its name its key in the store (all: None)
-    store: Path | str | None = None  # stored targets (a folder or an s3:// URL) (teachers="offline"); optional for the others
+    store: Path | str | None = None  # stored targets, folder or s3:// (teachers=offline); optional else
     models: tuple[str, ...] = ()  # pool member specs with checkpoints: live / joint / train_all
     members: tuple[str, ...] = ()  # store members that teach (default: all of them)
     teachers: Teachers = Teachers.OFFLINE
@@ -60,8 +60,8 @@ class TrainConfig:
     pretrained: bool = True  # student without checkpoint: timm's weights; False: from scratch
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs
     input_size: int | None = None  # the students' image side, over their data config's
-    val_data: Path | None = None  # held out from the training data: model selection
-    eval_data: Path | None = None  # the final report's data (default: val_data)
+    val_data: Path | str | None = None  # held out from the training data: model selection
+    eval_data: Path | str | None = None  # the final report's data (default: val_data)
     out_dir: Path = Path("runs/train")
     resume: bool = False
     overwrite: bool = False  # start over in a run folder that holds a run (never a user's folder)
@@ -201,7 +201,7 @@ class TrainConfig:
         return problems
 
     @property
-    def report_data(self) -> Path | None:
+    def report_data(self) -> Path | str | None:
         """The data of the final transfer report: ``eval_data``, else ``val_data``."""
         return self.eval_data or self.val_data
 

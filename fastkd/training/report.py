@@ -45,10 +45,15 @@ def control_config(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+def _resolved(data: Path | str) -> Path | str:
+    """A data spec to compare with another: a local path resolved, a URL as given."""
+    return data if isinstance(data, str) else data.resolve()
+
+
 def provenance(cfg: TrainConfig) -> dict:
     """What produced a report, as it states it: the data and its role, and the run's settings."""
-    val = None if cfg.val_data is None else cfg.val_data.resolve()
-    selected = val is not None and cfg.report_data.resolve() == val  # the same files, whatever flag
+    val = None if cfg.val_data is None else _resolved(cfg.val_data)
+    selected = val is not None and _resolved(cfg.report_data) == val  # the same files, whatever flag
     return {
         "data": str(cfg.report_data),
         "data_selected_the_weights": selected,
