@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from test_shards import write_shards
 from typer.testing import CliRunner
 
 import fastkd
@@ -78,20 +79,37 @@ def assert_same_arrays(a: zarr.Group, b: zarr.Group) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_store(digits_small, digit_pool, tmp_path_factory) -> Path:
+def local_shards(digits_small, tmp_path_factory) -> str:
+    """The 60 digits as WebDataset tar shards on local disk: their brace pattern."""
+    return write_shards(digits_small, tmp_path_factory.mktemp("s3-shards"))
+
+
+@pytest.fixture(scope="module")
+def local_store(local_shards, digit_pool, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("s3-reference") / "local.zarr"
-    run_cli(dump_args(digits_small, digit_pool, out))
+    run_cli(dump_args(local_shards, digit_pool, out))
     return out
 
 
+def upload_shards(server, bucket: str, pattern: str) -> str:
+    """The local shards in the bucket: their s3:// brace pattern."""
+    folder = Path(pattern).parent
+    for shard in sorted(folder.glob("*.tar")):
+        server.client().put_object(Bucket=bucket, Key=f"shards/{shard.name}", Body=shard.read_bytes())
+    return f"s3://{bucket}/shards/{Path(pattern).name}"
+
+
 def test_dump_inspect_repair_train_eval_on_s3(
-    s3, digits_small, digit_pool, local_store, tmp_path
+    s3, local_shards, digit_pool, local_store, tmp_path
 ) -> None:
+    """Shards and store in the bucket: the store equals the local dump of the local shards,
+    and training from it takes the local run's steps."""
     server, bucket = s3
+    data = upload_shards(server, bucket, local_shards)
     url = f"s3://{bucket}/stores/digits.zarr"
     server.faults.fail(3, 503, method="PUT")  # a throttled start: retried, nothing lost
     server.faults.fail(2, "drop", method="GET")
-    run_cli(dump_args(digits_small, digit_pool, url))
+    run_cli(dump_args(data, digit_pool, url))
     assert server.faults.injected == 5
     group = remote_group(server, url)
     assert_same_arrays(group, zarr.open_group(local_store, mode="r"))
@@ -115,16 +133,18 @@ def test_dump_inspect_repair_train_eval_on_s3(
     out = run_cli(["inspect", url, "--verify", "--no-progress"], expect_code=2)
     assert f"block 2 (samples 16-23), file s3://{bucket}/{deleted}: missing" in out
     assert f"boxes, block 5 (samples 40-47), file s3://{bucket}/{flipped}" in out
-    run_cli(dump_args(digits_small, digit_pool, url, "--repair"))
+    run_cli(dump_args(data, digit_pool, url, "--repair"))
     assert "verified" in run_cli(["inspect", url, "--verify", "--no-progress"])
     assert_same_arrays(remote_group(server, url), zarr.open_group(local_store, mode="r"))
 
     # Training reads the remote store as it reads the local one: the same steps, bit for bit.
-    common = ["--data", digits_small, "--student", digit_pool[0].spec, "--epochs", "1"]
+    common = ["--student", digit_pool[0].spec, "--epochs", "1"]
     common += ["--batch-size", "16", "--backend", "torch", "--workers", "0", "--device", "cpu"]
     common += ["--no-progress", "--seed", "1"]
-    run_cli(["train", *common, "--store", url, "--out", tmp_path / "remote"])
-    run_cli(["train", *common, "--store", local_store, "--out", tmp_path / "local"])
+    run_cli(["train", *common, "--data", data, "--store", url, "--out", tmp_path / "remote"])
+    run_cli(
+        ["train", *common, "--data", local_shards, "--store", local_store, "--out", tmp_path / "local"]
+    )
     import torch
 
     remote = torch.load(tmp_path / "remote" / "state.pt", weights_only=True)
@@ -135,9 +155,17 @@ def test_dump_inspect_repair_train_eval_on_s3(
     samples, views = np.arange(60), np.arange(60) % 2
     server.faults.clear()  # the Python API's storage options win over the environment's endpoint
     direct = {"endpoint": server.moto_endpoint, "max_retries": "2"}
-    opened = fastkd.open_store(url, digits_small, storage_options=direct)
+    opened = fastkd.open_store(url, local_shards, storage_options=direct)
     assert opened.location.options.as_dict()["endpoint"] == server.moto_endpoint
     assert opened.keys and server.faults.requests == 0  # nothing went through the proxy
+
+    # eval of the trained student on the shards in the bucket: the local shards' report
+    trained = f"{member}:{digit_pool[0].arch}={tmp_path / 'remote' / (member + '.pt')}"
+    for where, shards in (("eval-remote", data), ("eval-local", local_shards)):
+        evaluate = ["eval", "--data", shards, "--model", trained, "--backend", "torch"]
+        run_cli([*evaluate, "--out", tmp_path / where])
+    report = (tmp_path / "eval-remote" / "report.json").read_text()
+    assert report == (tmp_path / "eval-local" / "report.json").read_text()
     remote_rows = StoreReader(url).read(member, samples, views)
     local_rows = StoreReader(local_store).read(member, samples, views)
     for field in dataclasses.fields(local_rows):
@@ -146,11 +174,12 @@ def test_dump_inspect_repair_train_eval_on_s3(
 
 
 def test_killed_dump_resumes_on_s3_and_a_second_writer_is_refused(
-    s3, digits_small, digit_pool, local_store
+    s3, local_shards, digit_pool, local_store
 ) -> None:
     server, bucket = s3
+    data = upload_shards(server, bucket, local_shards)
     url = f"s3://{bucket}/killed.zarr"
-    args = [str(a) for a in dump_args(digits_small, digit_pool, url)]
+    args = [str(a) for a in dump_args(data, digit_pool, url)]
     child = subprocess.Popen(
         [sys.executable, "-m", "fastkd.cli.main", *args],
         stdout=subprocess.DEVNULL,
@@ -170,7 +199,7 @@ def test_killed_dump_resumes_on_s3_and_a_second_writer_is_refused(
             time.sleep(0.02)
         child.send_signal(signal.SIGSTOP)  # alive and holding its claim (a conditional PUT)
         assert child.poll() is None, f"the dump ended before it was stopped: {child.stderr.read()}"
-        refused = run_cli(dump_args(digits_small, digit_pool, url), expect_code=2)
+        refused = run_cli(dump_args(data, digit_pool, url), expect_code=2)
         assert "overlaps the live claim" in refused and f"pid {child.pid}" in refused
         assert f"s3://{bucket}/killed.zarr/.fastkd/claims/" in refused  # what to delete, by URL
     finally:
@@ -178,7 +207,7 @@ def test_killed_dump_resumes_on_s3_and_a_second_writer_is_refused(
         child.wait(timeout=30)
     done = remote_group(server, url)["blocks_done"][:]
     assert 0 < done.sum() < len(done)
-    run_cli(dump_args(digits_small, digit_pool, url))  # resumes; the dead claim is removed
+    run_cli(dump_args(data, digit_pool, url))  # resumes; the dead claim is removed
     assert_same_arrays(remote_group(server, url), zarr.open_group(local_store, mode="r"))
     claims = server.client().list_objects_v2(Bucket=bucket, Prefix="killed.zarr/.fastkd/claims/")
     assert claims.get("KeyCount", 0) == 0
