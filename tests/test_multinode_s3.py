@@ -1,5 +1,6 @@
-"""Two torchrun "nodes" on the loopback address share nothing but an S3 bucket (moto's server):
-together they dump one store into it, then train from it with DDP (gloo, one process each).
+"""Two torchrun "nodes" on the loopback address share nothing but an S3 bucket (moto's server),
+which holds the data as tar shards: together they dump one store into it, then train from it
+with DDP (gloo, one process each).
 
 The store equals a single-process dump's bit for bit; the trained weights equal a single-process
 run's to the tolerance of the DDP test (test_ddp.py): fp32 all-reduce order, 6 steps of SGD.
@@ -16,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_shards import write_tar
 from training_pool import make_pool
 
+from fastkd.data import open_dataset
 from fastkd.store import StoreReader
 from fastkd.training import TrainConfig, train
 
@@ -29,6 +32,23 @@ DUMP += ["--workers", "0", "--device", "cpu", "--no-progress"]
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     return make_pool(tmp_path_factory.mktemp("multinode-pool"))
+
+
+def shards_in_bucket(server, bucket: str, file_list, folder) -> tuple[str, str]:
+    """The file list's images as 3 tar shards, locally and in the bucket: both brace patterns."""
+    dataset = open_dataset(file_list)
+    folder.mkdir()
+    cuts = np.linspace(0, len(dataset), 4).astype(int)
+    for index in range(3):
+        members = []
+        for sample in range(cuts[index], cuts[index + 1]):
+            key = dataset.keys[sample].removesuffix(".png")
+            image = (file_list.parent / dataset.keys[sample]).read_bytes()
+            members += [(f"{key}.png", image), (f"{key}.cls", str(dataset.labels[sample]).encode())]
+        shard = write_tar(folder / f"train-{index:06d}.tar", members)
+        server.client().put_object(Bucket=bucket, Key=f"data/{shard.name}", Body=shard.read_bytes())
+    pattern = "train-{000000..000002}.tar"
+    return f"s3://{bucket}/data/{pattern}", str(folder / pattern)
 
 
 def free_port() -> int:
@@ -62,13 +82,14 @@ def two_nodes(args: list[str], tmp_path, name: str) -> None:
 
 
 def test_two_nodes_dump_and_train_through_one_bucket(s3, pool, tmp_path):
-    _, bucket = s3
+    server, bucket = s3
+    data, local_data = shards_in_bucket(server, bucket, pool.train, tmp_path / "shards")
     url = f"s3://{bucket}/pool/store.zarr"
     models = [arg for name in ("a", "b") for arg in ("--model", pool.specs[name])]
-    two_nodes(["dump", "--data", str(pool.train), *models, "--out", url, *DUMP], tmp_path, "dump")
+    two_nodes(["dump", "--data", data, *models, "--out", url, *DUMP], tmp_path, "dump")
 
     single = tmp_path / "single.zarr"
-    command = [sys.executable, "-m", "fastkd.cli.main", "dump", "--data", str(pool.train)]
+    command = [sys.executable, "-m", "fastkd.cli.main", "dump", "--data", local_data]
     done = subprocess.run(
         [*command, *models, "--out", str(single), *DUMP],
         capture_output=True,
@@ -92,7 +113,7 @@ def test_two_nodes_dump_and_train_through_one_bucket(s3, pool, tmp_path):
     assert remote_group.attrs["fastkd_status"]["complete"] is True
 
     options = {
-        "--data": pool.train,
+        "--data": data,
         "--store": url,
         "--student": pool.specs["s"],
         "--epochs": 2,
@@ -108,7 +129,7 @@ def test_two_nodes_dump_and_train_through_one_bucket(s3, pool, tmp_path):
     two_nodes(args, tmp_path, "train")
     one = train(
         TrainConfig(
-            data=pool.train,
+            data=local_data,
             store=single,
             student=pool.specs["s"],
             epochs=2,
