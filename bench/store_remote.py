@@ -5,8 +5,8 @@ bucket; a fresh reader then reads a shuffled epoch of (sample, view) rows from e
 does, with 1, 8 and 32 block reads in flight for the remote one (``--storage-option
 concurrency=N``). The cold epoch is what object storage costs: every block is fetched and
 decoded once, later epochs read the in-memory block cache either way. ``moto`` starts moto's
-S3 server on 127.0.0.1 (in this process: its threads share the cores with the reader, so the
-figure is a floor of what a separate server gives); an ``s3://`` URL uses a real server,
+S3 server on 127.0.0.1 in a process of its own (a Python server: its requests/s are the ceiling
+here, and it shares the machine's cores with the reader); an ``s3://`` URL uses a real server,
 reached by the standard AWS environment variables.
 """
 
@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -39,28 +42,40 @@ def s3_prefix(remote: str) -> Iterator[tuple[str, dict[str, str], str]]:
         return
     try:
         import boto3
-        from moto.server import ThreadedMotoServer
+        import moto.server  # noqa: F401  (the server's package, run below as a process)
     except ImportError:
         raise ConfigError("--remote moto needs moto's server: pip install 'moto[server]'") from None
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
     keys = {"access_key_id": "bench", "secret_access_key": "bench", "region": "us-east-1"}
-    boto3.client(
+    client = boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id="bench",
         aws_secret_access_key="bench",
         region_name="us-east-1",
-    ).create_bucket(Bucket="fastkd-bench")
+    )
     try:
-        yield "s3://fastkd-bench/store", {"endpoint": endpoint, **keys}, "moto (in process)"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="fastkd-bench")
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield "s3://fastkd-bench/store", {"endpoint": endpoint, **keys}, "moto (own process)"
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def cold_epoch(reader: StoreReader, model: str, batch: int, seed: int) -> dict:
