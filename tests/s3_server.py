@@ -32,6 +32,7 @@ class Faults:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     injected: int = 0
     requests: int = 0
+    access_keys: set[str] = field(default_factory=set)  # the key ids requests were signed with
 
     def fail(self, count: int, kind: int | str = 503, method: str = ".*", path: str = ".*") -> None:
         with self._lock:
@@ -42,6 +43,7 @@ class Faults:
         with self._lock:
             self._rules.clear()
             self.injected = self.requests = 0
+            self.access_keys.clear()
 
     def take(self, method: str, path: str) -> int | str | None:
         with self._lock:
@@ -69,6 +71,9 @@ class _Proxy(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        signed = re.search(r"Credential=([^/]+)/", self.headers.get("Authorization") or "")
+        if signed:
+            self.server.faults.access_keys.add(signed[1])
         fault = self.server.faults.take(self.command, self.path)
         if fault == "drop":
             self.close_connection = True

@@ -90,6 +90,10 @@ def test_options_checked_and_secrets_hidden():
     assert options.as_dict() == {"secret_access_key": "hunter2", "endpoint": "http://h:1"}
     assert "hunter2" not in str(options.redacted())
     assert options.client_options() == {"allow_http": True}
+    bad = as_location("s3://bucket/x", ["secret_access_key=hunter2", "timeout=notatime"])
+    with pytest.raises(ConfigError, match=r"'secret_access_key': '\*\*\*'") as refused:
+        bad.read_bytes()  # a client that cannot be set up names its settings, never the secret
+    assert "hunter2" not in str(refused.value)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         StorageOptions.parse(["nokey"])
     with pytest.raises(ConfigError, match="unknown setting"):
@@ -107,3 +111,24 @@ def test_what_a_user_passes(tmp_path):
         as_location("gs://bucket/key")
     with pytest.raises(ConfigError, match="no bucket"):
         as_location("s3:///key")
+
+
+def test_credentials_from_a_profile(s3, tmp_path, monkeypatch):
+    """AWS_PROFILE picks a profile of the shared credentials file (through boto3), as the AWS
+    CLI does; the requests are signed with its key, not the environment's."""
+    pytest.importorskip("boto3")
+    server, bucket = s3
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[fastkd-test]\naws_access_key_id = PROFILEKEY\naws_secret_access_key = secret\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_PROFILE", "fastkd-test")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    as_location(f"s3://{bucket}/profiled.bin").write_bytes(b"x")
+    assert server.faults.access_keys == {"PROFILEKEY"}
+    server.faults.clear()
+    as_location(f"s3://{bucket}/profiled.bin", ["profile=fastkd-test"]).read_bytes()
+    assert server.faults.access_keys == {"PROFILEKEY"}
