@@ -90,8 +90,9 @@ def test_options_checked_and_secrets_hidden():
     assert options.as_dict() == {"secret_access_key": "hunter2", "endpoint": "http://h:1"}
     assert "hunter2" not in str(options.redacted())
     assert options.client_options() == {"allow_http": True}
-    bad = as_location("s3://bucket/x", ["secret_access_key=hunter2", "timeout=notatime"])
-    with pytest.raises(ConfigError, match=r"'secret_access_key': '\*\*\*'") as refused:
+    settings = ["access_key_id=a", "secret_access_key=hunter2", "endpoint=http://127.0.0.1:9"]
+    bad = as_location("s3://bucket/x", [*settings, "timeout=notatime"])  # refused before a request
+    with pytest.raises(ConfigError, match=r"'secret_access_key': '\*\*\*'.*notatime") as refused:
         bad.read_bytes()  # a client that cannot be set up names its settings, never the secret
     assert "hunter2" not in str(refused.value)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
