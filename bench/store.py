@@ -260,7 +260,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
 def _main_remote(args: argparse.Namespace) -> None:
     from fastkd.bench.store_remote import remote_reads
 
-    samples = min(args.samples, 32768)  # a few minutes of writing through a local server
+    samples = min(args.samples, 32768)  # a minute of writing through a local server
+    if samples < args.samples:
+        print(f"the remote case writes at most 32,768 samples: {samples} of --samples {args.samples}")
     reads = remote_reads(
         args.remote, samples, args.views, args.classes, args.noise, args.batch, args.seed
     )

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fastkd.errors import USER_ERROR_EXIT, BadImageError, FastKDError, find_cause, is_disk_full
+from fastkd.storage.location import storage_failure
 
 R = TypeVar("R")
 USER_ERRORS = (FastKDError, OSError)
@@ -67,7 +68,7 @@ def guarded(command: Callable[..., R]) -> Callable[..., R]:
             except _FLOW:
                 raise
             except Exception as error:
-                found = find_cause(error, USER_ERRORS)
+                found = find_cause(error, USER_ERRORS) or storage_failure(error)
                 if found is None:
                     raise
                 _print("error: ", "bold red", describe(found, error, context))

@@ -61,7 +61,7 @@ def two_nodes(args: list[str], tmp_path, name: str) -> None:
     """``fastkd ARGS`` as a torchrun job of two nodes of one process each, rendezvous (c10d) and
     gloo on 127.0.0.1; each node a separate torchrun, as on a cluster."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # a log line stays one line
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     nodes = []
     for rank in range(2):
@@ -101,6 +101,9 @@ def test_two_nodes_dump_and_train_through_one_bucket(s3, pool, tmp_path):
     remote, local = StoreReader(url), StoreReader(single)
     assert remote.manifest == local.manifest
     assert remote.layout.num_blocks == 6  # 47 samples: each node wrote 3 blocks
+    for rank in range(2):
+        log = (tmp_path / f"dump-node{rank}.log").read_text()
+        assert f"part {rank}/2: 3 blocks to write" in log, log[-2000:]
     local_group = zarr.open_group(single, mode="r")
     remote_group = remote._group
     for name, array in local_group.arrays():

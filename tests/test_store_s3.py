@@ -135,6 +135,14 @@ def test_dump_inspect_repair_train_eval_on_s3(
     assert f"boxes, block 5 (samples 40-47), file s3://{bucket}/{flipped}" in out
     run_cli(dump_args(data, digit_pool, url, "--repair"))
     assert "verified" in run_cli(["inspect", url, "--verify", "--no-progress"])
+
+    # A server that stops answering is named as such, never taken for damaged blocks.
+    server.faults.fail(10_000, 503, method="GET", path=r"/c/")
+    impatient = ["--storage-option", "max_retries=1", "--storage-option", "init_backoff=0.01"]
+    out = run_cli(["inspect", url, "--verify", "--no-progress", *impatient], expect_code=2)
+    assert "503" in out and f"{bucket}/stores/digits.zarr" in out, out
+    assert "damaged" not in out and "--repair" not in out, out
+    server.faults.clear()
     assert_same_arrays(remote_group(server, url), zarr.open_group(local_store, mode="r"))
 
     # Training reads the remote store as it reads the local one: the same steps, bit for bit.

@@ -274,7 +274,12 @@ def _unwrapped(error: FastKDError) -> FastKDError:
         return error
     name = type(error).__name__
     lines = [line for line in text.splitlines() if line.split(": ", 1)[0].endswith(name)]
-    return type(error)(lines[-1].split(": ", 1)[1]) if lines else error
+    if not lines:
+        return error
+    try:
+        return type(error)(lines[-1].split(": ", 1)[1])
+    except TypeError:  # an error class with its own arguments (ObjectChangedError): as it came
+        return error
 
 
 def _as_loaded(batch: Any) -> Any:

@@ -41,6 +41,7 @@ from fastkd.hashing import content_hash
 log = logging.getLogger(__name__)
 
 _IO_THREADS = 16  # header reads and stats are I/O bound: more threads than cores
+_REMOTE_HASH_BATCH = 256  # members of remote shards read at once to hash them (--repair)
 
 
 @dataclass
@@ -196,11 +197,21 @@ def _header_size(source: Path | BinaryIO, name: str) -> tuple[tuple[int, int], s
 
 def content_hashes(dataset: ImageDataset, samples: Sequence[int]) -> list[int | None]:
     """The content hash (``fastkd.hashing``) of each sample's file as it is now, None where it
-    cannot be read: what the loaders record as they read (threads; I/O bound)."""
+    cannot be read: what the loaders record as they read (threads; I/O bound). Shards on object
+    storage are read a batch at a time (``read_many``); a storage failure or a rewritten shard
+    is raised, never taken for a changed file."""
+    if dataset.members is not None and dataset.members.is_remote:
+        hashes: list[int | None] = []
+        for start in range(0, len(samples), _REMOTE_HASH_BATCH):
+            batch = dataset.read_many(samples[start : start + _REMOTE_HASH_BATCH])
+            hashes += [None if isinstance(b, OSError) else content_hash(b) for b in batch]
+        return hashes
 
     def one(sample: int) -> int | None:
         try:
             return content_hash(dataset.read_bytes(sample))
+        except StorageError:
+            raise
         except OSError:
             return None
 

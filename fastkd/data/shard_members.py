@@ -58,7 +58,10 @@ class ShardMembers:
         and forked DataLoader workers read side by side."""
         path, offset, size = self.shards[self.shard[sample]], *self._span(sample)
         if isinstance(path, ObjectLocation):
-            return self.read_many([sample])[0]  # type: ignore[return-value]
+            (data,) = self.read_many([sample])
+            if isinstance(data, OSError):  # a cut member: raised, as a local shard's
+                raise data
+            return data
         fd = os.open(path, os.O_RDONLY)
         try:
             parts = [os.pread(fd, size, offset)]

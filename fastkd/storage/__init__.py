@@ -14,6 +14,7 @@ from fastkd.storage.location import (
     ObjectLocation,
     as_location,
     local_or_url,
+    storage_failure,
 )
 from fastkd.storage.options import StorageOptions, configure, is_url, split_url
 
@@ -28,4 +29,5 @@ __all__ = [
     "is_url",
     "local_or_url",
     "split_url",
+    "storage_failure",
 ]

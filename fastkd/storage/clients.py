@@ -54,8 +54,12 @@ def _make(bucket: str, prefix: str, options: StorageOptions) -> Any:
         "retry_config": options.retry_config(),
     }
     profile = options.profile()
-    if profile:
-        kwargs["credential_provider"] = _profile_credentials(profile)
+    if profile and not (os.environ.get("AWS_ACCESS_KEY_ID") and "profile" not in options.as_dict()):
+        provider, region = _profile_credentials(profile)
+        kwargs["credential_provider"] = provider
+        has_region = any(os.environ.get(k) for k in ("AWS_REGION", "AWS_DEFAULT_REGION"))
+        if region and "region" not in kwargs["config"] and not has_region:
+            kwargs["config"] = {**kwargs["config"], "region": region}  # the profile's, as the CLI
     try:
         return S3Store(bucket, prefix=prefix or None, **kwargs)
     except BaseException as error:  # obstore raises config errors as panics, too
@@ -67,8 +71,9 @@ def _make(bucket: str, prefix: str, options: StorageOptions) -> Any:
         ) from None
 
 
-def _profile_credentials(profile: str) -> Any:
-    """An AWS profile's credentials, resolved by boto3 as the AWS CLI does."""
+def _profile_credentials(profile: str) -> tuple[Any, str | None]:
+    """An AWS profile's credentials and region, resolved by boto3 as the AWS CLI does (keys in
+    the environment win over ``AWS_PROFILE``, as there; a ``profile=`` option over both)."""
     try:
         import boto3
         from obstore.auth.boto3 import Boto3CredentialProvider
@@ -77,4 +82,5 @@ def _profile_credentials(profile: str) -> Any:
             f"AWS profile {profile!r}: reading ~/.aws profiles needs boto3 (pip install boto3); "
             "or set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
         ) from None
-    return Boto3CredentialProvider(boto3.Session(profile_name=profile))
+    session = boto3.Session(profile_name=profile)
+    return Boto3CredentialProvider(session), session.region_name

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -63,6 +64,15 @@ class Location(ABC):
     @abstractmethod
     def create(self, data: bytes) -> bool:
         """Write the file only if none is here; False (nothing written) when one is."""
+
+    @abstractmethod
+    def read_versioned(self) -> tuple[bytes, str]:
+        """The whole file and the version read; ``FileNotFoundError`` when there is none."""
+
+    @abstractmethod
+    def take_over(self, version: str, data: bytes) -> bool:
+        """Replace the file with ``data`` only if it is still at ``version``: of writers that
+        read one stale lock, one wins (object storage: a conditional PUT on the ETag)."""
 
     @abstractmethod
     def delete(self) -> None:
@@ -145,6 +155,21 @@ class LocalLocation(Location):
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         return True
+
+    def read_versioned(self) -> tuple[bytes, str]:
+        version = self.info().version
+        return self.path.read_bytes(), version
+
+    def take_over(self, version: str, data: bytes) -> bool:
+        """Locally the check and the replacement are two steps (a rename would change the
+        ctime the version holds); one host's pid check makes two breakers of one lock rare."""
+        try:
+            if self.info().version != version:
+                return False
+        except FileNotFoundError:
+            return False
+        self.delete()
+        return self.create(data)
 
     def delete(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -245,8 +270,8 @@ class ObjectLocation(Location):
             raise FileNotFoundError(f"{self.url}: no such object") from None
         except (oe.BaseError, OSError, RuntimeError) as error:
             raise StorageError(
-                f"{self.url}: {what} failed after obstore's retries "
-                f"(up to {self.options.retry_config()['max_retries']} per request): "
+                f"{self.url}: {what} failed (transient errors are retried, up to "
+                f"{self.options.retry_config()['max_retries']} times a request): "
                 f"{_first_line(error)}"
             ) from error
 
@@ -288,6 +313,28 @@ class ObjectLocation(Location):
             return True
 
         return self._call("create-if-absent", put)
+
+    def read_versioned(self) -> tuple[bytes, str]:
+        import obstore
+
+        def get() -> tuple[bytes, str]:
+            result = obstore.get(self.client, self.key)
+            return result.bytes().to_bytes(), str(result.meta.get("e_tag") or "")
+
+        return self._call("read", get)
+
+    def take_over(self, version: str, data: bytes) -> bool:
+        import obstore
+        import obstore.exceptions as oe
+
+        def put() -> bool:
+            try:
+                obstore.put(self.client, self.key, data, mode={"e_tag": version})
+            except (oe.PreconditionError, oe.NotFoundError, FileNotFoundError):
+                return False
+            return True
+
+        return self._call("conditional replace", put)
 
     def delete(self) -> None:
         import obstore
@@ -343,6 +390,29 @@ class ObjectLocation(Location):
 
         client = prefixed_client(self.scheme, self.bucket, self.key, self.options)
         return ObjectStore(client, read_only=read_only)
+
+
+def storage_failure(error: BaseException) -> StorageError | None:
+    """The object storage failure behind ``error`` (an obstore error that zarr passed on, as it
+    does, or a ``StorageError``), as a ``StorageError`` naming the request; None for any other
+    error. A missing object is no failure of the storage: None too. So a store's reader never
+    takes a server that stopped answering for a damaged block."""
+    from fastkd.errors import find_cause
+
+    found = find_cause(error, StorageError)
+    if found is not None:
+        return found  # type: ignore[return-value]
+    exceptions = sys.modules.get("obstore.exceptions")  # never loaded: no object storage used
+    if exceptions is None:
+        return None
+    found = find_cause(error, exceptions.BaseError)
+    if found is None or isinstance(found, exceptions.NotFoundError | FileNotFoundError):
+        return None
+    failure = StorageError(
+        f"object storage failed (transient errors are retried): {_first_line(found)}"
+    )
+    failure.__cause__ = found
+    return failure
 
 
 def _first_line(error: BaseException) -> str:

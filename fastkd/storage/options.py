@@ -26,15 +26,31 @@ URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 
 # obstore's S3Config keys (``aws_`` prefixed spellings are accepted too) and ClientConfig keys.
 S3_KEYS = frozenset(
-    ["access_key_id", "bucket", "checksum_algorithm", "conditional_put", "container_credentials_relative_uri", "container_credentials_full_uri", "container_authorization_token_file", "copy_if_not_exists", "default_region", "disable_tagging", "disable_bulk_delete", "endpoint", "metadata_endpoint", "region", "request_payer", "role_arn", "role_session_name", "secret_access_key", "server_side_encryption", "session_token", "skip_signature", "sse_bucket_key_enabled", "sse_kms_key_id", "sts_endpoint", "unsigned_payload", "virtual_hosted_style_request", "web_identity_token_file"]
+    [
+        "access_key_id", "bucket", "checksum_algorithm", "conditional_put",
+        "container_credentials_relative_uri", "container_credentials_full_uri",
+        "container_authorization_token_file", "copy_if_not_exists", "default_region",
+        "disable_tagging", "disable_bulk_delete", "endpoint", "metadata_endpoint", "region",
+        "request_payer", "role_arn", "role_session_name", "secret_access_key",
+        "server_side_encryption", "session_token", "skip_signature", "sse_bucket_key_enabled",
+        "sse_kms_key_id", "sts_endpoint", "unsigned_payload", "virtual_hosted_style_request",
+        "web_identity_token_file"
+    ]
 )
 CLIENT_KEYS = frozenset(
-    ["allow_http", "allow_invalid_certificates", "connect_timeout", "default_content_type", "http1_only", "http2_keep_alive_interval", "http2_keep_alive_timeout", "http2_keep_alive_while_idle", "http2_only", "pool_idle_timeout", "pool_max_idle_per_host", "proxy_url", "proxy_ca_certificate", "proxy_excludes", "randomize_addresses", "read_timeout", "timeout", "user_agent"]
+    [
+        "allow_http", "allow_invalid_certificates", "connect_timeout", "default_content_type",
+        "http1_only", "http2_keep_alive_interval", "http2_keep_alive_timeout",
+        "http2_keep_alive_while_idle", "http2_only", "pool_idle_timeout", "pool_max_idle_per_host",
+        "proxy_url", "proxy_ca_certificate", "proxy_excludes", "randomize_addresses",
+        "read_timeout", "timeout", "user_agent"
+    ]
 )
 RETRY_KEYS = frozenset({"max_retries", "retry_timeout", "init_backoff", "max_backoff"})
 OTHER_KEYS = frozenset({"profile", "concurrency"})
 ALIASES = {"endpoint_url": "endpoint", "region_name": "region", "token": "session_token"}
 SECRET = re.compile(r"secret|token|password|credential", re.IGNORECASE)
+USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^/@:]*:)[^/@]*@")  # scheme://user:PASSWORD@
 
 MAX_RETRIES = 10  # per request: a node that loses its network for a minute still finishes
 RETRY_TIMEOUT_S = 180.0  # a request is given up after retrying this long
@@ -111,8 +127,14 @@ class StorageOptions:
         return dict(self.values)
 
     def redacted(self) -> dict[str, str]:
-        """The settings as a message or a record may show them: secrets as ``***``."""
-        return {k: ("***" if SECRET.search(k) else v) for k, v in self.values}
+        """The settings as a message or a record may show them: secrets as ``***``, and so is
+        the password of a URL's user (``proxy_url=http://user:pw@host``)."""
+        return {
+            k: "***" if SECRET.search(k) else USERINFO.sub(r"\1***@", v) for k, v in self.values
+        }
+
+    def __repr__(self) -> str:  # a traceback or a log line never shows a secret
+        return f"StorageOptions({self.redacted()!r})"
 
     @property
     def concurrency(self) -> int:

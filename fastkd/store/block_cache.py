@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,10 @@ class BlockCache:
         if self._concurrency > 1 and len(jobs) > 1:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self._concurrency, "fastkd-block-read")
-            list(self._pool.map(self._read_into, jobs))  # raises the first job's error
+            futures = [self._pool.submit(self._read_into, job) for job in jobs]
+            wait(futures)  # all of them: none may write into a slot after this load failed
+            for future in futures:
+                future.result()  # the first job's error, if any
         else:
             for job in jobs:
                 self._read_into(job)

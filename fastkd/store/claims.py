@@ -78,11 +78,19 @@ class Holder:
 
     @classmethod
     def load(cls, path: Location) -> Holder | None:
-        """The holder in a lock or claim file; None when it vanished or is still being written.
+        """The holder in a lock or claim file; None when it vanished or is still being written."""
+        try:
+            return cls.parse(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Holder | None:
+        """The holder a lock or claim holds, None when it cannot be read (half written).
 
         Files written before the rename of ``shard`` to ``part`` are read too."""
         try:
-            values = json.loads(path.read_text())
+            values = json.loads(raw)
             values["part"] = tuple(values.pop("part") if "part" in values else values.pop("shard"))
             return cls(**values)
         except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
@@ -120,9 +128,14 @@ def creation_lock(store: Location, meta: Location, holder: Holder) -> Iterator[N
     lock = meta / "lock"
     deadline = time.monotonic() + LOCK_WAIT_S
     while not lock.create(holder.to_json()):
-        other = Holder.load(lock)
+        try:
+            raw, version = lock.read_versioned()
+        except FileNotFoundError:
+            continue  # released meanwhile: create it again
+        other = Holder.parse(raw)
         if other is not None and not other.is_live():
-            lock.delete()
+            if lock.take_over(version, holder.to_json()):
+                break  # of the writers that found it dead, this one took it
             continue
         if time.monotonic() > deadline:
             who = other.describe() if other else "a writer"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import zarr
 
 from fastkd.errors import StoreError
 from fastkd.hashing import content_hash
-from fastkd.storage import Location, ObjectLocation, as_location
+from fastkd.storage import Location, ObjectLocation, as_location, storage_failure
 from fastkd.store.arrays import BLOCK_HASHES, DONE_ARRAY, check_arrays, hashed_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_group, open_manifest
 
@@ -75,6 +74,9 @@ def read_block(
     try:
         values = array[samples[0] : samples[1]]
     except Exception as error:  # zarr's checksum, codec and I/O errors: all mean a bad shard
+        failure = storage_failure(error)
+        if failure is not None:  # but a server that stopped answering is no damaged block
+            raise failure from error
         reason = f"cannot be decoded ({type(error).__name__}: {error})"
         return None, BadBlock(name, block, samples, file, reason)
     if digest(values) == expected:
@@ -162,11 +164,18 @@ def verify_store(
 
     todo = done_blocks(done, blocks)
     workers = path.options.concurrency if isinstance(path, ObjectLocation) else 1
-    with ThreadPoolExecutor(workers, "fastkd-verify") if workers > 1 else nullcontext() as pool:
-        results = pool.map(check, todo) if pool is not None else map(check, todo)
-        for block, found_bad in zip(todo, results, strict=True):
+    if workers == 1:
+        for block in todo:
+            yield from check(block)
+            yield block
+        return
+    pool = ThreadPoolExecutor(workers, "fastkd-verify")
+    try:
+        for block, found_bad in zip(todo, pool.map(check, todo), strict=True):
             yield from found_bad
             yield block
+    finally:  # an error (or a caller that stops early) leaves no block being checked behind
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def done_blocks(done: np.ndarray, blocks: list[int] | None = None) -> list[int]:

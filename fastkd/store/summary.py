@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from fastkd.storage import Location, as_location
+from fastkd.storage import Location, as_location, storage_failure
 from fastkd.store.arrays import DONE_ARRAY, META_DIR, SHARED_ARRAYS, check_arrays
 from fastkd.store.encoding import model_arrays
 from fastkd.store.manifest import Manifest, StoreLayout, open_group, open_manifest
@@ -98,5 +98,8 @@ def _read_whole(group: zarr.Group, name: str) -> np.ndarray | None:
     store: ``integrity.check_store`` names the block)."""
     try:
         return group[name][:]
-    except Exception:  # zarr and its codecs raise many types for a damaged shard
+    except Exception as error:  # zarr and its codecs raise many types for a damaged shard
+        failure = storage_failure(error)
+        if failure is not None:  # a server that stopped answering: no damage to report
+            raise failure from error
         return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fastkd.errors import ConfigError, StorageError, StoreBusyError, StoreError
+from fastkd.errors import ConfigError, StoreBusyError, StoreError
 from fastkd.hashing import UNRECORDED
 from fastkd.storage import Location, as_location, local_or_url
 from fastkd.store.arrays import (
@@ -98,10 +98,12 @@ class StoreWriter:
         if path.exists():
             raise StoreError(f"{path} is a file, not a store directory")
         meta = path / META_DIR
+        # Contents first, the marker second: a rank that lists another's new marker also sees it.
+        occupied = path.has_contents()
         ours = (meta / STORE_MARKER).exists() or (
             not path.is_remote and Path(path).joinpath(META_DIR).is_dir()  # before the marker
         )
-        if not ours and path.has_contents():
+        if occupied and not ours:
             raise StoreError(f"{path} exists and is not a fastkd store; choose another output path")
         (meta / STORE_MARKER).create(b"a fastkd store: docs/store-format.md\n")
 
@@ -250,15 +252,15 @@ class StoreWriter:
     def _beat(self) -> None:
         holder = Holder.load(self._claim)
         while not self._stop.wait(HEARTBEAT_S):
-            if not self._claim.exists():
-                self._lost_claim = True
-                return
-            if holder is not None:
-                holder.heartbeat = time.time()
-                try:
+            try:
+                if not self._claim.exists():
+                    self._lost_claim = True
+                    return
+                if holder is not None:
+                    holder.heartbeat = time.time()
                     self._claim.write_bytes(holder.to_json())
-                except (OSError, StorageError):  # a full disk, a network out: beat again later
-                    continue
+            except OSError:  # a full disk, a network out (StorageError): beat again later
+                continue
 
     def close(self) -> None:
         """Release the claim; if every block is done, record the store as complete."""
