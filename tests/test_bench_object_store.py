@@ -1,4 +1,7 @@
-"""The object-storage choice benchmark runs: its --quick pass, end to end against moto."""
+"""The object-storage choice benchmark runs: its --quick pass, end to end against moto.
+
+It compares obstore with s3fs, which fastkd does not depend on: the test runs where a current
+s3fs is installed (``pip install s3fs``) and is skipped, saying so, elsewhere (CI)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ import pytest
 
 def test_object_store_choice_quick(tmp_path):
     pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
+    pytest.importorskip("s3fs", minversion="2024.1", reason="s3fs (>= 2024.1) is not installed")
     from fastkd.bench import object_store_choice
 
     out = tmp_path / "choice.json"

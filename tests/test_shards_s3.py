@@ -174,13 +174,13 @@ def test_persistent_faults_name_the_shard(s3, remote: str) -> None:
     fastkd.storage.configure([*FAST_RETRIES, "max_retries=1"])
     second = remote.split("{")[0] + "000001.tar"
     server.faults.fail(100, 503, method="GET", path="000001")
-    with pytest.raises(StorageError, match=rf"^{second}: ranged read failed after"):
+    with pytest.raises(StorageError, match=rf"^{second}: ranged read failed .*503"):
         open_dataset(remote)
     server.faults.clear()
     sharded = open_dataset(remote)
     items = _views(sharded)  # the headers
     server.faults.fail(100, "drop", method="GET", path="000001")
-    with pytest.raises(StorageError, match=rf"^{second}: ranged read failed after"):
+    with pytest.raises(StorageError, match=rf"^{second}: ranged read failed .*error sending"):
         sharded.read_many(np.arange(len(sharded)))
     for workers in (0, 1):  # a loader stops, never skips the images; one line from a worker
         with pytest.raises(StorageError, match=rf"^{second}: ranged read failed") as caught:

@@ -34,9 +34,10 @@ import numpy as np
 from fastkd.data.decoding import IMAGE_EXTENSIONS, refusal
 from fastkd.data.labels import parse_label
 from fastkd.data.shard_members import ShardMembers
-from fastkd.data.shards import expand_shards, index_shards, is_remote_spec, is_shard_spec
+from fastkd.data.shards import expand_shards, index_shards, is_shard_spec
 from fastkd.errors import BadImageError, DatasetError, ShardChangedError, StorageError
 from fastkd.hashing import content_hash
+from fastkd.storage.options import is_object_url
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def open_dataset(path: str | os.PathLike, *, root: str | os.PathLike | None = No
         if root is not None:
             raise DatasetError(f"--root is only for file lists; {os.fspath(path)} names tar shards")
         return _open_shards(os.fspath(path))
-    if is_remote_spec(path):
+    if is_object_url(path):
         raise DatasetError(
             f"data set {path}: on object storage fastkd reads WebDataset tar shards (a .tar URL "
             "or a brace pattern, e.g. 's3://bucket/train-{000000..000146}.tar'); image folders "

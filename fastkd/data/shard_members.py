@@ -26,6 +26,7 @@ import numpy as np
 
 from fastkd.errors import ObjectChangedError, ShardChangedError
 from fastkd.storage import ObjectLocation
+from fastkd.storage.location import pread_all
 from fastkd.storage.ranges import RangeRequest, read_batched, read_span
 
 HEADER_BUFFER = 64 << 10  # what a remote member opened as a file reads at once (an image header)
@@ -64,14 +65,9 @@ class ShardMembers:
             return data
         fd = os.open(path, os.O_RDONLY)
         try:
-            parts = [os.pread(fd, size, offset)]
-            got = len(parts[0])
-            while parts[-1] and got < size:  # network file systems may return short reads
-                parts.append(os.pread(fd, size - got, offset + got))
-                got += len(parts[-1])
+            data = pread_all(fd, size, offset)  # network file systems may return short reads
         finally:
             os.close(fd)
-        data = b"".join(parts) if len(parts) > 1 else parts[0]
         if len(data) < size:
             raise OSError(
                 f"shard {path} ends inside member {self.member[sample]} (it was cut or rewritten "

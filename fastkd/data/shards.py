@@ -64,7 +64,7 @@ from fastkd.data.shard_members import ShardMembers
 from fastkd.errors import DatasetError, ObjectChangedError, ShardChangedError
 from fastkd.storage import ObjectLocation, as_location
 from fastkd.storage.clients import fresh_process_context
-from fastkd.storage.options import SCHEMES, URL
+from fastkd.storage.options import SCHEMES, is_object_url
 from fastkd.storage.ranges import ObjectReader
 
 Shard = Path | ObjectLocation  # a local (or mounted) shard, or one on object storage
@@ -96,17 +96,11 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
     return "{" in text and not os.path.exists(text) and list(braceexpand(text)) != [text]
 
 
-def is_remote_spec(spec: str | os.PathLike) -> bool:
-    """Whether a data spec is a URL of object storage fastkd reads (``s3://``)."""
-    match = URL.match(spec) if isinstance(spec, str) else None
-    return match is not None and match[1].lower() in SCHEMES
-
-
 def expand_shards(spec: str | os.PathLike) -> list[Shard]:
     """The shards of a spec, in order, each an uncompressed ``.tar``: local paths that exist,
     or objects (whether each exists is asked when it is indexed: ``_identities``)."""
     text = os.fspath(spec)
-    remote = is_remote_spec(text)
+    remote = is_object_url(text)
     if _STREAM.match(text) and not remote:
         raise DatasetError(
             f"data spec {text!r} is a stream: fastkd reads shard members by offset, from local "

@@ -188,7 +188,7 @@ class LocalLocation(Location):
     def read_ranges(self, starts: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return [_pread_all(fd, size, start) for start, size in zip(starts, sizes, strict=True)]
+            return [pread_all(fd, size, start) for start, size in zip(starts, sizes, strict=True)]
         finally:
             os.close(fd)
 
@@ -203,7 +203,7 @@ class LocalLocation(Location):
                 folder.rmdir()
 
 
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
+def pread_all(fd: int, size: int, offset: int) -> bytes:
     """``size`` bytes at ``offset`` (network file systems may return short reads); fewer only at
     the end of the file."""
     parts = [os.pread(fd, size, offset)]

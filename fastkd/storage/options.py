@@ -64,6 +64,13 @@ def is_url(spec: str | os.PathLike[str] | Any) -> bool:
     return isinstance(spec, str) and URL.match(spec) is not None
 
 
+def is_object_url(spec: str | os.PathLike[str] | Any) -> bool:
+    """Whether ``spec`` is a URL of object storage fastkd opens (``s3://``); other URLs
+    (``https://``, ``pipe:``) are not, and are refused where a path is read."""
+    match = URL.match(spec) if isinstance(spec, str) else None
+    return match is not None and match[1].lower() in SCHEMES
+
+
 def split_url(url: str) -> tuple[str, str, str]:
     """``s3://bucket/a/b`` -> ``("s3", "bucket", "a/b")``; refuses other schemes and no bucket."""
     match = URL.match(url)
