@@ -69,10 +69,7 @@ class ShardMembers:
         finally:
             os.close(fd)
         if len(data) < size:
-            raise OSError(
-                f"shard {path} ends inside member {self.member[sample]} (it was cut or rewritten "
-                "since the data set was opened)"
-            )
+            raise self._cut(sample)
         return data
 
     def read_many(self, samples: Sequence[int] | np.ndarray) -> list[bytes | OSError]:
@@ -120,7 +117,7 @@ class ShardMembers:
         if isinstance(path, ObjectLocation):
             raw = _RemoteMemberFile(path, self._version(shard), *self._span(sample))
             return io.BufferedReader(raw, buffer_size=HEADER_BUFFER)
-        return io.BufferedReader(_MemberFile(path, *self._span(sample)))
+        return io.BufferedReader(_LocalMemberFile(path, *self._span(sample)))
 
     def _span(self, sample: int) -> tuple[int, int]:
         return int(self.offset[sample]), int(self.size[sample])
@@ -152,12 +149,15 @@ def _named_changes() -> Iterator[None]:
 
 
 class _MemberFile(io.RawIOBase):
-    """Bytes ``offset`` to ``offset + size`` of a shard, read with ``pread`` (no shared position)."""
+    """Bytes ``offset`` to ``offset + size`` of a shard as a seekable file, each ``readinto``
+    one read at its position (``_read``: a local or a remote shard's)."""
 
-    def __init__(self, path: Path, offset: int, size: int) -> None:
+    def __init__(self, offset: int, size: int) -> None:
         super().__init__()
-        self._fd = os.open(path, os.O_RDONLY)
         self._start, self._size, self._position = offset, size, 0
+
+    def _read(self, offset: int, count: int) -> bytes:
+        raise NotImplementedError
 
     def readable(self) -> bool:
         return True
@@ -167,7 +167,7 @@ class _MemberFile(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         count = max(0, min(len(buffer), self._size - self._position))
-        data = os.pread(self._fd, count, self._start + self._position) if count else b""
+        data = self._read(self._start + self._position, count) if count else b""
         buffer[: len(data)] = data
         self._position += len(data)
         return len(data)
@@ -182,6 +182,17 @@ class _MemberFile(io.RawIOBase):
     def tell(self) -> int:
         return self._position
 
+
+class _LocalMemberFile(_MemberFile):
+    """A local shard's member, read with ``pread`` (no shared position)."""
+
+    def __init__(self, path: Path, offset: int, size: int) -> None:
+        super().__init__(offset, size)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def _read(self, offset: int, count: int) -> bytes:
+        return os.pread(self._fd, count, offset)
+
     def close(self) -> None:
         if not self.closed:
             os.close(self._fd)
@@ -189,22 +200,13 @@ class _MemberFile(io.RawIOBase):
 
 
 class _RemoteMemberFile(_MemberFile):
-    """Bytes ``offset`` to ``offset + size`` of a remote shard, a ranged read per ``readinto``
-    (the ``BufferedReader`` above asks for ``HEADER_BUFFER`` at a time)."""
+    """A remote shard's member, a ranged read of the indexed version per ``readinto`` (the
+    ``BufferedReader`` above asks for ``HEADER_BUFFER`` at a time)."""
 
     def __init__(self, shard: ObjectLocation, version: str | None, offset: int, size: int) -> None:
-        io.RawIOBase.__init__(self)
+        super().__init__(offset, size)
         self._shard, self._version = shard, version
-        self._start, self._size, self._position = offset, size, 0
 
-    def readinto(self, buffer: bytearray | memoryview) -> int:
-        count = max(0, min(len(buffer), self._size - self._position))
-        start = self._start + self._position
+    def _read(self, offset: int, count: int) -> bytes:
         with _named_changes():
-            data = read_span(self._shard, start, start + count, self._version) if count else b""
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-    def close(self) -> None:
-        io.RawIOBase.close(self)
+            return read_span(self._shard, offset, offset + count, self._version)

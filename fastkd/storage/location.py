@@ -259,13 +259,14 @@ class ObjectLocation(Location):
 
         return bucket_client(self.scheme, self.bucket, self.options)
 
-    def _call(self, what: str, call: Callable[[], Any]) -> Any:
-        """``call()``, obstore's errors as ``FileNotFoundError`` or ``StorageError`` naming the
-        URL (obstore has already retried the transient ones)."""
+    def call(self, what: str, request: Callable[[], Any]) -> Any:
+        """``request()`` (obstore calls on this object), obstore's errors as
+        ``FileNotFoundError`` or ``StorageError`` naming the URL (obstore has already retried
+        the transient ones): ``fastkd.storage.ranges`` reads through it too."""
         import obstore.exceptions as oe
 
         try:
-            return call()
+            return request()
         except (oe.NotFoundError, FileNotFoundError):
             raise FileNotFoundError(f"{self.url}: no such object") from None
         except (oe.BaseError, OSError, RuntimeError) as error:
@@ -289,17 +290,17 @@ class ObjectLocation(Location):
             stream = obstore.list(self.client, prefix=self.key + "/" if self.key else None, chunk_size=1)
             return any(len(batch) for batch in stream)
 
-        return self._call("list", first)
+        return self.call("list", first)
 
     def read_bytes(self) -> bytes:
         import obstore
 
-        return self._call("read", lambda: obstore.get(self.client, self.key).bytes().to_bytes())
+        return self.call("read", lambda: obstore.get(self.client, self.key).bytes().to_bytes())
 
     def write_bytes(self, data: bytes) -> None:
         import obstore
 
-        self._call("write", lambda: obstore.put(self.client, self.key, data))
+        self.call("write", lambda: obstore.put(self.client, self.key, data))
 
     def create(self, data: bytes) -> bool:
         import obstore
@@ -312,7 +313,7 @@ class ObjectLocation(Location):
                 return False
             return True
 
-        return self._call("create-if-absent", put)
+        return self.call("create-if-absent", put)
 
     def read_versioned(self) -> tuple[bytes, str]:
         import obstore
@@ -321,7 +322,7 @@ class ObjectLocation(Location):
             result = obstore.get(self.client, self.key)
             return result.bytes().to_bytes(), str(result.meta.get("e_tag") or "")
 
-        return self._call("read", get)
+        return self.call("read", get)
 
     def take_over(self, version: str, data: bytes) -> bool:
         import obstore
@@ -334,13 +335,13 @@ class ObjectLocation(Location):
                 return False
             return True
 
-        return self._call("conditional replace", put)
+        return self.call("conditional replace", put)
 
     def delete(self) -> None:
         import obstore
 
         with contextlib.suppress(FileNotFoundError):
-            self._call("delete", lambda: obstore.delete(self.client, self.key))
+            self.call("delete", lambda: obstore.delete(self.client, self.key))
 
     def files(self) -> Iterator[tuple[str, int]]:
         import obstore
@@ -353,26 +354,19 @@ class ObjectLocation(Location):
                 out += [(m["path"][len(prefix):], int(m["size"])) for m in batch]
             return sorted(out)
 
-        yield from self._call("list", listing)
+        yield from self.call("list", listing)
 
     def info(self) -> ObjectInfo:
         import obstore
 
-        meta = self._call("head", lambda: obstore.head(self.client, self.key))
+        meta = self.call("head", lambda: obstore.head(self.client, self.key))
         return ObjectInfo(int(meta["size"]), str(meta.get("e_tag") or meta.get("version") or ""))
 
     def read_ranges(self, starts: Sequence[int], sizes: Sequence[int]) -> list[bytes]:
-        import obstore
+        from fastkd.storage.ranges import RangeRequest, read_batched
 
-        if not len(starts):
-            return []
-        ends = [start + size for start, size in zip(starts, sizes, strict=True)]
-
-        def get() -> list[bytes]:
-            got = obstore.get_ranges(self.client, self.key, starts=list(starts), ends=ends)
-            return [bytes(part) for part in got]
-
-        return self._call("ranged read", get)
+        request = RangeRequest(self, None, starts, sizes)  # whatever version is there
+        return read_batched([request], self.options.concurrency)[0]
 
     def delete_below(self, keep: Callable[[str], bool] = lambda _: False) -> None:
         import obstore
@@ -381,7 +375,7 @@ class ObjectLocation(Location):
         doomed = [prefix + rel for rel, _ in self.files() if not keep(rel)]
         for start in range(0, len(doomed), 1000):  # one bulk request per 1000 keys
             batch = doomed[start : start + 1000]
-            self._call("bulk delete", lambda batch=batch: obstore.delete(self.client, batch))
+            self.call("bulk delete", lambda batch=batch: obstore.delete(self.client, batch))
 
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import ObjectStore

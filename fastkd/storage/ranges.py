@@ -50,7 +50,7 @@ def read_span(location: ObjectLocation, start: int, end: int, version: str | Non
         return bytes(obstore.get(location.client, location.key, options=options).bytes())
 
     try:
-        return location._call("ranged read", get)
+        return location.call("ranged read", get)
     except StorageError as error:
         if isinstance(error.__cause__, oe.PreconditionError):
             raise ObjectChangedError(location.url, version) from None
