@@ -23,6 +23,25 @@ from fastkd.models import ModelSpec, load_model
 from fastkd.training import TrainConfig, train
 
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # fp32 all-reduce order, 6 steps of SGD
+# The run both ways (TrainConfig fields): 2 epochs of 47 rows in batches of 16, SGD.
+RUN = {
+    "epochs": 2,
+    "batch_size": 16,
+    "optimizer": "sgd",
+    "lr": 0.05,
+    "device": "cpu",
+    "backend": "torch",
+    "num_workers": 0,
+}
+_FLAGS = {"num_workers": "--workers", "out_dir": "--out"}
+
+
+def cli_options(**fields) -> list[str]:
+    """TrainConfig fields as the `fastkd train` options that set them."""
+    options = []
+    for name, value in fields.items():
+        options += [_FLAGS.get(name, "--" + name.replace("_", "-")), str(value)]
+    return options
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +50,16 @@ def pool(tmp_path_factory):
 
 
 def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
-    options = {
-        "--data": pool.train,
-        "--store": pool.store,
-        "--student": pool.specs["s"],
-        "--epochs": 2,
-        "--batch-size": 16,
-        "--optimizer": "sgd",
-        "--lr": 0.05,
-        "--device": "cpu",
-        "--backend": "torch",
-        "--workers": 0,
-        "--val-data": pool.val,
-        "--out": tmp_path / "ddp",
-    }
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     command += ["--nproc-per-node", "2", "-m", "fastkd.cli.main", "train"]
-    command += [str(part) for item in options.items() for part in item]
+    command += cli_options(
+        data=pool.train,
+        store=pool.store,
+        student=pool.specs["s"],
+        **RUN,
+        val_data=pool.val,
+        out_dir=tmp_path / "ddp",
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
@@ -58,13 +70,7 @@ def test_two_gloo_ranks_agree_with_one_process(pool, tmp_path):
             data=pool.train,
             store=pool.store,
             student=pool.specs["s"],
-            epochs=2,
-            batch_size=16,
-            optimizer="sgd",
-            lr=0.05,
-            device="cpu",
-            backend="torch",
-            num_workers=0,
+            **RUN,
             val_data=pool.val,
             out_dir=tmp_path / "single",
             progress=False,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from test_ddp import RUN, TOLERANCE, cli_options
 from test_shards import write_tar
 from training_pool import make_pool
 
@@ -24,7 +25,6 @@ from fastkd.data import open_dataset
 from fastkd.store import StoreReader
 from fastkd.training import TrainConfig, train
 
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}  # as test_ddp.py
 DUMP = ["--views", "2", "--batch-size", "8", "--samples-per-shard", "8", "--backend", "torch"]
 DUMP += ["--workers", "0", "--device", "cpu", "--no-progress"]
 
@@ -115,33 +115,16 @@ def test_two_nodes_dump_and_train_through_one_bucket(s3, pool, tmp_path):
             )
     assert remote_group.attrs["fastkd_status"]["complete"] is True
 
-    options = {
-        "--data": data,
-        "--store": url,
-        "--student": pool.specs["s"],
-        "--epochs": 2,
-        "--batch-size": 16,
-        "--optimizer": "sgd",
-        "--lr": 0.05,
-        "--device": "cpu",
-        "--backend": "torch",
-        "--workers": 0,
-        "--out": tmp_path / "ddp",
-    }
-    args = ["train", *(str(part) for item in options.items() for part in item), "--no-progress"]
-    two_nodes(args, tmp_path, "train")
+    options = cli_options(
+        data=data, store=url, student=pool.specs["s"], **RUN, out_dir=tmp_path / "ddp"
+    )
+    two_nodes(["train", *options, "--no-progress"], tmp_path, "train")
     one = train(
         TrainConfig(
             data=local_data,
             store=single,
             student=pool.specs["s"],
-            epochs=2,
-            batch_size=16,
-            optimizer="sgd",
-            lr=0.05,
-            device="cpu",
-            backend="torch",
-            num_workers=0,
+            **RUN,
             out_dir=tmp_path / "single",
             progress=False,
             report=False,
