@@ -155,7 +155,7 @@ def dump(
     """
     from fastkd.storage import configure
 
-    configure(storage_option)  # first: every s3:// URL of the command uses them
+    configure(storage_option, data, out)  # first: every s3:// URL of the command uses them
     from fastkd.dump import DumpConfig, run_dump
 
     config = DumpConfig(

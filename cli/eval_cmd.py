@@ -53,7 +53,7 @@ def eval_command(
     per class, and per sample), how many trained models improved."""
     from fastkd.storage import configure
 
-    configure(storage_option)  # first: every s3:// URL of the command uses them
+    configure(storage_option, data)  # first: every s3:// URL of the command uses them
     from fastkd.data import open_dataset
     from fastkd.evaluation import predict_checkpoints, transfer_from_checkpoints
     from fastkd.files import write_json

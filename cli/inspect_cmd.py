@@ -105,7 +105,7 @@ def inspect(
     """Print a store's manifest, array sizes, bytes per stored view and compression ratio."""
     from fastkd.storage import configure
 
-    configure(storage_option)  # first: every s3:// URL of the command uses them
+    configure(storage_option, store)  # first: every s3:// URL of the command uses them
     from fastkd.store import check_store, summarize
 
     summary = summarize(store)

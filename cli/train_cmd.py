@@ -268,7 +268,7 @@ def train_command(
     """
     from fastkd.storage import configure
 
-    configure(storage_option)  # first: every s3:// URL of the command uses them
+    configure(storage_option, data, store, val_data, eval_data)  # first: every s3:// URL of the command uses them
     from fastkd.training import REPORT_STEM, TrainConfig, train, train_all
     from fastkd.training.report import caveats
 

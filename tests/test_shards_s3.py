@@ -229,8 +229,10 @@ def test_dump_train_and_eval_on_remote_shards(
     train += [*("--batch-size", "16", "--backend", "torch", "--workers", "0", "--no-progress")]
     run_cli([*train, "--out", str(tmp_path / "run")])
     assert (tmp_path / "run" / "s.pt").is_file()
-    evaluate = ["eval", "--model", convnext.spec, "--backend", "torch", *options, "--out"]
-    run_cli([*evaluate, str(tmp_path / "eval"), "--data", data])
+    evaluate = ["eval", "--model", convnext.spec, "--backend", "torch", "--out"]
+    run_cli([*evaluate, str(tmp_path / "eval"), "--data", data, *options])
+    refused = run_cli([*evaluate, str(tmp_path / "local"), "--data", local, *options], 2)
+    assert "--storage-option is for object storage URLs" in refused  # it would do nothing
     run_cli([*evaluate, str(tmp_path / "local"), "--data", local])
     assert (tmp_path / "eval" / "report.json").read_text() == (
         tmp_path / "local" / "report.json"

@@ -8,7 +8,7 @@ import pickle
 import pytest
 
 from fastkd.errors import ConfigError, StorageError
-from fastkd.storage import LocalLocation, ObjectLocation, StorageOptions, as_location
+from fastkd.storage import LocalLocation, ObjectLocation, StorageOptions, as_location, configure
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -133,3 +133,15 @@ def test_credentials_from_a_profile(s3, tmp_path, monkeypatch):
     server.faults.clear()
     as_location(f"s3://{bucket}/profiled.bin", ["profile=fastkd-test"]).read_bytes()
     assert server.faults.access_keys == {"PROFILEKEY"}
+
+
+def test_storage_options_need_a_url(tmp_path):
+    """A command's --storage-options with none of its paths an s3:// URL would do nothing:
+    refused; with one, they are the defaults of its URLs."""
+    with pytest.raises(ConfigError, match="none of this command's data or store paths"):
+        configure(["region=eu-west-1"], tmp_path / "data", None)
+    try:
+        configure(["region=eu-west-1"], tmp_path / "data", "s3://bucket/store.zarr")
+        assert as_location("s3://bucket/k").options.as_dict() == {"region": "eu-west-1"}
+    finally:
+        configure(None)

@@ -220,11 +220,21 @@ def _seconds(name: str, value: str | float) -> float:
 _default = StorageOptions()
 
 
-def configure(items: Iterable[str] | Mapping[str, Any] | StorageOptions | None) -> StorageOptions:
+def configure(
+    items: Iterable[str] | Mapping[str, Any] | StorageOptions | None, *paths: Any
+) -> StorageOptions:
     """Set the storage options of this process's URLs that come without their own (a command's
-    ``--storage-option``s; ``as_location``). Returns them, checked."""
+    ``--storage-option``s; ``as_location``). Returns them, checked. ``paths``: the command's
+    data and store arguments; options with none of them an ``s3://`` URL are refused, where
+    they would silently do nothing (as ``as_location`` refuses them with a local path)."""
     global _default
-    _default = StorageOptions.parse(items)
+    options = StorageOptions.parse(items)
+    if options.values and paths and not any(is_object_url(path) for path in paths):
+        raise ConfigError(
+            "--storage-option is for object storage URLs (s3://...), and none of this "
+            "command's data or store paths is one"
+        )
+    _default = options
     return _default
 
 
