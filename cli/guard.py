@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fastkd.errors import USER_ERROR_EXIT, BadImageError, FastKDError, find_cause, is_disk_full
-from fastkd.storage.location import storage_failure
+from fastkd.storage.objects import storage_failure
 
 R = TypeVar("R")
 USER_ERRORS = (FastKDError, OSError)

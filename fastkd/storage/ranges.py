@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from fastkd.errors import ObjectChangedError, StorageError
-from fastkd.storage.location import ObjectLocation
+from fastkd.storage.objects import ObjectLocation
 
 GAP = 256 << 10  # ranges this close are one request: the bytes between cost less than a request
 MAX_SPAN = 16 << 20  # the most one request of a batch reads
